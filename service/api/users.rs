@@ -1,0 +1,375 @@
+//! `datagate.v1.UserService`.
+
+use prost_types::FieldMask;
+use tonic::{Request, Response, Status};
+
+use super::{parse_id, parse_page, parse_timestamp, parsed, timestamp};
+use crate::{
+    domain::{
+        error::{Error, Violations},
+        passwords::Password,
+        teams::{Membership, Team, TeamName, TeamRole, Teams},
+        users::{
+            DisplayName, Email, MAX_BATCH, NewUser, User, UserFilter, UserLookup, UserPatch,
+            UserStatus, Username, Users,
+        },
+    },
+    proto::v1 as pb,
+};
+
+pub use pb::user_service_server::UserServiceServer;
+
+pub struct UserApi {
+    users: Users,
+    teams: Teams,
+}
+
+impl UserApi {
+    pub fn new(users: Users, teams: Teams) -> Self {
+        Self { users, teams }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::user_service_server::UserService for UserApi {
+    async fn create_user(
+        &self,
+        request: Request<pb::CreateUserRequest>,
+    ) -> Result<Response<pb::User>, Status> {
+        let new = parse_new_user(request.into_inner())?;
+        let user = self.users.create(new).await?;
+        Ok(Response::new(user.into()))
+    }
+
+    async fn get_user(
+        &self,
+        request: Request<pb::GetUserRequest>,
+    ) -> Result<Response<pb::User>, Status> {
+        let mut v = Violations::default();
+        let id = parse_id(&mut v, "id", request.into_inner().id);
+        parsed!(v, id);
+        Ok(Response::new(self.users.get(id).await?.into()))
+    }
+
+    async fn batch_get_users(
+        &self,
+        request: Request<pb::BatchGetUsersRequest>,
+    ) -> Result<Response<pb::BatchGetUsersResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        if request.ids.len() > MAX_BATCH {
+            v.add("ids", format!("must hold at most {MAX_BATCH} ids"));
+        }
+        let ids: Vec<_> = request
+            .ids
+            .iter()
+            .enumerate()
+            .filter_map(|(i, raw)| parse_id(&mut v, &format!("ids[{i}]"), *raw))
+            .collect();
+        v.into_result()?;
+        let batch = self.users.batch_get(&ids, request.skip_missing).await?;
+        Ok(Response::new(pb::BatchGetUsersResponse {
+            users: batch.users.into_iter().map(Into::into).collect(),
+            missing_ids: batch.missing.into_iter().map(|id| id.get()).collect(),
+        }))
+    }
+
+    async fn list_users(
+        &self,
+        request: Request<pb::ListUsersRequest>,
+    ) -> Result<Response<pb::ListUsersResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let page = parse_page(&mut v, request.page_size, request.page_token);
+        let status = v.check("status", parse_status_filter(request.status));
+        let created_after = request
+            .created_after
+            .as_ref()
+            .map(|t| v.check("created_after", parse_timestamp(t)));
+        let created_before = request
+            .created_before
+            .as_ref()
+            .map(|t| v.check("created_before", parse_timestamp(t)));
+        if let (Some(Some(after)), Some(Some(before))) = (created_after, created_before)
+            && after >= before
+        {
+            v.add("created_before", "must be later than created_after");
+        }
+        parsed!(v, page, status);
+        let filter = UserFilter {
+            status,
+            created_after: created_after.flatten(),
+            created_before: created_before.flatten(),
+        };
+        let page = self.users.list(filter, page).await?;
+        Ok(Response::new(pb::ListUsersResponse {
+            users: page.items.into_iter().map(Into::into).collect(),
+            next_page_token: page.next_page_token.unwrap_or_default(),
+        }))
+    }
+
+    async fn update_user(
+        &self,
+        request: Request<pb::UpdateUserRequest>,
+    ) -> Result<Response<pb::User>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let id = parse_id(&mut v, "id", request.id);
+        if request.version <= 0 {
+            v.add(
+                "version",
+                "must be the user's current version (from GetUser)",
+            );
+        }
+        let patch = parse_patch(
+            &mut v,
+            request.user.unwrap_or_default(),
+            request.update_mask,
+        );
+        parsed!(v, id, patch);
+        let user = self.users.update(id, request.version, patch).await?;
+        Ok(Response::new(user.into()))
+    }
+
+    async fn delete_user(
+        &self,
+        request: Request<pb::DeleteUserRequest>,
+    ) -> Result<Response<pb::DeleteUserResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let id = parse_id(&mut v, "id", request.id);
+        if request.version < 0 {
+            v.add(
+                "version",
+                "must be 0 (any version) or the user's current version",
+            );
+        }
+        parsed!(v, id);
+        let version = (request.version > 0).then_some(request.version);
+        self.users.delete(id, version).await?;
+        Ok(Response::new(pb::DeleteUserResponse {}))
+    }
+
+    async fn verify_password(
+        &self,
+        request: Request<pb::VerifyPasswordRequest>,
+    ) -> Result<Response<pb::VerifyPasswordResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let lookup = match request.user {
+            Some(pb::verify_password_request::User::Id(raw)) => {
+                parse_id(&mut v, "id", raw).map(UserLookup::Id)
+            }
+            Some(pb::verify_password_request::User::Email(raw)) => {
+                v.check("email", Email::parse(&raw)).map(UserLookup::Email)
+            }
+            None => {
+                v.add("user", "set either id or email");
+                None
+            }
+        };
+        let password = v.check("password", Password::parse_candidate(request.password));
+        parsed!(v, lookup, password);
+        let user = self.users.verify_password(lookup, password).await?;
+        Ok(Response::new(pb::VerifyPasswordResponse {
+            valid: user.is_some(),
+            user: user.map(Into::into),
+        }))
+    }
+
+    async fn create_team(
+        &self,
+        request: Request<pb::CreateTeamRequest>,
+    ) -> Result<Response<pb::Team>, Status> {
+        let mut v = Violations::default();
+        let name = v.check("name", TeamName::parse(&request.into_inner().name));
+        parsed!(v, name);
+        Ok(Response::new(self.teams.create(name).await?.into()))
+    }
+
+    async fn add_team_member(
+        &self,
+        request: Request<pb::AddTeamMemberRequest>,
+    ) -> Result<Response<pb::TeamMembership>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let team_id = parse_id(&mut v, "team_id", request.team_id);
+        let user_id = parse_id(&mut v, "user_id", request.user_id);
+        let role = v.check("role", parse_role(request.role));
+        parsed!(v, team_id, user_id, role);
+        let membership = self.teams.add_member(team_id, user_id, role).await?;
+        Ok(Response::new(membership.into()))
+    }
+
+    async fn remove_team_member(
+        &self,
+        request: Request<pb::RemoveTeamMemberRequest>,
+    ) -> Result<Response<pb::RemoveTeamMemberResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let team_id = parse_id(&mut v, "team_id", request.team_id);
+        let user_id = parse_id(&mut v, "user_id", request.user_id);
+        parsed!(v, team_id, user_id);
+        self.teams.remove_member(team_id, user_id).await?;
+        Ok(Response::new(pb::RemoveTeamMemberResponse {}))
+    }
+
+    async fn list_user_teams(
+        &self,
+        request: Request<pb::ListUserTeamsRequest>,
+    ) -> Result<Response<pb::ListUserTeamsResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let user_id = parse_id(&mut v, "user_id", request.user_id);
+        let page = parse_page(&mut v, request.page_size, request.page_token);
+        parsed!(v, user_id, page);
+        let page = self.teams.list_for_user(user_id, page).await?;
+        Ok(Response::new(pb::ListUserTeamsResponse {
+            memberships: page.items.into_iter().map(Into::into).collect(),
+            next_page_token: page.next_page_token.unwrap_or_default(),
+        }))
+    }
+}
+
+fn parse_new_user(request: pb::CreateUserRequest) -> Result<NewUser, Error> {
+    let mut v = Violations::default();
+    let email = v.check("email", Email::parse(&request.email));
+    let username = v.check("username", Username::parse(&request.username));
+    let display_name = v.check("display_name", DisplayName::parse(&request.display_name));
+    let status = v
+        .check("status", parse_status_filter(request.status))
+        .map(|s| s.unwrap_or(UserStatus::Active));
+    let password = if request.password.is_empty() {
+        Some(None)
+    } else {
+        v.check("password", Password::parse(request.password))
+            .map(Some)
+    };
+    parsed!(v, email, username, display_name, status, password);
+    Ok(NewUser {
+        email,
+        username,
+        display_name,
+        status,
+        password,
+    })
+}
+
+const PATCHABLE: &str = "email, username, display_name, status, password";
+
+fn parse_patch(
+    v: &mut Violations,
+    user: pb::UserPatch,
+    mask: Option<FieldMask>,
+) -> Option<UserPatch> {
+    let paths = mask.map(|m| m.paths).unwrap_or_default();
+    if paths.is_empty() {
+        v.add(
+            "update_mask",
+            format!("must name the fields to change: {PATCHABLE}"),
+        );
+        return None;
+    }
+    let mut patch = UserPatch::default();
+    let mut ok = true;
+    for path in &paths {
+        match path.as_str() {
+            "email" => patch.email = v.check("user.email", Email::parse(&user.email)),
+            "username" => {
+                patch.username = v.check("user.username", Username::parse(&user.username))
+            }
+            "display_name" => {
+                patch.display_name =
+                    v.check("user.display_name", DisplayName::parse(&user.display_name))
+            }
+            "status" => match parse_status_filter(user.status) {
+                Ok(Some(status)) => patch.status = Some(status),
+                Ok(None) => v.add("user.status", "must be set when `status` is in the mask"),
+                Err(e) => v.add("user.status", e),
+            },
+            "password" => {
+                patch.password = if user.password.is_empty() {
+                    Some(None)
+                } else {
+                    v.check("user.password", Password::parse(user.password.clone()))
+                        .map(Some)
+                }
+            }
+            other => {
+                ok = false;
+                v.add(
+                    "update_mask",
+                    format!("unknown path {other:?}; allowed: {PATCHABLE}"),
+                );
+            }
+        }
+    }
+    ok.then_some(patch)
+}
+
+/// `UNSPECIFIED` means "no status given"; unknown numbers are invalid.
+fn parse_status_filter(raw: i32) -> Result<Option<UserStatus>, String> {
+    match pb::UserStatus::try_from(raw) {
+        Ok(pb::UserStatus::Unspecified) => Ok(None),
+        Ok(pb::UserStatus::Active) => Ok(Some(UserStatus::Active)),
+        Ok(pb::UserStatus::Inactive) => Ok(Some(UserStatus::Inactive)),
+        Ok(pb::UserStatus::Suspended) => Ok(Some(UserStatus::Suspended)),
+        Err(_) => Err(format!("unknown status {raw}")),
+    }
+}
+
+fn parse_role(raw: i32) -> Result<TeamRole, String> {
+    match pb::TeamRole::try_from(raw) {
+        Ok(pb::TeamRole::Unspecified | pb::TeamRole::Member) => Ok(TeamRole::Member),
+        Ok(pb::TeamRole::Maintainer) => Ok(TeamRole::Maintainer),
+        Ok(pb::TeamRole::Owner) => Ok(TeamRole::Owner),
+        Err(_) => Err(format!("unknown role {raw}")),
+    }
+}
+
+impl From<User> for pb::User {
+    fn from(u: User) -> Self {
+        let status = match u.status {
+            UserStatus::Active => pb::UserStatus::Active,
+            UserStatus::Inactive => pb::UserStatus::Inactive,
+            UserStatus::Suspended => pb::UserStatus::Suspended,
+        };
+        Self {
+            id: u.id.get(),
+            email: u.email,
+            username: u.username,
+            display_name: u.display_name,
+            status: status.into(),
+            has_password: u.has_password,
+            create_time: Some(timestamp(u.created_at)),
+            update_time: Some(timestamp(u.updated_at)),
+            version: u.version,
+        }
+    }
+}
+
+impl From<Team> for pb::Team {
+    fn from(t: Team) -> Self {
+        Self {
+            id: t.id.get(),
+            name: t.name,
+            create_time: Some(timestamp(t.created_at)),
+        }
+    }
+}
+
+impl From<Membership> for pb::TeamMembership {
+    fn from(m: Membership) -> Self {
+        let role = match m.role {
+            TeamRole::Member => pb::TeamRole::Member,
+            TeamRole::Maintainer => pb::TeamRole::Maintainer,
+            TeamRole::Owner => pb::TeamRole::Owner,
+        };
+        Self {
+            team: Some(m.team.into()),
+            user_id: m.user_id.get(),
+            role: role.into(),
+            join_time: Some(timestamp(m.joined_at)),
+        }
+    }
+}

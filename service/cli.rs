@@ -1,0 +1,159 @@
+//! The command line: `serve`, `migrate`, `token`, `seed`.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::{auth, config::Settings, seed, startup::Application, store, telemetry};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "datagate",
+    version,
+    about = "gRPC data-access service for users, orders, search and analytics"
+)]
+pub struct Cli {
+    /// A TOML file with settings, layered over the defaults and under
+    /// DATAGATE__* environment variables.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gRPC server (and the metrics endpoint) until SIGTERM or SIGINT.
+    Serve,
+    /// Manage the PostgreSQL schema.
+    Migrate {
+        #[command(subcommand)]
+        action: MigrateAction,
+    },
+    /// Manage caller tokens.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+    /// Insert a little demo data (idempotent).
+    Seed,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MigrateAction {
+    /// Apply every pending migration.
+    Up,
+    /// Revert the newest applied migrations.
+    Down {
+        /// How many migrations to revert.
+        #[arg(long, default_value_t = 1)]
+        steps: usize,
+    },
+    /// List migrations and whether each is applied.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenAction {
+    /// Print a new random token and the configuration entry that accepts it.
+    New {
+        /// The caller's name, recorded in logs and traces.
+        #[arg(long)]
+        caller: String,
+        /// A role (repeatable), e.g. `--role admin`.
+        #[arg(long = "role")]
+        roles: Vec<String>,
+    },
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Token {
+        action: TokenAction::New { caller, roles },
+    } = &cli.command
+    {
+        let (token, entry) = auth::new_token(caller, roles)?;
+        entry
+            .parse::<crate::config::TokenEntry>()
+            .map_err(|e| anyhow::anyhow!("invalid caller or role: {e}"))?;
+        println!("token:  {token}");
+        println!("config: DATAGATE__AUTH__TOKENS={entry}");
+        return Ok(());
+    }
+
+    let settings = Settings::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Serve => serve(settings).await,
+        Command::Migrate { action } => migrate(&settings, action).await,
+        Command::Seed => {
+            let db = store::postgres::pool(&settings.database)?;
+            seed::demo(&db).await
+        }
+        Command::Token { .. } => unreachable!("handled above"),
+    }
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    settings.check_serving()?;
+    let guard = telemetry::init(&settings.telemetry)?;
+    let result = async {
+        let app = Application::build(settings).await?;
+        app.run_until_stopped(shutdown_signal()).await
+    }
+    .await;
+    if let Err(e) = &result {
+        tracing::error!(error = format!("{e:#}"), "datagate stopped with an error");
+    }
+    guard.shutdown();
+    result
+}
+
+async fn migrate(settings: &Settings, action: MigrateAction) -> anyhow::Result<()> {
+    let db = store::postgres::pool(&settings.database)?;
+    match action {
+        MigrateAction::Up => {
+            store::postgres::migrate_up(&db).await?;
+            println!("migrations applied");
+        }
+        MigrateAction::Down { steps } => {
+            let reverted = store::postgres::migrate_down(&db, steps).await?;
+            println!("reverted: {reverted:?}");
+        }
+        MigrateAction::Status => {
+            for (version, description, applied) in store::postgres::migration_status(&db).await? {
+                let state = if applied { "applied" } else { "pending" };
+                println!("{version}  {state:<8} {description}");
+            }
+        }
+    }
+    db.close().await;
+    Ok(())
+}
+
+/// Completes on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("listening for SIGTERM")
+        {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received"),
+        () = terminate => tracing::info!("SIGTERM received"),
+    }
+}

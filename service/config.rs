@@ -1,0 +1,311 @@
+//! Typed settings, loaded once at start-up.
+//!
+//! Layers, later ones winning: the defaults in `config/default.toml` (compiled
+//! into the binary, so it runs anywhere), an optional file given with
+//! `--config`, then `DATAGATE__SECTION__KEY` environment variables. This is
+//! the only module that reads the environment. Secrets are `SecretString`s, so
+//! `Debug` never prints them.
+
+use std::{net::SocketAddr, path::Path, str::FromStr, time::Duration};
+
+use anyhow::{Context, bail};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+const DEFAULTS: &str = include_str!("../config/default.toml");
+const ENV_PREFIX: &str = "DATAGATE";
+
+/// Settings that have no usable default and must be provided.
+const REQUIRED: &[&str] = &["database.url"];
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub metrics: MetricsSettings,
+    pub telemetry: TelemetrySettings,
+    pub database: DatabaseSettings,
+    pub auth: AuthSettings,
+    pub pagination: PaginationSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ServerSettings {
+    pub host: String,
+    pub port: u16,
+    pub max_message_bytes: usize,
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_readiness_delay: Duration,
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MetricsSettings {
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TelemetrySettings {
+    pub log_format: LogFormat,
+    pub log_filter: String,
+    pub otlp_endpoint: String,
+    pub service_name: String,
+    pub trace_sample_ratio: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DatabaseSettings {
+    pub url: SecretString,
+    pub min_connections: u32,
+    pub max_connections: u32,
+    #[serde(with = "humantime_serde")]
+    pub acquire_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_lifetime: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AuthSettings {
+    pub tokens: Vec<TokenEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct PaginationSettings {
+    pub token_secret: SecretString,
+}
+
+/// One configured bearer token: `caller:role+role:sha256-hex`. Only the hash
+/// of the token is configured, never the token itself.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TokenEntry {
+    pub caller: String,
+    pub roles: Vec<String>,
+    pub sha256: [u8; 32],
+}
+
+impl std::fmt::Debug for TokenEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenEntry")
+            .field("caller", &self.caller)
+            .field("roles", &self.roles)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FromStr for TokenEntry {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let parts: Vec<&str> = s.trim().split(':').collect();
+        let [caller, roles, hash] = parts[..] else {
+            return Err("expected `caller:role+role:sha256-hex`".into());
+        };
+        let valid_name = |n: &str| {
+            !n.is_empty()
+                && n.len() <= 64
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        };
+        if !valid_name(caller) {
+            return Err(format!("invalid caller name {caller:?}"));
+        }
+        let roles: Vec<String> = roles
+            .split('+')
+            .filter(|r| !r.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if let Some(bad) = roles.iter().find(|r| !valid_name(r)) {
+            return Err(format!("invalid role {bad:?} for caller {caller}"));
+        }
+        let mut sha256 = [0u8; 32];
+        hex::decode_to_slice(hash, &mut sha256)
+            .map_err(|_| format!("the hash of caller {caller} is not 64 hex digits"))?;
+        Ok(Self {
+            caller: caller.to_owned(),
+            roles,
+            sha256,
+        })
+    }
+}
+
+/// Deserialized from its `caller:role+role:sha256-hex` form.
+impl<'de> Deserialize<'de> for TokenEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Settings {
+    /// Loads the settings from the defaults, an optional file and the
+    /// environment, and checks them. Errors are one line, naming the setting
+    /// and the environment variable that sets it.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        Self::load_with_overrides(file, &[])
+    }
+
+    /// Like [`load`](Self::load), with `(key, value)` overrides on top of
+    /// everything else (the test harness points each app at its own database).
+    pub fn load_with_overrides(
+        file: Option<&Path>,
+        overrides: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+        if let Some(file) = file {
+            builder = builder.add_source(config::File::from(file).required(true));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("auth.tokens"),
+        );
+        for (key, value) in overrides {
+            builder = builder
+                .set_override(*key, *value)
+                .map_err(|e| anyhow::anyhow!("invalid override {key}: {e}"))?;
+        }
+        let raw = builder
+            .build()
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+
+        for key in REQUIRED {
+            let present = raw
+                .get_string(key)
+                .map(|v| !v.trim().is_empty())
+                .unwrap_or(false);
+            if !present {
+                bail!(
+                    "missing required setting `{key}`: set {}",
+                    env_var_name(key)
+                );
+            }
+        }
+        let settings: Settings = raw
+            .try_deserialize()
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let db = &self.database;
+        if db.max_connections == 0 || db.min_connections > db.max_connections {
+            bail!(
+                "invalid configuration: database.min_connections ({}) must not exceed database.max_connections ({}), which must be positive",
+                db.min_connections,
+                db.max_connections
+            );
+        }
+        if !(0.0..=1.0).contains(&self.telemetry.trace_sample_ratio) {
+            bail!("invalid configuration: telemetry.trace_sample_ratio must be between 0 and 1");
+        }
+        if self.server.max_message_bytes < 1024 {
+            bail!("invalid configuration: server.max_message_bytes must be at least 1024");
+        }
+        self.server.grpc_addr()?;
+        self.metrics.addr()?;
+        Ok(())
+    }
+}
+
+impl Settings {
+    /// What `serve` needs beyond what every command needs.
+    pub fn check_serving(&self) -> anyhow::Result<()> {
+        let secret = self.pagination.token_secret.expose_secret();
+        if secret.trim().is_empty() {
+            bail!(
+                "missing required setting `pagination.token_secret`: set {}",
+                env_var_name("pagination.token_secret")
+            );
+        }
+        if secret.len() < 32 {
+            bail!(
+                "invalid configuration: pagination.token_secret must be at least 32 bytes ({})",
+                env_var_name("pagination.token_secret")
+            );
+        }
+        Ok(())
+    }
+}
+
+impl ServerSettings {
+    pub fn grpc_addr(&self) -> anyhow::Result<SocketAddr> {
+        socket_addr(&self.host, self.port).context("invalid configuration: server.host")
+    }
+}
+
+impl MetricsSettings {
+    pub fn addr(&self) -> anyhow::Result<SocketAddr> {
+        socket_addr(&self.host, self.port).context("invalid configuration: metrics.host")
+    }
+}
+
+fn socket_addr(host: &str, port: u16) -> anyhow::Result<SocketAddr> {
+    let ip = host
+        .parse::<std::net::IpAddr>()
+        .with_context(|| format!("{host:?} is not an IP address"))?;
+    Ok(SocketAddr::new(ip, port))
+}
+
+/// `database.url` → `DATAGATE__DATABASE__URL`.
+pub fn env_var_name(key: &str) -> String {
+    format!(
+        "{ENV_PREFIX}__{}",
+        key.replace('.', "__").to_ascii_uppercase()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_entries_parse_caller_roles_and_hash() {
+        let hash = "ab".repeat(32);
+        let entry: TokenEntry = format!("orders-api:admin+reader:{hash}").parse().unwrap();
+        assert_eq!(entry.caller, "orders-api");
+        assert_eq!(entry.roles, vec!["admin", "reader"]);
+        assert_eq!(entry.sha256, [0xab; 32]);
+
+        let no_roles: TokenEntry = format!("svc::{hash}").parse().unwrap();
+        assert!(no_roles.roles.is_empty());
+    }
+
+    #[test]
+    fn token_entries_reject_malformed_input() {
+        assert!("svc:admin".parse::<TokenEntry>().is_err());
+        assert!("svc:admin:zz".parse::<TokenEntry>().is_err());
+        assert!(
+            format!("bad name:admin:{}", "ab".repeat(32))
+                .parse::<TokenEntry>()
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn token_entry_debug_hides_the_hash() {
+        let entry: TokenEntry = format!("svc:admin:{}", "ab".repeat(32)).parse().unwrap();
+        assert!(!format!("{entry:?}").contains("abab"));
+    }
+
+    #[test]
+    fn env_var_names_follow_the_double_underscore_convention() {
+        assert_eq!(env_var_name("database.url"), "DATAGATE__DATABASE__URL");
+    }
+}

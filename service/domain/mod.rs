@@ -1,0 +1,8 @@
+//! Domain rules per bounded context: parsed value types, operations, and the
+//! transactions around them.
+
+pub mod error;
+pub mod paging;
+pub mod passwords;
+pub mod teams;
+pub mod users;

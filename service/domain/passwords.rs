@@ -1,0 +1,153 @@
+//! Passwords: validation, Argon2id hashing and verification.
+//!
+//! Hashing is CPU- and memory-hard by design (19 MiB, 2 passes), so it runs on
+//! the blocking pool behind a semaphore: a burst of logins cannot starve the
+//! async workers or allocate without bound. Passwords stay in `SecretString`
+//! until hashed; neither they nor their hashes reach a log line.
+
+use std::sync::{Arc, OnceLock};
+
+use argon2::{
+    Argon2, PasswordHash, PasswordVerifier as _,
+    password_hash::{PasswordHasher as _, SaltString, rand_core::OsRng},
+};
+use secrecy::{ExposeSecret as _, SecretString};
+use tokio::sync::Semaphore;
+
+use super::error::Error;
+
+pub const MIN_LEN: usize = 8;
+pub const MAX_LEN: usize = 256;
+
+/// A password that meets the length rules.
+#[derive(Debug, Clone)]
+pub struct Password(SecretString);
+
+impl Password {
+    pub fn parse(raw: String) -> Result<Self, String> {
+        let len = raw.chars().count();
+        if !(MIN_LEN..=MAX_LEN).contains(&len) {
+            return Err(format!("must be {MIN_LEN} to {MAX_LEN} characters"));
+        }
+        Ok(Self(SecretString::from(raw)))
+    }
+
+    /// A password presented for verification: any non-empty password up to
+    /// the maximum length (a too-short one simply does not match).
+    pub fn parse_candidate(raw: String) -> Result<Self, String> {
+        if raw.is_empty() || raw.chars().count() > MAX_LEN {
+            return Err(format!("must be 1 to {MAX_LEN} characters"));
+        }
+        Ok(Self(SecretString::from(raw)))
+    }
+}
+
+#[derive(Clone)]
+pub struct PasswordHasher {
+    permits: Arc<Semaphore>,
+}
+
+impl PasswordHasher {
+    pub fn new(max_concurrent: usize) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(max_concurrent.max(1))),
+        }
+    }
+
+    /// Sized to the machine: hashing cannot go faster than its cores.
+    pub fn for_this_machine() -> Self {
+        Self::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
+    }
+
+    /// An Argon2id PHC string for the password.
+    pub async fn hash(&self, password: Password) -> Result<String, Error> {
+        self.run(move || {
+            let salt = SaltString::generate(&mut OsRng);
+            Argon2::default()
+                .hash_password(password.0.expose_secret().as_bytes(), &salt)
+                .map(|h| h.to_string())
+                .map_err(|e| anyhow::anyhow!("hashing a password: {e}"))
+        })
+        .await
+    }
+
+    /// Whether the password matches the stored hash. Without a stored hash it
+    /// verifies against a dummy one, so the answer takes the same time and an
+    /// observer cannot tell "no such user" from "wrong password".
+    pub async fn verify(&self, password: Password, stored: Option<String>) -> Result<bool, Error> {
+        self.run(move || {
+            let (hash, real) = match &stored {
+                Some(h) => (h.as_str(), true),
+                None => (dummy_hash(), false),
+            };
+            let parsed = PasswordHash::new(hash)
+                .map_err(|e| anyhow::anyhow!("stored password hash is malformed: {e}"))?;
+            let matches = Argon2::default()
+                .verify_password(password.0.expose_secret().as_bytes(), &parsed)
+                .is_ok();
+            Ok(real && matches)
+        })
+        .await
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+    ) -> Result<T, Error> {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| anyhow::anyhow!("password hasher closed"))?;
+        let result = tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|e| anyhow::anyhow!("password hashing task failed: {e}"))?;
+        Ok(result?)
+    }
+}
+
+fn dummy_hash() -> &'static str {
+    static DUMMY: OnceLock<String> = OnceLock::new();
+    DUMMY.get_or_init(|| {
+        let salt = SaltString::generate(&mut OsRng);
+        Argon2::default()
+            .hash_password(b"datagate-timing-equaliser", &salt)
+            .expect("hashing a constant cannot fail")
+            .to_string()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_hash_verifies_its_password_only() {
+        let hasher = PasswordHasher::new(2);
+        let hash = hasher
+            .hash(Password::parse("correct horse".into()).unwrap())
+            .await
+            .unwrap();
+        assert!(hash.starts_with("$argon2id$"));
+        let ok = Password::parse_candidate("correct horse".into()).unwrap();
+        let wrong = Password::parse_candidate("wrong horse".into()).unwrap();
+        assert!(hasher.verify(ok.clone(), Some(hash.clone())).await.unwrap());
+        assert!(!hasher.verify(wrong, Some(hash)).await.unwrap());
+        assert!(!hasher.verify(ok, None).await.unwrap());
+    }
+
+    #[test]
+    fn password_length_rules() {
+        assert!(Password::parse("short".into()).is_err());
+        assert!(Password::parse("x".repeat(257)).is_err());
+        assert!(Password::parse("long enough".into()).is_ok());
+        assert!(Password::parse_candidate(String::new()).is_err());
+        assert!(Password::parse_candidate("short".into()).is_ok());
+    }
+
+    #[test]
+    fn debug_does_not_print_the_password() {
+        let p = Password::parse("supersecret".into()).unwrap();
+        assert!(!format!("{p:?}").contains("supersecret"));
+    }
+}

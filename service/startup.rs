@@ -1,0 +1,223 @@
+//! Server assembly, in one place: pools, domain services, the gRPC server
+//! with its tower stack, health, reflection, the metrics endpoint, and the
+//! shutdown sequence. `main` and the tests build the same [`Application`].
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use anyhow::Context as _;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{server::NamedService, transport::Server};
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::{
+    api::users::{UserApi, UserServiceServer},
+    auth::TokenStore,
+    config::Settings,
+    domain::{paging::PageTokens, passwords::PasswordHasher, teams::Teams, users::Users},
+    metrics,
+    middleware::{AuthLayer, DeadlineLayer, RpcLayer},
+    proto, store,
+};
+
+/// How often readiness checks the database, and how long a check may take.
+const READINESS_INTERVAL: Duration = Duration::from_secs(5);
+const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The services whose health is reported, besides the overall "" entry.
+const SERVICES: &[&str] = &[<UserServiceServer<UserApi> as NamedService>::NAME];
+
+pub struct Application {
+    settings: Settings,
+    grpc: TcpListener,
+    metrics: TcpListener,
+    db: PgPool,
+}
+
+impl Application {
+    /// Binds the listeners and builds the pools. Nothing is served yet.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let db = store::postgres::pool(&settings.database)?;
+        let grpc_addr = settings.server.grpc_addr()?;
+        let grpc = TcpListener::bind(grpc_addr)
+            .await
+            .with_context(|| format!("binding the gRPC port {grpc_addr}"))?;
+        let metrics_addr = settings.metrics.addr()?;
+        let metrics = TcpListener::bind(metrics_addr)
+            .await
+            .with_context(|| format!("binding the metrics port {metrics_addr}"))?;
+        Ok(Self {
+            settings,
+            grpc,
+            metrics,
+            db,
+        })
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub fn db(&self) -> &PgPool {
+        &self.db
+    }
+
+    /// Serves until `shutdown` completes, then: health turns NOT_SERVING,
+    /// calls are still accepted for `shutdown_readiness_delay` (while load
+    /// balancers notice), new calls are refused, and in-flight calls get
+    /// `drain_timeout` to finish.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
+        let Self {
+            settings,
+            grpc,
+            metrics: metrics_listener,
+            db,
+        } = self;
+        let server_settings = &settings.server;
+        let max_message = server_settings.max_message_bytes;
+
+        let pages = PageTokens::new(&settings.pagination.token_secret);
+        let users = Users::new(
+            db.clone(),
+            pages.clone(),
+            PasswordHasher::for_this_machine(),
+        );
+        let teams = Teams::new(db.clone(), pages);
+        let user_api = UserServiceServer::new(UserApi::new(users, teams))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message);
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        // Each reflection version lists every service, the other version included.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection()
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
+            .build_v1()
+            .context("building reflection v1")?;
+        let reflection_v1alpha = reflection()
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .context("building reflection v1alpha")?;
+
+        let stopping = CancellationToken::new();
+        let stop_serving = CancellationToken::new();
+        let readiness = tokio::spawn(watch_readiness(
+            db.clone(),
+            health.clone(),
+            stopping.clone(),
+        ));
+        let metrics_server = tokio::spawn(metrics::serve(
+            metrics_listener,
+            db.clone(),
+            stopping.clone().cancelled_owned(),
+        ));
+
+        let addr = grpc.local_addr()?;
+        let server = Server::builder()
+            .layer(RpcLayer)
+            .layer(AuthLayer::new(TokenStore::from_settings(&settings.auth)))
+            .layer(DeadlineLayer::new(server_settings.request_timeout))
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(user_api)
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(grpc),
+                stop_serving.clone().cancelled_owned(),
+            );
+        tokio::pin!(server);
+        tracing::info!(%addr, "serving gRPC");
+
+        tokio::select! {
+            result = &mut server => {
+                stopping.cancel();
+                return result.context("the gRPC server stopped unexpectedly");
+            }
+            () = shutdown => {}
+        }
+
+        tracing::info!("shutting down: health is NOT_SERVING");
+        stopping.cancel();
+        let _ = readiness.await;
+        set_all(&health, ServingStatus::NotServing).await;
+        if !server_settings.shutdown_readiness_delay.is_zero() {
+            tokio::select! {
+                result = &mut server => return result.context("the gRPC server stopped unexpectedly"),
+                () = tokio::time::sleep(server_settings.shutdown_readiness_delay) => {}
+            }
+        }
+
+        tracing::info!(drain_timeout = ?server_settings.drain_timeout, "refusing new calls; draining in-flight calls");
+        stop_serving.cancel();
+        match tokio::time::timeout(server_settings.drain_timeout, &mut server).await {
+            Ok(result) => result.context("the gRPC server failed while draining")?,
+            Err(_) => tracing::warn!("drain timeout elapsed; abandoning the calls still in flight"),
+        }
+        if let Ok(Err(e)) = metrics_server.await {
+            tracing::warn!(error = %e, "the metrics endpoint failed");
+        }
+        db.close().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+async fn set_all(health: &HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    for service in SERVICES {
+        health.set_service_status(*service, status).await;
+    }
+}
+
+/// Readiness follows the database: without PostgreSQL no RPC can succeed, so
+/// the instance reports NOT_SERVING until it answers again.
+async fn watch_readiness(db: PgPool, health: HealthReporter, stopping: CancellationToken) {
+    let mut ready = None;
+    let mut ticks = tokio::time::interval(READINESS_INTERVAL);
+    loop {
+        tokio::select! {
+            () = stopping.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let ok = matches!(
+            tokio::time::timeout(READINESS_TIMEOUT, sqlx::query("SELECT 1").execute(&db)).await,
+            Ok(Ok(_))
+        );
+        if ready != Some(ok) {
+            if ok {
+                tracing::info!("database reachable: SERVING");
+            } else {
+                tracing::warn!("database unreachable: NOT_SERVING");
+            }
+            set_all(
+                &health,
+                if ok {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                },
+            )
+            .await;
+            ready = Some(ok);
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! The PostgreSQL pool and the schema migrations.
+
+use anyhow::Context as _;
+use secrecy::ExposeSecret as _;
+use sqlx::{
+    PgPool,
+    migrate::{Migrate as _, Migrator},
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+
+use crate::config::DatabaseSettings;
+
+/// The migrations in `migrations/`, embedded in the binary.
+pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+/// A pool sized and timed by the settings. Connections are opened lazily
+/// (beyond `min_connections`, in the background), so start-up does not fail
+/// on a database that is briefly unreachable; readiness reports it instead.
+pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
+    let options: PgConnectOptions = settings
+        .url
+        .expose_secret()
+        .parse()
+        .context("invalid configuration: database.url is not a PostgreSQL URL")?;
+    let options = options.application_name("datagate");
+    Ok(PgPoolOptions::new()
+        .min_connections(settings.min_connections)
+        .max_connections(settings.max_connections)
+        .acquire_timeout(settings.acquire_timeout)
+        .idle_timeout(Some(settings.idle_timeout))
+        .max_lifetime(Some(settings.max_lifetime))
+        .connect_lazy_with(options))
+}
+
+pub async fn migrate_up(pool: &PgPool) -> anyhow::Result<()> {
+    MIGRATOR.run(pool).await.context("applying migrations")
+}
+
+/// Reverts the newest `steps` applied migrations.
+pub async fn migrate_down(pool: &PgPool, steps: usize) -> anyhow::Result<Vec<i64>> {
+    let mut conn = pool.acquire().await.context("connecting to the database")?;
+    let mut applied = conn
+        .list_applied_migrations()
+        .await
+        .context("reading applied migrations")?;
+    applied.sort_by_key(|m| m.version);
+    let reverted: Vec<i64> = applied
+        .iter()
+        .rev()
+        .take(steps)
+        .map(|m| m.version)
+        .collect();
+    let target = applied.iter().rev().nth(steps).map_or(0, |m| m.version);
+    drop(conn);
+    MIGRATOR
+        .undo(pool, target)
+        .await
+        .context("reverting migrations")?;
+    Ok(reverted)
+}
+
+/// Each known migration with whether it is applied.
+pub async fn migration_status(pool: &PgPool) -> anyhow::Result<Vec<(i64, String, bool)>> {
+    let mut conn = pool.acquire().await.context("connecting to the database")?;
+    conn.ensure_migrations_table()
+        .await
+        .context("creating the migrations table")?;
+    let applied = conn
+        .list_applied_migrations()
+        .await
+        .context("reading applied migrations")?;
+    Ok(MIGRATOR
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration())
+        .map(|m| {
+            (
+                m.version,
+                m.description.to_string(),
+                applied.iter().any(|a| a.version == m.version),
+            )
+        })
+        .collect())
+}

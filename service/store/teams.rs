@@ -1,0 +1,184 @@
+//! SQL for `teams` and `user_teams`.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+
+use super::on_constraint;
+use crate::domain::{
+    error::{Detail, Error, Result},
+    teams::{Membership, MembershipCursor, Team, TeamName, TeamRole, team_not_found},
+    users::Id,
+};
+
+#[derive(sqlx::FromRow)]
+struct TeamRow {
+    id: i64,
+    name: String,
+    created_at: DateTime<Utc>,
+}
+
+impl TryFrom<TeamRow> for Team {
+    type Error = Error;
+
+    fn try_from(row: TeamRow) -> Result<Self> {
+        Ok(Team {
+            id: Id::parse(row.id).map_err(|e| anyhow::anyhow!("team id {}: {e}", row.id))?,
+            name: row.name,
+            created_at: row.created_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct MembershipRow {
+    team_id: i64,
+    team_name: String,
+    team_created_at: DateTime<Utc>,
+    user_id: i64,
+    role: String,
+    joined_at: DateTime<Utc>,
+}
+
+impl TryFrom<MembershipRow> for Membership {
+    type Error = Error;
+
+    fn try_from(row: MembershipRow) -> Result<Self> {
+        Ok(Membership {
+            team: TeamRow {
+                id: row.team_id,
+                name: row.team_name,
+                created_at: row.team_created_at,
+            }
+            .try_into()?,
+            user_id: Id::parse(row.user_id).map_err(|e| anyhow::anyhow!("user id: {e}"))?,
+            role: TeamRole::from_db(&row.role)?,
+            joined_at: row.joined_at,
+        })
+    }
+}
+
+pub async fn insert_team(conn: &mut PgConnection, name: &TeamName) -> Result<Team> {
+    let row: TeamRow =
+        sqlx::query_as("INSERT INTO teams (name) VALUES ($1) RETURNING id, name, created_at")
+            .bind(name.as_str())
+            .fetch_one(conn)
+            .await
+            .map_err(|e| {
+                on_constraint(e, |c| {
+                    (c == "teams_name_key").then(|| {
+                        Error::already_exists(
+                            "TEAM_NAME_ALREADY_EXISTS",
+                            "another team has this name; names are unique regardless of case",
+                        )
+                    })
+                })
+            })?;
+    row.try_into()
+}
+
+pub async fn team_exists(conn: &mut PgConnection, id: Id) -> Result<bool> {
+    Ok(
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM teams WHERE id = $1)")
+            .bind(id.get())
+            .fetch_one(conn)
+            .await?,
+    )
+}
+
+/// Locks a live user against concurrent deletion; whether it exists.
+pub async fn lock_live_user(conn: &mut PgConnection, id: Id) -> Result<bool> {
+    let found: Option<i64> =
+        sqlx::query_scalar("SELECT id FROM users WHERE id = $1 AND deleted_at IS NULL FOR SHARE")
+            .bind(id.get())
+            .fetch_optional(conn)
+            .await?;
+    Ok(found.is_some())
+}
+
+pub async fn insert_membership(
+    conn: &mut PgConnection,
+    team_id: Id,
+    user_id: Id,
+    role: TeamRole,
+) -> Result<Membership> {
+    let row: MembershipRow = sqlx::query_as(
+        "WITH m AS ( \
+           INSERT INTO user_teams (team_id, user_id, role) VALUES ($1, $2, $3) \
+           RETURNING team_id, user_id, role, joined_at) \
+         SELECT m.team_id, t.name AS team_name, t.created_at AS team_created_at, \
+                m.user_id, m.role, m.joined_at \
+         FROM m JOIN teams t ON t.id = m.team_id",
+    )
+    .bind(team_id.get())
+    .bind(user_id.get())
+    .bind(role.as_str())
+    .fetch_one(conn)
+    .await
+    .map_err(|e| {
+        on_constraint(e, |c| match c {
+            "user_teams_pkey" => Some(Error::AlreadyExists(
+                Detail::new(
+                    "TEAM_MEMBER_ALREADY_EXISTS",
+                    format!("user {user_id} is already a member of team {team_id}; remove them first to change the role"),
+                )
+                .with("team_id", team_id)
+                .with("user_id", user_id),
+            )),
+            "user_teams_team_id_fkey" => Some(team_not_found(team_id)),
+            _ => None,
+        })
+    })?;
+    row.try_into()
+}
+
+pub async fn delete_membership(conn: &mut PgConnection, team_id: Id, user_id: Id) -> Result<bool> {
+    let done = sqlx::query("DELETE FROM user_teams WHERE team_id = $1 AND user_id = $2")
+        .bind(team_id.get())
+        .bind(user_id.get())
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+pub async fn remove_all_memberships(conn: &mut PgConnection, user_id: Id) -> Result<u64> {
+    let done = sqlx::query("DELETE FROM user_teams WHERE user_id = $1")
+        .bind(user_id.get())
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected())
+}
+
+/// A user's memberships in join order, after the keyset position `after`.
+pub async fn memberships_of(
+    conn: &mut PgConnection,
+    user_id: Id,
+    after: Option<MembershipCursor>,
+    limit: i64,
+) -> Result<Vec<Membership>> {
+    let (after_at, after_team) = match after {
+        Some((micros, team)) => (
+            Some(
+                DateTime::<Utc>::from_timestamp_micros(micros)
+                    .ok_or_else(|| Error::invalid("page_token", "holds an impossible position"))?,
+            ),
+            team,
+        ),
+        None => (None, 0),
+    };
+    let rows: Vec<MembershipRow> = sqlx::query_as(
+        "SELECT m.team_id, t.name AS team_name, t.created_at AS team_created_at, \
+                m.user_id, m.role, m.joined_at \
+         FROM user_teams m JOIN teams t ON t.id = m.team_id \
+         WHERE m.user_id = $1 \
+           AND ($2::timestamptz IS NULL OR (m.joined_at, m.team_id) > ($2, $3)) \
+         ORDER BY m.joined_at, m.team_id \
+         LIMIT $4",
+    )
+    .bind(user_id.get())
+    .bind(after_at)
+    .bind(after_team)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter().map(Membership::try_from).collect()
+}

@@ -1,0 +1,251 @@
+//! SQL for `users`. Plain functions over a connection; the domain layer owns
+//! transactions. Unique violations are mapped to domain errors by constraint
+//! name here, the only place that knows the constraint names.
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, Postgres, QueryBuilder};
+
+use super::on_constraint;
+use crate::domain::{
+    error::{Error, Result},
+    users::{Id, NewUser, User, UserCursor, UserFilter, UserLookup, UserPatch, UserStatus},
+};
+
+/// `SELECT <user columns> FROM users <rest>`, as one literal.
+macro_rules! select_users {
+    ($rest:literal) => {
+        concat!(
+            "SELECT id, email, username, display_name, status, password_hash IS NOT NULL AS has_password, \
+             created_at, updated_at, version FROM users ",
+            $rest
+        )
+    };
+}
+
+/// Like `select_users!`, plus the password hash (for verification only).
+macro_rules! select_users_with_hash {
+    ($rest:literal) => {
+        concat!(
+            "SELECT id, email, username, display_name, status, password_hash IS NOT NULL AS has_password, \
+             created_at, updated_at, version, password_hash FROM users ",
+            $rest
+        )
+    };
+}
+
+/// The user columns, for `RETURNING`.
+macro_rules! user_columns {
+    () => {
+        "id, email, username, display_name, status, password_hash IS NOT NULL AS has_password, \
+         created_at, updated_at, version"
+    };
+}
+
+#[derive(sqlx::FromRow)]
+struct UserRow {
+    id: i64,
+    email: String,
+    username: String,
+    display_name: String,
+    status: String,
+    has_password: bool,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    version: i64,
+}
+
+impl TryFrom<UserRow> for User {
+    type Error = Error;
+
+    fn try_from(row: UserRow) -> Result<Self> {
+        Ok(User {
+            id: Id::parse(row.id).map_err(|e| anyhow::anyhow!("user id {}: {e}", row.id))?,
+            email: row.email,
+            username: row.username,
+            display_name: row.display_name,
+            status: UserStatus::from_db(&row.status)?,
+            has_password: row.has_password,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+            version: row.version,
+        })
+    }
+}
+
+fn rows_to_users(rows: Vec<UserRow>) -> Result<Vec<User>> {
+    rows.into_iter().map(User::try_from).collect()
+}
+
+fn unique_user_fields(constraint: &str) -> Option<Error> {
+    match constraint {
+        "users_email_live_key" => Some(Error::already_exists(
+            "EMAIL_ALREADY_EXISTS",
+            "another user has this email; emails are unique regardless of case",
+        )),
+        "users_username_live_key" => Some(Error::already_exists(
+            "USERNAME_ALREADY_EXISTS",
+            "another user has this username; choose another",
+        )),
+        _ => None,
+    }
+}
+
+pub async fn insert(
+    conn: &mut PgConnection,
+    new: &NewUser,
+    password_hash: Option<&str>,
+) -> Result<User> {
+    let row: UserRow = sqlx::query_as(concat!(
+        "INSERT INTO users (email, username, display_name, status, password_hash) \
+         VALUES ($1, $2, $3, $4, $5) RETURNING ",
+        user_columns!()
+    ))
+    .bind(new.email.as_str())
+    .bind(new.username.as_str())
+    .bind(new.display_name.as_str())
+    .bind(new.status.as_str())
+    .bind(password_hash)
+    .fetch_one(conn)
+    .await
+    .map_err(|e| on_constraint(e, unique_user_fields))?;
+    row.try_into()
+}
+
+pub async fn find(conn: &mut PgConnection, id: Id) -> Result<Option<User>> {
+    let row: Option<UserRow> =
+        sqlx::query_as(select_users!("WHERE id = $1 AND deleted_at IS NULL"))
+            .bind(id.get())
+            .fetch_optional(conn)
+            .await?;
+    row.map(User::try_from).transpose()
+}
+
+/// Live users among `ids`, in no particular order.
+pub async fn find_many(conn: &mut PgConnection, ids: &[Id]) -> Result<Vec<User>> {
+    let ids: Vec<i64> = ids.iter().map(|id| id.get()).collect();
+    let rows: Vec<UserRow> =
+        sqlx::query_as(select_users!("WHERE id = ANY($1) AND deleted_at IS NULL"))
+            .bind(ids)
+            .fetch_all(conn)
+            .await?;
+    rows_to_users(rows)
+}
+
+/// Live users matching `filter`, oldest first, after the keyset position
+/// `after`. Only the filters present become predicates, so each combination
+/// is its own prepared statement with a plan that uses the right index.
+pub async fn list(
+    conn: &mut PgConnection,
+    filter: &UserFilter,
+    after: Option<UserCursor>,
+    limit: i64,
+) -> Result<Vec<User>> {
+    let mut q: QueryBuilder<Postgres> =
+        QueryBuilder::new(select_users!("WHERE deleted_at IS NULL"));
+    if let Some(status) = filter.status {
+        q.push(" AND status = ").push_bind(status.as_str());
+    }
+    if let Some(t) = filter.created_after {
+        q.push(" AND created_at >= ").push_bind(t);
+    }
+    if let Some(t) = filter.created_before {
+        q.push(" AND created_at < ").push_bind(t);
+    }
+    if let Some((micros, id)) = after {
+        let at = DateTime::<Utc>::from_timestamp_micros(micros)
+            .ok_or_else(|| Error::invalid("page_token", "holds an impossible position"))?;
+        q.push(" AND (created_at, id) > (")
+            .push_bind(at)
+            .push(", ")
+            .push_bind(id)
+            .push(")");
+    }
+    q.push(" ORDER BY created_at, id LIMIT ").push_bind(limit);
+    let rows: Vec<UserRow> = q.build_query_as().fetch_all(conn).await?;
+    rows_to_users(rows)
+}
+
+/// Applies the patch if the user is live and at `version`; `None` otherwise.
+/// `password_hash`: `None` keeps it, `Some(None)` removes it.
+pub async fn update(
+    conn: &mut PgConnection,
+    id: Id,
+    version: i64,
+    patch: &UserPatch,
+    password_hash: Option<Option<String>>,
+) -> Result<Option<User>> {
+    let row: Option<UserRow> = sqlx::query_as(concat!(
+        "UPDATE users SET \
+           email = COALESCE($3, email), \
+           username = COALESCE($4, username), \
+           display_name = COALESCE($5, display_name), \
+           status = COALESCE($6, status), \
+           password_hash = CASE WHEN $7 THEN $8 ELSE password_hash END, \
+           updated_at = now(), \
+           version = version + 1 \
+         WHERE id = $1 AND version = $2 AND deleted_at IS NULL \
+         RETURNING ",
+        user_columns!()
+    ))
+    .bind(id.get())
+    .bind(version)
+    .bind(patch.email.as_ref().map(|e| e.as_str()))
+    .bind(patch.username.as_ref().map(|u| u.as_str()))
+    .bind(patch.display_name.as_ref().map(|d| d.as_str()))
+    .bind(patch.status.map(UserStatus::as_str))
+    .bind(password_hash.is_some())
+    .bind(password_hash.flatten())
+    .fetch_optional(conn)
+    .await
+    .map_err(|e| on_constraint(e, unique_user_fields))?;
+    row.map(User::try_from).transpose()
+}
+
+/// The version of a live user, to tell a stale version from a missing user.
+pub async fn current_version(conn: &mut PgConnection, id: Id) -> Result<Option<i64>> {
+    Ok(
+        sqlx::query_scalar("SELECT version FROM users WHERE id = $1 AND deleted_at IS NULL")
+            .bind(id.get())
+            .fetch_optional(conn)
+            .await?,
+    )
+}
+
+/// Marks a live user deleted (at `version`, if given). Whether it did.
+pub async fn soft_delete(conn: &mut PgConnection, id: Id, version: Option<i64>) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE users SET deleted_at = now(), updated_at = now(), version = version + 1 \
+         WHERE id = $1 AND deleted_at IS NULL AND ($2::bigint IS NULL OR version = $2)",
+    )
+    .bind(id.get())
+    .bind(version)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// A live user and their password hash, by id or email.
+pub async fn credentials(
+    conn: &mut PgConnection,
+    lookup: &UserLookup,
+) -> Result<Option<(User, Option<String>)>> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        #[sqlx(flatten)]
+        user: UserRow,
+        password_hash: Option<String>,
+    }
+    let query = match lookup {
+        UserLookup::Id(id) => sqlx::query_as::<_, Row>(select_users_with_hash!(
+            "WHERE id = $1 AND deleted_at IS NULL"
+        ))
+        .bind(id.get()),
+        UserLookup::Email(email) => sqlx::query_as::<_, Row>(select_users_with_hash!(
+            "WHERE lower(email) = lower($1) AND deleted_at IS NULL"
+        ))
+        .bind(email.as_str().to_owned()),
+    };
+    let row = query.fetch_optional(conn).await?;
+    row.map(|r| Ok((User::try_from(r.user)?, r.password_hash)))
+        .transpose()
+}
