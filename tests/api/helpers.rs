@@ -1,0 +1,326 @@
+//! `TestApp`: the real application, in-process on ephemeral ports, with its
+//! own PostgreSQL database, called through the generated client.
+//!
+//! The server to create databases on comes from `DATAGATE_TEST_DATABASE_URL`
+//! or `DATABASE_URL` (`make test` starts one). Each test's database is
+//! `datagate_test_<uuid>` and is dropped when the `TestApp` is dropped
+//! (`KEEP_TEST_DB=1` keeps it for inspection). `TEST_LOG=1` shows the logs.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
+use datagate::{
+    auth,
+    config::Settings,
+    proto::v1::{self as pb, user_service_client::UserServiceClient},
+    startup::Application,
+};
+use sqlx::{Connection as _, PgConnection, PgPool};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::{
+    Code, Request, Status,
+    metadata::MetadataValue,
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Channel, Endpoint},
+};
+use tonic_types::StatusExt as _;
+
+pub type UserClient = UserServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub struct Bearer(pub Option<Arc<str>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(token) = &self.0 {
+            let value = MetadataValue::try_from(format!("Bearer {token}"))
+                .map_err(|_| Status::internal("token is not valid metadata"))?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
+    }
+}
+
+fn init_logs() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter("info,datagate=debug,sqlx=warn")
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
+pub fn admin_database_url() -> String {
+    std::env::var("DATAGATE_TEST_DATABASE_URL")
+        .or_else(|_| std::env::var("DATABASE_URL"))
+        .expect("set DATABASE_URL to a PostgreSQL server the tests may create databases on (`make test` does)")
+}
+
+/// `postgres://u@h:p/x?o` with database `x` replaced by `name`.
+pub fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let prefix = match base[scheme_end..].find('/') {
+        Some(i) => &base[..scheme_end + i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{prefix}/{name}?{q}"),
+        None => format!("{prefix}/{name}"),
+    }
+}
+
+/// A fresh, migrated database for one test; dropped with the guard.
+pub struct TestDatabase {
+    pub name: String,
+    pub url: String,
+    admin_url: String,
+}
+
+impl TestDatabase {
+    pub async fn create() -> Self {
+        let admin_url = admin_database_url();
+        let name = format!("datagate_test_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = PgConnection::connect(&admin_url)
+            .await
+            .expect("connect to the test PostgreSQL server");
+        sqlx::query(&format!(r#"CREATE DATABASE "{name}""#))
+            .execute(&mut admin)
+            .await
+            .expect("create the test database");
+        admin.close().await.ok();
+        let url = with_database(&admin_url, &name);
+        let pool = PgPool::connect(&url)
+            .await
+            .expect("connect to the test database");
+        datagate::store::postgres::migrate_up(&pool)
+            .await
+            .expect("migrate the test database");
+        pool.close().await;
+        Self {
+            name,
+            url,
+            admin_url,
+        }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        if std::env::var_os("KEEP_TEST_DB").is_some() {
+            eprintln!("kept test database {}", self.name);
+            return;
+        }
+        let admin_url = self.admin_url.clone();
+        let name = self.name.clone();
+        // Drop runs outside any runtime we may block: use a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for dropping the test database");
+            rt.block_on(async {
+                if let Ok(mut admin) = PgConnection::connect(&admin_url).await {
+                    let _ =
+                        sqlx::query(&format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#))
+                            .execute(&mut admin)
+                            .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    /// A pool on the app's database, for arranging and checking state.
+    pub db: PgPool,
+    /// A token with the `admin` role.
+    pub token: String,
+    /// A token without roles.
+    pub reader_token: String,
+    shutdown: CancellationToken,
+    server: Option<JoinHandle<anyhow::Result<()>>>,
+    // Last: the database is dropped after the app has stopped using it.
+    _database: TestDatabase,
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(|_| {}).await
+    }
+
+    /// Spawns the app with settings adjusted by `customize`.
+    pub async fn spawn_with(customize: impl FnOnce(&mut Settings)) -> Self {
+        init_logs();
+        let database = TestDatabase::create().await;
+        let (token, admin_entry) =
+            auth::new_token("test-admin", &[auth::ADMIN_ROLE.to_owned()]).unwrap();
+        let (reader_token, reader_entry) = auth::new_token("test-reader", &[]).unwrap();
+        let mut settings = Settings::load_with_overrides(
+            None,
+            &[
+                ("database.url", &database.url),
+                (
+                    "pagination.token_secret",
+                    "test-page-token-secret-0123456789abcdef",
+                ),
+                ("server.host", "127.0.0.1"),
+                ("server.port", "0"),
+                ("metrics.host", "127.0.0.1"),
+                ("metrics.port", "0"),
+            ],
+        )
+        .expect("test settings load");
+        settings.database.max_connections = 8;
+        settings.database.min_connections = 0;
+        settings.auth.tokens = vec![admin_entry.parse().unwrap(), reader_entry.parse().unwrap()];
+        customize(&mut settings);
+
+        let app = Application::build(settings).await.expect("app builds");
+        let addr = app.grpc_addr();
+        let metrics_addr = app.metrics_addr();
+        let db = PgPool::connect(&database.url).await.expect("test pool");
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(app.run_until_stopped(shutdown.clone().cancelled_owned()));
+        Self {
+            addr,
+            metrics_addr,
+            db,
+            token,
+            reader_token,
+            shutdown,
+            server: Some(server),
+            _database: database,
+        }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Endpoint::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("connect to the app")
+    }
+
+    pub async fn users(&self) -> UserClient {
+        self.users_as(Some(&self.token)).await
+    }
+
+    pub async fn users_as(&self, token: Option<&str>) -> UserClient {
+        UserServiceClient::with_interceptor(self.channel().await, Bearer(token.map(Into::into)))
+    }
+
+    pub fn trigger_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    pub fn take_server(&mut self) -> JoinHandle<anyhow::Result<()>> {
+        self.server
+            .take()
+            .expect("server still owned by the test app")
+    }
+
+    /// GET /metrics, as text.
+    pub async fn metrics(&self) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut stream = tokio::net::TcpStream::connect(self.metrics_addr)
+            .await
+            .unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        response
+    }
+
+    // --- Typed shortcuts -------------------------------------------------
+
+    pub async fn create_user(&self, email: &str, username: &str) -> pb::User {
+        self.create_user_with(pb::CreateUserRequest {
+            email: email.into(),
+            username: username.into(),
+            display_name: format!("{username} display"),
+            password: String::new(),
+            status: 0,
+        })
+        .await
+    }
+
+    pub async fn create_user_with(&self, request: pb::CreateUserRequest) -> pb::User {
+        self.users()
+            .await
+            .create_user(request)
+            .await
+            .expect("create user")
+            .into_inner()
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+}
+
+/// Asserts the status code and the `ErrorInfo` reason of an error.
+#[track_caller]
+pub fn assert_error(status: &Status, code: Code, reason: &str) {
+    assert_eq!(status.code(), code, "unexpected status: {status:?}");
+    let details = status.get_error_details();
+    let info = details
+        .error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
+    assert_eq!(info.reason, reason, "unexpected reason in {status:?}");
+    assert_eq!(info.domain, "datagate.v1");
+}
+
+/// The fields named by the `BadRequest` violations of an INVALID_ARGUMENT.
+#[track_caller]
+pub fn violated_fields(status: &Status) -> Vec<String> {
+    assert_eq!(
+        status.code(),
+        Code::InvalidArgument,
+        "unexpected status: {status:?}"
+    );
+    let details = status.get_error_details();
+    let bad_request = details
+        .bad_request()
+        .unwrap_or_else(|| panic!("no BadRequest in {status:?}"));
+    let mut fields: Vec<String> = bad_request
+        .field_violations
+        .iter()
+        .map(|v| v.field.clone())
+        .collect();
+    fields.sort();
+    fields
+}
+
+/// A unique email and username for one test's users.
+pub fn unique(prefix: &str) -> (String, String) {
+    let tag = &uuid::Uuid::new_v4().simple().to_string()[..10];
+    (
+        format!("{prefix}-{tag}@example.com"),
+        format!("{prefix}_{tag}"),
+    )
+}

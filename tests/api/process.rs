@@ -1,0 +1,207 @@
+//! The real `datagate` binary: configuration errors, SIGTERM while a call is
+//! in flight, and what it logs.
+
+use std::{process::Stdio, time::Duration};
+
+use datagate::{auth, proto::v1 as pb, proto::v1::user_service_client::UserServiceClient};
+use sqlx::PgPool;
+use tokio::{io::AsyncReadExt as _, process::Command};
+use tonic::transport::Endpoint;
+
+use crate::{
+    helpers::{Bearer, TestDatabase},
+    server::{RowLock, rename, wait_for_lock_waiter},
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_datagate");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn datagate() -> Command {
+    let mut command = Command::new(BIN);
+    // Only what each test sets; nothing from the developer's shell.
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    command
+}
+
+#[tokio::test]
+async fn help_lists_the_subcommands() {
+    let output = datagate().arg("--help").output().await.unwrap();
+    let help = String::from_utf8(output.stdout).unwrap();
+    assert!(output.status.success());
+    for command in ["serve", "migrate", "token", "seed"] {
+        assert!(help.contains(command), "{command} missing from:\n{help}");
+    }
+    let output = datagate()
+        .args(["migrate", "--help"])
+        .output()
+        .await
+        .unwrap();
+    let help = String::from_utf8(output.stdout).unwrap();
+    for action in ["up", "down", "status"] {
+        assert!(help.contains(action), "{action} missing from:\n{help}");
+    }
+}
+
+#[tokio::test]
+async fn a_missing_database_url_is_a_one_line_error_naming_the_variable() {
+    let output = datagate().arg("serve").output().await.unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("DATAGATE__DATABASE__URL"), "{stderr}");
+}
+
+#[tokio::test]
+async fn an_invalid_value_is_a_one_line_error_naming_the_setting() {
+    let output = datagate()
+        .arg("serve")
+        .env("DATAGATE__DATABASE__URL", "postgres://localhost/x")
+        .env("DATAGATE__SERVER__PORT", "not-a-port")
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("server.port"), "{stderr}");
+}
+
+#[tokio::test]
+async fn migrate_status_down_and_up_round_trip() {
+    let database = TestDatabase::create().await;
+    let run = |args: &'static [&'static str]| {
+        let url = database.url.clone();
+        async move {
+            let output = datagate()
+                .args(args)
+                .env("DATAGATE__DATABASE__URL", url)
+                .output()
+                .await
+                .unwrap();
+            assert!(
+                output.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            String::from_utf8(output.stdout).unwrap()
+        }
+    };
+    assert!(run(&["migrate", "status"]).await.contains("applied"));
+    run(&["migrate", "down"]).await;
+    let pool = PgPool::connect(&database.url).await.unwrap();
+    let users_table: Option<String> = sqlx::query_scalar("SELECT to_regclass('users')::text")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(users_table, None, "down removed the tables");
+    assert!(run(&["migrate", "status"]).await.contains("pending"));
+    run(&["migrate", "up"]).await;
+    let users_table: Option<String> = sqlx::query_scalar("SELECT to_regclass('users')::text")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(users_table.as_deref(), Some("users"));
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn sigterm_lets_the_in_flight_call_finish_and_exits_zero() {
+    let database = TestDatabase::create().await;
+    let (token, entry) = auth::new_token("sigterm-test", &[]).unwrap();
+    let port = free_port();
+    let mut child = datagate()
+        .arg("serve")
+        .env("DATAGATE__DATABASE__URL", &database.url)
+        .env("DATAGATE__PAGINATION__TOKEN_SECRET", "x".repeat(40))
+        .env("DATAGATE__AUTH__TOKENS", &entry)
+        .env("DATAGATE__SERVER__HOST", "127.0.0.1")
+        .env("DATAGATE__SERVER__PORT", port.to_string())
+        .env("DATAGATE__METRICS__HOST", "127.0.0.1")
+        .env("DATAGATE__METRICS__PORT", free_port().to_string())
+        .env("DATAGATE__TELEMETRY__LOG_FORMAT", "json")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    let endpoint = Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
+    let mut channel = None;
+    for _ in 0..200 {
+        if let Ok(c) = endpoint.connect().await {
+            channel = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let channel = channel.expect("the binary starts serving");
+    let mut users = UserServiceClient::with_interceptor(channel, Bearer(Some(token.into())));
+    let user = users
+        .create_user(pb::CreateUserRequest {
+            email: "term@example.com".into(),
+            username: "term".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let db = PgPool::connect(&database.url).await.unwrap();
+    let lock = RowLock::on_user(&db, user.id).await;
+    let request = rename(&user, "finished after SIGTERM");
+    let in_flight = tokio::spawn(async move { users.update_user(request).await });
+    wait_for_lock_waiter(&db).await;
+
+    let pid = child.id().unwrap().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(killed.success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    lock.release().await;
+
+    let finished = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight call succeeds");
+    assert_eq!(finished.into_inner().display_name, "finished after SIGTERM");
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("the process exits once drained")
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+
+    let mut logs = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .await
+        .unwrap();
+    let finished_line = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["message"] == "rpc finished" && l["span"]["rpc.method"] == "UpdateUser")
+        .unwrap_or_else(|| panic!("no JSON line for UpdateUser in:\n{logs}"));
+    assert_eq!(finished_line["span"]["caller"], "sigterm-test");
+    assert_eq!(finished_line["code"], "OK");
+    assert!(finished_line["span"]["request_id"].is_string());
+    assert!(logs.contains("SIGTERM received"));
+    assert!(
+        !logs.contains("finished after SIGTERM\""),
+        "payloads are not logged"
+    );
+    db.close().await;
+}

@@ -1,0 +1,450 @@
+//! The server around the services: identity, health, reflection, request
+//! ids, deadlines, limits, metrics and graceful shutdown.
+
+use std::time::Duration;
+
+use datagate::proto::v1 as pb;
+use prost_types::FieldMask;
+use sqlx::PgPool;
+use tokio_stream::StreamExt as _;
+use tonic::{Code, Request, transport::Endpoint};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+use crate::helpers::{TestApp, assert_error};
+
+const USER_SERVICE: &str = "datagate.v1.UserService";
+
+/// Holds a row lock on a user so that an UpdateUser of it blocks: a call
+/// that stays in flight for as long as the test wants.
+pub struct RowLock(sqlx::Transaction<'static, sqlx::Postgres>);
+
+impl RowLock {
+    pub async fn on_user(db: &PgPool, id: i64) -> Self {
+        let mut tx = db.begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        Self(tx)
+    }
+
+    pub async fn release(self) {
+        self.0.rollback().await.unwrap();
+    }
+}
+
+/// Waits until some statement in the app's database waits for a lock.
+pub async fn wait_for_lock_waiter(db: &PgPool) {
+    for _ in 0..200 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(db)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("no call started waiting for the row lock");
+}
+
+pub fn rename(user: &pb::User, name: &str) -> pb::UpdateUserRequest {
+    pb::UpdateUserRequest {
+        id: user.id,
+        version: user.version,
+        user: Some(pb::UserPatch {
+            display_name: name.into(),
+            ..Default::default()
+        }),
+        update_mask: Some(FieldMask {
+            paths: vec!["display_name".into()],
+        }),
+    }
+}
+
+#[tokio::test]
+async fn a_call_without_a_token_is_unauthenticated() {
+    let app = TestApp::spawn().await;
+    let status = app
+        .users_as(None)
+        .await
+        .get_user(pb::GetUserRequest { id: 1 })
+        .await
+        .unwrap_err();
+    assert_error(&status, Code::Unauthenticated, "MISSING_CREDENTIALS");
+}
+
+#[tokio::test]
+async fn a_call_with_an_unknown_token_is_unauthenticated() {
+    let app = TestApp::spawn().await;
+    let status = app
+        .users_as(Some("dg_not-a-configured-token"))
+        .await
+        .get_user(pb::GetUserRequest { id: 1 })
+        .await
+        .unwrap_err();
+    assert_error(&status, Code::Unauthenticated, "INVALID_CREDENTIALS");
+}
+
+#[tokio::test]
+async fn a_caller_without_roles_can_use_the_user_service() {
+    let app = TestApp::spawn().await;
+    let status = app
+        .users_as(Some(&app.reader_token))
+        .await
+        .get_user(pb::GetUserRequest { id: 1 })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::NotFound,
+        "authenticated, then not found"
+    );
+}
+
+#[tokio::test]
+async fn health_reports_serving_overall_and_per_service_without_a_token() {
+    let app = TestApp::spawn().await;
+    let mut health = HealthClient::new(app.channel().await);
+    for service in ["", USER_SERVICE] {
+        let status = wait_for_health(&mut health, service, ServingStatus::Serving).await;
+        assert_eq!(status, ServingStatus::Serving, "service {service:?}");
+    }
+    let unknown = health
+        .check(HealthCheckRequest {
+            service: "no.such.Service".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+}
+
+async fn wait_for_health(
+    health: &mut HealthClient<tonic::transport::Channel>,
+    service: &str,
+    want: ServingStatus,
+) -> ServingStatus {
+    let mut last = ServingStatus::Unknown;
+    for _ in 0..100 {
+        if let Ok(response) = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+        {
+            last = response.into_inner().status();
+            if last == want {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    last
+}
+
+#[tokio::test]
+async fn reflection_v1_and_v1alpha_list_every_service() {
+    use tonic_reflection::pb::{v1, v1alpha};
+    let app = TestApp::spawn().await;
+    let expected = [
+        "datagate.v1.UserService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ];
+
+    let mut client = v1::server_reflection_client::ServerReflectionClient::new(app.channel().await);
+    let request = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        stream.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("v1 answered something other than a service list");
+    };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    assert_eq!(names, expected);
+
+    let mut client =
+        v1alpha::server_reflection_client::ServerReflectionClient::new(app.channel().await);
+    let request = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "datagate.v1.UserService".into(),
+            ),
+        ),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = stream.next().await.unwrap().unwrap().message_response;
+    assert!(
+        matches!(
+            response,
+            Some(v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(ref f))
+                if !f.file_descriptor_proto.is_empty()
+        ),
+        "v1alpha describes the user service: {response:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_callers_request_id_is_returned_and_one_is_generated_otherwise() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users().await;
+
+    let mut request = Request::new(pb::GetUserRequest { id: 1 });
+    request
+        .metadata_mut()
+        .insert("x-request-id", "caller-chosen-id-42".parse().unwrap());
+    let status = users.get_user(request).await.unwrap_err();
+    assert_eq!(
+        status.metadata().get("x-request-id").unwrap(),
+        "caller-chosen-id-42"
+    );
+
+    let user = app.create_user("rid@example.com", "rider").await;
+    let response = users
+        .get_user(pb::GetUserRequest { id: user.id })
+        .await
+        .unwrap();
+    let generated = response
+        .metadata()
+        .get("x-request-id")
+        .unwrap()
+        .to_str()
+        .unwrap();
+    assert!(uuid::Uuid::parse_str(generated).is_ok(), "{generated}");
+}
+
+/// Sends one unary call over plain HTTP/2 with a `grpc-timeout` header and
+/// returns the `grpc-status` the server answers with. (A tonic client would
+/// enforce the deadline itself and race the server.)
+async fn raw_call_status(
+    app: &TestApp,
+    path: &str,
+    message: &impl prost::Message,
+    timeout: &str,
+) -> (i32, String) {
+    use http_body_util::{BodyExt as _, Full};
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(message.encoded_len() as u32).to_be_bytes());
+    message.encode(&mut frame).unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<bytes::Bytes>>();
+    let request = http::Request::post(format!("http://{}{path}", app.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", timeout)
+        .header("authorization", format!("Bearer {}", app.token))
+        .body(Full::new(bytes::Bytes::from(frame)))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    let mut headers = response.headers().clone();
+    let collected = response.into_body().collect().await.unwrap();
+    if let Some(trailers) = collected.trailers() {
+        headers.extend(trailers.clone());
+    }
+    let code = headers["grpc-status"].to_str().unwrap().parse().unwrap();
+    let message = headers
+        .get("grpc-message")
+        .map(|m| m.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (code, message)
+}
+
+#[tokio::test]
+async fn a_call_past_the_callers_deadline_is_deadline_exceeded() {
+    let app = TestApp::spawn().await;
+    let user = app.create_user("slow@example.com", "slowpoke").await;
+    let lock = RowLock::on_user(&app.db, user.id).await;
+
+    let started = std::time::Instant::now();
+    let (code, message) = raw_call_status(
+        &app,
+        "/datagate.v1.UserService/UpdateUser",
+        &rename(&user, "never"),
+        "300m",
+    )
+    .await;
+    assert_eq!(Code::from_i32(code), Code::DeadlineExceeded, "{message}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "answered at the deadline, not the server bound"
+    );
+    lock.release().await;
+
+    let unchanged = app
+        .users()
+        .await
+        .get_user(pb::GetUserRequest { id: user.id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        unchanged.display_name, user.display_name,
+        "the abandoned update did not apply"
+    );
+}
+
+#[tokio::test]
+async fn the_server_bound_caps_a_longer_caller_deadline() {
+    let app = TestApp::spawn_with(|s| s.server.request_timeout = Duration::from_millis(300)).await;
+    let user = app.create_user("cap@example.com", "capped").await;
+    let lock = RowLock::on_user(&app.db, user.id).await;
+    let mut request = Request::new(rename(&user, "never"));
+    request
+        .metadata_mut()
+        .insert("grpc-timeout", "60S".parse().unwrap());
+    let status = app.users().await.update_user(request).await.unwrap_err();
+    assert_error(&status, Code::DeadlineExceeded, "DEADLINE_EXCEEDED");
+    lock.release().await;
+}
+
+#[tokio::test]
+async fn an_oversized_request_is_rejected_without_reaching_the_handler() {
+    let app = TestApp::spawn_with(|s| s.server.max_message_bytes = 2048).await;
+    let status = app
+        .users()
+        .await
+        .create_user(pb::CreateUserRequest {
+            email: "big@example.com".into(),
+            username: "big".into(),
+            display_name: "x".repeat(4096),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    // tonic reports an over-limit message as OUT_OF_RANGE.
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM users")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(count, 0);
+}
+
+#[tokio::test]
+async fn metrics_count_calls_by_method_and_code_and_show_pool_usage() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users().await;
+    let _ = users.get_user(pb::GetUserRequest { id: 123_456 }).await;
+    let _ = app
+        .users_as(None)
+        .await
+        .get_user(pb::GetUserRequest { id: 1 })
+        .await;
+
+    let metrics = app.metrics().await;
+    for expected in [
+        r#"rpc_requests_total{service="datagate.v1.UserService",method="GetUser",code="NOT_FOUND"}"#,
+        r#"rpc_requests_total{service="datagate.v1.UserService",method="GetUser",code="UNAUTHENTICATED"}"#,
+        r#"rpc_latency_seconds_bucket{service="datagate.v1.UserService",method="GetUser",code="NOT_FOUND""#,
+        r#"connection_pool_usage{pool="postgres"}"#,
+        r#"connection_pool_connections{pool="postgres",state="idle"}"#,
+    ] {
+        assert!(
+            metrics.contains(expected),
+            "missing {expected} in:\n{metrics}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn shutdown_reports_not_serving_refuses_new_calls_and_lets_in_flight_calls_finish() {
+    let mut app = TestApp::spawn_with(|s| {
+        s.server.shutdown_readiness_delay = Duration::from_millis(600);
+        s.server.drain_timeout = Duration::from_secs(20);
+    })
+    .await;
+    let user = app.create_user("drain@example.com", "drainer").await;
+    let mut health = HealthClient::new(app.channel().await);
+    assert_eq!(
+        wait_for_health(&mut health, "", ServingStatus::Serving).await,
+        ServingStatus::Serving
+    );
+    let lock = RowLock::on_user(&app.db, user.id).await;
+    let mut users = app.users().await;
+    let request = rename(&user, "finished during drain");
+    let in_flight = tokio::spawn(async move { users.update_user(request).await });
+    wait_for_lock_waiter(&app.db).await;
+
+    let server = app.take_server();
+    app.trigger_shutdown();
+    assert_eq!(
+        wait_for_health(&mut health, "", ServingStatus::NotServing).await,
+        ServingStatus::NotServing
+    );
+    assert_eq!(
+        wait_for_health(&mut health, USER_SERVICE, ServingStatus::NotServing).await,
+        ServingStatus::NotServing
+    );
+
+    // After the readiness delay the listener closes: new connections fail.
+    let endpoint = Endpoint::from_shared(format!("http://{}", app.addr)).unwrap();
+    let mut refused = false;
+    for _ in 0..100 {
+        if endpoint.connect().await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refused, "new connections are refused while draining");
+    assert!(
+        !server.is_finished(),
+        "the server waits for the in-flight call"
+    );
+
+    lock.release().await;
+    let finished = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight call succeeds");
+    assert_eq!(finished.into_inner().display_name, "finished during drain");
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("the server stops once drained")
+        .unwrap()
+        .expect("a clean shutdown");
+}
+
+#[tokio::test]
+async fn the_drain_bound_stops_a_server_whose_calls_never_finish() {
+    let mut app =
+        TestApp::spawn_with(|s| s.server.drain_timeout = Duration::from_millis(300)).await;
+    let user = app.create_user("stuck@example.com", "stuck").await;
+    let lock = RowLock::on_user(&app.db, user.id).await;
+    let mut users = app.users().await;
+    let request = rename(&user, "never");
+    let _in_flight = tokio::spawn(async move { users.update_user(request).await });
+    wait_for_lock_waiter(&app.db).await;
+
+    let server = app.take_server();
+    app.trigger_shutdown();
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("the drain bound ends the shutdown")
+        .unwrap()
+        .expect("a bounded drain is still a clean exit");
+    lock.release().await;
+}
