@@ -1,0 +1,27 @@
+# The few verbs people need. `make run` and `make test` work on a fresh
+# machine: scripts/dev-env.sh installs and starts what is missing.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+.PHONY: help run test lint smoke env-up env-down
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
+
+run: ## start the databases, migrate, seed, and run datagate on :50051
+	@scripts/run.sh
+
+test: lint ## lint, then unit + integration tests and the grpcurl smoke test
+	@scripts/test.sh
+
+lint: ## rustfmt and clippy, warnings are errors
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+
+smoke: ## only the grpcurl smoke test
+	@eval "$$(scripts/dev-env.sh up)" && scripts/smoke.sh
+
+env-up: ## start PostgreSQL, Redis and nx-27017; prints the environment
+	@scripts/dev-env.sh up
+
+env-down: ## stop them
+	@scripts/dev-env.sh down

