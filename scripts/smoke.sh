@@ -79,6 +79,7 @@ check "VerifyPassword accepts the password" grep -q '"valid": true' <<<"$verifie
 check "the password never comes back" bash -c '! grep -q "correct horse" <<<"$1"' _ "$created$fetched$verified"
 missing=$(grpcurl -plaintext -H "authorization: Bearer $TOKEN" -d '{"id": 999999}' "$ADDR" datagate.v1.UserService/GetUser 2>&1 || true)
 check "an unknown user is NotFound" grep -q "Code: NotFound" <<<"$missing"
+check "error details decode by reflection" grep -q '"reason":"USER_NOT_FOUND"' <<<"$missing"
 unauth=$(grpcurl -plaintext -d "{\"id\": $ID}" "$ADDR" datagate.v1.UserService/GetUser 2>&1 || true)
 check "a call without a token is Unauthenticated" grep -q "Code: Unauthenticated" <<<"$unauth"
 

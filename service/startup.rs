@@ -101,11 +101,14 @@ impl Application {
             .max_encoding_message_size(max_message);
 
         let (health, health_service) = tonic_health::server::health_reporter();
-        // Each reflection version lists every service, the other version included.
+        // Each reflection version lists every service, the other version
+        // included, and describes the google.rpc error details so that tools
+        // such as grpcurl can decode them.
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         };
         let reflection_v1 = reflection()
             .register_encoded_file_descriptor_set(
