@@ -58,6 +58,29 @@ pub struct Page<T> {
     pub next_page_token: Option<String>,
 }
 
+impl<T> Page<T> {
+    /// A page from rows fetched with [`PageSize::fetch_limit`]: the extra row,
+    /// if present, is dropped and proves a next page exists, whose token
+    /// `next_token` makes from the last row kept.
+    pub fn from_overfetch(
+        mut items: Vec<T>,
+        size: PageSize,
+        next_token: impl FnOnce(&T) -> String,
+    ) -> Self {
+        let size = size.get() as usize;
+        let next_page_token = if items.len() > size {
+            items.truncate(size);
+            items.last().map(next_token)
+        } else {
+            None
+        };
+        Self {
+            items,
+            next_page_token,
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct Payload<C> {
     /// Which listing the token belongs to, e.g. `users`.
@@ -187,6 +210,17 @@ mod tests {
                 .decode::<(i64, i64)>("users", "status=active", &token)
                 .is_err()
         );
+    }
+
+    #[test]
+    fn an_overfetched_row_means_a_next_page() {
+        let size = PageSize::parse(2).unwrap();
+        let page = Page::from_overfetch(vec![1, 2, 3], size, |last| format!("after {last}"));
+        assert_eq!(page.items, [1, 2]);
+        assert_eq!(page.next_page_token.as_deref(), Some("after 2"));
+        let last = Page::from_overfetch(vec![1, 2], size, |_| unreachable!("no next page"));
+        assert_eq!(last.items, [1, 2]);
+        assert!(last.next_page_token.is_none());
     }
 
     #[test]

@@ -6,7 +6,7 @@ use sqlx::PgPool;
 use super::{
     error::{Detail, Error, Result},
     paging::{Page, PageRequest, PageTokens},
-    users::{Id, user_not_found},
+    users::{Id, bounded_text, user_not_found},
 };
 use crate::store;
 
@@ -16,14 +16,7 @@ pub struct TeamName(String);
 
 impl TeamName {
     pub fn parse(raw: &str) -> Result<Self, String> {
-        let name = raw.trim();
-        if name.is_empty() || name.chars().count() > 100 {
-            return Err("must be 1 to 100 characters".into());
-        }
-        if name.chars().any(char::is_control) {
-            return Err("must not contain control characters".into());
-        }
-        Ok(Self(name.to_owned()))
+        bounded_text(raw, 1, 100).map(Self)
     }
 
     pub fn as_str(&self) -> &str {
@@ -148,21 +141,12 @@ impl Teams {
         {
             return Err(user_not_found(user_id));
         }
-        let mut items =
+        let items =
             store::teams::memberships_of(&mut conn, user_id, after, page.size.fetch_limit())
                 .await?;
-        let next_page_token = if items.len() > page.size.get() as usize {
-            items.truncate(page.size.get() as usize);
-            items.last().map(|m| {
-                let cursor: MembershipCursor = (m.joined_at.timestamp_micros(), m.team.id.get());
-                self.pages.encode("user_teams", &query, &cursor)
-            })
-        } else {
-            None
-        };
-        Ok(Page {
-            items,
-            next_page_token,
-        })
+        Ok(Page::from_overfetch(items, page.size, |last| {
+            let cursor: MembershipCursor = (last.joined_at.timestamp_micros(), last.team.id.get());
+            self.pages.encode("user_teams", &query, &cursor)
+        }))
     }
 }

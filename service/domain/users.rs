@@ -39,6 +39,23 @@ impl std::fmt::Display for Id {
     }
 }
 
+/// Trimmed free text of `min..=max` characters without control characters.
+pub(crate) fn bounded_text(raw: &str, min: usize, max: usize) -> Result<String, String> {
+    let text = raw.trim();
+    let len = text.chars().count();
+    if len < min || len > max {
+        return Err(if min == 0 {
+            format!("must be at most {max} characters")
+        } else {
+            format!("must be {min} to {max} characters")
+        });
+    }
+    if text.chars().any(char::is_control) {
+        return Err("must not contain control characters".into());
+    }
+    Ok(text.to_owned())
+}
+
 /// An email address, trimmed, compared case-insensitively by the database.
 /// The rules are deliberately simple (one `@`, a dotted domain, no spaces):
 /// deliverability can only be proven by sending mail.
@@ -116,14 +133,7 @@ impl DisplayName {
     pub const MAX_LEN: usize = 100;
 
     pub fn parse(raw: &str) -> Result<Self, String> {
-        let name = raw.trim();
-        if name.chars().count() > Self::MAX_LEN {
-            return Err(format!("must be at most {} characters", Self::MAX_LEN));
-        }
-        if name.chars().any(char::is_control) {
-            return Err("must not contain control characters".into());
-        }
-        Ok(Self(name.to_owned()))
+        bounded_text(raw, 0, Self::MAX_LEN).map(Self)
     }
 
     pub fn as_str(&self) -> &str {
@@ -339,21 +349,11 @@ impl Users {
             .map(|t| self.pages.decode("users", &query, t))
             .transpose()?;
         let mut conn = self.db.acquire().await?;
-        let mut users =
-            store::users::list(&mut conn, &filter, after, page.size.fetch_limit()).await?;
-        let next_page_token = if users.len() > page.size.get() as usize {
-            users.truncate(page.size.get() as usize);
-            users.last().map(|last| {
-                let cursor: UserCursor = (last.created_at.timestamp_micros(), last.id.get());
-                self.pages.encode("users", &query, &cursor)
-            })
-        } else {
-            None
-        };
-        Ok(Page {
-            items: users,
-            next_page_token,
-        })
+        let users = store::users::list(&mut conn, &filter, after, page.size.fetch_limit()).await?;
+        Ok(Page::from_overfetch(users, page.size, |last| {
+            let cursor: UserCursor = (last.created_at.timestamp_micros(), last.id.get());
+            self.pages.encode("users", &query, &cursor)
+        }))
     }
 
     #[tracing::instrument(skip_all, fields(user_id = %id, version), err(Debug))]
