@@ -205,3 +205,137 @@ async fn sigterm_lets_the_in_flight_call_finish_and_exits_zero() {
     );
     db.close().await;
 }
+
+/// An OTLP/gRPC trace receiver that hands every exported span to the test.
+mod collector {
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    };
+    use opentelemetry_proto::tonic::trace::v1::Span;
+    use tokio::sync::mpsc;
+    use tonic::{Request, Response, Status};
+
+    struct Receiver(mpsc::UnboundedSender<Span>);
+
+    #[tonic::async_trait]
+    impl TraceService for Receiver {
+        async fn export(
+            &self,
+            request: Request<ExportTraceServiceRequest>,
+        ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+            for resource in request.into_inner().resource_spans {
+                for scope in resource.scope_spans {
+                    for span in scope.spans {
+                        let _ = self.0.send(span);
+                    }
+                }
+            }
+            Ok(Response::new(ExportTraceServiceResponse {
+                partial_success: None,
+            }))
+        }
+    }
+
+    pub async fn start() -> (std::net::SocketAddr, mpsc::UnboundedReceiver<Span>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(Receiver(tx)))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        (addr, rx)
+    }
+}
+
+#[tokio::test]
+async fn with_an_otlp_endpoint_every_call_is_exported_as_a_server_span() {
+    let database = TestDatabase::create().await;
+    let (collector, mut spans) = collector::start().await;
+    let (token, entry) = auth::new_token("traced-caller", &[]).unwrap();
+    let port = free_port();
+    let mut child = datagate()
+        .arg("serve")
+        .env("DATAGATE__DATABASE__URL", &database.url)
+        .env("DATAGATE__PAGINATION__TOKEN_SECRET", "x".repeat(40))
+        .env("DATAGATE__AUTH__TOKENS", &entry)
+        .env("DATAGATE__SERVER__HOST", "127.0.0.1")
+        .env("DATAGATE__SERVER__PORT", port.to_string())
+        .env("DATAGATE__METRICS__HOST", "127.0.0.1")
+        .env("DATAGATE__METRICS__PORT", free_port().to_string())
+        .env(
+            "DATAGATE__TELEMETRY__OTLP_ENDPOINT",
+            format!("http://{collector}"),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    let endpoint = Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
+    let mut channel = None;
+    for _ in 0..200 {
+        if let Ok(c) = endpoint.connect().await {
+            channel = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut users =
+        UserServiceClient::with_interceptor(channel.unwrap(), Bearer(Some(token.into())));
+    let mut request = tonic::Request::new(pb::GetUserRequest { id: 77 });
+    request
+        .metadata_mut()
+        .insert("x-request-id", "trace-me-1".parse().unwrap());
+    let _ = users.get_user(request).await;
+
+    // Spans are batched; SIGTERM flushes them before the process exits.
+    let pid = child.id().unwrap().to_string();
+    Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("exits")
+        .unwrap();
+    assert!(status.success());
+
+    let mut exported = Vec::new();
+    while let Ok(Some(span)) = tokio::time::timeout(Duration::from_secs(2), spans.recv()).await {
+        exported.push(span);
+    }
+    let rpc = exported
+        .iter()
+        .find(|s| s.name == "datagate.v1.UserService/GetUser")
+        .unwrap_or_else(|| {
+            let names: Vec<&str> = exported.iter().map(|s| s.name.as_str()).collect();
+            panic!("no GetUser server span among {names:?}")
+        });
+    let attribute = |key: &str| {
+        rpc.attributes
+            .iter()
+            .find(|a| a.key == key)
+            .and_then(|a| a.value.as_ref())
+            .map(|v| format!("{:?}", v.value))
+            .unwrap_or_default()
+    };
+    assert!(attribute("request_id").contains("trace-me-1"), "{rpc:?}");
+    assert!(attribute("caller").contains("traced-caller"), "{rpc:?}");
+    assert!(
+        attribute("rpc.grpc.status_code").contains('5'),
+        "NOT_FOUND is code 5: {rpc:?}"
+    );
+    let children = exported
+        .iter()
+        .filter(|s| s.trace_id == rpc.trace_id && s.parent_span_id == rpc.span_id)
+        .count();
+    assert!(
+        children >= 1,
+        "domain spans are children of the call's span"
+    );
+}
