@@ -7,7 +7,8 @@
 use std::{env, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = [PathBuf::from("proto/datagate/v1/users.proto")];
+    let protos = ["users", "catalog", "orders"]
+        .map(|name| PathBuf::from(format!("proto/datagate/v1/{name}.proto")));
     println!("cargo:rerun-if-changed=proto");
     println!("cargo:rerun-if-env-changed=PROTOC");
 
