@@ -61,6 +61,12 @@ pub struct TelemetrySettings {
     pub otlp_endpoint: String,
     pub service_name: String,
     pub trace_sample_ratio: f64,
+    /// A statement at least this slow is logged as SLOW_QUERY and counted.
+    #[serde(with = "humantime_serde")]
+    pub slow_statement_threshold: Duration,
+    /// A request running one statement shape more often than this is
+    /// reported as N_PLUS_ONE_DETECTED.
+    pub n_plus_one_threshold: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]

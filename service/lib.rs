@@ -14,5 +14,6 @@ pub mod middleware;
 pub mod proto;
 pub mod seed;
 pub mod startup;
+pub mod statements;
 pub mod store;
 pub mod telemetry;

@@ -30,6 +30,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use crate::{
     auth::{Caller, TokenStore},
     domain::error::{Detail, Error},
+    statements::{self, StatementLog},
     telemetry::HeaderExtractor,
 };
 
@@ -59,20 +60,34 @@ fn status_response(error: Error) -> Response<Body> {
 // ---------------------------------------------------------------------------
 // Request id, span, metrics and the per-call log line.
 
-#[derive(Clone, Copy, Debug, Default)]
-pub struct RpcLayer;
+#[derive(Clone, Copy, Debug)]
+pub struct RpcLayer {
+    n_plus_one_threshold: u32,
+}
+
+impl RpcLayer {
+    pub fn new(n_plus_one_threshold: u32) -> Self {
+        Self {
+            n_plus_one_threshold,
+        }
+    }
+}
 
 impl<S> Layer<S> for RpcLayer {
     type Service = Rpc<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Rpc { inner }
+        Rpc {
+            inner,
+            n_plus_one_threshold: self.n_plus_one_threshold,
+        }
     }
 }
 
 #[derive(Clone, Debug)]
 pub struct Rpc<S> {
     inner: S,
+    n_plus_one_threshold: u32,
 }
 
 impl<S> Service<Request<Body>> for Rpc<S>
@@ -118,6 +133,8 @@ where
             rpc.grpc.status_code = Empty,
             request_id = %request_id,
             caller = Empty,
+            db.statements = Empty,
+            db.max_repeats = Empty,
         );
         let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
             propagator.extract(&HeaderExtractor(request.headers()))
@@ -131,11 +148,14 @@ where
             infrastructure: is_infrastructure(&path),
             start: Instant::now(),
             code: None,
+            statements: Arc::new(StatementLog::default()),
+            n_plus_one_threshold: self.n_plus_one_threshold,
         };
         let response = span.in_scope(|| self.inner.call(request));
+        let statements = call.statements.clone();
         Box::pin(
             async move {
-                let mut response = response.await?;
+                let mut response = statements::scope(statements, response).await?;
                 response
                     .headers_mut()
                     .insert(REQUEST_ID_HEADER, request_id_header);
@@ -182,6 +202,9 @@ struct CallRecord {
     infrastructure: bool,
     start: Instant,
     code: Option<Code>,
+    /// The statements the call ran, counted while its handler ran.
+    statements: Arc<StatementLog>,
+    n_plus_one_threshold: u32,
 }
 
 impl Drop for CallRecord {
@@ -204,11 +227,19 @@ impl Drop for CallRecord {
         metrics::histogram!("rpc_latency_seconds", &labels).record(elapsed.as_secs_f64());
 
         self.span.record("rpc.grpc.status_code", code as i32);
+        self.span.record("db.statements", self.statements.total());
+        self.span
+            .record("db.max_repeats", self.statements.max_repeats());
         let server_fault = is_server_fault(code);
         if server_fault {
             self.span.record("otel.status_code", "ERROR");
         }
         let _entered = self.span.enter();
+        statements::report_n_plus_one(
+            &self.statements,
+            self.n_plus_one_threshold,
+            &format!("{}/{}", self.service, self.method),
+        );
         let duration_ms = elapsed.as_secs_f64() * 1000.0;
         if self.infrastructure {
             tracing::debug!(code = code_name, duration_ms, "rpc finished");

@@ -136,7 +136,7 @@ impl Application {
 
         let addr = grpc.local_addr()?;
         let server = Server::builder()
-            .layer(RpcLayer)
+            .layer(RpcLayer::new(settings.telemetry.n_plus_one_threshold))
             .layer(AuthLayer::new(TokenStore::from_settings(&settings.auth)))
             .layer(DeadlineLayer::new(server_settings.request_timeout))
             .add_service(health_service)

@@ -14,7 +14,10 @@ use tracing_subscriber::{
     EnvFilter, Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _,
 };
 
-use crate::config::{LogFormat, TelemetrySettings};
+use crate::{
+    config::{LogFormat, TelemetrySettings},
+    statements::StatementLayer,
+};
 
 /// Flushes buffered spans when the service stops.
 #[must_use = "dropping the guard loses the spans still buffered"]
@@ -34,8 +37,12 @@ impl TelemetryGuard {
 
 /// Installs the global subscriber. Call once, before anything logs.
 pub fn init(settings: &TelemetrySettings) -> anyhow::Result<TelemetryGuard> {
-    let filter = EnvFilter::try_new(&settings.log_filter)
-        .with_context(|| format!("invalid telemetry.log_filter {:?}", settings.log_filter))?;
+    // Filters are per layer: the statement layer needs sqlx's DEBUG events
+    // whatever the log filter lets through.
+    let filter = || {
+        EnvFilter::try_new(&settings.log_filter)
+            .with_context(|| format!("invalid telemetry.log_filter {:?}", settings.log_filter))
+    };
     let fmt = match settings.log_format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
@@ -44,7 +51,8 @@ pub fn init(settings: &TelemetrySettings) -> anyhow::Result<TelemetryGuard> {
             .with_span_list(false)
             .boxed(),
         LogFormat::Pretty => tracing_subscriber::fmt::layer().boxed(),
-    };
+    }
+    .with_filter(filter()?);
 
     let (otel, provider) = if settings.otlp_endpoint.trim().is_empty() {
         (None, None)
@@ -68,13 +76,17 @@ pub fn init(settings: &TelemetrySettings) -> anyhow::Result<TelemetryGuard> {
         let tracer = provider.tracer("datagate");
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
         (
-            Some(tracing_opentelemetry::layer().with_tracer(tracer)),
+            Some(
+                tracing_opentelemetry::layer()
+                    .with_tracer(tracer)
+                    .with_filter(filter()?),
+            ),
             Some(provider),
         )
     };
 
     tracing_subscriber::registry()
-        .with(filter)
+        .with(StatementLayer::filtered(settings.slow_statement_threshold))
         .with(fmt)
         .with(otel)
         .try_init()
