@@ -13,10 +13,17 @@ use tonic::{server::NamedService, transport::Server};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
-    api::users::{UserApi, UserServiceServer},
+    api::{
+        catalog::{CatalogApi, CatalogServiceServer},
+        orders::{OrderApi, OrderServiceServer},
+        users::{UserApi, UserServiceServer},
+    },
     auth::TokenStore,
     config::Settings,
-    domain::{paging::PageTokens, passwords::PasswordHasher, teams::Teams, users::Users},
+    domain::{
+        catalog::Catalog, orders::Orders, paging::PageTokens, passwords::PasswordHasher,
+        teams::Teams, users::Users,
+    },
     metrics,
     middleware::{AuthLayer, DeadlineLayer, RpcLayer},
     proto, store,
@@ -27,7 +34,11 @@ const READINESS_INTERVAL: Duration = Duration::from_secs(5);
 const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The services whose health is reported, besides the overall "" entry.
-const SERVICES: &[&str] = &[<UserServiceServer<UserApi> as NamedService>::NAME];
+const SERVICES: &[&str] = &[
+    <UserServiceServer<UserApi> as NamedService>::NAME,
+    <CatalogServiceServer<CatalogApi> as NamedService>::NAME,
+    <OrderServiceServer<OrderApi> as NamedService>::NAME,
+];
 
 pub struct Application {
     settings: Settings,
@@ -95,8 +106,15 @@ impl Application {
             pages.clone(),
             PasswordHasher::for_this_machine(),
         );
-        let teams = Teams::new(db.clone(), pages);
+        let teams = Teams::new(db.clone(), pages.clone());
+        let orders = Orders::new(db.clone(), pages, users.clone());
         let user_api = UserServiceServer::new(UserApi::new(users, teams))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message);
+        let catalog_api = CatalogServiceServer::new(CatalogApi::new(Catalog::new(db.clone())))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message);
+        let order_api = OrderServiceServer::new(OrderApi::new(orders))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
 
@@ -143,6 +161,8 @@ impl Application {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(user_api)
+            .add_service(catalog_api)
+            .add_service(order_api)
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(grpc),
                 stop_serving.clone().cancelled_owned(),

@@ -2,7 +2,9 @@
 //! domain values (collecting every field violation), calls the domain, and
 //! converts the result back. No SQL here.
 
+pub mod catalog;
 pub mod error;
+pub mod orders;
 pub mod users;
 
 use chrono::{DateTime, Utc};

@@ -96,6 +96,29 @@ impl Error {
         Self::AlreadyExists(Detail::new(reason, message))
     }
 
+    /// A copy for another waiter of a shared result (a loader's batch).
+    /// An internal error keeps its message chain, not its source.
+    pub fn duplicate(&self) -> Self {
+        match self {
+            Self::InvalidArgument(v) => Self::InvalidArgument(v.clone()),
+            Self::NotFound(d) => Self::NotFound(d.clone()),
+            Self::AlreadyExists(d) => Self::AlreadyExists(d.clone()),
+            Self::Aborted(d) => Self::Aborted(d.clone()),
+            Self::FailedPrecondition(d) => Self::FailedPrecondition(d.clone()),
+            Self::Unauthenticated(d) => Self::Unauthenticated(d.clone()),
+            Self::PermissionDenied(d) => Self::PermissionDenied(d.clone()),
+            Self::Unavailable {
+                detail,
+                retry_after,
+            } => Self::Unavailable {
+                detail: detail.clone(),
+                retry_after: *retry_after,
+            },
+            Self::DeadlineExceeded(d) => Self::DeadlineExceeded(d.clone()),
+            Self::Internal(e) => Self::Internal(anyhow::anyhow!("{e:#}")),
+        }
+    }
+
     pub fn deadline_exceeded() -> Self {
         Self::DeadlineExceeded(Detail::new(
             "DEADLINE_EXCEEDED",

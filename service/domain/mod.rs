@@ -1,7 +1,9 @@
 //! Domain rules per bounded context: parsed value types, operations, and the
 //! transactions around them.
 
+pub mod catalog;
 pub mod error;
+pub mod orders;
 pub mod paging;
 pub mod passwords;
 pub mod teams;

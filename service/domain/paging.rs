@@ -39,6 +39,11 @@ impl PageSize {
         self.0
     }
 
+    /// The same size, at most `max`.
+    pub fn capped(self, max: u32) -> Self {
+        Self(self.0.min(max))
+    }
+
     /// One more row than the page, to learn whether another page follows.
     pub fn fetch_limit(self) -> i64 {
         i64::from(self.0) + 1

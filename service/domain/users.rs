@@ -10,13 +10,19 @@ use super::{
     paging::{Page, PageRequest, PageTokens},
     passwords::{Password, PasswordHasher},
 };
-use crate::store;
+use crate::{
+    loaders::{UserLoader, UsersById},
+    store,
+};
 
 /// The most ids one BatchGetUsers call may ask for.
 pub const MAX_BATCH: usize = 100;
 
 /// A positive database id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
 pub struct Id(i64);
 
 impl Id {
@@ -307,18 +313,17 @@ impl Users {
             .ok_or_else(|| user_not_found(id))
     }
 
-    /// One query for the whole batch, whatever its size.
+    /// One query for the whole batch, whatever its size, through the users
+    /// loader: a missing id is "not found" for that id only.
     #[tracing::instrument(skip_all, fields(batch_size = ids.len()), err(Debug))]
     pub async fn batch_get(&self, ids: &[Id], skip_missing: bool) -> Result<BatchUsers> {
-        let mut conn = self.db.acquire().await?;
-        let found = store::users::find_many(&mut conn, ids).await?;
-        let by_id: std::collections::HashMap<Id, User> =
-            found.into_iter().map(|u| (u.id, u)).collect();
+        let loader = UserLoader::new(UsersById(self.db.clone()));
+        let found = loader.load_many(ids).await?;
         let mut users = Vec::with_capacity(ids.len());
         let mut missing = Vec::new();
         for id in ids {
-            match by_id.get(id) {
-                Some(user) => users.push(user.clone()),
+            match found.get(id).cloned().flatten() {
+                Some(user) => users.push(user),
                 None if !missing.contains(id) => missing.push(*id),
                 None => {}
             }
@@ -342,17 +347,28 @@ impl Users {
 
     #[tracing::instrument(skip_all, fields(page_size = page.size.get()), err(Debug))]
     pub async fn list(&self, filter: UserFilter, page: PageRequest) -> Result<Page<User>> {
+        self.list_scoped("users", filter, page).await
+    }
+
+    /// [`list`](Self::list) with page tokens of their own `scope`, for other
+    /// listings that page through users.
+    pub async fn list_scoped(
+        &self,
+        scope: &str,
+        filter: UserFilter,
+        page: PageRequest,
+    ) -> Result<Page<User>> {
         let query = filter.canonical();
         let after: Option<UserCursor> = page
             .token
             .as_deref()
-            .map(|t| self.pages.decode("users", &query, t))
+            .map(|t| self.pages.decode(scope, &query, t))
             .transpose()?;
         let mut conn = self.db.acquire().await?;
         let users = store::users::list(&mut conn, &filter, after, page.size.fetch_limit()).await?;
         Ok(Page::from_overfetch(users, page.size, |last| {
             let cursor: UserCursor = (last.created_at.timestamp_micros(), last.id.get());
-            self.pages.encode("users", &query, &cursor)
+            self.pages.encode(scope, &query, &cursor)
         }))
     }
 

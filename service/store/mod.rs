@@ -3,7 +3,9 @@
 //! Functions take a `&mut PgConnection` (a pooled connection or a
 //! transaction) and domain types, and return domain types or domain errors.
 
+pub mod orders;
 pub mod postgres;
+pub mod products;
 pub mod teams;
 pub mod users;
 

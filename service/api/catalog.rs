@@ -1,0 +1,207 @@
+//! `datagate.v1.CatalogService`.
+
+use prost_types::FieldMask;
+use tonic::{Request, Response, Status};
+
+use super::{parse_id, parsed, timestamp};
+use crate::{
+    domain::{
+        catalog::{
+            Catalog, MAX_ADJUSTMENT, MAX_BATCH, NewProduct, Product, ProductPatch, Sku, Text,
+            parse_count, parse_price, parse_rating,
+        },
+        error::Violations,
+    },
+    proto::v1 as pb,
+};
+
+pub use pb::catalog_service_server::CatalogServiceServer;
+
+pub struct CatalogApi {
+    catalog: Catalog,
+}
+
+impl CatalogApi {
+    pub fn new(catalog: Catalog) -> Self {
+        Self { catalog }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::catalog_service_server::CatalogService for CatalogApi {
+    async fn create_product(
+        &self,
+        request: Request<pb::CreateProductRequest>,
+    ) -> Result<Response<pb::Product>, Status> {
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        let sku = v.check("sku", Sku::parse(&r.sku));
+        let title = v.check("title", Text::title(&r.title));
+        let description = v.check("description", Text::description(&r.description));
+        let category = v.check("category", Text::category(&r.category));
+        let price_cents = v.check("price_cents", parse_price(r.price_cents));
+        let rating = v.check("rating", parse_rating(r.rating));
+        let review_count = v.check("review_count", parse_count(r.review_count));
+        let inventory = v.check("inventory", parse_count(r.inventory));
+        parsed!(
+            v,
+            sku,
+            title,
+            description,
+            category,
+            price_cents,
+            rating,
+            review_count,
+            inventory
+        );
+        let product = self
+            .catalog
+            .create(NewProduct {
+                sku,
+                title,
+                description,
+                category,
+                price_cents,
+                rating,
+                review_count,
+                inventory,
+            })
+            .await?;
+        Ok(Response::new(product.into()))
+    }
+
+    async fn get_product(
+        &self,
+        request: Request<pb::GetProductRequest>,
+    ) -> Result<Response<pb::Product>, Status> {
+        let mut v = Violations::default();
+        let id = parse_id(&mut v, "id", request.into_inner().id);
+        parsed!(v, id);
+        Ok(Response::new(self.catalog.get(id).await?.into()))
+    }
+
+    async fn batch_get_products(
+        &self,
+        request: Request<pb::BatchGetProductsRequest>,
+    ) -> Result<Response<pb::BatchGetProductsResponse>, Status> {
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        if r.ids.len() > MAX_BATCH {
+            v.add("ids", format!("must hold at most {MAX_BATCH} ids"));
+        }
+        let ids: Vec<_> = r
+            .ids
+            .iter()
+            .enumerate()
+            .filter_map(|(i, raw)| parse_id(&mut v, &format!("ids[{i}]"), *raw))
+            .collect();
+        v.into_result()?;
+        let (products, missing) = self.catalog.batch_get(&ids, r.skip_missing).await?;
+        Ok(Response::new(pb::BatchGetProductsResponse {
+            products: products.into_iter().map(Into::into).collect(),
+            missing_ids: missing.into_iter().map(|id| id.get()).collect(),
+        }))
+    }
+
+    async fn update_product(
+        &self,
+        request: Request<pb::UpdateProductRequest>,
+    ) -> Result<Response<pb::Product>, Status> {
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        let id = parse_id(&mut v, "id", r.id);
+        if r.version <= 0 {
+            v.add(
+                "version",
+                "must be the product's current version (from GetProduct)",
+            );
+        }
+        let patch = parse_patch(&mut v, r.product.unwrap_or_default(), r.update_mask);
+        parsed!(v, id, patch);
+        Ok(Response::new(
+            self.catalog.update(id, r.version, patch).await?.into(),
+        ))
+    }
+
+    async fn adjust_inventory(
+        &self,
+        request: Request<pb::AdjustInventoryRequest>,
+    ) -> Result<Response<pb::Product>, Status> {
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        let id = parse_id(&mut v, "product_id", r.product_id);
+        if r.delta == 0 || r.delta.unsigned_abs() > MAX_ADJUSTMENT.unsigned_abs() {
+            v.add(
+                "delta",
+                format!("must be non-zero and at most {MAX_ADJUSTMENT} either way"),
+            );
+        }
+        parsed!(v, id);
+        Ok(Response::new(
+            self.catalog.adjust_inventory(id, r.delta).await?.into(),
+        ))
+    }
+}
+
+const PATCHABLE: &str = "title, description, category, price_cents, rating, review_count";
+
+fn parse_patch(
+    v: &mut Violations,
+    p: pb::ProductPatch,
+    mask: Option<FieldMask>,
+) -> Option<ProductPatch> {
+    let paths = mask.map(|m| m.paths).unwrap_or_default();
+    if paths.is_empty() {
+        v.add(
+            "update_mask",
+            format!("must name the fields to change: {PATCHABLE}"),
+        );
+        return None;
+    }
+    let mut patch = ProductPatch::default();
+    let mut ok = true;
+    for path in &paths {
+        match path.as_str() {
+            "title" => patch.title = v.check("product.title", Text::title(&p.title)),
+            "description" => {
+                patch.description =
+                    v.check("product.description", Text::description(&p.description))
+            }
+            "category" => patch.category = v.check("product.category", Text::category(&p.category)),
+            "price_cents" => {
+                patch.price_cents = v.check("product.price_cents", parse_price(p.price_cents))
+            }
+            "rating" => patch.rating = v.check("product.rating", parse_rating(p.rating)),
+            "review_count" => {
+                patch.review_count = v.check("product.review_count", parse_count(p.review_count))
+            }
+            other => {
+                ok = false;
+                v.add(
+                    "update_mask",
+                    format!("unknown path {other:?}; allowed: {PATCHABLE}"),
+                );
+            }
+        }
+    }
+    ok.then_some(patch)
+}
+
+impl From<Product> for pb::Product {
+    fn from(p: Product) -> Self {
+        Self {
+            id: p.id.get(),
+            sku: p.sku,
+            title: p.title,
+            description: p.description,
+            category: p.category,
+            price_cents: p.price_cents,
+            rating: p.rating,
+            review_count: p.review_count,
+            inventory: p.inventory,
+            create_time: Some(timestamp(p.created_at)),
+            update_time: Some(timestamp(p.updated_at)),
+            version: p.version,
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! `datagate.v1.OrderService`.
+
+use std::collections::HashSet;
+
+use tonic::{Request, Response, Status};
+
+use super::{parse_id, parse_page, parse_timestamp, parsed, timestamp};
+use crate::{
+    auth::Caller,
+    domain::{
+        error::{Error, Violations},
+        orders::{
+            self, MAX_LINES, MAX_QUANTITY, NewOrder, Order, OrderFilter, OrderLine, OrderStatus,
+            Orders, RequestKey,
+        },
+        paging::PageRequest,
+    },
+    proto::v1 as pb,
+};
+
+pub use pb::order_service_server::OrderServiceServer;
+
+pub struct OrderApi {
+    orders: Orders,
+}
+
+impl OrderApi {
+    pub fn new(orders: Orders) -> Self {
+        Self { orders }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::order_service_server::OrderService for OrderApi {
+    async fn create_order(
+        &self,
+        request: Request<pb::CreateOrderRequest>,
+    ) -> Result<Response<pb::Order>, Status> {
+        let caller = request
+            .extensions()
+            .get::<Caller>()
+            .map(|c| c.name().to_owned())
+            .ok_or_else(|| {
+                Error::Internal(anyhow::anyhow!("no caller on an authenticated call"))
+            })?;
+        let new = parse_new_order(request.into_inner())?;
+        let order = self.orders.create(&caller, new).await?;
+        Ok(Response::new(order.into()))
+    }
+
+    async fn get_order(
+        &self,
+        request: Request<pb::GetOrderRequest>,
+    ) -> Result<Response<pb::Order>, Status> {
+        let mut v = Violations::default();
+        let id = parse_id(&mut v, "id", request.into_inner().id);
+        parsed!(v, id);
+        Ok(Response::new(self.orders.get(id).await?.into()))
+    }
+
+    async fn list_orders(
+        &self,
+        request: Request<pb::ListOrdersRequest>,
+    ) -> Result<Response<pb::ListOrdersResponse>, Status> {
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        let user_id = if r.user_id == 0 {
+            Some(None)
+        } else {
+            parse_id(&mut v, "user_id", r.user_id).map(Some)
+        };
+        let status = v.check("status", parse_status(r.status));
+        let created_after = r
+            .created_after
+            .as_ref()
+            .map(|t| v.check("created_after", parse_timestamp(t)));
+        let created_before = r
+            .created_before
+            .as_ref()
+            .map(|t| v.check("created_before", parse_timestamp(t)));
+        if let (Some(Some(after)), Some(Some(before))) = (created_after, created_before)
+            && after >= before
+        {
+            v.add("created_before", "must be later than created_after");
+        }
+        let page = parse_page(&mut v, r.page_size, r.page_token);
+        parsed!(v, user_id, status, page);
+        let filter = OrderFilter {
+            user_id,
+            status,
+            created_after: created_after.flatten(),
+            created_before: created_before.flatten(),
+        };
+        let page = self.orders.list(filter, page).await?;
+        Ok(Response::new(pb::ListOrdersResponse {
+            orders: page.items.into_iter().map(Into::into).collect(),
+            next_page_token: page.next_page_token.unwrap_or_default(),
+        }))
+    }
+
+    async fn update_order_status(
+        &self,
+        request: Request<pb::UpdateOrderStatusRequest>,
+    ) -> Result<Response<pb::Order>, Status> {
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        let id = parse_id(&mut v, "id", r.id);
+        let status = match parse_status(r.status) {
+            Ok(Some(status)) => Some(status),
+            Ok(None) => {
+                v.add("status", "must be set to the new status");
+                None
+            }
+            Err(e) => {
+                v.add("status", e);
+                None
+            }
+        };
+        if r.version < 0 {
+            v.add(
+                "version",
+                "must be 0 (any version) or the order's current version",
+            );
+        }
+        parsed!(v, id, status);
+        let version = (r.version > 0).then_some(r.version);
+        Ok(Response::new(
+            self.orders.update_status(id, status, version).await?.into(),
+        ))
+    }
+
+    async fn list_users_with_orders(
+        &self,
+        request: Request<pb::ListUsersWithOrdersRequest>,
+    ) -> Result<Response<pb::ListUsersWithOrdersResponse>, Status> {
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        let size = v.check("page_size", orders::users_page_size(r.page_size));
+        let per_user = v.check(
+            "orders_per_user",
+            orders::orders_per_user(r.orders_per_user),
+        );
+        parsed!(v, size, per_user);
+        let page = PageRequest {
+            size,
+            token: (!r.page_token.is_empty()).then_some(r.page_token),
+        };
+        let page = self.orders.list_users_with_orders(page, per_user).await?;
+        Ok(Response::new(pb::ListUsersWithOrdersResponse {
+            users: page
+                .items
+                .into_iter()
+                .map(|u| pb::UserWithOrders {
+                    user: Some(u.user.into()),
+                    recent_orders: u.recent_orders.into_iter().map(Into::into).collect(),
+                })
+                .collect(),
+            next_page_token: page.next_page_token.unwrap_or_default(),
+        }))
+    }
+}
+
+fn parse_new_order(r: pb::CreateOrderRequest) -> Result<NewOrder, Error> {
+    let mut v = Violations::default();
+    let user_id = parse_id(&mut v, "user_id", r.user_id);
+    if r.items.is_empty() {
+        v.add("items", "must hold at least one line");
+    } else if r.items.len() > MAX_LINES {
+        v.add("items", format!("must hold at most {MAX_LINES} lines"));
+    }
+    let mut seen = HashSet::new();
+    let mut lines = Vec::with_capacity(r.items.len());
+    for (i, line) in r.items.iter().enumerate() {
+        let product_id = parse_id(&mut v, &format!("items[{i}].product_id"), line.product_id);
+        if !(1..=MAX_QUANTITY).contains(&line.quantity) {
+            v.add(
+                format!("items[{i}].quantity"),
+                format!("must be between 1 and {MAX_QUANTITY}"),
+            );
+        }
+        if let Some(product_id) = product_id {
+            if !seen.insert(product_id) {
+                v.add(
+                    format!("items[{i}].product_id"),
+                    "appears in more than one line; put the whole quantity on one line",
+                );
+            }
+            lines.push(OrderLine {
+                product_id,
+                quantity: line.quantity,
+            });
+        }
+    }
+    let request_key = if r.request_id.is_empty() {
+        Some(None)
+    } else {
+        v.check("request_id", RequestKey::parse(&r.request_id))
+            .map(Some)
+    };
+    parsed!(v, user_id, request_key);
+    Ok(NewOrder {
+        user_id,
+        lines,
+        request_key,
+    })
+}
+
+/// `UNSPECIFIED` means "any"; unknown numbers are invalid.
+fn parse_status(raw: i32) -> Result<Option<OrderStatus>, String> {
+    match pb::OrderStatus::try_from(raw) {
+        Ok(pb::OrderStatus::Unspecified) => Ok(None),
+        Ok(pb::OrderStatus::Pending) => Ok(Some(OrderStatus::Pending)),
+        Ok(pb::OrderStatus::Processing) => Ok(Some(OrderStatus::Processing)),
+        Ok(pb::OrderStatus::Completed) => Ok(Some(OrderStatus::Completed)),
+        Ok(pb::OrderStatus::Cancelled) => Ok(Some(OrderStatus::Cancelled)),
+        Err(_) => Err(format!("unknown status {raw}")),
+    }
+}
+
+impl From<Order> for pb::Order {
+    fn from(o: Order) -> Self {
+        let h = o.header;
+        let status = match h.status {
+            OrderStatus::Pending => pb::OrderStatus::Pending,
+            OrderStatus::Processing => pb::OrderStatus::Processing,
+            OrderStatus::Completed => pb::OrderStatus::Completed,
+            OrderStatus::Cancelled => pb::OrderStatus::Cancelled,
+        };
+        Self {
+            id: h.id.get(),
+            order_number: h.order_number,
+            user_id: h.user_id.get(),
+            status: status.into(),
+            total_cents: h.total_cents,
+            items: o
+                .items
+                .into_iter()
+                .map(|i| pb::OrderItem {
+                    product_id: i.product_id.get(),
+                    quantity: i.quantity,
+                    unit_price_cents: i.unit_price_cents,
+                    subtotal_cents: i.subtotal_cents,
+                    product: i.product.map(|p| pb::ProductSummary {
+                        id: p.id.get(),
+                        sku: p.sku,
+                        title: p.title,
+                        category: p.category,
+                        price_cents: p.price_cents,
+                    }),
+                })
+                .collect(),
+            create_time: Some(timestamp(h.created_at)),
+            update_time: Some(timestamp(h.updated_at)),
+            version: h.version,
+        }
+    }
+}

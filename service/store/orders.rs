@@ -1,0 +1,370 @@
+//! SQL for `orders`, `order_items`, `inventory` reservations and
+//! `idempotency_keys`.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, Postgres, QueryBuilder};
+
+use crate::domain::{
+    error::{Error, Result},
+    orders::{
+        OrderCursor, OrderFilter, OrderHeader, OrderItem, OrderLine, OrderStatus, ProductSummary,
+    },
+    users::Id,
+};
+
+macro_rules! order_columns {
+    () => {
+        "id, order_number, user_id, status, (total * 100)::bigint AS total_cents, \
+         created_at, updated_at, version"
+    };
+}
+
+#[derive(sqlx::FromRow)]
+struct OrderRow {
+    id: i64,
+    order_number: String,
+    user_id: i64,
+    status: String,
+    total_cents: i64,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    version: i64,
+}
+
+fn id(raw: i64) -> Result<Id> {
+    Id::parse(raw).map_err(|e| anyhow::anyhow!("id {raw} in the database: {e}").into())
+}
+
+impl TryFrom<OrderRow> for OrderHeader {
+    type Error = Error;
+
+    fn try_from(row: OrderRow) -> Result<Self> {
+        Ok(OrderHeader {
+            id: id(row.id)?,
+            order_number: row.order_number,
+            user_id: id(row.user_id)?,
+            status: OrderStatus::from_db(&row.status)?,
+            total_cents: row.total_cents,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+            version: row.version,
+        })
+    }
+}
+
+fn headers(rows: Vec<OrderRow>) -> Result<Vec<OrderHeader>> {
+    rows.into_iter().map(OrderHeader::try_from).collect()
+}
+
+fn ids(ids: &[Id]) -> Vec<i64> {
+    ids.iter().map(|id| id.get()).collect()
+}
+
+// --- Idempotency -------------------------------------------------------------
+
+/// Inserts the key's row; false if the key is already taken. Waits for a
+/// concurrent transaction holding the same key to finish first.
+pub async fn claim_request_key(
+    conn: &mut PgConnection,
+    caller: &str,
+    key: &str,
+    fingerprint: &str,
+) -> Result<bool> {
+    let claimed = sqlx::query(
+        "INSERT INTO idempotency_keys (caller, key, fingerprint) VALUES ($1, $2, $3) \
+         ON CONFLICT (caller, key) DO NOTHING",
+    )
+    .bind(caller)
+    .bind(key)
+    .bind(fingerprint)
+    .execute(conn)
+    .await?;
+    Ok(claimed.rows_affected() == 1)
+}
+
+/// The fingerprint and response stored under a taken key.
+pub async fn stored_response(
+    conn: &mut PgConnection,
+    caller: &str,
+    key: &str,
+) -> Result<(String, serde_json::Value)> {
+    let (fingerprint, response): (String, Option<serde_json::Value>) = sqlx::query_as(
+        "SELECT fingerprint, response FROM idempotency_keys WHERE caller = $1 AND key = $2",
+    )
+    .bind(caller)
+    .bind(key)
+    .fetch_one(conn)
+    .await?;
+    let response = response
+        .ok_or_else(|| anyhow::anyhow!("idempotency key {key:?} committed without a response"))?;
+    Ok((fingerprint, response))
+}
+
+pub async fn store_response(
+    conn: &mut PgConnection,
+    caller: &str,
+    key: &str,
+    response: &serde_json::Value,
+) -> Result<()> {
+    sqlx::query("UPDATE idempotency_keys SET response = $3 WHERE caller = $1 AND key = $2")
+        .bind(caller)
+        .bind(key)
+        .bind(response)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+// --- Creating and changing orders ---------------------------------------------
+
+pub async fn product_summaries(
+    conn: &mut PgConnection,
+    product_ids: &[Id],
+) -> Result<Vec<ProductSummary>> {
+    let rows: Vec<(i64, String, String, String, i64)> = sqlx::query_as(
+        "SELECT id, sku, title, category, (price * 100)::bigint FROM products WHERE id = ANY($1)",
+    )
+    .bind(ids(product_ids))
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter()
+        .map(|(pid, sku, title, category, price_cents)| {
+            Ok(ProductSummary {
+                id: id(pid)?,
+                sku,
+                title,
+                category,
+                price_cents,
+            })
+        })
+        .collect()
+}
+
+/// Locks the inventory rows of the products in product id order (the same
+/// order in every transaction, so concurrent orders cannot deadlock) and
+/// returns their quantities.
+pub async fn lock_inventory(
+    conn: &mut PgConnection,
+    product_ids: &[Id],
+) -> Result<HashMap<Id, i32>> {
+    let rows: Vec<(i64, i32)> = sqlx::query_as(
+        "SELECT product_id, quantity FROM inventory WHERE product_id = ANY($1) \
+         ORDER BY product_id FOR UPDATE",
+    )
+    .bind(ids(product_ids))
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter().map(|(p, q)| Ok((id(p)?, q))).collect()
+}
+
+/// Decrements the stock of every line in one statement (rows already locked).
+pub async fn take_inventory(conn: &mut PgConnection, lines: &[OrderLine]) -> Result<()> {
+    let products: Vec<i64> = lines.iter().map(|l| l.product_id.get()).collect();
+    let quantities: Vec<i32> = lines.iter().map(|l| l.quantity).collect();
+    sqlx::query(
+        "UPDATE inventory i SET quantity = i.quantity - d.quantity, updated_at = now() \
+         FROM unnest($1::bigint[], $2::int[]) AS d(product_id, quantity) \
+         WHERE i.product_id = d.product_id",
+    )
+    .bind(products)
+    .bind(quantities)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn insert_order(
+    conn: &mut PgConnection,
+    user_id: Id,
+    total_cents: i64,
+) -> Result<OrderHeader> {
+    let row: OrderRow = sqlx::query_as(concat!(
+        "INSERT INTO orders (user_id, total) VALUES ($1, $2::bigint / 100.0) RETURNING ",
+        order_columns!()
+    ))
+    .bind(user_id.get())
+    .bind(total_cents)
+    .fetch_one(conn)
+    .await?;
+    row.try_into()
+}
+
+pub async fn insert_items(
+    conn: &mut PgConnection,
+    order_id: Id,
+    items: &[OrderItem],
+) -> Result<()> {
+    let products: Vec<i64> = items.iter().map(|i| i.product_id.get()).collect();
+    let quantities: Vec<i32> = items.iter().map(|i| i.quantity).collect();
+    let prices: Vec<i64> = items.iter().map(|i| i.unit_price_cents).collect();
+    sqlx::query(
+        "INSERT INTO order_items (order_id, product_id, quantity, unit_price) \
+         SELECT $1, d.product_id, d.quantity, d.price / 100.0 \
+         FROM unnest($2::bigint[], $3::int[], $4::bigint[]) AS d(product_id, quantity, price)",
+    )
+    .bind(order_id.get())
+    .bind(products)
+    .bind(quantities)
+    .bind(prices)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Locks an order; its status and version.
+pub async fn lock_order(
+    conn: &mut PgConnection,
+    order_id: Id,
+) -> Result<Option<(OrderStatus, i64)>> {
+    let row: Option<(String, i64)> =
+        sqlx::query_as("SELECT status, version FROM orders WHERE id = $1 FOR UPDATE")
+            .bind(order_id.get())
+            .fetch_optional(conn)
+            .await?;
+    row.map(|(status, version)| Ok((OrderStatus::from_db(&status)?, version)))
+        .transpose()
+}
+
+/// Puts a cancelled order's items back in stock, locking inventory rows in
+/// product id order first, as `lock_inventory` does.
+pub async fn return_inventory(conn: &mut PgConnection, order_id: Id) -> Result<()> {
+    sqlx::query(
+        "SELECT 1 FROM inventory WHERE product_id IN \
+           (SELECT product_id FROM order_items WHERE order_id = $1) \
+         ORDER BY product_id FOR UPDATE",
+    )
+    .bind(order_id.get())
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "UPDATE inventory i SET quantity = i.quantity + oi.quantity, updated_at = now() \
+         FROM order_items oi WHERE oi.order_id = $1 AND i.product_id = oi.product_id",
+    )
+    .bind(order_id.get())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn set_status(
+    conn: &mut PgConnection,
+    order_id: Id,
+    status: OrderStatus,
+) -> Result<OrderHeader> {
+    let row: OrderRow = sqlx::query_as(concat!(
+        "UPDATE orders SET status = $2, updated_at = now(), version = version + 1 \
+         WHERE id = $1 RETURNING ",
+        order_columns!()
+    ))
+    .bind(order_id.get())
+    .bind(status.as_str())
+    .fetch_one(conn)
+    .await?;
+    row.try_into()
+}
+
+// --- Reading orders -----------------------------------------------------------
+
+pub async fn find(conn: &mut PgConnection, order_id: Id) -> Result<Option<OrderHeader>> {
+    let row: Option<OrderRow> = sqlx::query_as(concat!(
+        "SELECT ",
+        order_columns!(),
+        " FROM orders WHERE id = $1"
+    ))
+    .bind(order_id.get())
+    .fetch_optional(conn)
+    .await?;
+    row.map(OrderHeader::try_from).transpose()
+}
+
+/// Orders matching `filter`, newest first, after the keyset position `after`.
+pub async fn list(
+    conn: &mut PgConnection,
+    filter: &OrderFilter,
+    after: Option<OrderCursor>,
+    limit: i64,
+) -> Result<Vec<OrderHeader>> {
+    let mut q: QueryBuilder<Postgres> = QueryBuilder::new(concat!(
+        "SELECT ",
+        order_columns!(),
+        " FROM orders WHERE TRUE"
+    ));
+    if let Some(user) = filter.user_id {
+        q.push(" AND user_id = ").push_bind(user.get());
+    }
+    if let Some(status) = filter.status {
+        q.push(" AND status = ").push_bind(status.as_str());
+    }
+    if let Some(t) = filter.created_after {
+        q.push(" AND created_at >= ").push_bind(t);
+    }
+    if let Some(t) = filter.created_before {
+        q.push(" AND created_at < ").push_bind(t);
+    }
+    if let Some((micros, last_id)) = after {
+        let at = DateTime::<Utc>::from_timestamp_micros(micros)
+            .ok_or_else(|| Error::invalid("page_token", "holds an impossible position"))?;
+        q.push(" AND (created_at, id) < (")
+            .push_bind(at)
+            .push(", ")
+            .push_bind(last_id)
+            .push(")");
+    }
+    q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
+        .push_bind(limit);
+    headers(q.build_query_as().fetch_all(conn).await?)
+}
+
+/// The `per_user` most recent orders of each user, in one query: a LATERAL
+/// join walks `orders_user_recent_idx` once per user.
+pub async fn recent_for_users(
+    conn: &mut PgConnection,
+    user_ids: &[Id],
+    per_user: u32,
+) -> Result<Vec<OrderHeader>> {
+    let rows: Vec<OrderRow> = sqlx::query_as(concat!(
+        "SELECT o.* FROM unnest($1::bigint[]) AS u(id) \
+         CROSS JOIN LATERAL ( \
+           SELECT ",
+        order_columns!(),
+        " FROM orders WHERE user_id = u.id \
+           ORDER BY created_at DESC, id DESC LIMIT $2) o"
+    ))
+    .bind(ids(user_ids))
+    .bind(i64::from(per_user))
+    .fetch_all(conn)
+    .await?;
+    headers(rows)
+}
+
+/// The items of the orders, each with its order id, in insertion order.
+pub async fn items_for_orders(
+    conn: &mut PgConnection,
+    order_ids: &[Id],
+) -> Result<Vec<(Id, OrderItem)>> {
+    let rows: Vec<(i64, i64, i32, i64, i64)> = sqlx::query_as(
+        "SELECT order_id, product_id, quantity, (unit_price * 100)::bigint, (subtotal * 100)::bigint \
+         FROM order_items WHERE order_id = ANY($1) ORDER BY order_id, id",
+    )
+    .bind(ids(order_ids))
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter()
+        .map(
+            |(order_id, product_id, quantity, unit_price_cents, subtotal_cents)| {
+                Ok((
+                    id(order_id)?,
+                    OrderItem {
+                        product_id: id(product_id)?,
+                        quantity,
+                        unit_price_cents,
+                        subtotal_cents,
+                        product: None,
+                    },
+                ))
+            },
+        )
+        .collect()
+}

@@ -1,0 +1,189 @@
+//! SQL for `products` and `inventory`. Prices are NUMERIC in the database and
+//! integer cents everywhere else; the conversion happens in SQL.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+
+use super::on_constraint;
+use crate::domain::{
+    catalog::{NewProduct, Product, ProductPatch, insufficient_inventory, product_not_found},
+    error::{Error, Result},
+    users::Id,
+};
+
+/// `SELECT <product columns> FROM products p JOIN inventory i ... <rest>`.
+macro_rules! select_products {
+    ($rest:literal) => {
+        concat!(
+            "SELECT p.id, p.sku, p.title, p.description, p.category, \
+             (p.price * 100)::bigint AS price_cents, p.rating::float8 AS rating, p.review_count, \
+             i.quantity AS inventory, p.created_at, p.updated_at, p.version \
+             FROM products p JOIN inventory i ON i.product_id = p.id ",
+            $rest
+        )
+    };
+}
+
+#[derive(sqlx::FromRow)]
+struct ProductRow {
+    id: i64,
+    sku: String,
+    title: String,
+    description: String,
+    category: String,
+    price_cents: i64,
+    rating: f64,
+    review_count: i32,
+    inventory: i32,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    version: i64,
+}
+
+impl TryFrom<ProductRow> for Product {
+    type Error = Error;
+
+    fn try_from(row: ProductRow) -> Result<Self> {
+        Ok(Product {
+            id: Id::parse(row.id).map_err(|e| anyhow::anyhow!("product id {}: {e}", row.id))?,
+            sku: row.sku,
+            title: row.title,
+            description: row.description,
+            category: row.category,
+            price_cents: row.price_cents,
+            rating: row.rating,
+            review_count: row.review_count,
+            inventory: row.inventory,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+            version: row.version,
+        })
+    }
+}
+
+/// Inserts the product and its inventory row in one statement.
+pub async fn insert(conn: &mut PgConnection, new: &NewProduct) -> Result<Product> {
+    let row: ProductRow = sqlx::query_as(
+        "WITH p AS ( \
+           INSERT INTO products (sku, title, description, category, price, rating, review_count) \
+           VALUES ($1, $2, $3, $4, $5::bigint / 100.0, $6, $7) RETURNING *), \
+         i AS (INSERT INTO inventory (product_id, quantity) SELECT id, $8 FROM p RETURNING quantity) \
+         SELECT p.id, p.sku, p.title, p.description, p.category, \
+                (p.price * 100)::bigint AS price_cents, p.rating::float8 AS rating, p.review_count, \
+                i.quantity AS inventory, p.created_at, p.updated_at, p.version \
+         FROM p, i",
+    )
+    .bind(new.sku.as_str())
+    .bind(new.title.as_str())
+    .bind(new.description.as_str())
+    .bind(new.category.as_str())
+    .bind(new.price_cents)
+    .bind(new.rating)
+    .bind(new.review_count)
+    .bind(new.inventory)
+    .fetch_one(conn)
+    .await
+    .map_err(|e| {
+        on_constraint(e, |c| {
+            (c == "products_sku_key").then(|| {
+                Error::already_exists(
+                    "SKU_ALREADY_EXISTS",
+                    "another product has this sku; skus are unique regardless of case",
+                )
+            })
+        })
+    })?;
+    row.try_into()
+}
+
+/// The products among `ids`, in no particular order.
+pub async fn find_many(conn: &mut PgConnection, ids: &[Id]) -> Result<Vec<Product>> {
+    let ids: Vec<i64> = ids.iter().map(|id| id.get()).collect();
+    let rows: Vec<ProductRow> = sqlx::query_as(select_products!("WHERE p.id = ANY($1)"))
+        .bind(ids)
+        .fetch_all(conn)
+        .await?;
+    rows.into_iter().map(Product::try_from).collect()
+}
+
+pub async fn update(
+    conn: &mut PgConnection,
+    id: Id,
+    version: i64,
+    patch: &ProductPatch,
+) -> Result<Option<Product>> {
+    let updated: Option<i64> = sqlx::query_scalar(
+        "UPDATE products SET \
+           title = COALESCE($3, title), \
+           description = COALESCE($4, description), \
+           category = COALESCE($5, category), \
+           price = COALESCE($6::bigint / 100.0, price), \
+           rating = COALESCE($7, rating), \
+           review_count = COALESCE($8, review_count), \
+           updated_at = now(), \
+           version = version + 1 \
+         WHERE id = $1 AND version = $2 RETURNING id",
+    )
+    .bind(id.get())
+    .bind(version)
+    .bind(patch.title.as_ref().map(|t| t.as_str()))
+    .bind(patch.description.as_ref().map(|t| t.as_str()))
+    .bind(patch.category.as_ref().map(|t| t.as_str()))
+    .bind(patch.price_cents)
+    .bind(patch.rating)
+    .bind(patch.review_count)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match updated {
+        Some(_) => Ok(find_many(conn, &[id]).await?.pop()),
+        None => Ok(None),
+    }
+}
+
+pub async fn current_version(conn: &mut PgConnection, id: Id) -> Result<Option<i64>> {
+    Ok(
+        sqlx::query_scalar("SELECT version FROM products WHERE id = $1")
+            .bind(id.get())
+            .fetch_optional(conn)
+            .await?,
+    )
+}
+
+/// Adds `delta` to the stock; below zero is INSUFFICIENT_INVENTORY.
+pub async fn adjust_inventory(conn: &mut PgConnection, id: Id, delta: i32) -> Result<i32> {
+    let available: Option<i32> =
+        sqlx::query_scalar("SELECT quantity FROM inventory WHERE product_id = $1 FOR UPDATE")
+            .bind(id.get())
+            .fetch_optional(&mut *conn)
+            .await?;
+    let available = available.ok_or_else(|| product_not_found(id))?;
+    let wanted = i64::from(available) + i64::from(delta);
+    if wanted > i64::from(i32::MAX) {
+        return Err(Error::invalid(
+            "delta",
+            "would exceed the largest stock level",
+        ));
+    }
+    if wanted < 0 {
+        return Err(insufficient_inventory(
+            id,
+            available.into(),
+            (-i64::from(delta)).max(0),
+        ));
+    }
+    let quantity: i32 = sqlx::query_scalar(
+        "UPDATE inventory SET quantity = quantity + $2, updated_at = now() \
+         WHERE product_id = $1 RETURNING quantity",
+    )
+    .bind(id.get())
+    .bind(delta)
+    .fetch_one(conn)
+    .await
+    .map_err(|e| {
+        on_constraint(e, |c| {
+            (c == "inventory_quantity_check")
+                .then(|| insufficient_inventory(id, available.into(), (-i64::from(delta)).max(0)))
+        })
+    })?;
+    Ok(quantity)
+}
