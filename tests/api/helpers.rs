@@ -15,7 +15,10 @@ use std::{
 use datagate::{
     auth,
     config::Settings,
-    proto::v1::{self as pb, user_service_client::UserServiceClient},
+    proto::v1::{
+        self as pb, catalog_service_client::CatalogServiceClient,
+        order_service_client::OrderServiceClient, user_service_client::UserServiceClient,
+    },
     startup::Application,
 };
 use sqlx::{Connection as _, PgConnection, PgPool};
@@ -30,6 +33,8 @@ use tonic::{
 use tonic_types::StatusExt as _;
 
 pub type UserClient = UserServiceClient<InterceptedService<Channel, Bearer>>;
+pub type CatalogClient = CatalogServiceClient<InterceptedService<Channel, Bearer>>;
+pub type OrderClient = OrderServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// Adds `authorization: Bearer <token>` to every call.
 #[derive(Clone)]
@@ -46,15 +51,26 @@ impl Interceptor for Bearer {
     }
 }
 
-fn init_logs() {
+/// The subscriber every test process runs with: the statement layer (which
+/// statement counting and N+1 detection rely on, as in production) and, with
+/// `TEST_LOG=1`, readable logs.
+fn init_telemetry() {
+    use tracing_subscriber::{Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _};
     static ONCE: OnceLock<()> = OnceLock::new();
     ONCE.get_or_init(|| {
-        if std::env::var_os("TEST_LOG").is_some() {
-            let _ = tracing_subscriber::fmt()
-                .with_env_filter("info,datagate=debug,sqlx=warn")
+        let logs = std::env::var_os("TEST_LOG").is_some().then(|| {
+            tracing_subscriber::fmt::layer()
                 .with_test_writer()
-                .try_init();
-        }
+                .with_filter(tracing_subscriber::EnvFilter::new(
+                    "info,datagate=debug,sqlx=warn",
+                ))
+        });
+        let _ = tracing_subscriber::registry()
+            .with(datagate::statements::StatementLayer::filtered(
+                Duration::from_millis(200),
+            ))
+            .with(logs)
+            .try_init();
     });
 }
 
@@ -165,7 +181,7 @@ impl TestApp {
 
     /// Spawns the app with settings adjusted by `customize`.
     pub async fn spawn_with(customize: impl FnOnce(&mut Settings)) -> Self {
-        init_logs();
+        init_telemetry();
         let database = TestDatabase::create().await;
         let (token, admin_entry) =
             auth::new_token("test-admin", &[auth::ADMIN_ROLE.to_owned()]).unwrap();
@@ -225,6 +241,20 @@ impl TestApp {
         UserServiceClient::with_interceptor(self.channel().await, Bearer(token.map(Into::into)))
     }
 
+    pub async fn catalog(&self) -> CatalogClient {
+        CatalogServiceClient::with_interceptor(
+            self.channel().await,
+            Bearer(Some(self.token.as_str().into())),
+        )
+    }
+
+    pub async fn orders(&self) -> OrderClient {
+        OrderServiceClient::with_interceptor(
+            self.channel().await,
+            Bearer(Some(self.token.as_str().into())),
+        )
+    }
+
     pub fn trigger_shutdown(&self) {
         self.shutdown.cancel();
     }
@@ -262,6 +292,32 @@ impl TestApp {
             status: 0,
         })
         .await
+    }
+
+    /// A product with a unique sku.
+    pub async fn create_product(&self, price_cents: i64, inventory: i32) -> pb::Product {
+        let sku = format!("SKU-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        self.catalog()
+            .await
+            .create_product(pb::CreateProductRequest {
+                sku: sku.clone(),
+                title: format!("Product {sku}"),
+                category: "tools".into(),
+                price_cents,
+                inventory,
+                ..Default::default()
+            })
+            .await
+            .expect("create product")
+            .into_inner()
+    }
+
+    pub async fn inventory_of(&self, product_id: i64) -> i32 {
+        sqlx::query_scalar("SELECT quantity FROM inventory WHERE product_id = $1")
+            .bind(product_id)
+            .fetch_one(&self.db)
+            .await
+            .unwrap()
     }
 
     pub async fn create_user_with(&self, request: pb::CreateUserRequest) -> pb::User {

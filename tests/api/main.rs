@@ -1,7 +1,10 @@
 //! Integration tests: the application through its gRPC front door, against
 //! a real PostgreSQL (one database per test, so tests run in parallel).
 
+mod batching;
+mod catalog;
 mod helpers;
+mod orders;
 mod process;
 mod server;
 mod teams;

@@ -96,20 +96,36 @@ async fn migrate_status_down_and_up_round_trip() {
         }
     };
     assert!(run(&["migrate", "status"]).await.contains("applied"));
-    run(&["migrate", "down"]).await;
     let pool = PgPool::connect(&database.url).await.unwrap();
-    let users_table: Option<String> = sqlx::query_scalar("SELECT to_regclass('users')::text")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(users_table, None, "down removed the tables");
-    assert!(run(&["migrate", "status"]).await.contains("pending"));
+    let table = |name: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, Option<String>>("SELECT to_regclass($1)::text")
+                .bind(name)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+
+    run(&["migrate", "down"]).await;
+    assert_eq!(
+        table("orders").await,
+        None,
+        "one step reverts the newest migration"
+    );
+    assert_eq!(
+        table("users").await.as_deref(),
+        Some("users"),
+        "and only that one"
+    );
+    run(&["migrate", "down", "--steps", "5"]).await;
+    assert_eq!(table("users").await, None, "down removed the tables");
+    assert!(!run(&["migrate", "status"]).await.contains("applied"));
+
     run(&["migrate", "up"]).await;
-    let users_table: Option<String> = sqlx::query_scalar("SELECT to_regclass('users')::text")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(users_table.as_deref(), Some("users"));
+    assert_eq!(table("users").await.as_deref(), Some("users"));
+    assert_eq!(table("orders").await.as_deref(), Some("orders"));
     pool.close().await;
 }
 

@@ -1,0 +1,233 @@
+//! Batched loading: constant statement counts, the N+1 detector, and the
+//! loaders' per-key, error and cancellation semantics.
+
+use std::{future::Future, pin::Pin, sync::Arc, task::Poll, time::Duration};
+
+use datagate::{
+    domain::{
+        error::Error,
+        orders::Orders,
+        paging::{PageRequest, PageSize, PageTokens},
+        passwords::PasswordHasher,
+        users::{Id, Users},
+    },
+    loaders::{BatchLoader, ProductsById, UserLoader, UsersById},
+    statements::{self, StatementLog},
+};
+use secrecy::SecretString;
+use sqlx::PgPool;
+
+use crate::{helpers::TestApp, server::wait_for_lock_waiter};
+
+#[path = "../../benches/support/naive.rs"]
+mod naive;
+
+fn services(db: &PgPool) -> (Users, Orders) {
+    let pages = PageTokens::new(&SecretString::from("p".repeat(32)));
+    let users = Users::new(db.clone(), pages.clone(), PasswordHasher::new(2));
+    let orders = Orders::new(db.clone(), pages, users.clone());
+    (users, orders)
+}
+
+/// `users` users with 3 orders of 2 items each, in set-based SQL.
+async fn seed(db: &PgPool, users: i64) {
+    for sql in [
+        "INSERT INTO users (email, username) \
+         SELECT 'u' || g || '@example.com', 'user' || g FROM generate_series(1, $1) g",
+        "INSERT INTO products (sku, title, category, price) \
+         SELECT 'P' || g, 'Product ' || g, 'tools', 10 FROM generate_series(1, 20) g",
+        "INSERT INTO inventory (product_id, quantity) SELECT id, 1000 FROM products",
+        "INSERT INTO orders (user_id, total) SELECT u.id, 20 FROM users u, generate_series(1, 3)",
+        "INSERT INTO order_items (order_id, product_id, quantity, unit_price) \
+         SELECT o.id, 1 + (o.id + k) % 20, 1, 10 FROM orders o, generate_series(0, 1) k",
+    ] {
+        let query = sqlx::query(sql);
+        let query = if sql.contains("$1") {
+            query.bind(users)
+        } else {
+            query
+        };
+        query.execute(db).await.unwrap();
+    }
+}
+
+fn page(size: i32) -> PageRequest {
+    PageRequest {
+        size: PageSize::parse(size).unwrap(),
+        token: None,
+    }
+}
+
+#[tokio::test]
+async fn list_users_with_orders_runs_the_same_few_statements_for_10_and_100_users() {
+    let app = TestApp::spawn().await;
+    seed(&app.db, 100).await;
+    let (_, orders) = services(&app.db);
+
+    let mut counts = Vec::new();
+    for size in [10, 100] {
+        let log = Arc::new(StatementLog::default());
+        let listed = statements::scope(log.clone(), orders.list_users_with_orders(page(size), 5))
+            .await
+            .unwrap();
+        assert_eq!(listed.items.len(), size as usize);
+        assert!(listed.items.iter().all(|u| u.recent_orders.len() == 3));
+        assert!(
+            listed
+                .items
+                .iter()
+                .flat_map(|u| &u.recent_orders)
+                .all(|o| o.items.len() == 2 && o.items.iter().all(|i| i.product.is_some()))
+        );
+        counts.push(log.total());
+        assert_eq!(log.max_repeats(), 1, "no shape repeats: {:?}", log.shapes());
+    }
+    assert_eq!(
+        counts[0], counts[1],
+        "statement count independent of page size"
+    );
+    assert!(counts[0] <= 5, "page query + at most 4: {}", counts[0]);
+}
+
+#[tokio::test]
+async fn the_naive_per_user_path_trips_the_n_plus_one_detector() {
+    let app = TestApp::spawn().await;
+    seed(&app.db, 10).await;
+    let (users, orders) = services(&app.db);
+
+    let log = Arc::new(StatementLog::default());
+    let naive = statements::scope(
+        log.clone(),
+        naive::list_users_with_orders_naively(&app.db, &users, page(10), 5),
+    )
+    .await
+    .unwrap();
+    let operation = "test.naive_list_users_with_orders";
+    let detected = statements::report_n_plus_one(&log, 5, operation);
+    assert!(!detected.is_empty(), "shapes: {:?}", log.shapes());
+    assert!(
+        detected
+            .iter()
+            .any(|(shape, n)| shape.contains("FROM orders") && *n == 10)
+    );
+    assert!(
+        log.total() > 100,
+        "10 users × 3 orders × 2 items, one by one: {}",
+        log.total()
+    );
+    let metrics = datagate::metrics::handle().render();
+    assert!(
+        metrics.contains(&format!(
+            r#"n_plus_one_detected_total{{operation="{operation}"}}"#
+        )),
+        "{metrics}"
+    );
+
+    // The batched path answers the same, without tripping it.
+    let batched_log = Arc::new(StatementLog::default());
+    let batched = statements::scope(
+        batched_log.clone(),
+        orders.list_users_with_orders(page(10), 5),
+    )
+    .await
+    .unwrap();
+    assert!(statements::report_n_plus_one(&batched_log, 5, "test.batched").is_empty());
+    let summary =
+        |rows: &[datagate::domain::orders::UserWithOrders]| -> Vec<(Id, Vec<(Id, usize)>)> {
+            rows.iter()
+                .map(|u| {
+                    (
+                        u.user.id,
+                        u.recent_orders
+                            .iter()
+                            .map(|o| (o.header.id, o.items.len()))
+                            .collect(),
+                    )
+                })
+                .collect()
+        };
+    assert_eq!(summary(&batched.items), summary(&naive));
+}
+
+#[tokio::test]
+async fn a_missing_key_is_not_found_for_that_key_only() {
+    let app = TestApp::spawn().await;
+    let user = app.create_user("loaded@example.com", "loaded").await;
+    let loader = UserLoader::new(UsersById(app.db.clone()));
+    let found = Id::parse(user.id).unwrap();
+    let missing = Id::parse(987_654).unwrap();
+    let results = loader.load_many(&[found, missing]).await.unwrap();
+    assert_eq!(results[&found].as_ref().map(|u| u.id), Some(found));
+    assert!(results[&missing].is_none());
+    assert!(
+        loader.load(missing).await.unwrap().is_none(),
+        "no panic on a missing key"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_batch_reaches_every_waiter() {
+    let app = TestApp::spawn().await;
+    // A closed pool: every acquire fails, as with a database that is down.
+    let pool = app.db.clone();
+    pool.close().await;
+    let loader = UserLoader::new(UsersById(pool));
+    let (a, b) = tokio::join!(
+        loader.load(Id::parse(1).unwrap()),
+        loader.load(Id::parse(2).unwrap())
+    );
+    for result in [a, b] {
+        assert!(
+            matches!(result, Err(Error::Unavailable { .. })),
+            "{result:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_caller_cancelled_mid_batch_does_not_break_the_other_waiters() {
+    let app = TestApp::spawn().await;
+    let first = app.create_product(100, 1).await;
+    let second = app.create_product(200, 1).await;
+    let loader = BatchLoader::new(ProductsById(app.db.clone()));
+
+    // Hold the products table so that the batch blocks in the database.
+    let mut blocker = app.db.begin().await.unwrap();
+    sqlx::query("LOCK TABLE products IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+
+    // Poll A, then B, in lockstep: A queues its key first and is the caller
+    // that runs the batch (both keys) inside its own future.
+    let mut a: Pin<Box<dyn Future<Output = _>>> =
+        Box::pin(loader.load(Id::parse(first.id).unwrap()));
+    let mut b: Pin<Box<dyn Future<Output = _>>> =
+        Box::pin(loader.load(Id::parse(second.id).unwrap()));
+    let blocked = async {
+        loop {
+            std::future::poll_fn(|cx| {
+                assert!(
+                    a.as_mut().poll(cx).is_pending(),
+                    "A waits for the blocked batch"
+                );
+                assert!(b.as_mut().poll(cx).is_pending(), "B waits for A's batch");
+                Poll::Ready(())
+            })
+            .await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::select! {
+        _ = blocked => unreachable!(),
+        () = wait_for_lock_waiter(&app.db) => {}
+    }
+
+    drop(a); // A's caller goes away mid-batch.
+    blocker.rollback().await.unwrap();
+    let product = tokio::time::timeout(Duration::from_secs(10), b)
+        .await
+        .expect("B is answered")
+        .expect("B is not failed by A's cancellation");
+    assert_eq!(product.map(|p| p.id.get()), Some(second.id));
+}
