@@ -36,6 +36,24 @@ pub async fn migrate_up(pool: &PgPool) -> anyhow::Result<()> {
     MIGRATOR.run(pool).await.context("applying migrations")
 }
 
+/// `postgres://u@h:p/x?o` with the database `x` replaced by `name`; tools
+/// and tests that create databases of their own derive their URLs with it.
+pub fn url_with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let prefix = match base[scheme_end..].find('/') {
+        Some(i) => &base[..scheme_end + i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{prefix}/{name}?{q}"),
+        None => format!("{prefix}/{name}"),
+    }
+}
+
 /// Reverts the newest `steps` applied migrations.
 pub async fn migrate_down(pool: &PgPool, steps: usize) -> anyhow::Result<Vec<i64>> {
     let mut conn = pool.acquire().await.context("connecting to the database")?;
@@ -80,4 +98,21 @@ pub async fn migration_status(pool: &PgPool) -> anyhow::Result<Vec<(i64, String,
             )
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::url_with_database;
+
+    #[test]
+    fn the_database_of_a_url_is_replaced_keeping_its_options() {
+        assert_eq!(
+            url_with_database("postgres://u@h:5432/postgres?sslmode=disable", "x"),
+            "postgres://u@h:5432/x?sslmode=disable"
+        );
+        assert_eq!(
+            url_with_database("postgres://u@h:5432", "x"),
+            "postgres://u@h:5432/x"
+        );
+    }
 }

@@ -80,23 +80,6 @@ pub fn admin_database_url() -> String {
         .expect("set DATABASE_URL to a PostgreSQL server the tests may create databases on (`make test` does)")
 }
 
-/// `postgres://u@h:p/x?o` with database `x` replaced by `name`.
-pub fn with_database(url: &str, name: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let prefix = match base[scheme_end..].find('/') {
-        Some(i) => &base[..scheme_end + i],
-        None => base,
-    };
-    match query {
-        Some(q) => format!("{prefix}/{name}?{q}"),
-        None => format!("{prefix}/{name}"),
-    }
-}
-
 /// A fresh, migrated database for one test; dropped with the guard.
 pub struct TestDatabase {
     pub name: String,
@@ -116,7 +99,7 @@ impl TestDatabase {
             .await
             .expect("create the test database");
         admin.close().await.ok();
-        let url = with_database(&admin_url, &name);
+        let url = datagate::store::postgres::url_with_database(&admin_url, &name);
         let pool = PgPool::connect(&url)
             .await
             .expect("connect to the test database");
