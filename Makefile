@@ -2,7 +2,7 @@
 # machine: scripts/dev-env.sh installs and starts what is missing.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
-.PHONY: help run test lint smoke env-up env-down
+.PHONY: help run test lint smoke bench-n1 env-up env-down
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -19,6 +19,9 @@ lint: ## rustfmt and clippy, warnings are errors
 
 smoke: ## only the grpcurl smoke test
 	@eval "$$(scripts/dev-env.sh up)" && scripts/smoke.sh
+
+bench-n1: ## ListUsersWithOrders, batched loaders vs the naive per-user path (release build)
+	@eval "$$(scripts/dev-env.sh up)" && cargo bench --bench list_users_with_orders
 
 env-up: ## start PostgreSQL, Redis and nx-27017; prints the environment
 	@scripts/dev-env.sh up
