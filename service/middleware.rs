@@ -235,11 +235,13 @@ impl Drop for CallRecord {
             self.span.record("otel.status_code", "ERROR");
         }
         let _entered = self.span.enter();
-        statements::report_n_plus_one(
-            &self.statements,
-            self.n_plus_one_threshold,
-            &format!("{}/{}", self.service, self.method),
-        );
+        if self.statements.max_repeats() > self.n_plus_one_threshold {
+            statements::report_n_plus_one(
+                &self.statements,
+                self.n_plus_one_threshold,
+                &format!("{}/{}", self.service, self.method),
+            );
+        }
         let duration_ms = elapsed.as_secs_f64() * 1000.0;
         if self.infrastructure {
             tracing::debug!(code = code_name, duration_ms, "rpc finished");

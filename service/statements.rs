@@ -10,6 +10,10 @@
 //! change to the code that runs them. The layer must be part of the
 //! subscriber: `telemetry::init` installs it, and so does the test harness.
 //!
+//! Counted are the statements sqlx sends through its query path, COMMIT and
+//! ROLLBACK included; BEGIN is pipelined with a transaction's first statement
+//! and not counted.
+//!
 //! At the end of a call, [`report_n_plus_one`] logs `N_PLUS_ONE_DETECTED` for
 //! each shape repeated more than the threshold and counts it in
 //! `n_plus_one_detected_total`.

@@ -212,6 +212,13 @@ async fn sigterm_lets_the_in_flight_call_finish_and_exits_zero() {
         .find(|l| l["message"] == "rpc finished" && l["span"]["rpc.method"] == "UpdateUser")
         .unwrap_or_else(|| panic!("no JSON line for UpdateUser in:\n{logs}"));
     assert_eq!(finished_line["span"]["caller"], "sigterm-test");
+    // The UPDATE and the COMMIT (sqlx pipelines BEGIN with the first
+    // statement): the call's statements are on its span.
+    assert_eq!(finished_line["span"]["db.statements"], 2, "{finished_line}");
+    assert_eq!(
+        finished_line["span"]["db.max_repeats"], 1,
+        "{finished_line}"
+    );
     assert_eq!(finished_line["code"], "OK");
     assert!(finished_line["span"]["request_id"].is_string());
     assert!(logs.contains("SIGTERM received"));
