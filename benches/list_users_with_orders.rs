@@ -20,7 +20,8 @@ use datagate::{
         passwords::PasswordHasher,
         users::Users,
     },
-    statements::{self, StatementLog},
+    statements::{self, RequestLog},
+    store::cache::Cache,
 };
 use secrecy::SecretString;
 use sqlx::{Connection as _, PgConnection, PgPool};
@@ -76,7 +77,7 @@ where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = usize>,
 {
-    let log = Arc::new(StatementLog::default());
+    let log = Arc::new(RequestLog::default());
     let started = Instant::now();
     let users = statements::scope(log.clone(), run()).await;
     sample.latencies.push(started.elapsed());
@@ -130,8 +131,13 @@ async fn run(url: &str) -> anyhow::Result<()> {
         q.execute(&db).await?;
     }
     let pages = PageTokens::new(&SecretString::from("b".repeat(32)));
-    let users = Users::new(db.clone(), pages.clone(), PasswordHasher::new(2));
-    let orders = Orders::new(db.clone(), pages, users.clone());
+    let users = Users::new(
+        db.clone(),
+        pages.clone(),
+        PasswordHasher::new(2),
+        Cache::disabled(),
+    );
+    let orders = Orders::new(db.clone(), pages, users.clone(), Cache::disabled());
     let page = || PageRequest {
         size: PageSize::parse(USERS as i32).unwrap(),
         token: None,

@@ -88,7 +88,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate { action } => migrate(&settings, action).await,
         Command::Seed => {
             let db = store::postgres::pool(&settings.database)?;
-            seed::demo(&db).await
+            let cache = store::cache::Cache::new(&settings.redis)?;
+            seed::demo(&db, cache).await
         }
         Command::Token { .. } => unreachable!("handled above"),
     }

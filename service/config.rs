@@ -24,8 +24,35 @@ pub struct Settings {
     pub metrics: MetricsSettings,
     pub telemetry: TelemetrySettings,
     pub database: DatabaseSettings,
+    pub redis: RedisSettings,
     pub auth: AuthSettings,
     pub pagination: PaginationSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RedisSettings {
+    /// Empty turns caching off.
+    pub url: SecretString,
+    pub key_prefix: String,
+    pub pool_size: usize,
+    #[serde(with = "humantime_serde")]
+    pub wait_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub create_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub recycle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    pub ttl_jitter: f64,
+    #[serde(with = "humantime_serde")]
+    pub negative_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub lock_ttl: Duration,
+    pub breaker_failures: u32,
+    #[serde(with = "humantime_serde")]
+    pub breaker_open_for: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -220,6 +247,15 @@ impl Settings {
         }
         if !(0.0..=1.0).contains(&self.telemetry.trace_sample_ratio) {
             bail!("invalid configuration: telemetry.trace_sample_ratio must be between 0 and 1");
+        }
+        let redis = &self.redis;
+        if redis.pool_size == 0 || !(0.0..0.5).contains(&redis.ttl_jitter) {
+            bail!(
+                "invalid configuration: redis.pool_size must be positive and redis.ttl_jitter in [0, 0.5)"
+            );
+        }
+        if redis.key_prefix.is_empty() || redis.key_prefix.contains(char::is_whitespace) {
+            bail!("invalid configuration: redis.key_prefix must be a non-empty word");
         }
         if self.server.max_message_bytes < 1024 {
             bail!("invalid configuration: server.max_message_bytes must be at least 1024");

@@ -26,11 +26,12 @@ use sqlx::PgPool;
 
 use crate::{
     domain::{
+        catalog::cached_products,
         error::{Error, Result},
         orders::{OrderHeader, OrderItem, ProductSummary},
         users::{Id, User},
     },
-    store,
+    store::{self, cache::Cache},
 };
 
 /// Large enough that a page (100 users × 20 orders × 50 items) is one batch.
@@ -64,7 +65,7 @@ where
 
     pub async fn load(&self, key: K) -> Result<V> {
         for _ in 0..LOST_BATCH_RETRIES {
-            match self.inner.try_load(key.clone()).await {
+            match Box::pin(self.inner.try_load(key.clone())).await {
                 Ok(result) => return result.map_err(|e| e.duplicate()),
                 Err(_) => tracing::debug!(?key, "batch lost to a cancelled caller; loading again"),
             }
@@ -72,13 +73,17 @@ where
         Err(anyhow::anyhow!("key {key:?} was lost by {LOST_BATCH_RETRIES} batches in a row").into())
     }
 
+    // The loads are boxed: a batch's future nests the loader's, the cache's
+    // and sqlx's, deep enough to exceed the compiler's type layout depth in
+    // the crates that await it.
+
     /// The values of `keys` (each once), or the first error among them.
     pub async fn load_many(&self, keys: &[K]) -> Result<HashMap<K, V>> {
         if keys.is_empty() {
             return Ok(HashMap::new());
         }
         for _ in 0..LOST_BATCH_RETRIES {
-            match self.inner.try_load_many(keys.to_vec()).await {
+            match Box::pin(self.inner.try_load_many(keys.to_vec())).await {
                 Ok(results) => {
                     return results
                         .into_iter()
@@ -168,16 +173,33 @@ impl BatchFn<Id, Shared<Vec<OrderItem>>> for ItemsByOrder {
     }
 }
 
-pub struct ProductsById(pub PgPool);
+/// Product summaries, through the product cache: products are shared by
+/// many orders and read far more often than they change, so here caching
+/// pays (one MGET, then one query for the misses).
+pub struct ProductsById {
+    pub db: PgPool,
+    pub cache: Cache,
+}
 
 impl BatchFn<Id, Shared<Option<ProductSummary>>> for ProductsById {
     async fn load(&mut self, keys: &[Id]) -> HashMap<Id, Shared<Option<ProductSummary>>> {
-        let found = async {
-            let mut conn = self.0.acquire().await?;
-            let products = store::orders::product_summaries(&mut conn, keys).await?;
-            Ok(products.into_iter().map(|p| (p.id, Some(p))).collect())
-        }
-        .await;
+        let found = Box::pin(cached_products(&self.db, &self.cache, keys))
+            .await
+            .map(|products| {
+                products
+                    .into_iter()
+                    .map(|(id, p)| {
+                        let summary = ProductSummary {
+                            id,
+                            sku: p.sku,
+                            title: p.title,
+                            category: p.category,
+                            price_cents: p.price_cents,
+                        };
+                        (id, Some(summary))
+                    })
+                    .collect()
+            });
         per_key(keys, found, None)
     }
 }
@@ -192,14 +214,14 @@ pub struct Loaders {
 }
 
 impl Loaders {
-    pub fn new(db: PgPool, orders_per_user: u32) -> Self {
+    pub fn new(db: PgPool, cache: Cache, orders_per_user: u32) -> Self {
         Self {
             recent_orders: BatchLoader::new(RecentOrdersByUser {
                 db: db.clone(),
                 per_user: orders_per_user,
             }),
             items: BatchLoader::new(ItemsByOrder(db.clone())),
-            products: BatchLoader::new(ProductsById(db)),
+            products: BatchLoader::new(ProductsById { db, cache }),
         }
     }
 }

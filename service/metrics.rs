@@ -9,6 +9,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 
+use crate::store::cache::Cache;
+
 /// Latency buckets in seconds, from a cache hit to a slow analytic query.
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -33,17 +35,20 @@ pub fn handle() -> PrometheusHandle {
 struct MetricsState {
     handle: PrometheusHandle,
     db: PgPool,
+    cache: Cache,
 }
 
 /// Serves `/metrics` until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
     db: PgPool,
+    cache: Cache,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let state = MetricsState {
         handle: handle(),
         db,
+        cache,
     };
     let app = Router::new()
         .route("/metrics", get(render))
@@ -55,6 +60,7 @@ pub async fn serve(
 
 async fn render(State(state): State<MetricsState>) -> String {
     record_pool_usage("postgres", &state.db);
+    state.cache.record_gauges();
     state.handle.run_upkeep();
     state.handle.render()
 }

@@ -30,7 +30,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use crate::{
     auth::{Caller, TokenStore},
     domain::error::{Detail, Error},
-    statements::{self, StatementLog},
+    statements::{self, RequestLog},
     telemetry::HeaderExtractor,
 };
 
@@ -135,6 +135,7 @@ where
             caller = Empty,
             db.statements = Empty,
             db.max_repeats = Empty,
+            cache_hit = Empty,
         );
         let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
             propagator.extract(&HeaderExtractor(request.headers()))
@@ -148,7 +149,7 @@ where
             infrastructure: is_infrastructure(&path),
             start: Instant::now(),
             code: None,
-            statements: Arc::new(StatementLog::default()),
+            statements: Arc::new(RequestLog::default()),
             n_plus_one_threshold: self.n_plus_one_threshold,
         };
         let response = span.in_scope(|| self.inner.call(request));
@@ -203,7 +204,7 @@ struct CallRecord {
     start: Instant,
     code: Option<Code>,
     /// The statements the call ran, counted while its handler ran.
-    statements: Arc<StatementLog>,
+    statements: Arc<RequestLog>,
     n_plus_one_threshold: u32,
 }
 
@@ -230,6 +231,9 @@ impl Drop for CallRecord {
         self.span.record("db.statements", self.statements.total());
         self.span
             .record("db.max_repeats", self.statements.max_repeats());
+        if let Some(hit) = self.statements.cache_hit() {
+            self.span.record("cache_hit", hit);
+        }
         let server_fault = is_server_fault(code);
         if server_fault {
             self.span.record("otel.status_code", "ERROR");

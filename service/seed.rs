@@ -11,6 +11,7 @@ use crate::domain::{
     teams::{TeamName, TeamRole, Teams},
     users::{DisplayName, Email, NewUser, UserStatus, Username, Users},
 };
+use crate::store::cache::Cache;
 
 const DEMO_USERS: &[(&str, &str, &str)] = &[
     ("ada@example.com", "ada", "Ada Lovelace"),
@@ -18,7 +19,7 @@ const DEMO_USERS: &[(&str, &str, &str)] = &[
     ("edsger@example.com", "edsger", "Edsger Dijkstra"),
 ];
 
-pub async fn demo(db: &PgPool) -> anyhow::Result<()> {
+pub async fn demo(db: &PgPool, cache: Cache) -> anyhow::Result<()> {
     crate::store::postgres::migrate_up(db).await?;
     // Demo inserts create no page tokens; any key will do.
     let pages = PageTokens::new(&SecretString::from("seed".repeat(8)));
@@ -26,6 +27,7 @@ pub async fn demo(db: &PgPool) -> anyhow::Result<()> {
         db.clone(),
         pages.clone(),
         PasswordHasher::for_this_machine(),
+        cache,
     );
     let teams = Teams::new(db.clone(), pages);
 

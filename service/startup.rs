@@ -26,11 +26,12 @@ use crate::{
     },
     metrics,
     middleware::{AuthLayer, DeadlineLayer, RpcLayer},
-    proto, store,
+    proto,
+    store::{self, cache::Cache},
 };
 
-/// How often readiness checks the database, and how long a check may take.
-const READINESS_INTERVAL: Duration = Duration::from_secs(5);
+/// How often readiness checks the database and Redis, and how long a check may take.
+const READINESS_INTERVAL: Duration = Duration::from_secs(2);
 const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The services whose health is reported, besides the overall "" entry.
@@ -45,12 +46,14 @@ pub struct Application {
     grpc: TcpListener,
     metrics: TcpListener,
     db: PgPool,
+    cache: Cache,
 }
 
 impl Application {
     /// Binds the listeners and builds the pools. Nothing is served yet.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let db = store::postgres::pool(&settings.database)?;
+        let cache = Cache::new(&settings.redis)?;
         let grpc_addr = settings.server.grpc_addr()?;
         let grpc = TcpListener::bind(grpc_addr)
             .await
@@ -64,6 +67,7 @@ impl Application {
             grpc,
             metrics,
             db,
+            cache,
         })
     }
 
@@ -96,6 +100,7 @@ impl Application {
             grpc,
             metrics: metrics_listener,
             db,
+            cache,
         } = self;
         let server_settings = &settings.server;
         let max_message = server_settings.max_message_bytes;
@@ -105,15 +110,17 @@ impl Application {
             db.clone(),
             pages.clone(),
             PasswordHasher::for_this_machine(),
+            cache.clone(),
         );
         let teams = Teams::new(db.clone(), pages.clone());
-        let orders = Orders::new(db.clone(), pages, users.clone());
+        let orders = Orders::new(db.clone(), pages, users.clone(), cache.clone());
         let user_api = UserServiceServer::new(UserApi::new(users, teams))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
-        let catalog_api = CatalogServiceServer::new(CatalogApi::new(Catalog::new(db.clone())))
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message);
+        let catalog_api =
+            CatalogServiceServer::new(CatalogApi::new(Catalog::new(db.clone(), cache.clone())))
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message);
         let order_api = OrderServiceServer::new(OrderApi::new(orders))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
@@ -143,12 +150,14 @@ impl Application {
         let stop_serving = CancellationToken::new();
         let readiness = tokio::spawn(watch_readiness(
             db.clone(),
+            cache.clone(),
             health.clone(),
             stopping.clone(),
         ));
         let metrics_server = tokio::spawn(metrics::serve(
             metrics_listener,
             db.clone(),
+            cache.clone(),
             stopping.clone().cancelled_owned(),
         ));
 
@@ -211,15 +220,38 @@ async fn set_all(health: &HealthReporter, status: ServingStatus) {
     }
 }
 
+/// The health entry of the cache dependency. Redis down means degraded
+/// (this entry NOT_SERVING), never the service: reads fall back to PostgreSQL.
+pub const REDIS_HEALTH: &str = "redis";
+
 /// Readiness follows the database: without PostgreSQL no RPC can succeed, so
-/// the instance reports NOT_SERVING until it answers again.
-async fn watch_readiness(db: PgPool, health: HealthReporter, stopping: CancellationToken) {
+/// the instance reports NOT_SERVING until it answers again. The `redis`
+/// entry follows the cache; probing it also replays queued invalidations and
+/// lets a recovered Redis close the circuit without waiting for traffic.
+async fn watch_readiness(
+    db: PgPool,
+    cache: Cache,
+    health: HealthReporter,
+    stopping: CancellationToken,
+) {
     let mut ready = None;
+    let mut redis_ready = None;
     let mut ticks = tokio::time::interval(READINESS_INTERVAL);
     loop {
         tokio::select! {
             () = stopping.cancelled() => return,
             _ = ticks.tick() => {}
+        }
+        if let Some(ok) = cache.probe().await
+            && redis_ready != Some(ok)
+        {
+            let status = if ok {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            health.set_service_status(REDIS_HEALTH, status).await;
+            redis_ready = Some(ok);
         }
         let ok = matches!(
             tokio::time::timeout(READINESS_TIMEOUT, sqlx::query("SELECT 1").execute(&db)).await,

@@ -5,7 +5,7 @@
 //! [`StatementLayer`] turns those events into metrics (`query_latency_seconds`,
 //! `slow_query_count`, `SLOW_QUERY` log lines) and, when the task runs inside
 //! a [`scope`], counts the statement by shape in that scope's
-//! [`StatementLog`]. The gRPC layer opens one scope per call, so every
+//! [`RequestLog`]. The gRPC layer opens one scope per call, so every
 //! statement of a call (its loaders' batches included) is counted, with no
 //! change to the code that runs them. The layer must be part of the
 //! subscriber: `telemetry::init` installs it, and so does the test harness.
@@ -21,7 +21,10 @@
 use std::{
     collections::HashMap,
     future::Future,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
     time::Duration,
 };
 
@@ -32,18 +35,41 @@ use tracing::{
 use tracing_subscriber::{Layer, filter::Targets, layer::Context};
 
 tokio::task_local! {
-    static CURRENT: Arc<StatementLog>;
+    static CURRENT: Arc<RequestLog>;
 }
 
 const SQLX_TARGET: &str = "sqlx::query";
 
-/// The statements of one request, by normalized shape.
+/// What one request did: its statements by normalized shape, and its cache
+/// lookups.
 #[derive(Debug, Default)]
-pub struct StatementLog {
+pub struct RequestLog {
     counts: Mutex<HashMap<String, u32>>,
+    cache_hits: AtomicU32,
+    cache_misses: AtomicU32,
 }
 
-impl StatementLog {
+/// Records a cache lookup of the current request (all keys hit, or not).
+pub fn record_cache_lookup(hit: bool) {
+    let _ = CURRENT.try_with(|log| {
+        let counter = if hit {
+            &log.cache_hits
+        } else {
+            &log.cache_misses
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    });
+}
+
+impl RequestLog {
+    /// `Some(true)` if every cache lookup of the request hit, `Some(false)`
+    /// if any missed, `None` if it made none.
+    pub fn cache_hit(&self) -> Option<bool> {
+        let hits = self.cache_hits.load(Ordering::Relaxed);
+        let misses = self.cache_misses.load(Ordering::Relaxed);
+        (hits + misses > 0).then_some(misses == 0)
+    }
+
     fn record(&self, shape: String) {
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         *counts.entry(shape).or_default() += 1;
@@ -77,17 +103,13 @@ impl StatementLog {
 }
 
 /// Runs `work` with the statements it issues (in this task) counted in `log`.
-pub async fn scope<F: Future>(log: Arc<StatementLog>, work: F) -> F::Output {
+pub async fn scope<F: Future>(log: Arc<RequestLog>, work: F) -> F::Output {
     CURRENT.scope(log, work).await
 }
 
 /// Logs `N_PLUS_ONE_DETECTED` and bumps `n_plus_one_detected_total` for each
 /// shape of `log` repeated more than `threshold` times; returns those shapes.
-pub fn report_n_plus_one(
-    log: &StatementLog,
-    threshold: u32,
-    operation: &str,
-) -> Vec<(String, u32)> {
+pub fn report_n_plus_one(log: &RequestLog, threshold: u32, operation: &str) -> Vec<(String, u32)> {
     let repeated: Vec<(String, u32)> = log
         .shapes()
         .into_iter()
@@ -261,7 +283,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_scope_reports_only_shapes_repeated_beyond_the_threshold() {
-        let log = Arc::new(StatementLog::default());
+        let log = Arc::new(RequestLog::default());
         scope(log.clone(), async {
             for _ in 0..4 {
                 CURRENT.with(|l| l.record("SELECT a".into()));

@@ -1,5 +1,7 @@
 //! Products and their inventory.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
@@ -7,7 +9,10 @@ use super::{
     error::{Detail, Error, Result},
     users::{Id, bounded_text},
 };
-use crate::store;
+use crate::store::{
+    self,
+    cache::{Cache, Entity},
+};
 
 /// The most ids one BatchGetProducts call may ask for.
 pub const MAX_BATCH: usize = 100;
@@ -99,7 +104,7 @@ pub fn parse_count(n: i32) -> Result<i32, String> {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Product {
     pub id: Id,
     pub sku: String,
@@ -182,41 +187,65 @@ pub fn insufficient_inventory(product: Id, available: i64, requested: i64) -> Er
 #[derive(Clone)]
 pub struct Catalog {
     db: PgPool,
+    cache: Cache,
+}
+
+/// Products by id through the cache: one MGET, then one query for the misses.
+pub async fn cached_products(
+    db: &PgPool,
+    cache: &Cache,
+    ids: &[Id],
+) -> Result<HashMap<Id, Product>> {
+    let raw: Vec<i64> = ids.iter().map(|id| id.get()).collect();
+    let found = cache
+        .get_many_or_load(Entity::Product, &raw, |misses| async move {
+            let misses: Vec<Id> = misses
+                .into_iter()
+                .filter_map(|m| Id::parse(m).ok())
+                .collect();
+            let mut conn = db.acquire().await?;
+            let products = store::products::find_many(&mut conn, &misses).await?;
+            Ok(products.into_iter().map(|p| (p.id.get(), p)).collect())
+        })
+        .await?;
+    Ok(found.into_values().flatten().map(|p| (p.id, p)).collect())
 }
 
 impl Catalog {
-    pub fn new(db: PgPool) -> Self {
-        Self { db }
+    pub fn new(db: PgPool, cache: Cache) -> Self {
+        Self { db, cache }
     }
 
     #[tracing::instrument(skip_all, err(Debug))]
     pub async fn create(&self, new: NewProduct) -> Result<Product> {
         let mut conn = self.db.acquire().await?;
         let product = store::products::insert(&mut conn, &new).await?;
+        self.cache
+            .invalidate(&[(Entity::Product, product.id.get())])
+            .await;
         tracing::info!(product_id = %product.id, "product created");
         Ok(product)
     }
 
     #[tracing::instrument(skip_all, fields(product_id = %id), err(Debug))]
     pub async fn get(&self, id: Id) -> Result<Product> {
-        let mut conn = self.db.acquire().await?;
-        store::products::find_many(&mut conn, &[id])
+        self.cache
+            .get_or_load(Entity::Product, id.get(), || async {
+                let mut conn = self.db.acquire().await?;
+                Ok(store::products::find_many(&mut conn, &[id]).await?.pop())
+            })
             .await?
-            .pop()
             .ok_or_else(|| product_not_found(id))
     }
 
-    /// Products in request order; one query for the batch.
+    /// Products in request order; one cache MGET and one query for the misses.
     #[tracing::instrument(skip_all, fields(batch_size = ids.len()), err(Debug))]
     pub async fn batch_get(
         &self,
         ids: &[Id],
         skip_missing: bool,
     ) -> Result<(Vec<Product>, Vec<Id>)> {
-        let mut conn = self.db.acquire().await?;
-        let found = store::products::find_many(&mut conn, ids).await?;
-        let by_id: std::collections::HashMap<Id, Product> =
-            found.into_iter().map(|p| (p.id, p)).collect();
+        let by_id = cached_products(&self.db, &self.cache, ids).await?;
         let mut products = Vec::with_capacity(ids.len());
         let mut missing = Vec::new();
         for id in ids {
@@ -258,6 +287,7 @@ impl Catalog {
             });
         };
         tx.commit().await?;
+        self.cache.invalidate(&[(Entity::Product, id.get())]).await;
         Ok(product)
     }
 
@@ -270,6 +300,7 @@ impl Catalog {
             .pop()
             .ok_or_else(|| product_not_found(id))?;
         tx.commit().await?;
+        self.cache.invalidate(&[(Entity::Product, id.get())]).await;
         Ok(product)
     }
 }

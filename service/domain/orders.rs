@@ -15,7 +15,13 @@ use super::{
     paging::{Page, PageRequest, PageSize, PageTokens},
     users::{Id, User, UserFilter, Users, user_not_found},
 };
-use crate::{loaders::Loaders, store};
+use crate::{
+    loaders::Loaders,
+    store::{
+        self,
+        cache::{Cache, Entity},
+    },
+};
 
 /// The most lines one order may have.
 pub const MAX_LINES: usize = 50;
@@ -100,7 +106,6 @@ pub struct OrderHeader {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Order {
-    #[serde(flatten)]
     pub header: OrderHeader,
     pub items: Vec<OrderItem>,
 }
@@ -194,11 +199,21 @@ pub struct Orders {
     db: PgPool,
     pages: PageTokens,
     users: Users,
+    cache: Cache,
 }
 
 impl Orders {
-    pub fn new(db: PgPool, pages: PageTokens, users: Users) -> Self {
-        Self { db, pages, users }
+    pub fn new(db: PgPool, pages: PageTokens, users: Users, cache: Cache) -> Self {
+        Self {
+            db,
+            pages,
+            users,
+            cache,
+        }
+    }
+
+    fn loaders(&self, orders_per_user: u32) -> Loaders {
+        Loaders::new(self.db.clone(), self.cache.clone(), orders_per_user)
     }
 
     /// Creates the order in one transaction. With a request key, the key's
@@ -289,19 +304,32 @@ impl Orders {
             store::orders::store_response(&mut tx, caller, key.as_str(), &response).await?;
         }
         tx.commit().await?;
+        // The new id may be cached as "not found"; the stock changed.
+        let mut changed = vec![(Entity::Order, order.header.id.get())];
+        changed.extend(lines.iter().map(|l| (Entity::Product, l.product_id.get())));
+        self.cache.invalidate(&changed).await;
         tracing::info!(order_id = %order.header.id, total_cents = total, "order created");
         Ok(order)
     }
 
     #[tracing::instrument(skip_all, fields(order_id = %id), err(Debug))]
+    /// The order and its items come from the cache; the product summaries
+    /// from the product cache, so a price change invalidates only products.
     pub async fn get(&self, id: Id) -> Result<Order> {
-        let mut conn = self.db.acquire().await?;
-        let header = store::orders::find(&mut conn, id)
+        let loaders = self.loaders(ORDERS_PER_USER_DEFAULT);
+        let order = self
+            .cache
+            .get_or_load(Entity::Order, id.get(), || async {
+                let mut conn = self.db.acquire().await?;
+                let Some(header) = store::orders::find(&mut conn, id).await? else {
+                    return Ok(None);
+                };
+                drop(conn);
+                Ok(attach_items(&loaders, vec![header]).await?.pop())
+            })
             .await?
             .ok_or_else(|| order_not_found(id))?;
-        drop(conn);
-        let loaders = Loaders::new(self.db.clone(), ORDERS_PER_USER_DEFAULT);
-        Ok(hydrate(&loaders, vec![header]).await?.remove(0))
+        Ok(attach_products(&loaders, vec![order]).await?.remove(0))
     }
 
     #[tracing::instrument(skip_all, fields(page_size = page.size.get()), err(Debug))]
@@ -320,7 +348,7 @@ impl Orders {
             let cursor: OrderCursor = (last.created_at.timestamp_micros(), last.id.get());
             self.pages.encode("orders", &query, &cursor)
         });
-        let loaders = Loaders::new(self.db.clone(), ORDERS_PER_USER_DEFAULT);
+        let loaders = self.loaders(ORDERS_PER_USER_DEFAULT);
         Ok(Page {
             items: hydrate(&loaders, headers.items).await?,
             next_page_token: headers.next_page_token,
@@ -372,8 +400,20 @@ impl Orders {
         let header = store::orders::set_status(&mut tx, id, to).await?;
         tx.commit().await?;
         tracing::info!(from = from.as_str(), "order status changed");
-        let loaders = Loaders::new(self.db.clone(), ORDERS_PER_USER_DEFAULT);
-        Ok(hydrate(&loaders, vec![header]).await?.remove(0))
+        let order = hydrate(&self.loaders(ORDERS_PER_USER_DEFAULT), vec![header])
+            .await?
+            .remove(0);
+        let mut changed = vec![(Entity::Order, id.get())];
+        if to == OrderStatus::Cancelled {
+            changed.extend(
+                order
+                    .items
+                    .iter()
+                    .map(|i| (Entity::Product, i.product_id.get())),
+            );
+        }
+        self.cache.invalidate(&changed).await;
+        Ok(order)
     }
 
     /// A page of users, each with their most recent orders, items and
@@ -388,7 +428,7 @@ impl Orders {
             .users
             .list_scoped("users_with_orders", UserFilter::default(), page)
             .await?;
-        let loaders = Loaders::new(self.db.clone(), orders_per_user);
+        let loaders = self.loaders(orders_per_user);
         let user_ids: Vec<Id> = users.items.iter().map(|u| u.id).collect();
         let recent = loaders.recent_orders.load_many(&user_ids).await?;
         let headers: Vec<OrderHeader> = user_ids
@@ -417,31 +457,37 @@ impl Orders {
 /// Attaches items and product summaries to orders: two batched loads for any
 /// number of orders. Keeps the order of `headers`.
 pub async fn hydrate(loaders: &Loaders, headers: Vec<OrderHeader>) -> Result<Vec<Order>> {
+    let orders = attach_items(loaders, headers).await?;
+    attach_products(loaders, orders).await
+}
+
+/// Orders with their items (without product summaries): one batched load.
+async fn attach_items(loaders: &Loaders, headers: Vec<OrderHeader>) -> Result<Vec<Order>> {
     let order_ids: Vec<Id> = headers.iter().map(|h| h.id).collect();
     let mut items = loaders.items.load_many(&order_ids).await?;
-    let product_ids: Vec<Id> = items
-        .values()
-        .flatten()
+    Ok(headers
+        .into_iter()
+        .map(|header| Order {
+            items: items.remove(&header.id).unwrap_or_default(),
+            header,
+        })
+        .collect())
+}
+
+/// Fills in the product summaries of the items: one batched load.
+async fn attach_products(loaders: &Loaders, mut orders: Vec<Order>) -> Result<Vec<Order>> {
+    let product_ids: Vec<Id> = orders
+        .iter()
+        .flat_map(|o| &o.items)
         .map(|i| i.product_id)
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
     let products = loaders.products.load_many(&product_ids).await?;
-    Ok(headers
-        .into_iter()
-        .map(|header| {
-            let items = items
-                .remove(&header.id)
-                .unwrap_or_default()
-                .into_iter()
-                .map(|mut item| {
-                    item.product = products.get(&item.product_id).cloned().flatten();
-                    item
-                })
-                .collect();
-            Order { header, items }
-        })
-        .collect())
+    for item in orders.iter_mut().flat_map(|o| &mut o.items) {
+        item.product = products.get(&item.product_id).cloned().flatten();
+    }
+    Ok(orders)
 }
 
 /// Parses the users page size of ListUsersWithOrders (0 → 20, at most 100).

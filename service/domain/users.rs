@@ -10,9 +10,14 @@ use super::{
     paging::{Page, PageRequest, PageTokens},
     passwords::{Password, PasswordHasher},
 };
+use std::collections::HashMap;
+
 use crate::{
     loaders::{UserLoader, UsersById},
-    store,
+    store::{
+        self,
+        cache::{Cache, Entity},
+    },
 };
 
 /// The most ids one BatchGetUsers call may ask for.
@@ -147,7 +152,7 @@ impl DisplayName {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum UserStatus {
     Active,
     Inactive,
@@ -173,7 +178,7 @@ impl UserStatus {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct User {
     pub id: Id,
     pub email: String,
@@ -282,14 +287,16 @@ pub struct Users {
     db: PgPool,
     pages: PageTokens,
     passwords: PasswordHasher,
+    cache: Cache,
 }
 
 impl Users {
-    pub fn new(db: PgPool, pages: PageTokens, passwords: PasswordHasher) -> Self {
+    pub fn new(db: PgPool, pages: PageTokens, passwords: PasswordHasher, cache: Cache) -> Self {
         Self {
             db,
             pages,
             passwords,
+            cache,
         }
     }
 
@@ -301,28 +308,49 @@ impl Users {
         };
         let mut conn = self.db.acquire().await?;
         let user = store::users::insert(&mut conn, &new, password_hash.as_deref()).await?;
+        // A "not found" for this id may be cached.
+        self.cache
+            .invalidate(&[(Entity::User, user.id.get())])
+            .await;
         tracing::info!(user_id = %user.id, "user created");
         Ok(user)
     }
 
     #[tracing::instrument(skip_all, fields(user_id = %id), err(Debug))]
     pub async fn get(&self, id: Id) -> Result<User> {
-        let mut conn = self.db.acquire().await?;
-        store::users::find(&mut conn, id)
+        self.cache
+            .get_or_load(Entity::User, id.get(), || async {
+                let mut conn = self.db.acquire().await?;
+                store::users::find(&mut conn, id).await
+            })
             .await?
             .ok_or_else(|| user_not_found(id))
     }
 
-    /// One query for the whole batch, whatever its size, through the users
-    /// loader: a missing id is "not found" for that id only.
+    /// One cache MGET for the batch, then one query (through the users
+    /// loader) for the misses: a missing id is "not found" for that id only.
     #[tracing::instrument(skip_all, fields(batch_size = ids.len()), err(Debug))]
     pub async fn batch_get(&self, ids: &[Id], skip_missing: bool) -> Result<BatchUsers> {
-        let loader = UserLoader::new(UsersById(self.db.clone()));
-        let found = loader.load_many(ids).await?;
+        let raw: Vec<i64> = ids.iter().map(|id| id.get()).collect();
+        let found: HashMap<i64, Option<User>> = self
+            .cache
+            .get_many_or_load(Entity::User, &raw, |misses| async move {
+                let misses: Vec<Id> = misses
+                    .into_iter()
+                    .filter_map(|m| Id::parse(m).ok())
+                    .collect();
+                let loader = UserLoader::new(UsersById(self.db.clone()));
+                let loaded = loader.load_many(&misses).await?;
+                Ok(loaded
+                    .into_iter()
+                    .filter_map(|(id, user)| user.map(|u| (id.get(), u)))
+                    .collect())
+            })
+            .await?;
         let mut users = Vec::with_capacity(ids.len());
         let mut missing = Vec::new();
         for id in ids {
-            match found.get(id).cloned().flatten() {
+            match found.get(&id.get()).cloned().flatten() {
                 Some(user) => users.push(user),
                 None if !missing.contains(id) => missing.push(*id),
                 None => {}
@@ -397,6 +425,7 @@ impl Users {
             }
         };
         tx.commit().await?;
+        self.cache.invalidate(&[(Entity::User, id.get())]).await;
         tracing::info!(version = user.version, "user updated");
         Ok(user)
     }
@@ -416,6 +445,7 @@ impl Users {
         }
         store::teams::remove_all_memberships(&mut tx, id).await?;
         tx.commit().await?;
+        self.cache.invalidate(&[(Entity::User, id.get())]).await;
         tracing::info!("user deleted");
         Ok(())
     }

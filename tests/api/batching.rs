@@ -12,7 +12,8 @@ use datagate::{
         users::{Id, Users},
     },
     loaders::{BatchLoader, ProductsById, UserLoader, UsersById},
-    statements::{self, StatementLog},
+    statements::{self, RequestLog},
+    store::cache::Cache,
 };
 use secrecy::SecretString;
 use sqlx::PgPool;
@@ -24,8 +25,13 @@ mod naive;
 
 fn services(db: &PgPool) -> (Users, Orders) {
     let pages = PageTokens::new(&SecretString::from("p".repeat(32)));
-    let users = Users::new(db.clone(), pages.clone(), PasswordHasher::new(2));
-    let orders = Orders::new(db.clone(), pages, users.clone());
+    let users = Users::new(
+        db.clone(),
+        pages.clone(),
+        PasswordHasher::new(2),
+        Cache::disabled(),
+    );
+    let orders = Orders::new(db.clone(), pages, users.clone(), Cache::disabled());
     (users, orders)
 }
 
@@ -66,7 +72,7 @@ async fn list_users_with_orders_runs_the_same_few_statements_for_10_and_100_user
 
     let mut counts = Vec::new();
     for size in [10, 100] {
-        let log = Arc::new(StatementLog::default());
+        let log = Arc::new(RequestLog::default());
         let listed = statements::scope(log.clone(), orders.list_users_with_orders(page(size), 5))
             .await
             .unwrap();
@@ -95,7 +101,7 @@ async fn the_naive_per_user_path_trips_the_n_plus_one_detector() {
     seed(&app.db, 10).await;
     let (users, orders) = services(&app.db);
 
-    let log = Arc::new(StatementLog::default());
+    let log = Arc::new(RequestLog::default());
     let naive = statements::scope(
         log.clone(),
         naive::list_users_with_orders_naively(&app.db, &users, page(10), 5),
@@ -124,7 +130,7 @@ async fn the_naive_per_user_path_trips_the_n_plus_one_detector() {
     );
 
     // The batched path answers the same, without tripping it.
-    let batched_log = Arc::new(StatementLog::default());
+    let batched_log = Arc::new(RequestLog::default());
     let batched = statements::scope(
         batched_log.clone(),
         orders.list_users_with_orders(page(10), 5),
@@ -189,7 +195,10 @@ async fn a_caller_cancelled_mid_batch_does_not_break_the_other_waiters() {
     let app = TestApp::spawn().await;
     let first = app.create_product(100, 1).await;
     let second = app.create_product(200, 1).await;
-    let loader = BatchLoader::new(ProductsById(app.db.clone()));
+    let loader = BatchLoader::new(ProductsById {
+        db: app.db.clone(),
+        cache: Cache::disabled(),
+    });
 
     // Hold the products table so that the batch blocks in the database.
     let mut blocker = app.db.begin().await.unwrap();

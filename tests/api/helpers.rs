@@ -184,6 +184,10 @@ impl TestApp {
             ],
         )
         .expect("test settings load");
+        if let Ok(redis) = std::env::var("REDIS_URL") {
+            settings.redis.url = redis.into();
+            settings.redis.key_prefix = format!("dgtest-{}", uuid::Uuid::new_v4().simple());
+        }
         settings.database.max_connections = 8;
         settings.database.min_connections = 0;
         settings.auth.tokens = vec![admin_entry.parse().unwrap(), reader_entry.parse().unwrap()];

@@ -1,0 +1,828 @@
+//! Redis cache-aside. Redis is never the source of truth: every failure,
+//! timeout or open circuit turns into a read from PostgreSQL.
+//!
+//! **Keys** are `<prefix>:v1:<entity>:<id>` (`dg:v1:user:42`); `v1` is the
+//! value format, bumped when a cached type changes shape. Values are
+//! `V` + postcard (a compact, serde-based binary encoding: no field names, so
+//! a user is a third of its JSON size, and no schema to maintain next to the
+//! Rust types), or `N` for a remembered "not found" (short TTL). TTLs carry
+//! ± jitter so entries written together do not expire together.
+//!
+//! **Invalidation fence.** Each key has a generation counter, `<key>:gen`.
+//! A reader that misses remembers the generation it saw; after loading from
+//! PostgreSQL it fills the key only if the generation is unchanged (one Lua
+//! script). A writer, after its transaction commits, increments the
+//! generation and deletes the value (one script). So a read that loaded the
+//! old row before a write committed cannot put it back after the delete.
+//! Generations expire after ten minutes, far beyond any call's deadline;
+//! an expired generation reads as `0`, which never matches a reader that saw
+//! one, so expiry can only refuse a fill, never admit a stale one.
+//!
+//! **Writes never fail because of Redis.** An invalidation that cannot reach
+//! Redis is queued (bounded; on overflow the whole namespace is flushed
+//! instead) and replayed before this process uses Redis again, and by the
+//! background probe, so a Redis that comes back with its old data serves
+//! nothing stale to this replica.
+//!
+//! **Stampedes.** Concurrent misses on one key share one load in-process
+//! (single flight), and across replicas a short `SET NX PX` lock lets one
+//! replica load while the others poll the key until it is filled or the lock
+//! is gone. Batch reads use one `MGET` and one database query for the misses.
+//!
+//! **Fail-open.** Every command, pool wait included, is bounded by
+//! `command_timeout`. After `breaker_failures` consecutive failures the
+//! circuit opens for `breaker_open_for`; then one probe decides. Health
+//! reports the `redis` entry NOT_SERVING meanwhile; the service stays SERVING.
+
+use std::{
+    collections::{HashMap, HashSet},
+    future::Future,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use deadpool_redis::{
+    Pool, Runtime, Timeouts,
+    redis::{self, Script},
+};
+use secrecy::ExposeSecret as _;
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::sync::OnceCell;
+
+use crate::{config::RedisSettings, domain::error::Result, statements};
+
+const FORMAT: &str = "v1";
+const GENERATION_TTL: Duration = Duration::from_secs(600);
+const MAX_PENDING: usize = 10_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Entity {
+    User,
+    Product,
+    Order,
+}
+
+impl Entity {
+    const ALL: [Entity; 3] = [Entity::User, Entity::Product, Entity::Order];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::User => "user",
+            Self::Product => "product",
+            Self::Order => "order",
+        }
+    }
+}
+
+/// Fills keys whose generation is unchanged. KEYS: value, generation (per
+/// key); ARGV: expected generation, payload, ttl in ms (per key).
+const FILL: &str = r"
+local filled = 0
+for i = 1, #KEYS, 2 do
+  local j = (i - 1) / 2 * 3
+  if (redis.call('GET', KEYS[i + 1]) or '0') == ARGV[j + 1] then
+    redis.call('SET', KEYS[i], ARGV[j + 2], 'PX', ARGV[j + 3])
+    filled = filled + 1
+  end
+end
+return filled";
+
+/// Bumps each key's generation and deletes its value. KEYS: value,
+/// generation (per key); ARGV[1]: generation ttl in ms.
+const INVALIDATE: &str = r"
+for i = 1, #KEYS, 2 do
+  redis.call('INCR', KEYS[i + 1])
+  redis.call('PEXPIRE', KEYS[i + 1], ARGV[1])
+  redis.call('DEL', KEYS[i])
+end
+return #KEYS / 2";
+
+/// Releases a fill lock only if this process still holds it.
+const UNLOCK: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0";
+
+/// A loaded entry, shared by the callers of one single flight.
+#[derive(Clone)]
+enum Fetched {
+    Found(Arc<Vec<u8>>),
+    Missing,
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+#[derive(Default)]
+struct Pending {
+    keys: HashSet<(Entity, i64)>,
+    overflowed: bool,
+}
+
+#[derive(Debug)]
+enum BreakerState {
+    Closed { failures: u32 },
+    Open { until: Instant },
+    HalfOpen { since: Instant },
+}
+
+struct Breaker {
+    state: Mutex<BreakerState>,
+    failures_to_open: u32,
+    open_for: Duration,
+}
+
+impl Breaker {
+    /// Whether to call Redis now. After the open period, one caller (the
+    /// probe) is let through; if it never reports, another is let through
+    /// after another period.
+    fn allow(&self) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        match *state {
+            BreakerState::Closed { .. } => true,
+            BreakerState::Open { until } | BreakerState::HalfOpen { since: until }
+                if now >= until =>
+            {
+                *state = BreakerState::HalfOpen {
+                    since: now + self.open_for,
+                };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn success(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !matches!(*state, BreakerState::Closed { .. }) {
+            tracing::info!(dependency = "redis", "circuit closed: Redis answers again");
+        }
+        *state = BreakerState::Closed { failures: 0 };
+    }
+
+    fn failure(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let open = |state: &mut BreakerState| {
+            *state = BreakerState::Open {
+                until: Instant::now() + self.open_for,
+            };
+        };
+        match *state {
+            BreakerState::Closed { failures } if failures + 1 >= self.failures_to_open => {
+                tracing::warn!(
+                    dependency = "redis",
+                    failures = failures + 1,
+                    "circuit open: reads go to PostgreSQL"
+                );
+                open(&mut state);
+            }
+            BreakerState::Closed { failures } => {
+                *state = BreakerState::Closed {
+                    failures: failures + 1,
+                }
+            }
+            BreakerState::HalfOpen { .. } => open(&mut state),
+            BreakerState::Open { .. } => {}
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        matches!(
+            *self.state.lock().unwrap_or_else(|e| e.into_inner()),
+            BreakerState::Closed { .. }
+        )
+    }
+}
+
+/// The cache; cheap to clone. Built without a URL it is off, and every read
+/// goes straight to its loader.
+#[derive(Clone)]
+pub struct Cache {
+    inner: Option<Arc<Inner>>,
+}
+
+struct Inner {
+    pool: Pool,
+    prefix: String,
+    command_timeout: Duration,
+    ttl: Duration,
+    jitter: f64,
+    negative_ttl: Duration,
+    lock_ttl: Duration,
+    breaker: Breaker,
+    flights: Mutex<HashMap<String, Arc<OnceCell<Fetched>>>>,
+    pending: Mutex<Pending>,
+    counters: HashMap<Entity, Counters>,
+    fill: Script,
+    invalidate: Script,
+    unlock: Script,
+}
+
+impl Cache {
+    pub fn disabled() -> Self {
+        Self { inner: None }
+    }
+
+    pub fn new(settings: &RedisSettings) -> anyhow::Result<Self> {
+        let url = settings.url.expose_secret().trim();
+        if url.is_empty() {
+            return Ok(Self::disabled());
+        }
+        let mut config = deadpool_redis::Config::from_url(url);
+        let mut pool = deadpool_redis::PoolConfig::new(settings.pool_size);
+        pool.timeouts = Timeouts {
+            wait: Some(settings.wait_timeout),
+            create: Some(settings.create_timeout),
+            recycle: Some(settings.recycle_timeout),
+        };
+        config.pool = Some(pool);
+        let pool = config
+            .create_pool(Some(Runtime::Tokio1))
+            .map_err(|e| anyhow::anyhow!("invalid configuration: redis.url: {e}"))?;
+        Ok(Self {
+            inner: Some(Arc::new(Inner {
+                pool,
+                prefix: format!("{}:{FORMAT}", settings.key_prefix),
+                command_timeout: settings.command_timeout,
+                ttl: settings.ttl,
+                jitter: settings.ttl_jitter,
+                negative_ttl: settings.negative_ttl,
+                lock_ttl: settings.lock_ttl,
+                breaker: Breaker {
+                    state: Mutex::new(BreakerState::Closed { failures: 0 }),
+                    failures_to_open: settings.breaker_failures.max(1),
+                    open_for: settings.breaker_open_for,
+                },
+                flights: Mutex::default(),
+                pending: Mutex::default(),
+                counters: Entity::ALL
+                    .iter()
+                    .map(|e| (*e, Counters::default()))
+                    .collect(),
+                fill: Script::new(FILL),
+                invalidate: Script::new(INVALIDATE),
+                unlock: Script::new(UNLOCK),
+            })),
+        })
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// Cache-aside read of one entity: a hit, or one load per key across
+    /// concurrent callers (and replicas), then a fenced fill.
+    pub async fn get_or_load<T, F, Fut>(
+        &self,
+        entity: Entity,
+        id: i64,
+        load: F,
+    ) -> Result<Option<T>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<T>>>,
+    {
+        let Some(inner) = &self.inner else {
+            return load().await;
+        };
+        let key = inner.key(entity, id);
+        let generation = match inner.lookup(entity, std::slice::from_ref(&key)).await {
+            Some(mut found) => match found.pop() {
+                Some(Lookup::Hit(bytes)) => return Ok(decode(&bytes)),
+                Some(Lookup::Missing) => return Ok(None),
+                Some(Lookup::Miss(generation)) => Some(generation),
+                None => None,
+            },
+            None => None,
+        };
+
+        let flight = inner.flight(&key);
+        let fetched = flight
+            .get_or_try_init(|| inner.load_once(entity, &key, generation, load))
+            .await;
+        inner.end_flight(&key, &flight);
+        Ok(match fetched? {
+            Fetched::Found(bytes) => decode(bytes),
+            Fetched::Missing => None,
+        })
+    }
+
+    /// Cache-aside read of many entities: one `MGET`, then one `load` of all
+    /// the misses, then one fenced fill. Missing ids map to `None`.
+    pub async fn get_many_or_load<T, F, Fut>(
+        &self,
+        entity: Entity,
+        ids: &[i64],
+        load: F,
+    ) -> Result<HashMap<i64, Option<T>>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce(Vec<i64>) -> Fut,
+        Fut: Future<Output = Result<HashMap<i64, T>>>,
+    {
+        let unique: Vec<i64> = ids
+            .iter()
+            .copied()
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let Some(inner) = &self.inner else {
+            let mut found = load(unique.clone()).await?;
+            return Ok(unique
+                .into_iter()
+                .map(|id| (id, found.remove(&id)))
+                .collect());
+        };
+        let keys: Vec<String> = unique.iter().map(|id| inner.key(entity, *id)).collect();
+        let lookups = inner.lookup(entity, &keys).await;
+        let mut result = HashMap::with_capacity(unique.len());
+        let mut misses = Vec::new();
+        let mut generations = HashMap::new();
+        match lookups {
+            Some(lookups) => {
+                for ((id, key), lookup) in unique.iter().zip(keys).zip(lookups) {
+                    match lookup {
+                        Lookup::Hit(bytes) => {
+                            result.insert(*id, decode(&bytes));
+                        }
+                        Lookup::Missing => {
+                            result.insert(*id, None);
+                        }
+                        Lookup::Miss(generation) => {
+                            misses.push(*id);
+                            generations.insert(*id, (key, generation));
+                        }
+                    }
+                }
+            }
+            None => misses = unique.clone(),
+        }
+        if misses.is_empty() {
+            return Ok(result);
+        }
+        let mut loaded = load(misses.clone()).await?;
+        let mut fills = Vec::with_capacity(generations.len());
+        for id in misses {
+            let value = loaded.remove(&id);
+            if let Some((key, generation)) = generations.remove(&id) {
+                fills.push((key, generation, inner.encode(value.as_ref())?));
+            }
+            result.insert(id, value);
+        }
+        inner.fill(entity, fills).await;
+        Ok(result)
+    }
+
+    /// Deletes the entries of entities whose rows changed. Call after the
+    /// transaction commits. Never fails: when Redis is unreachable the keys
+    /// are queued and replayed before Redis is used again.
+    pub async fn invalidate(&self, entries: &[(Entity, i64)]) {
+        let Some(inner) = &self.inner else { return };
+        if entries.is_empty() {
+            return;
+        }
+        for (entity, id) in entries {
+            inner.forget_flight(&inner.key(*entity, *id));
+        }
+        if !inner.apply_invalidations(entries).await {
+            inner.queue(entries);
+        }
+    }
+
+    /// Replays queued invalidations and checks Redis (for the readiness
+    /// loop). `None` when caching is off, else whether Redis is usable.
+    pub async fn probe(&self) -> Option<bool> {
+        let inner = self.inner.as_ref()?;
+        let ok = inner
+            .guarded("ping", async |conn| {
+                redis::cmd("PING").query_async::<String>(conn).await
+            })
+            .await
+            .is_some();
+        Some(ok && inner.breaker.is_closed())
+    }
+
+    /// Pool usage and the hit rate per entity, for the metrics endpoint.
+    pub fn record_gauges(&self) {
+        let Some(inner) = &self.inner else { return };
+        let status = inner.pool.status();
+        let (max, size, available) = (
+            status.max_size as f64,
+            status.size as f64,
+            status.available as f64,
+        );
+        let in_use = (size - available).max(0.0);
+        metrics::gauge!("connection_pool_connections", "pool" => "redis", "state" => "idle")
+            .set(available);
+        metrics::gauge!("connection_pool_connections", "pool" => "redis", "state" => "in_use")
+            .set(in_use);
+        metrics::gauge!("connection_pool_max", "pool" => "redis").set(max);
+        metrics::gauge!("connection_pool_usage", "pool" => "redis").set(if max > 0.0 {
+            in_use / max
+        } else {
+            0.0
+        });
+        for (entity, counters) in &inner.counters {
+            let hits = counters.hits.load(Ordering::Relaxed) as f64;
+            let total = hits + counters.misses.load(Ordering::Relaxed) as f64;
+            if total > 0.0 {
+                metrics::gauge!("cache_hit_rate", "entity" => entity.name()).set(hits / total);
+            }
+        }
+    }
+}
+
+enum Lookup {
+    Hit(Vec<u8>),
+    Missing,
+    /// Not cached; the key's generation when looked up.
+    Miss(String),
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Option<T> {
+    // Only `V` payloads reach here; a payload that no longer decodes (a type
+    // changed without a format bump) would be a bug, and reads as missing.
+    postcard::from_bytes(bytes.get(1..)?).ok()
+}
+
+impl Inner {
+    fn key(&self, entity: Entity, id: i64) -> String {
+        format!("{}:{}:{id}", self.prefix, entity.name())
+    }
+
+    fn counters(&self, entity: Entity) -> &Counters {
+        &self.counters[&entity]
+    }
+
+    fn ttl_with_jitter(&self, base: Duration) -> u64 {
+        let mut bytes = [0u8; 4];
+        let unit = if getrandom::fill(&mut bytes).is_ok() {
+            f64::from(u32::from_le_bytes(bytes)) / f64::from(u32::MAX)
+        } else {
+            0.5
+        };
+        let factor = 1.0 + self.jitter * (2.0 * unit - 1.0);
+        (base.as_secs_f64() * factor * 1000.0).max(1.0) as u64
+    }
+
+    /// The stored form of a value (`V` + postcard) or of "not found" (`N`),
+    /// with its TTL. Cached types are plain structs, so encoding only fails
+    /// on a programming error (such as `#[serde(flatten)]`, which postcard
+    /// cannot encode): that is an internal error, never a "not found".
+    fn encode<T: Serialize>(&self, value: Option<&T>) -> Result<(Vec<u8>, u64)> {
+        Ok(match value {
+            Some(value) => {
+                let bytes = postcard::to_extend(value, vec![b'V'])
+                    .map_err(|e| anyhow::anyhow!("encoding a cache value: {e}"))?;
+                (bytes, self.ttl_with_jitter(self.ttl))
+            }
+            None => (vec![b'N'], self.ttl_with_jitter(self.negative_ttl)),
+        })
+    }
+
+    /// Runs one Redis operation under the breaker and the command timeout,
+    /// after replaying queued invalidations. `None` when Redis is not usable.
+    async fn guarded<T>(
+        &self,
+        op: &'static str,
+        run: impl AsyncFnOnce(&mut deadpool_redis::Connection) -> redis::RedisResult<T>,
+    ) -> Option<T> {
+        if !self.breaker.allow() {
+            return None;
+        }
+        let result = tokio::time::timeout(self.command_timeout, async {
+            let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
+            self.replay(&mut conn).await.map_err(|e| e.to_string())?;
+            run(&mut conn).await.map_err(|e| e.to_string())
+        })
+        .await;
+        match result {
+            Ok(Ok(value)) => {
+                self.breaker.success();
+                Some(value)
+            }
+            Ok(Err(error)) => {
+                self.report_failure(op, &error);
+                None
+            }
+            Err(_) => {
+                self.report_failure(op, "timed out");
+                None
+            }
+        }
+    }
+
+    fn report_failure(&self, op: &'static str, error: &str) {
+        self.breaker.failure();
+        metrics::counter!("cache_errors_total", "op" => op).increment(1);
+        tracing::warn!(
+            database_type = "redis",
+            operation = op,
+            error,
+            "cache unavailable; using PostgreSQL"
+        );
+    }
+
+    /// Looks keys up with their generations, in one MGET.
+    async fn lookup(&self, entity: Entity, keys: &[String]) -> Option<Vec<Lookup>> {
+        let mut args = Vec::with_capacity(keys.len() * 2);
+        for key in keys {
+            args.push(key.clone());
+            args.push(format!("{key}:gen"));
+        }
+        let values: Option<Vec<Option<Vec<u8>>>> = self
+            .guarded("mget", async |conn| {
+                redis::cmd("MGET").arg(&args).query_async(conn).await
+            })
+            .await;
+        let Some(values) = values else {
+            statements::record_cache_lookup(false);
+            return None;
+        };
+        let counters = self.counters(entity);
+        let lookups: Vec<Lookup> = values
+            .chunks(2)
+            .map(|pair| {
+                let generation = pair
+                    .get(1)
+                    .cloned()
+                    .flatten()
+                    .and_then(|g| String::from_utf8(g).ok())
+                    .unwrap_or_else(|| "0".to_owned());
+                match pair.first().cloned().flatten() {
+                    Some(bytes) if bytes.first() == Some(&b'V') => Lookup::Hit(bytes),
+                    Some(bytes) if bytes.as_slice() == b"N" => Lookup::Missing,
+                    _ => Lookup::Miss(generation),
+                }
+            })
+            .collect();
+        let hits = lookups
+            .iter()
+            .filter(|l| !matches!(l, Lookup::Miss(_)))
+            .count() as u64;
+        let misses = lookups.len() as u64 - hits;
+        counters.hits.fetch_add(hits, Ordering::Relaxed);
+        counters.misses.fetch_add(misses, Ordering::Relaxed);
+        metrics::counter!("cache_hits_total", "entity" => entity.name()).increment(hits);
+        metrics::counter!("cache_misses_total", "entity" => entity.name()).increment(misses);
+        statements::record_cache_lookup(misses == 0);
+        Some(lookups)
+    }
+
+    /// Fills keys (key, generation seen, (payload, ttl ms)) in one script call.
+    async fn fill(&self, entity: Entity, fills: Vec<(String, String, (Vec<u8>, u64))>) {
+        if fills.is_empty() {
+            return;
+        }
+        let mut invocation = self.fill.prepare_invoke();
+        for (key, generation, (payload, ttl)) in &fills {
+            invocation
+                .key(key)
+                .key(format!("{key}:gen"))
+                .arg(generation)
+                .arg(payload)
+                .arg(ttl);
+        }
+        let filled: Option<u64> = self
+            .guarded("fill", async |conn| invocation.invoke_async(conn).await)
+            .await;
+        if let Some(filled) = filled {
+            metrics::counter!("cache_fills_total", "entity" => entity.name()).increment(filled);
+        }
+    }
+
+    fn flight(&self, key: &str) -> Arc<OnceCell<Fetched>> {
+        let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
+        flights.entry(key.to_owned()).or_default().clone()
+    }
+
+    fn end_flight(&self, key: &str, flight: &Arc<OnceCell<Fetched>>) {
+        let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
+        if flights.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
+            flights.remove(key);
+        }
+    }
+
+    /// A write makes the current flight's answer old: later readers start a new one.
+    fn forget_flight(&self, key: &str) {
+        self.flights
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+    }
+
+    /// The leader of a single flight: take the cross-replica lock (or wait
+    /// for the replica holding it to fill the key), load, fill, unlock.
+    async fn load_once<T, F, Fut>(
+        &self,
+        entity: Entity,
+        key: &str,
+        generation: Option<String>,
+        load: F,
+    ) -> Result<Fetched>
+    where
+        T: Serialize,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<T>>>,
+    {
+        let lock_key = format!("{key}:lock");
+        let token = uuid::Uuid::new_v4().to_string();
+        let lock_ms = self.lock_ttl.as_millis() as u64;
+        // Without a generation the lookup failed: Redis is not usable now.
+        let locked: Option<Option<String>> = match generation {
+            Some(_) => {
+                self.guarded("lock", async |conn| {
+                    redis::cmd("SET")
+                        .arg(&lock_key)
+                        .arg(&token)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(lock_ms)
+                        .query_async(conn)
+                        .await
+                })
+                .await
+            }
+            None => None,
+        };
+        if let Some(None) = locked
+            && let Some(fetched) = self.wait_for_fill(key, &lock_key).await
+        {
+            return Ok(fetched);
+        }
+
+        let value = load().await?;
+        let (payload, ttl) = self.encode(value.as_ref())?;
+        let fetched = if value.is_some() {
+            Fetched::Found(Arc::new(payload.clone()))
+        } else {
+            Fetched::Missing
+        };
+        if let Some(generation) = generation {
+            self.fill(entity, vec![(key.to_owned(), generation, (payload, ttl))])
+                .await;
+        }
+        if let Some(Some(_)) = locked {
+            let _: Option<u64> = self
+                .guarded("unlock", async |conn| {
+                    self.unlock
+                        .key(&lock_key)
+                        .arg(&token)
+                        .invoke_async(conn)
+                        .await
+                })
+                .await;
+        }
+        Ok(fetched)
+    }
+
+    /// Another replica holds the fill lock: poll until it fills the key, or
+    /// until its lock is gone or expires (then the caller loads itself).
+    async fn wait_for_fill(&self, key: &str, lock_key: &str) -> Option<Fetched> {
+        let deadline = Instant::now() + self.lock_ttl;
+        let mut pause = Duration::from_millis(5);
+        while Instant::now() < deadline {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
+            let values: Vec<Option<Vec<u8>>> = self
+                .guarded("poll", async |conn| {
+                    redis::cmd("MGET")
+                        .arg(key)
+                        .arg(lock_key)
+                        .query_async(conn)
+                        .await
+                })
+                .await?;
+            match (
+                values.first().cloned().flatten(),
+                values.get(1).cloned().flatten(),
+            ) {
+                (Some(bytes), _) if bytes.first() == Some(&b'V') => {
+                    return Some(Fetched::Found(Arc::new(bytes)));
+                }
+                (Some(bytes), _) if bytes.as_slice() == b"N" => return Some(Fetched::Missing),
+                (None, None) => return None,
+                _ => {}
+            }
+        }
+        None
+    }
+
+    fn invalidation_args(&self, entries: &[(Entity, i64)]) -> Vec<String> {
+        entries
+            .iter()
+            .flat_map(|(entity, id)| {
+                let key = self.key(*entity, *id);
+                [format!("{key}:gen"), key]
+            })
+            .collect()
+    }
+
+    async fn apply_invalidations(&self, entries: &[(Entity, i64)]) -> bool {
+        let keys = self.invalidation_args(entries);
+        self.guarded("invalidate", async |conn| {
+            let mut invocation = self.invalidate.prepare_invoke();
+            for pair in keys.chunks(2) {
+                invocation.key(&pair[1]).key(&pair[0]);
+            }
+            invocation
+                .arg(GENERATION_TTL.as_millis() as u64)
+                .invoke_async::<u64>(conn)
+                .await
+        })
+        .await
+        .is_some()
+    }
+
+    fn queue(&self, entries: &[(Entity, i64)]) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.keys.len() + entries.len() > MAX_PENDING {
+            pending.overflowed = true;
+            pending.keys.clear();
+        } else if !pending.overflowed {
+            pending.keys.extend(entries.iter().copied());
+        }
+        tracing::warn!(
+            queued = pending.keys.len(),
+            overflowed = pending.overflowed,
+            "cache invalidation queued until Redis answers"
+        );
+    }
+
+    /// Applies queued invalidations on `conn`; an error leaves them queued.
+    async fn replay(&self, conn: &mut deadpool_redis::Connection) -> redis::RedisResult<()> {
+        let (entries, overflowed) = {
+            let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if pending.keys.is_empty() && !pending.overflowed {
+                return Ok(());
+            }
+            (
+                pending.keys.iter().copied().collect::<Vec<_>>(),
+                pending.overflowed,
+            )
+        };
+        if overflowed {
+            self.flush_values(conn).await?;
+        } else {
+            for chunk in entries.chunks(500) {
+                let keys = self.invalidation_args(chunk);
+                let mut invocation = self.invalidate.prepare_invoke();
+                for pair in keys.chunks(2) {
+                    invocation.key(&pair[1]).key(&pair[0]);
+                }
+                invocation
+                    .arg(GENERATION_TTL.as_millis() as u64)
+                    .invoke_async::<u64>(conn)
+                    .await?;
+            }
+        }
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        for entry in &entries {
+            pending.keys.remove(entry);
+        }
+        if overflowed {
+            pending.overflowed = false;
+        }
+        tracing::info!(
+            replayed = entries.len(),
+            flushed = overflowed,
+            "queued cache invalidations applied"
+        );
+        Ok(())
+    }
+
+    /// Deletes every cached value of this namespace (generations stay, so
+    /// in-flight fills stay fenced).
+    async fn flush_values(&self, conn: &mut deadpool_redis::Connection) -> redis::RedisResult<()> {
+        let pattern = format!("{}:*", self.prefix);
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(conn)
+                .await?;
+            let values: Vec<&String> = keys.iter().filter(|k| !k.ends_with(":gen")).collect();
+            if !values.is_empty() {
+                redis::cmd("UNLINK")
+                    .arg(values)
+                    .query_async::<u64>(conn)
+                    .await?;
+            }
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    }
+}
