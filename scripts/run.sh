@@ -30,6 +30,7 @@ fi
 TOKEN=$(sed -n 's/^token: *//p' "$STATE/dev-token")
 
 export DATAGATE__DATABASE__URL=$DB_URL
+export DATAGATE__REDIS__URL=${DATAGATE__REDIS__URL:-$REDIS_URL}
 export DATAGATE__AUTH__TOKENS=$(sed -n 's/^config: DATAGATE__AUTH__TOKENS=//p' "$STATE/dev-token")
 export DATAGATE__PAGINATION__TOKEN_SECRET=$(cat "$STATE/page-secret")
 export DATAGATE__TELEMETRY__LOG_FORMAT=${DATAGATE__TELEMETRY__LOG_FORMAT:-pretty}

@@ -151,10 +151,13 @@ pub struct TestApp {
     pub token: String,
     /// A token without roles.
     pub reader_token: String,
+    /// The settings the app runs with.
+    pub settings: Settings,
     shutdown: CancellationToken,
     server: Option<JoinHandle<anyhow::Result<()>>>,
-    // Last: the database is dropped after the app has stopped using it.
-    _database: TestDatabase,
+    // Last: the database is dropped after the app has stopped using it
+    // (replicas share their primary's and own none).
+    _database: Option<TestDatabase>,
 }
 
 impl TestApp {
@@ -192,11 +195,23 @@ impl TestApp {
         settings.database.min_connections = 0;
         settings.auth.tokens = vec![admin_entry.parse().unwrap(), reader_entry.parse().unwrap()];
         customize(&mut settings);
+        Self::start(settings, token, reader_token, Some(database)).await
+    }
 
-        let app = Application::build(settings).await.expect("app builds");
+    async fn start(
+        settings: Settings,
+        token: String,
+        reader_token: String,
+        database: Option<TestDatabase>,
+    ) -> Self {
+        let app = Application::build(settings.clone())
+            .await
+            .expect("app builds");
         let addr = app.grpc_addr();
         let metrics_addr = app.metrics_addr();
-        let db = PgPool::connect(&database.url).await.expect("test pool");
+        let db = PgPool::connect(secrecy::ExposeSecret::expose_secret(&settings.database.url))
+            .await
+            .expect("test pool");
         let shutdown = CancellationToken::new();
         let server = tokio::spawn(app.run_until_stopped(shutdown.clone().cancelled_owned()));
         Self {
@@ -205,10 +220,40 @@ impl TestApp {
             db,
             token,
             reader_token,
+            settings,
             shutdown,
             server: Some(server),
             _database: database,
         }
+    }
+
+    /// A second instance on the same database and the same Redis namespace,
+    /// as another replica would be.
+    pub async fn spawn_replica(&self) -> Self {
+        Self::start(
+            self.settings.clone(),
+            self.token.clone(),
+            self.reader_token.clone(),
+            None,
+        )
+        .await
+    }
+
+    /// The Redis key of an entity in this app's namespace.
+    pub fn cache_key(&self, entity: &str, id: i64) -> String {
+        format!("{}:v1:{entity}:{id}", self.settings.redis.key_prefix)
+    }
+
+    /// A raw value from the app's Redis (None if absent).
+    pub async fn redis_get(&self, key: &str) -> Option<Vec<u8>> {
+        use deadpool_redis::redis::AsyncCommands as _;
+        let url = secrecy::ExposeSecret::expose_secret(&self.settings.redis.url).to_owned();
+        let client = deadpool_redis::redis::Client::open(url).expect("redis url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to redis");
+        conn.get(key).await.expect("GET")
     }
 
     pub async fn channel(&self) -> Channel {

@@ -2,6 +2,7 @@
 //! a real PostgreSQL (one database per test, so tests run in parallel).
 
 mod batching;
+mod cache;
 mod catalog;
 mod helpers;
 mod orders;

@@ -144,6 +144,11 @@ async fn sigterm_lets_the_in_flight_call_finish_and_exits_zero() {
         .env("DATAGATE__METRICS__HOST", "127.0.0.1")
         .env("DATAGATE__METRICS__PORT", free_port().to_string())
         .env("DATAGATE__TELEMETRY__LOG_FORMAT", "json")
+        .env("DATAGATE__REDIS__URL", crate::cache::redis_url())
+        .env(
+            "DATAGATE__REDIS__KEY_PREFIX",
+            format!("dgtest-{}", uuid::Uuid::new_v4().simple()),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -170,6 +175,13 @@ async fn sigterm_lets_the_in_flight_call_finish_and_exits_zero() {
         .await
         .unwrap()
         .into_inner();
+
+    for _ in 0..2 {
+        users
+            .get_user(pb::GetUserRequest { id: user.id })
+            .await
+            .unwrap();
+    }
 
     let db = PgPool::connect(&database.url).await.unwrap();
     let lock = RowLock::on_user(&db, user.id).await;
@@ -221,6 +233,17 @@ async fn sigterm_lets_the_in_flight_call_finish_and_exits_zero() {
     );
     assert_eq!(finished_line["code"], "OK");
     assert!(finished_line["span"]["request_id"].is_string());
+    let reads: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["message"] == "rpc finished" && l["span"]["rpc.method"] == "GetUser")
+        .collect();
+    assert_eq!(reads.len(), 2, "{logs}");
+    assert_eq!(
+        reads[0]["span"]["cache_hit"], false,
+        "the first read misses"
+    );
+    assert_eq!(reads[1]["span"]["cache_hit"], true, "the second read hits");
     assert!(logs.contains("SIGTERM received"));
     assert!(
         !logs.contains("finished after SIGTERM\""),

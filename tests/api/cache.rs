@@ -1,0 +1,624 @@
+//! The Redis cache against a real Redis: hits, invalidation on every write
+//! path, replicas, stampedes, Redis failures, and namespace isolation.
+
+use std::{
+    process::Stdio,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use datagate::{
+    config::Settings,
+    proto::v1 as pb,
+    store::cache::{Cache, Entity},
+};
+use prost_types::FieldMask;
+use tokio::process::{Child, Command};
+use tonic::Code;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+use crate::helpers::{TestApp, assert_error, unique};
+
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL")
+        .expect("set REDIS_URL to a Redis the tests may use (`make test` does)")
+}
+
+fn mask(path: &str) -> Option<FieldMask> {
+    Some(FieldMask {
+        paths: vec![path.to_owned()],
+    })
+}
+
+async fn get_user(app: &TestApp, id: i64) -> Result<pb::User, tonic::Status> {
+    app.users()
+        .await
+        .get_user(pb::GetUserRequest { id })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn get_product(app: &TestApp, id: i64) -> pb::Product {
+    app.catalog()
+        .await
+        .get_product(pb::GetProductRequest { id })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Changes a row behind the service's back: only a cache miss can see it.
+async fn sneak(app: &TestApp, sql: &str, id: i64) {
+    sqlx::query(sql).bind(id).execute(&app.db).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_read_after_a_miss_is_served_from_the_cache() {
+    let app = TestApp::spawn().await;
+    let (email, username) = unique("cached");
+    let user = app.create_user(&email, &username).await;
+
+    assert_eq!(get_user(&app, user.id).await.unwrap(), user);
+    let stored = app
+        .redis_get(&app.cache_key("user", user.id))
+        .await
+        .expect("filled");
+    assert_eq!(stored[0], b'V');
+    sneak(
+        &app,
+        "UPDATE users SET display_name = 'changed behind the cache' WHERE id = $1",
+        user.id,
+    )
+    .await;
+    assert_eq!(
+        get_user(&app, user.id).await.unwrap().display_name,
+        user.display_name,
+        "the second read is a hit"
+    );
+
+    let metrics = app.metrics().await;
+    for expected in [
+        r#"cache_hits_total{entity="user"}"#,
+        r#"cache_misses_total{entity="user"}"#,
+        r#"cache_fills_total{entity="user"}"#,
+        r#"cache_hit_rate{entity="user"}"#,
+        r#"connection_pool_usage{pool="redis"}"#,
+    ] {
+        assert!(
+            metrics.contains(expected),
+            "missing {expected} in:\n{metrics}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_not_found_is_cached_briefly_and_a_create_clears_it() {
+    let app = TestApp::spawn().await;
+    let next_id: i64 = sqlx::query_scalar("SELECT COALESCE(max(id), 0) + 1 FROM users")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_error(
+        &get_user(&app, next_id).await.unwrap_err(),
+        Code::NotFound,
+        "USER_NOT_FOUND",
+    );
+    assert_eq!(
+        app.redis_get(&app.cache_key("user", next_id))
+            .await
+            .as_deref(),
+        Some(&b"N"[..])
+    );
+
+    let (email, username) = unique("fresh");
+    let created = app.create_user(&email, &username).await;
+    assert_eq!(created.id, next_id);
+    assert_eq!(
+        get_user(&app, next_id).await.unwrap().id,
+        next_id,
+        "not a stale NOT_FOUND"
+    );
+}
+
+#[tokio::test]
+async fn every_user_write_invalidates_the_cached_user() {
+    let app = TestApp::spawn().await;
+    let (email, username) = unique("writer");
+    let user = app.create_user(&email, &username).await;
+    get_user(&app, user.id).await.unwrap();
+
+    let updated = app
+        .users()
+        .await
+        .update_user(pb::UpdateUserRequest {
+            id: user.id,
+            version: user.version,
+            user: Some(pb::UserPatch {
+                display_name: "after update".into(),
+                ..Default::default()
+            }),
+            update_mask: mask("display_name"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(get_user(&app, user.id).await.unwrap(), updated);
+
+    let mut users = app.users().await;
+    let batch = users
+        .batch_get_users(pb::BatchGetUsersRequest {
+            ids: vec![user.id],
+            skip_missing: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(batch.users, std::slice::from_ref(&updated));
+
+    users
+        .delete_user(pb::DeleteUserRequest {
+            id: user.id,
+            version: 0,
+        })
+        .await
+        .unwrap();
+    assert_error(
+        &get_user(&app, user.id).await.unwrap_err(),
+        Code::NotFound,
+        "USER_NOT_FOUND",
+    );
+    let status = users
+        .batch_get_users(pb::BatchGetUsersRequest {
+            ids: vec![user.id],
+            skip_missing: false,
+        })
+        .await
+        .unwrap_err();
+    assert_error(&status, Code::NotFound, "USER_NOT_FOUND");
+}
+
+#[tokio::test]
+async fn batch_reads_mix_hits_and_misses_and_fill_the_misses() {
+    let app = TestApp::spawn().await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let (email, username) = unique("batch");
+        ids.push(app.create_user(&email, &username).await.id);
+    }
+    get_user(&app, ids[0]).await.unwrap();
+    get_user(&app, ids[2]).await.unwrap();
+    let response = app
+        .users()
+        .await
+        .batch_get_users(pb::BatchGetUsersRequest {
+            ids: vec![ids[3], ids[2], ids[1], ids[0], 999_999],
+            skip_missing: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        response.users.iter().map(|u| u.id).collect::<Vec<_>>(),
+        [ids[3], ids[2], ids[1], ids[0]]
+    );
+    assert_eq!(response.missing_ids, [999_999]);
+    for id in &ids {
+        assert!(
+            app.redis_get(&app.cache_key("user", *id)).await.is_some(),
+            "user {id} cached"
+        );
+    }
+    assert_eq!(
+        app.redis_get(&app.cache_key("user", 999_999))
+            .await
+            .as_deref(),
+        Some(&b"N"[..])
+    );
+}
+
+#[tokio::test]
+async fn product_and_order_writes_invalidate_prices_stock_and_status() {
+    let app = TestApp::spawn().await;
+    let (email, username) = unique("shopper");
+    let user = app.create_user(&email, &username).await;
+    let product = app.create_product(1000, 10).await;
+    let mut catalog = app.catalog().await;
+    let mut orders = app.orders().await;
+    get_product(&app, product.id).await;
+
+    let repriced = catalog
+        .update_product(pb::UpdateProductRequest {
+            id: product.id,
+            version: product.version,
+            product: Some(pb::ProductPatch {
+                price_cents: 1200,
+                ..Default::default()
+            }),
+            update_mask: mask("price_cents"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        get_product(&app, product.id).await.price_cents,
+        1200,
+        "price change"
+    );
+
+    catalog
+        .adjust_inventory(pb::AdjustInventoryRequest {
+            product_id: product.id,
+            delta: 5,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        get_product(&app, product.id).await.inventory,
+        15,
+        "inventory change"
+    );
+
+    let order = orders
+        .create_order(pb::CreateOrderRequest {
+            user_id: user.id,
+            items: vec![pb::OrderLine {
+                product_id: product.id,
+                quantity: 3,
+            }],
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        get_product(&app, product.id).await.inventory,
+        12,
+        "an order takes stock"
+    );
+    let get_order = |id| pb::GetOrderRequest { id };
+    assert_eq!(
+        orders
+            .get_order(get_order(order.id))
+            .await
+            .unwrap()
+            .into_inner()
+            .status(),
+        pb::OrderStatus::Pending
+    );
+
+    orders
+        .update_order_status(pb::UpdateOrderStatusRequest {
+            id: order.id,
+            status: pb::OrderStatus::Cancelled.into(),
+            version: 0,
+        })
+        .await
+        .unwrap();
+    let cancelled = orders
+        .get_order(get_order(order.id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        cancelled.status(),
+        pb::OrderStatus::Cancelled,
+        "status change"
+    );
+    assert_eq!(
+        get_product(&app, product.id).await.inventory,
+        15,
+        "cancel returns stock"
+    );
+
+    // Cached orders hold no product summaries: a later price change shows.
+    catalog
+        .update_product(pb::UpdateProductRequest {
+            id: product.id,
+            version: repriced.version,
+            product: Some(pb::ProductPatch {
+                price_cents: 1500,
+                ..Default::default()
+            }),
+            update_mask: mask("price_cents"),
+        })
+        .await
+        .unwrap();
+    let reread = orders
+        .get_order(get_order(order.id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reread.items[0].product.as_ref().unwrap().price_cents, 1500);
+    assert_eq!(
+        reread.items[0].unit_price_cents, 1200,
+        "the price paid stays"
+    );
+}
+
+#[tokio::test]
+async fn a_write_on_one_replica_is_read_on_another() {
+    let first = TestApp::spawn().await;
+    let second = first.spawn_replica().await;
+    let (email, username) = unique("replica");
+    let user = first.create_user(&email, &username).await;
+    get_user(&first, user.id).await.unwrap();
+    get_user(&second, user.id).await.unwrap();
+
+    let updated = second
+        .users()
+        .await
+        .update_user(pb::UpdateUserRequest {
+            id: user.id,
+            version: user.version,
+            user: Some(pb::UserPatch {
+                display_name: "written on the second".into(),
+                ..Default::default()
+            }),
+            update_mask: mask("display_name"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(get_user(&first, user.id).await.unwrap(), updated);
+}
+
+#[tokio::test]
+async fn namespaces_keep_apps_on_one_redis_apart() {
+    let a = TestApp::spawn().await;
+    let b = TestApp::spawn().await;
+    let user_a = a.create_user("a@example.com", "usera").await;
+    let user_b = b.create_user("b@example.com", "userb").await;
+    assert_eq!(
+        user_a.id, user_b.id,
+        "fresh databases hand out the same ids"
+    );
+    assert_eq!(
+        get_user(&a, user_a.id).await.unwrap().email,
+        "a@example.com"
+    );
+    assert_eq!(
+        get_user(&b, user_b.id).await.unwrap().email,
+        "b@example.com"
+    );
+    assert_eq!(
+        get_user(&a, user_a.id).await.unwrap().email,
+        "a@example.com"
+    );
+}
+
+fn cache_settings(prefix: &str) -> Settings {
+    let mut settings =
+        Settings::load_with_overrides(None, &[("database.url", "postgres://unused/unused")])
+            .unwrap();
+    settings.redis.url = redis_url().into();
+    settings.redis.key_prefix = prefix.to_owned();
+    settings
+}
+
+#[tokio::test]
+async fn a_hundred_concurrent_misses_on_one_key_load_it_once_across_two_replicas() {
+    let prefix = format!("dgtest-{}", uuid::Uuid::new_v4().simple());
+    let settings = cache_settings(&prefix);
+    let replicas = [
+        Cache::new(&settings.redis).unwrap(),
+        Cache::new(&settings.redis).unwrap(),
+    ];
+    let loads = Arc::new(AtomicUsize::new(0));
+
+    let mut readers = Vec::new();
+    for i in 0..100 {
+        let cache = replicas[i % 2].clone();
+        let loads = loads.clone();
+        readers.push(tokio::spawn(async move {
+            cache
+                .get_or_load(Entity::User, 7, || async {
+                    loads.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Ok(Some("loaded once".to_owned()))
+                })
+                .await
+        }));
+    }
+    for reader in readers {
+        assert_eq!(
+            reader.await.unwrap().unwrap().as_deref(),
+            Some("loaded once")
+        );
+    }
+    assert_eq!(
+        loads.load(Ordering::SeqCst),
+        1,
+        "one database load for 100 misses"
+    );
+}
+
+/// A Redis of this test's own, to stop and kill.
+struct OwnRedis {
+    child: Child,
+}
+
+impl OwnRedis {
+    async fn start(port: u16) -> Self {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server is installed (scripts/dev-env.sh installs it)");
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return Self { child };
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("redis-server did not start on port {port}");
+    }
+
+    async fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("running").to_string();
+        assert!(
+            Command::new("kill")
+                .args([signal, &pid])
+                .status()
+                .await
+                .unwrap()
+                .success()
+        );
+    }
+}
+
+async fn redis_health(app: &TestApp, want: ServingStatus) -> ServingStatus {
+    let mut health = HealthClient::new(app.channel().await);
+    let mut last = ServingStatus::Unknown;
+    for _ in 0..100 {
+        if let Ok(r) = health
+            .check(HealthCheckRequest {
+                service: "redis".into(),
+            })
+            .await
+        {
+            last = r.into_inner().status();
+            if last == want {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    last
+}
+
+#[tokio::test]
+async fn reads_and_writes_survive_a_stopped_then_killed_redis_and_caching_resumes() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut redis = OwnRedis::start(port).await;
+    let app = TestApp::spawn_with(|s| {
+        s.redis.url = format!("redis://127.0.0.1:{port}").into();
+        s.redis.command_timeout = Duration::from_millis(100);
+        s.redis.breaker_failures = 2;
+        s.redis.breaker_open_for = Duration::from_millis(300);
+    })
+    .await;
+    let (email, username) = unique("outage");
+    let user = app.create_user(&email, &username).await;
+    let key = app.cache_key("user", user.id);
+    get_user(&app, user.id).await.unwrap();
+    assert!(app.redis_get(&key).await.is_some());
+    let rename = |version, name: &str| pb::UpdateUserRequest {
+        id: user.id,
+        version,
+        user: Some(pb::UserPatch {
+            display_name: name.into(),
+            ..Default::default()
+        }),
+        update_mask: mask("display_name"),
+    };
+
+    // Frozen: commands time out. Reads fall back, writes succeed.
+    redis.signal("-STOP").await;
+    assert_eq!(
+        get_user(&app, user.id).await.unwrap().display_name,
+        user.display_name
+    );
+    let during = app
+        .users()
+        .await
+        .update_user(rename(user.version, "written while frozen"))
+        .await;
+    let during = during
+        .expect("a write never fails because of Redis")
+        .into_inner();
+    assert_eq!(
+        get_user(&app, user.id).await.unwrap().display_name,
+        "written while frozen"
+    );
+    assert_eq!(
+        redis_health(&app, ServingStatus::NotServing).await,
+        ServingStatus::NotServing
+    );
+    let mut health = HealthClient::new(app.channel().await);
+    let overall = health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        overall.into_inner().status(),
+        ServingStatus::Serving,
+        "degraded, not down"
+    );
+
+    // Thawed with its old entry: the queued invalidation is replayed before
+    // the cache is used, so the old name never comes back.
+    redis.signal("-CONT").await;
+    for _ in 0..30 {
+        assert_eq!(
+            get_user(&app, user.id).await.unwrap().display_name,
+            "written while frozen"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        redis_health(&app, ServingStatus::Serving).await,
+        ServingStatus::Serving
+    );
+
+    // Killed: reads and writes go on.
+    redis.signal("-KILL").await;
+    let _ = redis.child.wait().await;
+    let after = app
+        .users()
+        .await
+        .update_user(rename(during.version, "written while dead"))
+        .await;
+    let after = after
+        .expect("a write never fails because of Redis")
+        .into_inner();
+    assert_eq!(
+        get_user(&app, user.id).await.unwrap().display_name,
+        "written while dead"
+    );
+
+    // Back: caching resumes.
+    let _redis = OwnRedis::start(port).await;
+    let mut cached = None;
+    for _ in 0..100 {
+        assert_eq!(get_user(&app, user.id).await.unwrap(), after);
+        cached = app.redis_get(&key).await;
+        if cached.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        cached.map(|v| v[0]),
+        Some(b'V'),
+        "the entry is cached again"
+    );
+    assert_eq!(
+        redis_health(&app, ServingStatus::Serving).await,
+        ServingStatus::Serving
+    );
+}
