@@ -2,7 +2,7 @@
 # machine: scripts/dev-env.sh installs and starts what is missing.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
-.PHONY: help run test lint smoke bench-n1 env-up env-down
+.PHONY: help run test lint smoke bench-n1 bench-cache env-up env-down
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -22,6 +22,9 @@ smoke: ## only the grpcurl smoke test
 
 bench-n1: ## ListUsersWithOrders, batched loaders vs the naive per-user path (release build)
 	@eval "$$(scripts/dev-env.sh up)" && cargo bench --bench list_users_with_orders
+
+bench-cache: ## GetUser cache hit vs miss and a Zipf hit ratio (release build)
+	@eval "$$(scripts/dev-env.sh up)" && cargo bench --bench cache
 
 env-up: ## start PostgreSQL, Redis and nx-27017; prints the environment
 	@scripts/dev-env.sh up
