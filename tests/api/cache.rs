@@ -397,7 +397,54 @@ fn cache_settings(prefix: &str) -> Settings {
             .unwrap();
     settings.redis.url = redis_url().into();
     settings.redis.key_prefix = prefix.to_owned();
+    settings.redis.command_timeout = Duration::from_secs(2);
+    settings.redis.wait_timeout = Duration::from_secs(2);
     settings
+}
+
+#[tokio::test]
+async fn a_read_that_loaded_before_a_write_cannot_put_the_old_value_back() {
+    let prefix = format!("dgtest-{}", uuid::Uuid::new_v4().simple());
+    let cache = Cache::new(&cache_settings(&prefix).redis).unwrap();
+
+    // The reader misses, loads the old row, and, before it fills, a writer
+    // commits and invalidates the key.
+    let stale = cache
+        .get_or_load(Entity::User, 11, || async {
+            cache.invalidate(&[(Entity::User, 11)]).await;
+            Ok(Some("old row".to_owned()))
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        stale.as_deref(),
+        Some("old row"),
+        "the reader itself answers what it read"
+    );
+
+    let key = format!("{prefix}:v1:user:11");
+    let client = deadpool_redis::redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let cached: Option<Vec<u8>> = deadpool_redis::redis::AsyncCommands::get(&mut conn, &key)
+        .await
+        .unwrap();
+    assert_eq!(cached, None, "the fill was refused");
+
+    let fresh = cache
+        .get_or_load(Entity::User, 11, || async {
+            Ok(Some("new row".to_owned()))
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        fresh.as_deref(),
+        Some("new row"),
+        "the next reader loads the new row"
+    );
+    let cached: Option<Vec<u8>> = deadpool_redis::redis::AsyncCommands::get(&mut conn, &key)
+        .await
+        .unwrap();
+    assert!(cached.is_some(), "and fills it");
 }
 
 #[tokio::test]

@@ -190,6 +190,10 @@ impl TestApp {
         if let Ok(redis) = std::env::var("REDIS_URL") {
             settings.redis.url = redis.into();
             settings.redis.key_prefix = format!("dgtest-{}", uuid::Uuid::new_v4().simple());
+            // Tests that are not about timeouts must not see one on a busy
+            // machine (a timed-out read is a miss, which they would notice).
+            settings.redis.command_timeout = Duration::from_secs(2);
+            settings.redis.wait_timeout = Duration::from_secs(2);
         }
         settings.database.max_connections = 8;
         settings.database.min_connections = 0;
