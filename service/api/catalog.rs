@@ -3,7 +3,7 @@
 use prost_types::FieldMask;
 use tonic::{Request, Response, Status};
 
-use super::{parse_id, parsed, timestamp};
+use super::{parse_id, parse_ids, parsed, timestamp};
 use crate::{
     domain::{
         catalog::{
@@ -86,15 +86,7 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
     ) -> Result<Response<pb::BatchGetProductsResponse>, Status> {
         let r = request.into_inner();
         let mut v = Violations::default();
-        if r.ids.len() > MAX_BATCH {
-            v.add("ids", format!("must hold at most {MAX_BATCH} ids"));
-        }
-        let ids: Vec<_> = r
-            .ids
-            .iter()
-            .enumerate()
-            .filter_map(|(i, raw)| parse_id(&mut v, &format!("ids[{i}]"), *raw))
-            .collect();
+        let ids = parse_ids(&mut v, &r.ids, MAX_BATCH);
         v.into_result()?;
         let (products, missing) = self.catalog.batch_get(&ids, r.skip_missing).await?;
         Ok(Response::new(pb::BatchGetProductsResponse {

@@ -34,6 +34,34 @@ pub(crate) fn parse_id(v: &mut Violations, field: &str, raw: i64) -> Option<Id> 
     v.check(field, Id::parse(raw))
 }
 
+/// The ids of a batch request: at most `max`, each positive (violations on
+/// `ids` and `ids[i]`). Returns the valid ones.
+pub(crate) fn parse_ids(v: &mut Violations, raw: &[i64], max: usize) -> Vec<Id> {
+    if raw.len() > max {
+        v.add("ids", format!("must hold at most {max} ids"));
+    }
+    raw.iter()
+        .enumerate()
+        .filter_map(|(i, id)| parse_id(v, &format!("ids[{i}]"), *id))
+        .collect()
+}
+
+/// A `[created_after, created_before)` filter; `created_before` must be later.
+pub(crate) fn parse_time_range(
+    v: &mut Violations,
+    created_after: Option<&Timestamp>,
+    created_before: Option<&Timestamp>,
+) -> (Option<DateTime<Utc>>, Option<DateTime<Utc>>) {
+    let after = created_after.and_then(|t| v.check("created_after", parse_timestamp(t)));
+    let before = created_before.and_then(|t| v.check("created_before", parse_timestamp(t)));
+    if let (Some(after), Some(before)) = (after, before)
+        && after >= before
+    {
+        v.add("created_before", "must be later than created_after");
+    }
+    (after, before)
+}
+
 pub(crate) fn parse_page(
     v: &mut Violations,
     page_size: i32,

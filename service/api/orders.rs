@@ -4,7 +4,7 @@ use std::collections::HashSet;
 
 use tonic::{Request, Response, Status};
 
-use super::{parse_id, parse_page, parse_timestamp, parsed, timestamp};
+use super::{parse_id, parse_page, parse_time_range, parsed, timestamp};
 use crate::{
     auth::Caller,
     domain::{
@@ -70,26 +70,15 @@ impl pb::order_service_server::OrderService for OrderApi {
             parse_id(&mut v, "user_id", r.user_id).map(Some)
         };
         let status = v.check("status", parse_status(r.status));
-        let created_after = r
-            .created_after
-            .as_ref()
-            .map(|t| v.check("created_after", parse_timestamp(t)));
-        let created_before = r
-            .created_before
-            .as_ref()
-            .map(|t| v.check("created_before", parse_timestamp(t)));
-        if let (Some(Some(after)), Some(Some(before))) = (created_after, created_before)
-            && after >= before
-        {
-            v.add("created_before", "must be later than created_after");
-        }
+        let (created_after, created_before) =
+            parse_time_range(&mut v, r.created_after.as_ref(), r.created_before.as_ref());
         let page = parse_page(&mut v, r.page_size, r.page_token);
         parsed!(v, user_id, status, page);
         let filter = OrderFilter {
             user_id,
             status,
-            created_after: created_after.flatten(),
-            created_before: created_before.flatten(),
+            created_after,
+            created_before,
         };
         let page = self.orders.list(filter, page).await?;
         Ok(Response::new(pb::ListOrdersResponse {

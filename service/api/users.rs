@@ -3,7 +3,7 @@
 use prost_types::FieldMask;
 use tonic::{Request, Response, Status};
 
-use super::{parse_id, parse_page, parse_timestamp, parsed, timestamp};
+use super::{parse_id, parse_ids, parse_page, parse_time_range, parsed, timestamp};
 use crate::{
     domain::{
         error::{Error, Violations},
@@ -57,15 +57,7 @@ impl pb::user_service_server::UserService for UserApi {
     ) -> Result<Response<pb::BatchGetUsersResponse>, Status> {
         let request = request.into_inner();
         let mut v = Violations::default();
-        if request.ids.len() > MAX_BATCH {
-            v.add("ids", format!("must hold at most {MAX_BATCH} ids"));
-        }
-        let ids: Vec<_> = request
-            .ids
-            .iter()
-            .enumerate()
-            .filter_map(|(i, raw)| parse_id(&mut v, &format!("ids[{i}]"), *raw))
-            .collect();
+        let ids = parse_ids(&mut v, &request.ids, MAX_BATCH);
         v.into_result()?;
         let batch = self.users.batch_get(&ids, request.skip_missing).await?;
         Ok(Response::new(pb::BatchGetUsersResponse {
@@ -82,24 +74,16 @@ impl pb::user_service_server::UserService for UserApi {
         let mut v = Violations::default();
         let page = parse_page(&mut v, request.page_size, request.page_token);
         let status = v.check("status", parse_status_filter(request.status));
-        let created_after = request
-            .created_after
-            .as_ref()
-            .map(|t| v.check("created_after", parse_timestamp(t)));
-        let created_before = request
-            .created_before
-            .as_ref()
-            .map(|t| v.check("created_before", parse_timestamp(t)));
-        if let (Some(Some(after)), Some(Some(before))) = (created_after, created_before)
-            && after >= before
-        {
-            v.add("created_before", "must be later than created_after");
-        }
+        let (created_after, created_before) = parse_time_range(
+            &mut v,
+            request.created_after.as_ref(),
+            request.created_before.as_ref(),
+        );
         parsed!(v, page, status);
         let filter = UserFilter {
             status,
-            created_after: created_after.flatten(),
-            created_before: created_before.flatten(),
+            created_after,
+            created_before,
         };
         let page = self.users.list(filter, page).await?;
         Ok(Response::new(pb::ListUsersResponse {

@@ -7,7 +7,7 @@ use sqlx::PgPool;
 
 use super::{
     error::{Detail, Error, Result},
-    users::{Id, bounded_text},
+    users::{Id, bounded_text, in_request_order},
 };
 use crate::store::{
     self,
@@ -246,15 +246,7 @@ impl Catalog {
         skip_missing: bool,
     ) -> Result<(Vec<Product>, Vec<Id>)> {
         let by_id = cached_products(&self.db, &self.cache, ids).await?;
-        let mut products = Vec::with_capacity(ids.len());
-        let mut missing = Vec::new();
-        for id in ids {
-            match by_id.get(id) {
-                Some(p) => products.push(p.clone()),
-                None if !missing.contains(id) => missing.push(*id),
-                None => {}
-            }
-        }
+        let (products, missing) = in_request_order(ids, |id| by_id.get(&id).cloned());
         if !missing.is_empty() && !skip_missing {
             return Err(products_not_found(
                 &missing,

@@ -259,6 +259,24 @@ pub struct BatchUsers {
     pub missing: Vec<Id>,
 }
 
+/// The values of a batch read in request order (duplicates repeated), and
+/// the ids not found, each once (AIP-231).
+pub(crate) fn in_request_order<T>(
+    ids: &[Id],
+    mut find: impl FnMut(Id) -> Option<T>,
+) -> (Vec<T>, Vec<Id>) {
+    let mut found = Vec::with_capacity(ids.len());
+    let mut missing = Vec::new();
+    for id in ids {
+        match find(*id) {
+            Some(value) => found.push(value),
+            None if !missing.contains(id) => missing.push(*id),
+            None => {}
+        }
+    }
+    (found, missing)
+}
+
 pub fn user_not_found(id: Id) -> Error {
     Error::NotFound(
         Detail::new(
@@ -347,15 +365,7 @@ impl Users {
                     .collect())
             })
             .await?;
-        let mut users = Vec::with_capacity(ids.len());
-        let mut missing = Vec::new();
-        for id in ids {
-            match found.get(&id.get()).cloned().flatten() {
-                Some(user) => users.push(user),
-                None if !missing.contains(id) => missing.push(*id),
-                None => {}
-            }
-        }
+        let (users, missing) = in_request_order(ids, |id| found.get(&id.get()).cloned().flatten());
         if !missing.is_empty() && !skip_missing {
             let list = missing
                 .iter()

@@ -715,27 +715,26 @@ impl Inner {
         None
     }
 
-    fn invalidation_args(&self, entries: &[(Entity, i64)]) -> Vec<String> {
-        entries
-            .iter()
-            .flat_map(|(entity, id)| {
-                let key = self.key(*entity, *id);
-                [format!("{key}:gen"), key]
-            })
-            .collect()
+    /// Bumps the generation and deletes the value of each entry (one script call).
+    async fn run_invalidations(
+        &self,
+        conn: &mut deadpool_redis::Connection,
+        entries: &[(Entity, i64)],
+    ) -> redis::RedisResult<u64> {
+        let mut invocation = self.invalidate.prepare_invoke();
+        for (entity, id) in entries {
+            let key = self.key(*entity, *id);
+            invocation.key(&key).key(format!("{key}:gen"));
+        }
+        invocation
+            .arg(GENERATION_TTL.as_millis() as u64)
+            .invoke_async(conn)
+            .await
     }
 
     async fn apply_invalidations(&self, entries: &[(Entity, i64)]) -> bool {
-        let keys = self.invalidation_args(entries);
         self.guarded("invalidate", async |conn| {
-            let mut invocation = self.invalidate.prepare_invoke();
-            for pair in keys.chunks(2) {
-                invocation.key(&pair[1]).key(&pair[0]);
-            }
-            invocation
-                .arg(GENERATION_TTL.as_millis() as u64)
-                .invoke_async::<u64>(conn)
-                .await
+            self.run_invalidations(conn, entries).await
         })
         .await
         .is_some()
@@ -772,15 +771,7 @@ impl Inner {
             self.flush_values(conn).await?;
         } else {
             for chunk in entries.chunks(500) {
-                let keys = self.invalidation_args(chunk);
-                let mut invocation = self.invalidate.prepare_invoke();
-                for pair in keys.chunks(2) {
-                    invocation.key(&pair[1]).key(&pair[0]);
-                }
-                invocation
-                    .arg(GENERATION_TTL.as_millis() as u64)
-                    .invoke_async::<u64>(conn)
-                    .await?;
+                self.run_invalidations(conn, chunk).await?;
             }
         }
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
