@@ -57,7 +57,7 @@ for _ in $(seq 1 100); do
 done
 
 services=$(grpcurl -plaintext "$ADDR" list)
-for svc in datagate.v1.UserService datagate.v1.CatalogService datagate.v1.OrderService grpc.health.v1.Health \
+for svc in datagate.v1.UserService datagate.v1.CatalogService datagate.v1.OrderService datagate.v1.AdminService grpc.health.v1.Health \
            grpc.reflection.v1.ServerReflection grpc.reflection.v1alpha.ServerReflection; do
   check "reflection lists $svc" grep -qx "$svc" <<<"$services"
 done

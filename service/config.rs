@@ -25,8 +25,19 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     pub database: DatabaseSettings,
     pub redis: RedisSettings,
+    pub partitions: PartitionSettings,
     pub auth: AuthSettings,
     pub pagination: PaginationSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct PartitionSettings {
+    pub months_ahead: u32,
+    pub search_retention_months: u32,
+    pub audit_retention_months: u32,
+    /// Zero turns the schedule off.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -247,6 +258,15 @@ impl Settings {
         }
         if !(0.0..=1.0).contains(&self.telemetry.trace_sample_ratio) {
             bail!("invalid configuration: telemetry.trace_sample_ratio must be between 0 and 1");
+        }
+        let partitions = &self.partitions;
+        if partitions.months_ahead > 24
+            || partitions.search_retention_months == 0
+            || partitions.audit_retention_months == 0
+        {
+            bail!(
+                "invalid configuration: partitions.months_ahead must be at most 24 and the retentions at least 1 month"
+            );
         }
         let redis = &self.redis;
         if redis.pool_size == 0 || !(0.0..0.5).contains(&redis.ttl_jitter) {

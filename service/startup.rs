@@ -14,6 +14,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     api::{
+        admin::{AdminApi, AdminServiceServer},
         catalog::{CatalogApi, CatalogServiceServer},
         orders::{OrderApi, OrderServiceServer},
         users::{UserApi, UserServiceServer},
@@ -21,8 +22,8 @@ use crate::{
     auth::TokenStore,
     config::Settings,
     domain::{
-        catalog::Catalog, orders::Orders, paging::PageTokens, passwords::PasswordHasher,
-        teams::Teams, users::Users,
+        catalog::Catalog, orders::Orders, paging::PageTokens, partitions::Partitions,
+        passwords::PasswordHasher, teams::Teams, users::Users,
     },
     metrics,
     middleware::{AuthLayer, DeadlineLayer, RpcLayer},
@@ -39,6 +40,7 @@ const SERVICES: &[&str] = &[
     <UserServiceServer<UserApi> as NamedService>::NAME,
     <CatalogServiceServer<CatalogApi> as NamedService>::NAME,
     <OrderServiceServer<OrderApi> as NamedService>::NAME,
+    <AdminServiceServer<AdminApi> as NamedService>::NAME,
 ];
 
 pub struct Application {
@@ -121,6 +123,10 @@ impl Application {
             CatalogServiceServer::new(CatalogApi::new(Catalog::new(db.clone(), cache.clone())))
                 .max_decoding_message_size(max_message)
                 .max_encoding_message_size(max_message);
+        let partitions = Partitions::new(db.clone(), settings.partitions.clone());
+        let admin_api = AdminServiceServer::new(AdminApi::new(partitions.clone()))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message);
         let order_api = OrderServiceServer::new(OrderApi::new(orders))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
@@ -154,6 +160,11 @@ impl Application {
             health.clone(),
             stopping.clone(),
         ));
+        let maintenance = tokio::spawn(maintain_partitions(
+            partitions,
+            settings.partitions.interval,
+            stopping.clone(),
+        ));
         let metrics_server = tokio::spawn(metrics::serve(
             metrics_listener,
             db.clone(),
@@ -172,6 +183,7 @@ impl Application {
             .add_service(user_api)
             .add_service(catalog_api)
             .add_service(order_api)
+            .add_service(admin_api)
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(grpc),
                 stop_serving.clone().cancelled_owned(),
@@ -190,6 +202,7 @@ impl Application {
         tracing::info!("shutting down: health is NOT_SERVING");
         stopping.cancel();
         let _ = readiness.await;
+        let _ = maintenance.await;
         set_all(&health, ServingStatus::NotServing).await;
         if !server_settings.shutdown_readiness_delay.is_zero() {
             tokio::select! {
@@ -210,6 +223,28 @@ impl Application {
         db.close().await;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Partition maintenance at start-up and every `interval` (never if zero).
+/// A failed round is logged and retried at the next one.
+async fn maintain_partitions(
+    partitions: Partitions,
+    interval: Duration,
+    stopping: CancellationToken,
+) {
+    if interval.is_zero() {
+        return;
+    }
+    let mut ticks = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            () = stopping.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        if let Err(e) = partitions.maintain(chrono::Utc::now().date_naive()).await {
+            tracing::error!(error = %e, "partition maintenance failed; retrying at the next interval");
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 //! domain values (collecting every field violation), calls the domain, and
 //! converts the result back. No SQL here.
 
+pub mod admin;
 pub mod catalog;
 pub mod error;
 pub mod orders;

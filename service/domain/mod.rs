@@ -5,6 +5,7 @@ pub mod catalog;
 pub mod error;
 pub mod orders;
 pub mod paging;
+pub mod partitions;
 pub mod passwords;
 pub mod teams;
 pub mod users;

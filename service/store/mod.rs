@@ -5,6 +5,7 @@
 
 pub mod cache;
 pub mod orders;
+pub mod partitions;
 pub mod postgres;
 pub mod products;
 pub mod teams;

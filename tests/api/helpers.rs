@@ -16,8 +16,9 @@ use datagate::{
     auth,
     config::Settings,
     proto::v1::{
-        self as pb, catalog_service_client::CatalogServiceClient,
-        order_service_client::OrderServiceClient, user_service_client::UserServiceClient,
+        self as pb, admin_service_client::AdminServiceClient,
+        catalog_service_client::CatalogServiceClient, order_service_client::OrderServiceClient,
+        user_service_client::UserServiceClient,
     },
     startup::Application,
 };
@@ -35,6 +36,7 @@ use tonic_types::StatusExt as _;
 pub type UserClient = UserServiceClient<InterceptedService<Channel, Bearer>>;
 pub type CatalogClient = CatalogServiceClient<InterceptedService<Channel, Bearer>>;
 pub type OrderClient = OrderServiceClient<InterceptedService<Channel, Bearer>>;
+pub type AdminClient = AdminServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// Adds `authorization: Bearer <token>` to every call.
 #[derive(Clone)]
@@ -282,6 +284,10 @@ impl TestApp {
             self.channel().await,
             Bearer(Some(self.token.as_str().into())),
         )
+    }
+
+    pub async fn admin_as(&self, token: &str) -> AdminClient {
+        AdminServiceClient::with_interceptor(self.channel().await, Bearer(Some(token.into())))
     }
 
     pub async fn orders(&self) -> OrderClient {

@@ -6,6 +6,7 @@ mod cache;
 mod catalog;
 mod helpers;
 mod orders;
+mod partitions;
 mod process;
 mod server;
 mod teams;

@@ -110,13 +110,13 @@ async fn migrate_status_down_and_up_round_trip() {
 
     run(&["migrate", "down"]).await;
     assert_eq!(
-        table("orders").await,
+        table("audit_log").await,
         None,
         "one step reverts the newest migration"
     );
     assert_eq!(
-        table("users").await.as_deref(),
-        Some("users"),
+        table("orders").await.as_deref(),
+        Some("orders"),
         "and only that one"
     );
     run(&["migrate", "down", "--steps", "5"]).await;
@@ -126,6 +126,7 @@ async fn migrate_status_down_and_up_round_trip() {
     run(&["migrate", "up"]).await;
     assert_eq!(table("users").await.as_deref(), Some("users"));
     assert_eq!(table("orders").await.as_deref(), Some("orders"));
+    assert_eq!(table("audit_log").await.as_deref(), Some("audit_log"));
     pool.close().await;
 }
 

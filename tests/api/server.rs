@@ -153,6 +153,7 @@ async fn reflection_v1_and_v1alpha_list_every_service() {
     use tonic_reflection::pb::{v1, v1alpha};
     let app = TestApp::spawn().await;
     let expected = [
+        "datagate.v1.AdminService",
         "datagate.v1.CatalogService",
         "datagate.v1.OrderService",
         "datagate.v1.UserService",

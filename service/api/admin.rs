@@ -1,0 +1,94 @@
+//! `datagate.v1.AdminService`: callers need the `admin` role.
+
+use chrono::{Datelike as _, Utc};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    auth::{ADMIN_ROLE, Caller},
+    domain::{
+        error::{Detail, Error},
+        partitions::Partitions,
+    },
+    proto::v1 as pb,
+};
+
+pub use pb::admin_service_server::AdminServiceServer;
+
+pub struct AdminApi {
+    partitions: Partitions,
+}
+
+impl AdminApi {
+    pub fn new(partitions: Partitions) -> Self {
+        Self { partitions }
+    }
+}
+
+fn require_admin<T>(request: &Request<T>) -> Result<(), Status> {
+    match request.extensions().get::<Caller>() {
+        Some(caller) if caller.has_role(ADMIN_ROLE) => Ok(()),
+        caller => Err(Error::PermissionDenied(
+            Detail::new(
+                "ADMIN_ROLE_REQUIRED",
+                format!(
+                    "caller {} lacks the `{ADMIN_ROLE}` role that AdminService requires",
+                    caller.map_or("(unknown)", Caller::name)
+                ),
+            )
+            .with("role", ADMIN_ROLE),
+        )
+        .into()),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_service_server::AdminService for AdminApi {
+    async fn list_partitions(
+        &self,
+        request: Request<pb::ListPartitionsRequest>,
+    ) -> Result<Response<pb::ListPartitionsResponse>, Status> {
+        require_admin(&request)?;
+        let (partitions, default_rows) = self.partitions.list().await?;
+        Ok(Response::new(pb::ListPartitionsResponse {
+            partitions: partitions
+                .into_iter()
+                .map(|p| pb::Partition {
+                    month: p
+                        .month
+                        .map(|m| format!("{:04}-{:02}", m.year(), m.month()))
+                        .unwrap_or_default(),
+                    table: p.table,
+                    name: p.name,
+                    is_default: p.is_default,
+                    estimated_rows: p.estimated_rows,
+                    bound: p.bound,
+                })
+                .collect(),
+            default_rows: default_rows
+                .into_iter()
+                .map(|(table, rows)| pb::DefaultRows {
+                    table: table.to_owned(),
+                    rows,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn ensure_partitions(
+        &self,
+        request: Request<pb::EnsurePartitionsRequest>,
+    ) -> Result<Response<pb::EnsurePartitionsResponse>, Status> {
+        require_admin(&request)?;
+        let created = self.partitions.ensure(Utc::now().date_naive()).await?;
+        Ok(Response::new(pb::EnsurePartitionsResponse { created }))
+    }
+
+    async fn retire_partitions(
+        &self,
+        request: Request<pb::RetirePartitionsRequest>,
+    ) -> Result<Response<pb::RetirePartitionsResponse>, Status> {
+        require_admin(&request)?;
+        let dropped = self.partitions.retire(Utc::now().date_naive()).await?;
+        Ok(Response::new(pb::RetirePartitionsResponse { dropped }))
+    }
+}
