@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Postgres, QueryBuilder};
 
+use super::push_created_window;
+
 use crate::domain::{
     error::{Error, Result},
     orders::{
@@ -297,21 +299,13 @@ pub async fn list(
     if let Some(status) = filter.status {
         q.push(" AND status = ").push_bind(status.as_str());
     }
-    if let Some(t) = filter.created_after {
-        q.push(" AND created_at >= ").push_bind(t);
-    }
-    if let Some(t) = filter.created_before {
-        q.push(" AND created_at < ").push_bind(t);
-    }
-    if let Some((micros, last_id)) = after {
-        let at = DateTime::<Utc>::from_timestamp_micros(micros)
-            .ok_or_else(|| Error::invalid("page_token", "holds an impossible position"))?;
-        q.push(" AND (created_at, id) < (")
-            .push_bind(at)
-            .push(", ")
-            .push_bind(last_id)
-            .push(")");
-    }
+    push_created_window(
+        &mut q,
+        filter.created_after,
+        filter.created_before,
+        after,
+        true,
+    )?;
     q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
         .push_bind(limit);
     headers(q.build_query_as().fetch_all(conn).await?)

@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
-use super::on_constraint;
+use super::{cursor_time, on_constraint};
 use crate::domain::{
     error::{Detail, Error, Result},
     teams::{Membership, MembershipCursor, Team, TeamName, TeamRole, team_not_found},
@@ -156,13 +156,7 @@ pub async fn memberships_of(
     limit: i64,
 ) -> Result<Vec<Membership>> {
     let (after_at, after_team) = match after {
-        Some((micros, team)) => (
-            Some(
-                DateTime::<Utc>::from_timestamp_micros(micros)
-                    .ok_or_else(|| Error::invalid("page_token", "holds an impossible position"))?,
-            ),
-            team,
-        ),
+        Some((micros, team)) => (Some(cursor_time(micros)?), team),
         None => (None, 0),
     };
     let rows: Vec<MembershipRow> = sqlx::query_as(

@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Postgres, QueryBuilder};
 
-use super::on_constraint;
+use super::{on_constraint, push_created_window};
 use crate::domain::{
     error::{Error, Result},
     users::{Id, NewUser, User, UserCursor, UserFilter, UserLookup, UserPatch, UserStatus},
@@ -145,21 +145,13 @@ pub async fn list(
     if let Some(status) = filter.status {
         q.push(" AND status = ").push_bind(status.as_str());
     }
-    if let Some(t) = filter.created_after {
-        q.push(" AND created_at >= ").push_bind(t);
-    }
-    if let Some(t) = filter.created_before {
-        q.push(" AND created_at < ").push_bind(t);
-    }
-    if let Some((micros, id)) = after {
-        let at = DateTime::<Utc>::from_timestamp_micros(micros)
-            .ok_or_else(|| Error::invalid("page_token", "holds an impossible position"))?;
-        q.push(" AND (created_at, id) > (")
-            .push_bind(at)
-            .push(", ")
-            .push_bind(id)
-            .push(")");
-    }
+    push_created_window(
+        &mut q,
+        filter.created_after,
+        filter.created_before,
+        after,
+        false,
+    )?;
     q.push(" ORDER BY created_at, id LIMIT ").push_bind(limit);
     let rows: Vec<UserRow> = q.build_query_as().fetch_all(conn).await?;
     rows_to_users(rows)
