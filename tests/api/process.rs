@@ -32,6 +32,34 @@ fn datagate() -> Command {
     command
 }
 
+/// `datagate serve` on loopback `port` with a database, one token entry and
+/// an ephemeral metrics port; tests add what they are about.
+fn serve(database_url: &str, token_entry: &str, port: u16) -> Command {
+    let mut command = datagate();
+    command
+        .arg("serve")
+        .env("DATAGATE__DATABASE__URL", database_url)
+        .env("DATAGATE__PAGINATION__TOKEN_SECRET", "x".repeat(40))
+        .env("DATAGATE__AUTH__TOKENS", token_entry)
+        .env("DATAGATE__SERVER__HOST", "127.0.0.1")
+        .env("DATAGATE__SERVER__PORT", port.to_string())
+        .env("DATAGATE__METRICS__HOST", "127.0.0.1")
+        .env("DATAGATE__METRICS__PORT", free_port().to_string());
+    command
+}
+
+/// A channel to the binary on `port`, once it accepts connections.
+async fn connect(port: u16) -> tonic::transport::Channel {
+    let endpoint = Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
+    for _ in 0..200 {
+        if let Ok(channel) = endpoint.connect().await {
+            return channel;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the binary did not start serving on port {port}");
+}
+
 #[tokio::test]
 async fn help_lists_the_subcommands() {
     let output = datagate().arg("--help").output().await.unwrap();
@@ -135,15 +163,7 @@ async fn sigterm_lets_the_in_flight_call_finish_and_exits_zero() {
     let database = TestDatabase::create().await;
     let (token, entry) = auth::new_token("sigterm-test", &[]).unwrap();
     let port = free_port();
-    let mut child = datagate()
-        .arg("serve")
-        .env("DATAGATE__DATABASE__URL", &database.url)
-        .env("DATAGATE__PAGINATION__TOKEN_SECRET", "x".repeat(40))
-        .env("DATAGATE__AUTH__TOKENS", &entry)
-        .env("DATAGATE__SERVER__HOST", "127.0.0.1")
-        .env("DATAGATE__SERVER__PORT", port.to_string())
-        .env("DATAGATE__METRICS__HOST", "127.0.0.1")
-        .env("DATAGATE__METRICS__PORT", free_port().to_string())
+    let mut child = serve(&database.url, &entry, port)
         .env("DATAGATE__TELEMETRY__LOG_FORMAT", "json")
         .env("DATAGATE__REDIS__URL", crate::cache::redis_url())
         .env(
@@ -156,17 +176,8 @@ async fn sigterm_lets_the_in_flight_call_finish_and_exits_zero() {
         .spawn()
         .unwrap();
 
-    let endpoint = Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
-    let mut channel = None;
-    for _ in 0..200 {
-        if let Ok(c) = endpoint.connect().await {
-            channel = Some(c);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let channel = channel.expect("the binary starts serving");
-    let mut users = UserServiceClient::with_interceptor(channel, Bearer(Some(token.into())));
+    let mut users =
+        UserServiceClient::with_interceptor(connect(port).await, Bearer(Some(token.into())));
     let user = users
         .create_user(pb::CreateUserRequest {
             email: "term@example.com".into(),
@@ -303,15 +314,7 @@ async fn with_an_otlp_endpoint_every_call_is_exported_as_a_server_span() {
     let (collector, mut spans) = collector::start().await;
     let (token, entry) = auth::new_token("traced-caller", &[]).unwrap();
     let port = free_port();
-    let mut child = datagate()
-        .arg("serve")
-        .env("DATAGATE__DATABASE__URL", &database.url)
-        .env("DATAGATE__PAGINATION__TOKEN_SECRET", "x".repeat(40))
-        .env("DATAGATE__AUTH__TOKENS", &entry)
-        .env("DATAGATE__SERVER__HOST", "127.0.0.1")
-        .env("DATAGATE__SERVER__PORT", port.to_string())
-        .env("DATAGATE__METRICS__HOST", "127.0.0.1")
-        .env("DATAGATE__METRICS__PORT", free_port().to_string())
+    let mut child = serve(&database.url, &entry, port)
         .env(
             "DATAGATE__TELEMETRY__OTLP_ENDPOINT",
             format!("http://{collector}"),
@@ -322,17 +325,8 @@ async fn with_an_otlp_endpoint_every_call_is_exported_as_a_server_span() {
         .spawn()
         .unwrap();
 
-    let endpoint = Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
-    let mut channel = None;
-    for _ in 0..200 {
-        if let Ok(c) = endpoint.connect().await {
-            channel = Some(c);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let mut users =
-        UserServiceClient::with_interceptor(channel.unwrap(), Bearer(Some(token.into())));
+        UserServiceClient::with_interceptor(connect(port).await, Bearer(Some(token.into())));
     let mut request = tonic::Request::new(pb::GetUserRequest { id: 77 });
     request
         .metadata_mut()
