@@ -5,6 +5,7 @@ use secrecy::SecretString;
 use sqlx::PgPool;
 
 use crate::domain::{
+    audit::Actor,
     error::Error,
     paging::PageTokens,
     passwords::{Password, PasswordHasher},
@@ -32,6 +33,7 @@ pub async fn demo(db: &PgPool, cache: Cache) -> anyhow::Result<()> {
     let teams = Teams::new(db.clone(), pages);
 
     let mut created = Vec::new();
+    let actor = Actor::system("seed");
     for (email, username, name) in DEMO_USERS {
         let new = NewUser {
             email: Email::parse(email).map_err(anyhow::Error::msg)?,
@@ -42,7 +44,7 @@ pub async fn demo(db: &PgPool, cache: Cache) -> anyhow::Result<()> {
                 Password::parse("correct horse battery".into()).map_err(anyhow::Error::msg)?,
             ),
         };
-        match users.create(new).await {
+        match users.create(&actor, new).await {
             Ok(user) => created.push(user.id),
             Err(Error::AlreadyExists(_)) => {}
             Err(e) => return Err(e.into()),

@@ -3,7 +3,7 @@
 use prost_types::FieldMask;
 use tonic::{Request, Response, Status};
 
-use super::{parse_id, parse_ids, parsed, timestamp};
+use super::{actor, parse_id, parse_ids, parsed, timestamp};
 use crate::{
     domain::{
         catalog::{
@@ -33,6 +33,7 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
         &self,
         request: Request<pb::CreateProductRequest>,
     ) -> Result<Response<pb::Product>, Status> {
+        let actor = actor(&request)?;
         let r = request.into_inner();
         let mut v = Violations::default();
         let sku = v.check("sku", Sku::parse(&r.sku));
@@ -56,16 +57,19 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
         );
         let product = self
             .catalog
-            .create(NewProduct {
-                sku,
-                title,
-                description,
-                category,
-                price_cents,
-                rating,
-                review_count,
-                inventory,
-            })
+            .create(
+                &actor,
+                NewProduct {
+                    sku,
+                    title,
+                    description,
+                    category,
+                    price_cents,
+                    rating,
+                    review_count,
+                    inventory,
+                },
+            )
             .await?;
         Ok(Response::new(product.into()))
     }
@@ -99,6 +103,7 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
         &self,
         request: Request<pb::UpdateProductRequest>,
     ) -> Result<Response<pb::Product>, Status> {
+        let actor = actor(&request)?;
         let r = request.into_inner();
         let mut v = Violations::default();
         let id = parse_id(&mut v, "id", r.id);
@@ -111,7 +116,10 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
         let patch = parse_patch(&mut v, r.product.unwrap_or_default(), r.update_mask);
         parsed!(v, id, patch);
         Ok(Response::new(
-            self.catalog.update(id, r.version, patch).await?.into(),
+            self.catalog
+                .update(&actor, id, r.version, patch)
+                .await?
+                .into(),
         ))
     }
 
@@ -119,6 +127,7 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
         &self,
         request: Request<pb::AdjustInventoryRequest>,
     ) -> Result<Response<pb::Product>, Status> {
+        let actor = actor(&request)?;
         let r = request.into_inner();
         let mut v = Violations::default();
         let id = parse_id(&mut v, "product_id", r.product_id);
@@ -130,7 +139,10 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
         }
         parsed!(v, id);
         Ok(Response::new(
-            self.catalog.adjust_inventory(id, r.delta).await?.into(),
+            self.catalog
+                .adjust_inventory(&actor, id, r.delta)
+                .await?
+                .into(),
         ))
     }
 }

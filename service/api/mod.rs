@@ -11,11 +11,27 @@ pub mod users;
 use chrono::{DateTime, Utc};
 use prost_types::Timestamp;
 
-use crate::domain::{
-    error::Violations,
-    paging::{PageRequest, PageSize},
-    users::Id,
+use crate::{
+    auth::Caller,
+    domain::{
+        audit::Actor,
+        error::{Error, Violations},
+        paging::{PageRequest, PageSize},
+        users::Id,
+    },
+    middleware::RequestId,
 };
+
+/// The caller and request id of a call, for the writes it makes. Every
+/// service call passed the auth layer, so a missing caller is a bug.
+pub(crate) fn actor<T>(request: &tonic::Request<T>) -> Result<Actor, Error> {
+    let caller = request
+        .extensions()
+        .get::<Caller>()
+        .ok_or_else(|| Error::Internal(anyhow::anyhow!("no caller on an authenticated call")))?;
+    let request_id = request.extensions().get::<RequestId>().map(|r| r.0.clone());
+    Ok(Actor::new(caller.name(), request_id))
+}
 
 pub(crate) fn timestamp(t: DateTime<Utc>) -> Timestamp {
     Timestamp {

@@ -4,9 +4,8 @@ use std::collections::HashSet;
 
 use tonic::{Request, Response, Status};
 
-use super::{parse_id, parse_page, parse_time_range, parsed, timestamp};
+use super::{actor, parse_id, parse_page, parse_time_range, parsed, timestamp};
 use crate::{
-    auth::Caller,
     domain::{
         error::{Error, Violations},
         orders::{
@@ -36,15 +35,9 @@ impl pb::order_service_server::OrderService for OrderApi {
         &self,
         request: Request<pb::CreateOrderRequest>,
     ) -> Result<Response<pb::Order>, Status> {
-        let caller = request
-            .extensions()
-            .get::<Caller>()
-            .map(|c| c.name().to_owned())
-            .ok_or_else(|| {
-                Error::Internal(anyhow::anyhow!("no caller on an authenticated call"))
-            })?;
+        let actor = actor(&request)?;
         let new = parse_new_order(request.into_inner())?;
-        let order = self.orders.create(&caller, new).await?;
+        let order = self.orders.create(&actor, new).await?;
         Ok(Response::new(order.into()))
     }
 
@@ -91,6 +84,7 @@ impl pb::order_service_server::OrderService for OrderApi {
         &self,
         request: Request<pb::UpdateOrderStatusRequest>,
     ) -> Result<Response<pb::Order>, Status> {
+        let actor = actor(&request)?;
         let r = request.into_inner();
         let mut v = Violations::default();
         let id = parse_id(&mut v, "id", r.id);
@@ -114,7 +108,10 @@ impl pb::order_service_server::OrderService for OrderApi {
         parsed!(v, id, status);
         let version = (r.version > 0).then_some(r.version);
         Ok(Response::new(
-            self.orders.update_status(id, status, version).await?.into(),
+            self.orders
+                .update_status(&actor, id, status, version)
+                .await?
+                .into(),
         ))
     }
 

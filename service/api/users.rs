@@ -3,7 +3,7 @@
 use prost_types::FieldMask;
 use tonic::{Request, Response, Status};
 
-use super::{parse_id, parse_ids, parse_page, parse_time_range, parsed, timestamp};
+use super::{actor, parse_id, parse_ids, parse_page, parse_time_range, parsed, timestamp};
 use crate::{
     domain::{
         error::{Error, Violations},
@@ -36,8 +36,9 @@ impl pb::user_service_server::UserService for UserApi {
         &self,
         request: Request<pb::CreateUserRequest>,
     ) -> Result<Response<pb::User>, Status> {
+        let actor = actor(&request)?;
         let new = parse_new_user(request.into_inner())?;
-        let user = self.users.create(new).await?;
+        let user = self.users.create(&actor, new).await?;
         Ok(Response::new(user.into()))
     }
 
@@ -96,6 +97,7 @@ impl pb::user_service_server::UserService for UserApi {
         &self,
         request: Request<pb::UpdateUserRequest>,
     ) -> Result<Response<pb::User>, Status> {
+        let actor = actor(&request)?;
         let request = request.into_inner();
         let mut v = Violations::default();
         let id = parse_id(&mut v, "id", request.id);
@@ -111,7 +113,10 @@ impl pb::user_service_server::UserService for UserApi {
             request.update_mask,
         );
         parsed!(v, id, patch);
-        let user = self.users.update(id, request.version, patch).await?;
+        let user = self
+            .users
+            .update(&actor, id, request.version, patch)
+            .await?;
         Ok(Response::new(user.into()))
     }
 
@@ -119,6 +124,7 @@ impl pb::user_service_server::UserService for UserApi {
         &self,
         request: Request<pb::DeleteUserRequest>,
     ) -> Result<Response<pb::DeleteUserResponse>, Status> {
+        let actor = actor(&request)?;
         let request = request.into_inner();
         let mut v = Violations::default();
         let id = parse_id(&mut v, "id", request.id);
@@ -130,7 +136,7 @@ impl pb::user_service_server::UserService for UserApi {
         }
         parsed!(v, id);
         let version = (request.version > 0).then_some(request.version);
-        self.users.delete(id, version).await?;
+        self.users.delete(&actor, id, version).await?;
         Ok(Response::new(pb::DeleteUserResponse {}))
     }
 

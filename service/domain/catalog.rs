@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
 use super::{
+    audit::Actor,
     error::{Detail, Error, Result},
     users::{Id, bounded_text, in_request_order},
 };
@@ -217,9 +218,10 @@ impl Catalog {
     }
 
     #[tracing::instrument(skip_all, err(Debug))]
-    pub async fn create(&self, new: NewProduct) -> Result<Product> {
-        let mut conn = self.db.acquire().await?;
-        let product = store::products::insert(&mut conn, &new).await?;
+    pub async fn create(&self, actor: &Actor, new: NewProduct) -> Result<Product> {
+        let mut tx = store::audit::begin(&self.db, actor).await?;
+        let product = store::products::insert(&mut tx, &new).await?;
+        tx.commit().await?;
         self.cache
             .invalidate(&[(Entity::Product, product.id.get())])
             .await;
@@ -257,14 +259,20 @@ impl Catalog {
     }
 
     #[tracing::instrument(skip_all, fields(product_id = %id, version), err(Debug))]
-    pub async fn update(&self, id: Id, version: i64, patch: ProductPatch) -> Result<Product> {
+    pub async fn update(
+        &self,
+        actor: &Actor,
+        id: Id,
+        version: i64,
+        patch: ProductPatch,
+    ) -> Result<Product> {
         if patch.is_empty() {
             return Err(Error::invalid(
                 "update_mask",
                 "must name at least one of: title, description, category, price_cents, rating, review_count",
             ));
         }
-        let mut tx = self.db.begin().await?;
+        let mut tx = store::audit::begin(&self.db, actor).await?;
         let Some(product) = store::products::update(&mut tx, id, version, &patch).await? else {
             return Err(match store::products::current_version(&mut tx, id).await? {
                 Some(current) => Error::Aborted(
@@ -284,8 +292,8 @@ impl Catalog {
     }
 
     #[tracing::instrument(skip_all, fields(product_id = %id, delta), err(Debug))]
-    pub async fn adjust_inventory(&self, id: Id, delta: i32) -> Result<Product> {
-        let mut tx = self.db.begin().await?;
+    pub async fn adjust_inventory(&self, actor: &Actor, id: Id, delta: i32) -> Result<Product> {
+        let mut tx = store::audit::begin(&self.db, actor).await?;
         store::products::adjust_inventory(&mut tx, id, delta).await?;
         let product = store::products::find_many(&mut tx, &[id])
             .await?

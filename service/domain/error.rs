@@ -157,7 +157,8 @@ impl Violations {
 }
 
 /// Database failures that are not a domain outcome: a broken or exhausted pool
-/// is transient (UNAVAILABLE), a cancelled statement is a deadline, a
+/// is transient (UNAVAILABLE), as is a lock wait that timed out (partition
+/// maintenance sets `lock_timeout`), a cancelled statement is a deadline, a
 /// serialization failure or deadlock is a retryable conflict, and anything
 /// else is internal. Constraint violations that are domain outcomes are mapped
 /// by the store before they get here.
@@ -179,6 +180,13 @@ impl From<sqlx::Error> for Error {
                     "QUERY_TIMEOUT",
                     "the database query was cancelled at the call's deadline",
                 )),
+                Some("55P03") => Self::Unavailable {
+                    detail: Detail::new(
+                        "LOCK_TIMEOUT",
+                        "a table this call needs is locked by maintenance; retry shortly",
+                    ),
+                    retry_after: Duration::from_secs(1),
+                },
                 Some("40001" | "40P01") => Self::Aborted(Detail::new(
                     "TRANSACTION_CONFLICT",
                     "the change conflicted with a concurrent one; retry",

@@ -1,6 +1,7 @@
 //! Domain rules per bounded context: parsed value types, operations, and the
 //! transactions around them.
 
+pub mod audit;
 pub mod catalog;
 pub mod error;
 pub mod orders;

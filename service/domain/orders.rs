@@ -10,6 +10,7 @@ use sha2::{Digest as _, Sha256};
 use sqlx::PgPool;
 
 use super::{
+    audit::Actor,
     catalog::{insufficient_inventory, products_not_found},
     error::{Detail, Error, Result},
     paging::{Page, PageRequest, PageSize, PageTokens},
@@ -222,9 +223,10 @@ impl Orders {
     /// Inventory rows are locked in product id order, so concurrent orders
     /// never deadlock.
     #[tracing::instrument(skip_all, fields(user_id = %new.user_id, lines = new.lines.len()), err(Debug))]
-    pub async fn create(&self, caller: &str, new: NewOrder) -> Result<Order> {
+    pub async fn create(&self, actor: &Actor, new: NewOrder) -> Result<Order> {
+        let caller = actor.caller();
         let fingerprint = new.fingerprint();
-        let mut tx = self.db.begin().await?;
+        let mut tx = store::audit::begin(&self.db, actor).await?;
         if let Some(key) = &new.request_key
             && !store::orders::claim_request_key(&mut tx, caller, key.as_str(), &fingerprint)
                 .await?
@@ -359,11 +361,12 @@ impl Orders {
     #[tracing::instrument(skip_all, fields(order_id = %id, to = to.as_str()), err(Debug))]
     pub async fn update_status(
         &self,
+        actor: &Actor,
         id: Id,
         to: OrderStatus,
         version: Option<i64>,
     ) -> Result<Order> {
-        let mut tx = self.db.begin().await?;
+        let mut tx = store::audit::begin(&self.db, actor).await?;
         let (from, current_version) = store::orders::lock_order(&mut tx, id)
             .await?
             .ok_or_else(|| order_not_found(id))?;

@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
 use super::{
+    audit::Actor,
     error::{Detail, Error, Result},
     paging::{Page, PageRequest, PageTokens},
     passwords::{Password, PasswordHasher},
@@ -319,13 +320,14 @@ impl Users {
     }
 
     #[tracing::instrument(skip_all, err(Debug))]
-    pub async fn create(&self, new: NewUser) -> Result<User> {
+    pub async fn create(&self, actor: &Actor, new: NewUser) -> Result<User> {
         let password_hash = match new.password.clone() {
             Some(p) => Some(self.passwords.hash(p).await?),
             None => None,
         };
-        let mut conn = self.db.acquire().await?;
-        let user = store::users::insert(&mut conn, &new, password_hash.as_deref()).await?;
+        let mut tx = store::audit::begin(&self.db, actor).await?;
+        let user = store::users::insert(&mut tx, &new, password_hash.as_deref()).await?;
+        tx.commit().await?;
         // A "not found" for this id may be cached.
         self.cache
             .invalidate(&[(Entity::User, user.id.get())])
@@ -411,7 +413,13 @@ impl Users {
     }
 
     #[tracing::instrument(skip_all, fields(user_id = %id, version), err(Debug))]
-    pub async fn update(&self, id: Id, version: i64, patch: UserPatch) -> Result<User> {
+    pub async fn update(
+        &self,
+        actor: &Actor,
+        id: Id,
+        version: i64,
+        patch: UserPatch,
+    ) -> Result<User> {
         if patch.is_empty() {
             return Err(Error::invalid(
                 "update_mask",
@@ -423,7 +431,7 @@ impl Users {
             Some(None) => Some(None),
             None => None,
         };
-        let mut tx = self.db.begin().await?;
+        let mut tx = store::audit::begin(&self.db, actor).await?;
         let updated = store::users::update(&mut tx, id, version, &patch, password_hash).await?;
         let user = match updated {
             Some(user) => user,
@@ -443,8 +451,8 @@ impl Users {
     /// Soft delete: the row stays, the user disappears from every read, and
     /// its team memberships go, all in one transaction.
     #[tracing::instrument(skip_all, fields(user_id = %id), err(Debug))]
-    pub async fn delete(&self, id: Id, version: Option<i64>) -> Result<()> {
-        let mut tx = self.db.begin().await?;
+    pub async fn delete(&self, actor: &Actor, id: Id, version: Option<i64>) -> Result<()> {
+        let mut tx = store::audit::begin(&self.db, actor).await?;
         if !store::users::soft_delete(&mut tx, id, version).await? {
             return Err(
                 match (store::users::current_version(&mut tx, id).await?, version) {

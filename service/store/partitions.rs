@@ -2,11 +2,29 @@
 //! ahead, retire, and watch the DEFAULT partition.
 //!
 //! Partitions are named `<table>_pYYYYMM` and cover [first of the month,
-//! first of the next) in UTC. Every change runs in one transaction under a
-//! transaction-scoped advisory lock, so replicas running the maintenance at
-//! the same time take turns, and every step checks what exists first: running
-//! it twice changes nothing. Table and partition names come from the
-//! constants below and from dates, never from input.
+//! first of the next) in UTC. Each partition is created or retired in a
+//! transaction of its own under a transaction-scoped advisory lock, so
+//! replicas running the maintenance at the same time take turns, and each
+//! step checks what exists first: running it twice changes nothing. Table and
+//! partition names come from the constants below and from dates, never from
+//! input.
+//!
+//! **Locks.** Writers insert into these tables all the time (the audit log is
+//! written by triggers in every write transaction). A writer locks the parent
+//! table, then the partition its row is routed to. Maintenance takes its
+//! locks in the same order and never holds one table's lock while waiting for
+//! another's:
+//! - one partition per transaction: a transaction that created one partition
+//!   (and so locked DEFAULT) and then waited for the parent to create the
+//!   next would deadlock with a writer holding the parent and routing a row
+//!   to DEFAULT;
+//! - the parent is locked ACCESS EXCLUSIVE first, for the few milliseconds a
+//!   step takes. A weaker lock (ATTACH alone takes SHARE UPDATE EXCLUSIVE)
+//!   would let a writer that already routed a row to DEFAULT insert it after
+//!   the new partition's range was carved out of DEFAULT, and fail;
+//! - `lock_timeout` bounds each wait, so a long-running writer makes a round
+//!   fail and retry at the next interval instead of queueing every writer
+//!   behind it.
 //!
 //! When a month's partition is created while the DEFAULT partition holds rows
 //! of that month (they arrived before the partition existed), PostgreSQL
@@ -38,6 +56,24 @@ pub const TABLES: [PartitionedTable; 2] = [PRODUCT_SEARCHES, AUDIT_LOG];
 
 /// Serializes partition maintenance across replicas.
 const LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext('datagate.partitions'))";
+/// How long a maintenance step waits for a table lock before giving up (the
+/// round is retried at the next interval).
+const LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '5s'";
+
+/// A maintenance transaction: lock timeout set, advisory lock held.
+async fn begin(pool: &PgPool) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(LOCK_TIMEOUT).execute(&mut *tx).await?;
+    sqlx::query(LOCK).execute(&mut *tx).await?;
+    Ok(tx)
+}
+
+async fn exists(conn: &mut PgConnection, name: &str) -> Result<bool> {
+    Ok(sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(name)
+        .fetch_one(conn)
+        .await?)
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Partition {
@@ -104,23 +140,25 @@ pub async fn list(conn: &mut PgConnection) -> Result<Vec<Partition>> {
 /// Creates the partitions of the month of `today` and `months_ahead` months
 /// after it, for every table. Returns the names created.
 pub async fn ensure(pool: &PgPool, today: NaiveDate, months_ahead: u32) -> Result<Vec<String>> {
-    let mut tx = pool.begin().await?;
-    sqlx::query(LOCK).execute(&mut *tx).await?;
-    let existing: Vec<String> = list(&mut tx).await?.into_iter().map(|p| p.name).collect();
     let mut created = Vec::new();
     for table in TABLES {
         for ahead in 0..=months_ahead {
             let month = first_of_month(today) + Months::new(ahead);
             let name = partition_name(table.table, month);
-            if existing.contains(&name) {
+            if exists(&mut *pool.acquire().await?, &name).await? {
+                continue;
+            }
+            let mut tx = begin(pool).await?;
+            // Another replica may have created it while this one waited.
+            if exists(&mut tx, &name).await? {
                 continue;
             }
             let moved = create_partition(&mut tx, table, &name, month).await?;
+            tx.commit().await?;
             tracing::info!(partition = %name, moved_from_default = moved, "partition created");
             created.push(name);
         }
     }
-    tx.commit().await?;
     Ok(created)
 }
 
@@ -134,6 +172,9 @@ async fn create_partition(
 ) -> Result<i64> {
     let (from, to) = (literal(month), literal(month + Months::new(1)));
     let PartitionedTable { table, column } = table;
+    sqlx::query(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+        .execute(&mut *conn)
+        .await?;
     let in_month = format!("{column} >= {from} AND {column} < {to}");
     let waiting: i64 = sqlx::query_scalar(&format!(
         "SELECT count(*) FROM {table}_default WHERE {in_month}"
@@ -170,28 +211,32 @@ pub async fn retire(
     retention_months: u32,
 ) -> Result<Vec<String>> {
     let cutoff = first_of_month(today) - Months::new(retention_months);
-    let mut tx = pool.begin().await?;
-    sqlx::query(LOCK).execute(&mut *tx).await?;
     let mut dropped = Vec::new();
-    for partition in list(&mut tx).await? {
+    let partitions = list(&mut *pool.acquire().await?).await?;
+    for partition in partitions {
         let Some(month) = partition.month.filter(|_| partition.table == table.table) else {
             continue;
         };
-        if month + Months::new(1) <= cutoff {
-            sqlx::query(&format!(
-                "ALTER TABLE {} DETACH PARTITION {}",
-                table.table, partition.name
-            ))
+        if month + Months::new(1) > cutoff {
+            continue;
+        }
+        let mut tx = begin(pool).await?;
+        if !exists(&mut tx, &partition.name).await? {
+            continue;
+        }
+        sqlx::query(&format!(
+            "ALTER TABLE {} DETACH PARTITION {}",
+            table.table, partition.name
+        ))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(&format!("DROP TABLE {}", partition.name))
             .execute(&mut *tx)
             .await?;
-            sqlx::query(&format!("DROP TABLE {}", partition.name))
-                .execute(&mut *tx)
-                .await?;
-            tracing::info!(partition = %partition.name, "partition retired");
-            dropped.push(partition.name);
-        }
+        tx.commit().await?;
+        tracing::info!(partition = %partition.name, "partition retired");
+        dropped.push(partition.name);
     }
-    tx.commit().await?;
     Ok(dropped)
 }
 
