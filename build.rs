@@ -7,7 +7,7 @@
 use std::{env, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["users", "catalog", "orders", "admin"]
+    let protos = ["users", "catalog", "orders", "admin", "analytics"]
         .map(|name| PathBuf::from(format!("proto/datagate/v1/{name}.proto")));
     println!("cargo:rerun-if-changed=proto");
     println!("cargo:rerun-if-env-changed=PROTOC");

@@ -17,3 +17,8 @@ ALTER TABLE products ADD COLUMN search_vector tsvector GENERATED ALWAYS AS (
 CREATE INDEX products_search_idx ON products USING GIN (search_vector);
 -- Only searched when no word of a query matches (see service/store/search.rs).
 CREATE INDEX products_title_trgm_idx ON products USING GIN (title gin_trgm_ops);
+
+-- Which page of results a logged search asked for: insights count first
+-- pages only (asking for page two is not a new search). Adding a column with
+-- a constant default does not rewrite the partitions.
+ALTER TABLE product_searches ADD COLUMN page INTEGER NOT NULL DEFAULT 1 CHECK (page >= 1);

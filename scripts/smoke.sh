@@ -57,7 +57,7 @@ for _ in $(seq 1 100); do
 done
 
 services=$(grpcurl -plaintext "$ADDR" list)
-for svc in datagate.v1.UserService datagate.v1.CatalogService datagate.v1.OrderService datagate.v1.AdminService grpc.health.v1.Health \
+for svc in datagate.v1.UserService datagate.v1.CatalogService datagate.v1.OrderService datagate.v1.AdminService datagate.v1.AnalyticsService grpc.health.v1.Health \
            grpc.reflection.v1.ServerReflection grpc.reflection.v1alpha.ServerReflection; do
   check "reflection lists $svc" grep -qx "$svc" <<<"$services"
 done
@@ -82,6 +82,20 @@ check "an unknown user is NotFound" grep -q "Code: NotFound" <<<"$missing"
 check "error details decode by reflection" grep -q '"reason":"USER_NOT_FOUND"' <<<"$missing"
 unauth=$(grpcurl -plaintext -d "{\"id\": $ID}" "$ADDR" datagate.v1.UserService/GetUser 2>&1 || true)
 check "a call without a token is Unauthenticated" grep -q "Code: Unauthenticated" <<<"$unauth"
+
+grpcurl -plaintext -H "authorization: Bearer $TOKEN" \
+  -d '{"sku":"SMOKE-1","title":"Smoke detector","category":"safety","price_cents":1999,"inventory":3}' \
+  "$ADDR" datagate.v1.CatalogService/CreateProduct >/dev/null
+found=$(grpcurl -plaintext -H "authorization: Bearer $TOKEN" \
+  -d '{"query":"smoke detectors","sort":"PRODUCT_SORT_PRICE_ASCENDING"}' "$ADDR" datagate.v1.CatalogService/SearchProducts)
+check "SearchProducts finds the product (stemmed)" grep -q '"sku": "SMOKE-1"' <<<"$found"
+inverted=$(grpcurl -plaintext -H "authorization: Bearer $TOKEN" \
+  -d '{"query":"smoke","min_price_cents":500,"max_price_cents":100}' "$ADDR" datagate.v1.CatalogService/SearchProducts 2>&1 || true)
+check "an inverted price range is InvalidArgument" grep -q '"field":"max_price_cents"' <<<"$inverted"
+sleep 1.5 # the search log is written in batches, at least every second
+window="{\"start_time\":\"$(date -u -d '-1 hour' +%FT%TZ)\",\"end_time\":\"$(date -u -d '+1 hour' +%FT%TZ)\"}"
+insights=$(grpcurl -plaintext -H "authorization: Bearer $TOKEN" -d "$window" "$ADDR" datagate.v1.AnalyticsService/GetSearchInsights)
+check "GetSearchInsights counts the search" grep -q '"query": "smoke detectors"' <<<"$insights"
 
 kill -TERM "$SERVER_PID"
 status=0

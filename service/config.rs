@@ -26,6 +26,7 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub redis: RedisSettings,
     pub partitions: PartitionSettings,
+    pub search_log: SearchLogSettings,
     pub auth: AuthSettings,
     pub pagination: PaginationSettings,
 }
@@ -38,6 +39,18 @@ pub struct PartitionSettings {
     /// Zero turns the schedule off.
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SearchLogSettings {
+    /// Searches waiting to be written; when full, new ones are dropped (and
+    /// counted), never waited for.
+    pub buffer: usize,
+    /// The most searches one INSERT writes.
+    pub batch_size: usize,
+    /// How long a search may wait for its batch to fill.
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -59,6 +72,9 @@ pub struct RedisSettings {
     pub ttl_jitter: f64,
     #[serde(with = "humantime_serde")]
     pub negative_ttl: Duration,
+    /// TTL of cached query results (search pages), also jittered.
+    #[serde(with = "humantime_serde")]
+    pub query_ttl: Duration,
     #[serde(with = "humantime_serde")]
     pub lock_ttl: Duration,
     pub breaker_failures: u32,
@@ -266,6 +282,12 @@ impl Settings {
         {
             bail!(
                 "invalid configuration: partitions.months_ahead must be at most 24 and the retentions at least 1 month"
+            );
+        }
+        let log = &self.search_log;
+        if log.buffer == 0 || log.batch_size == 0 || log.flush_interval.is_zero() {
+            bail!(
+                "invalid configuration: search_log.buffer, search_log.batch_size and search_log.flush_interval must be positive"
             );
         }
         let redis = &self.redis;

@@ -13,6 +13,7 @@ pub mod loaders;
 pub mod metrics;
 pub mod middleware;
 pub mod proto;
+pub mod search_log;
 pub mod seed;
 pub mod startup;
 pub mod statements;

@@ -15,6 +15,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::{
     api::{
         admin::{AdminApi, AdminServiceServer},
+        analytics::{AnalyticsApi, AnalyticsServiceServer},
         catalog::{CatalogApi, CatalogServiceServer},
         orders::{OrderApi, OrderServiceServer},
         users::{UserApi, UserServiceServer},
@@ -22,18 +23,22 @@ use crate::{
     auth::TokenStore,
     config::Settings,
     domain::{
-        catalog::Catalog, orders::Orders, paging::PageTokens, partitions::Partitions,
-        passwords::PasswordHasher, teams::Teams, users::Users,
+        analytics::Analytics, catalog::Catalog, orders::Orders, paging::PageTokens,
+        partitions::Partitions, passwords::PasswordHasher, search::ProductSearch, teams::Teams,
+        users::Users,
     },
     metrics,
     middleware::{AuthLayer, DeadlineLayer, RpcLayer},
     proto,
+    search_log::SearchLog,
     store::{self, cache::Cache},
 };
 
 /// How often readiness checks the database and Redis, and how long a check may take.
 const READINESS_INTERVAL: Duration = Duration::from_secs(2);
 const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long shutdown waits for the search log to be written out.
+const SEARCH_LOG_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The services whose health is reported, besides the overall "" entry.
 const SERVICES: &[&str] = &[
@@ -41,6 +46,7 @@ const SERVICES: &[&str] = &[
     <CatalogServiceServer<CatalogApi> as NamedService>::NAME,
     <OrderServiceServer<OrderApi> as NamedService>::NAME,
     <AdminServiceServer<AdminApi> as NamedService>::NAME,
+    <AnalyticsServiceServer<AnalyticsApi> as NamedService>::NAME,
 ];
 
 pub struct Application {
@@ -115,18 +121,26 @@ impl Application {
             cache.clone(),
         );
         let teams = Teams::new(db.clone(), pages.clone());
-        let orders = Orders::new(db.clone(), pages, users.clone(), cache.clone());
+        let orders = Orders::new(db.clone(), pages.clone(), users.clone(), cache.clone());
         let user_api = UserServiceServer::new(UserApi::new(users, teams))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
-        let catalog_api =
-            CatalogServiceServer::new(CatalogApi::new(Catalog::new(db.clone(), cache.clone())))
-                .max_decoding_message_size(max_message)
-                .max_encoding_message_size(max_message);
+        let (search_log, search_log_writer) = SearchLog::start(db.clone(), &settings.search_log);
+        let search = ProductSearch::new(db.clone(), cache.clone(), pages.clone(), search_log);
+        let catalog_api = CatalogServiceServer::new(CatalogApi::new(
+            Catalog::new(db.clone(), cache.clone()),
+            search,
+        ))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
         let partitions = Partitions::new(db.clone(), settings.partitions.clone());
         let admin_api = AdminServiceServer::new(AdminApi::new(partitions.clone()))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
+        let analytics_api =
+            AnalyticsServiceServer::new(AnalyticsApi::new(Analytics::new(db.clone())))
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message);
         let order_api = OrderServiceServer::new(OrderApi::new(orders))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
@@ -184,6 +198,7 @@ impl Application {
             .add_service(catalog_api)
             .add_service(order_api)
             .add_service(admin_api)
+            .add_service(analytics_api)
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(grpc),
                 stop_serving.clone().cancelled_owned(),
@@ -194,6 +209,7 @@ impl Application {
         tokio::select! {
             result = &mut server => {
                 stopping.cancel();
+                search_log_writer.close(SEARCH_LOG_CLOSE_TIMEOUT).await;
                 return result.context("the gRPC server stopped unexpectedly");
             }
             () = shutdown => {}
@@ -206,21 +222,30 @@ impl Application {
         set_all(&health, ServingStatus::NotServing).await;
         if !server_settings.shutdown_readiness_delay.is_zero() {
             tokio::select! {
-                result = &mut server => return result.context("the gRPC server stopped unexpectedly"),
+                result = &mut server => {
+                    search_log_writer.close(SEARCH_LOG_CLOSE_TIMEOUT).await;
+                    return result.context("the gRPC server stopped unexpectedly");
+                }
                 () = tokio::time::sleep(server_settings.shutdown_readiness_delay) => {}
             }
         }
 
         tracing::info!(drain_timeout = ?server_settings.drain_timeout, "refusing new calls; draining in-flight calls");
         stop_serving.cancel();
-        match tokio::time::timeout(server_settings.drain_timeout, &mut server).await {
-            Ok(result) => result.context("the gRPC server failed while draining")?,
-            Err(_) => tracing::warn!("drain timeout elapsed; abandoning the calls still in flight"),
-        }
+        let drained = match tokio::time::timeout(server_settings.drain_timeout, &mut server).await {
+            Ok(result) => result.context("the gRPC server failed while draining"),
+            Err(_) => {
+                tracing::warn!("drain timeout elapsed; abandoning the calls still in flight");
+                Ok(())
+            }
+        };
+        // Searches served until now are in the log's buffer: write them out.
+        search_log_writer.close(SEARCH_LOG_CLOSE_TIMEOUT).await;
         if let Ok(Err(e)) = metrics_server.await {
             tracing::warn!(error = %e, "the metrics endpoint failed");
         }
         db.close().await;
+        drained?;
         tracing::info!("stopped");
         Ok(())
     }

@@ -11,19 +11,27 @@ use crate::{
             parse_count, parse_price, parse_rating,
         },
         error::Violations,
+        paging::PageRequest,
+        search::{
+            MAX_QUERY_CHARS, ProductSearch, SearchRequest, SearchText, parse_categories,
+            parse_page_size,
+        },
+        users::Id,
     },
     proto::v1 as pb,
+    store::search::{SearchFilters, SearchSort},
 };
 
 pub use pb::catalog_service_server::CatalogServiceServer;
 
 pub struct CatalogApi {
     catalog: Catalog,
+    search: ProductSearch,
 }
 
 impl CatalogApi {
-    pub fn new(catalog: Catalog) -> Self {
-        Self { catalog }
+    pub fn new(catalog: Catalog, search: ProductSearch) -> Self {
+        Self { catalog, search }
     }
 }
 
@@ -144,6 +152,88 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
                 .await?
                 .into(),
         ))
+    }
+
+    async fn search_products(
+        &self,
+        request: Request<pb::SearchProductsRequest>,
+    ) -> Result<Response<pb::SearchProductsResponse>, Status> {
+        let search = Self::parse_search(request.into_inner())?;
+        let page = self.search.search(search).await?;
+        Ok(Response::new(pb::SearchProductsResponse {
+            products: page.products.into_iter().map(Into::into).collect(),
+            next_page_token: page.next_page_token.unwrap_or_default(),
+            fuzzy: page.fuzzy,
+        }))
+    }
+}
+
+impl CatalogApi {
+    fn parse_search(r: pb::SearchProductsRequest) -> Result<SearchRequest, Status> {
+        let mut v = Violations::default();
+        let text = v.check(
+            "query",
+            SearchText::parse(&r.query)
+                .map_err(|e| format!("{e}; send 1 to {MAX_QUERY_CHARS} characters of search text")),
+        );
+        let categories = v.check("categories", parse_categories(&r.categories));
+        let min_price_cents = r
+            .min_price_cents
+            .and_then(|c| v.check("min_price_cents", parse_price(c)));
+        let max_price_cents = r
+            .max_price_cents
+            .and_then(|c| v.check("max_price_cents", parse_price(c)));
+        if let (Some(min), Some(max)) = (min_price_cents, max_price_cents)
+            && min > max
+        {
+            v.add(
+                "max_price_cents",
+                format!("must not be less than min_price_cents ({min})"),
+            );
+        }
+        let min_rating = r
+            .min_rating
+            .and_then(|x| v.check("min_rating", parse_rating(x)));
+        let sort = v.check("sort", parse_sort(r.sort));
+        let size = v.check("page_size", parse_page_size(r.page_size));
+        let user_id = match r.user_id {
+            0 => None,
+            raw => v.check(
+                "user_id",
+                Id::parse(raw).map_err(|e| format!("{e} (0 for an anonymous search)")),
+            ),
+        };
+        parsed!(v, text, categories, sort, size);
+        Ok(SearchRequest {
+            text,
+            filters: SearchFilters {
+                categories,
+                min_price_cents,
+                max_price_cents,
+                min_rating,
+            },
+            sort,
+            page: PageRequest {
+                size,
+                token: (!r.page_token.is_empty()).then_some(r.page_token),
+            },
+            user_id,
+        })
+    }
+}
+
+fn parse_sort(raw: i32) -> Result<SearchSort, String> {
+    use pb::ProductSort as S;
+    match S::try_from(raw) {
+        Ok(S::Unspecified | S::Relevance) => Ok(SearchSort::Relevance),
+        Ok(S::PriceAscending) => Ok(SearchSort::PriceAscending),
+        Ok(S::PriceDescending) => Ok(SearchSort::PriceDescending),
+        Ok(S::Newest) => Ok(SearchSort::Newest),
+        Ok(S::Rating) => Ok(SearchSort::Rating),
+        Err(_) => Err(format!(
+            "unknown sort {raw}; use PRODUCT_SORT_RELEVANCE, PRODUCT_SORT_PRICE_ASCENDING, \
+             PRODUCT_SORT_PRICE_DESCENDING, PRODUCT_SORT_NEWEST or PRODUCT_SORT_RATING"
+        )),
     }
 }
 

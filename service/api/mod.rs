@@ -3,6 +3,7 @@
 //! converts the result back. No SQL here.
 
 pub mod admin;
+pub mod analytics;
 pub mod catalog;
 pub mod error;
 pub mod orders;

@@ -12,7 +12,7 @@ use super::{
 };
 use crate::store::{
     self,
-    cache::{Cache, Entity},
+    cache::{Cache, Entity, Family},
 };
 
 /// The most ids one BatchGetProducts call may ask for.
@@ -225,6 +225,7 @@ impl Catalog {
         self.cache
             .invalidate(&[(Entity::Product, product.id.get())])
             .await;
+        self.cache.invalidate_family(Family::Search).await;
         tracing::info!(product_id = %product.id, "product created");
         Ok(product)
     }
@@ -288,9 +289,12 @@ impl Catalog {
         };
         tx.commit().await?;
         self.cache.invalidate(&[(Entity::Product, id.get())]).await;
+        self.cache.invalidate_family(Family::Search).await;
         Ok(product)
     }
 
+    /// Stock is not searchable: cached search pages stay valid (they hold
+    /// product ids, and products come from the product cache).
     #[tracing::instrument(skip_all, fields(product_id = %id, delta), err(Debug))]
     pub async fn adjust_inventory(&self, actor: &Actor, id: Id, delta: i32) -> Result<Product> {
         let mut tx = store::audit::begin(&self.db, actor).await?;

@@ -1,6 +1,7 @@
 //! Domain rules per bounded context: parsed value types, operations, and the
 //! transactions around them.
 
+pub mod analytics;
 pub mod audit;
 pub mod catalog;
 pub mod error;
@@ -8,5 +9,6 @@ pub mod orders;
 pub mod paging;
 pub mod partitions;
 pub mod passwords;
+pub mod search;
 pub mod teams;
 pub mod users;

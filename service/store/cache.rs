@@ -24,6 +24,16 @@
 //! background probe, so a Redis that comes back with its old data serves
 //! nothing stale to this replica.
 //!
+//! **Query results** (search pages) depend on many rows, so no row's write
+//! can name their keys. They belong to a [`Family`] with one generation
+//! counter, `<prefix>:v1:<family>:gen`, which every write that can change a
+//! result increments (after commit, queued and replayed like any
+//! invalidation). An entry is keyed by a hash of the normalized query and
+//! stores the generation it was computed at; it is a hit only while that
+//! generation is current, and it is filled only if the generation is still
+//! the one seen before computing it. Stale entries are never served; they
+//! expire with the query TTL.
+//!
 //! **Stampedes.** Concurrent misses on one key share one load in-process
 //! (single flight), and across replicas a short `SET NX PX` lock lets one
 //! replica load while the others poll the key until it is filled or the lock
@@ -66,8 +76,6 @@ pub enum Entity {
 }
 
 impl Entity {
-    const ALL: [Entity; 3] = [Entity::User, Entity::Product, Entity::Order];
-
     pub fn name(self) -> &'static str {
         match self {
             Self::User => "user",
@@ -77,8 +85,26 @@ impl Entity {
     }
 }
 
-/// Fills keys whose generation is unchanged. KEYS: value, generation (per
-/// key); ARGV: expected generation, payload, ttl in ms (per key).
+/// Query results invalidated together (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    /// SearchProducts pages: product ids in order and the next page token.
+    Search,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Search => "search",
+        }
+    }
+}
+
+/// The names hit and miss counters are kept under.
+const COUNTED: [&str; 4] = ["user", "product", "order", "search"];
+
+/// Fills keys whose generation is unchanged. KEYS: value, its generation
+/// key (per key); ARGV: expected generation, payload, ttl in ms (per key).
 const FILL: &str = r"
 local filled = 0
 for i = 1, #KEYS, 2 do
@@ -121,6 +147,7 @@ struct Counters {
 #[derive(Default)]
 struct Pending {
     keys: HashSet<(Entity, i64)>,
+    families: HashSet<Family>,
     overflowed: bool,
 }
 
@@ -214,11 +241,12 @@ struct Inner {
     ttl: Duration,
     jitter: f64,
     negative_ttl: Duration,
+    query_ttl: Duration,
     lock_ttl: Duration,
     breaker: Breaker,
     flights: Mutex<HashMap<String, Arc<OnceCell<Fetched>>>>,
     pending: Mutex<Pending>,
-    counters: HashMap<Entity, Counters>,
+    counters: HashMap<&'static str, Counters>,
     fill: Script,
     invalidate: Script,
     unlock: Script,
@@ -253,6 +281,7 @@ impl Cache {
                 ttl: settings.ttl,
                 jitter: settings.ttl_jitter,
                 negative_ttl: settings.negative_ttl,
+                query_ttl: settings.query_ttl,
                 lock_ttl: settings.lock_ttl,
                 breaker: Breaker {
                     state: Mutex::new(BreakerState::Closed { failures: 0 }),
@@ -261,9 +290,9 @@ impl Cache {
                 },
                 flights: Mutex::default(),
                 pending: Mutex::default(),
-                counters: Entity::ALL
+                counters: COUNTED
                     .iter()
-                    .map(|e| (*e, Counters::default()))
+                    .map(|name| (*name, Counters::default()))
                     .collect(),
                 fill: Script::new(FILL),
                 invalidate: Script::new(INVALIDATE),
@@ -293,7 +322,10 @@ impl Cache {
             return load().await;
         };
         let key = inner.key(entity, id);
-        let generation = match inner.lookup(entity, std::slice::from_ref(&key)).await {
+        let generation = match inner
+            .lookup(entity.name(), std::slice::from_ref(&key))
+            .await
+        {
             Some(mut found) => match found.pop() {
                 Some(Lookup::Hit(bytes)) => return Ok(decode(&bytes)),
                 Some(Lookup::Missing) => return Ok(None),
@@ -341,7 +373,7 @@ impl Cache {
                 .collect());
         };
         let keys: Vec<String> = unique.iter().map(|id| inner.key(entity, *id)).collect();
-        let lookups = inner.lookup(entity, &keys).await;
+        let lookups = inner.lookup(entity.name(), &keys).await;
         let mut result = HashMap::with_capacity(unique.len());
         let mut misses = Vec::new();
         let mut generations = HashMap::new();
@@ -372,12 +404,96 @@ impl Cache {
         for id in misses {
             let value = loaded.remove(&id);
             if let Some((key, generation)) = generations.remove(&id) {
-                fills.push((key, generation, inner.encode(value.as_ref())?));
+                fills.push(Fill::entity(key, generation, inner.encode(value.as_ref())?));
             }
             result.insert(id, value);
         }
-        inner.fill(entity, fills).await;
+        inner.fill(entity.name(), fills).await;
         Ok(result)
+    }
+
+    /// Cache-aside read of a query result of `family`, keyed by `params` (the
+    /// normalized query, which must determine the result): a hit while the
+    /// family's generation is unchanged, else one computation per key across
+    /// concurrent callers in this process, then a fenced fill.
+    pub async fn get_or_compute<T, F, Fut>(
+        &self,
+        family: Family,
+        params: &str,
+        compute: F,
+    ) -> Result<T>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let Some(inner) = &self.inner else {
+            return compute().await;
+        };
+        let key = inner.query_key(family, params);
+        let generation_key = inner.generation_key(family);
+        let lookup = inner.lookup_query(family, &key, &generation_key).await;
+        let generation = match lookup {
+            Some(QueryLookup::Hit(value)) => {
+                if let Some(value) = decode_query(&value) {
+                    return Ok(value);
+                }
+                None
+            }
+            Some(QueryLookup::Miss(generation)) => Some(generation),
+            None => None,
+        };
+        let flight = inner.flight(&key);
+        let fetched = flight
+            .get_or_try_init(|| async {
+                let value = compute().await?;
+                let payload =
+                    postcard::to_extend(&(generation.unwrap_or(0), &value), vec![b'V'])
+                        .map_err(|e| anyhow::anyhow!("encoding a cached query result: {e}"))?;
+                if let Some(generation) = generation {
+                    let ttl = inner.ttl_with_jitter(inner.query_ttl);
+                    let fill = Fill {
+                        key: key.clone(),
+                        generation_key: generation_key.clone(),
+                        generation: generation.to_string(),
+                        payload: payload.clone(),
+                        ttl_ms: ttl,
+                    };
+                    inner.fill(family.name(), vec![fill]).await;
+                }
+                Ok::<_, crate::domain::error::Error>(Fetched::Found(Arc::new(payload)))
+            })
+            .await;
+        inner.end_flight(&key, &flight);
+        match fetched? {
+            Fetched::Found(bytes) => decode_query(bytes.as_slice())
+                .ok_or_else(|| anyhow::anyhow!("a query result did not decode").into()),
+            Fetched::Missing => Err(anyhow::anyhow!("a query result cannot be missing").into()),
+        }
+    }
+
+    /// Makes every cached result of `family` stale. Call after the
+    /// transaction commits; never fails (queued when Redis is unreachable).
+    pub async fn invalidate_family(&self, family: Family) {
+        let Some(inner) = &self.inner else { return };
+        inner.forget_flights(&inner.query_key_prefix(family));
+        let generation_key = inner.generation_key(family);
+        let bumped = inner
+            .guarded("invalidate", async |conn| {
+                redis::cmd("INCR")
+                    .arg(&generation_key)
+                    .query_async::<u64>(conn)
+                    .await
+            })
+            .await;
+        if bumped.is_none() {
+            let mut pending = inner.pending.lock().unwrap_or_else(|e| e.into_inner());
+            pending.families.insert(family);
+            tracing::warn!(
+                family = family.name(),
+                "cache invalidation queued until Redis answers"
+            );
+        }
     }
 
     /// Deletes the entries of entities whose rows changed. Call after the
@@ -429,11 +545,11 @@ impl Cache {
         } else {
             0.0
         });
-        for (entity, counters) in &inner.counters {
+        for (name, counters) in &inner.counters {
             let hits = counters.hits.load(Ordering::Relaxed) as f64;
             let total = hits + counters.misses.load(Ordering::Relaxed) as f64;
             if total > 0.0 {
-                metrics::gauge!("cache_hit_rate", "entity" => entity.name()).set(hits / total);
+                metrics::gauge!("cache_hit_rate", "entity" => *name).set(hits / total);
             }
         }
     }
@@ -444,6 +560,42 @@ enum Lookup {
     Missing,
     /// Not cached; the key's generation when looked up.
     Miss(String),
+}
+
+/// A value to store if its generation is still the one seen before loading.
+struct Fill {
+    key: String,
+    generation_key: String,
+    generation: String,
+    payload: Vec<u8>,
+    ttl_ms: u64,
+}
+
+impl Fill {
+    /// An entity's fill: its generation key is `<key>:gen`.
+    fn entity(key: String, generation: String, (payload, ttl_ms): (Vec<u8>, u64)) -> Self {
+        Self {
+            generation_key: format!("{key}:gen"),
+            key,
+            generation,
+            payload,
+            ttl_ms,
+        }
+    }
+}
+
+enum QueryLookup {
+    /// The stored entry, computed at the current generation.
+    Hit(Vec<u8>),
+    /// Absent or stale; the family's generation when looked up.
+    Miss(u64),
+}
+
+/// A query entry is `V` + postcard of (generation, value).
+fn decode_query<T: DeserializeOwned>(bytes: &[u8]) -> Option<T> {
+    postcard::from_bytes::<(u64, T)>(bytes.get(1..)?)
+        .ok()
+        .map(|(_, value)| value)
 }
 
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Option<T> {
@@ -457,8 +609,64 @@ impl Inner {
         format!("{}:{}:{id}", self.prefix, entity.name())
     }
 
-    fn counters(&self, entity: Entity) -> &Counters {
-        &self.counters[&entity]
+    fn counters(&self, name: &'static str) -> &Counters {
+        &self.counters[name]
+    }
+
+    fn query_key_prefix(&self, family: Family) -> String {
+        format!("{}:{}:", self.prefix, family.name())
+    }
+
+    /// `<prefix>:v1:<family>:<sha-256 of params, 128 bits in hex>`.
+    fn query_key(&self, family: Family, params: &str) -> String {
+        use sha2::Digest as _;
+        let digest = sha2::Sha256::digest(params.as_bytes());
+        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        format!("{}{hex}", self.query_key_prefix(family))
+    }
+
+    fn generation_key(&self, family: Family) -> String {
+        format!("{}gen", self.query_key_prefix(family))
+    }
+
+    /// Looks a query entry up with its family's generation, in one MGET.
+    async fn lookup_query(
+        &self,
+        family: Family,
+        key: &str,
+        generation_key: &str,
+    ) -> Option<QueryLookup> {
+        let values: Option<(Option<Vec<u8>>, Option<u64>)> = self
+            .guarded("mget", async |conn| {
+                redis::cmd("MGET")
+                    .arg(key)
+                    .arg(generation_key)
+                    .query_async(conn)
+                    .await
+            })
+            .await;
+        let Some((value, generation)) = values else {
+            statements::record_cache_lookup(false);
+            return None;
+        };
+        let generation = generation.unwrap_or(0);
+        let stored_at = value
+            .as_deref()
+            .filter(|v| v.first() == Some(&b'V'))
+            .and_then(|v| postcard::take_from_bytes::<u64>(&v[1..]).ok())
+            .map(|(stored_at, _)| stored_at);
+        let hit = stored_at == Some(generation);
+        let counters = self.counters(family.name());
+        let (hits, misses) = if hit { (1, 0) } else { (0, 1) };
+        counters.hits.fetch_add(hits, Ordering::Relaxed);
+        counters.misses.fetch_add(misses, Ordering::Relaxed);
+        metrics::counter!("cache_hits_total", "entity" => family.name()).increment(hits);
+        metrics::counter!("cache_misses_total", "entity" => family.name()).increment(misses);
+        statements::record_cache_lookup(hit);
+        Some(match value {
+            Some(value) if hit => QueryLookup::Hit(value),
+            _ => QueryLookup::Miss(generation),
+        })
     }
 
     fn ttl_with_jitter(&self, base: Duration) -> u64 {
@@ -531,7 +739,7 @@ impl Inner {
     }
 
     /// Looks keys up with their generations, in one MGET.
-    async fn lookup(&self, entity: Entity, keys: &[String]) -> Option<Vec<Lookup>> {
+    async fn lookup(&self, name: &'static str, keys: &[String]) -> Option<Vec<Lookup>> {
         let mut args = Vec::with_capacity(keys.len() * 2);
         for key in keys {
             args.push(key.clone());
@@ -546,7 +754,7 @@ impl Inner {
             statements::record_cache_lookup(false);
             return None;
         };
-        let counters = self.counters(entity);
+        let counters = self.counters(name);
         let lookups: Vec<Lookup> = values
             .chunks(2)
             .map(|pair| {
@@ -570,31 +778,31 @@ impl Inner {
         let misses = lookups.len() as u64 - hits;
         counters.hits.fetch_add(hits, Ordering::Relaxed);
         counters.misses.fetch_add(misses, Ordering::Relaxed);
-        metrics::counter!("cache_hits_total", "entity" => entity.name()).increment(hits);
-        metrics::counter!("cache_misses_total", "entity" => entity.name()).increment(misses);
+        metrics::counter!("cache_hits_total", "entity" => name).increment(hits);
+        metrics::counter!("cache_misses_total", "entity" => name).increment(misses);
         statements::record_cache_lookup(misses == 0);
         Some(lookups)
     }
 
-    /// Fills keys (key, generation seen, (payload, ttl ms)) in one script call.
-    async fn fill(&self, entity: Entity, fills: Vec<(String, String, (Vec<u8>, u64))>) {
+    /// Fills keys whose generation is unchanged, in one script call.
+    async fn fill(&self, name: &'static str, fills: Vec<Fill>) {
         if fills.is_empty() {
             return;
         }
         let mut invocation = self.fill.prepare_invoke();
-        for (key, generation, (payload, ttl)) in &fills {
+        for fill in &fills {
             invocation
-                .key(key)
-                .key(format!("{key}:gen"))
-                .arg(generation)
-                .arg(payload)
-                .arg(ttl);
+                .key(&fill.key)
+                .key(&fill.generation_key)
+                .arg(&fill.generation)
+                .arg(&fill.payload)
+                .arg(fill.ttl_ms);
         }
         let filled: Option<u64> = self
             .guarded("fill", async |conn| invocation.invoke_async(conn).await)
             .await;
         if let Some(filled) = filled {
-            metrics::counter!("cache_fills_total", "entity" => entity.name()).increment(filled);
+            metrics::counter!("cache_fills_total", "entity" => name).increment(filled);
         }
     }
 
@@ -616,6 +824,14 @@ impl Inner {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(key);
+    }
+
+    /// [`forget_flight`](Self::forget_flight) for every key under `prefix`.
+    fn forget_flights(&self, prefix: &str) {
+        self.flights
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|key, _| !key.starts_with(prefix));
     }
 
     /// The leader of a single flight: take the cross-replica lock (or wait
@@ -666,8 +882,8 @@ impl Inner {
             Fetched::Missing
         };
         if let Some(generation) = generation {
-            self.fill(entity, vec![(key.to_owned(), generation, (payload, ttl))])
-                .await;
+            let fill = Fill::entity(key.to_owned(), generation, (payload, ttl));
+            self.fill(entity.name(), vec![fill]).await;
         }
         if let Some(Some(_)) = locked {
             let _: Option<u64> = self
@@ -757,16 +973,23 @@ impl Inner {
 
     /// Applies queued invalidations on `conn`; an error leaves them queued.
     async fn replay(&self, conn: &mut deadpool_redis::Connection) -> redis::RedisResult<()> {
-        let (entries, overflowed) = {
+        let (entries, families, overflowed) = {
             let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            if pending.keys.is_empty() && !pending.overflowed {
+            if pending.keys.is_empty() && pending.families.is_empty() && !pending.overflowed {
                 return Ok(());
             }
             (
                 pending.keys.iter().copied().collect::<Vec<_>>(),
+                pending.families.iter().copied().collect::<Vec<_>>(),
                 pending.overflowed,
             )
         };
+        for family in &families {
+            redis::cmd("INCR")
+                .arg(self.generation_key(*family))
+                .query_async::<u64>(&mut *conn)
+                .await?;
+        }
         if overflowed {
             self.flush_values(conn).await?;
         } else {
@@ -777,6 +1000,9 @@ impl Inner {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         for entry in &entries {
             pending.keys.remove(entry);
+        }
+        for family in &families {
+            pending.families.remove(family);
         }
         if overflowed {
             pending.overflowed = false;

@@ -9,6 +9,7 @@ pub mod orders;
 pub mod partitions;
 pub mod postgres;
 pub mod products;
+pub mod search;
 pub mod teams;
 pub mod users;
 

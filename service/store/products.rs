@@ -11,21 +11,30 @@ use crate::domain::{
     users::Id,
 };
 
+/// The columns of a [`ProductRow`], from `products p` and `inventory i`.
+macro_rules! product_columns {
+    () => {
+        "p.id, p.sku, p.title, p.description, p.category, \
+         (p.price * 100)::bigint AS price_cents, p.rating::float8 AS rating, p.review_count, \
+         i.quantity AS inventory, p.created_at, p.updated_at, p.version"
+    };
+}
+pub(crate) use product_columns;
+
 /// `SELECT <product columns> FROM products p JOIN inventory i ... <rest>`.
 macro_rules! select_products {
     ($rest:literal) => {
         concat!(
-            "SELECT p.id, p.sku, p.title, p.description, p.category, \
-             (p.price * 100)::bigint AS price_cents, p.rating::float8 AS rating, p.review_count, \
-             i.quantity AS inventory, p.created_at, p.updated_at, p.version \
-             FROM products p JOIN inventory i ON i.product_id = p.id ",
+            "SELECT ",
+            product_columns!(),
+            " FROM products p JOIN inventory i ON i.product_id = p.id ",
             $rest
         )
     };
 }
 
 #[derive(sqlx::FromRow)]
-struct ProductRow {
+pub(crate) struct ProductRow {
     id: i64,
     sku: String,
     title: String,

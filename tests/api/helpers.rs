@@ -17,6 +17,7 @@ use datagate::{
     config::Settings,
     proto::v1::{
         self as pb, admin_service_client::AdminServiceClient,
+        analytics_service_client::AnalyticsServiceClient,
         catalog_service_client::CatalogServiceClient, order_service_client::OrderServiceClient,
         user_service_client::UserServiceClient,
     },
@@ -37,6 +38,7 @@ pub type UserClient = UserServiceClient<InterceptedService<Channel, Bearer>>;
 pub type CatalogClient = CatalogServiceClient<InterceptedService<Channel, Bearer>>;
 pub type OrderClient = OrderServiceClient<InterceptedService<Channel, Bearer>>;
 pub type AdminClient = AdminServiceClient<InterceptedService<Channel, Bearer>>;
+pub type AnalyticsClient = AnalyticsServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// Adds `authorization: Bearer <token>` to every call.
 #[derive(Clone)]
@@ -288,6 +290,13 @@ impl TestApp {
 
     pub async fn admin_as(&self, token: &str) -> AdminClient {
         AdminServiceClient::with_interceptor(self.channel().await, Bearer(Some(token.into())))
+    }
+
+    pub async fn analytics(&self) -> AnalyticsClient {
+        AnalyticsServiceClient::with_interceptor(
+            self.channel().await,
+            Bearer(Some(self.reader_token.as_str().into())),
+        )
     }
 
     pub async fn orders(&self) -> OrderClient {

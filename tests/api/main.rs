@@ -1,6 +1,7 @@
 //! Integration tests: the application through its gRPC front door, against
 //! a real PostgreSQL (one database per test, so tests run in parallel).
 
+mod analytics;
 mod audit;
 mod batching;
 mod cache;
@@ -9,6 +10,7 @@ mod helpers;
 mod orders;
 mod partitions;
 mod process;
+mod search;
 mod server;
 mod teams;
 mod users;

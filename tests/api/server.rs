@@ -154,6 +154,7 @@ async fn reflection_v1_and_v1alpha_list_every_service() {
     let app = TestApp::spawn().await;
     let expected = [
         "datagate.v1.AdminService",
+        "datagate.v1.AnalyticsService",
         "datagate.v1.CatalogService",
         "datagate.v1.OrderService",
         "datagate.v1.UserService",

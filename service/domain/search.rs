@@ -1,0 +1,281 @@
+//! Product search: parsed requests, keyset pages, the cache, and the search
+//! log.
+//!
+//! **Caching.** A page is cached as the ordered product ids and the next
+//! page token, under a hash of the normalized request (text, filters, sort,
+//! page size and page token), in the [`Family::Search`] family: any product
+//! write that can change a result (create, update) makes every cached page
+//! stale at once. Products themselves come from the product cache, so a
+//! stock change (which no search depends on) touches no cached page and a
+//! cached page still shows current stock.
+
+use std::{collections::HashMap, time::Instant};
+
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+
+use super::{
+    catalog::{Product, Text, cached_products},
+    error::Result,
+    paging::{PageRequest, PageSize, PageTokens},
+    users::{Id, bounded_text},
+};
+use crate::{
+    search_log::SearchLog,
+    store::{
+        self,
+        cache::{Cache, Family},
+        search::{SearchFilters, SearchQuery, SearchRecord, SearchSort, SortKey},
+    },
+};
+
+pub const MAX_QUERY_CHARS: usize = 200;
+pub const MAX_CATEGORIES: usize = 20;
+pub const DEFAULT_PAGE_SIZE: u32 = 20;
+pub const MAX_PAGE_SIZE: u32 = 100;
+const TOKEN_SCOPE: &str = "search";
+
+/// Search text, normalized: trimmed, single spaces, lower case (full-text
+/// and trigram matching ignore case anyway, and the cache and the search log
+/// then see one form of each query).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SearchText(String);
+
+impl SearchText {
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let text = bounded_text(raw, 1, MAX_QUERY_CHARS)?;
+        Ok(Self(
+            text.split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+                .to_lowercase(),
+        ))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The page size of a search: 0 means [`DEFAULT_PAGE_SIZE`], larger than
+/// [`MAX_PAGE_SIZE`] is coerced down.
+pub fn parse_page_size(requested: i32) -> Result<PageSize, String> {
+    let requested = if requested == 0 {
+        DEFAULT_PAGE_SIZE as i32
+    } else {
+        requested
+    };
+    PageSize::parse(requested).map(|size| size.capped(MAX_PAGE_SIZE))
+}
+
+/// Category filter: each a valid category name, at most [`MAX_CATEGORIES`],
+/// sorted and without duplicates.
+pub fn parse_categories(raw: &[String]) -> Result<Vec<String>, String> {
+    if raw.len() > MAX_CATEGORIES {
+        return Err(format!("must name at most {MAX_CATEGORIES} categories"));
+    }
+    let mut categories = raw
+        .iter()
+        .map(|c| Text::category(c).map(|t| t.as_str().to_owned()))
+        .collect::<Result<Vec<_>, _>>()?;
+    categories.sort();
+    categories.dedup();
+    Ok(categories)
+}
+
+#[derive(Debug, Clone)]
+pub struct SearchRequest {
+    pub text: SearchText,
+    pub filters: SearchFilters,
+    pub sort: SearchSort,
+    pub page: PageRequest,
+    /// The end user searching, for the search log.
+    pub user_id: Option<Id>,
+}
+
+impl SearchRequest {
+    /// What a page token is bound to: everything but the page.
+    fn canonical(&self) -> String {
+        serde_json::json!({
+            "q": self.text.as_str(),
+            "f": self.filters_json(),
+        })
+        .to_string()
+    }
+
+    fn filters_json(&self) -> serde_json::Value {
+        let f = &self.filters;
+        let mut json = serde_json::json!({ "sort": self.sort.as_str() });
+        if !f.categories.is_empty() {
+            json["categories"] = serde_json::json!(f.categories);
+        }
+        if let Some(v) = f.min_price_cents {
+            json["min_price_cents"] = v.into();
+        }
+        if let Some(v) = f.max_price_cents {
+            json["max_price_cents"] = v.into();
+        }
+        if let Some(v) = f.min_rating {
+            json["min_rating"] = v.into();
+        }
+        json
+    }
+}
+
+/// What a page token holds.
+#[derive(Debug, Serialize, Deserialize)]
+struct Cursor {
+    /// The page the token leads to (2 for the first token).
+    page: u32,
+    /// Whether the search runs in fuzzy mode (decided on the first page).
+    fuzzy: bool,
+    after: SortKey,
+}
+
+/// A page as cached: ids in order, the next token, the mode.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CachedPage {
+    ids: Vec<i64>,
+    next_page_token: Option<String>,
+    fuzzy: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct SearchPage {
+    pub products: Vec<Product>,
+    pub next_page_token: Option<String>,
+    pub fuzzy: bool,
+}
+
+#[derive(Clone)]
+pub struct ProductSearch {
+    db: PgPool,
+    cache: Cache,
+    pages: PageTokens,
+    log: SearchLog,
+}
+
+impl ProductSearch {
+    pub fn new(db: PgPool, cache: Cache, pages: PageTokens, log: SearchLog) -> Self {
+        Self {
+            db,
+            cache,
+            pages,
+            log,
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(query = request.text.as_str(), sort = request.sort.as_str()), err(Debug))]
+    pub async fn search(&self, request: SearchRequest) -> Result<SearchPage> {
+        let started = Instant::now();
+        let canonical = request.canonical();
+        let cursor: Option<Cursor> = request
+            .page
+            .token
+            .as_deref()
+            .map(|t| self.pages.decode(TOKEN_SCOPE, &canonical, t))
+            .transpose()?;
+        let page_number = cursor.as_ref().map_or(1, |c| c.page);
+        let cache_key = format!(
+            "{canonical}|{}|{}",
+            request.page.size.get(),
+            request.page.token.as_deref().unwrap_or_default()
+        );
+
+        // Products read to compute a missed page, so a miss reads each once.
+        let mut fresh: Option<HashMap<Id, Product>> = None;
+        let cached = self
+            .cache
+            .get_or_compute(Family::Search, &cache_key, || async {
+                let (page, products) = self.compute(&request, &canonical, cursor).await?;
+                fresh = Some(products);
+                Ok(page)
+            })
+            .await?;
+        let by_id = match fresh {
+            Some(products) => products,
+            None => {
+                let ids: Vec<Id> = cached
+                    .ids
+                    .iter()
+                    .filter_map(|id| Id::parse(*id).ok())
+                    .collect();
+                cached_products(&self.db, &self.cache, &ids).await?
+            }
+        };
+        let products: Vec<Product> = cached
+            .ids
+            .iter()
+            .filter_map(|id| Id::parse(*id).ok().and_then(|id| by_id.get(&id).cloned()))
+            .collect();
+
+        let mut filters = request.filters_json();
+        filters["fuzzy"] = cached.fuzzy.into();
+        self.log.record(SearchRecord {
+            user_id: request.user_id.map(Id::get),
+            query: request.text.as_str().to_owned(),
+            filters,
+            results_count: products.len() as i32,
+            processing_time_ms: started.elapsed().as_secs_f32() * 1000.0,
+            page: page_number.try_into().unwrap_or(i32::MAX),
+            searched_at: chrono::Utc::now(),
+        });
+        Ok(SearchPage {
+            products,
+            next_page_token: cached.next_page_token,
+            fuzzy: cached.fuzzy,
+        })
+    }
+
+    /// Runs the search in PostgreSQL: full-text first; on a first page with
+    /// no match, fuzzy title matching.
+    async fn compute(
+        &self,
+        request: &SearchRequest,
+        canonical: &str,
+        cursor: Option<Cursor>,
+    ) -> Result<(CachedPage, HashMap<Id, Product>)> {
+        let size = request.page.size;
+        let mut conn = self.db.acquire().await?;
+        let (page_number, mut fuzzy, after) = match &cursor {
+            Some(c) => (c.page, c.fuzzy, Some(c.after)),
+            None => (1, false, None),
+        };
+        let mut query = SearchQuery {
+            text: request.text.as_str(),
+            fuzzy,
+            filters: &request.filters,
+            sort: request.sort,
+            after,
+            limit: size.fetch_limit(),
+        };
+        let mut rows = store::search::search(&mut conn, query).await?;
+        if rows.is_empty() && cursor.is_none() {
+            fuzzy = true;
+            query.fuzzy = true;
+            rows = store::search::search(&mut conn, query).await?;
+        }
+        let mut next_page_token = None;
+        if rows.len() > size.get() as usize {
+            rows.truncate(size.get() as usize);
+            next_page_token = rows.last().map(|(_, key)| {
+                self.pages.encode(
+                    TOKEN_SCOPE,
+                    canonical,
+                    &Cursor {
+                        page: page_number + 1,
+                        fuzzy,
+                        after: *key,
+                    },
+                )
+            });
+        }
+        let page = CachedPage {
+            ids: rows.iter().map(|(p, _)| p.id.get()).collect(),
+            next_page_token,
+            fuzzy,
+        };
+        let products = rows.into_iter().map(|(p, _)| (p.id, p)).collect();
+        Ok((page, products))
+    }
+}

@@ -1,0 +1,369 @@
+//! SQL for product search and the search log.
+//!
+//! **Matching.** A query is matched with full-text search:
+//! `products.search_vector @@ websearch_to_tsquery('english', query)`, served
+//! by the GIN index on the generated `search_vector`; relevance is `ts_rank`
+//! (title words weigh most). When no product matches any word, the caller
+//! may search again in fuzzy mode: `query <% title` (trigram word
+//! similarity, served by the trigram GIN index on `title`), ranked by
+//! `word_similarity`. Trigram matching is far more expensive than a lexeme
+//! lookup and its results are looser, so it only runs when full-text search
+//! found nothing: it costs nothing on the searches that match.
+//!
+//! **Paging.** Keyset on the sort key and the product id (the tie-breaker):
+//! each sort has its own [`SortKey`], and the next page starts strictly after
+//! the last row served, so pages neither repeat nor skip rows, ties included.
+//! The page is chosen by id first and joined to inventory afterwards, so only
+//! the page's rows are joined.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::{PgConnection, Postgres, QueryBuilder};
+
+use super::{
+    cursor_time,
+    products::{ProductRow, product_columns},
+};
+use crate::domain::{catalog::Product, error::Result};
+
+/// How results are ordered; ties are broken by product id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SearchSort {
+    Relevance,
+    PriceAscending,
+    PriceDescending,
+    Newest,
+    Rating,
+}
+
+impl SearchSort {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Relevance => "relevance",
+            Self::PriceAscending => "price_ascending",
+            Self::PriceDescending => "price_descending",
+            Self::Newest => "newest",
+            Self::Rating => "rating",
+        }
+    }
+}
+
+/// The sort key of the last row of a page, with its id.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum SortKey {
+    /// `ts_rank` or `word_similarity` (a `real` in SQL, compared exactly).
+    Rank(f32, i64),
+    PriceCents(i64, i64),
+    CreatedMicros(i64, i64),
+    /// Hundredths of a star.
+    RatingHundredths(i32, i64),
+}
+
+/// What a search selects, besides the text.
+#[derive(Debug, Clone, Default)]
+pub struct SearchFilters {
+    /// Exact category names; empty means every category.
+    pub categories: Vec<String>,
+    pub min_price_cents: Option<i64>,
+    pub max_price_cents: Option<i64>,
+    pub min_rating: Option<f64>,
+}
+
+#[derive(sqlx::FromRow)]
+struct SearchRow {
+    #[sqlx(flatten)]
+    product: ProductRow,
+    rank: f32,
+    rating_hundredths: i32,
+}
+
+/// One page of a search.
+#[derive(Debug, Clone, Copy)]
+pub struct SearchQuery<'a> {
+    /// Normalized search text.
+    pub text: &'a str,
+    /// Trigram title matching instead of full-text search.
+    pub fuzzy: bool,
+    pub filters: &'a SearchFilters,
+    pub sort: SearchSort,
+    /// Where the previous page ended.
+    pub after: Option<SortKey>,
+    pub limit: i64,
+}
+
+/// One page of matches (at most `limit`), each with its sort key.
+pub async fn search(
+    conn: &mut PgConnection,
+    query: SearchQuery<'_>,
+) -> Result<Vec<(Product, SortKey)>> {
+    let SearchQuery {
+        text,
+        fuzzy,
+        filters,
+        sort,
+        after,
+        limit,
+    } = query;
+    let rank = |q: &mut QueryBuilder<'_, Postgres>| {
+        if fuzzy {
+            q.push("word_similarity(")
+                .push_bind(text.to_owned())
+                .push(", p.title)");
+        } else {
+            q.push("ts_rank(p.search_vector, q.tsq)");
+        }
+    };
+    let mut q = QueryBuilder::new("");
+    if !fuzzy {
+        q.push("WITH q AS (SELECT websearch_to_tsquery('english', ")
+            .push_bind(text.to_owned())
+            .push(") AS tsq), ");
+    } else {
+        q.push("WITH ");
+    }
+    q.push("page AS (SELECT p.id, ");
+    rank(&mut q);
+    q.push(" AS rank FROM products p");
+    if fuzzy {
+        q.push(" WHERE ")
+            .push_bind(text.to_owned())
+            .push(" <% p.title");
+    } else {
+        q.push(", q WHERE p.search_vector @@ q.tsq");
+    }
+    if !filters.categories.is_empty() {
+        q.push(" AND p.category = ANY(")
+            .push_bind(filters.categories.clone())
+            .push(")");
+    }
+    if let Some(min) = filters.min_price_cents {
+        q.push(" AND p.price >= ")
+            .push_bind(min)
+            .push("::bigint / 100.0");
+    }
+    if let Some(max) = filters.max_price_cents {
+        q.push(" AND p.price <= ")
+            .push_bind(max)
+            .push("::bigint / 100.0");
+    }
+    if let Some(min) = filters.min_rating {
+        q.push(" AND p.rating >= ").push_bind(min).push("::numeric");
+    }
+    if let Some(after) = after {
+        q.push(" AND ");
+        match after {
+            SortKey::Rank(r, id) => {
+                q.push("(");
+                rank(&mut q);
+                q.push(", p.id) < (")
+                    .push_bind(r)
+                    .push("::real, ")
+                    .push_bind(id)
+                    .push(")");
+            }
+            SortKey::PriceCents(cents, id) => {
+                let op = if sort == SearchSort::PriceAscending {
+                    ">"
+                } else {
+                    "<"
+                };
+                q.push(format!("(p.price, p.id) {op} ("))
+                    .push_bind(cents)
+                    .push("::bigint / 100.0, ")
+                    .push_bind(id)
+                    .push(")");
+            }
+            SortKey::CreatedMicros(micros, id) => {
+                q.push("(p.created_at, p.id) < (")
+                    .push_bind(cursor_time(micros)?)
+                    .push(", ")
+                    .push_bind(id)
+                    .push(")");
+            }
+            SortKey::RatingHundredths(hundredths, id) => {
+                q.push("(p.rating, p.id) < (")
+                    .push_bind(hundredths)
+                    .push("::int / 100.0, ")
+                    .push_bind(id)
+                    .push(")");
+            }
+        }
+    }
+    let order = match sort {
+        SearchSort::Relevance => "rank DESC, id DESC",
+        SearchSort::PriceAscending => "p.price ASC, p.id ASC",
+        SearchSort::PriceDescending => "p.price DESC, p.id DESC",
+        SearchSort::Newest => "p.created_at DESC, p.id DESC",
+        SearchSort::Rating => "p.rating DESC, p.id DESC",
+    };
+    // Inside `page`, `rank` and `id` name the output columns; outside, the
+    // same order is spelled on the joined row.
+    let inner_order = match sort {
+        SearchSort::Relevance => "rank DESC, p.id DESC",
+        _ => order,
+    };
+    q.push(format!(" ORDER BY {inner_order} LIMIT "))
+        .push_bind(limit)
+        .push(concat!(
+            ") SELECT ",
+            product_columns!(),
+            ", page.rank, (p.rating * 100)::int AS rating_hundredths \
+             FROM page JOIN products p ON p.id = page.id \
+             JOIN inventory i ON i.product_id = p.id"
+        ));
+    let outer_order = match sort {
+        SearchSort::Relevance => "page.rank DESC, p.id DESC",
+        _ => order,
+    };
+    q.push(format!(" ORDER BY {outer_order}"));
+
+    let rows: Vec<SearchRow> = q.build_query_as().fetch_all(conn).await?;
+    rows.into_iter()
+        .map(|row| {
+            let product = Product::try_from(row.product)?;
+            let id = product.id.get();
+            let key = match sort {
+                SearchSort::Relevance => SortKey::Rank(row.rank, id),
+                SearchSort::PriceAscending | SearchSort::PriceDescending => {
+                    SortKey::PriceCents(product.price_cents, id)
+                }
+                SearchSort::Newest => {
+                    SortKey::CreatedMicros(product.created_at.timestamp_micros(), id)
+                }
+                SearchSort::Rating => SortKey::RatingHundredths(row.rating_hundredths, id),
+            };
+            Ok((product, key))
+        })
+        .collect()
+}
+
+/// One search, as recorded in `product_searches`.
+#[derive(Debug, Clone)]
+pub struct SearchRecord {
+    pub user_id: Option<i64>,
+    /// The normalized query text.
+    pub query: String,
+    pub filters: serde_json::Value,
+    /// Products on the page served.
+    pub results_count: i32,
+    pub processing_time_ms: f32,
+    pub page: i32,
+    pub searched_at: DateTime<Utc>,
+}
+
+/// Inserts a batch of search records in one statement.
+pub async fn insert_records(conn: &mut PgConnection, records: &[SearchRecord]) -> Result<u64> {
+    let mut user_ids = Vec::with_capacity(records.len());
+    let mut queries = Vec::with_capacity(records.len());
+    let mut filters = Vec::with_capacity(records.len());
+    let mut counts = Vec::with_capacity(records.len());
+    let mut times = Vec::with_capacity(records.len());
+    let mut pages = Vec::with_capacity(records.len());
+    let mut at = Vec::with_capacity(records.len());
+    for r in records {
+        user_ids.push(r.user_id);
+        queries.push(r.query.as_str());
+        filters.push(&r.filters);
+        counts.push(r.results_count);
+        times.push(r.processing_time_ms);
+        pages.push(r.page);
+        at.push(r.searched_at);
+    }
+    let done = sqlx::query(
+        "INSERT INTO product_searches \
+           (user_id, query, filters, results_count, processing_time_ms, page, searched_at) \
+         SELECT * FROM unnest($1::bigint[], $2::text[], $3::jsonb[], $4::int[], $5::real[], \
+                              $6::int[], $7::timestamptz[])",
+    )
+    .bind(user_ids)
+    .bind(queries)
+    .bind(filters)
+    .bind(counts)
+    .bind(times)
+    .bind(pages)
+    .bind(at)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// The searches of a window that insights count: first pages only.
+macro_rules! window_searches {
+    () => {
+        "FROM product_searches WHERE searched_at >= $1 AND searched_at < $2 AND page = 1"
+    };
+}
+
+/// The most frequent queries of the window [$1, $2), at most $3.
+pub const TOP_QUERIES: &str = concat!(
+    "SELECT query, count(*) AS searches, count(DISTINCT user_id) AS users, \
+     avg(results_count)::float8 AS average_results, \
+     avg(processing_time_ms)::float8 AS average_processing_ms ",
+    window_searches!(),
+    " GROUP BY query ORDER BY searches DESC, query LIMIT $3"
+);
+
+/// The most frequent queries of the window that found nothing, at most $3.
+pub const ZERO_RESULT_QUERIES: &str = concat!(
+    "SELECT query, count(*) AS searches, count(DISTINCT user_id) AS users, \
+     0::float8 AS average_results, \
+     avg(processing_time_ms)::float8 AS average_processing_ms ",
+    window_searches!(),
+    " AND results_count = 0 GROUP BY query ORDER BY searches DESC, query LIMIT $3"
+);
+
+/// Searches and zero-result searches in the window.
+pub const SEARCH_TOTALS: &str = concat!(
+    "SELECT count(*), count(*) FILTER (WHERE results_count = 0) ",
+    window_searches!()
+);
+
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct QueryStats {
+    pub query: String,
+    pub searches: i64,
+    pub users: i64,
+    pub average_results: f64,
+    pub average_processing_ms: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchInsights {
+    pub total_searches: i64,
+    pub zero_result_searches: i64,
+    pub top_queries: Vec<QueryStats>,
+    pub zero_result_queries: Vec<QueryStats>,
+}
+
+/// Insights over [start, end): partition pruning limits every statement to
+/// the partitions the window overlaps.
+pub async fn insights(
+    conn: &mut PgConnection,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+    limit: i64,
+) -> Result<SearchInsights> {
+    let (total_searches, zero_result_searches): (i64, i64) = sqlx::query_as(SEARCH_TOTALS)
+        .bind(start)
+        .bind(end)
+        .fetch_one(&mut *conn)
+        .await?;
+    let mut lists = Vec::with_capacity(2);
+    for sql in [TOP_QUERIES, ZERO_RESULT_QUERIES] {
+        let stats: Vec<QueryStats> = sqlx::query_as(sql)
+            .bind(start)
+            .bind(end)
+            .bind(limit)
+            .fetch_all(&mut *conn)
+            .await?;
+        lists.push(stats);
+    }
+    let zero_result_queries = lists.pop().unwrap_or_default();
+    let top_queries = lists.pop().unwrap_or_default();
+    Ok(SearchInsights {
+        total_searches,
+        zero_result_searches,
+        top_queries,
+        zero_result_queries,
+    })
+}
