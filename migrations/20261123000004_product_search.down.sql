@@ -1,5 +1,11 @@
 ALTER TABLE product_searches DROP COLUMN IF EXISTS page;
-DROP INDEX IF EXISTS products_title_trgm_idx;
+DROP TRIGGER IF EXISTS products_words_update ON products;
+DROP TRIGGER IF EXISTS products_words_insert ON products;
+DROP FUNCTION IF EXISTS collect_title_words();
+DROP TABLE IF EXISTS search_words;
+DROP INDEX IF EXISTS products_created_idx;
+DROP INDEX IF EXISTS products_rating_idx;
+DROP INDEX IF EXISTS products_price_idx;
 DROP INDEX IF EXISTS products_search_idx;
 ALTER TABLE products DROP COLUMN IF EXISTS search_vector;
 DROP EXTENSION IF EXISTS pg_trgm;

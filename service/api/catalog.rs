@@ -163,7 +163,8 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
         Ok(Response::new(pb::SearchProductsResponse {
             products: page.products.into_iter().map(Into::into).collect(),
             next_page_token: page.next_page_token.unwrap_or_default(),
-            fuzzy: page.fuzzy,
+            fuzzy: page.corrected_query.is_some(),
+            corrected_query: page.corrected_query.unwrap_or_default(),
         }))
     }
 }

@@ -127,24 +127,26 @@ impl SearchRequest {
 struct Cursor {
     /// The page the token leads to (2 for the first token).
     page: u32,
-    /// Whether the search runs in fuzzy mode (decided on the first page).
-    fuzzy: bool,
+    /// The corrected text the first page was searched with, if it was.
+    corrected: Option<String>,
     after: SortKey,
 }
 
-/// A page as cached: ids in order, the next token, the mode.
+/// A page as cached: ids in order, the next token, the correction.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct CachedPage {
     ids: Vec<i64>,
     next_page_token: Option<String>,
-    fuzzy: bool,
+    corrected: Option<String>,
 }
 
 #[derive(Debug, Clone)]
 pub struct SearchPage {
     pub products: Vec<Product>,
     pub next_page_token: Option<String>,
-    pub fuzzy: bool,
+    /// The text searched instead of the request's, when no word of the
+    /// request matched and misspellings were corrected.
+    pub corrected_query: Option<String>,
 }
 
 #[derive(Clone)]
@@ -210,7 +212,9 @@ impl ProductSearch {
             .collect();
 
         let mut filters = request.filters_json();
-        filters["fuzzy"] = cached.fuzzy.into();
+        if let Some(corrected) = &cached.corrected {
+            filters["corrected_query"] = corrected.as_str().into();
+        }
         self.log.record(SearchRecord {
             user_id: request.user_id.map(Id::get),
             query: request.text.as_str().to_owned(),
@@ -223,12 +227,12 @@ impl ProductSearch {
         Ok(SearchPage {
             products,
             next_page_token: cached.next_page_token,
-            fuzzy: cached.fuzzy,
+            corrected_query: cached.corrected,
         })
     }
 
-    /// Runs the search in PostgreSQL: full-text first; on a first page with
-    /// no match, fuzzy title matching.
+    /// Runs the search in PostgreSQL. A first page on which nothing
+    /// matches is searched again with misspelt words corrected, if any were.
     async fn compute(
         &self,
         request: &SearchRequest,
@@ -237,23 +241,27 @@ impl ProductSearch {
     ) -> Result<(CachedPage, HashMap<Id, Product>)> {
         let size = request.page.size;
         let mut conn = self.db.acquire().await?;
-        let (page_number, mut fuzzy, after) = match &cursor {
-            Some(c) => (c.page, c.fuzzy, Some(c.after)),
-            None => (1, false, None),
+        let (page_number, earlier_correction, after) = match cursor {
+            Some(c) => (c.page, c.corrected, Some(c.after)),
+            None => (1, None, None),
         };
-        let mut query = SearchQuery {
-            text: request.text.as_str(),
-            fuzzy,
+        let query = |text| SearchQuery {
+            text,
             filters: &request.filters,
             sort: request.sort,
             after,
             limit: size.fetch_limit(),
         };
-        let mut rows = store::search::search(&mut conn, query).await?;
-        if rows.is_empty() && cursor.is_none() {
-            fuzzy = true;
-            query.fuzzy = true;
-            rows = store::search::search(&mut conn, query).await?;
+        let text = earlier_correction
+            .as_deref()
+            .unwrap_or(request.text.as_str());
+        let mut rows = store::search::search(&mut conn, query(text)).await?;
+        let mut corrected = earlier_correction.clone();
+        if rows.is_empty() && after.is_none() {
+            corrected = correct(&mut conn, request.text.as_str()).await?;
+            if let Some(text) = &corrected {
+                rows = store::search::search(&mut conn, query(text)).await?;
+            }
         }
         let mut next_page_token = None;
         if rows.len() > size.get() as usize {
@@ -264,7 +272,7 @@ impl ProductSearch {
                     canonical,
                     &Cursor {
                         page: page_number + 1,
-                        fuzzy,
+                        corrected: corrected.clone(),
                         after: *key,
                     },
                 )
@@ -273,9 +281,38 @@ impl ProductSearch {
         let page = CachedPage {
             ids: rows.iter().map(|(p, _)| p.id.get()).collect(),
             next_page_token,
-            fuzzy,
+            corrected,
         };
         let products = rows.into_iter().map(|(p, _)| (p.id, p)).collect();
         Ok((page, products))
     }
+}
+
+/// The text with each plain word (letters and digits, 3 or more) replaced by
+/// its most similar title word; `None` when nothing changes. Words with
+/// search syntax (quotes, a leading `-`) and `or` are kept as they are.
+async fn correct(conn: &mut sqlx::PgConnection, text: &str) -> Result<Option<String>> {
+    let tokens: Vec<&str> = text.split(' ').collect();
+    let plain = |t: &str| t.chars().count() >= 3 && t.chars().all(char::is_alphanumeric);
+    let words: Vec<String> = tokens
+        .iter()
+        .filter(|t| plain(t))
+        .map(|t| (*t).to_owned())
+        .collect();
+    if words.is_empty() {
+        return Ok(None);
+    }
+    let mut replacements = store::search::corrections(conn, &words).await?.into_iter();
+    let corrected: Vec<String> = tokens
+        .iter()
+        .map(|t| match plain(t) {
+            true => replacements
+                .next()
+                .flatten()
+                .unwrap_or_else(|| (*t).to_owned()),
+            false => (*t).to_owned(),
+        })
+        .collect();
+    let corrected = corrected.join(" ");
+    Ok((corrected != text).then_some(corrected))
 }

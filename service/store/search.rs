@@ -3,12 +3,13 @@
 //! **Matching.** A query is matched with full-text search:
 //! `products.search_vector @@ websearch_to_tsquery('english', query)`, served
 //! by the GIN index on the generated `search_vector`; relevance is `ts_rank`
-//! (title words weigh most). When no product matches any word, the caller
-//! may search again in fuzzy mode: `query <% title` (trigram word
-//! similarity, served by the trigram GIN index on `title`), ranked by
-//! `word_similarity`. Trigram matching is far more expensive than a lexeme
-//! lookup and its results are looser, so it only runs when full-text search
-//! found nothing: it costs nothing on the searches that match.
+//! (title words weigh most). When nothing matches, the caller may correct
+//! the query's words with [`corrections`]: each word's most similar word of
+//! any title, by trigram similarity over the small `search_words` table. That
+//! is how pg_trgm earns its cost here: matching trigrams against every title
+//! of a million products took hundreds of milliseconds a query, while the
+//! vocabulary holds a few thousand words and answers in about a millisecond,
+//! and only for queries that found nothing.
 //!
 //! **Paging.** Keyset on the sort key and the product id (the tie-breaker):
 //! each sort has its own [`SortKey`], and the next page starts strictly after
@@ -51,7 +52,7 @@ impl SearchSort {
 /// The sort key of the last row of a page, with its id.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum SortKey {
-    /// `ts_rank` or `word_similarity` (a `real` in SQL, compared exactly).
+    /// `ts_rank` (a `real` in SQL, compared exactly).
     Rank(f32, i64),
     PriceCents(i64, i64),
     CreatedMicros(i64, i64),
@@ -82,8 +83,6 @@ struct SearchRow {
 pub struct SearchQuery<'a> {
     /// Normalized search text.
     pub text: &'a str,
-    /// Trigram title matching instead of full-text search.
-    pub fuzzy: bool,
     pub filters: &'a SearchFilters,
     pub sort: SearchSort,
     /// Where the previous page ended.
@@ -96,41 +95,52 @@ pub async fn search(
     conn: &mut PgConnection,
     query: SearchQuery<'_>,
 ) -> Result<Vec<(Product, SortKey)>> {
+    let sort = query.sort;
+    // Not a prepared statement: PostgreSQL would switch to a generic plan
+    // after a few runs, and no one plan suits both a rare and a common word,
+    // or a narrow and a wide price range (the generic plan intersected the
+    // matches with half the price index). Planning each search with its
+    // values costs well under a millisecond.
+    let rows: Vec<SearchRow> = statement("", query)?
+        .build_query_as()
+        .persistent(false)
+        .fetch_all(conn)
+        .await?;
+    rows.into_iter()
+        .map(|row| {
+            let product = Product::try_from(row.product)?;
+            let id = product.id.get();
+            let key = match sort {
+                SearchSort::Relevance => SortKey::Rank(row.rank, id),
+                SearchSort::PriceAscending | SearchSort::PriceDescending => {
+                    SortKey::PriceCents(product.price_cents, id)
+                }
+                SearchSort::Newest => {
+                    SortKey::CreatedMicros(product.created_at.timestamp_micros(), id)
+                }
+                SearchSort::Rating => SortKey::RatingHundredths(row.rating_hundredths, id),
+            };
+            Ok((product, key))
+        })
+        .collect()
+}
+
+/// The statement of one search page, after `prefix` (such as `EXPLAIN`).
+pub fn statement<'a>(prefix: &str, query: SearchQuery<'a>) -> Result<QueryBuilder<'a, Postgres>> {
     let SearchQuery {
         text,
-        fuzzy,
         filters,
         sort,
         after,
         limit,
     } = query;
-    let rank = |q: &mut QueryBuilder<'_, Postgres>| {
-        if fuzzy {
-            q.push("word_similarity(")
-                .push_bind(text.to_owned())
-                .push(", p.title)");
-        } else {
-            q.push("ts_rank(p.search_vector, q.tsq)");
-        }
-    };
-    let mut q = QueryBuilder::new("");
-    if !fuzzy {
-        q.push("WITH q AS (SELECT websearch_to_tsquery('english', ")
-            .push_bind(text.to_owned())
-            .push(") AS tsq), ");
-    } else {
-        q.push("WITH ");
-    }
-    q.push("page AS (SELECT p.id, ");
-    rank(&mut q);
-    q.push(" AS rank FROM products p");
-    if fuzzy {
-        q.push(" WHERE ")
-            .push_bind(text.to_owned())
-            .push(" <% p.title");
-    } else {
-        q.push(", q WHERE p.search_vector @@ q.tsq");
-    }
+    let mut q = QueryBuilder::new(prefix);
+    q.push("WITH q AS (SELECT websearch_to_tsquery('english', ")
+        .push_bind(text.to_owned())
+        .push(
+            ") AS tsq), page AS (SELECT p.id, ts_rank(p.search_vector, q.tsq) AS rank \
+             FROM products p, q WHERE p.search_vector @@ q.tsq",
+        );
     if !filters.categories.is_empty() {
         q.push(" AND p.category = ANY(")
             .push_bind(filters.categories.clone())
@@ -153,9 +163,7 @@ pub async fn search(
         q.push(" AND ");
         match after {
             SortKey::Rank(r, id) => {
-                q.push("(");
-                rank(&mut q);
-                q.push(", p.id) < (")
+                q.push("(ts_rank(p.search_vector, q.tsq), p.id) < (")
                     .push_bind(r)
                     .push("::real, ")
                     .push_bind(id)
@@ -189,20 +197,16 @@ pub async fn search(
             }
         }
     }
-    let order = match sort {
-        SearchSort::Relevance => "rank DESC, id DESC",
-        SearchSort::PriceAscending => "p.price ASC, p.id ASC",
-        SearchSort::PriceDescending => "p.price DESC, p.id DESC",
-        SearchSort::Newest => "p.created_at DESC, p.id DESC",
-        SearchSort::Rating => "p.rating DESC, p.id DESC",
+    // The same order inside `page` (where `rank` is its output column) and
+    // on the joined rows outside it.
+    let order = |rank: &str| match sort {
+        SearchSort::Relevance => format!("{rank} DESC, p.id DESC"),
+        SearchSort::PriceAscending => "p.price ASC, p.id ASC".into(),
+        SearchSort::PriceDescending => "p.price DESC, p.id DESC".into(),
+        SearchSort::Newest => "p.created_at DESC, p.id DESC".into(),
+        SearchSort::Rating => "p.rating DESC, p.id DESC".into(),
     };
-    // Inside `page`, `rank` and `id` name the output columns; outside, the
-    // same order is spelled on the joined row.
-    let inner_order = match sort {
-        SearchSort::Relevance => "rank DESC, p.id DESC",
-        _ => order,
-    };
-    q.push(format!(" ORDER BY {inner_order} LIMIT "))
+    q.push(format!(" ORDER BY {} LIMIT ", order("rank")))
         .push_bind(limit)
         .push(concat!(
             ") SELECT ",
@@ -211,30 +215,22 @@ pub async fn search(
              FROM page JOIN products p ON p.id = page.id \
              JOIN inventory i ON i.product_id = p.id"
         ));
-    let outer_order = match sort {
-        SearchSort::Relevance => "page.rank DESC, p.id DESC",
-        _ => order,
-    };
-    q.push(format!(" ORDER BY {outer_order}"));
+    q.push(format!(" ORDER BY {}", order("page.rank")));
+    Ok(q)
+}
 
-    let rows: Vec<SearchRow> = q.build_query_as().fetch_all(conn).await?;
-    rows.into_iter()
-        .map(|row| {
-            let product = Product::try_from(row.product)?;
-            let id = product.id.get();
-            let key = match sort {
-                SearchSort::Relevance => SortKey::Rank(row.rank, id),
-                SearchSort::PriceAscending | SearchSort::PriceDescending => {
-                    SortKey::PriceCents(product.price_cents, id)
-                }
-                SearchSort::Newest => {
-                    SortKey::CreatedMicros(product.created_at.timestamp_micros(), id)
-                }
-                SearchSort::Rating => SortKey::RatingHundredths(row.rating_hundredths, id),
-            };
-            Ok((product, key))
-        })
-        .collect()
+/// For each word, the most similar title word (trigram similarity of at
+/// least `pg_trgm.similarity_threshold`, 0.3 by default), if any; a word
+/// titles have is its own answer. One statement for all the words.
+pub async fn corrections(conn: &mut PgConnection, words: &[String]) -> Result<Vec<Option<String>>> {
+    Ok(sqlx::query_scalar(
+        "SELECT (SELECT s.word FROM search_words s WHERE s.word % w.word \
+                 ORDER BY similarity(s.word, w.word) DESC, s.word LIMIT 1) \
+         FROM unnest($1::text[]) WITH ORDINALITY AS w(word, n) ORDER BY w.n",
+    )
+    .bind(words)
+    .fetch_all(conn)
+    .await?)
 }
 
 /// One search, as recorded in `product_searches`.

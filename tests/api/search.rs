@@ -227,21 +227,63 @@ async fn every_sort_orders_with_ties_broken_by_id_and_pages_neither_repeat_nor_s
 }
 
 #[tokio::test]
-async fn a_query_with_no_matching_word_matches_titles_by_similarity() {
+async fn misspelt_words_are_corrected_to_title_words_when_nothing_matches() {
     let app = TestApp::spawn().await;
-    let headphones = create(&app, &spec("Wireless headphones", "audio", 5900, 4.1)).await;
-    create(&app, &spec("Garden hose", "garden", 2900, 4.1)).await;
+    let mut headphones = Vec::new();
+    for _ in 0..3 {
+        headphones.push(create(&app, &spec("Wireless headphones", "audio", 5900, 4.1)).await);
+    }
+    let hose = create(&app, &spec("Garden hose", "garden", 2900, 4.1)).await;
     let mut client = app.catalog().await;
 
-    let typo = search(&mut client, query("hedphones")).await;
-    assert!(typo.fuzzy, "{typo:?}");
-    assert_eq!(ids(&typo), [headphones.id]);
+    let first = search(
+        &mut client,
+        pb::SearchProductsRequest {
+            page_size: 2,
+            ..query("wireles hedphones")
+        },
+    )
+    .await;
+    assert!(first.fuzzy, "{first:?}");
+    assert_eq!(first.corrected_query, "wireless headphones");
+    // Later pages continue the corrected search.
+    let second = search(
+        &mut client,
+        pb::SearchProductsRequest {
+            page_size: 2,
+            page_token: first.next_page_token.clone(),
+            ..query("wireles hedphones")
+        },
+    )
+    .await;
+    assert_eq!(second.corrected_query, "wireless headphones");
+    let mut found: Vec<i64> = ids(&first).into_iter().chain(ids(&second)).collect();
+    found.sort();
+    assert_eq!(found, headphones.iter().map(|p| p.id).collect::<Vec<_>>());
 
     let exact = search(&mut client, query("headphones")).await;
-    assert!(!exact.fuzzy);
-
+    assert!(!exact.fuzzy && exact.corrected_query.is_empty());
     let nothing = search(&mut client, query("xylophone")).await;
-    assert!(nothing.products.is_empty());
+    assert!(nothing.products.is_empty() && !nothing.fuzzy);
+
+    // Words of renamed titles are known too.
+    client
+        .update_product(pb::UpdateProductRequest {
+            id: hose.id,
+            version: hose.version,
+            product: Some(pb::ProductPatch {
+                title: "Sprinkler hose".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["title".into()],
+            }),
+        })
+        .await
+        .unwrap();
+    let renamed = search(&mut client, query("sprinkller")).await;
+    assert_eq!(renamed.corrected_query, "sprinkler");
+    assert_eq!(ids(&renamed), [hose.id]);
 }
 
 #[tokio::test]

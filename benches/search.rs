@@ -1,0 +1,610 @@
+//! SearchProducts at one million products: uncached (PostgreSQL) and cached
+//! (Redis) latency percentiles for a mix of query shapes, against a primary
+//! key lookup measured in the same run as the baseline, plus the
+//! `EXPLAIN (ANALYZE, BUFFERS)` of the main search shape.
+//!
+//!   make bench-search          (starts PostgreSQL and Redis if needed)
+//!
+//! The catalog lives in the database `datagate_bench_search`, generated once
+//! with set-based SQL (deterministic: fixed random seed) and reused by later
+//! runs; `BENCH_REBUILD=1` regenerates it. Shapes: skewed category
+//! popularity, log-normal prices, titles of brand, adjective, colour, noun and
+//! model number, creation times over two years.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use datagate::{
+    config::Settings,
+    domain::{
+        catalog::Catalog,
+        paging::{PageRequest, PageTokens},
+        search::{ProductSearch, SearchRequest, SearchText, parse_page_size},
+        users::Id,
+    },
+    search_log::SearchLog,
+    store::{
+        cache::Cache,
+        search::{SearchFilters, SearchQuery, SearchSort},
+    },
+};
+use secrecy::SecretString;
+use sqlx::{Connection as _, PgConnection, PgPool};
+
+const PRODUCTS: i64 = 1_000_000;
+const DATABASE: &str = "datagate_bench_search";
+/// One caller, then as many as saturate this machine's two cores.
+const CONCURRENCY: [usize; 2] = [1, 4];
+const ROUNDS: usize = 3;
+const UNCACHED_ROUND: Duration = Duration::from_secs(6);
+const CACHED_ROUND: Duration = Duration::from_secs(3);
+const BASELINE_ROUND: Duration = Duration::from_secs(2);
+
+#[rustfmt::skip]
+const CATEGORIES: [&str; 20] = [
+    "electronics", "audio", "computers", "phones", "cameras", "home", "kitchen", "furniture", "lighting", "garden",
+    "tools", "automotive", "sports", "outdoors", "toys", "books", "clothing", "shoes", "beauty", "health",
+];
+/// Twelve nouns per category, in category order.
+#[rustfmt::skip]
+const NOUNS: [&str; 240] = [
+    "television", "projector", "router", "charger", "adapter", "battery", "drone", "console", "remote", "cable", "hub", "monitor",
+    "headphones", "earbuds", "speaker", "soundbar", "amplifier", "turntable", "microphone", "receiver", "subwoofer", "radio", "headset", "mixer",
+    "laptop", "keyboard", "mouse", "tablet", "printer", "scanner", "webcam", "desktop", "ssd", "motherboard", "processor", "dock",
+    "smartphone", "case", "stylus", "smartwatch", "tracker", "powerbank", "mount", "holder", "screen", "sim", "wallet", "grip",
+    "camera", "lens", "tripod", "flash", "camcorder", "gimbal", "filter", "strap", "bag", "memory", "viewfinder", "reflector",
+    "blanket", "pillow", "curtain", "rug", "vase", "mirror", "clock", "frame", "candle", "basket", "towel", "duvet",
+    "kettle", "toaster", "blender", "mixer", "pan", "knife", "grinder", "cooker", "oven", "fryer", "juicer", "scale",
+    "chair", "table", "sofa", "desk", "bed", "shelf", "wardrobe", "stool", "bench", "cabinet", "dresser", "ottoman",
+    "lamp", "bulb", "lantern", "chandelier", "spotlight", "strip", "sconce", "nightlight", "torch", "floodlight", "pendant", "dimmer",
+    "hose", "shovel", "rake", "planter", "sprinkler", "mower", "trimmer", "wheelbarrow", "seeds", "fertilizer", "gloves", "shears",
+    "hammer", "drill", "saw", "wrench", "screwdriver", "pliers", "sander", "toolbox", "level", "chisel", "clamp", "grinder",
+    "tyre", "wiper", "jack", "dashcam", "seatcover", "mat", "polish", "jumpstarter", "compressor", "rack", "bulb", "horn",
+    "ball", "racket", "bicycle", "helmet", "treadmill", "dumbbell", "yoga", "skates", "skateboard", "bat", "net", "bottle",
+    "tent", "backpack", "sleepingbag", "stove", "compass", "hammock", "cooler", "binoculars", "kayak", "paddle", "axe", "headlamp",
+    "puzzle", "doll", "blocks", "robot", "kite", "train", "boardgame", "plush", "slime", "scooter", "playhouse", "crayons",
+    "novel", "cookbook", "atlas", "biography", "dictionary", "comic", "journal", "guide", "anthology", "textbook", "manual", "poetry",
+    "jacket", "shirt", "jeans", "dress", "sweater", "hoodie", "scarf", "socks", "coat", "shorts", "skirt", "hat",
+    "sneakers", "boots", "sandals", "loafers", "slippers", "heels", "trainers", "clogs", "flats", "oxfords", "espadrilles", "moccasins",
+    "shampoo", "lotion", "perfume", "lipstick", "serum", "cleanser", "razor", "brush", "mascara", "sunscreen", "conditioner", "balm",
+    "vitamins", "thermometer", "bandage", "massager", "inhaler", "humidifier", "scale", "monitor", "sanitizer", "toothbrush", "floss", "brace",
+];
+#[rustfmt::skip]
+const BRANDS: [&str; 40] = [
+    "acme", "zenith", "nordic", "apex", "lumen", "vertex", "orion", "pioneer", "summit", "atlas",
+    "nova", "quantum", "harbor", "ember", "cobalt", "willow", "falcon", "granite", "meridian", "polar",
+    "sierra", "tundra", "vortex", "aurora", "beacon", "cascade", "delta", "echo", "fjord", "glacier",
+    "horizon", "indigo", "juniper", "kestrel", "lotus", "monarch", "nimbus", "onyx", "prism", "quasar",
+];
+#[rustfmt::skip]
+const ADJECTIVES: [&str; 24] = [
+    "wireless", "portable", "compact", "premium", "classic", "smart", "ergonomic", "durable", "lightweight", "professional",
+    "deluxe", "rechargeable", "foldable", "waterproof", "vintage", "modern", "silent", "heavy", "mini", "ultra",
+    "organic", "cordless", "digital", "adjustable",
+];
+#[rustfmt::skip]
+const COLORS: [&str; 12] = [
+    "black", "white", "silver", "red", "blue", "green", "grey", "gold", "pink", "orange",
+    "brown", "navy",
+];
+#[rustfmt::skip]
+const MATERIALS: [&str; 8] = [
+    "aluminium", "steel", "oak", "bamboo", "cotton", "leather", "recycled plastic", "glass",
+];
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+/// A small deterministic generator (xorshift), so runs are repeatable.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+        items[(self.next() % items.len() as u64) as usize]
+    }
+}
+
+/// A query shape of the mix, and its share of the requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Shape {
+    /// One noun, by relevance.
+    Noun,
+    /// Brand and noun, by relevance.
+    BrandNoun,
+    /// Adjective and noun in the noun's category, a price range.
+    Filtered,
+    /// One noun, cheapest first.
+    NounByPrice,
+    /// One noun, rated 4 or more, best rated first.
+    NounByRating,
+    /// The second page of a noun search, newest first.
+    SecondPage,
+    /// A misspelt noun: nothing matches, the word is corrected and searched.
+    Typo,
+}
+
+impl Shape {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Noun => "one noun, relevance",
+            Self::BrandNoun => "brand and noun",
+            Self::Filtered => "category and price range",
+            Self::NounByPrice => "noun by price",
+            Self::NounByRating => "noun by rating, 4+",
+            Self::SecondPage => "second page, newest",
+            Self::Typo => "misspelt noun",
+        }
+    }
+}
+
+const MIX: [(Shape, u32); 7] = [
+    (Shape::Noun, 30),
+    (Shape::BrandNoun, 20),
+    (Shape::Filtered, 15),
+    (Shape::NounByPrice, 10),
+    (Shape::NounByRating, 10),
+    (Shape::SecondPage, 10),
+    (Shape::Typo, 5),
+];
+
+fn request(
+    text: &str,
+    filters: SearchFilters,
+    sort: SearchSort,
+    token: Option<String>,
+) -> SearchRequest {
+    SearchRequest {
+        text: SearchText::parse(text).unwrap(),
+        filters,
+        sort,
+        page: PageRequest {
+            size: parse_page_size(20).unwrap(),
+            token,
+        },
+        user_id: None,
+    }
+}
+
+/// Drops one letter from the middle of a word.
+fn misspell(word: &str) -> String {
+    let mid = word.len() / 2;
+    format!("{}{}", &word[..mid], &word[mid + 1..])
+}
+
+/// `n` requests of the mix, deterministic. Second pages get their token from
+/// a first search, so building the list runs those first pages.
+async fn mix(search: &ProductSearch, n: usize) -> anyhow::Result<Vec<(Shape, SearchRequest)>> {
+    let mut rng = Rng(0x2545_F491_4F6C_DD1D);
+    let total: u32 = MIX.iter().map(|(_, w)| w).sum();
+    let mut requests = Vec::with_capacity(n);
+    while requests.len() < n {
+        let mut roll = (rng.next() % u64::from(total)) as u32;
+        let shape = MIX
+            .iter()
+            .find(|(_, w)| {
+                if roll < *w {
+                    true
+                } else {
+                    roll -= w;
+                    false
+                }
+            })
+            .map(|(s, _)| *s)
+            .unwrap();
+        // Popular categories are searched more, like they are stocked more.
+        let category = (((rng.next() % 1000) as f64 / 1000.0).powi(2) * 20.0) as usize;
+        let noun = NOUNS[category * 12 + (rng.next() % 12) as usize];
+        let none = SearchFilters::default;
+        let r = match shape {
+            Shape::Noun => request(noun, none(), SearchSort::Relevance, None),
+            Shape::BrandNoun => request(
+                &format!("{} {noun}", rng.pick(&BRANDS)),
+                none(),
+                SearchSort::Relevance,
+                None,
+            ),
+            Shape::Filtered => {
+                let low = 1000 * (1 + rng.next() % 20) as i64;
+                request(
+                    &format!("{} {noun}", rng.pick(&ADJECTIVES)),
+                    SearchFilters {
+                        categories: vec![CATEGORIES[category].to_owned()],
+                        min_price_cents: Some(low),
+                        max_price_cents: Some(low * 4),
+                        min_rating: None,
+                    },
+                    SearchSort::Relevance,
+                    None,
+                )
+            }
+            Shape::NounByPrice => request(noun, none(), SearchSort::PriceAscending, None),
+            Shape::NounByRating => request(
+                noun,
+                SearchFilters {
+                    min_rating: Some(4.0),
+                    ..none()
+                },
+                SearchSort::Rating,
+                None,
+            ),
+            Shape::SecondPage => {
+                let first = search
+                    .search(request(noun, none(), SearchSort::Newest, None))
+                    .await?;
+                request(noun, none(), SearchSort::Newest, first.next_page_token)
+            }
+            Shape::Typo => request(&misspell(noun), none(), SearchSort::Relevance, None),
+        };
+        requests.push((shape, r));
+    }
+    Ok(requests)
+}
+
+#[derive(Default)]
+struct Samples {
+    all: Vec<Duration>,
+    by_shape: BTreeMap<Shape, Vec<Duration>>,
+    requests: usize,
+    elapsed: Duration,
+}
+
+/// `concurrency` workers run `call(i)` for `duration`, over indexes 0, 1, ...
+async fn drive<F, Fut>(
+    concurrency: usize,
+    duration: Duration,
+    samples: &mut Samples,
+    shape_of: impl Fn(usize) -> Option<Shape>,
+    call: F,
+) where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let call = Arc::new(call);
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let (call, next) = (call.clone(), next.clone());
+        workers.push(tokio::spawn(async move {
+            let mut timed = Vec::new();
+            while started.elapsed() < duration {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let t = Instant::now();
+                call(i).await;
+                timed.push((i, t.elapsed()));
+            }
+            timed
+        }));
+    }
+    for w in workers {
+        for (i, latency) in w.await.unwrap() {
+            samples.all.push(latency);
+            if let Some(shape) = shape_of(i) {
+                samples.by_shape.entry(shape).or_default().push(latency);
+            }
+            samples.requests += 1;
+        }
+    }
+    samples.elapsed += started.elapsed();
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let admin_url = std::env::var("DATABASE_URL")
+        .map_err(|_| anyhow::anyhow!("set DATABASE_URL (make bench-search does)"))?;
+    let redis_url = std::env::var("REDIS_URL")
+        .map_err(|_| anyhow::anyhow!("set REDIS_URL (make bench-search does)"))?;
+    let url = datagate::store::postgres::url_with_database(&admin_url, DATABASE);
+    let db = prepare(&admin_url, &url).await?;
+
+    let settings = Settings::load_with_overrides(None, &[("database.url", url.as_str())])?;
+    let pages = PageTokens::new(&SecretString::from("b".repeat(32)));
+    let (log, writer) = SearchLog::start(db.clone(), &settings.search_log);
+    let uncached = ProductSearch::new(db.clone(), Cache::disabled(), pages.clone(), log.clone());
+    let mut redis = settings.redis.clone();
+    redis.url = redis_url.into();
+    redis.key_prefix = format!("dgbench-search-{}", std::process::id());
+    let cache = Cache::new(&redis)?;
+    let cached = ProductSearch::new(db.clone(), cache, pages, log);
+    let catalog = Catalog::new(db.clone(), Cache::disabled());
+
+    let requests = Arc::new(mix(&uncached, 2000).await?);
+    println!(
+        "{} requests in the mix; warming the cache and PostgreSQL's buffers",
+        requests.len()
+    );
+    for (_, r) in requests.iter() {
+        cached.search(r.clone()).await?;
+    }
+
+    // Per concurrency level: uncached searches, cached searches, baseline.
+    let mut samples: Vec<[Samples; 3]> = CONCURRENCY.iter().map(|_| Default::default()).collect();
+    let searching = |search: &ProductSearch| {
+        let (s, r) = (search.clone(), requests.clone());
+        move |i: usize| {
+            let (s, r) = (s.clone(), r.clone());
+            async move {
+                s.search(r[i % r.len()].1.clone()).await.expect("search");
+            }
+        }
+    };
+    let shape_of = |i: usize| Some(requests[i % requests.len()].0);
+    for round in 0..ROUNDS {
+        for (level, concurrency) in CONCURRENCY.iter().enumerate() {
+            let [searches, hits, lookups] = &mut samples[level];
+            drive(
+                *concurrency,
+                UNCACHED_ROUND,
+                searches,
+                shape_of,
+                searching(&uncached),
+            )
+            .await;
+            drive(
+                *concurrency,
+                CACHED_ROUND,
+                hits,
+                shape_of,
+                searching(&cached),
+            )
+            .await;
+            let c = catalog.clone();
+            drive(
+                *concurrency,
+                BASELINE_ROUND,
+                lookups,
+                |_| None,
+                move |i| {
+                    let c = c.clone();
+                    async move {
+                        let id = Id::parse(1 + (i as i64 * 7919) % PRODUCTS).unwrap();
+                        c.get(id).await.expect("product");
+                    }
+                },
+            )
+            .await;
+        }
+        println!("round {} of {ROUNDS} done", round + 1);
+    }
+    writer.close(Duration::from_secs(30)).await;
+
+    let row = |name: &str, samples: &mut Vec<Duration>, rps: Option<f64>| {
+        samples.sort();
+        println!(
+            "| {name} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            samples.len(),
+            rps.map_or(String::new(), |r| format!("{r:.0}")),
+            percentile(samples, 0.50),
+            percentile(samples, 0.95),
+            percentile(samples, 0.99),
+            percentile(samples, 1.0)
+        );
+    };
+    let rps = |s: &Samples| s.requests as f64 / s.elapsed.as_secs_f64();
+    println!();
+    println!(
+        "SearchProducts over {PRODUCTS} products, page size 20, {ROUNDS} alternating rounds per concurrency level"
+    );
+    println!("| callers | path | requests | rps | p50 ms | p95 ms | p99 ms | max ms |");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|");
+    for (level, concurrency) in CONCURRENCY.iter().enumerate() {
+        let [searches, hits, lookups] = &mut samples[level];
+        let (search_rps, hit_rps, lookup_rps) = (rps(searches), rps(hits), rps(lookups));
+        let c = format!("{concurrency} |");
+        row(
+            &format!("{c} search, uncached (mix)"),
+            &mut searches.all,
+            Some(search_rps),
+        );
+        for (shape, samples) in searches.by_shape.iter_mut() {
+            row(&format!("{c} &nbsp;&nbsp;{}", shape.label()), samples, None);
+        }
+        row(
+            &format!("{c} search, cached (mix)"),
+            &mut hits.all,
+            Some(hit_rps),
+        );
+        row(
+            &format!("{c} baseline: GetProduct by id, uncached"),
+            &mut lookups.all,
+            Some(lookup_rps),
+        );
+    }
+    println!();
+    for (level, concurrency) in CONCURRENCY.iter().enumerate() {
+        let [searches, hits, lookups] = &samples[level];
+        println!(
+            "{concurrency} caller(s), ratios to the baseline: uncached search p50 {:.1}x, p95 {:.1}x; cached search p50 {:.2}x, p95 {:.2}x",
+            percentile(&searches.all, 0.5) / percentile(&lookups.all, 0.5),
+            percentile(&searches.all, 0.95) / percentile(&lookups.all, 0.95),
+            percentile(&hits.all, 0.5) / percentile(&lookups.all, 0.5),
+            percentile(&hits.all, 0.95) / percentile(&lookups.all, 0.95),
+        );
+    }
+
+    explain(
+        &db,
+        "headphones",
+        &SearchFilters::default(),
+        SearchSort::Relevance,
+    )
+    .await?;
+    explain(
+        &db,
+        "wireless headphones",
+        &SearchFilters {
+            categories: vec!["audio".into()],
+            min_price_cents: Some(2000),
+            max_price_cents: Some(20000),
+            min_rating: None,
+        },
+        SearchSort::PriceAscending,
+    )
+    .await?;
+    db.close().await;
+    Ok(())
+}
+
+/// Prints the plan of one search page, as executed.
+async fn explain(
+    db: &PgPool,
+    text: &str,
+    filters: &SearchFilters,
+    sort: SearchSort,
+) -> anyhow::Result<()> {
+    let query = SearchQuery {
+        text,
+        filters,
+        sort,
+        after: None,
+        limit: 21,
+    };
+    let mut statement = datagate::store::search::statement("EXPLAIN (ANALYZE, BUFFERS) ", query)?;
+    let sql = statement.sql().to_owned();
+    let lines: Vec<String> = statement.build_query_scalar().fetch_all(db).await?;
+    println!();
+    println!("EXPLAIN (ANALYZE, BUFFERS) of {text:?}, {sort:?}, {filters:?}:");
+    println!("{}", sql.trim_start_matches("EXPLAIN (ANALYZE, BUFFERS) "));
+    for line in lines {
+        println!("    {line}");
+    }
+    Ok(())
+}
+
+/// The bench database with its million products, generated if missing.
+async fn prepare(admin_url: &str, url: &str) -> anyhow::Result<PgPool> {
+    let rebuild = std::env::var_os("BENCH_REBUILD").is_some();
+    let mut admin = PgConnection::connect(admin_url).await?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT FROM pg_database WHERE datname = $1)")
+            .bind(DATABASE)
+            .fetch_one(&mut admin)
+            .await?;
+    if exists && rebuild {
+        sqlx::query(&format!(r#"DROP DATABASE "{DATABASE}" WITH (FORCE)"#))
+            .execute(&mut admin)
+            .await?;
+    }
+    if !exists || rebuild {
+        sqlx::query(&format!(r#"CREATE DATABASE "{DATABASE}""#))
+            .execute(&mut admin)
+            .await?;
+    }
+    let db = PgPool::connect(url).await?;
+    datagate::store::postgres::migrate_up(&db).await?;
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM products")
+        .fetch_one(&db)
+        .await?;
+    if count == PRODUCTS {
+        println!("using the {PRODUCTS} products in {DATABASE} (BENCH_REBUILD=1 regenerates them)");
+        return Ok(db);
+    }
+    anyhow::ensure!(
+        count == 0,
+        "{DATABASE} holds {count} products; run with BENCH_REBUILD=1"
+    );
+    generate(&db).await?;
+    Ok(db)
+}
+
+async fn generate(db: &PgPool) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut conn = db.acquire().await?;
+    // One transaction: generated rows skip the audit triggers (they are not
+    // writes of any caller), and the search and sort indexes are built once
+    // at the end instead of row by row.
+    let mut tx = conn.begin().await?;
+    let indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT indexdef FROM pg_indexes WHERE tablename = 'products' \
+         AND indexname IN ('products_search_idx', 'products_price_idx', \
+         'products_rating_idx', 'products_created_idx')",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    for statement in [
+        "SET LOCAL maintenance_work_mem = '512MB'",
+        "SET LOCAL max_parallel_workers_per_gather = 0",
+        "ALTER TABLE products DISABLE TRIGGER products_audit",
+        "ALTER TABLE inventory DISABLE TRIGGER inventory_audit",
+        "DROP INDEX products_search_idx",
+        "DROP INDEX products_price_idx",
+        "DROP INDEX products_rating_idx",
+        "DROP INDEX products_created_idx",
+        "SELECT setseed(0.42)",
+    ] {
+        sqlx::query(statement).execute(&mut *tx).await?;
+    }
+    println!("generating {PRODUCTS} products...");
+    sqlx::query(
+        "INSERT INTO products (sku, title, description, category, price, rating, review_count, created_at, updated_at) \
+         SELECT 'BENCH-' || g, \
+                initcap(brand) || ' ' || adjective || ' ' || color || ' ' || noun || ' ' || model, \
+                'A ' || adjective || ' ' || noun || ' made of ' || material || '. Model ' || model || ' by ' || initcap(brand) || '.', \
+                ($1::text[])[category + 1], \
+                round(least(greatest(exp(ln(25) + 0.9 * sqrt(-2 * ln(1 - u1)) * cos(2 * pi() * u2)), 1), 99999)::numeric, 2), \
+                round((1 + 4 * power(random(), 0.35))::numeric, 1), \
+                floor(power(random(), 3) * 5000)::int, \
+                created, created \
+         FROM ( \
+           SELECT g, c.category, \
+                  ($2::text[])[c.category * 12 + 1 + floor(12 * power(random(), 1.5))::int] AS noun, \
+                  ($3::text[])[1 + floor(40 * power(random(), 1.3))::int] AS brand, \
+                  ($4::text[])[1 + floor(24 * random())::int] AS adjective, \
+                  ($5::text[])[1 + floor(12 * random())::int] AS color, \
+                  ($6::text[])[1 + floor(8 * random())::int] AS material, \
+                  upper(chr(65 + floor(26 * random())::int)) || (100 + floor(900 * random())::int) AS model, \
+                  random() AS u1, random() AS u2, \
+                  now() - random() * interval '730 days' AS created \
+           FROM generate_series(1, $7::int) g, \
+                LATERAL (SELECT floor(20 * power(random(), 2))::int + g * 0 AS category) c \
+         ) src",
+    )
+    .bind(&CATEGORIES[..])
+    .bind(&NOUNS[..])
+    .bind(&BRANDS[..])
+    .bind(&ADJECTIVES[..])
+    .bind(&COLORS[..])
+    .bind(&MATERIALS[..])
+    .bind(PRODUCTS as i32)
+    .execute(&mut *tx)
+    .await?;
+    println!("  products: {:.0?}", started.elapsed());
+    sqlx::query("INSERT INTO inventory (product_id, quantity) SELECT id, floor(random() * 500)::int FROM products")
+        .execute(&mut *tx)
+        .await?;
+    println!("  inventory: {:.0?}", started.elapsed());
+    for index in &indexes {
+        sqlx::query(index).execute(&mut *tx).await?;
+    }
+    println!("  indexes: {:.0?}", started.elapsed());
+    for statement in [
+        "ALTER TABLE products ENABLE TRIGGER products_audit",
+        "ALTER TABLE inventory ENABLE TRIGGER inventory_audit",
+    ] {
+        sqlx::query(statement).execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    sqlx::query("VACUUM ANALYZE products")
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("VACUUM ANALYZE inventory")
+        .execute(&mut *conn)
+        .await?;
+    println!("generated in {:.0?}", started.elapsed());
+    Ok(())
+}
