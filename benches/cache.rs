@@ -30,6 +30,12 @@ use datagate::{
 use secrecy::SecretString;
 use sqlx::{Connection as _, PgConnection, PgPool};
 
+#[path = "support/stats.rs"]
+#[allow(dead_code)] // each benchmark uses part of it
+mod stats;
+
+use stats::{Rng, percentile};
+
 const USERS: i64 = 60_000;
 const HOT_KEYS: i64 = 1_000;
 const CONCURRENCY: usize = 16;
@@ -37,23 +43,6 @@ const ROUNDS: usize = 5;
 const ROUND: Duration = Duration::from_millis(1500);
 const ZIPF_EXPONENT: f64 = 1.0;
 const ZIPF_REQUESTS: usize = 40_000;
-
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i].as_secs_f64() * 1000.0
-}
-
-/// A small deterministic generator (xorshift), so runs are repeatable.
-struct Rng(u64);
-
-impl Rng {
-    fn next_f64(&mut self) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
 
 /// Zipf ranks 1..=n by inverse CDF over a precomputed table.
 struct Zipf(Vec<f64>);

@@ -28,17 +28,17 @@ use sqlx::{Connection as _, PgConnection, PgPool};
 
 #[path = "support/naive.rs"]
 mod naive;
+#[path = "support/stats.rs"]
+#[allow(dead_code)] // each benchmark uses part of it
+mod stats;
+
+use stats::percentile;
 
 const USERS: i64 = 100;
 const ORDERS_PER_USER: u32 = 5;
 const ITEMS_PER_ORDER: i64 = 3;
 const WARMUP: usize = 5;
 const ITERATIONS: usize = 200;
-
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i].as_secs_f64() * 1000.0
-}
 
 struct Sample {
     latencies: Vec<Duration>,

@@ -37,6 +37,12 @@ use datagate::{
 use secrecy::SecretString;
 use sqlx::{Connection as _, PgConnection, PgPool};
 
+#[path = "support/stats.rs"]
+#[allow(dead_code)] // each benchmark uses part of it
+mod stats;
+
+use stats::{Rng, percentile};
+
 const PRODUCTS: i64 = 1_000_000;
 const DATABASE: &str = "datagate_bench_search";
 /// One caller, then as many as saturate this machine's two cores.
@@ -97,27 +103,6 @@ const COLORS: [&str; 12] = [
 const MATERIALS: [&str; 8] = [
     "aluminium", "steel", "oak", "bamboo", "cotton", "leather", "recycled plastic", "glass",
 ];
-
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i].as_secs_f64() * 1000.0
-}
-
-/// A small deterministic generator (xorshift), so runs are repeatable.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-        items[(self.next() % items.len() as u64) as usize]
-    }
-}
 
 /// A query shape of the mix, and its share of the requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -193,7 +178,7 @@ async fn mix(search: &ProductSearch, n: usize) -> anyhow::Result<Vec<(Shape, Sea
     let total: u32 = MIX.iter().map(|(_, w)| w).sum();
     let mut requests = Vec::with_capacity(n);
     while requests.len() < n {
-        let mut roll = (rng.next() % u64::from(total)) as u32;
+        let mut roll = (rng.next_u64() % u64::from(total)) as u32;
         let shape = MIX
             .iter()
             .find(|(_, w)| {
@@ -207,8 +192,8 @@ async fn mix(search: &ProductSearch, n: usize) -> anyhow::Result<Vec<(Shape, Sea
             .map(|(s, _)| *s)
             .unwrap();
         // Popular categories are searched more, like they are stocked more.
-        let category = (((rng.next() % 1000) as f64 / 1000.0).powi(2) * 20.0) as usize;
-        let noun = NOUNS[category * 12 + (rng.next() % 12) as usize];
+        let category = (((rng.next_u64() % 1000) as f64 / 1000.0).powi(2) * 20.0) as usize;
+        let noun = NOUNS[category * 12 + (rng.next_u64() % 12) as usize];
         let none = SearchFilters::default;
         let r = match shape {
             Shape::Noun => request(noun, none(), SearchSort::Relevance, None),
@@ -219,7 +204,7 @@ async fn mix(search: &ProductSearch, n: usize) -> anyhow::Result<Vec<(Shape, Sea
                 None,
             ),
             Shape::Filtered => {
-                let low = 1000 * (1 + rng.next() % 20) as i64;
+                let low = 1000 * (1 + rng.next_u64() % 20) as i64;
                 request(
                     &format!("{} {noun}", rng.pick(&ADJECTIVES)),
                     SearchFilters {

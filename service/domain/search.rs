@@ -43,13 +43,9 @@ pub struct SearchText(String);
 
 impl SearchText {
     pub fn parse(raw: &str) -> Result<Self, String> {
-        let text = bounded_text(raw, 1, MAX_QUERY_CHARS)?;
-        Ok(Self(
-            text.split_whitespace()
-                .collect::<Vec<_>>()
-                .join(" ")
-                .to_lowercase(),
-        ))
+        // Whitespace of any kind (tabs, line breaks) separates words.
+        let words = raw.split_whitespace().collect::<Vec<_>>().join(" ");
+        Ok(Self(bounded_text(&words, 1, MAX_QUERY_CHARS)?.to_lowercase()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -288,15 +284,20 @@ impl ProductSearch {
     }
 }
 
+/// A word correction may replace: letters and digits only, 3 or more.
+/// (`or` is too short; quoted and excluded words carry punctuation.)
+fn is_plain_word(token: &str) -> bool {
+    token.chars().count() >= 3 && token.chars().all(char::is_alphanumeric)
+}
+
 /// The text with each plain word (letters and digits, 3 or more) replaced by
 /// its most similar title word; `None` when nothing changes. Words with
 /// search syntax (quotes, a leading `-`) and `or` are kept as they are.
 async fn correct(conn: &mut sqlx::PgConnection, text: &str) -> Result<Option<String>> {
     let tokens: Vec<&str> = text.split(' ').collect();
-    let plain = |t: &str| t.chars().count() >= 3 && t.chars().all(char::is_alphanumeric);
     let words: Vec<String> = tokens
         .iter()
-        .filter(|t| plain(t))
+        .filter(|t| is_plain_word(t))
         .map(|t| (*t).to_owned())
         .collect();
     if words.is_empty() {
@@ -305,7 +306,7 @@ async fn correct(conn: &mut sqlx::PgConnection, text: &str) -> Result<Option<Str
     let mut replacements = store::search::corrections(conn, &words).await?.into_iter();
     let corrected: Vec<String> = tokens
         .iter()
-        .map(|t| match plain(t) {
+        .map(|t| match is_plain_word(t) {
             true => replacements
                 .next()
                 .flatten()
@@ -315,4 +316,45 @@ async fn correct(conn: &mut sqlx::PgConnection, text: &str) -> Result<Option<Str
         .collect();
     let corrected = corrected.join(" ");
     Ok((corrected != text).then_some(corrected))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn search_text_is_trimmed_collapsed_and_lower_cased() {
+        let text = SearchText::parse("  Wireless\t HEADPHONES \n").unwrap();
+        assert_eq!(text.as_str(), "wireless headphones");
+        assert!(SearchText::parse("   ").is_err());
+        assert!(SearchText::parse(&"a".repeat(MAX_QUERY_CHARS + 1)).is_err());
+        assert!(SearchText::parse(&"é".repeat(MAX_QUERY_CHARS)).is_ok());
+        assert!(SearchText::parse("lamp\u{7}").is_err());
+    }
+
+    #[test]
+    fn categories_are_sorted_without_duplicates_and_bounded() {
+        let raw = ["tools", "audio", "tools"].map(String::from);
+        assert_eq!(parse_categories(&raw).unwrap(), ["audio", "tools"]);
+        let many: Vec<String> = (0..=MAX_CATEGORIES).map(|i| format!("c{i}")).collect();
+        assert!(parse_categories(&many).is_err());
+        assert!(parse_categories(&[String::new()]).is_err());
+    }
+
+    #[test]
+    fn page_sizes_default_to_twenty_and_cap_at_a_hundred() {
+        assert_eq!(parse_page_size(0).unwrap().get(), DEFAULT_PAGE_SIZE);
+        assert_eq!(parse_page_size(7).unwrap().get(), 7);
+        assert_eq!(parse_page_size(1000).unwrap().get(), MAX_PAGE_SIZE);
+        assert!(parse_page_size(-1).is_err());
+    }
+
+    #[test]
+    fn only_plain_words_are_corrected() {
+        let plain: Vec<&str> = "wireles \"claw hedphones\" -sledge or hdmi 4k"
+            .split(' ')
+            .filter(|t| is_plain_word(t))
+            .collect();
+        assert_eq!(plain, ["wireles", "hdmi"]);
+    }
 }

@@ -452,26 +452,19 @@ async fn every_search_is_logged_with_its_filters_results_and_page() {
     let (email, username) = crate::helpers::unique("searcher");
     let user = app.create_user(&email, &username).await;
     let mut client = app.catalog().await;
-    let first = search(
-        &mut client,
-        pb::SearchProductsRequest {
-            page_size: 2,
-            user_id: user.id,
-            categories: vec!["lighting".into()],
-            sort: Sort::PriceAscending.into(),
-            ..query("  Lamp ")
-        },
-    )
-    .await;
+    let lamps = pb::SearchProductsRequest {
+        page_size: 2,
+        user_id: user.id,
+        categories: vec!["lighting".into()],
+        sort: Sort::PriceAscending.into(),
+        ..query("  Lamp ")
+    };
+    let first = search(&mut client, lamps.clone()).await;
     search(
         &mut client,
         pb::SearchProductsRequest {
-            page_size: 2,
-            user_id: user.id,
-            categories: vec!["lighting".into()],
-            sort: Sort::PriceAscending.into(),
             page_token: first.next_page_token,
-            ..query("  Lamp ")
+            ..lamps
         },
     )
     .await;
