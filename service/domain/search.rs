@@ -45,7 +45,9 @@ impl SearchText {
     pub fn parse(raw: &str) -> Result<Self, String> {
         // Whitespace of any kind (tabs, line breaks) separates words.
         let words = raw.split_whitespace().collect::<Vec<_>>().join(" ");
-        Ok(Self(bounded_text(&words, 1, MAX_QUERY_CHARS)?.to_lowercase()))
+        Ok(Self(
+            bounded_text(&words, 1, MAX_QUERY_CHARS)?.to_lowercase(),
+        ))
     }
 
     pub fn as_str(&self) -> &str {
