@@ -46,6 +46,7 @@ export DATAGATE__DATABASE__URL=$DB_URL
 DATAGATE__DATABASE__URL=$DB_URL "$BIN" migrate up >/dev/null
 DATAGATE__PAGINATION__TOKEN_SECRET=smoke-test-page-token-secret-0123456789 \
 DATAGATE__AUTH__TOKENS=$ENTRY \
+DATAGATE__MONGODB__URL=${MONGODB_URL:-} DATAGATE__MONGODB__DATABASE=$DB \
 DATAGATE__SERVER__HOST=127.0.0.1 DATAGATE__SERVER__PORT=$PORT \
 DATAGATE__METRICS__HOST=127.0.0.1 DATAGATE__METRICS__PORT=$(free_port) \
   "$BIN" serve >"$LOG" 2>&1 &
@@ -83,6 +84,12 @@ check "error details decode by reflection" grep -q '"reason":"USER_NOT_FOUND"' <
 unauth=$(grpcurl -plaintext -d "{\"id\": $ID}" "$ADDR" datagate.v1.UserService/GetUser 2>&1 || true)
 check "a call without a token is Unauthenticated" grep -q "Code: Unauthenticated" <<<"$unauth"
 
+if [ -n "${MONGODB_URL:-}" ]; then
+  profile=$(grpcurl -plaintext -H "authorization: Bearer $TOKEN" \
+    -d "{\"user_id\": $ID, \"profile\": {\"given_name\": \"Smoke\", \"addresses\": [{\"label\": \"home\", \"line1\": \"1 Main St\", \"city\": \"Lisbon\", \"postal_code\": \"1100\", \"country\": \"PT\", \"primary\": true}]}, \"update_mask\": {\"paths\": [\"given_name\", \"addresses\"]}}" \
+    "$ADDR" datagate.v1.UserService/UpdateUserProfile 2>&1 || true)
+  check "UpdateUserProfile stores the profile in MongoDB" grep -q '"givenName": "Smoke"' <<<"$profile"
+fi
 grpcurl -plaintext -H "authorization: Bearer $TOKEN" \
   -d '{"sku":"SMOKE-1","title":"Smoke detector","category":"safety","price_cents":1999,"inventory":3}' \
   "$ADDR" datagate.v1.CatalogService/CreateProduct >/dev/null

@@ -25,6 +25,7 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     pub database: DatabaseSettings,
     pub redis: RedisSettings,
+    pub mongodb: MongoSettings,
     pub partitions: PartitionSettings,
     pub search_log: SearchLogSettings,
     pub auth: AuthSettings,
@@ -39,6 +40,31 @@ pub struct PartitionSettings {
     /// Zero turns the schedule off.
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MongoSettings {
+    /// Empty turns the MongoDB-backed features off (their RPCs answer
+    /// FAILED_PRECONDITION).
+    pub url: SecretString,
+    /// One database per environment.
+    pub database: String,
+    pub min_pool_size: u32,
+    pub max_pool_size: u32,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub server_selection_timeout: Duration,
+    /// Bound on every operation, pool wait included.
+    #[serde(with = "humantime_serde")]
+    pub operation_timeout: Duration,
+    /// How often the outbox relay looks for changes to apply to MongoDB
+    /// (it is also woken right after each commit that adds one).
+    #[serde(with = "humantime_serde")]
+    pub outbox_interval: Duration,
+    /// Measurements per price-history bucket (product × day) before a new
+    /// bucket starts.
+    pub price_bucket_capacity: i64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -282,6 +308,17 @@ impl Settings {
         {
             bail!(
                 "invalid configuration: partitions.months_ahead must be at most 24 and the retentions at least 1 month"
+            );
+        }
+        let mongo = &self.mongodb;
+        if mongo.max_pool_size == 0
+            || mongo.price_bucket_capacity < 1
+            || mongo.min_pool_size > mongo.max_pool_size
+            || mongo.database.is_empty()
+            || mongo.database.contains(['/', '\\', '.', ' ', '"', '$'])
+        {
+            bail!(
+                "invalid configuration: mongodb.database must be a plain name and mongodb.min_pool_size must not exceed mongodb.max_pool_size, which must be positive"
             );
         }
         let log = &self.search_log;

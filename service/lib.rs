@@ -12,6 +12,7 @@ pub mod domain;
 pub mod loaders;
 pub mod metrics;
 pub mod middleware;
+pub mod outbox;
 pub mod proto;
 pub mod search_log;
 pub mod seed;

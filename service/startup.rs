@@ -24,14 +24,15 @@ use crate::{
     config::Settings,
     domain::{
         analytics::Analytics, catalog::Catalog, orders::Orders, paging::PageTokens,
-        partitions::Partitions, passwords::PasswordHasher, search::ProductSearch, teams::Teams,
-        users::Users,
+        partitions::Partitions, passwords::PasswordHasher, price_history::PriceHistory,
+        profiles::Profiles, search::ProductSearch, teams::Teams, users::Users,
     },
     metrics,
     middleware::{AuthLayer, DeadlineLayer, RpcLayer},
+    outbox::OutboxRelay,
     proto,
     search_log::SearchLog,
-    store::{self, cache::Cache},
+    store::{self, cache::Cache, mongo::Mongo},
 };
 
 /// How often readiness checks the database and Redis, and how long a check may take.
@@ -55,6 +56,7 @@ pub struct Application {
     metrics: TcpListener,
     db: PgPool,
     cache: Cache,
+    mongo: Option<Mongo>,
 }
 
 impl Application {
@@ -62,6 +64,7 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let db = store::postgres::pool(&settings.database)?;
         let cache = Cache::new(&settings.redis)?;
+        let mongo = Mongo::connect(&settings.mongodb).await?;
         let grpc_addr = settings.server.grpc_addr()?;
         let grpc = TcpListener::bind(grpc_addr)
             .await
@@ -76,6 +79,7 @@ impl Application {
             metrics,
             db,
             cache,
+            mongo,
         })
     }
 
@@ -109,6 +113,7 @@ impl Application {
             metrics: metrics_listener,
             db,
             cache,
+            mongo,
         } = self;
         let server_settings = &settings.server;
         let max_message = server_settings.max_message_bytes;
@@ -122,14 +127,17 @@ impl Application {
         );
         let teams = Teams::new(db.clone(), pages.clone());
         let orders = Orders::new(db.clone(), pages.clone(), users.clone(), cache.clone());
-        let user_api = UserServiceServer::new(UserApi::new(users, teams))
+        let profiles = Profiles::new(users.clone(), mongo.clone());
+        let user_api = UserServiceServer::new(UserApi::new(users, teams, profiles))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
         let (search_log, search_log_writer) = SearchLog::start(db.clone(), &settings.search_log);
         let search = ProductSearch::new(db.clone(), cache.clone(), pages.clone(), search_log);
+        let prices = PriceHistory::new(db.clone(), cache.clone(), mongo.clone());
         let catalog_api = CatalogServiceServer::new(CatalogApi::new(
             Catalog::new(db.clone(), cache.clone()),
             search,
+            prices,
         ))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
@@ -171,6 +179,7 @@ impl Application {
         let readiness = tokio::spawn(watch_readiness(
             db.clone(),
             cache.clone(),
+            mongo.clone(),
             health.clone(),
             stopping.clone(),
         ));
@@ -179,6 +188,18 @@ impl Application {
             settings.partitions.interval,
             stopping.clone(),
         ));
+        if let Some(mongo) = mongo.clone() {
+            tokio::spawn(ensure_indexes(mongo, stopping.clone()));
+        }
+        let relay = tokio::spawn(
+            OutboxRelay::new(
+                db.clone(),
+                mongo.clone(),
+                settings.mongodb.price_bucket_capacity,
+                settings.mongodb.outbox_interval,
+            )
+            .run(stopping.clone()),
+        );
         let metrics_server = tokio::spawn(metrics::serve(
             metrics_listener,
             db.clone(),
@@ -219,6 +240,7 @@ impl Application {
         stopping.cancel();
         let _ = readiness.await;
         let _ = maintenance.await;
+        let _ = relay.await;
         set_all(&health, ServingStatus::NotServing).await;
         if !server_settings.shutdown_readiness_delay.is_zero() {
             tokio::select! {
@@ -251,6 +273,23 @@ impl Application {
     }
 }
 
+/// Creates the MongoDB indexes, retrying until it works (MongoDB may start
+/// after the service).
+async fn ensure_indexes(mongo: Mongo, stopping: CancellationToken) {
+    let mut pause = Duration::from_millis(500);
+    loop {
+        match mongo.ensure_indexes().await {
+            Ok(()) => return,
+            Err(e) => tracing::warn!(error = ?e, "creating MongoDB indexes failed; retrying"),
+        }
+        tokio::select! {
+            () = stopping.cancelled() => return,
+            () = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(Duration::from_secs(30));
+    }
+}
+
 /// Partition maintenance at start-up and every `interval` (never if zero).
 /// A failed round is logged and retried at the next one.
 async fn maintain_partitions(
@@ -280,6 +319,28 @@ async fn set_all(health: &HealthReporter, status: ServingStatus) {
     }
 }
 
+/// The health entry of MongoDB: NOT_SERVING degrades the document features
+/// only (they answer UNAVAILABLE), never the service.
+pub const MONGODB_HEALTH: &str = "mongodb";
+
+/// Sets a dependency's health entry when its state changes.
+async fn report_dependency(health: &HealthReporter, name: &str, ok: bool, last: &mut Option<bool>) {
+    if *last == Some(ok) {
+        return;
+    }
+    let status = if ok {
+        ServingStatus::Serving
+    } else {
+        tracing::warn!(
+            dependency = name,
+            "dependency unreachable: its health entry is NOT_SERVING"
+        );
+        ServingStatus::NotServing
+    };
+    health.set_service_status(name, status).await;
+    *last = Some(ok);
+}
+
 /// The health entry of the cache dependency. Redis down means degraded
 /// (this entry NOT_SERVING), never the service: reads fall back to PostgreSQL.
 pub const REDIS_HEALTH: &str = "redis";
@@ -291,27 +352,28 @@ pub const REDIS_HEALTH: &str = "redis";
 async fn watch_readiness(
     db: PgPool,
     cache: Cache,
+    mongo: Option<Mongo>,
     health: HealthReporter,
     stopping: CancellationToken,
 ) {
     let mut ready = None;
     let mut redis_ready = None;
+    let mut mongo_ready = None;
     let mut ticks = tokio::time::interval(READINESS_INTERVAL);
     loop {
         tokio::select! {
             () = stopping.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        if let Some(ok) = cache.probe().await
-            && redis_ready != Some(ok)
-        {
-            let status = if ok {
-                ServingStatus::Serving
-            } else {
-                ServingStatus::NotServing
-            };
-            health.set_service_status(REDIS_HEALTH, status).await;
-            redis_ready = Some(ok);
+        if let Some(ok) = cache.probe().await {
+            report_dependency(&health, REDIS_HEALTH, ok, &mut redis_ready).await;
+        }
+        if let Some(mongo) = &mongo {
+            let ok = matches!(
+                tokio::time::timeout(READINESS_TIMEOUT, mongo.ping()).await,
+                Ok(true)
+            );
+            report_dependency(&health, MONGODB_HEALTH, ok, &mut mongo_ready).await;
         }
         let ok = matches!(
             tokio::time::timeout(READINESS_TIMEOUT, sqlx::query("SELECT 1").execute(&db)).await,

@@ -2,7 +2,7 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{parse_timestamp, parsed};
+use super::{parse_window, parsed};
 use crate::{
     domain::{
         analytics::{Analytics, DEFAULT_LIMIT, MAX_LIMIT, MAX_WINDOW_DAYS},
@@ -32,25 +32,7 @@ impl pb::analytics_service_server::AnalyticsService for AnalyticsApi {
     ) -> Result<Response<pb::GetSearchInsightsResponse>, Status> {
         let r = request.into_inner();
         let mut v = Violations::default();
-        let mut required = |field: &str, t: Option<prost_types::Timestamp>| match t {
-            Some(t) => v.check(field, parse_timestamp(&t)),
-            None => {
-                v.add(field, "is required");
-                None
-            }
-        };
-        let start = required("start_time", r.start_time);
-        let end = required("end_time", r.end_time);
-        if let (Some(start), Some(end)) = (start, end) {
-            if start >= end {
-                v.add("end_time", "must be later than start_time");
-            } else if end - start > chrono::Duration::days(MAX_WINDOW_DAYS) {
-                v.add(
-                    "end_time",
-                    format!("the window may span at most {MAX_WINDOW_DAYS} days"),
-                );
-            }
-        }
+        let (start, end) = parse_window(&mut v, r.start_time, r.end_time, MAX_WINDOW_DAYS);
         let limit = match r.limit {
             0 => Some(DEFAULT_LIMIT),
             n if n < 0 => {

@@ -3,7 +3,7 @@
 use prost_types::FieldMask;
 use tonic::{Request, Response, Status};
 
-use super::{actor, parse_id, parse_ids, parsed, timestamp};
+use super::{actor, parse_id, parse_ids, parse_window, parsed, timestamp};
 use crate::{
     domain::{
         catalog::{
@@ -12,6 +12,7 @@ use crate::{
         },
         error::Violations,
         paging::PageRequest,
+        price_history::{Granularity, MAX_RANGE_DAYS, PriceHistory},
         search::{
             MAX_QUERY_CHARS, ProductSearch, SearchRequest, SearchText, parse_categories,
             parse_page_size,
@@ -27,11 +28,16 @@ pub use pb::catalog_service_server::CatalogServiceServer;
 pub struct CatalogApi {
     catalog: Catalog,
     search: ProductSearch,
+    prices: PriceHistory,
 }
 
 impl CatalogApi {
-    pub fn new(catalog: Catalog, search: ProductSearch) -> Self {
-        Self { catalog, search }
+    pub fn new(catalog: Catalog, search: ProductSearch, prices: PriceHistory) -> Self {
+        Self {
+            catalog,
+            search,
+            prices,
+        }
     }
 }
 
@@ -152,6 +158,55 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
                 .await?
                 .into(),
         ))
+    }
+
+    async fn get_price_history(
+        &self,
+        request: Request<pb::GetPriceHistoryRequest>,
+    ) -> Result<Response<pb::GetPriceHistoryResponse>, Status> {
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        let id = parse_id(&mut v, "product_id", r.product_id);
+        let (start, end) = parse_window(&mut v, r.start_time, r.end_time, MAX_RANGE_DAYS);
+        let granularity = match pb::PriceHistoryGranularity::try_from(r.granularity) {
+            Ok(pb::PriceHistoryGranularity::Daily) => Some(Granularity::Daily),
+            Ok(_) => Some(Granularity::Measurements),
+            Err(_) => {
+                v.add(
+                    "granularity",
+                    format!(
+                        "unknown granularity {}; use PRICE_HISTORY_GRANULARITY_MEASUREMENTS or PRICE_HISTORY_GRANULARITY_DAILY",
+                        r.granularity
+                    ),
+                );
+                None
+            }
+        };
+        parsed!(v, id, start, end, granularity);
+        let history = self.prices.get(id, start, end, granularity).await?;
+        Ok(Response::new(pb::GetPriceHistoryResponse {
+            measurements: history
+                .measurements
+                .into_iter()
+                .map(|(at, price_cents)| pb::PriceMeasurement {
+                    time: Some(timestamp(at)),
+                    price_cents,
+                })
+                .collect(),
+            days: history
+                .days
+                .into_iter()
+                .map(|d| pb::DailyPrice {
+                    day: d.day,
+                    measurements: d.measurements,
+                    min_cents: d.min_cents,
+                    max_cents: d.max_cents,
+                    average_cents: d.average_cents,
+                    open_cents: d.open_cents,
+                    close_cents: d.close_cents,
+                })
+                .collect(),
+        }))
     }
 
     async fn search_products(

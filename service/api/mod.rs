@@ -80,6 +80,36 @@ pub(crate) fn parse_time_range(
     (after, before)
 }
 
+/// A required `[start_time, end_time)` window of at most `max_days` (violations
+/// on `start_time` / `end_time`).
+pub(crate) fn parse_window(
+    v: &mut Violations,
+    start_time: Option<Timestamp>,
+    end_time: Option<Timestamp>,
+    max_days: i64,
+) -> (Option<DateTime<Utc>>, Option<DateTime<Utc>>) {
+    let mut required = |field: &str, t: Option<Timestamp>| match t {
+        Some(t) => v.check(field, parse_timestamp(&t)),
+        None => {
+            v.add(field, "is required");
+            None
+        }
+    };
+    let start = required("start_time", start_time);
+    let end = required("end_time", end_time);
+    if let (Some(start), Some(end)) = (start, end) {
+        if start >= end {
+            v.add("end_time", "must be later than start_time");
+        } else if end - start > chrono::Duration::days(max_days) {
+            v.add(
+                "end_time",
+                format!("the window may span at most {max_days} days"),
+            );
+        }
+    }
+    (start, end)
+}
+
 pub(crate) fn parse_page(
     v: &mut Violations,
     page_size: i32,

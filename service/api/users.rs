@@ -8,6 +8,10 @@ use crate::{
     domain::{
         error::{Error, Violations},
         passwords::Password,
+        profiles::{
+            Address, Preferences, Profile, ProfilePatch, Profiles, parse_addresses, parse_name,
+            parse_preferences,
+        },
         teams::{Membership, Team, TeamName, TeamRole, Teams},
         users::{
             DisplayName, Email, MAX_BATCH, NewUser, User, UserFilter, UserLookup, UserPatch,
@@ -22,11 +26,16 @@ pub use pb::user_service_server::UserServiceServer;
 pub struct UserApi {
     users: Users,
     teams: Teams,
+    profiles: Profiles,
 }
 
 impl UserApi {
-    pub fn new(users: Users, teams: Teams) -> Self {
-        Self { users, teams }
+    pub fn new(users: Users, teams: Teams, profiles: Profiles) -> Self {
+        Self {
+            users,
+            teams,
+            profiles,
+        }
     }
 }
 
@@ -219,6 +228,28 @@ impl pb::user_service_server::UserService for UserApi {
             next_page_token: page.next_page_token.unwrap_or_default(),
         }))
     }
+
+    async fn get_user_profile(
+        &self,
+        request: Request<pb::GetUserProfileRequest>,
+    ) -> Result<Response<pb::UserProfile>, Status> {
+        let mut v = Violations::default();
+        let id = parse_id(&mut v, "user_id", request.into_inner().user_id);
+        parsed!(v, id);
+        Ok(Response::new(self.profiles.get(id).await?.into()))
+    }
+
+    async fn update_user_profile(
+        &self,
+        request: Request<pb::UpdateUserProfileRequest>,
+    ) -> Result<Response<pb::UserProfile>, Status> {
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        let id = parse_id(&mut v, "user_id", r.user_id);
+        let patch = parse_profile_patch(&mut v, r.profile.unwrap_or_default(), r.update_mask);
+        parsed!(v, id, patch);
+        Ok(Response::new(self.profiles.update(id, patch).await?.into()))
+    }
 }
 
 fn parse_new_user(request: pb::CreateUserRequest) -> Result<NewUser, Error> {
@@ -246,6 +277,110 @@ fn parse_new_user(request: pb::CreateUserRequest) -> Result<NewUser, Error> {
 }
 
 const PATCHABLE: &str = "email, username, display_name, status, password";
+
+const PROFILE_FIELDS: &str = "given_name, family_name, preferences, addresses";
+
+fn parse_profile_patch(
+    v: &mut Violations,
+    p: pb::UserProfile,
+    mask: Option<FieldMask>,
+) -> Option<ProfilePatch> {
+    let paths = mask.map(|m| m.paths).unwrap_or_default();
+    if paths.is_empty() {
+        v.add(
+            "update_mask",
+            format!("must name the fields to change: {PROFILE_FIELDS}"),
+        );
+        return None;
+    }
+    let mut patch = ProfilePatch::default();
+    let mut ok = true;
+    let mut preferences = p.preferences;
+    let mut addresses = Some(p.addresses);
+    for path in &paths {
+        match path.as_str() {
+            "given_name" => {
+                patch.given_name = v.check("profile.given_name", parse_name(&p.given_name))
+            }
+            "family_name" => {
+                patch.family_name = v.check("profile.family_name", parse_name(&p.family_name))
+            }
+            "preferences" => {
+                let raw = preferences.take().unwrap_or_default();
+                patch.preferences = Some(parse_preferences(
+                    v,
+                    "profile.preferences",
+                    Preferences {
+                        language: raw.language,
+                        currency: raw.currency,
+                        marketing_emails: raw.marketing_emails,
+                    },
+                ));
+            }
+            "addresses" => {
+                let raw = addresses.take().unwrap_or_default();
+                patch.addresses = Some(parse_addresses(
+                    v,
+                    "profile.addresses",
+                    raw.into_iter().map(Address::from).collect(),
+                ));
+            }
+            other => {
+                ok = false;
+                v.add(
+                    "update_mask",
+                    format!("unknown path {other:?}; allowed: {PROFILE_FIELDS}"),
+                );
+            }
+        }
+    }
+    ok.then_some(patch)
+}
+
+impl From<pb::Address> for Address {
+    fn from(a: pb::Address) -> Self {
+        Self {
+            label: a.label,
+            line1: a.line1,
+            line2: a.line2,
+            city: a.city,
+            region: a.region,
+            postal_code: a.postal_code,
+            country: a.country,
+            primary: a.primary,
+        }
+    }
+}
+
+impl From<Profile> for pb::UserProfile {
+    fn from(p: Profile) -> Self {
+        Self {
+            user_id: p.user_id,
+            given_name: p.given_name,
+            family_name: p.family_name,
+            preferences: Some(pb::ProfilePreferences {
+                language: p.preferences.language,
+                currency: p.preferences.currency,
+                marketing_emails: p.preferences.marketing_emails,
+            }),
+            addresses: p
+                .addresses
+                .into_iter()
+                .map(|a| pb::Address {
+                    label: a.label,
+                    line1: a.line1,
+                    line2: a.line2,
+                    city: a.city,
+                    region: a.region,
+                    postal_code: a.postal_code,
+                    country: a.country,
+                    primary: a.primary,
+                })
+                .collect(),
+            update_time: p.updated_at.map(timestamp),
+        }
+    }
+}
 
 fn parse_patch(
     v: &mut Violations,

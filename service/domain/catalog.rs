@@ -13,6 +13,7 @@ use super::{
 use crate::store::{
     self,
     cache::{Cache, Entity, Family},
+    outbox::Change,
 };
 
 /// The most ids one BatchGetProducts call may ask for.
@@ -185,6 +186,15 @@ pub fn insufficient_inventory(product: Id, available: i64, requested: i64) -> Er
     )
 }
 
+/// The product's current price, for its price history (through the outbox).
+fn price_measurement(product: &Product) -> Change {
+    Change::PriceMeasurement {
+        product_id: product.id.get(),
+        price_cents: product.price_cents,
+        at: product.updated_at,
+    }
+}
+
 #[derive(Clone)]
 pub struct Catalog {
     db: PgPool,
@@ -221,6 +231,7 @@ impl Catalog {
     pub async fn create(&self, actor: &Actor, new: NewProduct) -> Result<Product> {
         let mut tx = store::audit::begin(&self.db, actor).await?;
         let product = store::products::insert(&mut tx, &new).await?;
+        store::outbox::push(&mut tx, &price_measurement(&product)).await?;
         tx.commit().await?;
         self.cache
             .invalidate(&[(Entity::Product, product.id.get())])
@@ -274,7 +285,9 @@ impl Catalog {
             ));
         }
         let mut tx = store::audit::begin(&self.db, actor).await?;
-        let Some(product) = store::products::update(&mut tx, id, version, &patch).await? else {
+        let Some((product, price_changed)) =
+            store::products::update(&mut tx, id, version, &patch).await?
+        else {
             return Err(match store::products::current_version(&mut tx, id).await? {
                 Some(current) => Error::Aborted(
                     Detail::new(
@@ -287,6 +300,9 @@ impl Catalog {
                 None => product_not_found(id),
             });
         };
+        if price_changed {
+            store::outbox::push(&mut tx, &price_measurement(&product)).await?;
+        }
         tx.commit().await?;
         self.cache.invalidate(&[(Entity::Product, id.get())]).await;
         self.cache.invalidate_family(Family::Search).await;

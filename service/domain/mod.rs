@@ -9,6 +9,8 @@ pub mod orders;
 pub mod paging;
 pub mod partitions;
 pub mod passwords;
+pub mod price_history;
+pub mod profiles;
 pub mod search;
 pub mod teams;
 pub mod users;

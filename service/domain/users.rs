@@ -18,6 +18,7 @@ use crate::{
     store::{
         self,
         cache::{Cache, Entity},
+        outbox::Change,
     },
 };
 
@@ -462,6 +463,7 @@ impl Users {
             );
         }
         store::teams::remove_all_memberships(&mut tx, id).await?;
+        store::outbox::push(&mut tx, &Change::DeleteProfile { user_id: id.get() }).await?;
         tx.commit().await?;
         self.cache.invalidate(&[(Entity::User, id.get())]).await;
         tracing::info!("user deleted");

@@ -5,10 +5,14 @@
 
 pub mod audit;
 pub mod cache;
+pub mod mongo;
 pub mod orders;
+pub mod outbox;
 pub mod partitions;
 pub mod postgres;
+pub mod price_history;
 pub mod products;
+pub mod profiles;
 pub mod search;
 pub mod teams;
 pub mod users;

@@ -115,23 +115,25 @@ pub async fn find_many(conn: &mut PgConnection, ids: &[Id]) -> Result<Vec<Produc
     rows.into_iter().map(Product::try_from).collect()
 }
 
+/// Applies the patch at `version`; the product and whether its price changed.
 pub async fn update(
     conn: &mut PgConnection,
     id: Id,
     version: i64,
     patch: &ProductPatch,
-) -> Result<Option<Product>> {
-    let updated: Option<i64> = sqlx::query_scalar(
-        "UPDATE products SET \
-           title = COALESCE($3, title), \
-           description = COALESCE($4, description), \
-           category = COALESCE($5, category), \
-           price = COALESCE($6::bigint / 100.0, price), \
-           rating = COALESCE($7, rating), \
-           review_count = COALESCE($8, review_count), \
+) -> Result<Option<(Product, bool)>> {
+    let updated: Option<bool> = sqlx::query_scalar(
+        "WITH old AS (SELECT price FROM products WHERE id = $1 AND version = $2 FOR UPDATE) \
+         UPDATE products p SET \
+           title = COALESCE($3, p.title), \
+           description = COALESCE($4, p.description), \
+           category = COALESCE($5, p.category), \
+           price = COALESCE($6::bigint / 100.0, p.price), \
+           rating = COALESCE($7, p.rating), \
+           review_count = COALESCE($8, p.review_count), \
            updated_at = now(), \
-           version = version + 1 \
-         WHERE id = $1 AND version = $2 RETURNING id",
+           version = p.version + 1 \
+         FROM old WHERE p.id = $1 AND p.version = $2 RETURNING old.price <> p.price",
     )
     .bind(id.get())
     .bind(version)
@@ -144,7 +146,10 @@ pub async fn update(
     .fetch_optional(&mut *conn)
     .await?;
     match updated {
-        Some(_) => Ok(find_many(conn, &[id]).await?.pop()),
+        Some(price_changed) => Ok(find_many(conn, &[id])
+            .await?
+            .pop()
+            .map(|p| (p, price_changed))),
         None => Ok(None),
     }
 }

@@ -22,7 +22,7 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use crate::helpers::{TestApp, assert_error, unique};
+use crate::helpers::{TestApp, assert_error, health_of, unique};
 
 pub fn redis_url() -> String {
     std::env::var("REDIS_URL")
@@ -532,26 +532,6 @@ impl OwnRedis {
     }
 }
 
-async fn redis_health(app: &TestApp, want: ServingStatus) -> ServingStatus {
-    let mut health = HealthClient::new(app.channel().await);
-    let mut last = ServingStatus::Unknown;
-    for _ in 0..100 {
-        if let Ok(r) = health
-            .check(HealthCheckRequest {
-                service: "redis".into(),
-            })
-            .await
-        {
-            last = r.into_inner().status();
-            if last == want {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    last
-}
-
 #[tokio::test]
 async fn reads_and_writes_survive_a_stopped_then_killed_redis_and_caching_resumes() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -601,7 +581,7 @@ async fn reads_and_writes_survive_a_stopped_then_killed_redis_and_caching_resume
         "written while frozen"
     );
     assert_eq!(
-        redis_health(&app, ServingStatus::NotServing).await,
+        health_of(&app, "redis", ServingStatus::NotServing).await,
         ServingStatus::NotServing
     );
     let mut health = HealthClient::new(app.channel().await);
@@ -628,7 +608,7 @@ async fn reads_and_writes_survive_a_stopped_then_killed_redis_and_caching_resume
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(
-        redis_health(&app, ServingStatus::Serving).await,
+        health_of(&app, "redis", ServingStatus::Serving).await,
         ServingStatus::Serving
     );
 
@@ -665,7 +645,7 @@ async fn reads_and_writes_survive_a_stopped_then_killed_redis_and_caching_resume
         "the entry is cached again"
     );
     assert_eq!(
-        redis_health(&app, ServingStatus::Serving).await,
+        health_of(&app, "redis", ServingStatus::Serving).await,
         ServingStatus::Serving
     );
 }

@@ -146,6 +146,22 @@ impl Drop for TestDatabase {
     }
 }
 
+pub fn mongodb_url() -> String {
+    std::env::var("MONGODB_URL").expect(
+        "set MONGODB_URL to a MongoDB-compatible server the tests may use (`make test` does)",
+    )
+}
+
+/// Points `settings` at a fresh MongoDB database of its own.
+pub fn use_test_mongo(settings: &mut Settings) {
+    settings.mongodb.url = mongodb_url().into();
+    settings.mongodb.database = format!(
+        "dgtest_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..16]
+    );
+    settings.mongodb.outbox_interval = Duration::from_millis(200);
+}
+
 pub struct TestApp {
     pub addr: SocketAddr,
     pub metrics_addr: SocketAddr,
@@ -233,6 +249,37 @@ impl TestApp {
             server: Some(server),
             _database: database,
         }
+    }
+
+    /// The app with MongoDB: its own database on `MONGODB_URL` (dropped
+    /// with the app). MongoDB traffic is kept to the tests that need it: the
+    /// test server is slow.
+    pub async fn spawn_with_mongo(customize: impl FnOnce(&mut Settings)) -> Self {
+        Self::spawn_with(|s| {
+            use_test_mongo(s);
+            customize(s);
+        })
+        .await
+    }
+
+    /// This app's MongoDB database, for arranging and checking documents.
+    pub async fn mongo(&self) -> mongodb::Database {
+        let url = secrecy::ExposeSecret::expose_secret(&self.settings.mongodb.url).to_owned();
+        mongodb::Client::with_uri_str(url)
+            .await
+            .expect("MongoDB client")
+            .database(&self.settings.mongodb.database)
+    }
+
+    /// A replica with other settings (on the same database).
+    pub async fn spawn_replica_with(&self, settings: Settings) -> Self {
+        Self::start(
+            settings,
+            self.token.clone(),
+            self.reader_token.clone(),
+            None,
+        )
+        .await
     }
 
     /// A second instance on the same database and the same Redis namespace,
@@ -387,7 +434,55 @@ impl Drop for TestApp {
         if let Some(server) = self.server.take() {
             server.abort();
         }
+        // The owner of a test database also drops its MongoDB database.
+        let mongo_url = secrecy::ExposeSecret::expose_secret(&self.settings.mongodb.url).to_owned();
+        if self._database.is_some()
+            && !mongo_url.is_empty()
+            && std::env::var_os("KEEP_TEST_DB").is_none()
+        {
+            let name = self.settings.mongodb.database.clone();
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime for dropping the test database");
+                rt.block_on(async {
+                    if let Ok(client) = mongodb::Client::with_uri_str(mongo_url).await {
+                        let _ = client.database(&name).drop().await;
+                    }
+                });
+            })
+            .join();
+        }
     }
+}
+
+/// The health of `service` once it is `want`, or its last status after 10 s.
+pub async fn health_of(
+    app: &TestApp,
+    service: &str,
+    want: tonic_health::pb::health_check_response::ServingStatus,
+) -> tonic_health::pb::health_check_response::ServingStatus {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let mut health = HealthClient::new(app.channel().await);
+    let mut last = ServingStatus::Unknown;
+    for _ in 0..100 {
+        if let Ok(r) = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+        {
+            last = r.into_inner().status();
+            if last == want {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    last
 }
 
 /// Asserts the status code and the `ErrorInfo` reason of an error.

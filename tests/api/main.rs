@@ -6,6 +6,7 @@ mod audit;
 mod batching;
 mod cache;
 mod catalog;
+mod documents;
 mod helpers;
 mod orders;
 mod partitions;

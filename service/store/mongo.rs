@@ -1,0 +1,157 @@
+//! MongoDB: the client, the collections and their indexes, and one wrapper
+//! every operation goes through (timeout, span, metrics, error mapping).
+//!
+//! Only the standard driver API is used. Filters and updates are built here
+//! from typed values, never from documents a caller sent.
+
+use std::{future::IntoFuture, time::Instant};
+
+use mongodb::{
+    Client, Collection, Database, IndexModel,
+    bson::{Document, doc},
+    error::ErrorKind,
+    options::ClientOptions,
+};
+use secrecy::ExposeSecret as _;
+use serde::{Serialize, de::DeserializeOwned};
+use tracing::Instrument as _;
+
+use crate::{
+    config::MongoSettings,
+    domain::error::{Detail, Error, Result},
+};
+
+pub const USER_PROFILES: &str = "user_profiles";
+pub const PRICE_HISTORY: &str = "price_history";
+
+/// The indexes of each collection, created at start-up (creating an index
+/// that exists with the same definition does nothing).
+fn indexes() -> Vec<(&'static str, IndexModel)> {
+    let index = |keys: Document| IndexModel::builder().keys(keys).build();
+    vec![
+        // A product's buckets by day; and the idempotency check of the relay.
+        (PRICE_HISTORY, index(doc! { "product_id": 1, "day": 1 })),
+        (PRICE_HISTORY, index(doc! { "product_id": 1, "seqs": 1 })),
+    ]
+}
+
+#[derive(Clone)]
+pub struct Mongo {
+    db: Database,
+    timeout: std::time::Duration,
+}
+
+impl Mongo {
+    /// The client for `settings`, or `None` when no URL is configured. No
+    /// connection is made until the first operation.
+    pub async fn connect(settings: &MongoSettings) -> anyhow::Result<Option<Self>> {
+        let url = settings.url.expose_secret().trim();
+        if url.is_empty() {
+            return Ok(None);
+        }
+        let mut options = ClientOptions::parse(url)
+            .await
+            .map_err(|e| anyhow::anyhow!("invalid configuration: mongodb.url: {e}"))?;
+        options.app_name = Some("datagate".into());
+        options.min_pool_size = Some(settings.min_pool_size);
+        options.max_pool_size = Some(settings.max_pool_size);
+        options.connect_timeout = Some(settings.connect_timeout);
+        options.server_selection_timeout = Some(settings.server_selection_timeout);
+        let client = Client::with_options(options)?;
+        Ok(Some(Self {
+            db: client.database(&settings.database),
+            timeout: settings.operation_timeout,
+        }))
+    }
+
+    pub fn collection<T: Send + Sync>(&self, name: &str) -> Collection<T> {
+        self.db.collection(name)
+    }
+
+    /// Creates every declared index.
+    pub async fn ensure_indexes(&self) -> Result<()> {
+        for (collection, model) in indexes() {
+            let collection_handle = self.collection::<Document>(collection);
+            self.run(
+                "create_index",
+                collection,
+                collection_handle.create_index(model),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Whether MongoDB answers a ping.
+    pub async fn ping(&self) -> bool {
+        self.run("ping", "admin", self.db.run_command(doc! { "ping": 1 }))
+            .await
+            .is_ok()
+    }
+
+    /// Runs one operation under the operation timeout, in a span, timed.
+    pub async fn run<T, F>(&self, operation: &'static str, collection: &str, op: F) -> Result<T>
+    where
+        F: IntoFuture<Output = mongodb::error::Result<T>>,
+    {
+        let span = tracing::debug_span!(
+            "mongodb",
+            otel.name = format!("{operation} {collection}"),
+            db.system = "mongodb",
+            db.operation = operation,
+            db.collection = collection,
+        );
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.timeout, op.into_future())
+            .instrument(span)
+            .await;
+        metrics::histogram!(
+            "query_latency_seconds",
+            "database_type" => "mongodb",
+            "operation" => operation
+        )
+        .record(started.elapsed().as_secs_f64());
+        match result {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(map_error(operation, error)),
+            Err(_) => Err(unavailable(operation, "timed out")),
+        }
+    }
+}
+
+fn unavailable(operation: &str, why: &str) -> Error {
+    tracing::warn!(
+        database_type = "mongodb",
+        operation,
+        why,
+        "MongoDB unavailable"
+    );
+    Error::Unavailable {
+        detail: Detail::new(
+            "DEPENDENCY_UNAVAILABLE",
+            "the document store is unavailable; retry with backoff",
+        )
+        .with("dependency", "mongodb"),
+        retry_after: std::time::Duration::from_secs(1),
+    }
+}
+
+fn map_error(operation: &str, error: mongodb::error::Error) -> Error {
+    match *error.kind {
+        ErrorKind::ServerSelection { .. }
+        | ErrorKind::Io(_)
+        | ErrorKind::ConnectionPoolCleared { .. } => unavailable(operation, &error.to_string()),
+        _ => Error::Internal(anyhow::Error::new(error).context(format!("mongodb {operation}"))),
+    }
+}
+
+/// BSON for a value the service built (never fails for the types used).
+pub fn to_document<T: Serialize>(value: &T) -> Result<Document> {
+    mongodb::bson::to_document(value)
+        .map_err(|e| Error::Internal(anyhow::anyhow!("encoding a document: {e}")))
+}
+
+pub fn from_document<T: DeserializeOwned>(document: Document) -> Result<T> {
+    mongodb::bson::from_document(document)
+        .map_err(|e| Error::Internal(anyhow::anyhow!("decoding a document: {e}")))
+}
