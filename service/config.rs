@@ -28,6 +28,7 @@ pub struct Settings {
     pub mongodb: MongoSettings,
     pub partitions: PartitionSettings,
     pub search_log: SearchLogSettings,
+    pub analytics: AnalyticsSettings,
     pub auth: AuthSettings,
     pub pagination: PaginationSettings,
 }
@@ -68,6 +69,14 @@ pub struct MongoSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+pub struct AnalyticsSettings {
+    /// How often the sales view is refreshed; zero turns the schedule off
+    /// (AdminService.RefreshAnalytics still refreshes it).
+    #[serde(with = "humantime_serde")]
+    pub refresh_interval: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
 pub struct SearchLogSettings {
     /// Searches waiting to be written; when full, new ones are dropped (and
     /// counted), never waited for.
@@ -101,6 +110,9 @@ pub struct RedisSettings {
     /// TTL of cached query results (search pages), also jittered.
     #[serde(with = "humantime_serde")]
     pub query_ttl: Duration,
+    /// TTL of cached analytics answers, also jittered.
+    #[serde(with = "humantime_serde")]
+    pub analytics_ttl: Duration,
     #[serde(with = "humantime_serde")]
     pub lock_ttl: Duration,
     pub breaker_failures: u32,

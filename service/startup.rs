@@ -142,13 +142,14 @@ impl Application {
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
         let partitions = Partitions::new(db.clone(), settings.partitions.clone());
-        let admin_api = AdminServiceServer::new(AdminApi::new(partitions.clone()))
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message);
-        let analytics_api =
-            AnalyticsServiceServer::new(AnalyticsApi::new(Analytics::new(db.clone())))
+        let analytics = Analytics::new(db.clone(), cache.clone());
+        let admin_api =
+            AdminServiceServer::new(AdminApi::new(partitions.clone(), analytics.clone()))
                 .max_decoding_message_size(max_message)
                 .max_encoding_message_size(max_message);
+        let analytics_api = AnalyticsServiceServer::new(AnalyticsApi::new(analytics.clone()))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message);
         let order_api = OrderServiceServer::new(OrderApi::new(orders))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
@@ -191,6 +192,11 @@ impl Application {
         if let Some(mongo) = mongo.clone() {
             tokio::spawn(ensure_indexes(mongo, stopping.clone()));
         }
+        let refresher = tokio::spawn(refresh_analytics(
+            analytics.clone(),
+            settings.analytics.refresh_interval,
+            stopping.clone(),
+        ));
         let relay = tokio::spawn(
             OutboxRelay::new(
                 db.clone(),
@@ -241,6 +247,7 @@ impl Application {
         let _ = readiness.await;
         let _ = maintenance.await;
         let _ = relay.await;
+        let _ = refresher.await;
         set_all(&health, ServingStatus::NotServing).await;
         if !server_settings.shutdown_readiness_delay.is_zero() {
             tokio::select! {
@@ -287,6 +294,25 @@ async fn ensure_indexes(mongo: Mongo, stopping: CancellationToken) {
             () = tokio::time::sleep(pause) => {}
         }
         pause = (pause * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Refreshes the sales view every `interval` (never if zero). A failed
+/// refresh is logged and retried at the next interval.
+async fn refresh_analytics(analytics: Analytics, interval: Duration, stopping: CancellationToken) {
+    if interval.is_zero() {
+        return;
+    }
+    let mut ticks = tokio::time::interval(interval);
+    ticks.tick().await; // not at start-up: the view is as fresh as the last refresh
+    loop {
+        tokio::select! {
+            () = stopping.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        if let Err(e) = analytics.refresh().await {
+            tracing::error!(error = ?e, "refreshing the sales analytics failed; retrying at the next interval");
+        }
     }
 }
 

@@ -6,6 +6,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     auth::{ADMIN_ROLE, Caller},
     domain::{
+        analytics::Analytics,
         error::{Detail, Error},
         partitions::Partitions,
     },
@@ -16,11 +17,15 @@ pub use pb::admin_service_server::AdminServiceServer;
 
 pub struct AdminApi {
     partitions: Partitions,
+    analytics: Analytics,
 }
 
 impl AdminApi {
-    pub fn new(partitions: Partitions) -> Self {
-        Self { partitions }
+    pub fn new(partitions: Partitions, analytics: Analytics) -> Self {
+        Self {
+            partitions,
+            analytics,
+        }
     }
 }
 
@@ -90,5 +95,23 @@ impl pb::admin_service_server::AdminService for AdminApi {
         require_admin(&request)?;
         let dropped = self.partitions.retire(Utc::now().date_naive()).await?;
         Ok(Response::new(pb::RetirePartitionsResponse { dropped }))
+    }
+
+    async fn refresh_analytics(
+        &self,
+        request: Request<pb::RefreshAnalyticsRequest>,
+    ) -> Result<Response<pb::RefreshAnalyticsResponse>, Status> {
+        require_admin(&request)?;
+        let started = std::time::Instant::now();
+        if !self.analytics.refresh().await? {
+            return Err(Error::Aborted(Detail::new(
+                "REFRESH_IN_PROGRESS",
+                "another replica is refreshing the analytics now; retry when it is done",
+            ))
+            .into());
+        }
+        Ok(Response::new(pb::RefreshAnalyticsResponse {
+            duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+        }))
     }
 }

@@ -1,24 +1,44 @@
-//! Analytics over the catalog and its use.
+//! Analytics over the catalog and its use: search insights, category
+//! metrics and the revenue trend. Category metrics and the revenue trend are
+//! cached (the `analytics` cache family, stale after each refresh of the
+//! sales view, and after `redis.analytics_ttl`).
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike as _, Months, NaiveDate, Utc};
 use sqlx::PgPool;
 
 use super::error::Result;
-use crate::store::{self, search::SearchInsights};
+use crate::store::{
+    self,
+    analytics::CategoryMetrics,
+    cache::{Cache, Family},
+    search::SearchInsights,
+};
 
 /// The longest window one insights call may cover.
 pub const MAX_WINDOW_DAYS: i64 = 366;
 pub const DEFAULT_LIMIT: u32 = 10;
 pub const MAX_LIMIT: u32 = 100;
+pub const MAX_METRICS_DAYS: u32 = 365;
+pub const DEFAULT_TREND_MONTHS: u32 = 12;
+pub const MAX_TREND_MONTHS: u32 = 36;
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MonthlyRevenue {
+    /// The first day of the month.
+    pub month: NaiveDate,
+    pub revenue_cents: i64,
+    pub growth_rate: Option<f64>,
+}
 
 #[derive(Clone)]
 pub struct Analytics {
     db: PgPool,
+    cache: Cache,
 }
 
 impl Analytics {
-    pub fn new(db: PgPool) -> Self {
-        Self { db }
+    pub fn new(db: PgPool, cache: Cache) -> Self {
+        Self { db, cache }
     }
 
     /// Top and zero-result queries over [start, end).
@@ -31,5 +51,94 @@ impl Analytics {
     ) -> Result<SearchInsights> {
         let mut conn = self.db.acquire().await?;
         store::search::insights(&mut conn, start, end, limit.into()).await
+    }
+
+    /// Per category over the last `window_days` UTC days, today included.
+    #[tracing::instrument(skip_all, fields(window_days), err(Debug))]
+    pub async fn category_metrics(
+        &self,
+        window_days: u32,
+        categories: &[String],
+        today: NaiveDate,
+    ) -> Result<Vec<CategoryMetrics>> {
+        let first_day = today - chrono::Duration::days(i64::from(window_days) - 1);
+        let key = format!("category_metrics|{first_day}|{}", categories.join("\u{1f}"));
+        self.cache
+            .get_or_compute(Family::Analytics, &key, || async {
+                let since = first_day
+                    .and_hms_opt(0, 0, 0)
+                    .expect("midnight exists")
+                    .and_utc();
+                let mut conn = self.db.acquire().await?;
+                store::analytics::category_metrics(&mut conn, since, first_day, categories).await
+            })
+            .await
+    }
+
+    /// Monthly revenue over the last `months` months, this one included.
+    #[tracing::instrument(skip_all, fields(months), err(Debug))]
+    pub async fn revenue_trend(
+        &self,
+        months: u32,
+        category: Option<&str>,
+        today: NaiveDate,
+    ) -> Result<Vec<MonthlyRevenue>> {
+        let last = today.with_day(1).expect("every month has a first day");
+        let first = last - Months::new(months - 1);
+        let key = format!(
+            "revenue_trend|{first}|{last}|{}",
+            category.unwrap_or_default()
+        );
+        self.cache
+            .get_or_compute(Family::Analytics, &key, || async {
+                let mut conn = self.db.acquire().await?;
+                let rows =
+                    store::analytics::monthly_revenue(&mut conn, first, last, category).await?;
+                Ok(with_growth(rows))
+            })
+            .await
+    }
+
+    /// Refreshes the sales view and drops cached analytics. False when
+    /// another replica was refreshing it already.
+    #[tracing::instrument(skip_all, err(Debug))]
+    pub async fn refresh(&self) -> Result<bool> {
+        let refreshed = store::analytics::refresh(&self.db).await?;
+        if refreshed {
+            self.cache.invalidate_family(Family::Analytics).await;
+        }
+        Ok(refreshed)
+    }
+}
+
+/// Each month's growth against the month before (none after a month
+/// without revenue).
+fn with_growth(rows: Vec<(NaiveDate, i64)>) -> Vec<MonthlyRevenue> {
+    let mut previous: Option<i64> = None;
+    rows.into_iter()
+        .map(|(month, revenue_cents)| {
+            let growth_rate = previous
+                .filter(|p| *p > 0)
+                .map(|p| (revenue_cents - p) as f64 / p as f64);
+            previous = Some(revenue_cents);
+            MonthlyRevenue {
+                month,
+                revenue_cents,
+                growth_rate,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn growth_is_against_the_previous_month_with_revenue() {
+        let d = |m| NaiveDate::from_ymd_opt(2026, m, 1).unwrap();
+        let trend = with_growth(vec![(d(1), 100), (d(2), 150), (d(3), 0), (d(4), 50)]);
+        let rates: Vec<Option<f64>> = trend.iter().map(|m| m.growth_rate).collect();
+        assert_eq!(rates, [None, Some(0.5), Some(-1.0), None]);
     }
 }

@@ -90,18 +90,21 @@ impl Entity {
 pub enum Family {
     /// SearchProducts pages: product ids in order and the next page token.
     Search,
+    /// Analytics answers, made stale by each refresh of the sales view.
+    Analytics,
 }
 
 impl Family {
     pub fn name(self) -> &'static str {
         match self {
             Self::Search => "search",
+            Self::Analytics => "analytics",
         }
     }
 }
 
 /// The names hit and miss counters are kept under.
-const COUNTED: [&str; 4] = ["user", "product", "order", "search"];
+const COUNTED: [&str; 5] = ["user", "product", "order", "search", "analytics"];
 
 /// Fills keys whose generation is unchanged. KEYS: value, its generation
 /// key (per key); ARGV: expected generation, payload, ttl in ms (per key).
@@ -242,6 +245,7 @@ struct Inner {
     jitter: f64,
     negative_ttl: Duration,
     query_ttl: Duration,
+    analytics_ttl: Duration,
     lock_ttl: Duration,
     breaker: Breaker,
     flights: Mutex<HashMap<String, Arc<OnceCell<Fetched>>>>,
@@ -282,6 +286,7 @@ impl Cache {
                 jitter: settings.ttl_jitter,
                 negative_ttl: settings.negative_ttl,
                 query_ttl: settings.query_ttl,
+                analytics_ttl: settings.analytics_ttl,
                 lock_ttl: settings.lock_ttl,
                 breaker: Breaker {
                     state: Mutex::new(BreakerState::Closed { failures: 0 }),
@@ -451,7 +456,10 @@ impl Cache {
                     postcard::to_extend(&(generation.unwrap_or(0), &value), vec![b'V'])
                         .map_err(|e| anyhow::anyhow!("encoding a cached query result: {e}"))?;
                 if let Some(generation) = generation {
-                    let ttl = inner.ttl_with_jitter(inner.query_ttl);
+                    let ttl = inner.ttl_with_jitter(match family {
+                        Family::Search => inner.query_ttl,
+                        Family::Analytics => inner.analytics_ttl,
+                    });
                     let fill = Fill {
                         key: key.clone(),
                         generation_key: generation_key.clone(),

@@ -3,6 +3,7 @@
 //! Functions take a `&mut PgConnection` (a pooled connection or a
 //! transaction) and domain types, and return domain types or domain errors.
 
+pub mod analytics;
 pub mod audit;
 pub mod cache;
 pub mod mongo;
