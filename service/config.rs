@@ -29,6 +29,7 @@ pub struct Settings {
     pub partitions: PartitionSettings,
     pub search_log: SearchLogSettings,
     pub analytics: AnalyticsSettings,
+    pub analysis: AnalysisSettings,
     pub auth: AuthSettings,
     pub pagination: PaginationSettings,
 }
@@ -66,6 +67,25 @@ pub struct MongoSettings {
     /// Measurements per price-history bucket (product × day) before a new
     /// bucket starts.
     pub price_bucket_capacity: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AnalysisSettings {
+    /// Market-analysis workers per replica (0: this replica runs none).
+    pub workers: usize,
+    /// How long a claimed analysis is reserved for its worker; the worker
+    /// renews it while it runs, and others take the analysis over once it
+    /// expires.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// How often idle workers look for pending analyses.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Identical requests within this period share one analysis.
+    #[serde(with = "humantime_serde")]
+    pub dedupe_period: Duration,
+    /// Runs (takeovers included) before an analysis is failed.
+    pub max_attempts: i32,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -23,9 +23,10 @@ use crate::{
     auth::TokenStore,
     config::Settings,
     domain::{
-        analytics::Analytics, catalog::Catalog, orders::Orders, paging::PageTokens,
-        partitions::Partitions, passwords::PasswordHasher, price_history::PriceHistory,
-        profiles::Profiles, search::ProductSearch, teams::Teams, users::Users,
+        analytics::Analytics, catalog::Catalog, market_analyses::MarketAnalyses, orders::Orders,
+        paging::PageTokens, partitions::Partitions, passwords::PasswordHasher,
+        price_history::PriceHistory, profiles::Profiles, search::ProductSearch, teams::Teams,
+        users::Users,
     },
     metrics,
     middleware::{AuthLayer, DeadlineLayer, RpcLayer},
@@ -143,13 +144,20 @@ impl Application {
         .max_encoding_message_size(max_message);
         let partitions = Partitions::new(db.clone(), settings.partitions.clone());
         let analytics = Analytics::new(db.clone(), cache.clone());
+        let analyses = MarketAnalyses::new(
+            db.clone(),
+            mongo.clone(),
+            settings.analysis.clone(),
+            pages.clone(),
+        );
         let admin_api =
             AdminServiceServer::new(AdminApi::new(partitions.clone(), analytics.clone()))
                 .max_decoding_message_size(max_message)
                 .max_encoding_message_size(max_message);
-        let analytics_api = AnalyticsServiceServer::new(AnalyticsApi::new(analytics.clone()))
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message);
+        let analytics_api =
+            AnalyticsServiceServer::new(AnalyticsApi::new(analytics.clone(), analyses.clone()))
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message);
         let order_api = OrderServiceServer::new(OrderApi::new(orders))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
@@ -192,6 +200,7 @@ impl Application {
         if let Some(mongo) = mongo.clone() {
             tokio::spawn(ensure_indexes(mongo, stopping.clone()));
         }
+        let workers = analyses.spawn_workers(settings.analysis.workers, stopping.clone());
         let refresher = tokio::spawn(refresh_analytics(
             analytics.clone(),
             settings.analytics.refresh_interval,
@@ -248,6 +257,9 @@ impl Application {
         let _ = maintenance.await;
         let _ = relay.await;
         let _ = refresher.await;
+        for worker in workers {
+            let _ = worker.await;
+        }
         set_all(&health, ServingStatus::NotServing).await;
         if !server_settings.shutdown_readiness_delay.is_zero() {
             tokio::select! {

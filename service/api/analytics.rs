@@ -3,30 +3,150 @@
 use chrono::Utc;
 use tonic::{Request, Response, Status};
 
-use super::{parse_window, parsed};
+use super::{parse_page, parse_window, parsed, timestamp};
 use crate::{
+    auth::{ADMIN_ROLE, Caller},
     domain::{
         analytics::{
             Analytics, DEFAULT_LIMIT, DEFAULT_TREND_MONTHS, MAX_LIMIT, MAX_METRICS_DAYS,
             MAX_TREND_MONTHS, MAX_WINDOW_DAYS,
         },
         catalog::Text,
-        error::Violations,
+        error::{Error, Violations},
+        market_analyses::{
+            Analysis, Kind, MAX_CATEGORIES as ANALYSIS_MAX_CATEGORIES,
+            MAX_WINDOW_DAYS as ANALYSIS_MAX_WINDOW_DAYS, MarketAnalyses,
+        },
         search::parse_categories,
     },
     proto::v1 as pb,
-    store::search::QueryStats,
+    store::{analytics::CategoryMetrics, search::QueryStats},
 };
 
 pub use pb::analytics_service_server::AnalyticsServiceServer;
 
 pub struct AnalyticsApi {
     analytics: Analytics,
+    analyses: MarketAnalyses,
 }
 
 impl AnalyticsApi {
-    pub fn new(analytics: Analytics) -> Self {
-        Self { analytics }
+    pub fn new(analytics: Analytics, analyses: MarketAnalyses) -> Self {
+        Self {
+            analytics,
+            analyses,
+        }
+    }
+}
+
+fn caller_of<T>(request: &Request<T>) -> Result<Caller, Error> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| Error::Internal(anyhow::anyhow!("no caller on an authenticated call")))
+}
+
+fn status_name(s: pb::MarketAnalysisStatus) -> &'static str {
+    match s {
+        pb::MarketAnalysisStatus::Pending | pb::MarketAnalysisStatus::Unspecified => "pending",
+        pb::MarketAnalysisStatus::Running => "running",
+        pb::MarketAnalysisStatus::Completed => "completed",
+        pb::MarketAnalysisStatus::Failed => "failed",
+    }
+}
+
+fn status_of(name: &str) -> pb::MarketAnalysisStatus {
+    match name {
+        "running" => pb::MarketAnalysisStatus::Running,
+        "completed" => pb::MarketAnalysisStatus::Completed,
+        "failed" => pb::MarketAnalysisStatus::Failed,
+        _ => pb::MarketAnalysisStatus::Pending,
+    }
+}
+
+fn kind_of(kind: Option<Kind>) -> pb::MarketAnalysisKind {
+    match kind {
+        Some(Kind::Overview) => pb::MarketAnalysisKind::Overview,
+        Some(Kind::Pricing) => pb::MarketAnalysisKind::Pricing,
+        Some(Kind::Demand) => pb::MarketAnalysisKind::Demand,
+        Some(Kind::Full) => pb::MarketAnalysisKind::Full,
+        None => pb::MarketAnalysisKind::Unspecified,
+    }
+}
+
+fn millis(ms: Option<i64>) -> Option<prost_types::Timestamp> {
+    ms.and_then(chrono::DateTime::from_timestamp_millis)
+        .map(timestamp)
+}
+
+impl From<Analysis> for pb::MarketAnalysis {
+    fn from(a: Analysis) -> Self {
+        let d = a.doc;
+        Self {
+            kind: kind_of(Kind::parse(&d.kind)).into(),
+            status: status_of(&d.status).into(),
+            attempts: d.attempts,
+            create_time: millis(Some(d.created_ms)),
+            start_time: millis(d.started_ms),
+            finish_time: millis(d.finished_ms),
+            results: a.results.map(|r| pb::MarketAnalysisResults {
+                category_metrics: r.category_metrics.into_iter().map(Into::into).collect(),
+                top_products: r
+                    .top_products
+                    .into_iter()
+                    .map(|p| pb::TopProduct {
+                        product_id: p.product_id,
+                        title: p.title,
+                        category: p.category,
+                        units_sold: p.units_sold,
+                        revenue_cents: p.revenue_cents,
+                    })
+                    .collect(),
+                price_trends: r
+                    .price_trends
+                    .into_iter()
+                    .map(|t| pb::PriceTrend {
+                        product_id: t.product_id,
+                        measurements: t.measurements,
+                        first_cents: t.first_cents,
+                        last_cents: t.last_cents,
+                        min_cents: t.min_cents,
+                        max_cents: t.max_cents,
+                        change_rate: t.change_rate,
+                    })
+                    .collect(),
+                search_demand: r
+                    .search_demand
+                    .into_iter()
+                    .map(|s| pb::SearchDemand {
+                        category: s.category,
+                        searches: s.searches,
+                        zero_result_searches: s.zero_result_searches,
+                    })
+                    .collect(),
+            }),
+            timings_ms: a.timings_ms.into_iter().collect(),
+            error: d.error.unwrap_or_default(),
+            id: d.id,
+            categories: d.categories,
+            window_days: d.window_days,
+        }
+    }
+}
+
+impl From<CategoryMetrics> for pb::CategoryMetrics {
+    fn from(m: CategoryMetrics) -> Self {
+        Self {
+            category: m.category,
+            products: m.products,
+            average_price_cents: m.average_price_cents,
+            median_price_cents: m.median_price_cents,
+            average_rating: m.average_rating,
+            orders: m.orders,
+            units_sold: m.units_sold,
+            revenue_cents: m.revenue_cents,
+        }
     }
 }
 
@@ -84,19 +204,7 @@ impl pb::analytics_service_server::AnalyticsService for AnalyticsApi {
             .category_metrics(window_days, &categories, Utc::now().date_naive())
             .await?;
         Ok(Response::new(pb::GetCategoryMetricsResponse {
-            categories: metrics
-                .into_iter()
-                .map(|m| pb::CategoryMetrics {
-                    category: m.category,
-                    products: m.products,
-                    average_price_cents: m.average_price_cents,
-                    median_price_cents: m.median_price_cents,
-                    average_rating: m.average_rating,
-                    orders: m.orders,
-                    units_sold: m.units_sold,
-                    revenue_cents: m.revenue_cents,
-                })
-                .collect(),
+            categories: metrics.into_iter().map(Into::into).collect(),
         }))
     }
 
@@ -140,6 +248,100 @@ impl pb::analytics_service_server::AnalyticsService for AnalyticsApi {
                     growth_rate: m.growth_rate,
                 })
                 .collect(),
+        }))
+    }
+
+    async fn start_market_analysis(
+        &self,
+        request: Request<pb::StartMarketAnalysisRequest>,
+    ) -> Result<Response<pb::MarketAnalysis>, Status> {
+        let caller = caller_of(&request)?;
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        let kind = match pb::MarketAnalysisKind::try_from(r.kind) {
+            Ok(pb::MarketAnalysisKind::Overview) => Some(Kind::Overview),
+            Ok(pb::MarketAnalysisKind::Pricing) => Some(Kind::Pricing),
+            Ok(pb::MarketAnalysisKind::Demand) => Some(Kind::Demand),
+            Ok(pb::MarketAnalysisKind::Full) => Some(Kind::Full),
+            _ => {
+                v.add(
+                    "kind",
+                    "must be MARKET_ANALYSIS_KIND_OVERVIEW, _PRICING, _DEMAND or _FULL",
+                );
+                None
+            }
+        };
+        let categories = match parse_categories(&r.categories) {
+            Ok(c) if (1..=ANALYSIS_MAX_CATEGORIES).contains(&c.len()) => Some(c),
+            Ok(_) => {
+                v.add(
+                    "categories",
+                    format!("must name 1 to {ANALYSIS_MAX_CATEGORIES} categories"),
+                );
+                None
+            }
+            Err(e) => {
+                v.add("categories", e);
+                None
+            }
+        };
+        let window_days = match u32::try_from(r.window_days) {
+            Ok(days) if (1..=ANALYSIS_MAX_WINDOW_DAYS).contains(&days) => Some(days),
+            _ => {
+                v.add(
+                    "window_days",
+                    format!("must be between 1 and {ANALYSIS_MAX_WINDOW_DAYS}"),
+                );
+                None
+            }
+        };
+        parsed!(v, kind, categories, window_days);
+        let analysis = self
+            .analyses
+            .start(caller.name(), kind, categories, window_days)
+            .await?;
+        Ok(Response::new(analysis.into()))
+    }
+
+    async fn get_market_analysis(
+        &self,
+        request: Request<pb::GetMarketAnalysisRequest>,
+    ) -> Result<Response<pb::MarketAnalysis>, Status> {
+        let caller = caller_of(&request)?;
+        let id = request.into_inner().id;
+        if uuid::Uuid::parse_str(&id).is_err() {
+            return Err(
+                Error::invalid("id", "must be an analysis id from StartMarketAnalysis").into(),
+            );
+        }
+        let analysis = self
+            .analyses
+            .get(caller.name(), &id, caller.has_role(ADMIN_ROLE))
+            .await?;
+        Ok(Response::new(analysis.into()))
+    }
+
+    async fn list_market_analyses(
+        &self,
+        request: Request<pb::ListMarketAnalysesRequest>,
+    ) -> Result<Response<pb::ListMarketAnalysesResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        let page = parse_page(&mut v, r.page_size, r.page_token);
+        let status = match pb::MarketAnalysisStatus::try_from(r.status) {
+            Ok(pb::MarketAnalysisStatus::Unspecified) => Some(None),
+            Ok(s) => Some(Some(status_name(s))),
+            Err(_) => {
+                v.add("status", format!("unknown status {}", r.status));
+                None
+            }
+        };
+        parsed!(v, page, status);
+        let page = self.analyses.list(caller.name(), status, page).await?;
+        Ok(Response::new(pb::ListMarketAnalysesResponse {
+            analyses: page.items.into_iter().map(Into::into).collect(),
+            next_page_token: page.next_page_token.unwrap_or_default(),
         }))
     }
 }

@@ -5,6 +5,7 @@ pub mod analytics;
 pub mod audit;
 pub mod catalog;
 pub mod error;
+pub mod market_analyses;
 pub mod orders;
 pub mod paging;
 pub mod partitions;

@@ -97,3 +97,66 @@ pub async fn refresh(db: &PgPool) -> Result<bool> {
     tx.commit().await?;
     Ok(true)
 }
+
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow, serde::Serialize, serde::Deserialize)]
+pub struct TopProduct {
+    pub product_id: i64,
+    pub title: String,
+    pub category: String,
+    pub units_sold: i64,
+    pub revenue_cents: i64,
+}
+
+/// The best-selling products of `categories` by revenue of completed orders
+/// since `since`, at most `limit`.
+pub async fn top_products(
+    conn: &mut PgConnection,
+    since: DateTime<Utc>,
+    categories: &[String],
+    limit: i64,
+) -> Result<Vec<TopProduct>> {
+    Ok(sqlx::query_as(
+        "SELECT p.id AS product_id, p.title, p.category, \
+                sum(oi.quantity)::bigint AS units_sold, \
+                (sum(oi.subtotal) * 100)::bigint AS revenue_cents \
+         FROM orders o \
+         JOIN order_items oi ON oi.order_id = o.id \
+         JOIN products p ON p.id = oi.product_id \
+         WHERE o.status = 'completed' AND o.created_at >= $1 AND p.category = ANY($2) \
+         GROUP BY p.id \
+         ORDER BY revenue_cents DESC, p.id \
+         LIMIT $3",
+    )
+    .bind(since)
+    .bind(categories)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
+}
+
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow, serde::Serialize, serde::Deserialize)]
+pub struct SearchDemand {
+    pub category: String,
+    pub searches: i64,
+    pub zero_result_searches: i64,
+}
+
+/// First-page searches since `since` filtered to each category.
+pub async fn search_demand(
+    conn: &mut PgConnection,
+    since: DateTime<Utc>,
+    categories: &[String],
+) -> Result<Vec<SearchDemand>> {
+    Ok(sqlx::query_as(
+        "SELECT c AS category, count(s.id) AS searches, \
+                count(s.id) FILTER (WHERE s.results_count = 0) AS zero_result_searches \
+         FROM unnest($2::text[]) AS c \
+         LEFT JOIN product_searches s \
+           ON s.searched_at >= $1 AND s.page = 1 AND s.filters -> 'categories' ? c \
+         GROUP BY c ORDER BY c",
+    )
+    .bind(since)
+    .bind(categories)
+    .fetch_all(conn)
+    .await?)
+}

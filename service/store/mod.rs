@@ -6,6 +6,7 @@
 pub mod analytics;
 pub mod audit;
 pub mod cache;
+pub mod market_analyses;
 pub mod mongo;
 pub mod orders;
 pub mod outbox;

@@ -339,11 +339,13 @@ impl TestApp {
         AdminServiceClient::with_interceptor(self.channel().await, Bearer(Some(token.into())))
     }
 
+    /// AnalyticsService as the caller without roles.
     pub async fn analytics(&self) -> AnalyticsClient {
-        AnalyticsServiceClient::with_interceptor(
-            self.channel().await,
-            Bearer(Some(self.reader_token.as_str().into())),
-        )
+        self.analytics_as(&self.reader_token).await
+    }
+
+    pub async fn analytics_as(&self, token: &str) -> AnalyticsClient {
+        AnalyticsServiceClient::with_interceptor(self.channel().await, Bearer(Some(token.into())))
     }
 
     pub async fn orders(&self) -> OrderClient {

@@ -1,0 +1,212 @@
+//! `market_analyses` in MongoDB: one document per analysis, claimed by
+//! workers with a lease.
+//!
+//! **Claiming.** `findOneAndUpdate` moves the oldest analysis that is
+//! pending, or running with an expired lease, to running with this worker as
+//! the lease owner and a new expiry, in one atomic step: two workers never
+//! hold one analysis at once, and an analysis whose worker died is taken over
+//! once its lease expires. Every later write by a worker (renewing the
+//! lease, storing the result) is conditional on still owning the lease, so a
+//! worker that lost it cannot overwrite its successor's work.
+//!
+//! Times are epoch milliseconds (see `store::price_history`).
+
+use futures_util::TryStreamExt as _;
+use mongodb::{
+    bson::{Document, doc},
+    options::ReturnDocument,
+};
+use serde::{Deserialize, Serialize};
+
+use super::mongo::{Mongo, to_document};
+use crate::domain::error::Result;
+
+pub const MARKET_ANALYSES: &str = "market_analyses";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnalysisDoc {
+    #[serde(rename = "_id")]
+    pub id: String,
+    pub caller: String,
+    pub kind: String,
+    pub categories: Vec<String>,
+    pub window_days: i32,
+    /// SHA-256 of kind, categories and window: identical requests share it.
+    pub params_hash: String,
+    /// `pending`, `running`, `completed` or `failed`.
+    pub status: String,
+    pub attempts: i32,
+    pub lease_owner: Option<String>,
+    pub lease_expires_ms: Option<i64>,
+    pub created_ms: i64,
+    pub started_ms: Option<i64>,
+    pub finished_ms: Option<i64>,
+    pub results: Option<Document>,
+    pub timings_ms: Option<Document>,
+    pub error: Option<String>,
+}
+
+fn collection(mongo: &Mongo) -> mongodb::Collection<AnalysisDoc> {
+    mongo.collection(MARKET_ANALYSES)
+}
+
+/// The newest analysis with these parameters created since `since_ms` that
+/// did not fail.
+pub async fn find_recent(
+    mongo: &Mongo,
+    params_hash: &str,
+    since_ms: i64,
+) -> Result<Option<AnalysisDoc>> {
+    mongo
+        .run(
+            "find_one",
+            MARKET_ANALYSES,
+            collection(mongo)
+                .find_one(doc! {
+                    "params_hash": params_hash,
+                    "created_ms": { "$gte": since_ms },
+                    "status": { "$in": ["pending", "running", "completed"] },
+                })
+                .sort(doc! { "created_ms": -1 }),
+        )
+        .await
+}
+
+pub async fn insert(mongo: &Mongo, analysis: &AnalysisDoc) -> Result<()> {
+    mongo
+        .run(
+            "insert_one",
+            MARKET_ANALYSES,
+            collection(mongo).insert_one(analysis),
+        )
+        .await?;
+    Ok(())
+}
+
+pub async fn find(mongo: &Mongo, id: &str) -> Result<Option<AnalysisDoc>> {
+    mongo
+        .run(
+            "find_one",
+            MARKET_ANALYSES,
+            collection(mongo).find_one(doc! { "_id": id }),
+        )
+        .await
+}
+
+/// A caller's analyses newest first, after the keyset cursor (created ms,
+/// id), optionally of one status; at most `limit`.
+pub async fn list(
+    mongo: &Mongo,
+    caller: &str,
+    status: Option<&str>,
+    after: Option<(i64, String)>,
+    limit: i64,
+) -> Result<Vec<AnalysisDoc>> {
+    let mut filter = doc! { "caller": caller };
+    if let Some(status) = status {
+        filter.insert("status", status);
+    }
+    if let Some((created_ms, id)) = after {
+        filter.insert(
+            "$or",
+            vec![
+                doc! { "created_ms": { "$lt": created_ms } },
+                doc! { "created_ms": created_ms, "_id": { "$lt": id } },
+            ],
+        );
+    }
+    let cursor = mongo
+        .run(
+            "find",
+            MARKET_ANALYSES,
+            collection(mongo)
+                .find(filter)
+                .sort(doc! { "created_ms": -1, "_id": -1 })
+                .limit(limit),
+        )
+        .await?;
+    mongo
+        .run("find", MARKET_ANALYSES, cursor.try_collect::<Vec<_>>())
+        .await
+}
+
+/// Claims the oldest claimable analysis for `worker` until `now_ms + lease_ms`.
+pub async fn claim(
+    mongo: &Mongo,
+    worker: &str,
+    now_ms: i64,
+    lease_ms: i64,
+) -> Result<Option<AnalysisDoc>> {
+    mongo
+        .run(
+            "find_one_and_update",
+            MARKET_ANALYSES,
+            collection(mongo)
+                .find_one_and_update(
+                    doc! { "$or": [
+                        { "status": "pending" },
+                        { "status": "running", "lease_expires_ms": { "$lt": now_ms } },
+                    ] },
+                    doc! {
+                        "$set": {
+                            "status": "running",
+                            "lease_owner": worker,
+                            "lease_expires_ms": now_ms + lease_ms,
+                            "started_ms": now_ms,
+                        },
+                        "$inc": { "attempts": 1 },
+                    },
+                )
+                .sort(doc! { "created_ms": 1 })
+                .return_document(ReturnDocument::After),
+        )
+        .await
+}
+
+/// Extends the lease while `worker` still holds it; false once it does not.
+pub async fn renew(mongo: &Mongo, id: &str, worker: &str, until_ms: i64) -> Result<bool> {
+    let updated = mongo
+        .run(
+            "update_one",
+            MARKET_ANALYSES,
+            collection(mongo).update_one(
+                doc! { "_id": id, "status": "running", "lease_owner": worker },
+                doc! { "$set": { "lease_expires_ms": until_ms } },
+            ),
+        )
+        .await?;
+    Ok(updated.matched_count == 1)
+}
+
+/// Stores the outcome if `worker` still holds the lease; false otherwise
+/// (another worker took the analysis over).
+pub async fn finish(
+    mongo: &Mongo,
+    id: &str,
+    worker: &str,
+    now_ms: i64,
+    outcome: Result<(Document, Document), String>,
+) -> Result<bool> {
+    let set = match outcome {
+        Ok((results, timings)) => doc! {
+            "status": "completed", "results": results, "timings_ms": timings, "finished_ms": now_ms,
+        },
+        Err(reason) => doc! { "status": "failed", "error": reason, "finished_ms": now_ms },
+    };
+    let updated = mongo
+        .run(
+            "update_one",
+            MARKET_ANALYSES,
+            collection(mongo).update_one(
+                doc! { "_id": id, "status": "running", "lease_owner": worker },
+                doc! { "$set": set, "$unset": { "lease_owner": "", "lease_expires_ms": "" } },
+            ),
+        )
+        .await?;
+    Ok(updated.matched_count == 1)
+}
+
+/// A serializable value as a sub-document.
+pub fn document<T: Serialize>(value: &T) -> Result<Document> {
+    to_document(value)
+}

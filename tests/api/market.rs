@@ -1,0 +1,283 @@
+//! Market analyses: deduplication, workers with leases (racing claims, a
+//! worker that dies mid-run), results, and the reads.
+
+use std::time::Duration;
+
+use datagate::{
+    config::Settings,
+    domain::{market_analyses::MarketAnalyses, paging::PageTokens},
+    proto::v1 as pb,
+    store::{market_analyses as store, mongo::Mongo},
+};
+use tonic::Code;
+
+use crate::helpers::{TestApp, assert_error, violated_fields};
+
+fn start(categories: &[&str], window_days: i32) -> pb::StartMarketAnalysisRequest {
+    pb::StartMarketAnalysisRequest {
+        kind: pb::MarketAnalysisKind::Overview.into(),
+        categories: categories.iter().map(|c| (*c).to_owned()).collect(),
+        window_days,
+    }
+}
+
+/// The app's analyses, driven by hand: the app itself runs no workers.
+async fn analyses(app: &TestApp) -> (MarketAnalyses, Mongo) {
+    let settings: &Settings = &app.settings;
+    let mongo = Mongo::connect(&settings.mongodb).await.unwrap().unwrap();
+    let analyses = MarketAnalyses::new(
+        app.db.clone(),
+        Some(mongo.clone()),
+        settings.analysis.clone(),
+        PageTokens::new(&settings.pagination.token_secret),
+    );
+    (analyses, mongo)
+}
+
+async fn app_without_workers(lease: Duration) -> TestApp {
+    TestApp::spawn_with_mongo(|s| {
+        s.analysis.workers = 0;
+        s.analysis.lease = lease;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn identical_requests_share_one_analysis_and_others_start_their_own() {
+    let app = app_without_workers(Duration::from_secs(30)).await;
+    let mut client = app.analytics().await;
+    let first = client
+        .start_market_analysis(start(&["tools", "garden"], 30))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.status(), pb::MarketAnalysisStatus::Pending);
+    assert_eq!(first.categories, ["garden", "tools"], "normalized");
+    let again = client
+        .start_market_analysis(start(&["garden", "tools"], 30))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.id, first.id);
+    let other = client
+        .start_market_analysis(start(&["garden", "tools"], 31))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(other.id, first.id);
+
+    let invalid = client
+        .start_market_analysis(pb::StartMarketAnalysisRequest {
+            kind: 0,
+            categories: vec![],
+            window_days: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        violated_fields(&invalid),
+        ["categories", "kind", "window_days"]
+    );
+    let unknown = client
+        .get_market_analysis(pb::GetMarketAnalysisRequest {
+            id: uuid::Uuid::new_v4().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_error(&unknown, Code::NotFound, "MARKET_ANALYSIS_NOT_FOUND");
+    // Analyses belong to their caller.
+    let foreign = app
+        .analytics_as(&app.token)
+        .await
+        .get_market_analysis(pb::GetMarketAnalysisRequest {
+            id: first.id.clone(),
+        })
+        .await;
+    assert!(foreign.is_ok(), "admins read every analysis");
+
+    let listed = client
+        .list_market_analyses(pb::ListMarketAnalysesRequest {
+            status: pb::MarketAnalysisStatus::Pending.into(),
+            page_size: 1,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.analyses.len(), 1);
+    assert_eq!(listed.analyses[0].id, other.id, "newest first");
+    let rest = client
+        .list_market_analyses(pb::ListMarketAnalysesRequest {
+            status: pb::MarketAnalysisStatus::Pending.into(),
+            page_size: 1,
+            page_token: listed.next_page_token,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        rest.analyses
+            .iter()
+            .map(|a| a.id.clone())
+            .collect::<Vec<_>>(),
+        [first.id]
+    );
+    assert!(rest.next_page_token.is_empty());
+}
+
+#[tokio::test]
+async fn two_workers_racing_claim_an_analysis_once() {
+    let app = app_without_workers(Duration::from_secs(30)).await;
+    app.analytics()
+        .await
+        .start_market_analysis(start(&["tools"], 7))
+        .await
+        .unwrap();
+    let (_, mongo) = analyses(&app).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let (a, b) = tokio::join!(
+        store::claim(&mongo, "worker-a", now, 30_000),
+        store::claim(&mongo, "worker-b", now, 30_000)
+    );
+    let claimed: Vec<_> = [a.unwrap(), b.unwrap()].into_iter().flatten().collect();
+    assert_eq!(claimed.len(), 1, "exactly one worker holds it");
+    assert_eq!(claimed[0].attempts, 1);
+}
+
+#[tokio::test]
+async fn a_worker_that_dies_mid_run_is_replaced_once_its_lease_expires() {
+    let app = app_without_workers(Duration::from_millis(600)).await;
+    let (email, username) = crate::helpers::unique("market");
+    let user = app.create_user(&email, &username).await;
+    let product = app.create_product(1500, 10).await;
+    let order = app
+        .orders()
+        .await
+        .create_order(pb::CreateOrderRequest {
+            user_id: user.id,
+            items: vec![pb::OrderLine {
+                product_id: product.id,
+                quantity: 2,
+            }],
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut orders = app.orders().await;
+    for status in [pb::OrderStatus::Processing, pb::OrderStatus::Completed] {
+        orders
+            .update_order_status(pb::UpdateOrderStatusRequest {
+                id: order.id,
+                status: status.into(),
+                version: 0,
+            })
+            .await
+            .unwrap();
+    }
+    let started = app
+        .analytics()
+        .await
+        .start_market_analysis(start(&["tools"], 7))
+        .await
+        .unwrap()
+        .into_inner();
+
+    // A worker claims it and dies: it never renews or finishes.
+    let (analyses, mongo) = analyses(&app).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let dead = store::claim(&mongo, "dead-worker", now, 600)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(dead.id, started.id);
+    assert!(
+        !analyses.run_once("alive-worker").await.unwrap(),
+        "leased: nothing to claim"
+    );
+
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        analyses.run_once("alive-worker").await.unwrap(),
+        "the expired lease is taken over"
+    );
+    // The dead worker's late result is refused.
+    assert!(
+        !store::finish(&mongo, &started.id, "dead-worker", now, Err("late".into()))
+            .await
+            .unwrap()
+    );
+
+    let done = app
+        .analytics()
+        .await
+        .get_market_analysis(pb::GetMarketAnalysisRequest {
+            id: started.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        done.status(),
+        pb::MarketAnalysisStatus::Completed,
+        "{done:?}"
+    );
+    assert_eq!(done.attempts, 2);
+    assert!(done.error.is_empty());
+    let results = done.results.unwrap();
+    assert_eq!(results.top_products.len(), 1);
+    assert_eq!(results.top_products[0].product_id, product.id);
+    assert_eq!(results.top_products[0].units_sold, 2);
+    assert_eq!(results.top_products[0].revenue_cents, 3000);
+    assert!(done.timings_ms.contains_key("top_products"));
+    assert!(
+        !analyses.run_once("alive-worker").await.unwrap(),
+        "completed once: nothing left"
+    );
+}
+
+#[tokio::test]
+async fn the_service_workers_complete_a_full_analysis() {
+    let app =
+        TestApp::spawn_with_mongo(|s| s.analysis.poll_interval = Duration::from_millis(200)).await;
+    let mut client = app.analytics().await;
+    let started = client
+        .start_market_analysis(pb::StartMarketAnalysisRequest {
+            kind: pb::MarketAnalysisKind::Full.into(),
+            categories: vec!["tools".into()],
+            window_days: 30,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = None;
+    for _ in 0..100 {
+        let a = client
+            .get_market_analysis(pb::GetMarketAnalysisRequest {
+                id: started.id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if a.status() == pb::MarketAnalysisStatus::Completed {
+            last = Some(a);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let done = last.expect("the analysis completed within 10 s");
+    let mut keys: Vec<&String> = done.timings_ms.keys().collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "category_metrics",
+            "price_trends",
+            "search_demand",
+            "top_products"
+        ]
+    );
+    let results = done.results.unwrap();
+    assert_eq!(results.search_demand.len(), 1);
+    assert_eq!(results.search_demand[0].category, "tools");
+}
