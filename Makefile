@@ -2,7 +2,7 @@
 # machine: scripts/dev-env.sh installs and starts what is missing.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
-.PHONY: help run test lint smoke bench-n1 bench-cache bench-search env-up env-down
+.PHONY: help run test lint smoke bench-n1 bench-cache bench-search bench-analytics env-up env-down
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ bench-cache: ## GetUser cache hit vs miss and a Zipf hit ratio (release build)
 
 bench-search: ## SearchProducts over one million products, uncached and cached (release build)
 	@eval "$$(scripts/dev-env.sh up)" && cargo bench --bench search
+
+bench-analytics: ## GetCategoryMetrics and GetRevenueTrend over two million orders (release build)
+	@eval "$$(scripts/dev-env.sh up)" && cargo bench --bench analytics
 
 env-up: ## start PostgreSQL, Redis and nx-27017; prints the environment
 	@scripts/dev-env.sh up

@@ -138,9 +138,10 @@ impl MarketAnalyses {
         window_days: u32,
     ) -> Result<Analysis> {
         let mongo = self.mongo()?;
+        // Per caller: analyses are read by their caller only.
         let params_hash = hex::encode(Sha256::digest(
             format!(
-                "{}|{}|{window_days}",
+                "{caller}|{}|{}|{window_days}",
                 kind.as_str(),
                 categories.join("\u{1f}")
             )

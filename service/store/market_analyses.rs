@@ -31,7 +31,8 @@ pub struct AnalysisDoc {
     pub kind: String,
     pub categories: Vec<String>,
     pub window_days: i32,
-    /// SHA-256 of kind, categories and window: identical requests share it.
+    /// SHA-256 of caller, kind, categories and window: identical requests
+    /// share it.
     pub params_hash: String,
     /// `pending`, `running`, `completed` or `failed`.
     pub status: String,

@@ -317,6 +317,41 @@ async fn price_changes_are_measured_and_aggregated_per_day() {
         .await
         .unwrap_err();
     assert_error(&unknown, Code::NotFound, "PRODUCT_NOT_FOUND");
+
+    let now = chrono::Utc::now();
+    let mut catalog = app.catalog().await;
+    for (start, end, granularity, fields) in [
+        (None, ts(now), 0, vec!["start_time"]),
+        (
+            ts(now),
+            ts(now - chrono::Duration::days(1)),
+            0,
+            vec!["end_time"],
+        ),
+        (
+            ts(now - chrono::Duration::days(400)),
+            ts(now),
+            0,
+            vec!["end_time"],
+        ),
+        (
+            ts(now - chrono::Duration::days(1)),
+            ts(now),
+            9,
+            vec!["granularity"],
+        ),
+    ] {
+        let status = catalog
+            .get_price_history(pb::GetPriceHistoryRequest {
+                product_id: product.id,
+                start_time: start,
+                end_time: end,
+                granularity,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(violated_fields(&status), fields);
+    }
 }
 
 #[tokio::test]

@@ -65,6 +65,15 @@ async fn identical_requests_share_one_analysis_and_others_start_their_own() {
         .unwrap()
         .into_inner();
     assert_ne!(other.id, first.id);
+    // Another caller asking the same gets an analysis of its own.
+    let admins = app
+        .analytics_as(&app.token)
+        .await
+        .start_market_analysis(start(&["tools", "garden"], 30))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(admins.id, first.id);
 
     let invalid = client
         .start_market_analysis(pb::StartMarketAnalysisRequest {
@@ -85,6 +94,22 @@ async fn identical_requests_share_one_analysis_and_others_start_their_own() {
         .await
         .unwrap_err();
     assert_error(&unknown, Code::NotFound, "MARKET_ANALYSIS_NOT_FOUND");
+    let malformed = client
+        .get_market_analysis(pb::GetMarketAnalysisRequest {
+            id: "not-an-id".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&malformed), ["id"]);
+    let bad_status = client
+        .list_market_analyses(pb::ListMarketAnalysesRequest {
+            status: 42,
+            page_size: 0,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&bad_status), ["status"]);
     // Analyses belong to their caller.
     let foreign = app
         .analytics_as(&app.token)

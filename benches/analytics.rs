@@ -1,0 +1,324 @@
+//! GetCategoryMetrics over 90 days and GetRevenueTrend over 12 months, with
+//! two million orders over one million products: uncached (PostgreSQL) and
+//! cached (Redis) latency percentiles, against a primary key lookup measured
+//! in the same run as the baseline.
+//!
+//!   make bench-analytics       (starts PostgreSQL and Redis if needed)
+//!
+//! The catalog is `benches/support/catalog.rs`'s million products; this
+//! benchmark adds 100,000 users and 2,000,000 orders over two years (80 %
+//! completed; 1 to 5 lines each, products drawn with a heavy skew toward
+//! popular ones) once, with set-based SQL, and refreshes the sales view.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use datagate::{
+    config::Settings,
+    domain::{analytics::Analytics, catalog::Catalog, users::Id},
+    store::cache::Cache,
+};
+use sqlx::PgPool;
+
+#[path = "support/catalog.rs"]
+#[allow(dead_code)] // the search benchmark uses the vocabulary
+mod catalog;
+#[path = "support/stats.rs"]
+#[allow(dead_code)] // each benchmark uses part of it
+mod stats;
+
+use catalog::{PRODUCTS, prepare};
+use stats::percentile;
+
+const ORDERS: i64 = 2_000_000;
+const USERS: i64 = 100_000;
+const CONCURRENCY: [usize; 2] = [1, 4];
+const ROUNDS: usize = 3;
+const ROUND: Duration = Duration::from_secs(3);
+
+/// `concurrency` workers run `call(i)` for `duration`; latencies and elapsed.
+async fn drive<F, Fut>(concurrency: usize, duration: Duration, call: F) -> (Vec<Duration>, Duration)
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let call = Arc::new(call);
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let (call, next) = (call.clone(), next.clone());
+        workers.push(tokio::spawn(async move {
+            let mut timed = Vec::new();
+            while started.elapsed() < duration {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let t = Instant::now();
+                call(i).await;
+                timed.push(t.elapsed());
+            }
+            timed
+        }));
+    }
+    let mut latencies = Vec::new();
+    for w in workers {
+        latencies.extend(w.await.unwrap());
+    }
+    (latencies, started.elapsed())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let admin_url = std::env::var("DATABASE_URL")
+        .map_err(|_| anyhow::anyhow!("set DATABASE_URL (make bench-analytics does)"))?;
+    let redis_url = std::env::var("REDIS_URL")
+        .map_err(|_| anyhow::anyhow!("set REDIS_URL (make bench-analytics does)"))?;
+    let url = datagate::store::postgres::url_with_database(&admin_url, catalog::DATABASE);
+    let db = prepare(&admin_url, &url).await?;
+    orders(&db).await?;
+
+    let settings = Settings::load_with_overrides(None, &[("database.url", url.as_str())])?;
+    let uncached = Analytics::new(db.clone(), Cache::disabled());
+    let mut redis = settings.redis.clone();
+    redis.url = redis_url.into();
+    redis.key_prefix = format!("dgbench-analytics-{}", std::process::id());
+    let cached = Analytics::new(db.clone(), Cache::new(&redis)?);
+    let catalog = Catalog::new(db.clone(), Cache::disabled());
+    let today = chrono::Utc::now().date_naive();
+
+    // Warm PostgreSQL's buffers and the cache.
+    uncached.category_metrics(90, &[], today).await?;
+    cached.category_metrics(90, &[], today).await?;
+    cached.revenue_trend(12, None, today).await?;
+    let sample = uncached.category_metrics(90, &[], today).await?;
+    let trend = uncached.revenue_trend(12, None, today).await?;
+
+    type Path = (&'static str, Analytics, bool);
+    let paths: [Path; 4] = [
+        (
+            "GetCategoryMetrics 90 days, uncached",
+            uncached.clone(),
+            true,
+        ),
+        ("GetCategoryMetrics 90 days, cached", cached.clone(), true),
+        (
+            "GetRevenueTrend 12 months, uncached",
+            uncached.clone(),
+            false,
+        ),
+        ("GetRevenueTrend 12 months, cached", cached.clone(), false),
+    ];
+    let mut results: Vec<(usize, &str, Vec<Duration>, usize, Duration)> = Vec::new();
+    for _ in 0..ROUNDS {
+        for concurrency in CONCURRENCY {
+            for (name, analytics, metrics) in paths.iter().cloned() {
+                let (latencies, elapsed) = drive(concurrency, ROUND, move |_| {
+                    let analytics = analytics.clone();
+                    async move {
+                        if metrics {
+                            analytics
+                                .category_metrics(90, &[], today)
+                                .await
+                                .expect("metrics");
+                        } else {
+                            analytics
+                                .revenue_trend(12, None, today)
+                                .await
+                                .expect("trend");
+                        }
+                    }
+                })
+                .await;
+                record(&mut results, concurrency, name, latencies, elapsed);
+            }
+            let c = catalog.clone();
+            let (latencies, elapsed) = drive(concurrency, ROUND, move |i| {
+                let c = c.clone();
+                async move {
+                    let id = Id::parse(1 + (i as i64 * 7919) % PRODUCTS).unwrap();
+                    c.get(id).await.expect("product");
+                }
+            })
+            .await;
+            record(
+                &mut results,
+                concurrency,
+                "baseline: GetProduct by id, uncached",
+                latencies,
+                elapsed,
+            );
+        }
+    }
+
+    println!();
+    println!(
+        "{ORDERS} orders, {PRODUCTS} products; {ROUNDS} alternating rounds of {ROUND:?} per path and concurrency"
+    );
+    println!("| callers | path | requests | rps | p50 ms | p95 ms | p99 ms | max ms |");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|");
+    for (concurrency, name, latencies, requests, elapsed) in results.iter_mut() {
+        latencies.sort();
+        println!(
+            "| {concurrency} | {name} | {requests} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            *requests as f64 / elapsed.as_secs_f64(),
+            percentile(latencies, 0.50),
+            percentile(latencies, 0.95),
+            percentile(latencies, 0.99),
+            percentile(latencies, 1.0)
+        );
+    }
+    for concurrency in CONCURRENCY {
+        let p = |name: &str, q: f64| {
+            let (_, _, l, _, _) = results
+                .iter()
+                .find(|r| r.0 == concurrency && r.1 == name)
+                .unwrap();
+            percentile(l, q)
+        };
+        let base = "baseline: GetProduct by id, uncached";
+        println!(
+            "{concurrency} caller(s), ratios to the baseline at p50/p95: GetCategoryMetrics uncached {:.0}x/{:.0}x, cached {:.2}x/{:.2}x",
+            p("GetCategoryMetrics 90 days, uncached", 0.5) / p(base, 0.5),
+            p("GetCategoryMetrics 90 days, uncached", 0.95) / p(base, 0.95),
+            p("GetCategoryMetrics 90 days, cached", 0.5) / p(base, 0.5),
+            p("GetCategoryMetrics 90 days, cached", 0.95) / p(base, 0.95),
+        );
+    }
+    println!();
+    println!("category metrics, 90 days (first 3 of {}):", sample.len());
+    for m in sample.iter().take(3) {
+        println!("    {m:?}");
+    }
+    println!("revenue trend (last 3 months):");
+    for m in trend.iter().rev().take(3).rev() {
+        println!("    {m:?}");
+    }
+
+    let explain: Vec<String> = sqlx::query_scalar(
+        "EXPLAIN (ANALYZE, BUFFERS) SELECT category, count(*), avg(price * 100)::float8, \
+         percentile_cont(0.5) WITHIN GROUP (ORDER BY (price * 100)::float8), avg(rating)::float8 \
+         FROM products WHERE created_at >= now() - interval '90 days' GROUP BY category",
+    )
+    .fetch_all(&db)
+    .await?;
+    println!();
+    println!("EXPLAIN (ANALYZE, BUFFERS) of the product part of GetCategoryMetrics:");
+    for line in explain {
+        println!("    {line}");
+    }
+    db.close().await;
+    Ok(())
+}
+
+fn record<'a>(
+    results: &mut Vec<(usize, &'a str, Vec<Duration>, usize, Duration)>,
+    concurrency: usize,
+    name: &'a str,
+    latencies: Vec<Duration>,
+    elapsed: Duration,
+) {
+    match results
+        .iter_mut()
+        .find(|r| r.0 == concurrency && r.1 == name)
+    {
+        Some(r) => {
+            r.3 += latencies.len();
+            r.2.extend(latencies);
+            r.4 += elapsed;
+        }
+        None => results.push((
+            concurrency,
+            name,
+            latencies.clone(),
+            latencies.len(),
+            elapsed,
+        )),
+    }
+}
+
+/// Users and orders, generated once.
+async fn orders(db: &PgPool) -> anyhow::Result<()> {
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
+        .fetch_one(db)
+        .await?;
+    if count == ORDERS {
+        println!("using the {ORDERS} orders in {}", catalog::DATABASE);
+        return Ok(());
+    }
+    anyhow::ensure!(
+        count == 0,
+        "the bench database holds {count} orders; run with BENCH_REBUILD=1"
+    );
+    let started = Instant::now();
+    let mut conn = db.acquire().await?;
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    // Generated rows are not writes of any caller: no audit rows.
+    for statement in [
+        "SET LOCAL max_parallel_workers_per_gather = 0",
+        "ALTER TABLE users DISABLE TRIGGER users_audit",
+        "ALTER TABLE orders DISABLE TRIGGER orders_audit",
+        "ALTER TABLE order_items DISABLE TRIGGER order_items_audit",
+        "SELECT setseed(0.24)",
+    ] {
+        sqlx::query(statement).execute(&mut *tx).await?;
+    }
+    println!("generating {USERS} users and {ORDERS} orders...");
+    sqlx::query(
+        "INSERT INTO users (email, username, display_name) \
+         SELECT 'bench' || g || '@example.com', 'bench_' || g, 'Bench user ' || g \
+         FROM generate_series(1, $1::int) g",
+    )
+    .bind(USERS as i32)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO orders (user_id, status, total, created_at, updated_at) \
+         SELECT (SELECT min(id) FROM users) + floor(random() * $1)::bigint, \
+                CASE WHEN r < 0.80 THEN 'completed' WHEN r < 0.85 THEN 'pending' \
+                     WHEN r < 0.90 THEN 'processing' ELSE 'cancelled' END, \
+                0, t, t \
+         FROM (SELECT random() AS r, now() - random() * interval '730 days' AS t \
+               FROM generate_series(1, $2::int)) s",
+    )
+    .bind(USERS)
+    .bind(ORDERS as i32)
+    .execute(&mut *tx)
+    .await?;
+    println!("  orders: {:.0?}", started.elapsed());
+    // 1 to 5 distinct products per order, popular products far more often.
+    sqlx::query(
+        "INSERT INTO order_items (order_id, product_id, quantity, unit_price) \
+         SELECT x.order_id, p.id, 1 + floor(random() * 3)::int, p.price \
+         FROM (SELECT DISTINCT o.id AS order_id, \
+                      (SELECT min(id) FROM products) + floor($1 * power(random(), 3))::bigint + 0 * n AS product_id \
+               FROM orders o, generate_series(1, 1 + floor(random() * 5)::int + 0 * o.id::int) n) x \
+         JOIN products p ON p.id = x.product_id",
+    )
+    .bind(PRODUCTS as f64)
+    .execute(&mut *tx)
+    .await?;
+    println!("  items: {:.0?}", started.elapsed());
+    for statement in [
+        "ALTER TABLE users ENABLE TRIGGER users_audit",
+        "ALTER TABLE orders ENABLE TRIGGER orders_audit",
+        "ALTER TABLE order_items ENABLE TRIGGER order_items_audit",
+    ] {
+        sqlx::query(statement).execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    for statement in [
+        "VACUUM ANALYZE users",
+        "VACUUM ANALYZE orders",
+        "VACUUM ANALYZE order_items",
+        "REFRESH MATERIALIZED VIEW category_daily_sales",
+        "VACUUM ANALYZE category_daily_sales",
+    ] {
+        sqlx::query(statement).execute(&mut *conn).await?;
+    }
+    println!("generated in {:.0?}", started.elapsed());
+    Ok(())
+}
