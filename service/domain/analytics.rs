@@ -1,7 +1,7 @@
 //! Analytics over the catalog and its use: search insights, category
-//! metrics and the revenue trend. Category metrics and the revenue trend are
-//! cached (the `analytics` cache family, stale after each refresh of the
-//! sales view, and after `redis.analytics_ttl`).
+//! metrics and the revenue trend. Category metrics and the revenue trend come
+//! from views refreshed on a schedule, and are cached (the `analytics` cache
+//! family, stale after each refresh, and after `redis.analytics_ttl`).
 
 use chrono::{DateTime, Datelike as _, Months, NaiveDate, Utc};
 use sqlx::PgPool;
@@ -65,12 +65,8 @@ impl Analytics {
         let key = format!("category_metrics|{first_day}|{}", categories.join("\u{1f}"));
         self.cache
             .get_or_compute(Family::Analytics, &key, || async {
-                let since = first_day
-                    .and_hms_opt(0, 0, 0)
-                    .expect("midnight exists")
-                    .and_utc();
                 let mut conn = self.db.acquire().await?;
-                store::analytics::category_metrics(&mut conn, since, first_day, categories).await
+                store::analytics::category_metrics(&mut conn, first_day, categories).await
             })
             .await
     }

@@ -289,7 +289,7 @@ impl MarketAnalyses {
         };
         if matches!(kind, Kind::Overview | Kind::Full) {
             results.category_metrics =
-                analytics::category_metrics(&mut conn, since, first_day, &doc.categories).await?;
+                analytics::category_metrics(&mut conn, first_day, &doc.categories).await?;
             lap("category_metrics", &mut timings);
         }
         if matches!(kind, Kind::Overview | Kind::Pricing | Kind::Full) {

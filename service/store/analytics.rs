@@ -18,44 +18,127 @@ pub struct CategoryMetrics {
     pub revenue_cents: i64,
 }
 
-/// Per category: products listed since `listed_since`, and completed sales
-/// on the days from `first_day` on; only `categories` unless empty.
+#[derive(sqlx::FromRow)]
+struct ListingDay {
+    category: String,
+    products: i64,
+    price_cents_sum: i64,
+    rating_sum: f64,
+    prices_cents: Vec<i64>,
+}
+
+#[derive(sqlx::FromRow)]
+struct SalesWindow {
+    category: String,
+    orders: i64,
+    units: i64,
+    revenue_cents: i64,
+}
+
+/// Per category: products listed on the days from `first_day` on, and
+/// completed sales on those days; only `categories` unless empty. Both from
+/// the pre-aggregated views; the median is selected from the days' sorted
+/// price arrays.
 pub async fn category_metrics(
     conn: &mut PgConnection,
-    listed_since: DateTime<Utc>,
     first_day: NaiveDate,
     categories: &[String],
 ) -> Result<Vec<CategoryMetrics>> {
-    Ok(sqlx::query_as(
-        "WITH listed AS ( \
-           SELECT category, count(*) AS products, \
-                  avg(price * 100)::float8 AS average_price_cents, \
-                  percentile_cont(0.5) WITHIN GROUP (ORDER BY (price * 100)::float8) AS median_price_cents, \
-                  avg(rating)::float8 AS average_rating \
-           FROM products \
-           WHERE created_at >= $1 AND (cardinality($3::text[]) = 0 OR category = ANY($3)) \
-           GROUP BY category), \
-         sold AS ( \
-           SELECT category, sum(orders) AS orders, sum(units) AS units, sum(revenue) AS revenue \
-           FROM category_daily_sales \
-           WHERE day >= $2 AND (cardinality($3::text[]) = 0 OR category = ANY($3)) \
-           GROUP BY category) \
-         SELECT COALESCE(l.category, s.category) AS category, \
-                COALESCE(l.products, 0) AS products, \
-                COALESCE(l.average_price_cents, 0) AS average_price_cents, \
-                COALESCE(l.median_price_cents, 0) AS median_price_cents, \
-                COALESCE(l.average_rating, 0) AS average_rating, \
-                COALESCE(s.orders, 0)::bigint AS orders, \
-                COALESCE(s.units, 0)::bigint AS units_sold, \
-                COALESCE(s.revenue * 100, 0)::bigint AS revenue_cents \
-         FROM listed l FULL JOIN sold s ON s.category = l.category \
-         ORDER BY 1",
+    let listings: Vec<ListingDay> = sqlx::query_as(
+        "SELECT category, products, price_cents_sum, rating_sum, prices_cents \
+         FROM category_daily_listings \
+         WHERE day >= $1 AND (cardinality($2::text[]) = 0 OR category = ANY($2))",
     )
-    .bind(listed_since)
     .bind(first_day)
     .bind(categories)
-    .fetch_all(conn)
-    .await?)
+    .fetch_all(&mut *conn)
+    .await?;
+    let sales: Vec<SalesWindow> = sqlx::query_as(
+        "SELECT category, sum(orders)::bigint AS orders, sum(units)::bigint AS units, \
+                (sum(revenue) * 100)::bigint AS revenue_cents \
+         FROM category_daily_sales \
+         WHERE day >= $1 AND (cardinality($2::text[]) = 0 OR category = ANY($2)) \
+         GROUP BY category",
+    )
+    .bind(first_day)
+    .bind(categories)
+    .fetch_all(&mut *conn)
+    .await?;
+
+    // Per category: product count, prices, sum of prices, sum of ratings.
+    #[derive(Default)]
+    struct Listed {
+        products: i64,
+        prices: Vec<i64>,
+        price_sum: i64,
+        rating_sum: f64,
+    }
+    let mut listed: std::collections::BTreeMap<String, Listed> = Default::default();
+    for day in listings {
+        let l = listed.entry(day.category).or_default();
+        l.products += day.products;
+        l.prices.extend(day.prices_cents);
+        l.price_sum += day.price_cents_sum;
+        l.rating_sum += day.rating_sum;
+    }
+    let empty = |category: String| CategoryMetrics {
+        category,
+        products: 0,
+        average_price_cents: 0.0,
+        median_price_cents: 0.0,
+        average_rating: 0.0,
+        orders: 0,
+        units_sold: 0,
+        revenue_cents: 0,
+    };
+    let mut result: Vec<CategoryMetrics> = listed
+        .into_iter()
+        .map(|(category, mut l)| {
+            let n = l.products.max(1) as f64;
+            CategoryMetrics {
+                products: l.products,
+                average_price_cents: l.price_sum as f64 / n,
+                median_price_cents: median(&mut l.prices),
+                average_rating: l.rating_sum / n,
+                ..empty(category)
+            }
+        })
+        .collect();
+    for sold in sales {
+        match result.iter_mut().find(|m| m.category == sold.category) {
+            Some(m) => {
+                m.orders = sold.orders;
+                m.units_sold = sold.units;
+                m.revenue_cents = sold.revenue_cents;
+            }
+            None => result.push(CategoryMetrics {
+                orders: sold.orders,
+                units_sold: sold.units,
+                revenue_cents: sold.revenue_cents,
+                ..empty(sold.category)
+            }),
+        }
+    }
+    result.sort_by(|a, b| a.category.cmp(&b.category));
+    Ok(result)
+}
+
+/// The median (the mean of the middle two for an even count), by selection.
+fn median(values: &mut [i64]) -> f64 {
+    let n = values.len();
+    if n == 0 {
+        return 0.0;
+    }
+    let (_, upper, _) = values.select_nth_unstable(n / 2);
+    let upper = *upper as f64;
+    if n % 2 == 1 {
+        return upper;
+    }
+    let lower = *values[..n / 2]
+        .iter()
+        .max()
+        .expect("n is even and positive") as f64;
+    (lower + upper) / 2.0
 }
 
 /// Revenue of completed orders per month from `first_month` to `last_month`
@@ -80,7 +163,7 @@ pub async fn monthly_revenue(
     .await?)
 }
 
-/// Refreshes the sales view unless another replica is refreshing it now
+/// Refreshes the analytics views unless another replica is refreshing it now
 /// (then returns false).
 pub async fn refresh(db: &PgPool) -> Result<bool> {
     let mut tx = db.begin().await?;
@@ -91,9 +174,11 @@ pub async fn refresh(db: &PgPool) -> Result<bool> {
     if !locked {
         return Ok(false);
     }
-    sqlx::query("REFRESH MATERIALIZED VIEW CONCURRENTLY category_daily_sales")
-        .execute(&mut *tx)
-        .await?;
+    for view in ["category_daily_sales", "category_daily_listings"] {
+        sqlx::query(&format!("REFRESH MATERIALIZED VIEW CONCURRENTLY {view}"))
+            .execute(&mut *tx)
+            .await?;
+    }
     tx.commit().await?;
     Ok(true)
 }
@@ -159,4 +244,15 @@ pub async fn search_demand(
     .bind(categories)
     .fetch_all(conn)
     .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn medians_of_odd_and_even_counts() {
+        assert_eq!(super::median(&mut [5, 1, 3]), 3.0);
+        assert_eq!(super::median(&mut [4, 1, 3, 2]), 2.5);
+        assert_eq!(super::median(&mut [7]), 7.0);
+        assert_eq!(super::median(&mut []), 0.0);
+    }
 }

@@ -138,16 +138,16 @@ async fn migrate_status_down_and_up_round_trip() {
 
     run(&["migrate", "down"]).await;
     assert_eq!(
-        table("category_daily_sales").await,
+        table("category_daily_listings").await,
         None,
         "one step reverts the newest migration"
     );
     assert_eq!(
-        table("mongo_outbox").await.as_deref(),
-        Some("mongo_outbox"),
+        table("category_daily_sales").await.as_deref(),
+        Some("category_daily_sales"),
         "and only that one"
     );
-    run(&["migrate", "down", "--steps", "6"]).await;
+    run(&["migrate", "down", "--steps", "7"]).await;
     assert_eq!(table("users").await, None, "down removed the tables");
     assert!(!run(&["migrate", "status"]).await.contains("applied"));
 
