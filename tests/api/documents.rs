@@ -488,4 +488,15 @@ async fn without_mongodb_the_document_features_say_so() {
         .await
         .unwrap_err();
     assert_error(&status, Code::FailedPrecondition, "MONGODB_NOT_CONFIGURED");
+    let status = app
+        .analytics()
+        .await
+        .start_market_analysis(pb::StartMarketAnalysisRequest {
+            kind: pb::MarketAnalysisKind::Overview.into(),
+            categories: vec!["tools".into()],
+            window_days: 7,
+        })
+        .await
+        .unwrap_err();
+    assert_error(&status, Code::FailedPrecondition, "MONGODB_NOT_CONFIGURED");
 }
