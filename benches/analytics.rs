@@ -6,9 +6,9 @@
 //!   make bench-analytics       (starts PostgreSQL and Redis if needed)
 //!
 //! The catalog is `benches/support/catalog.rs`'s million products; this
-//! benchmark adds 100,000 users and 2,000,000 orders over two years (80 %
-//! completed; 1 to 5 lines each, products drawn with a heavy skew toward
-//! popular ones) once, with set-based SQL, and refreshes the sales view.
+//! benchmark adds 100,000 users and 2,000,000 orders over two years once
+//! (`datagate::generate`: 80 % completed; 1 to 5 lines each, products drawn
+//! with a heavy skew toward popular ones) and refreshes the views.
 
 use std::{
     sync::{
@@ -26,7 +26,6 @@ use datagate::{
 use sqlx::PgPool;
 
 #[path = "support/catalog.rs"]
-#[allow(dead_code)] // the search benchmark uses the vocabulary
 mod catalog;
 #[path = "support/stats.rs"]
 #[allow(dead_code)] // each benchmark uses part of it
@@ -239,7 +238,7 @@ fn record<'a>(
     }
 }
 
-/// Users and orders, generated once.
+/// Users and orders, generated once (by `datagate::generate`, seed 42).
 async fn orders(db: &PgPool) -> anyhow::Result<()> {
     let count: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
         .fetch_one(db)
@@ -253,71 +252,20 @@ async fn orders(db: &PgPool) -> anyhow::Result<()> {
         "the bench database holds {count} orders; run with BENCH_REBUILD=1"
     );
     let started = Instant::now();
-    let mut conn = db.acquire().await?;
-    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-    // Generated rows are not writes of any caller: no audit rows.
-    for statement in [
-        "SET LOCAL max_parallel_workers_per_gather = 0",
-        "ALTER TABLE users DISABLE TRIGGER users_audit",
-        "ALTER TABLE orders DISABLE TRIGGER orders_audit",
-        "ALTER TABLE order_items DISABLE TRIGGER order_items_audit",
-        "SELECT setseed(0.24)",
-    ] {
-        sqlx::query(statement).execute(&mut *tx).await?;
-    }
-    println!("generating {USERS} users and {ORDERS} orders...");
-    sqlx::query(
-        "INSERT INTO users (email, username, display_name) \
-         SELECT 'bench' || g || '@example.com', 'bench_' || g, 'Bench user ' || g \
-         FROM generate_series(1, $1::int) g",
-    )
-    .bind(USERS as i32)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "INSERT INTO orders (user_id, status, total, created_at, updated_at) \
-         SELECT (SELECT min(id) FROM users) + floor(random() * $1)::bigint, \
-                CASE WHEN r < 0.80 THEN 'completed' WHEN r < 0.85 THEN 'pending' \
-                     WHEN r < 0.90 THEN 'processing' ELSE 'cancelled' END, \
-                0, t, t \
-         FROM (SELECT random() AS r, now() - random() * interval '730 days' AS t \
-               FROM generate_series(1, $2::int)) s",
-    )
-    .bind(USERS)
-    .bind(ORDERS as i32)
-    .execute(&mut *tx)
-    .await?;
-    println!("  orders: {:.0?}", started.elapsed());
-    // 1 to 5 distinct products per order, popular products far more often.
-    sqlx::query(
-        "INSERT INTO order_items (order_id, product_id, quantity, unit_price) \
-         SELECT x.order_id, p.id, 1 + floor(random() * 3)::int, p.price \
-         FROM (SELECT DISTINCT o.id AS order_id, \
-                      (SELECT min(id) FROM products) + floor($1 * power(random(), 3))::bigint + 0 * n AS product_id \
-               FROM orders o, generate_series(1, 1 + floor(random() * 5)::int + 0 * o.id::int) n) x \
-         JOIN products p ON p.id = x.product_id",
-    )
-    .bind(PRODUCTS as f64)
-    .execute(&mut *tx)
-    .await?;
-    println!("  items: {:.0?}", started.elapsed());
-    for statement in [
-        "ALTER TABLE users ENABLE TRIGGER users_audit",
-        "ALTER TABLE orders ENABLE TRIGGER orders_audit",
-        "ALTER TABLE order_items ENABLE TRIGGER order_items_audit",
-    ] {
-        sqlx::query(statement).execute(&mut *tx).await?;
-    }
-    tx.commit().await?;
+    datagate::generate::users(db, USERS as u64, 42).await?;
+    datagate::generate::orders(db, ORDERS as u64, 42).await?;
     for statement in [
         "VACUUM ANALYZE users",
         "VACUUM ANALYZE orders",
         "VACUUM ANALYZE order_items",
         "REFRESH MATERIALIZED VIEW category_daily_sales",
-        "VACUUM ANALYZE category_daily_sales",
+        "REFRESH MATERIALIZED VIEW category_daily_listings",
     ] {
-        sqlx::query(statement).execute(&mut *conn).await?;
+        sqlx::query(statement).execute(db).await?;
     }
-    println!("generated in {:.0?}", started.elapsed());
+    println!(
+        "generated {USERS} users and {ORDERS} orders in {:.0?}",
+        started.elapsed()
+    );
     Ok(())
 }

@@ -39,7 +39,8 @@ mod catalog;
 #[allow(dead_code)] // each benchmark uses part of it
 mod stats;
 
-use catalog::{ADJECTIVES, BRANDS, CATEGORIES, DATABASE, NOUNS, PRODUCTS, prepare};
+use catalog::{DATABASE, PRODUCTS, prepare};
+use datagate::generate::{ADJECTIVES, BRANDS, CATEGORIES, NOUNS};
 use stats::{Rng, percentile};
 
 /// One caller, then as many as saturate this machine's two cores.

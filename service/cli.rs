@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
-use crate::{auth, config::Settings, seed, startup::Application, store, telemetry};
+use crate::{auth, config::Settings, generate, seed, startup::Application, store, telemetry};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -37,8 +37,22 @@ pub enum Command {
         #[command(subcommand)]
         action: TokenAction,
     },
-    /// Insert a little demo data (idempotent).
-    Seed,
+    /// Insert a little demo data (idempotent), or, given sizes, generate
+    /// data at scale into an empty database (deterministic for a seed).
+    Seed {
+        #[arg(long, default_value_t = 0)]
+        users: u64,
+        #[arg(long, default_value_t = 0)]
+        products: u64,
+        /// Orders with their lines (needs users and products).
+        #[arg(long, default_value_t = 0)]
+        orders: u64,
+        /// Search log rows, over the last 24 months.
+        #[arg(long, default_value_t = 0)]
+        searches: u64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -86,10 +100,35 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve => serve(settings).await,
         Command::Migrate { action } => migrate(&settings, action).await,
-        Command::Seed => {
+        Command::Seed {
+            users,
+            products,
+            orders,
+            searches,
+            seed,
+        } => {
             let db = store::postgres::pool(&settings.database)?;
-            let cache = store::cache::Cache::new(&settings.redis)?;
-            seed::demo(&db, cache).await
+            let sizes = generate::Sizes {
+                users,
+                products,
+                orders,
+                searches,
+                seed,
+            };
+            if sizes
+                == (generate::Sizes {
+                    seed,
+                    ..Default::default()
+                })
+            {
+                let cache = store::cache::Cache::new(&settings.redis)?;
+                return seed::demo(&db, cache).await;
+            }
+            store::postgres::migrate_up(&db).await?;
+            let started = std::time::Instant::now();
+            generate::generate(&db, sizes).await?;
+            println!("generated {sizes:?} in {:.1?}", started.elapsed());
+            Ok(())
         }
         Command::Token { .. } => unreachable!("handled above"),
     }

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod domain;
+pub mod generate;
 pub mod loaders;
 pub mod metrics;
 pub mod middleware;

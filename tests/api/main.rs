@@ -13,6 +13,7 @@ mod orders;
 mod partitions;
 mod process;
 mod search;
+mod seed;
 mod server;
 mod teams;
 mod users;
