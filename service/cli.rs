@@ -50,6 +50,9 @@ pub enum Command {
         /// Search log rows, over the last 24 months.
         #[arg(long, default_value_t = 0)]
         searches: u64,
+        /// Price measurements in MongoDB (needs DATAGATE__MONGODB__URL).
+        #[arg(long = "price-history", default_value_t = 0)]
+        price_history: u64,
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
@@ -105,6 +108,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             products,
             orders,
             searches,
+            price_history,
             seed,
         } => {
             let db = store::postgres::pool(&settings.database)?;
@@ -113,6 +117,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 products,
                 orders,
                 searches,
+                price_points: price_history,
                 seed,
             };
             if sizes
@@ -126,7 +131,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             store::postgres::migrate_up(&db).await?;
             let started = std::time::Instant::now();
-            generate::generate(&db, sizes).await?;
+            let mongo = store::mongo::Mongo::connect(&settings.mongodb).await?;
+            generate::generate(&db, mongo.as_ref(), sizes).await?;
             println!("generated {sizes:?} in {:.1?}", started.elapsed());
             Ok(())
         }

@@ -15,8 +15,16 @@
 //! while they are inserted (in the inserting transaction only), and
 //! secondary indexes of products are rebuilt once at the end.
 
+use std::collections::BTreeMap;
+
 use indicatif::{ProgressBar, ProgressStyle};
+use mongodb::bson::oid::ObjectId;
 use sqlx::{Connection as _, PgPool, Postgres, Transaction};
+
+use crate::store::{
+    mongo::{Mongo, PRICE_HISTORY},
+    price_history::{Bucket, day_key},
+};
 
 /// Rows per generating statement.
 pub const CHUNK: u64 = 100_000;
@@ -80,6 +88,8 @@ pub struct Sizes {
     pub products: u64,
     pub orders: u64,
     pub searches: u64,
+    /// Price measurements in MongoDB (needs products and a document store).
+    pub price_points: u64,
     pub seed: u64,
 }
 
@@ -114,9 +124,9 @@ async fn seed_chunk(
     Ok(())
 }
 
-/// Generates `sizes` into an empty database (migrated). Refuses a database
-/// that already holds products or orders.
-pub async fn generate(db: &PgPool, sizes: Sizes) -> anyhow::Result<()> {
+/// Generates `sizes` into an empty database (migrated), and price history
+/// into `mongo`. Refuses a database that already holds products or orders.
+pub async fn generate(db: &PgPool, mongo: Option<&Mongo>, sizes: Sizes) -> anyhow::Result<()> {
     let (products, orders): (i64, i64) =
         sqlx::query_as("SELECT (SELECT count(*) FROM products), (SELECT count(*) FROM orders)")
             .fetch_one(db)
@@ -140,6 +150,12 @@ pub async fn generate(db: &PgPool, sizes: Sizes) -> anyhow::Result<()> {
     }
     if sizes.searches > 0 {
         self::searches(db, sizes.searches, sizes.seed).await?;
+    }
+    if sizes.price_points > 0 {
+        let mongo = mongo.ok_or_else(|| {
+            anyhow::anyhow!("price history needs a document store: set DATAGATE__MONGODB__URL")
+        })?;
+        self::price_history(db, mongo, sizes.price_points, sizes.seed).await?;
     }
     for statement in [
         "ANALYZE",
@@ -396,5 +412,83 @@ pub async fn searches(db: &PgPool, total: u64, seed: u64) -> anyhow::Result<()> 
     )
     .await?;
     tx.commit().await?;
+    Ok(())
+}
+
+/// Measurements per generated price-history bucket (the service's default
+/// capacity).
+const BUCKET_CAPACITY: usize = 200;
+
+/// `total` price measurements in MongoDB: a random walk of each product's
+/// price over the last 24 months, popular (low-id) products changing far
+/// more often. Written as whole buckets with `insert_many`. Generated
+/// measurements carry negative sequence numbers, so they never collide with
+/// the outbox ids of measurements the service records.
+pub async fn price_history(
+    db: &PgPool,
+    mongo: &Mongo,
+    total: u64,
+    seed: u64,
+) -> anyhow::Result<()> {
+    let products: Vec<(i64, i64)> =
+        sqlx::query_as("SELECT id, (price * 100)::bigint FROM products ORDER BY id")
+            .fetch_all(db)
+            .await?;
+    anyhow::ensure!(!products.is_empty(), "price history needs products");
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let now = chrono::Utc::now();
+    let span_ms = chrono::Duration::days(730).num_milliseconds() as f64;
+    // (seq, at ms, price) of each (product, day).
+    type Point = (i64, i64, i64);
+    let mut days: BTreeMap<(i64, String), Vec<Point>> = BTreeMap::new();
+    let mut prices: std::collections::HashMap<i64, i64> = products.iter().copied().collect();
+    let progress = bar("prices", total);
+    for n in 0..total {
+        let index = ((products.len() as f64) * next().powi(3)) as usize;
+        let product = products[index.min(products.len() - 1)].0;
+        let at = now - chrono::Duration::milliseconds((next() * span_ms) as i64);
+        let price = prices.entry(product).or_insert(100);
+        *price = ((*price as f64) * (0.9 + 0.2 * next())).round().max(1.0) as i64;
+        days.entry((product, day_key(at.date_naive())))
+            .or_default()
+            .push((-(n as i64) - 1, at.timestamp_millis(), *price));
+        if n % 10_000 == 0 {
+            progress.set_position(n);
+        }
+    }
+    let mut buckets = Vec::new();
+    for ((product_id, day), mut measurements) in days {
+        measurements.sort_by_key(|(seq, at, _)| (*at, *seq));
+        for chunk in measurements.chunks(BUCKET_CAPACITY) {
+            let prices: Vec<i64> = chunk.iter().map(|m| m.2).collect();
+            buckets.push(Bucket {
+                id: ObjectId::new(),
+                product_id,
+                day: day.clone(),
+                count: chunk.len() as i64,
+                min: *prices.iter().min().expect("a chunk is never empty"),
+                max: *prices.iter().max().expect("a chunk is never empty"),
+                sum: prices.iter().sum(),
+                first_ms: chunk.first().expect("a chunk is never empty").1,
+                last_ms: chunk.last().expect("a chunk is never empty").1,
+                seqs: chunk.iter().map(|m| m.0).collect(),
+                at_ms: chunk.iter().map(|m| m.1).collect(),
+                prices_cents: prices,
+            });
+        }
+    }
+    let collection = mongo.collection::<Bucket>(PRICE_HISTORY);
+    for batch in buckets.chunks(500) {
+        mongo
+            .run("insert_many", PRICE_HISTORY, collection.insert_many(batch))
+            .await?;
+    }
+    progress.finish();
     Ok(())
 }

@@ -10,6 +10,7 @@ const SIZES: Sizes = Sizes {
     products: 2_000,
     orders: 1_500,
     searches: 3_000,
+    price_points: 0,
     seed: 7,
 };
 
@@ -32,7 +33,7 @@ async fn fingerprint(db: &PgPool) -> String {
 async fn seeded(sizes: Sizes) -> (TestDatabase, PgPool) {
     let database = TestDatabase::create().await;
     let db = PgPool::connect(&database.url).await.unwrap();
-    generate::generate(&db, sizes).await.unwrap();
+    generate::generate(&db, None, sizes).await.unwrap();
     (database, db)
 }
 
@@ -97,5 +98,61 @@ async fn the_same_seed_generates_the_same_rows_and_another_seed_others() {
     assert_eq!(audited, 0);
 
     // A second run refuses a database that holds data.
-    assert!(generate::generate(&a, SIZES).await.is_err());
+    assert!(generate::generate(&a, None, SIZES).await.is_err());
+}
+
+#[tokio::test]
+async fn price_history_is_generated_as_full_buckets() {
+    let database = TestDatabase::create().await;
+    let mut settings =
+        datagate::config::Settings::load_with_overrides(None, &[("database.url", &database.url)])
+            .unwrap();
+    crate::helpers::use_test_mongo(&mut settings);
+    let mongo = datagate::store::mongo::Mongo::connect(&settings.mongodb)
+        .await
+        .unwrap()
+        .unwrap();
+    let db = PgPool::connect(&database.url).await.unwrap();
+    generate::generate(
+        &db,
+        Some(&mongo),
+        Sizes {
+            products: 50,
+            price_points: 2_000,
+            ..SIZES
+        },
+    )
+    .await
+    .unwrap();
+    use futures_util::TryStreamExt as _;
+    let buckets: Vec<datagate::store::price_history::Bucket> = mongo
+        .collection("price_history")
+        .find(mongodb::bson::doc! {})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(buckets.iter().map(|b| b.count).sum::<i64>(), 2_000);
+    for b in &buckets {
+        assert_eq!(b.count as usize, b.seqs.len());
+        assert_eq!(b.prices_cents.iter().sum::<i64>(), b.sum);
+        assert_eq!(*b.prices_cents.iter().min().unwrap(), b.min);
+        assert!(b.seqs.iter().all(|s| *s < 0), "generated seqs are negative");
+    }
+    // Popular products change price far more often.
+    let mut per_product: std::collections::HashMap<i64, i64> = Default::default();
+    for b in &buckets {
+        *per_product.entry(b.product_id).or_default() += b.count;
+    }
+    let (most, least) = (
+        per_product.values().max().unwrap(),
+        per_product.values().min().unwrap(),
+    );
+    assert!(*most > 5 * *least, "{most} vs {least}");
+    // This test's MongoDB database goes with it.
+    let client = mongodb::Client::with_uri_str(crate::helpers::mongodb_url())
+        .await
+        .unwrap();
+    let _ = client.database(&settings.mongodb.database).drop().await;
 }
