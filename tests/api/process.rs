@@ -9,7 +9,7 @@ use tokio::{io::AsyncReadExt as _, process::Command};
 use tonic::transport::Endpoint;
 
 use crate::{
-    helpers::{Bearer, TestDatabase},
+    helpers::{Bearer, TestApp, TestDatabase},
     server::{RowLock, rename, wait_for_lock_waiter},
 };
 
@@ -379,4 +379,48 @@ async fn with_an_otlp_endpoint_every_call_is_exported_as_a_server_span() {
         children >= 1,
         "domain spans are children of the call's span"
     );
+}
+
+#[tokio::test]
+async fn the_load_generator_drives_the_service_and_writes_its_results() {
+    let app = TestApp::spawn().await;
+    let out =
+        std::env::temp_dir().join(format!("datagate-bench-{}", uuid::Uuid::new_v4().simple()));
+    let output = Command::new(env!("CARGO_BIN_EXE_datagate-bench"))
+        .args([
+            "--addr",
+            &format!("http://{}", app.addr),
+            "--scenarios",
+            "get_user_hit,search_cached,create_order",
+            "--concurrency",
+            "1,2",
+            "--duration",
+            "300ms",
+            "--warmup",
+            "50ms",
+            "--users",
+            "120",
+            "--out",
+        ])
+        .arg(&out)
+        .env("DATAGATE_BENCH_TOKEN", &app.token)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("latest.json")).unwrap()).unwrap();
+    let results = results["results"].as_array().unwrap();
+    assert_eq!(results.len(), 6, "3 scenarios at 2 concurrency levels");
+    for r in results {
+        assert!(r["requests"].as_u64().unwrap() > 0, "{r}");
+        assert!(r["p50_ms"].as_f64().unwrap() > 0.0);
+        assert!(r["p99_ms"].as_f64().unwrap() >= r["p50_ms"].as_f64().unwrap());
+        assert_eq!(r["errors"], serde_json::json!({}), "{r}");
+    }
+    let _ = std::fs::remove_dir_all(out);
 }
