@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # `make bench-quick` / `make bench-load`: the service in release mode on a
 # database of its own (with the development Redis and MongoDB), driven over
-# gRPC by datagate-bench; results in bench/results/latest.json.
+# gRPC by datagate-bench, with baselines measured in the same run (a bare
+# tonic service, pgbench -S, redis-benchmark GET); results in
+# bench/results/latest.json.
 #
 #   scripts/bench-load.sh quick    1 and 4 callers, 2 s per scenario
 #   scripts/bench-load.sh full     1, 4 and 16 callers, 10 s per scenario
@@ -26,11 +28,14 @@ base=${DATABASE_URL%%\?*}
 query=${DATABASE_URL#"$base"}
 DB_URL="${base%/*}/$DB$query"
 "$PSQL" "$DATABASE_URL" -qc "CREATE DATABASE $DB" >/dev/null
+# pgbench's own database, for the PostgreSQL baseline.
+"$PSQL" "$DATABASE_URL" -qc "CREATE DATABASE ${DB}_pgbench" >/dev/null
 LOG=$(mktemp)
 SERVER_PID=
 cleanup() {
   [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null || true
   "$PSQL" "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 || true
+  "$PSQL" "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS ${DB}_pgbench WITH (FORCE)" >/dev/null 2>&1 || true
   rm -f "$LOG"
 }
 trap cleanup EXIT
@@ -55,6 +60,11 @@ for _ in $(seq 1 100); do
   sleep 0.2
 done
 
+# Baselines where the tools are installed (they are with the dev servers).
+REDIS_HOSTPORT=${REDIS_URL#redis://}
+REDIS_HOSTPORT=${REDIS_HOSTPORT%%/*}
+export DATAGATE_BENCH_REDIS=$REDIS_HOSTPORT
+command -v pgbench >/dev/null && export DATAGATE_BENCH_PGBENCH_URL="${base%/*}/${DB}_pgbench$query"
 "$TARGET/datagate-bench" --addr "http://127.0.0.1:$PORT" --token "$TOKEN" \
   --concurrency "$CONCURRENCY" --duration "$DURATION" --warmup "$WARMUP" \
   --users "$USERS" --out bench/results

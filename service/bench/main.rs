@@ -29,12 +29,14 @@ use datagate::proto::v1::{
 };
 use hdrhistogram::Histogram;
 use serde::Serialize;
+use tokio_stream::StreamExt as _;
 use tonic::{
     Request, Status,
     metadata::MetadataValue,
     service::{Interceptor, interceptor::InterceptedService},
     transport::{Channel, Endpoint},
 };
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Load generator for datagate")]
@@ -60,6 +62,15 @@ struct Args {
     users: usize,
     #[arg(long, default_value = "bench/results")]
     out: std::path::PathBuf,
+    /// Skip the baselines (a bare tonic service, pgbench, redis-benchmark).
+    #[arg(long)]
+    no_baselines: bool,
+    /// A PostgreSQL database pgbench may initialize and read (`pgbench -S`).
+    #[arg(long, env = "DATAGATE_BENCH_PGBENCH_URL")]
+    pgbench_url: Option<String>,
+    /// host:port of a Redis for `redis-benchmark -t get`.
+    #[arg(long, env = "DATAGATE_BENCH_REDIS")]
+    redis: Option<String>,
 }
 
 const SCENARIOS: [&str; 10] = [
@@ -96,12 +107,23 @@ struct World {
     catalog: CatalogServiceClient<Svc>,
     orders: OrderServiceClient<Svc>,
     analytics: AnalyticsServiceClient<Svc>,
+    /// The bare tonic service of the baseline, when measuring it.
+    health: Option<HealthClient<Channel>>,
     user_ids: Arc<Vec<i64>>,
     product_ids: Arc<Vec<i64>>,
     /// The next cold user for `get_user_miss`.
     cold: Arc<AtomicU64>,
     /// Distinct values that make searches miss the cache.
     unique: Arc<AtomicU64>,
+}
+
+/// A baseline measured in the same run at one concurrency.
+#[derive(Debug, Serialize)]
+struct Baseline {
+    name: String,
+    concurrency: usize,
+    rps: f64,
+    p50_ms: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -115,6 +137,10 @@ struct Result_ {
     p99_ms: f64,
     max_ms: f64,
     errors: BTreeMap<String, u64>,
+    /// This scenario's throughput over the bare tonic service's, and its p50
+    /// over the bare service's, at the same concurrency.
+    rps_vs_tonic: Option<f64>,
+    p50_vs_tonic: Option<f64>,
 }
 
 #[tokio::main]
@@ -138,11 +164,53 @@ async fn main() -> anyhow::Result<()> {
             "unknown scenario {s:?}; known: {SCENARIOS:?}"
         );
     }
+    let mut baselines = Vec::new();
+    let mut tonic = BTreeMap::new();
+    if !args.no_baselines {
+        // A bare tonic service (health checks) on this machine, driven by
+        // the same client code: the ceiling of any tonic service here.
+        let echo = bare_tonic_service().await?;
+        for &concurrency in &args.concurrency {
+            let mut world = world.clone();
+            world.health = Some(echo.clone());
+            run(&world, "tonic_bare", concurrency, args.warmup).await;
+            let r = run(&world, "tonic_bare", concurrency, args.duration).await;
+            eprintln!(
+                "{:>30} x{concurrency:<3} {:>9.0} rps  p50 {:>8.3} ms",
+                "baseline: tonic", r.rps, r.p50_ms
+            );
+            tonic.insert(concurrency, (r.rps, r.p50_ms));
+            baselines.push(Baseline {
+                name: "tonic_bare".into(),
+                concurrency,
+                rps: r.rps,
+                p50_ms: Some(r.p50_ms),
+            });
+        }
+        for &concurrency in &args.concurrency {
+            if let Some(url) = &args.pgbench_url {
+                match pgbench(url, concurrency, args.duration) {
+                    Ok(b) => baselines.push(b),
+                    Err(e) => eprintln!("pgbench baseline skipped: {e:#}"),
+                }
+            }
+            if let Some(redis) = &args.redis {
+                match redis_benchmark(redis, concurrency) {
+                    Ok(b) => baselines.push(b),
+                    Err(e) => eprintln!("redis-benchmark baseline skipped: {e:#}"),
+                }
+            }
+        }
+    }
     let mut results = Vec::new();
     for scenario in &scenarios {
         for &concurrency in &args.concurrency {
             run(&world, scenario, concurrency, args.warmup).await; // warm-up, discarded
-            let result = run(&world, scenario, concurrency, args.duration).await;
+            let mut result = run(&world, scenario, concurrency, args.duration).await;
+            if let Some((rps, p50)) = tonic.get(&concurrency) {
+                result.rps_vs_tonic = Some(result.rps / rps);
+                result.p50_vs_tonic = Some(result.p50_ms / p50);
+            }
             eprintln!(
                 "{scenario:>30} x{concurrency:<3} {:>9.0} rps  p50 {:>8.3} ms  p95 {:>8.3} ms  p99 {:>8.3} ms  errors {:?}",
                 result.rps, result.p50_ms, result.p95_ms, result.p99_ms, result.errors
@@ -154,15 +222,44 @@ async fn main() -> anyhow::Result<()> {
     let path = args.out.join("latest.json");
     std::fs::write(
         &path,
-        serde_json::to_string_pretty(&serde_json::json!({ "results": results }))?,
+        serde_json::to_string_pretty(&serde_json::json!({
+            "results": results,
+            "baselines": baselines,
+        }))?,
     )?;
-    println!("| scenario | concurrency | rps | p50 ms | p95 ms | p99 ms | max ms | errors |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---|");
+    println!(
+        "| scenario | concurrency | rps | p50 ms | p95 ms | p99 ms | max ms | rps vs tonic | p50 vs tonic | errors |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    let ratio = |r: Option<f64>| r.map_or(String::new(), |r| format!("{r:.2}x"));
     for r in &results {
         println!(
-            "| {} | {} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {:?} |",
-            r.scenario, r.concurrency, r.rps, r.p50_ms, r.p95_ms, r.p99_ms, r.max_ms, r.errors
+            "| {} | {} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {:?} |",
+            r.scenario,
+            r.concurrency,
+            r.rps,
+            r.p50_ms,
+            r.p95_ms,
+            r.p99_ms,
+            r.max_ms,
+            ratio(r.rps_vs_tonic),
+            ratio(r.p50_vs_tonic),
+            r.errors
         );
+    }
+    if !baselines.is_empty() {
+        println!();
+        println!("| baseline | concurrency | rps | p50 ms |");
+        println!("|---|---:|---:|---:|");
+        for b in &baselines {
+            println!(
+                "| {} | {} | {:.0} | {} |",
+                b.name,
+                b.concurrency,
+                b.rps,
+                b.p50_ms.map_or(String::new(), |p| format!("{p:.3}"))
+            );
+        }
     }
     eprintln!("wrote {}", path.display());
     Ok(())
@@ -225,6 +322,7 @@ async fn setup(channel: &Channel, bearer: &Bearer, users: usize) -> anyhow::Resu
         catalog,
         orders,
         analytics: AnalyticsServiceClient::new(svc(channel)),
+        health: None,
         // The first 100 users are the warm keys of `get_user_hit`; the rest
         // are cold until `get_user_miss` reads them.
         cold: Arc::new(AtomicU64::new(100)),
@@ -350,6 +448,18 @@ async fn call(world: &mut World, scenario: &str, i: u64) -> Result<(), Status> {
                 .await
                 .map(drop)
         }
+        "tonic_bare" => {
+            let health = world
+                .health
+                .as_mut()
+                .ok_or_else(|| Status::failed_precondition("no bare service"))?;
+            health
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .map(drop)
+        }
         other => Err(Status::invalid_argument(format!(
             "unknown scenario {other}"
         ))),
@@ -407,5 +517,100 @@ async fn run(world: &World, scenario: &str, concurrency: usize, duration: Durati
         p99_ms: ms(0.99),
         max_ms: histogram.max() as f64 / 1000.0,
         errors,
+        rps_vs_tonic: None,
+        p50_vs_tonic: None,
     }
+}
+
+/// A tonic server with only the health service, on an ephemeral port, and a
+/// client of it.
+async fn bare_tonic_service() -> anyhow::Result<HealthClient<Channel>> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (reporter, service) = tonic_health::server::health_reporter();
+    tokio::spawn(async move {
+        let _reporter = reporter;
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
+            if let Ok(s) = &s {
+                let _ = s.set_nodelay(true);
+            }
+            s
+        });
+        let _ = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(incoming)
+            .await;
+    });
+    let channel = Endpoint::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?;
+    Ok(HealthClient::new(channel))
+}
+
+/// `pgbench -S` (PostgreSQL's select-only limit) at `concurrency` clients.
+fn pgbench(url: &str, concurrency: usize, duration: Duration) -> anyhow::Result<Baseline> {
+    let init = std::process::Command::new("pgbench")
+        .args(["-i", "-s", "5", "-q", url])
+        .output()
+        .context("running pgbench (install postgresql-contrib)")?;
+    anyhow::ensure!(
+        init.status.success(),
+        "pgbench -i: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let secs = duration.as_secs().max(1).to_string();
+    let clients = concurrency.to_string();
+    let threads = concurrency.min(2).to_string();
+    let out = std::process::Command::new("pgbench")
+        .args(["-S", "-n", "-c", &clients, "-j", &threads, "-T", &secs, url])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "pgbench -S: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let tps = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("tps = "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse::<f64>().ok())
+        .context("no tps in pgbench's output")?;
+    Ok(Baseline {
+        name: "pgbench_select_only".into(),
+        concurrency,
+        rps: tps,
+        p50_ms: None,
+    })
+}
+
+/// `redis-benchmark -t get` (Redis's own limit) at `concurrency` clients.
+fn redis_benchmark(host_port: &str, concurrency: usize) -> anyhow::Result<Baseline> {
+    let (host, port) = host_port.rsplit_once(':').context("--redis is host:port")?;
+    let clients = concurrency.to_string();
+    let out = std::process::Command::new("redis-benchmark")
+        .args([
+            "-h", host, "-p", port, "-t", "get", "-n", "50000", "-c", &clients, "-q",
+        ])
+        .output()
+        .context("running redis-benchmark (install redis-tools)")?;
+    anyhow::ensure!(out.status.success(), "redis-benchmark failed");
+    // The last line reads "GET: 81300.81 requests per second, p50=0.311 msec".
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .flat_map(|l| l.split('\r'))
+        .rfind(|l| l.contains("requests per second"))
+        .context("no GET result in redis-benchmark's output")?;
+    let after = |marker: &str| {
+        line.split_once(marker)
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .and_then(|n| n.trim_end_matches(',').parse::<f64>().ok())
+    };
+    Ok(Baseline {
+        name: "redis_benchmark_get".into(),
+        concurrency,
+        rps: after("GET:").context("no requests per second")?,
+        p50_ms: after("p50="),
+    })
 }

@@ -412,15 +412,26 @@ async fn the_load_generator_drives_the_service_and_writes_its_results() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let results: serde_json::Value =
+    let document: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("latest.json")).unwrap()).unwrap();
-    let results = results["results"].as_array().unwrap();
+    let results = document["results"].as_array().unwrap();
     assert_eq!(results.len(), 6, "3 scenarios at 2 concurrency levels");
     for r in results {
         assert!(r["requests"].as_u64().unwrap() > 0, "{r}");
         assert!(r["p50_ms"].as_f64().unwrap() > 0.0);
         assert!(r["p99_ms"].as_f64().unwrap() >= r["p50_ms"].as_f64().unwrap());
         assert_eq!(r["errors"], serde_json::json!({}), "{r}");
+        assert!(
+            r["rps_vs_tonic"].as_f64().unwrap() > 0.0,
+            "a ratio to the baseline: {r}"
+        );
     }
+    let baselines: Vec<&str> = document["baselines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(baselines, ["tonic_bare", "tonic_bare"]);
     let _ = std::fs::remove_dir_all(out);
 }
