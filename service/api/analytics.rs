@@ -3,9 +3,9 @@
 use chrono::Utc;
 use tonic::{Request, Response, Status};
 
-use super::{parse_page, parse_window, parsed, timestamp};
+use super::{caller, parse_page, parse_window, parsed, timestamp};
 use crate::{
-    auth::{ADMIN_ROLE, Caller},
+    auth::ADMIN_ROLE,
     domain::{
         analytics::{
             Analytics, DEFAULT_LIMIT, DEFAULT_TREND_MONTHS, MAX_LIMIT, MAX_METRICS_DAYS,
@@ -37,14 +37,6 @@ impl AnalyticsApi {
             analyses,
         }
     }
-}
-
-fn caller_of<T>(request: &Request<T>) -> Result<Caller, Error> {
-    request
-        .extensions()
-        .get::<Caller>()
-        .cloned()
-        .ok_or_else(|| Error::Internal(anyhow::anyhow!("no caller on an authenticated call")))
 }
 
 fn status_name(s: pb::MarketAnalysisStatus) -> &'static str {
@@ -255,7 +247,7 @@ impl pb::analytics_service_server::AnalyticsService for AnalyticsApi {
         &self,
         request: Request<pb::StartMarketAnalysisRequest>,
     ) -> Result<Response<pb::MarketAnalysis>, Status> {
-        let caller = caller_of(&request)?;
+        let caller = caller(&request)?.clone();
         let r = request.into_inner();
         let mut v = Violations::default();
         let kind = match pb::MarketAnalysisKind::try_from(r.kind) {
@@ -307,7 +299,7 @@ impl pb::analytics_service_server::AnalyticsService for AnalyticsApi {
         &self,
         request: Request<pb::GetMarketAnalysisRequest>,
     ) -> Result<Response<pb::MarketAnalysis>, Status> {
-        let caller = caller_of(&request)?;
+        let caller = caller(&request)?.clone();
         let id = request.into_inner().id;
         if uuid::Uuid::parse_str(&id).is_err() {
             return Err(
@@ -325,7 +317,7 @@ impl pb::analytics_service_server::AnalyticsService for AnalyticsApi {
         &self,
         request: Request<pb::ListMarketAnalysesRequest>,
     ) -> Result<Response<pb::ListMarketAnalysesResponse>, Status> {
-        let caller = caller_of(&request)?;
+        let caller = caller(&request)?.clone();
         let r = request.into_inner();
         let mut v = Violations::default();
         let page = parse_page(&mut v, r.page_size, r.page_token);

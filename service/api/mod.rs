@@ -23,13 +23,18 @@ use crate::{
     middleware::RequestId,
 };
 
-/// The caller and request id of a call, for the writes it makes. Every
-/// service call passed the auth layer, so a missing caller is a bug.
-pub(crate) fn actor<T>(request: &tonic::Request<T>) -> Result<Actor, Error> {
-    let caller = request
+/// The caller of a call. Every service call passed the auth layer, so a
+/// missing caller is a bug.
+pub(crate) fn caller<T>(request: &tonic::Request<T>) -> Result<&Caller, Error> {
+    request
         .extensions()
         .get::<Caller>()
-        .ok_or_else(|| Error::Internal(anyhow::anyhow!("no caller on an authenticated call")))?;
+        .ok_or_else(|| Error::Internal(anyhow::anyhow!("no caller on an authenticated call")))
+}
+
+/// The caller and request id of a call, for the writes it makes.
+pub(crate) fn actor<T>(request: &tonic::Request<T>) -> Result<Actor, Error> {
+    let caller = caller(request)?;
     let request_id = request.extensions().get::<RequestId>().map(|r| r.0.clone());
     Ok(Actor::new(caller.name(), request_id))
 }
