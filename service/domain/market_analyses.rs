@@ -302,13 +302,10 @@ impl MarketAnalyses {
             for product in &results.top_products {
                 let buckets =
                     price_history::buckets(mongo, product.product_id, first_day, today).await?;
-                let mut points: Vec<(i64, i64, i64)> = buckets
+                let prices: Vec<i64> = price_history::in_order(&buckets)
                     .iter()
-                    .flat_map(|b| b.measurements())
-                    .map(|m| (m.at_ms, m.seq, m.price_cents))
+                    .map(|m| m.price_cents)
                     .collect();
-                points.sort();
-                let prices: Vec<i64> = points.iter().map(|(_, _, p)| *p).collect();
                 let (first, last) = (prices.first().copied(), prices.last().copied());
                 results.price_trends.push(PriceTrend {
                     product_id: product.product_id,

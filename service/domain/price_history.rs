@@ -74,18 +74,15 @@ impl PriceHistory {
         let buckets = price_history::buckets(mongo, id.get(), start.date_naive(), last_day).await?;
         Ok(match granularity {
             Granularity::Measurements => {
-                let mut measurements: Vec<(DateTime<Utc>, i64, i64)> = buckets
-                    .iter()
-                    .flat_map(|b| b.measurements())
+                let measurements = price_history::in_order(&buckets)
+                    .into_iter()
                     .filter_map(|m| {
-                        DateTime::from_timestamp_millis(m.at_ms)
-                            .map(|at| (at, m.seq, m.price_cents))
+                        DateTime::from_timestamp_millis(m.at_ms).map(|at| (at, m.price_cents))
                     })
-                    .filter(|(at, _, _)| (start..end).contains(at))
+                    .filter(|(at, _)| (start..end).contains(at))
                     .collect();
-                measurements.sort();
                 History {
-                    measurements: measurements.into_iter().map(|(at, _, p)| (at, p)).collect(),
+                    measurements,
                     days: Vec::new(),
                 }
             }

@@ -60,6 +60,14 @@ impl Bucket {
     }
 }
 
+/// Every measurement of `buckets`, oldest first (ties by sequence).
+pub fn in_order(buckets: &[Bucket]) -> Vec<Measurement> {
+    let mut measurements: Vec<Measurement> =
+        buckets.iter().flat_map(Bucket::measurements).collect();
+    measurements.sort_by_key(|m| (m.at_ms, m.seq));
+    measurements
+}
+
 pub fn day_key(day: NaiveDate) -> String {
     day.format("%Y-%m-%d").to_string()
 }
