@@ -664,13 +664,7 @@ impl Inner {
             .and_then(|v| postcard::take_from_bytes::<u64>(&v[1..]).ok())
             .map(|(stored_at, _)| stored_at);
         let hit = stored_at == Some(generation);
-        let counters = self.counters(family.name());
-        let (hits, misses) = if hit { (1, 0) } else { (0, 1) };
-        counters.hits.fetch_add(hits, Ordering::Relaxed);
-        counters.misses.fetch_add(misses, Ordering::Relaxed);
-        metrics::counter!("cache_hits_total", "entity" => family.name()).increment(hits);
-        metrics::counter!("cache_misses_total", "entity" => family.name()).increment(misses);
-        statements::record_cache_lookup(hit);
+        self.count_lookups(family.name(), u64::from(hit), u64::from(!hit));
         Some(match value {
             Some(value) if hit => QueryLookup::Hit(value),
             _ => QueryLookup::Miss(generation),
@@ -762,7 +756,6 @@ impl Inner {
             statements::record_cache_lookup(false);
             return None;
         };
-        let counters = self.counters(name);
         let lookups: Vec<Lookup> = values
             .chunks(2)
             .map(|pair| {
@@ -783,13 +776,19 @@ impl Inner {
             .iter()
             .filter(|l| !matches!(l, Lookup::Miss(_)))
             .count() as u64;
-        let misses = lookups.len() as u64 - hits;
+        self.count_lookups(name, hits, lookups.len() as u64 - hits);
+        Some(lookups)
+    }
+
+    /// Counts a lookup's hits and misses (hit rate gauge, metrics, and the
+    /// call's `cache_hit`: true only when nothing missed).
+    fn count_lookups(&self, name: &'static str, hits: u64, misses: u64) {
+        let counters = self.counters(name);
         counters.hits.fetch_add(hits, Ordering::Relaxed);
         counters.misses.fetch_add(misses, Ordering::Relaxed);
         metrics::counter!("cache_hits_total", "entity" => name).increment(hits);
         metrics::counter!("cache_misses_total", "entity" => name).increment(misses);
         statements::record_cache_lookup(misses == 0);
-        Some(lookups)
     }
 
     /// Fills keys whose generation is unchanged, in one script call.
