@@ -235,19 +235,7 @@ impl Application {
             .add_service(order_api)
             .add_service(admin_api)
             .add_service(analytics_api)
-            .serve_with_incoming_shutdown(
-                // Nagle's algorithm held every response larger than a
-                // segment until the client's delayed ACK: ~40 ms a call.
-                TcpListenerStream::new(grpc).map(|stream| {
-                    if let Ok(stream) = &stream
-                        && let Err(e) = stream.set_nodelay(true)
-                    {
-                        tracing::warn!(error = %e, "could not set TCP_NODELAY");
-                    }
-                    stream
-                }),
-                stop_serving.clone().cancelled_owned(),
-            );
+            .serve_with_incoming_shutdown(incoming(grpc), stop_serving.clone().cancelled_owned());
         tokio::pin!(server);
         tracing::info!(%addr, "serving gRPC");
 
@@ -299,6 +287,22 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// The connections of `listener`, with `TCP_NODELAY` set: otherwise Nagle's
+/// algorithm holds every response larger than a segment until the client's
+/// delayed ACK, ~40 ms a call.
+pub fn incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    TcpListenerStream::new(listener).map(|stream| {
+        if let Ok(stream) = &stream
+            && let Err(e) = stream.set_nodelay(true)
+        {
+            tracing::warn!(error = %e, "could not set TCP_NODELAY");
+        }
+        stream
+    })
 }
 
 /// Creates the MongoDB indexes, retrying until it works (MongoDB may start

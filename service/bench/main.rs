@@ -29,7 +29,6 @@ use datagate::proto::v1::{
 };
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use tokio_stream::StreamExt as _;
 use tonic::{
     Request, Status,
     metadata::MetadataValue,
@@ -530,15 +529,9 @@ async fn bare_tonic_service() -> anyhow::Result<HealthClient<Channel>> {
     let (reporter, service) = tonic_health::server::health_reporter();
     tokio::spawn(async move {
         let _reporter = reporter;
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
-            if let Ok(s) = &s {
-                let _ = s.set_nodelay(true);
-            }
-            s
-        });
         let _ = tonic::transport::Server::builder()
             .add_service(service)
-            .serve_with_incoming(incoming)
+            .serve_with_incoming(datagate::startup::incoming(listener))
             .await;
     });
     let channel = Endpoint::from_shared(format!("http://{addr}"))?
