@@ -10,13 +10,7 @@
 //! (`datagate::generate`: 80 % completed; 1 to 5 lines each, products drawn
 //! with a heavy skew toward popular ones) and refreshes the views.
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use datagate::{
     config::Settings,
@@ -40,34 +34,17 @@ const CONCURRENCY: [usize; 2] = [1, 4];
 const ROUNDS: usize = 3;
 const ROUND: Duration = Duration::from_secs(3);
 
-/// `concurrency` workers run `call(i)` for `duration`; latencies and elapsed.
+/// Runs `call` (see [`stats::drive`]): latencies and the time taken.
 async fn drive<F, Fut>(concurrency: usize, duration: Duration, call: F) -> (Vec<Duration>, Duration)
 where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send,
 {
-    let call = Arc::new(call);
-    let next = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let mut workers = Vec::new();
-    for _ in 0..concurrency {
-        let (call, next) = (call.clone(), next.clone());
-        workers.push(tokio::spawn(async move {
-            let mut timed = Vec::new();
-            while started.elapsed() < duration {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let t = Instant::now();
-                call(i).await;
-                timed.push(t.elapsed());
-            }
-            timed
-        }));
-    }
-    let mut latencies = Vec::new();
-    for w in workers {
-        latencies.extend(w.await.unwrap());
-    }
-    (latencies, started.elapsed())
+    let (timed, elapsed) = stats::drive(concurrency, duration, call).await;
+    (
+        timed.into_iter().map(|(_, latency)| latency).collect(),
+        elapsed,
+    )
 }
 
 #[tokio::main]

@@ -7,14 +7,7 @@
 //!
 //! The catalog is `benches/support/catalog.rs`'s million products.
 
-use std::{
-    collections::BTreeMap,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use datagate::{
     config::Settings,
@@ -194,7 +187,7 @@ struct Samples {
     elapsed: Duration,
 }
 
-/// `concurrency` workers run `call(i)` for `duration`, over indexes 0, 1, ...
+/// Runs `call` (see [`stats::drive`]) and adds its latencies to `samples`.
 async fn drive<F, Fut>(
     concurrency: usize,
     duration: Duration,
@@ -205,33 +198,15 @@ async fn drive<F, Fut>(
     F: Fn(usize) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send,
 {
-    let call = Arc::new(call);
-    let next = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let mut workers = Vec::new();
-    for _ in 0..concurrency {
-        let (call, next) = (call.clone(), next.clone());
-        workers.push(tokio::spawn(async move {
-            let mut timed = Vec::new();
-            while started.elapsed() < duration {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let t = Instant::now();
-                call(i).await;
-                timed.push((i, t.elapsed()));
-            }
-            timed
-        }));
-    }
-    for w in workers {
-        for (i, latency) in w.await.unwrap() {
-            samples.all.push(latency);
-            if let Some(shape) = shape_of(i) {
-                samples.by_shape.entry(shape).or_default().push(latency);
-            }
-            samples.requests += 1;
+    let (timed, elapsed) = stats::drive(concurrency, duration, call).await;
+    for (i, latency) in timed {
+        samples.all.push(latency);
+        if let Some(shape) = shape_of(i) {
+            samples.by_shape.entry(shape).or_default().push(latency);
         }
+        samples.requests += 1;
     }
-    samples.elapsed += started.elapsed();
+    samples.elapsed += elapsed;
 }
 
 #[tokio::main]
