@@ -12,13 +12,7 @@
 //! ([`SearchLogWriter::close`]) the channel is closed and everything in it is
 //! written before the process exits.
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
-};
+use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio::{sync::mpsc, task::JoinHandle};
@@ -40,7 +34,6 @@ const RETRIES: [Duration; 3] = [
 #[derive(Clone)]
 pub struct SearchLog {
     sender: mpsc::Sender<SearchRecord>,
-    dropped: Arc<AtomicU64>,
 }
 
 /// The background task; [`close`](Self::close) it to write what is buffered.
@@ -53,7 +46,6 @@ impl SearchLog {
     /// Starts the writer task on `db`.
     pub fn start(db: PgPool, settings: &SearchLogSettings) -> (Self, SearchLogWriter) {
         let (sender, receiver) = mpsc::channel(settings.buffer);
-        let dropped = Arc::new(AtomicU64::new(0));
         let close = CancellationToken::new();
         let task = tokio::spawn(
             Writer {
@@ -61,28 +53,21 @@ impl SearchLog {
                 receiver,
                 batch_size: settings.batch_size,
                 flush_interval: settings.flush_interval,
-                dropped: dropped.clone(),
             }
             .run(close.clone()),
         );
-        (Self { sender, dropped }, SearchLogWriter { close, task })
+        (Self { sender }, SearchLogWriter { close, task })
     }
 
     /// Queues a record without waiting; a full buffer drops it.
     pub fn record(&self, record: SearchRecord) {
         if self.sender.try_send(record).is_err() {
-            count_dropped(&self.dropped, "buffer_full", 1);
+            count_dropped("buffer_full", 1);
         }
-    }
-
-    /// Records dropped so far by this log (buffer full or write failed).
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
     }
 }
 
-fn count_dropped(dropped: &AtomicU64, reason: &'static str, n: u64) {
-    dropped.fetch_add(n, Ordering::Relaxed);
+fn count_dropped(reason: &'static str, n: u64) {
     metrics::counter!("search_log_dropped_total", "reason" => reason).increment(n);
 }
 
@@ -105,7 +90,6 @@ struct Writer {
     receiver: mpsc::Receiver<SearchRecord>,
     batch_size: usize,
     flush_interval: Duration,
-    dropped: Arc<AtomicU64>,
 }
 
 impl Writer {
@@ -169,7 +153,7 @@ impl Writer {
             records = batch.len(),
             "search log batch dropped after repeated failures"
         );
-        count_dropped(&self.dropped, "write_failed", batch.len() as u64);
+        count_dropped("write_failed", batch.len() as u64);
         batch.clear();
     }
 }

@@ -20,7 +20,7 @@ use crate::{
     store::{
         analytics::{self, CategoryMetrics, SearchDemand, TopProduct},
         market_analyses::{self as store, AnalysisDoc},
-        mongo::{Mongo, from_document},
+        mongo::{Mongo, from_document, to_document},
         price_history,
     },
 };
@@ -256,7 +256,7 @@ impl MarketAnalyses {
         renewing.cancel();
         let _ = renewer.await;
         let outcome = match outcome {
-            Ok((results, timings)) => Ok((store::document(&results)?, store::document(&timings)?)),
+            Ok((results, timings)) => Ok((to_document(&results)?, to_document(&timings)?)),
             Err(e) => {
                 tracing::warn!(error = ?e, analysis_id = %doc.id, "market analysis failed");
                 Err(format!("{e}"))

@@ -18,7 +18,7 @@ use mongodb::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::mongo::{Mongo, to_document};
+use super::mongo::Mongo;
 use crate::domain::error::Result;
 
 pub const MARKET_ANALYSES: &str = "market_analyses";
@@ -205,9 +205,4 @@ pub async fn finish(
         )
         .await?;
     Ok(updated.matched_count == 1)
-}
-
-/// A serializable value as a sub-document.
-pub fn document<T: Serialize>(value: &T) -> Result<Document> {
-    to_document(value)
 }

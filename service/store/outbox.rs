@@ -70,10 +70,3 @@ pub async fn remove(conn: &mut PgConnection, ids: &[i64]) -> Result<()> {
         .await?;
     Ok(())
 }
-
-/// Changes waiting, for the metrics endpoint.
-pub async fn pending(conn: &mut PgConnection) -> Result<i64> {
-    Ok(sqlx::query_scalar("SELECT count(*) FROM mongo_outbox")
-        .fetch_one(conn)
-        .await?)
-}
