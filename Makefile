@@ -2,7 +2,7 @@
 # machine: scripts/dev-env.sh installs and starts what is missing.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
-.PHONY: help run test lint smoke bench-n1 bench-cache bench-search bench-analytics bench-quick bench-load env-up env-down
+.PHONY: help run test lint smoke bench-n1 bench-cache bench-search bench-analytics bench bench-quick env-up env-down
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -32,11 +32,11 @@ bench-search: ## SearchProducts over one million products, uncached and cached (
 bench-analytics: ## GetCategoryMetrics and GetRevenueTrend over two million orders (release build)
 	@eval "$$(scripts/dev-env.sh up)" && cargo bench --bench analytics
 
-bench-quick: ## The release service driven over gRPC by datagate-bench, 2 s per scenario
-	@scripts/bench-load.sh quick
-
-bench-load: ## The same, 1/4/16 callers and 10 s per scenario
+bench: ## The standard suite: the release service on a generated dataset, driven by datagate-bench (about 10 min)
 	@scripts/bench-load.sh full
+
+bench-quick: ## The same on an empty database, 1 s per scenario, 1 and 4 callers (under 3 min)
+	@scripts/bench-load.sh quick
 
 env-up: ## start PostgreSQL, Redis and nx-27017; prints the environment
 	@scripts/dev-env.sh up

@@ -1,33 +1,58 @@
 #!/usr/bin/env bash
-# `make bench-quick` / `make bench-load`: the service in release mode on a
+# `make bench` / `make bench-quick`: the service in release mode on a
 # database of its own (with the development Redis and MongoDB), driven over
 # gRPC by datagate-bench, with baselines measured in the same run (a bare
-# tonic service, pgbench -S, redis-benchmark GET); results in
-# bench/results/latest.json.
+# tonic service, pgbench -S, redis-benchmark GET). Writes latest.json,
+# latest.md, latency.svg and throughput.svg.
 #
-#   scripts/bench-load.sh quick    1 and 4 callers, 2 s per scenario
-#   scripts/bench-load.sh full     1, 4 and 16 callers, 10 s per scenario
+#   scripts/bench-load.sh full     1, 4 and 16 callers, 10 s per scenario, on a
+#                                  copy of a generated dataset (200k products,
+#                                  100k users, 200k orders, 300k searches);
+#                                  results in bench/results/ (committed)
+#   scripts/bench-load.sh quick    1 and 4 callers, 1 s per scenario, on an
+#                                  empty database; results in bench/results/quick/
+#
+# The full suite generates its dataset once, into the template database
+# datagate_bench_seed, and copies it for every run (CREATE DATABASE ...
+# TEMPLATE takes seconds), so each run starts from the same rows.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 MODE=${1:-quick}
 case "$MODE" in
-  quick) CONCURRENCY=1,4; DURATION=2s; WARMUP=500ms; USERS=4000 ;;
-  full) CONCURRENCY=1,4,16; DURATION=10s; WARMUP=2s; USERS=30000 ;;
+  quick) CONCURRENCY=1,4; DURATION=1s; WARMUP=300ms; USERS=6000; OUT=bench/results/quick; QUERY=widget ;;
+  full) CONCURRENCY=1,4,16; DURATION=10s; WARMUP=2s; USERS=30000; OUT=bench/results; QUERY="wireless speaker" ;;
   *) echo "usage: $0 quick|full" >&2; exit 2 ;;
 esac
 eval "$(scripts/dev-env.sh up)"
 
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}/release
+echo "bench: building the release binaries" >&2
 cargo build --release --quiet --bin datagate --bin datagate-bench
 PSQL=$(command -v psql || ls /usr/lib/postgresql/*/bin/psql 2>/dev/null | sort -V | tail -n 1)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-DB=datagate_load_$$
 base=${DATABASE_URL%%\?*}
 query=${DATABASE_URL#"$base"}
-DB_URL="${base%/*}/$DB$query"
-"$PSQL" "$DATABASE_URL" -qc "CREATE DATABASE $DB" >/dev/null
+db_url() { echo "${base%/*}/$1$query"; }
+DB=datagate_load_$$
+DB_URL=$(db_url "$DB")
+if [ "$MODE" = full ]; then
+  SEED_DB=datagate_bench_seed
+  seeded=$("$PSQL" "$DATABASE_URL" -tAc "SELECT 1 FROM pg_database WHERE datname = '$SEED_DB'")
+  if [ -z "$seeded" ]; then
+    echo "bench: generating the dataset into $SEED_DB (once; later runs copy it)" >&2
+    "$PSQL" "$DATABASE_URL" -qc "CREATE DATABASE ${SEED_DB}_partial" >/dev/null
+    DATAGATE__DATABASE__URL=$(db_url "${SEED_DB}_partial") "$TARGET/datagate" migrate up >/dev/null
+    DATAGATE__DATABASE__URL=$(db_url "${SEED_DB}_partial") "$TARGET/datagate" seed \
+      --products 200000 --users 100000 --orders 200000 --searches 300000 --seed 42
+    # Renamed only once complete, so an interrupted generation starts over.
+    "$PSQL" "$DATABASE_URL" -qc "ALTER DATABASE ${SEED_DB}_partial RENAME TO $SEED_DB" >/dev/null
+  fi
+  "$PSQL" "$DATABASE_URL" -qc "CREATE DATABASE $DB TEMPLATE $SEED_DB" >/dev/null
+else
+  "$PSQL" "$DATABASE_URL" -qc "CREATE DATABASE $DB" >/dev/null
+fi
 # pgbench's own database, for the PostgreSQL baseline.
 "$PSQL" "$DATABASE_URL" -qc "CREATE DATABASE ${DB}_pgbench" >/dev/null
 LOG=$(mktemp)
@@ -67,4 +92,4 @@ export DATAGATE_BENCH_REDIS=$REDIS_HOSTPORT
 command -v pgbench >/dev/null && export DATAGATE_BENCH_PGBENCH_URL="${base%/*}/${DB}_pgbench$query"
 "$TARGET/datagate-bench" --addr "http://127.0.0.1:$PORT" --token "$TOKEN" \
   --concurrency "$CONCURRENCY" --duration "$DURATION" --warmup "$WARMUP" \
-  --users "$USERS" --out bench/results
+  --users "$USERS" --query "$QUERY" --service-pid "$SERVER_PID" --out "$OUT"

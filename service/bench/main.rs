@@ -9,7 +9,12 @@
 //!
 //! It creates its own fixtures through the API (users, products, orders),
 //! then runs each scenario at each concurrency for the duration after a
-//! warm-up, and writes `bench/results/latest.json`.
+//! warm-up, and writes `latest.json`, `latest.md`, `latency.svg` and
+//! `throughput.svg` into `--out` (see `report`). Given `--service-pid`, it
+//! also records the service's resident memory, idle and under load.
+
+mod baselines;
+mod report;
 
 use std::{
     collections::BTreeMap,
@@ -28,7 +33,7 @@ use datagate::proto::v1::{
     user_service_client::UserServiceClient,
 };
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use indicatif::{ProgressBar, ProgressStyle};
 use tonic::{
     Request, Status,
     metadata::MetadataValue,
@@ -36,6 +41,11 @@ use tonic::{
     transport::{Channel, Endpoint},
 };
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+use crate::{
+    baselines::Baseline,
+    report::{Measurement, Memory, Report},
+};
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Load generator for datagate")]
@@ -45,7 +55,7 @@ struct Args {
     addr: String,
     /// A bearer token (`datagate token new`).
     #[arg(long, env = "DATAGATE_BENCH_TOKEN")]
-    token: String,
+    token: Option<String>,
     /// Scenarios to run, comma-separated (default: all).
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
@@ -70,6 +80,16 @@ struct Args {
     /// host:port of a Redis for `redis-benchmark -t get`.
     #[arg(long, env = "DATAGATE_BENCH_REDIS")]
     redis: Option<String>,
+    /// What `search_cached` and `search_uncached` search for.
+    #[arg(long, default_value = "widget")]
+    query: String,
+    /// The service's process id, to record its resident memory (Linux).
+    #[arg(long)]
+    service_pid: Option<u32>,
+    /// Run nothing: redraw `latest.md` and the plots in `--out` from its
+    /// `latest.json`.
+    #[arg(long)]
+    redraw: bool,
 }
 
 const SCENARIOS: [&str; 10] = [
@@ -114,44 +134,23 @@ struct World {
     cold: Arc<AtomicU64>,
     /// Distinct values that make searches miss the cache.
     unique: Arc<AtomicU64>,
-}
-
-/// A baseline measured in the same run at one concurrency.
-#[derive(Debug, Serialize)]
-struct Baseline {
-    name: String,
-    concurrency: usize,
-    rps: f64,
-    p50_ms: Option<f64>,
-}
-
-#[derive(Debug, Serialize)]
-struct Result_ {
-    scenario: String,
-    concurrency: usize,
-    requests: u64,
-    rps: f64,
-    p50_ms: f64,
-    p95_ms: f64,
-    p99_ms: f64,
-    max_ms: f64,
-    errors: BTreeMap<String, u64>,
-    /// This scenario's throughput over the bare tonic service's, and its p50
-    /// over the bare service's, at the same concurrency.
-    rps_vs_tonic: Option<f64>,
-    p50_vs_tonic: Option<f64>,
+    query: Arc<str>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.redraw {
+        let json = std::fs::read(args.out.join("latest.json"))
+            .with_context(|| format!("reading latest.json in {}", args.out.display()))?;
+        let report: Report = serde_json::from_slice(&json).context("parsing latest.json")?;
+        return report.write(&args.out);
+    }
     let channel = Endpoint::from_shared(args.addr.clone())?
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await
         .with_context(|| format!("connecting to {}", args.addr))?;
-    let bearer = Bearer(args.token.as_str().into());
-    let world = setup(&channel, &bearer, args.users).await?;
     let scenarios: Vec<String> = if args.scenarios.is_empty() {
         SCENARIOS.iter().map(|s| (*s).to_owned()).collect()
     } else {
@@ -163,21 +162,41 @@ async fn main() -> anyhow::Result<()> {
             "unknown scenario {s:?}; known: {SCENARIOS:?}"
         );
     }
+    let rss = Rss(args.service_pid);
+    let mut memory = Memory {
+        idle_rss_mib: rss.read(),
+        ..Memory::default()
+    };
+    let token = args
+        .token
+        .as_deref()
+        .context("--token (or DATAGATE_BENCH_TOKEN) is required")?;
+    let bearer = Bearer(token.into());
+    let world = setup(&channel, &bearer, args.users, &args.query).await?;
+
+    let runs = (scenarios.len() + usize::from(!args.no_baselines)) * args.concurrency.len();
+    let progress = ProgressBar::new(runs as u64).with_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} runs, about {eta} left  {msg}",
+        )?
+        .progress_chars("=> "),
+    );
     let mut baselines = Vec::new();
     let mut tonic = BTreeMap::new();
     if !args.no_baselines {
         // A bare tonic service (health checks) on this machine, driven by
         // the same client code: the ceiling of any tonic service here.
-        let echo = bare_tonic_service().await?;
+        let echo = baselines::bare_tonic_service().await?;
         for &concurrency in &args.concurrency {
+            progress.set_message(format!("baseline: tonic x{concurrency}"));
             let mut world = world.clone();
             world.health = Some(echo.clone());
-            run(&world, "tonic_bare", concurrency, args.warmup).await;
-            let r = run(&world, "tonic_bare", concurrency, args.duration).await;
-            eprintln!(
+            run(&world, "tonic_bare", concurrency, args.warmup, &Rss(None)).await;
+            let r = run(&world, "tonic_bare", concurrency, args.duration, &Rss(None)).await;
+            progress.println(format!(
                 "{:>30} x{concurrency:<3} {:>9.0} rps  p50 {:>8.3} ms",
                 "baseline: tonic", r.rps, r.p50_ms
-            );
+            ));
             tonic.insert(concurrency, (r.rps, r.p50_ms));
             baselines.push(Baseline {
                 name: "tonic_bare".into(),
@@ -185,88 +204,103 @@ async fn main() -> anyhow::Result<()> {
                 rps: r.rps,
                 p50_ms: Some(r.p50_ms),
             });
-        }
-        for &concurrency in &args.concurrency {
             if let Some(url) = &args.pgbench_url {
-                match pgbench(url, concurrency, args.duration) {
+                progress.set_message(format!("baseline: pgbench -S x{concurrency}"));
+                match baselines::pgbench(url, concurrency, args.duration) {
                     Ok(b) => baselines.push(b),
-                    Err(e) => eprintln!("pgbench baseline skipped: {e:#}"),
+                    Err(e) => progress.println(format!("pgbench baseline skipped: {e:#}")),
                 }
             }
             if let Some(redis) = &args.redis {
-                match redis_benchmark(redis, concurrency) {
+                progress.set_message(format!("baseline: redis-benchmark x{concurrency}"));
+                match baselines::redis_benchmark(redis, concurrency) {
                     Ok(b) => baselines.push(b),
-                    Err(e) => eprintln!("redis-benchmark baseline skipped: {e:#}"),
+                    Err(e) => progress.println(format!("redis-benchmark baseline skipped: {e:#}")),
                 }
             }
+            progress.inc(1);
         }
     }
     let mut results = Vec::new();
     for scenario in &scenarios {
         for &concurrency in &args.concurrency {
-            run(&world, scenario, concurrency, args.warmup).await; // warm-up, discarded
-            let mut result = run(&world, scenario, concurrency, args.duration).await;
+            progress.set_message(format!("{scenario} x{concurrency}"));
+            run(&world, scenario, concurrency, args.warmup, &rss).await; // warm-up, discarded
+            let mut result = run(&world, scenario, concurrency, args.duration, &rss).await;
             if let Some((rps, p50)) = tonic.get(&concurrency) {
                 result.rps_vs_tonic = Some(result.rps / rps);
                 result.p50_vs_tonic = Some(result.p50_ms / p50);
             }
-            eprintln!(
+            memory.peak_rss_mib = larger(memory.peak_rss_mib, result.service_rss_mib);
+            progress.println(format!(
                 "{scenario:>30} x{concurrency:<3} {:>9.0} rps  p50 {:>8.3} ms  p95 {:>8.3} ms  p99 {:>8.3} ms  errors {:?}",
                 result.rps, result.p50_ms, result.p95_ms, result.p99_ms, result.errors
-            );
+            ));
             results.push(result);
+            progress.inc(1);
         }
     }
-    std::fs::create_dir_all(&args.out)?;
-    let path = args.out.join("latest.json");
-    std::fs::write(
-        &path,
-        serde_json::to_string_pretty(&serde_json::json!({
-            "results": results,
-            "baselines": baselines,
-        }))?,
-    )?;
-    println!(
-        "| scenario | concurrency | rps | p50 ms | p95 ms | p99 ms | max ms | rps vs tonic | p50 vs tonic | errors |"
+    progress.finish_and_clear();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    memory.after_rss_mib = rss.read();
+    let report = Report {
+        finished_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs(),
+        settings: report::Settings {
+            duration_ms: args.duration.as_millis(),
+            warmup_ms: args.warmup.as_millis(),
+            concurrency: args.concurrency.clone(),
+            fixture_users: args.users,
+        },
+        service_memory: memory,
+        results,
+        baselines,
+    };
+    report.write(&args.out)?;
+    println!("{}", report.markdown());
+    eprintln!(
+        "wrote latest.json, latest.md, latency.svg and throughput.svg in {}",
+        args.out.display()
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
-    let ratio = |r: Option<f64>| r.map_or(String::new(), |r| format!("{r:.2}x"));
-    for r in &results {
-        println!(
-            "| {} | {} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {:?} |",
-            r.scenario,
-            r.concurrency,
-            r.rps,
-            r.p50_ms,
-            r.p95_ms,
-            r.p99_ms,
-            r.max_ms,
-            ratio(r.rps_vs_tonic),
-            ratio(r.p50_vs_tonic),
-            r.errors
-        );
-    }
-    if !baselines.is_empty() {
-        println!();
-        println!("| baseline | concurrency | rps | p50 ms |");
-        println!("|---|---:|---:|---:|");
-        for b in &baselines {
-            println!(
-                "| {} | {} | {:.0} | {} |",
-                b.name,
-                b.concurrency,
-                b.rps,
-                b.p50_ms.map_or(String::new(), |p| format!("{p:.3}"))
-            );
-        }
-    }
-    eprintln!("wrote {}", path.display());
     Ok(())
+}
+
+/// The larger of two optional readings.
+fn larger(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The resident memory of a process, read from `/proc/<pid>/status`.
+#[derive(Clone, Copy)]
+struct Rss(Option<u32>);
+
+impl Rss {
+    fn read(self) -> Option<f64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0?)).ok()?;
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib / 1024.0)
+    }
 }
 
 /// Fixtures: users, products with plenty of stock, one order per user for
 /// the first page of users.
-async fn setup(channel: &Channel, bearer: &Bearer, users: usize) -> anyhow::Result<World> {
+async fn setup(
+    channel: &Channel,
+    bearer: &Bearer,
+    users: usize,
+    query: &str,
+) -> anyhow::Result<World> {
     let svc = |c: &Channel| InterceptedService::new(c.clone(), bearer.clone());
     let mut user_client = UserServiceClient::new(svc(channel));
     let mut catalog = CatalogServiceClient::new(svc(channel));
@@ -328,6 +362,7 @@ async fn setup(channel: &Channel, bearer: &Bearer, users: usize) -> anyhow::Resu
         user_ids: Arc::new(user_ids),
         product_ids: Arc::new(product_ids),
         unique: Arc::new(AtomicU64::new(1)),
+        query: query.into(),
     })
 }
 
@@ -405,7 +440,7 @@ async fn call(world: &mut World, scenario: &str, i: u64) -> Result<(), Status> {
             world
                 .catalog
                 .search_products(pb::SearchProductsRequest {
-                    query: "widget".into(),
+                    query: world.query.to_string(),
                     max_price_cents,
                     ..Default::default()
                 })
@@ -465,10 +500,26 @@ async fn call(world: &mut World, scenario: &str, i: u64) -> Result<(), Status> {
     }
 }
 
-/// Runs `scenario` with `concurrency` workers for `duration`.
-async fn run(world: &World, scenario: &str, concurrency: usize, duration: Duration) -> Result_ {
+/// Runs `scenario` with `concurrency` workers for `duration`, sampling the
+/// service's resident memory every 100 ms.
+async fn run(
+    world: &World,
+    scenario: &str,
+    concurrency: usize,
+    duration: Duration,
+    rss: &Rss,
+) -> Measurement {
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
+    let rss = *rss;
+    let sampler = tokio::spawn(async move {
+        let mut peak = rss.read();
+        while started.elapsed() < duration {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            peak = larger(peak, rss.read());
+        }
+        peak
+    });
     let mut workers = Vec::new();
     for _ in 0..concurrency {
         let (mut world, next, scenario) = (world.clone(), next.clone(), scenario.to_owned());
@@ -506,7 +557,8 @@ async fn run(world: &World, scenario: &str, concurrency: usize, duration: Durati
     }
     let elapsed = started.elapsed().as_secs_f64();
     let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
-    Result_ {
+    Measurement {
+        service_rss_mib: sampler.await.ok().flatten(),
         scenario: scenario.to_owned(),
         concurrency,
         requests: histogram.len(),
@@ -519,91 +571,4 @@ async fn run(world: &World, scenario: &str, concurrency: usize, duration: Durati
         rps_vs_tonic: None,
         p50_vs_tonic: None,
     }
-}
-
-/// A tonic server with only the health service, on an ephemeral port, and a
-/// client of it.
-async fn bare_tonic_service() -> anyhow::Result<HealthClient<Channel>> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let (reporter, service) = tonic_health::server::health_reporter();
-    tokio::spawn(async move {
-        let _reporter = reporter;
-        let _ = tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(datagate::startup::incoming(listener))
-            .await;
-    });
-    let channel = Endpoint::from_shared(format!("http://{addr}"))?
-        .connect()
-        .await?;
-    Ok(HealthClient::new(channel))
-}
-
-/// `pgbench -S` (PostgreSQL's select-only limit) at `concurrency` clients.
-fn pgbench(url: &str, concurrency: usize, duration: Duration) -> anyhow::Result<Baseline> {
-    let init = std::process::Command::new("pgbench")
-        .args(["-i", "-s", "5", "-q", url])
-        .output()
-        .context("running pgbench (install postgresql-contrib)")?;
-    anyhow::ensure!(
-        init.status.success(),
-        "pgbench -i: {}",
-        String::from_utf8_lossy(&init.stderr)
-    );
-    let secs = duration.as_secs().max(1).to_string();
-    let clients = concurrency.to_string();
-    let threads = concurrency.min(2).to_string();
-    let out = std::process::Command::new("pgbench")
-        .args(["-S", "-n", "-c", &clients, "-j", &threads, "-T", &secs, url])
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "pgbench -S: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let tps = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("tps = "))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse::<f64>().ok())
-        .context("no tps in pgbench's output")?;
-    Ok(Baseline {
-        name: "pgbench_select_only".into(),
-        concurrency,
-        rps: tps,
-        p50_ms: None,
-    })
-}
-
-/// `redis-benchmark -t get` (Redis's own limit) at `concurrency` clients.
-fn redis_benchmark(host_port: &str, concurrency: usize) -> anyhow::Result<Baseline> {
-    let (host, port) = host_port.rsplit_once(':').context("--redis is host:port")?;
-    let clients = concurrency.to_string();
-    let out = std::process::Command::new("redis-benchmark")
-        .args([
-            "-h", host, "-p", port, "-t", "get", "-n", "50000", "-c", &clients, "-q",
-        ])
-        .output()
-        .context("running redis-benchmark (install redis-tools)")?;
-    anyhow::ensure!(out.status.success(), "redis-benchmark failed");
-    // The last line reads "GET: 81300.81 requests per second, p50=0.311 msec".
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .flat_map(|l| l.split('\r'))
-        .rfind(|l| l.contains("requests per second"))
-        .context("no GET result in redis-benchmark's output")?;
-    let after = |marker: &str| {
-        line.split_once(marker)
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .and_then(|n| n.trim_end_matches(',').parse::<f64>().ok())
-    };
-    Ok(Baseline {
-        name: "redis_benchmark_get".into(),
-        concurrency,
-        rps: after("GET:").context("no requests per second")?,
-        p50_ms: after("p50="),
-    })
 }

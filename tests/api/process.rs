@@ -400,6 +400,9 @@ async fn the_load_generator_drives_the_service_and_writes_its_results() {
             "50ms",
             "--users",
             "120",
+            // The service runs in this process.
+            "--service-pid",
+            &std::process::id().to_string(),
             "--out",
         ])
         .arg(&out)
@@ -425,7 +428,14 @@ async fn the_load_generator_drives_the_service_and_writes_its_results() {
             r["rps_vs_tonic"].as_f64().unwrap() > 0.0,
             "a ratio to the baseline: {r}"
         );
+        assert!(r["service_rss_mib"].as_f64().unwrap() > 1.0, "{r}");
     }
+    let memory = &document["service_memory"];
+    assert!(memory["idle_rss_mib"].as_f64().unwrap() > 1.0, "{memory}");
+    assert!(
+        memory["peak_rss_mib"].as_f64().unwrap() >= memory["idle_rss_mib"].as_f64().unwrap(),
+        "{memory}"
+    );
     let baselines: Vec<&str> = document["baselines"]
         .as_array()
         .unwrap()
@@ -433,5 +443,16 @@ async fn the_load_generator_drives_the_service_and_writes_its_results() {
         .map(|b| b["name"].as_str().unwrap())
         .collect();
     assert_eq!(baselines, ["tonic_bare", "tonic_bare"]);
+    let summary = std::fs::read_to_string(out.join("latest.md")).unwrap();
+    for scenario in ["get_user_hit", "search_cached", "create_order"] {
+        assert!(
+            summary.contains(&format!("| {scenario} | 2 |")),
+            "{summary}"
+        );
+    }
+    for plot in ["latency.svg", "throughput.svg"] {
+        let svg = std::fs::read_to_string(out.join(plot)).unwrap();
+        assert!(svg.contains("create_order"), "{plot} names every scenario");
+    }
     let _ = std::fs::remove_dir_all(out);
 }
