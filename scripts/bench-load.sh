@@ -21,7 +21,7 @@ cd "$ROOT"
 MODE=${1:-quick}
 case "$MODE" in
   quick) CONCURRENCY=1,4; DURATION=1s; WARMUP=300ms; USERS=6000; OUT=bench/results/quick; QUERY=widget ;;
-  full) CONCURRENCY=1,4,16; DURATION=10s; WARMUP=2s; USERS=30000; OUT=bench/results; QUERY="wireless speaker" ;;
+  full) CONCURRENCY=1,4,16; DURATION=10s; WARMUP=2s; USERS=3000; OUT=bench/results; QUERY="wireless speaker" ;;
   *) echo "usage: $0 quick|full" >&2; exit 2 ;;
 esac
 eval "$(scripts/dev-env.sh up)"

@@ -66,9 +66,13 @@ struct Args {
     duration: Duration,
     #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
     warmup: Duration,
-    /// Users created as fixtures (the cold keys of `get_user_miss`).
+    /// Users created as fixtures. `get_user_miss` reads each user once:
+    /// these and any the database already holds (up to `--cold-users`).
     #[arg(long, default_value_t = 5_000)]
     users: usize,
+    /// At most this many users, listed through the API, are cold keys.
+    #[arg(long, default_value_t = 200_000)]
+    cold_users: usize,
     #[arg(long, default_value = "bench/results")]
     out: std::path::PathBuf,
     /// Skip the baselines (a bare tonic service, pgbench, redis-benchmark).
@@ -129,6 +133,8 @@ struct World {
     /// The bare tonic service of the baseline, when measuring it.
     health: Option<HealthClient<Channel>>,
     user_ids: Arc<Vec<i64>>,
+    /// The first `fixtures` of `user_ids` were made by this run.
+    fixtures: usize,
     product_ids: Arc<Vec<i64>>,
     /// The next cold user for `get_user_miss`.
     cold: Arc<AtomicU64>,
@@ -172,7 +178,7 @@ async fn main() -> anyhow::Result<()> {
         .as_deref()
         .context("--token (or DATAGATE_BENCH_TOKEN) is required")?;
     let bearer = Bearer(token.into());
-    let world = setup(&channel, &bearer, args.users, &args.query).await?;
+    let world = setup(&channel, &bearer, &args).await?;
 
     let runs = (scenarios.len() + usize::from(!args.no_baselines)) * args.concurrency.len();
     let progress = ProgressBar::new(runs as u64).with_style(
@@ -193,10 +199,13 @@ async fn main() -> anyhow::Result<()> {
             world.health = Some(echo.clone());
             run(&world, "tonic_bare", concurrency, args.warmup, &Rss(None)).await;
             let r = run(&world, "tonic_bare", concurrency, args.duration, &Rss(None)).await;
-            progress.println(format!(
-                "{:>30} x{concurrency:<3} {:>9.0} rps  p50 {:>8.3} ms",
-                "baseline: tonic", r.rps, r.p50_ms
-            ));
+            say(
+                &progress,
+                format!(
+                    "{:>30} x{concurrency:<3} {:>9.0} rps  p50 {:>8.3} ms",
+                    "baseline: tonic", r.rps, r.p50_ms
+                ),
+            );
             tonic.insert(concurrency, (r.rps, r.p50_ms));
             baselines.push(Baseline {
                 name: "tonic_bare".into(),
@@ -208,14 +217,17 @@ async fn main() -> anyhow::Result<()> {
                 progress.set_message(format!("baseline: pgbench -S x{concurrency}"));
                 match baselines::pgbench(url, concurrency, args.duration) {
                     Ok(b) => baselines.push(b),
-                    Err(e) => progress.println(format!("pgbench baseline skipped: {e:#}")),
+                    Err(e) => say(&progress, format!("pgbench baseline skipped: {e:#}")),
                 }
             }
             if let Some(redis) = &args.redis {
                 progress.set_message(format!("baseline: redis-benchmark x{concurrency}"));
                 match baselines::redis_benchmark(redis, concurrency) {
                     Ok(b) => baselines.push(b),
-                    Err(e) => progress.println(format!("redis-benchmark baseline skipped: {e:#}")),
+                    Err(e) => say(
+                        &progress,
+                        format!("redis-benchmark baseline skipped: {e:#}"),
+                    ),
                 }
             }
             progress.inc(1);
@@ -232,10 +244,13 @@ async fn main() -> anyhow::Result<()> {
                 result.p50_vs_tonic = Some(result.p50_ms / p50);
             }
             memory.peak_rss_mib = larger(memory.peak_rss_mib, result.service_rss_mib);
-            progress.println(format!(
-                "{scenario:>30} x{concurrency:<3} {:>9.0} rps  p50 {:>8.3} ms  p95 {:>8.3} ms  p99 {:>8.3} ms  errors {:?}",
-                result.rps, result.p50_ms, result.p95_ms, result.p99_ms, result.errors
-            ));
+            say(
+                &progress,
+                format!(
+                    "{scenario:>30} x{concurrency:<3} {:>9.0} rps  p50 {:>8.3} ms  p95 {:>8.3} ms  p99 {:>8.3} ms  errors {:?}",
+                    result.rps, result.p50_ms, result.p95_ms, result.p99_ms, result.errors
+                ),
+            );
             results.push(result);
             progress.inc(1);
         }
@@ -264,6 +279,12 @@ async fn main() -> anyhow::Result<()> {
         args.out.display()
     );
     Ok(())
+}
+
+/// A line on stderr above the progress bar (shown even when the bar is
+/// hidden because stderr is not a terminal).
+fn say(progress: &ProgressBar, line: String) {
+    progress.suspend(|| eprintln!("{line}"));
 }
 
 /// The larger of two optional readings.
@@ -295,12 +316,9 @@ impl Rss {
 
 /// Fixtures: users, products with plenty of stock, one order per user for
 /// the first page of users.
-async fn setup(
-    channel: &Channel,
-    bearer: &Bearer,
-    users: usize,
-    query: &str,
-) -> anyhow::Result<World> {
+async fn setup(channel: &Channel, bearer: &Bearer, args: &Args) -> anyhow::Result<World> {
+    let users = args.users;
+    anyhow::ensure!(users >= 100, "--users must be at least 100 (the warm keys)");
     let svc = |c: &Channel| InterceptedService::new(c.clone(), bearer.clone());
     let mut user_client = UserServiceClient::new(svc(channel));
     let mut catalog = CatalogServiceClient::new(svc(channel));
@@ -338,6 +356,31 @@ async fn setup(
         progress.inc(1);
     }
     progress.finish_and_clear();
+    // Every other user the database holds is a cold key too, after the
+    // fixtures (the first 100 fixtures are the warm keys).
+    let mut page_token = String::new();
+    let mut known: std::collections::HashSet<i64> = user_ids.iter().copied().collect();
+    while user_ids.len() < args.cold_users {
+        let page = user_client
+            .list_users(pb::ListUsersRequest {
+                page_size: 500,
+                page_token,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        user_ids.extend(
+            page.users
+                .iter()
+                .map(|u| u.id)
+                .filter(|id| known.insert(*id)),
+        );
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    user_ids.truncate(args.cold_users.max(users));
     for (i, user_id) in user_ids.iter().take(200).enumerate() {
         orders
             .create_order(pb::CreateOrderRequest {
@@ -360,16 +403,18 @@ async fn setup(
         // are cold until `get_user_miss` reads them.
         cold: Arc::new(AtomicU64::new(100)),
         user_ids: Arc::new(user_ids),
+        fixtures: users,
         product_ids: Arc::new(product_ids),
         unique: Arc::new(AtomicU64::new(1)),
-        query: query.into(),
+        query: args.query.as_str().into(),
     })
 }
 
 /// One call of `scenario`; `i` is the call's sequence number.
 async fn call(world: &mut World, scenario: &str, i: u64) -> Result<(), Status> {
     let users = &world.user_ids;
-    let pick = |n: u64| users[(n as usize * 7919) % users.len()];
+    // Batches and orders draw on the fixtures only, whatever else exists.
+    let pick = |n: u64| users[(n as usize * 7919) % world.fixtures];
     match scenario {
         "get_user_hit" => {
             let id = users[(i % 100) as usize];
