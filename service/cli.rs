@@ -1,4 +1,4 @@
-//! The command line: `serve`, `migrate`, `token`, `seed`.
+//! The command line: `serve`, `migrate`, `token`, `seed`, `healthcheck`.
 
 use std::path::PathBuf;
 
@@ -56,6 +56,19 @@ pub enum Command {
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
+    /// Ask a running datagate's gRPC health service; exit 0 when the entry
+    /// is SERVING, 1 otherwise. A probe for places without native gRPC
+    /// probes (Docker HEALTHCHECK, Compose); it needs no shell.
+    Healthcheck {
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        addr: String,
+        /// The health entry: "" (ready: PostgreSQL reachable), "liveness"
+        /// (the process serves), a service name, "redis" or "mongodb".
+        #[arg(long, default_value = "")]
+        service: String,
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+        timeout: std::time::Duration,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -99,6 +112,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     }
 
+    if let Command::Healthcheck {
+        addr,
+        service,
+        timeout,
+    } = &cli.command
+    {
+        let status = health::check(addr, service, *timeout).await?;
+        anyhow::ensure!(status == "SERVING", "{addr} {service:?} is {status}");
+        println!("{status}");
+        return Ok(());
+    }
+
     let settings = Settings::load(cli.config.as_deref())?;
     match cli.command {
         Command::Serve => serve(settings).await,
@@ -136,7 +161,32 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("generated {sizes:?} in {:.1?}", started.elapsed());
             Ok(())
         }
-        Command::Token { .. } => unreachable!("handled above"),
+        Command::Token { .. } | Command::Healthcheck { .. } => unreachable!("handled above"),
+    }
+}
+
+mod health {
+    use std::time::Duration;
+
+    use anyhow::Context as _;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    /// The serving status of `service` at `addr`, by name.
+    pub async fn check(addr: &str, service: &str, timeout: Duration) -> anyhow::Result<String> {
+        let channel = tonic::transport::Endpoint::from_shared(addr.to_owned())
+            .context("invalid --addr")?
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
+        let response = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .map_err(|status| anyhow::anyhow!("{addr} {service:?}: {}", status.message()))?;
+        Ok(response.into_inner().status().as_str_name().to_owned())
     }
 }
 

@@ -42,6 +42,12 @@ const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long shutdown waits for the search log to be written out.
 const SEARCH_LOG_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The health entry of the process itself: SERVING from start-up until the
+/// process exits, whatever its dependencies do, so that a liveness probe
+/// restarts only a process that no longer serves (a database outage makes
+/// every replica unready, never restarted).
+pub const LIVENESS_HEALTH: &str = "liveness";
+
 /// The services whose health is reported, besides the overall "" entry.
 const SERVICES: &[&str] = &[
     <UserServiceServer<UserApi> as NamedService>::NAME,
@@ -163,6 +169,9 @@ impl Application {
             .max_encoding_message_size(max_message);
 
         let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_service_status(LIVENESS_HEALTH, ServingStatus::Serving)
+            .await;
         // Each reflection version lists every service, the other version
         // included, and describes the google.rpc error details so that tools
         // such as grpcurl can decode them.

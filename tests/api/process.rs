@@ -65,7 +65,7 @@ async fn help_lists_the_subcommands() {
     let output = datagate().arg("--help").output().await.unwrap();
     let help = String::from_utf8(output.stdout).unwrap();
     assert!(output.status.success());
-    for command in ["serve", "migrate", "token", "seed"] {
+    for command in ["serve", "migrate", "token", "seed", "healthcheck"] {
         assert!(help.contains(command), "{command} missing from:\n{help}");
     }
     let output = datagate()
@@ -156,6 +156,37 @@ async fn migrate_status_down_and_up_round_trip() {
     assert_eq!(table("orders").await.as_deref(), Some("orders"));
     assert_eq!(table("audit_log").await.as_deref(), Some("audit_log"));
     pool.close().await;
+}
+
+#[tokio::test]
+async fn healthcheck_exits_zero_only_for_a_serving_entry() {
+    let app = TestApp::spawn().await;
+    let addr = format!("http://{}", app.addr);
+    let check = |service: &str, addr: &str| {
+        datagate()
+            .args(["healthcheck", "--addr", addr, "--service", service])
+            .output()
+    };
+    for service in ["", "liveness", "datagate.v1.UserService"] {
+        let output = check(service, &addr).await.unwrap();
+        assert!(
+            output.status.success(),
+            "{service:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "SERVING");
+    }
+
+    let unknown = check("no.such.Service", &addr).await.unwrap();
+    assert_eq!(unknown.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&unknown.stderr);
+    assert!(stderr.contains("no.such.Service"), "{stderr}");
+
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let refused = check("", &closed).await.unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("connecting to"), "{stderr}");
 }
 
 #[tokio::test]

@@ -112,7 +112,7 @@ async fn a_caller_without_roles_can_use_the_user_service() {
 async fn health_reports_serving_overall_and_per_service_without_a_token() {
     let app = TestApp::spawn().await;
     let mut health = HealthClient::new(app.channel().await);
-    for service in ["", USER_SERVICE] {
+    for service in ["", USER_SERVICE, "liveness"] {
         let status = wait_for_health(&mut health, service, ServingStatus::Serving).await;
         assert_eq!(status, ServingStatus::Serving, "service {service:?}");
     }
@@ -401,6 +401,19 @@ async fn shutdown_reports_not_serving_refuses_new_calls_and_lets_in_flight_calls
     assert_eq!(
         wait_for_health(&mut health, USER_SERVICE, ServingStatus::NotServing).await,
         ServingStatus::NotServing
+    );
+    let liveness = health
+        .check(HealthCheckRequest {
+            service: "liveness".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status();
+    assert_eq!(
+        liveness,
+        ServingStatus::Serving,
+        "a draining process is not restarted by its liveness probe"
     );
 
     // After the readiness delay the listener closes: new connections fail.
