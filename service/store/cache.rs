@@ -2,7 +2,12 @@
 //! timeout or open circuit turns into a read from PostgreSQL.
 //!
 //! **Keys** are `<prefix>:v1:<entity>:<id>` (`dg:v1:user:42`); `v1` is the
-//! value format, bumped when a cached type changes shape. Values are
+//! value format, bumped when a cached type changes shape. On a Redis Cluster
+//! (`redis.mode = "cluster"`) what follows `v1:` is a hash tag
+//! (`dg:v1:{user:42}`, `dg:v1:{search}:<hash>`), so a key, its generation
+//! and its lock share a slot, as the scripts below require. Single mode keeps
+//! the untagged keys, so switching modes starts with an empty cache rather
+//! than changing the keys an existing deployment uses. Values are
 //! `V` + postcard (a compact, serde-based binary encoding: no field names, so
 //! a user is a third of its JSON size, and no schema to maintain next to the
 //! Rust types), or `N` for a remembered "not found" (short TTL). TTLs carry
@@ -39,6 +44,15 @@
 //! replica load while the others poll the key until it is filled or the lock
 //! is gone. Batch reads use one `MGET` and one database query for the misses.
 //!
+//! **Cluster.** `MGET` and `UNLINK` across slots are split per slot by the
+//! cluster client. A script's keys must share a slot, so batch fills and
+//! invalidations send one script call per key there (concurrently, on one
+//! multiplexed connection). Each query family lives in one slot (its entries
+//! must be fenced by its one generation): entries are short-lived and small,
+//! but a very hot family loads a single primary. Reads go to primaries only:
+//! a lagging replica's generation would open the fence. A namespace flush
+//! scans every primary.
+//!
 //! **Fail-open.** Every command, pool wait included, is bounded by
 //! `command_timeout`. After `breaker_failures` consecutive failures the
 //! circuit opens for `breaker_open_for`; then one probe decides. Health
@@ -55,14 +69,23 @@ use std::{
 };
 
 use deadpool_redis::{
-    Pool, Runtime, Timeouts,
-    redis::{self, Script},
+    Runtime, Timeouts,
+    cluster::ClusterConnection,
+    redis::{
+        self, Script, ScriptInvocation,
+        aio::ConnectionLike,
+        cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo},
+    },
 };
 use secrecy::ExposeSecret as _;
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::OnceCell;
 
-use crate::{config::RedisSettings, domain::error::Result, statements};
+use crate::{
+    config::{RedisMode, RedisSettings},
+    domain::error::Result,
+    statements,
+};
 
 const FORMAT: &str = "v1";
 const GENERATION_TTL: Duration = Duration::from_secs(600);
@@ -230,6 +253,107 @@ impl Breaker {
     }
 }
 
+/// Connections to one Redis, or to a Redis Cluster.
+enum Pool {
+    Single(deadpool_redis::Pool),
+    Cluster(deadpool_redis::cluster::Pool),
+}
+
+impl Pool {
+    async fn get(&self) -> std::result::Result<Conn, String> {
+        Ok(match self {
+            Self::Single(pool) => Conn::Single(pool.get().await.map_err(|e| e.to_string())?),
+            Self::Cluster(pool) => Conn::Cluster(pool.get().await.map_err(|e| e.to_string())?),
+        })
+    }
+
+    fn status(&self) -> deadpool_redis::Status {
+        match self {
+            Self::Single(pool) => pool.status(),
+            Self::Cluster(pool) => pool.status(),
+        }
+    }
+}
+
+/// A pooled connection. On a cluster each command goes to the primary of
+/// its keys' slot (split per slot for `MGET` and `UNLINK`).
+enum Conn {
+    Single(deadpool_redis::Connection),
+    Cluster(deadpool_redis::cluster::Connection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Self::Single(conn) => conn.req_packed_command(cmd),
+            Self::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Self::Single(conn) => conn.req_packed_commands(cmd, offset, count),
+            Self::Cluster(conn) => conn.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(conn) => conn.get_db(),
+            Self::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+impl Conn {
+    /// Runs `script` over `items` (`add` gives an item's keys and arguments,
+    /// `tail` the arguments after all of them), summing its integer replies.
+    /// One call on one Redis. On a cluster a script's keys must share a slot,
+    /// and only one item's keys do: one call per item, concurrently, on
+    /// clones of the multiplexed connection.
+    async fn invoke_each<T>(
+        &mut self,
+        script: &Script,
+        items: &[T],
+        add: impl Fn(&mut ScriptInvocation<'_>, &T),
+        tail: Option<u64>,
+    ) -> redis::RedisResult<u64> {
+        let invocation = |items: &[T]| {
+            let mut invocation = script.prepare_invoke();
+            for item in items {
+                add(&mut invocation, item);
+            }
+            if let Some(arg) = tail {
+                invocation.arg(arg);
+            }
+            invocation
+        };
+        match self {
+            Self::Single(conn) => invocation(items).invoke_async(conn).await,
+            Self::Cluster(conn) => {
+                let cluster: &ClusterConnection = conn;
+                let calls = items.chunks(1).map(|item| {
+                    let invocation = invocation(item);
+                    let mut conn = cluster.clone();
+                    async move { invocation.invoke_async::<u64>(&mut conn).await }
+                });
+                Ok(futures_util::future::try_join_all(calls)
+                    .await?
+                    .into_iter()
+                    .sum())
+            }
+        }
+    }
+}
+
 /// The cache; cheap to clone. Built without a URL it is off, and every read
 /// goes straight to its loader.
 #[derive(Clone)]
@@ -239,6 +363,8 @@ pub struct Cache {
 
 struct Inner {
     pool: Pool,
+    /// Keys carry hash tags (see the module documentation).
+    cluster: bool,
     prefix: String,
     command_timeout: Duration,
     ttl: Duration,
@@ -266,20 +392,47 @@ impl Cache {
         if url.is_empty() {
             return Ok(Self::disabled());
         }
-        let mut config = deadpool_redis::Config::from_url(url);
-        let mut pool = deadpool_redis::PoolConfig::new(settings.pool_size);
-        pool.timeouts = Timeouts {
+        let mut pool_config = deadpool_redis::PoolConfig::new(settings.pool_size);
+        pool_config.timeouts = Timeouts {
             wait: Some(settings.wait_timeout),
             create: Some(settings.create_timeout),
             recycle: Some(settings.recycle_timeout),
         };
-        config.pool = Some(pool);
-        let pool = config
-            .create_pool(Some(Runtime::Tokio1))
-            .map_err(|e| anyhow::anyhow!("invalid configuration: redis.url: {e}"))?;
+        let invalid =
+            |e: &dyn std::fmt::Display| anyhow::anyhow!("invalid configuration: redis.url: {e}");
+        let pool = match settings.mode {
+            RedisMode::Single => {
+                let mut config = deadpool_redis::Config::from_url(url);
+                config.pool = Some(pool_config);
+                Pool::Single(
+                    config
+                        .create_pool(Some(Runtime::Tokio1))
+                        .map_err(|e| invalid(&e))?,
+                )
+            }
+            RedisMode::Cluster => {
+                let urls: Vec<String> = url
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|u| !u.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                let mut config = deadpool_redis::cluster::Config::from_urls(urls);
+                config.pool = Some(pool_config);
+                // Primaries only: a lagging replica's generation would let a
+                // stale fill or read through the fence.
+                config.read_from_replicas = false;
+                Pool::Cluster(
+                    config
+                        .create_pool(Some(Runtime::Tokio1))
+                        .map_err(|e| invalid(&e))?,
+                )
+            }
+        };
         Ok(Self {
             inner: Some(Arc::new(Inner {
                 pool,
+                cluster: settings.mode == RedisMode::Cluster,
                 prefix: format!("{}:{FORMAT}", settings.key_prefix),
                 command_timeout: settings.command_timeout,
                 ttl: settings.ttl,
@@ -614,7 +767,11 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Option<T> {
 
 impl Inner {
     fn key(&self, entity: Entity, id: i64) -> String {
-        format!("{}:{}:{id}", self.prefix, entity.name())
+        if self.cluster {
+            format!("{}:{{{}:{id}}}", self.prefix, entity.name())
+        } else {
+            format!("{}:{}:{id}", self.prefix, entity.name())
+        }
     }
 
     fn counters(&self, name: &'static str) -> &Counters {
@@ -622,10 +779,15 @@ impl Inner {
     }
 
     fn query_key_prefix(&self, family: Family) -> String {
-        format!("{}:{}:", self.prefix, family.name())
+        if self.cluster {
+            format!("{}:{{{}}}:", self.prefix, family.name())
+        } else {
+            format!("{}:{}:", self.prefix, family.name())
+        }
     }
 
-    /// `<prefix>:v1:<family>:<sha-256 of params, 128 bits in hex>`.
+    /// `<prefix>:v1:<family>:<sha-256 of params, 128 bits in hex>` (the
+    /// family in braces on a cluster).
     fn query_key(&self, family: Family, params: &str) -> String {
         use sha2::Digest as _;
         let digest = sha2::Sha256::digest(params.as_bytes());
@@ -702,13 +864,13 @@ impl Inner {
     async fn guarded<T>(
         &self,
         op: &'static str,
-        run: impl AsyncFnOnce(&mut deadpool_redis::Connection) -> redis::RedisResult<T>,
+        run: impl AsyncFnOnce(&mut Conn) -> redis::RedisResult<T>,
     ) -> Option<T> {
         if !self.breaker.allow() {
             return None;
         }
         let result = tokio::time::timeout(self.command_timeout, async {
-            let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
+            let mut conn = self.pool.get().await?;
             self.replay(&mut conn).await.map_err(|e| e.to_string())?;
             run(&mut conn).await.map_err(|e| e.to_string())
         })
@@ -791,22 +953,23 @@ impl Inner {
         statements::record_cache_lookup(misses == 0);
     }
 
-    /// Fills keys whose generation is unchanged, in one script call.
+    /// Fills keys whose generation is unchanged (one script call on one Redis).
     async fn fill(&self, name: &'static str, fills: Vec<Fill>) {
         if fills.is_empty() {
             return;
         }
-        let mut invocation = self.fill.prepare_invoke();
-        for fill in &fills {
+        let add = |invocation: &mut ScriptInvocation<'_>, fill: &Fill| {
             invocation
                 .key(&fill.key)
                 .key(&fill.generation_key)
                 .arg(&fill.generation)
                 .arg(&fill.payload)
                 .arg(fill.ttl_ms);
-        }
+        };
         let filled: Option<u64> = self
-            .guarded("fill", async |conn| invocation.invoke_async(conn).await)
+            .guarded("fill", async |conn| {
+                conn.invoke_each(&self.fill, &fills, add, None).await
+            })
             .await;
         if let Some(filled) = filled {
             metrics::counter!("cache_fills_total", "entity" => name).increment(filled);
@@ -938,20 +1101,19 @@ impl Inner {
         None
     }
 
-    /// Bumps the generation and deletes the value of each entry (one script call).
+    /// Bumps the generation and deletes the value of each entry (one script
+    /// call on one Redis).
     async fn run_invalidations(
         &self,
-        conn: &mut deadpool_redis::Connection,
+        conn: &mut Conn,
         entries: &[(Entity, i64)],
     ) -> redis::RedisResult<u64> {
-        let mut invocation = self.invalidate.prepare_invoke();
-        for (entity, id) in entries {
+        let add = |invocation: &mut ScriptInvocation<'_>, (entity, id): &(Entity, i64)| {
             let key = self.key(*entity, *id);
             invocation.key(&key).key(format!("{key}:gen"));
-        }
-        invocation
-            .arg(GENERATION_TTL.as_millis() as u64)
-            .invoke_async(conn)
+        };
+        let ttl = GENERATION_TTL.as_millis() as u64;
+        conn.invoke_each(&self.invalidate, entries, add, Some(ttl))
             .await
     }
 
@@ -979,7 +1141,7 @@ impl Inner {
     }
 
     /// Applies queued invalidations on `conn`; an error leaves them queued.
-    async fn replay(&self, conn: &mut deadpool_redis::Connection) -> redis::RedisResult<()> {
+    async fn replay(&self, conn: &mut Conn) -> redis::RedisResult<()> {
         let (entries, families, overflowed) = {
             let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             if pending.keys.is_empty() && pending.families.is_empty() && !pending.overflowed {
@@ -1023,24 +1185,70 @@ impl Inner {
     }
 
     /// Deletes every cached value of this namespace (generations stay, so
-    /// in-flight fills stay fenced).
-    async fn flush_values(&self, conn: &mut deadpool_redis::Connection) -> redis::RedisResult<()> {
+    /// in-flight fills stay fenced). `SCAN` walks one node: on a cluster,
+    /// each primary is walked in turn.
+    async fn flush_values(&self, conn: &mut Conn) -> redis::RedisResult<()> {
+        let Conn::Cluster(cluster) = conn else {
+            return self.flush_node(conn, None).await;
+        };
+        let primaries = cluster
+            .route_command(
+                redis::cmd("PING"),
+                RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None)),
+            )
+            .await?;
+        // One reply per primary, keyed by its "host:port".
+        let primaries: HashMap<String, redis::Value> = redis::from_redis_value(primaries)?;
+        for address in primaries.keys() {
+            let node = address
+                .rsplit_once(':')
+                .and_then(|(host, port)| Some((host.to_owned(), port.parse().ok()?)))
+                .ok_or_else(|| {
+                    redis::RedisError::from((
+                        redis::ErrorKind::Client,
+                        "a cluster node address without a port",
+                        address.clone(),
+                    ))
+                })?;
+            self.flush_node(conn, Some(node)).await?;
+        }
+        Ok(())
+    }
+
+    /// [`flush_values`](Self::flush_values) on one node (`node`: its host
+    /// and port, on a cluster).
+    async fn flush_node(
+        &self,
+        conn: &mut Conn,
+        node: Option<(String, u16)>,
+    ) -> redis::RedisResult<()> {
         let pattern = format!("{}:*", self.prefix);
         let mut cursor: u64 = 0;
         loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
                 .arg("MATCH")
                 .arg(&pattern)
                 .arg("COUNT")
-                .arg(1000)
-                .query_async(conn)
-                .await?;
+                .arg(1000);
+            let reply = match (&mut *conn, &node) {
+                (Conn::Cluster(cluster), Some((host, port))) => {
+                    let at = SingleNodeRoutingInfo::ByAddress {
+                        host: host.clone(),
+                        port: *port,
+                    };
+                    cluster
+                        .route_command(scan, RoutingInfo::SingleNode(at))
+                        .await?
+                }
+                (conn, _) => scan.query_async(conn).await?,
+            };
+            let (next, keys): (u64, Vec<String>) = redis::from_redis_value(reply)?;
             let values: Vec<&String> = keys.iter().filter(|k| !k.ends_with(":gen")).collect();
             if !values.is_empty() {
                 redis::cmd("UNLINK")
                     .arg(values)
-                    .query_async::<u64>(conn)
+                    .query_async::<u64>(&mut *conn)
                     .await?;
             }
             if next == 0 {

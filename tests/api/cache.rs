@@ -1,7 +1,10 @@
 //! The Redis cache against a real Redis: hits, invalidation on every write
-//! path, replicas, stampedes, Redis failures, and namespace isolation.
+//! path, replicas, stampedes, Redis failures, and namespace isolation; and
+//! against a real Redis Cluster: hash-tagged keys, per-slot fills and
+//! invalidations, the search family, and flushing every primary.
 
 use std::{
+    collections::HashSet,
     process::Stdio,
     sync::{
         Arc,
@@ -11,7 +14,7 @@ use std::{
 };
 
 use datagate::{
-    config::Settings,
+    config::{RedisMode, Settings},
     proto::v1 as pb,
     store::cache::{Cache, Entity},
 };
@@ -22,7 +25,7 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use crate::helpers::{TestApp, assert_error, health_of, unique};
+use crate::helpers::{TestApp, assert_error, health_of, redis_cluster_connection, unique};
 
 pub fn redis_url() -> String {
     std::env::var("REDIS_URL")
@@ -491,6 +494,10 @@ struct OwnRedis {
 
 impl OwnRedis {
     async fn start(port: u16) -> Self {
+        Self::start_with(port, &[]).await
+    }
+
+    async fn start_with(port: u16, extra: &[&str]) -> Self {
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -502,6 +509,7 @@ impl OwnRedis {
                 "--appendonly",
                 "no",
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
@@ -648,4 +656,350 @@ async fn reads_and_writes_survive_a_stopped_then_killed_redis_and_caching_resume
         health_of(&app, "redis", ServingStatus::Serving).await,
         ServingStatus::Serving
     );
+}
+
+// --- Redis Cluster ---------------------------------------------------------
+
+pub fn redis_cluster_urls() -> String {
+    std::env::var("REDIS_CLUSTER_URLS").expect(
+        "set REDIS_CLUSTER_URLS to comma-separated seed URLs of a Redis Cluster the tests may use (`make test` starts one)",
+    )
+}
+
+/// The app caching on the shared test cluster, in a namespace of its own.
+async fn spawn_on_cluster() -> TestApp {
+    TestApp::spawn_with(|s| {
+        s.redis.mode = RedisMode::Cluster;
+        s.redis.url = redis_cluster_urls().into();
+        s.redis.key_prefix = format!("dgtest-{}", uuid::Uuid::new_v4().simple());
+        s.redis.command_timeout = Duration::from_secs(2);
+        s.redis.wait_timeout = Duration::from_secs(2);
+    })
+    .await
+}
+
+/// The hash slots of `keys` (to show a test spans several).
+async fn slots_of(urls: &str, keys: &[String]) -> HashSet<u16> {
+    let mut conn = redis_cluster_connection(urls).await;
+    let mut slots = HashSet::new();
+    for key in keys {
+        let slot: u16 = deadpool_redis::redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        slots.insert(slot);
+    }
+    slots
+}
+
+#[tokio::test]
+async fn on_a_cluster_a_read_after_a_miss_is_served_from_the_cache() {
+    let app = spawn_on_cluster().await;
+    let (email, username) = unique("cluster");
+    let user = app.create_user(&email, &username).await;
+
+    assert_eq!(get_user(&app, user.id).await.unwrap(), user);
+    let key = app.cache_key("user", user.id);
+    assert!(key.contains('{'), "a hash-tagged key: {key}");
+    let stored = app.redis_get(&key).await.expect("filled");
+    assert_eq!(stored[0], b'V');
+    sneak(
+        &app,
+        "UPDATE users SET display_name = 'changed behind the cache' WHERE id = $1",
+        user.id,
+    )
+    .await;
+    assert_eq!(
+        get_user(&app, user.id).await.unwrap().display_name,
+        user.display_name,
+        "the second read is a hit"
+    );
+}
+
+#[tokio::test]
+async fn on_a_cluster_user_writes_invalidate_and_batch_reads_fill_every_slot() {
+    let app = spawn_on_cluster().await;
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        let (email, username) = unique("cluster_batch");
+        ids.push(app.create_user(&email, &username).await.id);
+    }
+    let keys: Vec<String> = ids.iter().map(|id| app.cache_key("user", *id)).collect();
+    assert!(
+        slots_of(&redis_cluster_urls(), &keys).await.len() > 1,
+        "the batch spans slots"
+    );
+
+    // One batch: every miss is filled, each in its own slot.
+    let mut users = app.users().await;
+    let mut requested = ids.clone();
+    requested.push(999_999);
+    let batch = users
+        .batch_get_users(pb::BatchGetUsersRequest {
+            ids: requested,
+            skip_missing: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(batch.users.iter().map(|u| u.id).collect::<Vec<_>>(), ids);
+    for key in &keys {
+        assert_eq!(app.redis_get(key).await.map(|v| v[0]), Some(b'V'), "{key}");
+    }
+    assert_eq!(
+        app.redis_get(&app.cache_key("user", 999_999))
+            .await
+            .as_deref(),
+        Some(&b"N"[..])
+    );
+
+    // Writes delete what they change, and bump its generation beside it.
+    let user = &batch.users[0];
+    let updated = users
+        .update_user(pb::UpdateUserRequest {
+            id: user.id,
+            version: user.version,
+            user: Some(pb::UserPatch {
+                display_name: "after update".into(),
+                ..Default::default()
+            }),
+            update_mask: mask("display_name"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        app.redis_get(&format!("{}:gen", keys[0])).await.is_some(),
+        "the generation sits beside the key"
+    );
+    assert_eq!(get_user(&app, user.id).await.unwrap(), updated);
+    users
+        .delete_user(pb::DeleteUserRequest {
+            id: user.id,
+            version: 0,
+        })
+        .await
+        .unwrap();
+    assert_error(
+        &get_user(&app, user.id).await.unwrap_err(),
+        Code::NotFound,
+        "USER_NOT_FOUND",
+    );
+}
+
+#[tokio::test]
+async fn on_a_cluster_search_pages_are_cached_until_a_product_write() {
+    let app = spawn_on_cluster().await;
+    let mut catalog = app.catalog().await;
+    let search = async |catalog: &mut crate::helpers::CatalogClient| {
+        let page = catalog
+            .search_products(pb::SearchProductsRequest {
+                query: "lathe".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        page.products.iter().map(|p| p.id).collect::<Vec<_>>()
+    };
+    let first = catalog
+        .create_product(pb::CreateProductRequest {
+            sku: format!("L-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
+            title: "Wood lathe".into(),
+            category: "tools".into(),
+            price_cents: 30000,
+            inventory: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(search(&mut catalog).await, [first.id]);
+
+    // Written behind the service's back: the cached page does not show it.
+    sqlx::query(
+        "WITH p AS (INSERT INTO products (sku, title, category, price) \
+                    VALUES ('SNEAKY-LATHE', 'Metal lathe', 'tools', 10) RETURNING id) \
+         INSERT INTO inventory (product_id, quantity) SELECT id, 1 FROM p",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(
+        search(&mut catalog).await,
+        [first.id],
+        "served from the cache"
+    );
+
+    // A product write through the service bumps the family's generation.
+    catalog
+        .update_product(pb::UpdateProductRequest {
+            id: first.id,
+            version: first.version,
+            product: Some(pb::ProductPatch {
+                price_cents: 31000,
+                ..Default::default()
+            }),
+            update_mask: mask("price_cents"),
+        })
+        .await
+        .unwrap();
+    assert_eq!(search(&mut catalog).await.len(), 2, "the page is stale");
+}
+
+/// A Redis Cluster of this test's own (three primaries), to freeze.
+struct OwnCluster {
+    nodes: Vec<OwnRedis>,
+    urls: String,
+    dir: std::path::PathBuf,
+}
+
+impl OwnCluster {
+    async fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!("dgtest-cluster-{}", uuid::Uuid::new_v4()));
+        // A node's cluster bus listens 10000 above its port.
+        let base = 20_000 + (uuid::Uuid::new_v4().as_u128() % 10_000) as u16;
+        let ports: Vec<u16> = (base..)
+            .filter(|p| {
+                [*p, p + 10_000]
+                    .iter()
+                    .all(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+            })
+            .take(3)
+            .collect();
+        let mut nodes = Vec::new();
+        for port in &ports {
+            let node_dir = dir.join(port.to_string());
+            std::fs::create_dir_all(&node_dir).unwrap();
+            let node_dir = node_dir.to_str().unwrap();
+            nodes.push(
+                OwnRedis::start_with(
+                    *port,
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        &format!("{node_dir}/nodes.conf"),
+                        "--dir",
+                        node_dir,
+                    ],
+                )
+                .await,
+            );
+        }
+        let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let created = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .status()
+            .await
+            .unwrap();
+        assert!(created.success(), "redis-cli --cluster create");
+        for port in &ports {
+            let mut ok = false;
+            for _ in 0..100 {
+                let info = Command::new("redis-cli")
+                    .args(["-p", &port.to_string(), "cluster", "info"])
+                    .output()
+                    .await
+                    .unwrap();
+                ok = String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok");
+                if ok {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert!(ok, "cluster node {port} is ok");
+        }
+        let urls = addresses
+            .iter()
+            .map(|a| format!("redis://{a}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        Self { nodes, urls, dir }
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test]
+async fn on_a_cluster_an_overflowed_invalidation_queue_flushes_every_primary() {
+    let cluster = OwnCluster::start().await;
+    let prefix = format!("dgtest-{}", uuid::Uuid::new_v4().simple());
+    let mut settings = cache_settings(&prefix);
+    settings.redis.mode = RedisMode::Cluster;
+    settings.redis.url = cluster.urls.clone().into();
+    settings.redis.command_timeout = Duration::from_millis(300);
+    settings.redis.breaker_failures = 1;
+    settings.redis.breaker_open_for = Duration::from_millis(200);
+    let cache = Cache::new(&settings.redis).unwrap();
+    let ids: Vec<i64> = (1..=30).collect();
+    let keys: Vec<String> = ids
+        .iter()
+        .map(|id| format!("{prefix}:v1:{{user:{id}}}"))
+        .collect();
+    for id in &ids {
+        cache
+            .get_or_load(Entity::User, *id, || async {
+                Ok(Some(format!("user {id}")))
+            })
+            .await
+            .unwrap();
+    }
+    let mut conn = redis_cluster_connection(&cluster.urls).await;
+    let cached = async |conn: &mut deadpool_redis::cluster::ClusterConnection| {
+        let values: Vec<Option<Vec<u8>>> = deadpool_redis::redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(conn)
+            .await
+            .unwrap();
+        values.iter().flatten().count()
+    };
+    assert_eq!(cached(&mut conn).await, ids.len(), "all filled");
+    let other = "dgtest-other:v1:{user:1}";
+    let () = deadpool_redis::redis::cmd("SET")
+        .arg(other)
+        .arg("another namespace")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    // Frozen: more invalidations than the queue holds.
+    for node in &cluster.nodes {
+        node.signal("-STOP").await;
+    }
+    let many: Vec<(Entity, i64)> = (1_000..12_000).map(|id| (Entity::User, id)).collect();
+    cache.invalidate(&many).await;
+    for node in &cluster.nodes {
+        node.signal("-CONT").await;
+    }
+
+    // Thawed: the namespace is flushed on every primary before Redis is used.
+    let mut usable = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        usable = cache.probe().await == Some(true);
+        if usable {
+            break;
+        }
+    }
+    assert!(usable, "the cache is usable again");
+    assert_eq!(
+        cached(&mut conn).await,
+        0,
+        "no value survives on any primary"
+    );
+    let kept: Option<String> = deadpool_redis::redis::AsyncCommands::get(&mut conn, other)
+        .await
+        .unwrap();
+    assert_eq!(kept.as_deref(), Some("another namespace"));
 }

@@ -14,7 +14,7 @@ use std::{
 
 use datagate::{
     auth,
-    config::Settings,
+    config::{RedisMode, Settings},
     proto::v1::{
         self as pb, admin_service_client::AdminServiceClient,
         analytics_service_client::AnalyticsServiceClient,
@@ -294,21 +294,34 @@ impl TestApp {
         .await
     }
 
-    /// The Redis key of an entity in this app's namespace.
+    /// The Redis key of an entity in this app's namespace (hash-tagged on a
+    /// cluster).
     pub fn cache_key(&self, entity: &str, id: i64) -> String {
-        format!("{}:v1:{entity}:{id}", self.settings.redis.key_prefix)
+        let prefix = &self.settings.redis.key_prefix;
+        match self.settings.redis.mode {
+            RedisMode::Single => format!("{prefix}:v1:{entity}:{id}"),
+            RedisMode::Cluster => format!("{prefix}:v1:{{{entity}:{id}}}"),
+        }
     }
 
-    /// A raw value from the app's Redis (None if absent).
+    /// A raw value from the app's Redis or Redis Cluster (None if absent).
     pub async fn redis_get(&self, key: &str) -> Option<Vec<u8>> {
         use deadpool_redis::redis::AsyncCommands as _;
         let url = secrecy::ExposeSecret::expose_secret(&self.settings.redis.url).to_owned();
-        let client = deadpool_redis::redis::Client::open(url).expect("redis url");
-        let mut conn = client
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connect to redis");
-        conn.get(key).await.expect("GET")
+        match self.settings.redis.mode {
+            RedisMode::Single => {
+                let client = deadpool_redis::redis::Client::open(url).expect("redis url");
+                let mut conn = client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .expect("connect to redis");
+                conn.get(key).await.expect("GET")
+            }
+            RedisMode::Cluster => {
+                let mut conn = redis_cluster_connection(&url).await;
+                conn.get(key).await.expect("GET")
+            }
+        }
     }
 
     pub async fn channel(&self) -> Channel {
@@ -457,6 +470,15 @@ impl Drop for TestApp {
             .join();
         }
     }
+}
+
+/// A connection to the Redis Cluster with these comma-separated seed URLs.
+pub async fn redis_cluster_connection(urls: &str) -> deadpool_redis::cluster::ClusterConnection {
+    deadpool_redis::cluster::ClusterClient::new(urls.split(','))
+        .expect("redis cluster urls")
+        .get_async_connection()
+        .await
+        .expect("connect to the redis cluster")
 }
 
 /// The health of `service` once it is `want`, or its last status after 10 s.
