@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use datagate::{
     config::Settings,
     domain::{analytics::Analytics, catalog::Catalog, users::Id},
-    store::cache::Cache,
+    store::{cache::Cache, postgres::Reads},
 };
 use sqlx::PgPool;
 
@@ -58,11 +58,11 @@ async fn main() -> anyhow::Result<()> {
     orders(&db).await?;
 
     let settings = Settings::load_with_overrides(None, &[("database.url", url.as_str())])?;
-    let uncached = Analytics::new(db.clone(), Cache::disabled());
+    let uncached = Analytics::new(db.clone(), Reads::primary(&db), Cache::disabled());
     let mut redis = settings.redis.clone();
     redis.url = redis_url.into();
     redis.key_prefix = format!("dgbench-analytics-{}", std::process::id());
-    let cached = Analytics::new(db.clone(), Cache::new(&redis)?);
+    let cached = Analytics::new(db.clone(), Reads::primary(&db), Cache::new(&redis)?);
     let catalog = Catalog::new(db.clone(), Cache::disabled());
     let today = chrono::Utc::now().date_naive();
 

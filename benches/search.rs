@@ -20,6 +20,7 @@ use datagate::{
     search_log::SearchLog,
     store::{
         cache::Cache,
+        postgres::Reads,
         search::{SearchFilters, SearchQuery, SearchSort},
     },
 };
@@ -221,12 +222,18 @@ async fn main() -> anyhow::Result<()> {
     let settings = Settings::load_with_overrides(None, &[("database.url", url.as_str())])?;
     let pages = PageTokens::new(&SecretString::from("b".repeat(32)));
     let (log, writer) = SearchLog::start(db.clone(), &settings.search_log);
-    let uncached = ProductSearch::new(db.clone(), Cache::disabled(), pages.clone(), log.clone());
+    let uncached = ProductSearch::new(
+        db.clone(),
+        Reads::primary(&db),
+        Cache::disabled(),
+        pages.clone(),
+        log.clone(),
+    );
     let mut redis = settings.redis.clone();
     redis.url = redis_url.into();
     redis.key_prefix = format!("dgbench-search-{}", std::process::id());
     let cache = Cache::new(&redis)?;
-    let cached = ProductSearch::new(db.clone(), cache, pages, log);
+    let cached = ProductSearch::new(db.clone(), Reads::primary(&db), cache, pages, log);
     let catalog = Catalog::new(db.clone(), Cache::disabled());
 
     let requests = Arc::new(mix(&uncached, 2000).await?);

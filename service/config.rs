@@ -197,6 +197,9 @@ pub struct TelemetrySettings {
 #[derive(Debug, Clone, Deserialize)]
 pub struct DatabaseSettings {
     pub url: SecretString,
+    /// A streaming read replica for lag-tolerant reads (search, analytics,
+    /// insights, market analyses); empty sends every read to `url`.
+    pub read_url: SecretString,
     pub min_connections: u32,
     pub max_connections: u32,
     #[serde(with = "humantime_serde")]

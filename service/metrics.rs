@@ -9,7 +9,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 
-use crate::store::cache::Cache;
+use crate::store::{cache::Cache, postgres::Reads};
 
 /// Latency buckets in seconds, from a cache hit to a slow analytic query.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -35,6 +35,7 @@ pub fn handle() -> PrometheusHandle {
 struct MetricsState {
     handle: PrometheusHandle,
     db: PgPool,
+    reads: Reads,
     cache: Cache,
 }
 
@@ -42,12 +43,14 @@ struct MetricsState {
 pub async fn serve(
     listener: TcpListener,
     db: PgPool,
+    reads: Reads,
     cache: Cache,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let state = MetricsState {
         handle: handle(),
         db,
+        reads,
         cache,
     };
     let app = Router::new()
@@ -60,6 +63,9 @@ pub async fn serve(
 
 async fn render(State(state): State<MetricsState>) -> String {
     record_pool_usage("postgres", &state.db);
+    if let Some(replica) = state.reads.replica() {
+        record_pool_usage("postgres_replica", replica);
+    }
     state.cache.record_gauges();
     state.handle.run_upkeep();
     state.handle.render()

@@ -33,7 +33,7 @@ use crate::{
     outbox::OutboxRelay,
     proto,
     search_log::SearchLog,
-    store::{self, cache::Cache, mongo::Mongo},
+    store::{self, cache::Cache, mongo::Mongo, postgres::Reads},
 };
 
 /// How often readiness checks the database and Redis, and how long a check may take.
@@ -62,6 +62,7 @@ pub struct Application {
     grpc: TcpListener,
     metrics: TcpListener,
     db: PgPool,
+    reads: Reads,
     cache: Cache,
     mongo: Option<Mongo>,
 }
@@ -70,6 +71,7 @@ impl Application {
     /// Binds the listeners and builds the pools. Nothing is served yet.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let db = store::postgres::pool(&settings.database)?;
+        let reads = Reads::new(&settings.database, &db)?;
         let cache = Cache::new(&settings.redis)?;
         let mongo = Mongo::connect(&settings.mongodb).await?;
         let grpc_addr = settings.server.grpc_addr()?;
@@ -85,6 +87,7 @@ impl Application {
             grpc,
             metrics,
             db,
+            reads,
             cache,
             mongo,
         })
@@ -119,6 +122,7 @@ impl Application {
             grpc,
             metrics: metrics_listener,
             db,
+            reads,
             cache,
             mongo,
         } = self;
@@ -139,7 +143,13 @@ impl Application {
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
         let (search_log, search_log_writer) = SearchLog::start(db.clone(), &settings.search_log);
-        let search = ProductSearch::new(db.clone(), cache.clone(), pages.clone(), search_log);
+        let search = ProductSearch::new(
+            db.clone(),
+            reads.clone(),
+            cache.clone(),
+            pages.clone(),
+            search_log,
+        );
         let prices = PriceHistory::new(db.clone(), cache.clone(), mongo.clone());
         let catalog_api = CatalogServiceServer::new(CatalogApi::new(
             Catalog::new(db.clone(), cache.clone()),
@@ -149,9 +159,10 @@ impl Application {
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
         let partitions = Partitions::new(db.clone(), settings.partitions.clone());
-        let analytics = Analytics::new(db.clone(), cache.clone());
+        let analytics = Analytics::new(db.clone(), reads.clone(), cache.clone());
+        // Market analyses only read PostgreSQL.
         let analyses = MarketAnalyses::new(
-            db.clone(),
+            reads.pool().clone(),
             mongo.clone(),
             settings.analysis.clone(),
             pages.clone(),
@@ -227,6 +238,7 @@ impl Application {
         let metrics_server = tokio::spawn(metrics::serve(
             metrics_listener,
             db.clone(),
+            reads.clone(),
             cache.clone(),
             stopping.clone().cancelled_owned(),
         ));
@@ -292,6 +304,7 @@ impl Application {
             tracing::warn!(error = %e, "the metrics endpoint failed");
         }
         db.close().await;
+        reads.pool().close().await;
         drained?;
         tracing::info!("stopped");
         Ok(())

@@ -3,6 +3,8 @@
 //! from views refreshed on a schedule, and are cached (the `analytics` cache
 //! family, stale after each refresh, and after `redis.analytics_ttl`).
 
+use std::time::Duration;
+
 use chrono::{DateTime, Datelike as _, Months, NaiveDate, Utc};
 use sqlx::PgPool;
 
@@ -11,6 +13,7 @@ use crate::store::{
     self,
     analytics::CategoryMetrics,
     cache::{Cache, Family},
+    postgres::Reads,
     search::SearchInsights,
 };
 
@@ -32,13 +35,20 @@ pub struct MonthlyRevenue {
 
 #[derive(Clone)]
 pub struct Analytics {
+    /// The primary, for refreshes.
     db: PgPool,
+    /// Every other read.
+    reads: Reads,
     cache: Cache,
 }
 
+/// How long a refresh waits for the read replica to replay it before cached
+/// answers are made stale (they are made stale anyway, with a warning).
+const REPLICA_CATCH_UP: Duration = Duration::from_secs(30);
+
 impl Analytics {
-    pub fn new(db: PgPool, cache: Cache) -> Self {
-        Self { db, cache }
+    pub fn new(db: PgPool, reads: Reads, cache: Cache) -> Self {
+        Self { db, reads, cache }
     }
 
     /// Top and zero-result queries over [start, end).
@@ -49,7 +59,7 @@ impl Analytics {
         end: DateTime<Utc>,
         limit: u32,
     ) -> Result<SearchInsights> {
-        let mut conn = self.db.acquire().await?;
+        let mut conn = self.reads.pool().acquire().await?;
         store::search::insights(&mut conn, start, end, limit.into()).await
     }
 
@@ -65,7 +75,7 @@ impl Analytics {
         let key = format!("category_metrics|{first_day}|{}", categories.join("\u{1f}"));
         self.cache
             .get_or_compute(Family::Analytics, &key, || async {
-                let mut conn = self.db.acquire().await?;
+                let mut conn = self.reads.pool().acquire().await?;
                 store::analytics::category_metrics(&mut conn, first_day, categories).await
             })
             .await
@@ -87,7 +97,7 @@ impl Analytics {
         );
         self.cache
             .get_or_compute(Family::Analytics, &key, || async {
-                let mut conn = self.db.acquire().await?;
+                let mut conn = self.reads.pool().acquire().await?;
                 let rows =
                     store::analytics::monthly_revenue(&mut conn, first, last, category).await?;
                 Ok(with_growth(rows))
@@ -101,6 +111,15 @@ impl Analytics {
     pub async fn refresh(&self) -> Result<bool> {
         let refreshed = store::analytics::refresh(&self.db).await?;
         if refreshed {
+            // Answers cached from here on must come from the refreshed views:
+            // on a replica that has not replayed the refresh yet, they would
+            // be filled with the old figures for the whole analytics TTL.
+            if !self.reads.catch_up(&self.db, REPLICA_CATCH_UP).await? {
+                tracing::warn!(
+                    timeout = ?REPLICA_CATCH_UP,
+                    "the read replica has not replayed the analytics refresh; cached analytics may stay stale until their TTL"
+                );
+            }
             self.cache.invalidate_family(Family::Analytics).await;
         }
         Ok(refreshed)

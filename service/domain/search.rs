@@ -25,6 +25,7 @@ use crate::{
     store::{
         self,
         cache::{Cache, Family},
+        postgres::Reads,
         search::{SearchFilters, SearchQuery, SearchRecord, SearchSort, SortKey},
     },
 };
@@ -149,16 +150,21 @@ pub struct SearchPage {
 
 #[derive(Clone)]
 pub struct ProductSearch {
+    /// The primary: products of cached pages are read through the cache,
+    /// which only the primary may fill.
     db: PgPool,
+    /// The search itself: lag-tolerant.
+    reads: Reads,
     cache: Cache,
     pages: PageTokens,
     log: SearchLog,
 }
 
 impl ProductSearch {
-    pub fn new(db: PgPool, cache: Cache, pages: PageTokens, log: SearchLog) -> Self {
+    pub fn new(db: PgPool, reads: Reads, cache: Cache, pages: PageTokens, log: SearchLog) -> Self {
         Self {
             db,
+            reads,
             cache,
             pages,
             log,
@@ -238,7 +244,7 @@ impl ProductSearch {
         cursor: Option<Cursor>,
     ) -> Result<(CachedPage, HashMap<Id, Product>)> {
         let size = request.page.size;
-        let mut conn = self.db.acquire().await?;
+        let mut conn = self.reads.pool().acquire().await?;
         let (page_number, earlier_correction, after) = match cursor {
             Some(c) => (c.page, c.corrected, Some(c.after)),
             None => (1, None, None),

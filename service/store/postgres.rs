@@ -1,5 +1,7 @@
 //! The PostgreSQL pool and the schema migrations.
 
+use std::time::Duration;
+
 use anyhow::Context as _;
 use secrecy::ExposeSecret as _;
 use sqlx::{
@@ -22,14 +24,90 @@ pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
         .expose_secret()
         .parse()
         .context("invalid configuration: database.url is not a PostgreSQL URL")?;
-    let options = options.application_name("datagate");
-    Ok(PgPoolOptions::new()
+    Ok(pool_with(settings, options.application_name("datagate")))
+}
+
+fn pool_with(settings: &DatabaseSettings, options: PgConnectOptions) -> PgPool {
+    PgPoolOptions::new()
         .min_connections(settings.min_connections)
         .max_connections(settings.max_connections)
         .acquire_timeout(settings.acquire_timeout)
         .idle_timeout(Some(settings.idle_timeout))
         .max_lifetime(Some(settings.max_lifetime))
-        .connect_lazy_with(options))
+        .connect_lazy_with(options)
+}
+
+/// Where lag-tolerant reads go: the read replica when `database.read_url` is
+/// set, else the primary.
+#[derive(Clone, Debug)]
+pub struct Reads {
+    pool: PgPool,
+    replica: bool,
+}
+
+impl Reads {
+    /// The replica's pool (opened lazily, like the primary's), or `primary`.
+    pub fn new(settings: &DatabaseSettings, primary: &PgPool) -> anyhow::Result<Self> {
+        if settings.read_url.expose_secret().trim().is_empty() {
+            return Ok(Self::primary(primary));
+        }
+        let options: PgConnectOptions = settings
+            .read_url
+            .expose_secret()
+            .parse()
+            .context("invalid configuration: database.read_url is not a PostgreSQL URL")?;
+        Ok(Self {
+            pool: pool_with(settings, options.application_name("datagate-reads")),
+            replica: true,
+        })
+    }
+
+    /// Every read on the primary.
+    pub fn primary(primary: &PgPool) -> Self {
+        Self {
+            pool: primary.clone(),
+            replica: false,
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The replica's own pool, when there is one.
+    pub fn replica(&self) -> Option<&PgPool> {
+        self.replica.then_some(&self.pool)
+    }
+
+    /// Waits, up to `timeout`, until the replica has replayed everything
+    /// the primary had written when called, so that what is read next
+    /// includes it (after a view refresh, before cached answers are made
+    /// stale). True at once without a replica, or when the read server is
+    /// not in recovery (not a streaming replica); false on timeout.
+    pub async fn catch_up(&self, primary: &PgPool, timeout: Duration) -> sqlx::Result<bool> {
+        if !self.replica {
+            return Ok(true);
+        }
+        let lsn: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+            .fetch_one(primary)
+            .await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let (recovering, replayed): (bool, Option<bool>) = sqlx::query_as(
+                "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn() >= $1::pg_lsn",
+            )
+            .bind(&lsn)
+            .fetch_one(&self.pool)
+            .await?;
+            if !recovering || replayed == Some(true) {
+                return Ok(true);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 pub async fn migrate_up(pool: &PgPool) -> anyhow::Result<()> {

@@ -12,6 +12,7 @@ mod market;
 mod orders;
 mod partitions;
 mod process;
+mod replica;
 mod search;
 mod seed;
 mod server;

@@ -1,0 +1,164 @@
+//! A read replica (`database.read_url`): lag-tolerant reads go there, entity
+//! reads and writes stay on the primary.
+//!
+//! A second database with the same schema stands in for the replica. It
+//! holds different rows from the primary, so every answer shows which of the
+//! two was read.
+
+use chrono::Utc;
+use datagate::proto::v1 as pb;
+use sqlx::PgPool;
+
+use crate::helpers::{TestApp, TestDatabase};
+
+#[tokio::test]
+async fn lag_tolerant_reads_use_the_read_replica_and_the_rest_the_primary() {
+    let replica = TestDatabase::create().await;
+    let app = TestApp::spawn_with(|s| s.database.read_url = replica.url.clone().into()).await;
+    let replica_db = PgPool::connect(&replica.url).await.unwrap();
+
+    // A product written through the API is on the primary only ...
+    let product = app
+        .catalog()
+        .await
+        .create_product(pb::CreateProductRequest {
+            sku: "REPLICA-1".into(),
+            title: "Replica lantern".into(),
+            category: "lighting".into(),
+            price_cents: 1_250,
+            inventory: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // ... and GetProduct reads the primary.
+    let read = app
+        .catalog()
+        .await
+        .get_product(pb::GetProductRequest { id: product.id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(read.title, "Replica lantern");
+
+    // SearchProducts reads the replica, which has not seen the product.
+    let search = |query: &str| pb::SearchProductsRequest {
+        query: query.into(),
+        ..Default::default()
+    };
+    let found = app
+        .catalog()
+        .await
+        .search_products(search("lantern"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(found.products.is_empty(), "{found:?}");
+
+    // Once the replica has the row, the search finds it.
+    sqlx::query(
+        "INSERT INTO products (id, sku, title, category, price) OVERRIDING SYSTEM VALUE \
+         VALUES ($1, 'REPLICA-1', 'Replica lantern', 'lighting', 12.50)",
+    )
+    .bind(product.id)
+    .execute(&replica_db)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO inventory (product_id, quantity) VALUES ($1, 5)")
+        .bind(product.id)
+        .execute(&replica_db)
+        .await
+        .unwrap();
+    let found = app
+        .catalog()
+        .await
+        .search_products(search("replica lantern"))
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<i64> = found.products.iter().map(|p| p.id).collect();
+    assert_eq!(ids, [product.id]);
+
+    // GetSearchInsights reads the replica's search log, not the primary's
+    // (where the service logged the two searches above).
+    for _ in 0..3 {
+        sqlx::query(
+            "INSERT INTO product_searches (query, results_count, processing_time_ms, searched_at) \
+             VALUES ('only on the replica', 0, 1.0, now() - interval '1 minute')",
+        )
+        .execute(&replica_db)
+        .await
+        .unwrap();
+    }
+    let now = Utc::now();
+    let insights = app
+        .analytics()
+        .await
+        .get_search_insights(pb::GetSearchInsightsRequest {
+            start_time: Some(prost_types::Timestamp {
+                seconds: now.timestamp() - 3_600,
+                nanos: 0,
+            }),
+            end_time: Some(prost_types::Timestamp {
+                seconds: now.timestamp() + 60,
+                nanos: 0,
+            }),
+            limit: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let queries: Vec<(&str, i64)> = insights
+        .top_queries
+        .iter()
+        .map(|q| (q.query.as_str(), q.searches))
+        .collect();
+    assert_eq!(queries, [("only on the replica", 3)]);
+
+    // GetCategoryMetrics reads the replica's views. RefreshAnalytics
+    // refreshes the primary's (where the product is in "lighting"); the
+    // replica's are refreshed by hand, standing in for replication, after
+    // its copy of the product moved to a category only it knows.
+    app.admin_as(&app.token)
+        .await
+        .refresh_analytics(pb::RefreshAnalyticsRequest {})
+        .await
+        .unwrap();
+    sqlx::query("UPDATE products SET category = 'replica-only' WHERE id = $1")
+        .bind(product.id)
+        .execute(&replica_db)
+        .await
+        .unwrap();
+    sqlx::query("REFRESH MATERIALIZED VIEW category_daily_listings")
+        .execute(&replica_db)
+        .await
+        .unwrap();
+    let metrics = app
+        .analytics()
+        .await
+        .get_category_metrics(pb::GetCategoryMetricsRequest {
+            window_days: 7,
+            categories: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let categories: Vec<(&str, i64)> = metrics
+        .categories
+        .iter()
+        .map(|c| (c.category.as_str(), c.products))
+        .collect();
+    assert_eq!(categories, [("replica-only", 1)]);
+
+    // Both pools are observable (the metrics recorder is global to the
+    // test process, and only this test configures a replica).
+    let scraped = app.metrics().await;
+    for pool in ["postgres", "postgres_replica"] {
+        assert!(
+            scraped.contains(&format!("connection_pool_max{{pool=\"{pool}\"}}")),
+            "{scraped}"
+        );
+    }
+    replica_db.close().await;
+}
