@@ -34,8 +34,8 @@ import yaml
 ROOT = Path(os.environ.get("DATAGATE_DEPLOY_ROOT") or Path(__file__).resolve().parents[2])
 ENVIRONMENTS = {
     # namespace, HPA min (the replica count), HPA max
-    "dev": {"namespace": "datagate-dev", "min": 1, "max": 2},
-    "prod": {"namespace": "datagate", "min": 3, "max": 12},
+    "dev": {"namespace": "datagate-dev", "min": 1, "max": 2, "redis_mode": "single"},
+    "prod": {"namespace": "datagate", "min": 3, "max": 12, "redis_mode": "cluster"},
 }
 GRPC_PORT = 50051
 METRICS_PORT = 9090
@@ -399,6 +399,13 @@ def check_no_secrets(docs: list[dict]) -> None:
             )
 
 
+def check_redis_mode(docs: list[dict], env: str) -> None:
+    env_vars = effective_env(docs, app_container(docs))
+    mode = env_vars.get("DATAGATE__REDIS__MODE", compiled_defaults()["redis"]["mode"])
+    want = ENVIRONMENTS[env]["redis_mode"]
+    assert mode == want, f"redis mode is {mode!r} in {env}, not {want!r}"
+
+
 def check_environment(docs: list[dict], env: str) -> None:
     want = ENVIRONMENTS[env]["namespace"]
     for d in docs:
@@ -599,6 +606,8 @@ class RenderedManifests(unittest.TestCase):
                 check_hpa(docs, env)
             with self.subTest(env=env, check="check_environment"):
                 check_environment(docs, env)
+            with self.subTest(env=env, check="check_redis_mode"):
+                check_redis_mode(docs, env)
 
     def test_migration_overlays(self) -> None:
         for env in ENVIRONMENTS:
@@ -628,6 +637,10 @@ class RenderedManifests(unittest.TestCase):
         for key in SECRET_KEYS:
             if key != "DATAGATE__DATABASE__READ_URL":
                 self.assertIn(key, prod["stringData"])
+        # Redis Cluster: seed nodes, comma-separated.
+        seeds = prod["stringData"]["DATAGATE__REDIS__URL"].split(",")
+        self.assertGreaterEqual(len(seeds), 2, "prod lists Redis Cluster seed nodes")
+        self.assertTrue(all(s.startswith("redis://") for s in seeds), seeds)
 
 
 class Compose(unittest.TestCase):
@@ -942,6 +955,11 @@ class ChecksCanFail(unittest.TestCase):
         broken = copy.deepcopy(clean)
         broken[0]["metadata"]["namespace"] = "default"
         self.assert_fails(lambda docs: check_environment(docs, "dev"), broken, "wrong namespace")
+        prod = render("k8s/overlays/prod")
+        check_redis_mode(copy.deepcopy(prod), "prod")
+        broken = copy.deepcopy(prod)
+        _config("DATAGATE__REDIS__MODE", "single")(broken)
+        self.assert_fails(lambda docs: check_redis_mode(docs, "prod"), broken, "prod on a single Redis")
 
     def test_job_checks_fail(self) -> None:
         job_docs, app_docs = render("k8s/overlays/prod/migrate"), render("k8s/overlays/prod")
