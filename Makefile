@@ -33,7 +33,7 @@ bench-search: ## SearchProducts over one million products, uncached and cached (
 bench-analytics: ## GetCategoryMetrics and GetRevenueTrend over two million orders (release build)
 	@eval "$$(scripts/dev-env.sh up)" && cargo bench --bench analytics
 
-bench: ## The standard suite: the release service on a generated dataset, driven by datagate-bench (about 10 min)
+bench: ## The standard suite: the release service on a generated dataset, driven by datagate-bench (under 15 min, a cold release build included)
 	@scripts/bench-load.sh full
 
 bench-quick: ## The same on an empty database, 1 s per scenario, 1 and 4 callers (under 3 min)

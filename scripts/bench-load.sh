@@ -5,7 +5,7 @@
 # tonic service, pgbench -S, redis-benchmark GET). Writes latest.json,
 # latest.md, latency.svg and throughput.svg.
 #
-#   scripts/bench-load.sh full     1, 4 and 16 callers, 10 s per scenario, on a
+#   scripts/bench-load.sh full     1, 4 and 16 callers, 6 s per scenario, on a
 #                                  copy of a generated dataset (200k products,
 #                                  100k users, 200k orders, 300k searches);
 #                                  results in bench/results/ (committed)
@@ -21,7 +21,7 @@ cd "$ROOT"
 MODE=${1:-quick}
 case "$MODE" in
   quick) CONCURRENCY=1,4; DURATION=1s; WARMUP=300ms; USERS=6000; OUT=bench/results/quick; QUERY=widget ;;
-  full) CONCURRENCY=1,4,16; DURATION=10s; WARMUP=2s; USERS=3000; OUT=bench/results; QUERY="wireless speaker" ;;
+  full) CONCURRENCY=1,4,16; DURATION=6s; WARMUP=1s; USERS=3000; OUT=bench/results; QUERY="wireless speaker" ;;
   *) echo "usage: $0 quick|full" >&2; exit 2 ;;
 esac
 eval "$(scripts/dev-env.sh up)"
