@@ -103,7 +103,31 @@ ensure_postgres() {
       || { tail -n 20 "$base/postgres.log" >&2; die "PostgreSQL did not start"; }
   fi
   wait_port "$PG_PORT" PostgreSQL
+  ensure_postgres_tls "$bindir" "$base"
   echo "export DATABASE_URL='postgres://postgres@127.0.0.1:$PG_PORT/postgres'"
+}
+
+# TLS on the development server (a self-signed certificate), so that the
+# tests can show the service connecting with sslmode=require, as managed
+# servers demand. `ssl` takes effect on a configuration reload.
+ensure_postgres_tls() { # bindir base
+  local psql="$1/psql" url="postgres://postgres@127.0.0.1:$PG_PORT/postgres"
+  [ "$("$psql" "$url" -tAc 'SHOW ssl')" = on ] && return
+  command -v openssl >/dev/null || apt_install openssl
+  local dir; dir=$("$psql" "$url" -tAc 'SHOW data_directory')
+  log "PostgreSQL: turning TLS on (self-signed certificate in $dir)"
+  pg_run openssl req -new -x509 -days 3650 -nodes -subj /CN=localhost \
+    -keyout "$dir/dev-server.key" -out "$dir/dev-server.crt" >/dev/null 2>&1 \
+    || die "cannot make a certificate for PostgreSQL"
+  pg_run chmod 600 "$dir/dev-server.key"
+  "$psql" "$url" -qc "ALTER SYSTEM SET ssl_cert_file = 'dev-server.crt'" \
+    -c "ALTER SYSTEM SET ssl_key_file = 'dev-server.key'" -c "ALTER SYSTEM SET ssl = on" \
+    -c "SELECT pg_reload_conf()" >/dev/null
+  for _ in $(seq 1 50); do
+    [ "$("$psql" "$url" -tAc 'SHOW ssl')" = on ] && return
+    sleep 0.1
+  done
+  die "PostgreSQL did not turn TLS on; see $2/postgres.log"
 }
 
 # --- Redis -----------------------------------------------------------------

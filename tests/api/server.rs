@@ -465,3 +465,39 @@ async fn the_drain_bound_stops_a_server_whose_calls_never_finish() {
         .expect("a bounded drain is still a clean exit");
     lock.release().await;
 }
+
+#[tokio::test]
+async fn with_sslmode_require_every_database_connection_is_encrypted() {
+    let app = TestApp::spawn_with(|s| {
+        let url = secrecy::ExposeSecret::expose_secret(&s.database.url).to_owned();
+        let separator = if url.contains('?') { '&' } else { '?' };
+        s.database.url = format!("{url}{separator}sslmode=require").into();
+    })
+    .await;
+    let ssl: String = sqlx::query_scalar("SHOW ssl")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(
+        ssl, "on",
+        "the test PostgreSQL must accept TLS (scripts/dev-env.sh turns it on)"
+    );
+    // A read and a write, so the service holds connections of its own.
+    let user = app.create_user("tls@example.com", "tls").await;
+    app.users()
+        .await
+        .get_user(pb::GetUserRequest { id: user.id })
+        .await
+        .unwrap();
+
+    let (service, encrypted): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE s.ssl) \
+         FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+         WHERE a.datname = current_database() AND a.application_name = 'datagate'",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert!(service >= 1, "the service holds connections");
+    assert_eq!(encrypted, service, "every service connection uses TLS");
+}
