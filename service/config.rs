@@ -164,6 +164,10 @@ pub struct ServerSettings {
     pub shutdown_readiness_delay: Duration,
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Connections older than this are closed gracefully (HTTP/2 GOAWAY), so
+    /// callers reconnect and spread over new replicas; zero: never.
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -244,7 +244,14 @@ impl Application {
         ));
 
         let addr = grpc.local_addr()?;
-        let server = Server::builder()
+        let mut builder = Server::builder();
+        if !server_settings.max_connection_age.is_zero() {
+            // Graceful only: no `max_connection_age_grace`, with which tonic
+            // skips the GOAWAY and cuts the connection at age + grace. Calls
+            // in flight are bounded by the request timeout anyway.
+            builder = builder.max_connection_age(server_settings.max_connection_age);
+        }
+        let server = builder
             .layer(RpcLayer::new(settings.telemetry.n_plus_one_threshold))
             .layer(AuthLayer::new(TokenStore::from_settings(&settings.auth)))
             .layer(DeadlineLayer::new(server_settings.request_timeout))

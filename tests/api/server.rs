@@ -501,3 +501,49 @@ async fn with_sslmode_require_every_database_connection_is_encrypted() {
     assert!(service >= 1, "the service holds connections");
     assert_eq!(encrypted, service, "every service connection uses TLS");
 }
+
+/// An HTTP/2 connection to the app that makes no calls, and the task
+/// driving it: the task ends when the server closes the connection.
+async fn idle_http2_connection(
+    addr: std::net::SocketAddr,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<()>,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let task = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    (client, task)
+}
+
+#[tokio::test]
+async fn connections_past_max_connection_age_are_closed_and_callers_reconnect() {
+    let app =
+        TestApp::spawn_with(|s| s.server.max_connection_age = Duration::from_millis(300)).await;
+    let (_client, connection) = idle_http2_connection(app.addr).await;
+    tokio::time::timeout(Duration::from_secs(10), connection)
+        .await
+        .expect("the server closes a connection past its age")
+        .unwrap();
+
+    // A tonic channel reconnects on its own: calls across the age succeed.
+    let user = app.create_user("aged@example.com", "aged").await;
+    let mut users = app.users().await;
+    for _ in 0..3 {
+        users
+            .get_user(pb::GetUserRequest { id: user.id })
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+}
+
+#[tokio::test]
+async fn without_max_connection_age_an_idle_connection_stays_open() {
+    let app = TestApp::spawn().await;
+    let (_client, connection) = idle_http2_connection(app.addr).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!connection.is_finished(), "the server kept the connection");
+}
