@@ -112,7 +112,9 @@ pub struct SearchLogSettings {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RedisMode {
-    /// One Redis server (or a proxy in front of several): `url` is one URL.
+    /// One Redis server (a primary, or an endpoint that fails over between
+    /// primaries): `url` is one URL. Keys carry no hash tags, so a sharding
+    /// proxy in front of several servers needs `Cluster` instead.
     #[default]
     Single,
     /// Redis Cluster: `url` is a comma-separated list of seed node URLs.
@@ -385,8 +387,15 @@ impl Settings {
                 "invalid configuration: redis.pool_size must be positive and redis.ttl_jitter in [0, 0.5)"
             );
         }
-        if redis.key_prefix.is_empty() || redis.key_prefix.contains(char::is_whitespace) {
-            bail!("invalid configuration: redis.key_prefix must be a non-empty word");
+        // The overflow flush deletes `SCAN MATCH <prefix>:*`: a glob character
+        // in the prefix would reach other namespaces' keys.
+        if redis.key_prefix.is_empty()
+            || redis.key_prefix.contains(char::is_whitespace)
+            || redis.key_prefix.contains(['*', '?', '[', ']', '\\'])
+        {
+            bail!(
+                "invalid configuration: redis.key_prefix must be a non-empty word without glob characters"
+            );
         }
         // A brace in the prefix would become every key's hash tag, putting
         // the whole cache in one cluster slot.
@@ -482,6 +491,24 @@ mod tests {
     fn token_entry_debug_hides_the_hash() {
         let entry: TokenEntry = format!("svc:admin:{}", "ab".repeat(32)).parse().unwrap();
         assert!(!format!("{entry:?}").contains("abab"));
+    }
+
+    #[test]
+    fn a_key_prefix_with_glob_characters_is_refused() {
+        let load = |prefix: &str| {
+            Settings::load_with_overrides(
+                None,
+                &[
+                    ("database.url", "postgres://localhost/datagate"),
+                    ("redis.key_prefix", prefix),
+                ],
+            )
+        };
+        assert!(load("dg-staging_2").is_ok());
+        for prefix in ["dg*", "dg?", "dg[ab]", "dg\\x"] {
+            let error = load(prefix).unwrap_err().to_string();
+            assert!(error.contains("redis.key_prefix"), "{prefix}: {error}");
+        }
     }
 
     #[test]

@@ -105,24 +105,39 @@ impl Analytics {
             .await
     }
 
-    /// Refreshes the sales view and drops cached analytics. False when
-    /// another replica was refreshing it already.
+    /// Refreshes the analytics views and drops cached analytics. False when
+    /// another replica was refreshing them already.
+    ///
+    /// With a read replica, cached answers are dropped only once the replica
+    /// has replayed the refresh (at most `REPLICA_CATCH_UP` later, in the
+    /// background): dropped earlier, they would be filled again from the
+    /// replica's old views and kept for the whole analytics TTL.
     #[tracing::instrument(skip_all, err(Debug))]
     pub async fn refresh(&self) -> Result<bool> {
         let refreshed = store::analytics::refresh(&self.db).await?;
-        if refreshed {
-            // Answers cached from here on must come from the refreshed views:
-            // on a replica that has not replayed the refresh yet, they would
-            // be filled with the old figures for the whole analytics TTL.
-            if !self.reads.catch_up(&self.db, REPLICA_CATCH_UP).await? {
-                tracing::warn!(
-                    timeout = ?REPLICA_CATCH_UP,
-                    "the read replica has not replayed the analytics refresh; cached analytics may stay stale until their TTL"
-                );
-            }
-            self.cache.invalidate_family(Family::Analytics).await;
+        if !refreshed {
+            return Ok(false);
         }
-        Ok(refreshed)
+        if self.reads.replica().is_none() {
+            self.cache.invalidate_family(Family::Analytics).await;
+            return Ok(true);
+        }
+        let (db, reads, cache) = (self.db.clone(), self.reads.clone(), self.cache.clone());
+        tokio::spawn(async move {
+            match reads.catch_up(&db, REPLICA_CATCH_UP).await {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!(
+                    timeout = ?REPLICA_CATCH_UP,
+                    "the read replica has not replayed the analytics refresh in time; cached analytics are dropped anyway"
+                ),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "cannot tell whether the read replica has replayed the analytics refresh; cached analytics are dropped anyway"
+                ),
+            }
+            cache.invalidate_family(Family::Analytics).await;
+        });
+        Ok(true)
     }
 }
 
