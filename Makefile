@@ -19,19 +19,19 @@ lint: ## rustfmt, clippy (warnings are errors), and the deployment files (kustom
 	scripts/check-deploy.sh
 
 smoke: ## only the grpcurl smoke test
-	@eval "$$(scripts/dev-env.sh up)" && scripts/smoke.sh
+	@dev_env=$$(scripts/dev-env.sh up) && eval "$$dev_env" && scripts/smoke.sh
 
 bench-n1: ## ListUsersWithOrders, batched loaders vs the naive per-user path (release build)
-	@eval "$$(scripts/dev-env.sh up)" && cargo bench --bench list_users_with_orders
+	@dev_env=$$(scripts/dev-env.sh up) && eval "$$dev_env" && cargo bench --bench list_users_with_orders
 
 bench-cache: ## GetUser cache hit vs miss and a Zipf hit ratio (release build)
-	@eval "$$(scripts/dev-env.sh up)" && cargo bench --bench cache
+	@dev_env=$$(scripts/dev-env.sh up) && eval "$$dev_env" && cargo bench --bench cache
 
 bench-search: ## SearchProducts over one million products, uncached and cached (release build)
-	@eval "$$(scripts/dev-env.sh up)" && cargo bench --bench search
+	@dev_env=$$(scripts/dev-env.sh up) && eval "$$dev_env" && cargo bench --bench search
 
 bench-analytics: ## GetCategoryMetrics and GetRevenueTrend over two million orders (release build)
-	@eval "$$(scripts/dev-env.sh up)" && cargo bench --bench analytics
+	@dev_env=$$(scripts/dev-env.sh up) && eval "$$dev_env" && cargo bench --bench analytics
 
 bench: ## The standard suite: the release service on a generated dataset, driven by datagate-bench (under 15 min, a cold release build included)
 	@scripts/bench-load.sh full

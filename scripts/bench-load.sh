@@ -12,9 +12,10 @@
 #   scripts/bench-load.sh quick    1 and 4 callers, 1 s per scenario, on an
 #                                  empty database; results in bench/results/quick/
 #
-# The full suite generates its dataset once, into the template database
-# datagate_bench_seed, and copies it for every run (CREATE DATABASE ...
-# TEMPLATE takes seconds), so each run starts from the same rows.
+# The full suite generates its dataset into the template database
+# datagate_bench_seed (again when it is over a week old) and copies it for
+# every run (CREATE DATABASE ... TEMPLATE takes seconds), so each run starts
+# from the same rows.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -24,7 +25,10 @@ case "$MODE" in
   full) CONCURRENCY=1,4,16; DURATION=6s; WARMUP=1s; USERS=3000; OUT=bench/results; QUERY="wireless speaker" ;;
   *) echo "usage: $0 quick|full" >&2; exit 2 ;;
 esac
-eval "$(scripts/dev-env.sh up)"
+# Assigned first, so that a failure stops this script (set -e) instead of
+# being hidden inside eval.
+DEV_ENV=$(scripts/dev-env.sh up)
+eval "$DEV_ENV"
 
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}/release
 echo "bench: building the release binaries" >&2
@@ -37,24 +41,6 @@ query=${DATABASE_URL#"$base"}
 db_url() { echo "${base%/*}/$1$query"; }
 DB=datagate_load_$$
 DB_URL=$(db_url "$DB")
-if [ "$MODE" = full ]; then
-  SEED_DB=datagate_bench_seed
-  seeded=$("$PSQL" "$DATABASE_URL" -tAc "SELECT 1 FROM pg_database WHERE datname = '$SEED_DB'")
-  if [ -z "$seeded" ]; then
-    echo "bench: generating the dataset into $SEED_DB (once; later runs copy it)" >&2
-    "$PSQL" "$DATABASE_URL" -qc "CREATE DATABASE ${SEED_DB}_partial" >/dev/null
-    DATAGATE__DATABASE__URL=$(db_url "${SEED_DB}_partial") "$TARGET/datagate" migrate up >/dev/null
-    DATAGATE__DATABASE__URL=$(db_url "${SEED_DB}_partial") "$TARGET/datagate" seed \
-      --products 200000 --users 100000 --orders 200000 --searches 300000 --seed 42
-    # Renamed only once complete, so an interrupted generation starts over.
-    "$PSQL" "$DATABASE_URL" -qc "ALTER DATABASE ${SEED_DB}_partial RENAME TO $SEED_DB" >/dev/null
-  fi
-  "$PSQL" "$DATABASE_URL" -qc "CREATE DATABASE $DB TEMPLATE $SEED_DB" >/dev/null
-else
-  "$PSQL" "$DATABASE_URL" -qc "CREATE DATABASE $DB" >/dev/null
-fi
-# pgbench's own database, for the PostgreSQL baseline.
-"$PSQL" "$DATABASE_URL" -qc "CREATE DATABASE ${DB}_pgbench" >/dev/null
 LOG=$(mktemp)
 SERVER_PID=
 cleanup() {
@@ -64,6 +50,35 @@ cleanup() {
   rm -f "$LOG"
 }
 trap cleanup EXIT
+if [ "$MODE" = full ]; then
+  SEED_DB=datagate_bench_seed
+  # The generated rows are dated relative to the day they were made, and the
+  # scenarios read recent windows (category_metrics: 90 days): a dataset
+  # older than a week is made again, so that runs stay comparable.
+  # Empty: no dataset; "unknown": one without its generation date.
+  age=$("$PSQL" "$DATABASE_URL" -tAc "SELECT coalesce((current_date - substring(shobj_description(oid, 'pg_database') from 'generated ([0-9-]+)')::date)::text, 'unknown') FROM pg_database WHERE datname = '$SEED_DB'")
+  if [ "$age" = unknown ] || { [ -n "$age" ] && [ "$age" -gt 7 ]; }; then
+    echo "bench: $SEED_DB is $age days old; generating it again" >&2
+    "$PSQL" "$DATABASE_URL" -qc "DROP DATABASE $SEED_DB WITH (FORCE)" >/dev/null
+    age=
+  fi
+  if [ -z "$age" ]; then
+    echo "bench: generating the dataset into $SEED_DB (once a week; runs copy it)" >&2
+    # An interrupted generation leaves ${SEED_DB}_partial: it starts over.
+    "$PSQL" "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS ${SEED_DB}_partial WITH (FORCE)" >/dev/null
+    "$PSQL" "$DATABASE_URL" -qc "CREATE DATABASE ${SEED_DB}_partial" >/dev/null
+    DATAGATE__DATABASE__URL=$(db_url "${SEED_DB}_partial") "$TARGET/datagate" migrate up >/dev/null
+    DATAGATE__DATABASE__URL=$(db_url "${SEED_DB}_partial") "$TARGET/datagate" seed \
+      --products 200000 --users 100000 --orders 200000 --searches 300000 --seed 42
+    "$PSQL" "$DATABASE_URL" -qc "COMMENT ON DATABASE ${SEED_DB}_partial IS 'generated $(date -u +%F) by datagate seed --seed 42'" \
+      -c "ALTER DATABASE ${SEED_DB}_partial RENAME TO $SEED_DB" >/dev/null
+  fi
+  "$PSQL" "$DATABASE_URL" -qc "CREATE DATABASE $DB TEMPLATE $SEED_DB" >/dev/null
+else
+  "$PSQL" "$DATABASE_URL" -qc "CREATE DATABASE $DB" >/dev/null
+fi
+# pgbench's own database, for the PostgreSQL baseline.
+"$PSQL" "$DATABASE_URL" -qc "CREATE DATABASE ${DB}_pgbench" >/dev/null
 
 token_out=$("$TARGET/datagate" token new --caller bench --role admin)
 TOKEN=$(sed -n 's/^token: *//p' <<<"$token_out")

@@ -2,7 +2,8 @@
 # Starts what datagate needs on this machine and prints the environment to
 # use it (as `export` lines on stdout; progress goes to stderr):
 #
-#   eval "$(scripts/dev-env.sh up)"     start (installing if missing) and export
+#   dev_env=$(scripts/dev-env.sh up) && eval "$dev_env"
+#                                       start (installing if missing) and export
 #   scripts/dev-env.sh down             stop what `up` started
 #
 # PostgreSQL (15+), Redis (7+) and the MongoDB-compatible nx-27017 run as

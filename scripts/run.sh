@@ -7,7 +7,10 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 STATE=${DATAGATE_DEV_DIR:-$ROOT/.dev}
 given_url=${DATABASE_URL:-}
-eval "$(scripts/dev-env.sh up)"
+# Assigned first, so that a failure stops this script (set -e) instead of
+# being hidden inside eval.
+DEV_ENV=$(scripts/dev-env.sh up)
+eval "$DEV_ENV"
 
 if [ -n "$given_url" ]; then
   DB_URL=$given_url                      # the caller's database, used as is

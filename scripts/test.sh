@@ -4,6 +4,9 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
-eval "$(scripts/dev-env.sh up)"
+# Assigned first, so that a failure stops this script (set -e) instead of
+# being hidden inside eval.
+DEV_ENV=$(scripts/dev-env.sh up)
+eval "$DEV_ENV"
 cargo test
 scripts/smoke.sh
