@@ -207,6 +207,7 @@ impl Application {
         let stop_serving = CancellationToken::new();
         let readiness = tokio::spawn(watch_readiness(
             db.clone(),
+            reads.clone(),
             cache.clone(),
             mongo.clone(),
             health.clone(),
@@ -421,6 +422,10 @@ async fn report_dependency(health: &HealthReporter, name: &str, ok: bool, last: 
     *last = Some(ok);
 }
 
+/// The health entry of the read replica (`database.read_url`, when set): down,
+/// the lag-tolerant reads fail (search, insights, analytics), the rest serves.
+pub const REPLICA_HEALTH: &str = "postgres_replica";
+
 /// The health entry of the cache dependency. Redis down means degraded
 /// (this entry NOT_SERVING), never the service: reads fall back to PostgreSQL.
 pub const REDIS_HEALTH: &str = "redis";
@@ -431,6 +436,7 @@ pub const REDIS_HEALTH: &str = "redis";
 /// lets a recovered Redis close the circuit without waiting for traffic.
 async fn watch_readiness(
     db: PgPool,
+    reads: Reads,
     cache: Cache,
     mongo: Option<Mongo>,
     health: HealthReporter,
@@ -439,6 +445,7 @@ async fn watch_readiness(
     let mut ready = None;
     let mut redis_ready = None;
     let mut mongo_ready = None;
+    let mut replica_ready = None;
     let mut ticks = tokio::time::interval(READINESS_INTERVAL);
     loop {
         tokio::select! {
@@ -454,6 +461,14 @@ async fn watch_readiness(
                 Ok(true)
             );
             report_dependency(&health, MONGODB_HEALTH, ok, &mut mongo_ready).await;
+        }
+        if let Some(replica) = reads.replica() {
+            let ok = matches!(
+                tokio::time::timeout(READINESS_TIMEOUT, sqlx::query("SELECT 1").execute(replica))
+                    .await,
+                Ok(Ok(_))
+            );
+            report_dependency(&health, REPLICA_HEALTH, ok, &mut replica_ready).await;
         }
         let ok = matches!(
             tokio::time::timeout(READINESS_TIMEOUT, sqlx::query("SELECT 1").execute(&db)).await,

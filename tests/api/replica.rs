@@ -9,7 +9,10 @@ use chrono::Utc;
 use datagate::proto::v1 as pb;
 use sqlx::PgPool;
 
-use crate::helpers::{TestApp, TestDatabase};
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+use crate::helpers::{TestApp, TestDatabase, health_of};
 
 #[tokio::test]
 async fn lag_tolerant_reads_use_the_read_replica_and_the_rest_the_primary() {
@@ -160,5 +163,45 @@ async fn lag_tolerant_reads_use_the_read_replica_and_the_rest_the_primary() {
             "{scraped}"
         );
     }
+    assert_eq!(
+        health_of(&app, "postgres_replica", ServingStatus::Serving).await,
+        ServingStatus::Serving
+    );
     replica_db.close().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_replica_fails_only_the_reads_it_serves_and_shows_in_health() {
+    // Nothing listens on port 1.
+    let app = TestApp::spawn_with(|s| {
+        s.database.read_url = "postgres://postgres@127.0.0.1:1/datagate".to_owned().into();
+        s.database.acquire_timeout = std::time::Duration::from_millis(500);
+    })
+    .await;
+    assert_eq!(
+        health_of(&app, "postgres_replica", ServingStatus::NotServing).await,
+        ServingStatus::NotServing
+    );
+    assert_eq!(
+        health_of(&app, "", ServingStatus::Serving).await,
+        ServingStatus::Serving,
+        "readiness follows the primary"
+    );
+
+    let user = app.create_user("primary@example.com", "primary").await;
+    app.users()
+        .await
+        .get_user(pb::GetUserRequest { id: user.id })
+        .await
+        .expect("entity reads use the primary");
+    let status = app
+        .catalog()
+        .await
+        .search_products(pb::SearchProductsRequest {
+            query: "lantern".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
 }
