@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use secrecy::ExposeSecret as _;
+use secrecy::{ExposeSecret as _, SecretString};
 use sqlx::{
     PgPool,
     migrate::{Migrate as _, Migrator},
@@ -19,22 +19,28 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 /// (beyond `min_connections`, in the background), so start-up does not fail
 /// on a database that is briefly unreachable; readiness reports it instead.
 pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
-    let options: PgConnectOptions = settings
-        .url
-        .expose_secret()
-        .parse()
-        .context("invalid configuration: database.url is not a PostgreSQL URL")?;
-    Ok(pool_with(settings, options.application_name("datagate")))
+    pool_at(settings, &settings.url, "database.url", "datagate")
 }
 
-fn pool_with(settings: &DatabaseSettings, options: PgConnectOptions) -> PgPool {
-    PgPoolOptions::new()
+/// A pool on `url` (the setting `key`), sized and timed by `settings`, its
+/// connections named `application` in `pg_stat_activity`.
+fn pool_at(
+    settings: &DatabaseSettings,
+    url: &SecretString,
+    key: &str,
+    application: &str,
+) -> anyhow::Result<PgPool> {
+    let options: PgConnectOptions = url
+        .expose_secret()
+        .parse()
+        .with_context(|| format!("invalid configuration: {key} is not a PostgreSQL URL"))?;
+    Ok(PgPoolOptions::new()
         .min_connections(settings.min_connections)
         .max_connections(settings.max_connections)
         .acquire_timeout(settings.acquire_timeout)
         .idle_timeout(Some(settings.idle_timeout))
         .max_lifetime(Some(settings.max_lifetime))
-        .connect_lazy_with(options)
+        .connect_lazy_with(options.application_name(application)))
 }
 
 /// Where lag-tolerant reads go: the read replica when `database.read_url` is
@@ -51,13 +57,13 @@ impl Reads {
         if settings.read_url.expose_secret().trim().is_empty() {
             return Ok(Self::primary(primary));
         }
-        let options: PgConnectOptions = settings
-            .read_url
-            .expose_secret()
-            .parse()
-            .context("invalid configuration: database.read_url is not a PostgreSQL URL")?;
         Ok(Self {
-            pool: pool_with(settings, options.application_name("datagate-reads")),
+            pool: pool_at(
+                settings,
+                &settings.read_url,
+                "database.read_url",
+                "datagate-reads",
+            )?,
             replica: true,
         })
     }
