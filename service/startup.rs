@@ -422,6 +422,14 @@ async fn report_dependency(health: &HealthReporter, name: &str, ok: bool, last: 
     *last = Some(ok);
 }
 
+/// PostgreSQL answers `SELECT 1` on `pool` within the readiness timeout.
+async fn answers(pool: &PgPool) -> bool {
+    matches!(
+        tokio::time::timeout(READINESS_TIMEOUT, sqlx::query("SELECT 1").execute(pool)).await,
+        Ok(Ok(_))
+    )
+}
+
 /// The health entry of the read replica (`database.read_url`, when set): down,
 /// the lag-tolerant reads fail (search, insights, analytics), the rest serves.
 pub const REPLICA_HEALTH: &str = "postgres_replica";
@@ -463,17 +471,10 @@ async fn watch_readiness(
             report_dependency(&health, MONGODB_HEALTH, ok, &mut mongo_ready).await;
         }
         if let Some(replica) = reads.replica() {
-            let ok = matches!(
-                tokio::time::timeout(READINESS_TIMEOUT, sqlx::query("SELECT 1").execute(replica))
-                    .await,
-                Ok(Ok(_))
-            );
+            let ok = answers(replica).await;
             report_dependency(&health, REPLICA_HEALTH, ok, &mut replica_ready).await;
         }
-        let ok = matches!(
-            tokio::time::timeout(READINESS_TIMEOUT, sqlx::query("SELECT 1").execute(&db)).await,
-            Ok(Ok(_))
-        );
+        let ok = answers(&db).await;
         if ready != Some(ok) {
             if ok {
                 tracing::info!("database reachable: SERVING");
