@@ -133,21 +133,33 @@ ensure_postgres_tls() { # bindir base
 
 # --- Redis -----------------------------------------------------------------
 
+# redis-server 7 or newer, installed if missing; prints its major version.
+need_redis_server() {
+  command -v redis-server >/dev/null || apt_install redis-server
+  local major; major=$(redis-server --version | sed -E 's/.*v=([0-9]+).*/\1/')
+  [ "$major" -ge 7 ] || die "Redis $major found; 7 or newer is required"
+  echo "$major"
+}
+
+# A daemonized redis-server on loopback that keeps nothing on disk, with its
+# pid and log files in its directory: port dir [more redis-server options].
+start_redis() {
+  local port=$1 dir=$2; shift 2
+  mkdir -p "$dir"
+  redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
+    --daemonize yes --dir "$dir" --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" "$@" >&2
+}
+
 ensure_redis() {
   if [ -n "${REDIS_URL:-}" ]; then
     log "Redis: using REDIS_URL"
     echo "export REDIS_URL='$REDIS_URL'"
     return
   fi
-  command -v redis-server >/dev/null || apt_install redis-server
-  local major; major=$(redis-server --version | sed -E 's/.*v=([0-9]+).*/\1/')
-  [ "$major" -ge 7 ] || die "Redis $major found; 7 or newer is required"
+  local major; major=$(need_redis_server)
   if ! port_open "$REDIS_PORT"; then
     log "Redis $major: starting on 127.0.0.1:$REDIS_PORT"
-    mkdir -p "$STATE/redis"
-    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
-      --daemonize yes --dir "$STATE/redis" --pidfile "$STATE/redis/redis.pid" \
-      --logfile "$STATE/redis/redis.log" >&2
+    start_redis "$REDIS_PORT" "$STATE/redis"
   fi
   wait_port "$REDIS_PORT" Redis
   echo "export REDIS_URL='redis://127.0.0.1:$REDIS_PORT'"
@@ -167,16 +179,13 @@ ensure_redis_cluster() {
     echo "export REDIS_CLUSTER_URLS='$REDIS_CLUSTER_URLS'"
     return
   fi
-  command -v redis-server >/dev/null || apt_install redis-server
+  need_redis_server >/dev/null
   local port dir nodes=() urls=
   for port in "$REDIS_CLUSTER_PORT" $((REDIS_CLUSTER_PORT + 1)) $((REDIS_CLUSTER_PORT + 2)); do
     dir=$STATE/redis-cluster/$port
     if ! port_open "$port"; then
       log "Redis Cluster: starting a node on 127.0.0.1:$port"
-      mkdir -p "$dir"
-      redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
-        --cluster-enabled yes --cluster-config-file "$dir/nodes.conf" \
-        --daemonize yes --dir "$dir" --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" >&2
+      start_redis "$port" "$dir" --cluster-enabled yes --cluster-config-file "$dir/nodes.conf"
     fi
     wait_port "$port" "Redis Cluster node"
     nodes+=("127.0.0.1:$port")
