@@ -13,9 +13,10 @@ run: ## start the databases, migrate, seed, and run datagate on :50051
 test: lint ## lint, then unit + integration tests and the grpcurl smoke test
 	@scripts/test.sh
 
-lint: ## rustfmt, clippy (warnings are errors), and the deployment files (kustomize, schemas, hadolint)
+lint: ## rustfmt, clippy (warnings are errors), the layering rule, and the deployment files (kustomize, schemas, hadolint)
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
+	cargo test --quiet --test layers
 	scripts/check-deploy.sh
 
 smoke: ## only the grpcurl smoke test

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use datagate::{
     config::Settings,
-    domain::{analytics::Analytics, catalog::Catalog, users::Id},
+    domain::{analytics::Analytics, catalog::Catalog},
+    model::Id,
     store::{cache::Cache, postgres::Reads},
 };
 use sqlx::PgPool;

@@ -19,11 +19,8 @@ use std::{
 
 use datagate::{
     config::Settings,
-    domain::{
-        paging::PageTokens,
-        passwords::PasswordHasher,
-        users::{Id, Users},
-    },
+    domain::{passwords::PasswordHasher, users::Users},
+    model::{Id, paging::PageTokens},
     statements::{self, RequestLog},
     store::cache::Cache,
 };

@@ -14,12 +14,8 @@ use std::{
 };
 
 use datagate::{
-    domain::{
-        orders::Orders,
-        paging::{PageRequest, PageSize, PageTokens},
-        passwords::PasswordHasher,
-        users::Users,
-    },
+    domain::{orders::Orders, passwords::PasswordHasher, users::Users},
+    model::paging::{PageRequest, PageSize, PageTokens},
     statements::{self, RequestLog},
     store::cache::Cache,
 };

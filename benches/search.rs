@@ -13,16 +13,15 @@ use datagate::{
     config::Settings,
     domain::{
         catalog::Catalog,
+        search::{ProductSearch, parse_page_size},
+    },
+    model::{
+        Id,
         paging::{PageRequest, PageTokens},
-        search::{ProductSearch, SearchRequest, SearchText, parse_page_size},
-        users::Id,
+        search::{SearchFilters, SearchQuery, SearchRequest, SearchSort, SearchText},
     },
     search_log::SearchLog,
-    store::{
-        cache::Cache,
-        postgres::Reads,
-        search::{SearchFilters, SearchQuery, SearchSort},
-    },
+    store::{cache::Cache, postgres::Reads},
 };
 use secrecy::SecretString;
 use sqlx::PgPool;

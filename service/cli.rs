@@ -156,7 +156,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             store::postgres::migrate_up(&db).await?;
             let started = std::time::Instant::now();
-            let mongo = store::mongo::Mongo::connect(&settings.mongodb).await?;
+            let mongo = crate::documents::Mongo::connect(&settings.mongodb).await?;
             generate::generate(&db, mongo.as_ref(), sizes).await?;
             println!("generated {sizes:?} in {:.1?}", started.elapsed());
             Ok(())

@@ -21,7 +21,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use mongodb::bson::oid::ObjectId;
 use sqlx::{Connection as _, PgPool, Postgres, Transaction};
 
-use crate::store::{
+use crate::documents::{
     mongo::{Mongo, PRICE_HISTORY},
     price_history::{Bucket, day_key},
 };

@@ -5,14 +5,19 @@
 //! `startup` assembles it all; `main` only parses the command line.
 
 pub mod api;
+// The cache moves out of `store/` (a separate change); its path is already `crate::cache`.
+pub(crate) use store::cache;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod documents;
 pub mod domain;
+pub mod error;
 pub mod generate;
 pub mod loaders;
 pub mod metrics;
 pub mod middleware;
+pub mod model;
 pub mod outbox;
 pub mod proto;
 pub mod search_log;

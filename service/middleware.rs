@@ -29,7 +29,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::{
     auth::{Caller, TokenStore},
-    domain::error::{Detail, Error},
+    error::{Detail, Error},
     statements::{self, RequestLog},
     telemetry::HeaderExtractor,
 };

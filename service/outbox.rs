@@ -17,12 +17,10 @@ use sqlx::{PgPool, postgres::PgListener};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    domain::error::Result,
-    store::{
-        mongo::Mongo,
-        outbox::{self, Change},
-        price_history, profiles,
-    },
+    documents::{Mongo, price_history, profiles},
+    error::Result,
+    model::outbox::Change,
+    store::outbox,
 };
 
 const BATCH: i64 = 100;

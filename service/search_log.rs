@@ -19,8 +19,7 @@ use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::SearchLogSettings,
-    store::search::{SearchRecord, insert_records},
+    config::SearchLogSettings, model::search::SearchRecord, store::search::insert_records,
 };
 
 /// Backoff between the attempts to write one batch.

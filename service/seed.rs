@@ -4,15 +4,18 @@
 use secrecy::SecretString;
 use sqlx::PgPool;
 
-use crate::domain::{
-    audit::Actor,
+use crate::{
+    cache::Cache,
+    domain::{passwords::PasswordHasher, teams::Teams, users::Users},
     error::Error,
-    paging::PageTokens,
-    passwords::{Password, PasswordHasher},
-    teams::{TeamName, TeamRole, Teams},
-    users::{DisplayName, Email, NewUser, UserStatus, Username, Users},
+    model::{
+        audit::Actor,
+        paging::PageTokens,
+        passwords::Password,
+        teams::{TeamName, TeamRole},
+        users::{DisplayName, Email, NewUser, UserStatus, Username},
+    },
 };
-use crate::store::cache::Cache;
 
 const DEMO_USERS: &[(&str, &str, &str)] = &[
     ("ada@example.com", "ada", "Ada Lovelace"),
@@ -52,11 +55,18 @@ pub async fn demo(db: &PgPool, cache: Cache) -> anyhow::Result<()> {
     }
     if let [first, rest @ ..] = created.as_slice() {
         let team = teams
-            .create(TeamName::parse("Analytical Engines").map_err(anyhow::Error::msg)?)
+            .create(
+                &actor,
+                TeamName::parse("Analytical Engines").map_err(anyhow::Error::msg)?,
+            )
             .await?;
-        teams.add_member(team.id, *first, TeamRole::Owner).await?;
+        teams
+            .add_member(&actor, team.id, *first, TeamRole::Owner)
+            .await?;
         for id in rest {
-            teams.add_member(team.id, *id, TeamRole::Member).await?;
+            teams
+                .add_member(&actor, team.id, *id, TeamRole::Member)
+                .await?;
         }
     }
     println!("demo data: {} new users", created.len());

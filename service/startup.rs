@@ -22,18 +22,19 @@ use crate::{
     },
     auth::TokenStore,
     config::Settings,
+    documents::Mongo,
     domain::{
         analytics::Analytics, catalog::Catalog, market_analyses::MarketAnalyses, orders::Orders,
-        paging::PageTokens, partitions::Partitions, passwords::PasswordHasher,
-        price_history::PriceHistory, profiles::Profiles, search::ProductSearch, teams::Teams,
-        users::Users,
+        partitions::Partitions, passwords::PasswordHasher, price_history::PriceHistory,
+        profiles::Profiles, search::ProductSearch, teams::Teams, users::Users,
     },
     metrics,
     middleware::{AuthLayer, DeadlineLayer, RpcLayer},
+    model::paging::PageTokens,
     outbox::OutboxRelay,
     proto,
     search_log::SearchLog,
-    store::{self, cache::Cache, mongo::Mongo, postgres::Reads},
+    store::{self, cache::Cache, postgres::Reads},
 };
 
 /// How often readiness checks the database and Redis, and how long a check may take.

@@ -34,6 +34,8 @@ use tracing::{
 };
 use tracing_subscriber::{Layer, filter::Targets, layer::Context};
 
+use crate::error::reason;
+
 tokio::task_local! {
     static CURRENT: Arc<RequestLog>;
 }
@@ -117,7 +119,7 @@ pub fn report_n_plus_one(log: &RequestLog, threshold: u32, operation: &str) -> V
         .collect();
     for (shape, count) in &repeated {
         tracing::warn!(
-            event = "N_PLUS_ONE_DETECTED",
+            event = reason::N_PLUS_ONE_DETECTED,
             operation,
             shape = %shape,
             count,
@@ -252,12 +254,12 @@ impl<S: Subscriber> Layer<S> for StatementLayer {
             metrics::counter!("slow_query_count", "database_type" => "postgres", "operation" => operation.clone())
                 .increment(1);
             tracing::warn!(
-                event = "SLOW_QUERY",
+                event = reason::SLOW_QUERY,
                 database_type = "postgres",
                 operation = %operation,
                 query_time_ms = fields.elapsed_secs * 1000.0,
                 shape = %shape,
-                "SLOW_QUERY"
+                "SLOW_QUERY: a statement ran longer than the slow-query threshold"
             );
         }
         let _ = CURRENT.try_with(|log| log.record(shape));

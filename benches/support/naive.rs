@@ -3,11 +3,12 @@
 //! measured against the batched path and to trip the N+1 detector.
 
 use datagate::{
-    domain::{
-        error::Result,
+    domain::users::Users,
+    error::Result,
+    model::{
         orders::{Order, UserWithOrders},
         paging::PageRequest,
-        users::{UserFilter, Users},
+        users::UserFilter,
     },
     store,
 };

@@ -5,11 +5,8 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     auth::{ADMIN_ROLE, Caller},
-    domain::{
-        analytics::Analytics,
-        error::{Detail, Error},
-        partitions::Partitions,
-    },
+    domain::{analytics::Analytics, partitions::Partitions},
+    error::{Detail, Error, reason},
     proto::v1 as pb,
 };
 
@@ -34,7 +31,7 @@ fn require_admin<T>(request: &Request<T>) -> Result<(), Status> {
         Some(caller) if caller.has_role(ADMIN_ROLE) => Ok(()),
         caller => Err(Error::PermissionDenied(
             Detail::new(
-                "ADMIN_ROLE_REQUIRED",
+                reason::ADMIN_ROLE_REQUIRED,
                 format!(
                     "caller {} lacks the `{ADMIN_ROLE}` role that AdminService requires",
                     caller.map_or("(unknown)", Caller::name)
@@ -105,7 +102,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let started = std::time::Instant::now();
         if !self.analytics.refresh().await? {
             return Err(Error::Aborted(Detail::new(
-                "REFRESH_IN_PROGRESS",
+                reason::REFRESH_IN_PROGRESS,
                 "another replica is refreshing the analytics now; retry when it is done",
             ))
             .into());

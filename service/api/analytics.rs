@@ -11,16 +11,20 @@ use crate::{
             Analytics, DEFAULT_LIMIT, DEFAULT_TREND_MONTHS, MAX_LIMIT, MAX_METRICS_DAYS,
             MAX_TREND_MONTHS, MAX_WINDOW_DAYS,
         },
-        catalog::Text,
-        error::{Error, Violations},
-        market_analyses::{
-            Analysis, Kind, MAX_CATEGORIES as ANALYSIS_MAX_CATEGORIES,
-            MAX_WINDOW_DAYS as ANALYSIS_MAX_WINDOW_DAYS, MarketAnalyses,
-        },
+        market_analyses::MarketAnalyses,
         search::parse_categories,
     },
+    error::{Error, Violations},
+    model::{
+        analytics::CategoryMetrics,
+        catalog::Text,
+        market_analyses::{
+            Analysis, Kind, MAX_CATEGORIES as ANALYSIS_MAX_CATEGORIES,
+            MAX_WINDOW_DAYS as ANALYSIS_MAX_WINDOW_DAYS,
+        },
+        search::QueryStats,
+    },
     proto::v1 as pb,
-    store::{analytics::CategoryMetrics, search::QueryStats},
 };
 
 pub use pb::analytics_service_server::AnalyticsServiceServer;

@@ -6,21 +6,22 @@ use tonic::{Request, Response, Status};
 use super::{actor, parse_id, parse_ids, parse_window, parsed, timestamp};
 use crate::{
     domain::{
+        catalog::Catalog,
+        price_history::PriceHistory,
+        search::{ProductSearch, parse_categories, parse_page_size},
+    },
+    error::Violations,
+    model::{
+        Id,
         catalog::{
-            Catalog, MAX_ADJUSTMENT, MAX_BATCH, NewProduct, Product, ProductPatch, Sku, Text,
-            parse_count, parse_price, parse_rating,
+            MAX_ADJUSTMENT, MAX_BATCH, NewProduct, Product, ProductPatch, Sku, Text, parse_count,
+            parse_price, parse_rating,
         },
-        error::Violations,
         paging::PageRequest,
-        price_history::{Granularity, MAX_RANGE_DAYS, PriceHistory},
-        search::{
-            MAX_QUERY_CHARS, ProductSearch, SearchRequest, SearchText, parse_categories,
-            parse_page_size,
-        },
-        users::Id,
+        price_history::{Granularity, MAX_RANGE_DAYS},
+        search::{MAX_QUERY_CHARS, SearchFilters, SearchRequest, SearchSort, SearchText},
     },
     proto::v1 as pb,
-    store::search::{SearchFilters, SearchSort},
 };
 
 pub use pb::catalog_service_server::CatalogServiceServer;

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
 
-use crate::domain::error::{Detail, Error};
+use crate::error::{Detail, Error, FieldViolation, reason};
 
 /// The `ErrorInfo.domain` of every error this service returns.
 pub const ERROR_DOMAIN: &str = "datagate.v1";
@@ -20,7 +20,7 @@ impl From<Error> for Status {
             Error::InvalidArgument(violations) => {
                 let message = error_message(&violations);
                 let mut details = ErrorDetails::with_error_info(
-                    "INVALID_ARGUMENT",
+                    reason::INVALID_ARGUMENT,
                     ERROR_DOMAIN,
                     HashMap::<String, String>::new(),
                 );
@@ -51,7 +51,7 @@ impl From<Error> for Status {
                     Code::Internal,
                     "internal error; it has been logged with the request id",
                     ErrorDetails::with_error_info(
-                        "INTERNAL",
+                        reason::INTERNAL,
                         ERROR_DOMAIN,
                         HashMap::<String, String>::new(),
                     ),
@@ -78,7 +78,7 @@ fn info(detail: &Detail) -> ErrorDetails {
     )
 }
 
-fn error_message(violations: &[crate::domain::error::FieldViolation]) -> String {
+fn error_message(violations: &[FieldViolation]) -> String {
     let fields: Vec<&str> = violations.iter().map(|v| v.field.as_str()).collect();
     match violations {
         [one] => format!("invalid {}: {}", one.field, one.description),

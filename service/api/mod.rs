@@ -14,13 +14,13 @@ use prost_types::Timestamp;
 
 use crate::{
     auth::Caller,
-    domain::{
-        audit::Actor,
-        error::{Error, Violations},
-        paging::{PageRequest, PageSize},
-        users::Id,
-    },
+    error::{Error, Violations},
     middleware::RequestId,
+    model::{
+        Id,
+        audit::Actor,
+        paging::{PageRequest, PageSize},
+    },
 };
 
 /// The caller of a call. Every service call passed the auth layer, so a
@@ -134,7 +134,7 @@ macro_rules! parsed {
     ($violations:expr, $($value:ident),+ $(,)?) => {
         $violations.into_result()?;
         $(let Some($value) = $value else {
-            return Err($crate::domain::error::Error::Internal(anyhow::anyhow!(concat!(stringify!($value), " missing without a violation"))).into());
+            return Err($crate::error::Error::Internal(anyhow::anyhow!(concat!(stringify!($value), " missing without a violation"))).into());
         };)+
     };
 }

@@ -1,17 +1,13 @@
 //! `datagate.v1.OrderService`.
 
-use std::collections::HashSet;
-
 use tonic::{Request, Response, Status};
 
 use super::{actor, parse_id, parse_page, parse_time_range, parsed, timestamp};
 use crate::{
-    domain::{
-        error::{Error, Violations},
-        orders::{
-            self, MAX_LINES, MAX_QUANTITY, NewOrder, Order, OrderFilter, OrderLine, OrderStatus,
-            Orders, RequestKey,
-        },
+    domain::orders::{self, Orders, RawLine, parse_new_order},
+    error::Violations,
+    model::{
+        orders::{Order, OrderFilter, OrderStatus},
         paging::PageRequest,
     },
     proto::v1 as pb,
@@ -36,7 +32,16 @@ impl pb::order_service_server::OrderService for OrderApi {
         request: Request<pb::CreateOrderRequest>,
     ) -> Result<Response<pb::Order>, Status> {
         let actor = actor(&request)?;
-        let new = parse_new_order(request.into_inner())?;
+        let r = request.into_inner();
+        let lines: Vec<RawLine> = r
+            .items
+            .iter()
+            .map(|line| RawLine {
+                product_id: line.product_id,
+                quantity: line.quantity,
+            })
+            .collect();
+        let new = parse_new_order(r.user_id, &lines, &r.request_id)?;
         let order = self.orders.create(&actor, new).await?;
         Ok(Response::new(order.into()))
     }
@@ -144,51 +149,6 @@ impl pb::order_service_server::OrderService for OrderApi {
             next_page_token: page.next_page_token.unwrap_or_default(),
         }))
     }
-}
-
-fn parse_new_order(r: pb::CreateOrderRequest) -> Result<NewOrder, Error> {
-    let mut v = Violations::default();
-    let user_id = parse_id(&mut v, "user_id", r.user_id);
-    if r.items.is_empty() {
-        v.add("items", "must hold at least one line");
-    } else if r.items.len() > MAX_LINES {
-        v.add("items", format!("must hold at most {MAX_LINES} lines"));
-    }
-    let mut seen = HashSet::new();
-    let mut lines = Vec::with_capacity(r.items.len());
-    for (i, line) in r.items.iter().enumerate() {
-        let product_id = parse_id(&mut v, &format!("items[{i}].product_id"), line.product_id);
-        if !(1..=MAX_QUANTITY).contains(&line.quantity) {
-            v.add(
-                format!("items[{i}].quantity"),
-                format!("must be between 1 and {MAX_QUANTITY}"),
-            );
-        }
-        if let Some(product_id) = product_id {
-            if !seen.insert(product_id) {
-                v.add(
-                    format!("items[{i}].product_id"),
-                    "appears in more than one line; put the whole quantity on one line",
-                );
-            }
-            lines.push(OrderLine {
-                product_id,
-                quantity: line.quantity,
-            });
-        }
-    }
-    let request_key = if r.request_id.is_empty() {
-        Some(None)
-    } else {
-        v.check("request_id", RequestKey::parse(&r.request_id))
-            .map(Some)
-    };
-    parsed!(v, user_id, request_key);
-    Ok(NewOrder {
-        user_id,
-        lines,
-        request_key,
-    })
 }
 
 /// `UNSPECIFIED` means "any"; unknown numbers are invalid.

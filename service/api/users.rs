@@ -6,16 +6,18 @@ use tonic::{Request, Response, Status};
 use super::{actor, parse_id, parse_ids, parse_page, parse_time_range, parsed, timestamp};
 use crate::{
     domain::{
-        error::{Error, Violations},
+        profiles::{Profiles, parse_addresses, parse_name, parse_preferences},
+        teams::Teams,
+        users::Users,
+    },
+    error::{Error, Violations},
+    model::{
         passwords::Password,
-        profiles::{
-            Address, Preferences, Profile, ProfilePatch, Profiles, parse_addresses, parse_name,
-            parse_preferences,
-        },
-        teams::{Membership, Team, TeamName, TeamRole, Teams},
+        profiles::{Address, Preferences, Profile, ProfilePatch},
+        teams::{Membership, Team, TeamName, TeamRole},
         users::{
             DisplayName, Email, MAX_BATCH, NewUser, User, UserFilter, UserLookup, UserPatch,
-            UserStatus, Username, Users,
+            UserStatus, Username,
         },
     },
     proto::v1 as pb,
@@ -180,23 +182,28 @@ impl pb::user_service_server::UserService for UserApi {
         &self,
         request: Request<pb::CreateTeamRequest>,
     ) -> Result<Response<pb::Team>, Status> {
+        let actor = actor(&request)?;
         let mut v = Violations::default();
         let name = v.check("name", TeamName::parse(&request.into_inner().name));
         parsed!(v, name);
-        Ok(Response::new(self.teams.create(name).await?.into()))
+        Ok(Response::new(self.teams.create(&actor, name).await?.into()))
     }
 
     async fn add_team_member(
         &self,
         request: Request<pb::AddTeamMemberRequest>,
     ) -> Result<Response<pb::TeamMembership>, Status> {
+        let actor = actor(&request)?;
         let request = request.into_inner();
         let mut v = Violations::default();
         let team_id = parse_id(&mut v, "team_id", request.team_id);
         let user_id = parse_id(&mut v, "user_id", request.user_id);
         let role = v.check("role", parse_role(request.role));
         parsed!(v, team_id, user_id, role);
-        let membership = self.teams.add_member(team_id, user_id, role).await?;
+        let membership = self
+            .teams
+            .add_member(&actor, team_id, user_id, role)
+            .await?;
         Ok(Response::new(membership.into()))
     }
 
@@ -204,12 +211,13 @@ impl pb::user_service_server::UserService for UserApi {
         &self,
         request: Request<pb::RemoveTeamMemberRequest>,
     ) -> Result<Response<pb::RemoveTeamMemberResponse>, Status> {
+        let actor = actor(&request)?;
         let request = request.into_inner();
         let mut v = Violations::default();
         let team_id = parse_id(&mut v, "team_id", request.team_id);
         let user_id = parse_id(&mut v, "user_id", request.user_id);
         parsed!(v, team_id, user_id);
-        self.teams.remove_member(team_id, user_id).await?;
+        self.teams.remove_member(&actor, team_id, user_id).await?;
         Ok(Response::new(pb::RemoveTeamMemberResponse {}))
     }
 

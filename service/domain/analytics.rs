@@ -8,13 +8,14 @@ use std::time::Duration;
 use chrono::{DateTime, Datelike as _, Months, NaiveDate, Utc};
 use sqlx::PgPool;
 
-use super::error::Result;
-use crate::store::{
-    self,
-    analytics::CategoryMetrics,
+use crate::{
     cache::{Cache, Family},
-    postgres::Reads,
-    search::SearchInsights,
+    error::Result,
+    model::{
+        analytics::{CategoryMetrics, MonthlyRevenue},
+        search::SearchInsights,
+    },
+    store::{self, postgres::Reads},
 };
 
 /// The longest window one insights call may cover.
@@ -24,14 +25,6 @@ pub const MAX_LIMIT: u32 = 100;
 pub const MAX_METRICS_DAYS: u32 = 365;
 pub const DEFAULT_TREND_MONTHS: u32 = 12;
 pub const MAX_TREND_MONTHS: u32 = 36;
-
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct MonthlyRevenue {
-    /// The first day of the month.
-    pub month: NaiveDate,
-    pub revenue_cents: i64,
-    pub growth_rate: Option<f64>,
-}
 
 #[derive(Clone)]
 pub struct Analytics {

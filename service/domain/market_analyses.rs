@@ -4,88 +4,34 @@
 use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::{
-    error::{Detail, Error, Result},
-    paging::{Page, PageRequest, PageTokens},
-    profiles::mongodb_not_configured,
-};
+use super::profiles::mongodb_not_configured;
 use crate::{
     config::AnalysisSettings,
-    store::{
-        analytics::{self, CategoryMetrics, SearchDemand, TopProduct},
-        market_analyses::{self as store, AnalysisDoc},
-        mongo::{Mongo, from_document, to_document},
+    documents::{
+        Mongo, market_analyses as store,
+        mongo::{from_document, to_document},
         price_history,
     },
+    error::{Detail, Error, Result, reason},
+    model::{
+        market_analyses::{Analysis, AnalysisDoc, Kind, PriceTrend, Results},
+        paging::{Page, PageRequest, PageTokens},
+    },
+    store::analytics,
 };
 
-pub const MAX_CATEGORIES: usize = 10;
-pub const MAX_WINDOW_DAYS: u32 = 365;
 const TOP_PRODUCTS: i64 = 10;
 const TOKEN_SCOPE: &str = "market_analyses";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Overview,
-    Pricing,
-    Demand,
-    Full,
-}
-
-impl Kind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Overview => "overview",
-            Self::Pricing => "pricing",
-            Self::Demand => "demand",
-            Self::Full => "full",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        [Self::Overview, Self::Pricing, Self::Demand, Self::Full]
-            .into_iter()
-            .find(|k| k.as_str() == s)
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-pub struct PriceTrend {
-    pub product_id: i64,
-    pub measurements: i64,
-    pub first_cents: i64,
-    pub last_cents: i64,
-    pub min_cents: i64,
-    pub max_cents: i64,
-    pub change_rate: Option<f64>,
-}
-
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-pub struct Results {
-    pub category_metrics: Vec<CategoryMetrics>,
-    pub top_products: Vec<TopProduct>,
-    pub price_trends: Vec<PriceTrend>,
-    pub search_demand: Vec<SearchDemand>,
-}
-
-/// An analysis as callers see it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Analysis {
-    pub doc: AnalysisDoc,
-    pub results: Option<Results>,
-    pub timings_ms: BTreeMap<String, f64>,
-}
 
 pub fn analysis_not_found(id: &str) -> Error {
     Error::NotFound(
         Detail::new(
-            "MARKET_ANALYSIS_NOT_FOUND",
+            reason::MARKET_ANALYSIS_NOT_FOUND,
             format!("market analysis {id:?} does not exist or belongs to another caller"),
         )
         .with("analysis_id", id),

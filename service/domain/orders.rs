@@ -1,203 +1,107 @@
-//! Orders: creation against inventory, the status lifecycle, and the reads
-//! that assemble users, orders, items and products through request-scoped
-//! loaders (one query per level, whatever the page size).
+//! Orders: parsing an order request, creation against inventory, the
+//! status lifecycle, and the reads that assemble users, orders, items and
+//! products through request-scoped loaders (one query per level, whatever
+//! the page size). Types are in `model::orders`; SQL in `store::orders`.
 
 use std::collections::{HashMap, HashSet};
 
-use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
 use sqlx::PgPool;
 
 use super::{
-    audit::Actor,
     catalog::{insufficient_inventory, products_not_found},
-    error::{Detail, Error, Result},
-    paging::{Page, PageRequest, PageSize, PageTokens},
-    users::{Id, User, UserFilter, Users, user_not_found},
+    idempotency::{Claim, Idempotency},
+    users::{Users, user_not_found},
+    write::Writes,
 };
 use crate::{
+    cache::{Cache, Entity},
+    error::{Detail, Error, Result, Violations, reason},
     loaders::Loaders,
-    store::{
-        self,
-        cache::{Cache, Entity},
+    model::{
+        Id,
+        audit::Actor,
+        idempotency::RequestKey,
+        orders::{
+            MAX_LINES, MAX_QUANTITY, NewOrder, ORDERS_PER_USER_DEFAULT, ORDERS_PER_USER_MAX, Order,
+            OrderCursor, OrderFilter, OrderHeader, OrderItem, OrderLine, OrderStatus,
+            ProductSummary, USERS_PAGE_DEFAULT, USERS_PAGE_MAX, UserWithOrders,
+        },
+        paging::{Page, PageRequest, PageSize, PageTokens},
+        users::UserFilter,
     },
+    store,
 };
 
-/// The most lines one order may have.
-pub const MAX_LINES: usize = 50;
-/// The most units of one product in one order.
-pub const MAX_QUANTITY: i32 = 1000;
-/// Users per ListUsersWithOrders page: default and maximum.
-pub const USERS_PAGE_DEFAULT: i32 = 20;
-pub const USERS_PAGE_MAX: u32 = 100;
-/// Recent orders per user: default and maximum.
-pub const ORDERS_PER_USER_DEFAULT: u32 = 5;
-pub const ORDERS_PER_USER_MAX: u32 = 20;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OrderStatus {
-    Pending,
-    Processing,
-    Completed,
-    Cancelled,
-}
-
-impl OrderStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "pending",
-            Self::Processing => "processing",
-            Self::Completed => "completed",
-            Self::Cancelled => "cancelled",
-        }
-    }
-
-    pub fn from_db(s: &str) -> anyhow::Result<Self> {
-        match s {
-            "pending" => Ok(Self::Pending),
-            "processing" => Ok(Self::Processing),
-            "completed" => Ok(Self::Completed),
-            "cancelled" => Ok(Self::Cancelled),
-            other => anyhow::bail!("unknown order status {other:?} in the database"),
-        }
-    }
-
-    /// pending → processing → completed; pending | processing → cancelled.
-    pub fn can_become(self, to: Self) -> bool {
-        use OrderStatus::*;
-        matches!(
-            (self, to),
-            (Pending, Processing) | (Processing, Completed) | (Pending | Processing, Cancelled)
-        )
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProductSummary {
-    pub id: Id,
-    pub sku: String,
-    pub title: String,
-    pub category: String,
-    pub price_cents: i64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OrderItem {
-    pub product_id: Id,
-    pub quantity: i32,
-    pub unit_price_cents: i64,
-    pub subtotal_cents: i64,
-    pub product: Option<ProductSummary>,
-}
-
-/// An order without its items, as stored in `orders`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OrderHeader {
-    pub id: Id,
-    pub order_number: String,
-    pub user_id: Id,
-    pub status: OrderStatus,
-    pub total_cents: i64,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    pub version: i64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Order {
-    pub header: OrderHeader,
-    pub items: Vec<OrderItem>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OrderLine {
-    pub product_id: Id,
+/// One line of an order request as sent: a product id and a quantity.
+#[derive(Debug, Clone, Copy)]
+pub struct RawLine {
+    pub product_id: i64,
     pub quantity: i32,
 }
 
-/// An idempotency key: 1 to 128 visible ASCII characters.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RequestKey(String);
-
-impl RequestKey {
-    pub fn parse(raw: &str) -> Result<Self, String> {
-        if raw.is_empty() || raw.len() > 128 || !raw.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err("must be 1 to 128 visible ASCII characters".into());
+/// Parses an order request: a valid user id, 1 to [`MAX_LINES`] lines, each
+/// product once, 1 to [`MAX_QUANTITY`] units a line, and an optional request
+/// id (empty means none). Every violation is reported at once.
+pub fn parse_new_order(user_id: i64, lines: &[RawLine], request_id: &str) -> Result<NewOrder> {
+    let mut v = Violations::default();
+    let user_id = v.check("user_id", Id::parse(user_id));
+    if lines.is_empty() {
+        v.add("items", "must hold at least one line");
+    } else if lines.len() > MAX_LINES {
+        v.add("items", format!("must hold at most {MAX_LINES} lines"));
+    }
+    let mut seen = HashSet::new();
+    let mut parsed = Vec::with_capacity(lines.len());
+    for (i, line) in lines.iter().enumerate() {
+        let field = format!("items[{i}].product_id");
+        let product_id = v.check(&field, Id::parse(line.product_id));
+        if !(1..=MAX_QUANTITY).contains(&line.quantity) {
+            v.add(
+                format!("items[{i}].quantity"),
+                format!("must be between 1 and {MAX_QUANTITY}"),
+            );
         }
-        Ok(Self(raw.to_owned()))
+        if let Some(product_id) = product_id {
+            if !seen.insert(product_id) {
+                v.add(
+                    field,
+                    "appears in more than one line; put the whole quantity on one line",
+                );
+            }
+            parsed.push(OrderLine {
+                product_id,
+                quantity: line.quantity,
+            });
+        }
     }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-/// A validated order request: 1 to 50 lines, each product once, 1 to 1000 units.
-#[derive(Debug, Clone)]
-pub struct NewOrder {
-    pub user_id: Id,
-    pub lines: Vec<OrderLine>,
-    pub request_key: Option<RequestKey>,
-}
-
-impl NewOrder {
-    /// The canonical payload digest that an idempotency key is bound to.
-    pub fn fingerprint(&self) -> String {
-        let mut lines = self.lines.clone();
-        lines.sort_by_key(|l| l.product_id);
-        let canonical = lines
-            .iter()
-            .map(|l| format!("{}x{}", l.product_id, l.quantity))
-            .collect::<Vec<_>>()
-            .join(",");
-        hex::encode(Sha256::digest(format!(
-            "user={};lines={canonical}",
-            self.user_id
-        )))
-    }
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct OrderFilter {
-    pub user_id: Option<Id>,
-    pub status: Option<OrderStatus>,
-    pub created_after: Option<DateTime<Utc>>,
-    pub created_before: Option<DateTime<Utc>>,
-}
-
-impl OrderFilter {
-    fn canonical(&self) -> String {
-        format!(
-            "user={};status={};after={};before={}",
-            self.user_id.map_or(String::new(), |u| u.to_string()),
-            self.status.map_or("any", OrderStatus::as_str),
-            self.created_after.map_or(String::new(), |t| t.to_rfc3339()),
-            self.created_before
-                .map_or(String::new(), |t| t.to_rfc3339()),
-        )
-    }
-}
-
-/// Keyset position in newest-first order listings: (created_at µs, id).
-pub type OrderCursor = (i64, i64);
-
-#[derive(Debug, Clone)]
-pub struct UserWithOrders {
-    pub user: User,
-    pub recent_orders: Vec<Order>,
+    let request_key = if request_id.is_empty() {
+        None
+    } else {
+        v.check("request_id", RequestKey::parse(request_id))
+    };
+    v.into_result()?;
+    let user_id = user_id.ok_or_else(|| anyhow::anyhow!("user_id missing without a violation"))?;
+    Ok(NewOrder {
+        user_id,
+        lines: parsed,
+        request_key,
+    })
 }
 
 pub fn order_not_found(id: Id) -> Error {
     Error::NotFound(
-        Detail::new("ORDER_NOT_FOUND", format!("order {id} does not exist")).with("order_id", id),
+        Detail::new(
+            reason::ORDER_NOT_FOUND,
+            format!("order {id} does not exist"),
+        )
+        .with("order_id", id),
     )
 }
 
 #[derive(Clone)]
 pub struct Orders {
     db: PgPool,
+    writes: Writes,
     pages: PageTokens,
     users: Users,
     cache: Cache,
@@ -206,6 +110,7 @@ pub struct Orders {
 impl Orders {
     pub fn new(db: PgPool, pages: PageTokens, users: Users, cache: Cache) -> Self {
         Self {
+            writes: Writes::new(db.clone(), cache.clone()),
             db,
             pages,
             users,
@@ -217,38 +122,25 @@ impl Orders {
         Loaders::new(self.db.clone(), self.cache.clone(), orders_per_user)
     }
 
-    /// Creates the order in one transaction. With a request key, the key's
-    /// row is inserted first: a concurrent call with the same key waits on
-    /// it, and then reads the response this call stores before committing.
-    /// Inventory rows are locked in product id order, so concurrent orders
-    /// never deadlock.
+    /// Creates the order in one transaction. With a request key, the key is
+    /// claimed first (see [`Idempotency`]): a retry replays the first
+    /// response. Inventory rows are locked in product id order, so concurrent
+    /// orders never deadlock.
     #[tracing::instrument(skip_all, fields(user_id = %new.user_id, lines = new.lines.len()), err(Debug))]
     pub async fn create(&self, actor: &Actor, new: NewOrder) -> Result<Order> {
-        let caller = actor.caller();
-        let fingerprint = new.fingerprint();
-        let mut tx = store::audit::begin(&self.db, actor).await?;
-        if let Some(key) = &new.request_key
-            && !store::orders::claim_request_key(&mut tx, caller, key.as_str(), &fingerprint)
-                .await?
+        let idempotency = new
+            .request_key
+            .as_ref()
+            .map(|key| Idempotency::new(actor.caller(), key, new.fingerprint()));
+        let mut tx = self.writes.begin(actor).await?;
+        if let Some(idempotency) = &idempotency
+            && let Claim::Replay(order) = idempotency.claim::<Order>(&mut tx).await?
         {
-            let (stored_fingerprint, response) =
-                store::orders::stored_response(&mut tx, caller, key.as_str()).await?;
-            if stored_fingerprint != fingerprint {
-                return Err(Error::FailedPrecondition(
-                    Detail::new(
-                        "IDEMPOTENCY_KEY_REUSED",
-                        "this request_id was already used for a different order; use a new request_id for a new order",
-                    )
-                    .with("request_id", key.as_str()),
-                ));
-            }
-            let order: Order = serde_json::from_value(response)
-                .map_err(|e| anyhow::anyhow!("stored idempotent response is unreadable: {e}"))?;
             tracing::info!(order_id = %order.header.id, "replayed an idempotent create");
             return Ok(order);
         }
 
-        if !store::teams::lock_live_user(&mut tx, new.user_id).await? {
+        if !store::users::lock_live_user(&mut tx, new.user_id).await? {
             return Err(user_not_found(new.user_id));
         }
         let product_ids: Vec<Id> = new.lines.iter().map(|l| l.product_id).collect();
@@ -300,16 +192,15 @@ impl Orders {
         let header = store::orders::insert_order(&mut tx, new.user_id, total).await?;
         store::orders::insert_items(&mut tx, header.id, &items).await?;
         let order = Order { header, items };
-        if let Some(key) = &new.request_key {
-            let response = serde_json::to_value(&order)
-                .map_err(|e| anyhow::anyhow!("serializing the order: {e}"))?;
-            store::orders::store_response(&mut tx, caller, key.as_str(), &response).await?;
+        if let Some(idempotency) = &idempotency {
+            idempotency.save(&mut tx, &order).await?;
+        }
+        // The new id may be cached as "not found"; the stock changed.
+        tx.touches(Entity::Order, order.header.id);
+        for line in &lines {
+            tx.touches(Entity::Product, line.product_id);
         }
         tx.commit().await?;
-        // The new id may be cached as "not found"; the stock changed.
-        let mut changed = vec![(Entity::Order, order.header.id.get())];
-        changed.extend(lines.iter().map(|l| (Entity::Product, l.product_id.get())));
-        self.cache.invalidate(&changed).await;
         tracing::info!(order_id = %order.header.id, total_cents = total, "order created");
         Ok(order)
     }
@@ -366,26 +257,24 @@ impl Orders {
         to: OrderStatus,
         version: Option<i64>,
     ) -> Result<Order> {
-        let mut tx = store::audit::begin(&self.db, actor).await?;
+        let mut tx = self.writes.begin(actor).await?;
         let (from, current_version) = store::orders::lock_order(&mut tx, id)
             .await?
             .ok_or_else(|| order_not_found(id))?;
         if let Some(expected) = version
             && expected != current_version
         {
-            return Err(Error::Aborted(
-                Detail::new(
-                    "VERSION_CONFLICT",
-                    format!("order {id} is at version {current_version}, not {expected}: read it again and retry"),
-                )
-                .with("order_id", id)
-                .with("current_version", current_version),
+            return Err(Error::version_conflict(
+                "order",
+                id,
+                expected,
+                current_version,
             ));
         }
         if !from.can_become(to) {
             return Err(Error::FailedPrecondition(
                 Detail::new(
-                    "ORDER_STATE_CONFLICT",
+                    reason::ORDER_STATE_CONFLICT,
                     format!(
                         "order {id} is {}; it cannot become {} (pending → processing → completed, pending or processing → cancelled)",
                         from.as_str(),
@@ -398,24 +287,18 @@ impl Orders {
             ));
         }
         if to == OrderStatus::Cancelled {
-            store::orders::return_inventory(&mut tx, id).await?;
+            // The stock of every product of the order changes.
+            for product in store::orders::return_inventory(&mut tx, id).await? {
+                tx.touches(Entity::Product, product);
+            }
         }
         let header = store::orders::set_status(&mut tx, id, to).await?;
+        tx.touches(Entity::Order, id);
         tx.commit().await?;
         tracing::info!(from = from.as_str(), "order status changed");
         let order = hydrate(&self.loaders(ORDERS_PER_USER_DEFAULT), vec![header])
             .await?
             .remove(0);
-        let mut changed = vec![(Entity::Order, id.get())];
-        if to == OrderStatus::Cancelled {
-            changed.extend(
-                order
-                    .items
-                    .iter()
-                    .map(|i| (Entity::Product, i.product_id.get())),
-            );
-        }
-        self.cache.invalidate(&changed).await;
         Ok(order)
     }
 
@@ -505,73 +388,5 @@ pub fn orders_per_user(raw: i32) -> Result<u32, String> {
         n if n < 0 => Err(format!("must be between 0 and {ORDERS_PER_USER_MAX}")),
         0 => Ok(ORDERS_PER_USER_DEFAULT),
         n => Ok((n as u32).min(ORDERS_PER_USER_MAX)),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_the_documented_transitions_are_allowed() {
-        use OrderStatus::*;
-        let all = [Pending, Processing, Completed, Cancelled];
-        let allowed: Vec<(OrderStatus, OrderStatus)> = all
-            .iter()
-            .flat_map(|f| all.iter().map(move |t| (*f, *t)))
-            .filter(|(f, t)| f.can_become(*t))
-            .collect();
-        assert_eq!(
-            allowed,
-            [
-                (Pending, Processing),
-                (Pending, Cancelled),
-                (Processing, Completed),
-                (Processing, Cancelled)
-            ]
-        );
-    }
-
-    #[test]
-    fn the_fingerprint_ignores_line_order_but_not_content() {
-        let id = |n| Id::parse(n).unwrap();
-        let order = |lines: Vec<(i64, i32)>| NewOrder {
-            user_id: id(1),
-            lines: lines
-                .into_iter()
-                .map(|(p, q)| OrderLine {
-                    product_id: id(p),
-                    quantity: q,
-                })
-                .collect(),
-            request_key: None,
-        };
-        assert_eq!(
-            order(vec![(1, 2), (3, 4)]).fingerprint(),
-            order(vec![(3, 4), (1, 2)]).fingerprint()
-        );
-        assert_ne!(
-            order(vec![(1, 2), (3, 4)]).fingerprint(),
-            order(vec![(1, 2), (3, 5)]).fingerprint()
-        );
-    }
-
-    #[test]
-    fn an_order_survives_the_idempotency_store_round_trip() {
-        let order = Order {
-            header: OrderHeader {
-                id: Id::parse(7).unwrap(),
-                order_number: "ORD-0000000007".into(),
-                user_id: Id::parse(3).unwrap(),
-                status: OrderStatus::Pending,
-                total_cents: 1234,
-                created_at: Utc::now(),
-                updated_at: Utc::now(),
-                version: 1,
-            },
-            items: vec![],
-        };
-        let back: Order = serde_json::from_value(serde_json::to_value(&order).unwrap()).unwrap();
-        assert_eq!(back, order);
     }
 }

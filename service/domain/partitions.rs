@@ -5,10 +5,11 @@
 use chrono::NaiveDate;
 use sqlx::PgPool;
 
-use super::error::Result;
 use crate::{
     config::PartitionSettings,
-    store::partitions::{self, AUDIT_LOG, PRODUCT_SEARCHES, Partition},
+    error::Result,
+    model::partitions::Partition,
+    store::partitions::{self, AUDIT_LOG, PRODUCT_SEARCHES},
 };
 
 #[derive(Clone)]

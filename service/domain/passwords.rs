@@ -11,36 +11,9 @@ use argon2::{
     Argon2, PasswordHash, PasswordVerifier as _,
     password_hash::{PasswordHasher as _, SaltString, rand_core::OsRng},
 };
-use secrecy::{ExposeSecret as _, SecretString};
 use tokio::sync::Semaphore;
 
-use super::error::Error;
-
-pub const MIN_LEN: usize = 8;
-pub const MAX_LEN: usize = 256;
-
-/// A password that meets the length rules.
-#[derive(Debug, Clone)]
-pub struct Password(SecretString);
-
-impl Password {
-    pub fn parse(raw: String) -> Result<Self, String> {
-        let len = raw.chars().count();
-        if !(MIN_LEN..=MAX_LEN).contains(&len) {
-            return Err(format!("must be {MIN_LEN} to {MAX_LEN} characters"));
-        }
-        Ok(Self(SecretString::from(raw)))
-    }
-
-    /// A password presented for verification: any non-empty password up to
-    /// the maximum length (a too-short one simply does not match).
-    pub fn parse_candidate(raw: String) -> Result<Self, String> {
-        if raw.is_empty() || raw.chars().count() > MAX_LEN {
-            return Err(format!("must be 1 to {MAX_LEN} characters"));
-        }
-        Ok(Self(SecretString::from(raw)))
-    }
-}
+use crate::{error::Error, model::passwords::Password};
 
 #[derive(Clone)]
 pub struct PasswordHasher {
@@ -64,7 +37,7 @@ impl PasswordHasher {
         self.run(move || {
             let salt = SaltString::generate(&mut OsRng);
             Argon2::default()
-                .hash_password(password.0.expose_secret().as_bytes(), &salt)
+                .hash_password(password.expose().as_bytes(), &salt)
                 .map(|h| h.to_string())
                 .map_err(|e| anyhow::anyhow!("hashing a password: {e}"))
         })
@@ -83,7 +56,7 @@ impl PasswordHasher {
             let parsed = PasswordHash::new(hash)
                 .map_err(|e| anyhow::anyhow!("stored password hash is malformed: {e}"))?;
             let matches = Argon2::default()
-                .verify_password(password.0.expose_secret().as_bytes(), &parsed)
+                .verify_password(password.expose().as_bytes(), &parsed)
                 .is_ok();
             Ok(real && matches)
         })
@@ -134,20 +107,5 @@ mod tests {
         assert!(hasher.verify(ok.clone(), Some(hash.clone())).await.unwrap());
         assert!(!hasher.verify(wrong, Some(hash)).await.unwrap());
         assert!(!hasher.verify(ok, None).await.unwrap());
-    }
-
-    #[test]
-    fn password_length_rules() {
-        assert!(Password::parse("short".into()).is_err());
-        assert!(Password::parse("x".repeat(257)).is_err());
-        assert!(Password::parse("long enough".into()).is_ok());
-        assert!(Password::parse_candidate(String::new()).is_err());
-        assert!(Password::parse_candidate("short".into()).is_ok());
-    }
-
-    #[test]
-    fn debug_does_not_print_the_password() {
-        let p = Password::parse("supersecret".into()).unwrap();
-        assert!(!format!("{p:?}").contains("supersecret"));
     }
 }

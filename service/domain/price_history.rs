@@ -1,46 +1,22 @@
 //! Price history: measurements appended to MongoDB buckets (see
-//! `store::price_history`) through the outbox, read back raw or per day.
+//! `documents::price_history`) through the outbox, read back raw or per day.
 
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
-use super::{
-    catalog::{cached_products, product_not_found},
+use super::{catalog::product_not_found, profiles::mongodb_not_configured};
+use crate::{
+    cache::Cache,
+    documents::{Mongo, price_history},
     error::Result,
-    profiles::mongodb_not_configured,
-    users::Id,
+    loaders::cached_products,
+    model::{
+        Id,
+        price_history::{DailyPrice, Granularity, History},
+    },
 };
-use crate::store::{cache::Cache, mongo::Mongo, price_history};
-
-/// The longest range one call may ask for.
-pub const MAX_RANGE_DAYS: i64 = 366;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Granularity {
-    Measurements,
-    Daily,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct DailyPrice {
-    /// `YYYY-MM-DD`, UTC.
-    pub day: String,
-    pub measurements: i64,
-    pub min_cents: i64,
-    pub max_cents: i64,
-    pub average_cents: f64,
-    pub open_cents: i64,
-    pub close_cents: i64,
-}
-
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct History {
-    /// (time, price in cents), oldest first.
-    pub measurements: Vec<(DateTime<Utc>, i64)>,
-    pub days: Vec<DailyPrice>,
-}
 
 #[derive(Clone)]
 pub struct PriceHistory {

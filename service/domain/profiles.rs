@@ -1,61 +1,17 @@
 //! User profiles: names, preferences and a few addresses, embedded in one
-//! MongoDB document per user (`user_profiles`, `_id` = user id).
+//! MongoDB document per user (`user_profiles`, `_id` = user id). Parsing
+//! and operations; types in `model::profiles`, documents in
+//! `documents::profiles`.
 
-use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
-
-use super::{
-    error::{Detail, Error, Result, Violations},
-    users::{Id, Users, bounded_text},
+use super::users::Users;
+use crate::{
+    documents::{Mongo, profiles as store},
+    error::{Detail, Error, Result, Violations, reason},
+    model::{
+        Id, bounded_text,
+        profiles::{Address, MAX_ADDRESSES, Preferences, Profile, ProfilePatch},
+    },
 };
-use crate::store::{mongo::Mongo, profiles as store};
-
-pub const MAX_ADDRESSES: usize = 5;
-
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct Preferences {
-    pub language: String,
-    pub currency: String,
-    pub marketing_emails: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct Address {
-    pub label: String,
-    pub line1: String,
-    pub line2: String,
-    pub city: String,
-    pub region: String,
-    pub postal_code: String,
-    pub country: String,
-    pub primary: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct Profile {
-    pub user_id: i64,
-    pub given_name: String,
-    pub family_name: String,
-    pub preferences: Preferences,
-    pub addresses: Vec<Address>,
-    /// `None` for a profile never written.
-    pub updated_at: Option<DateTime<Utc>>,
-}
-
-/// The fields an update sets; `None` leaves a field as it is.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ProfilePatch {
-    pub given_name: Option<String>,
-    pub family_name: Option<String>,
-    pub preferences: Option<Preferences>,
-    pub addresses: Option<Vec<Address>>,
-}
-
-impl ProfilePatch {
-    pub fn is_empty(&self) -> bool {
-        *self == Self::default()
-    }
-}
 
 pub fn parse_name(raw: &str) -> Result<String, String> {
     bounded_text(raw, 0, 100)
@@ -147,7 +103,7 @@ pub fn parse_addresses(v: &mut Violations, field: &str, raw: Vec<Address>) -> Ve
 
 pub fn mongodb_not_configured() -> Error {
     Error::FailedPrecondition(Detail::new(
-        "MONGODB_NOT_CONFIGURED",
+        reason::MONGODB_NOT_CONFIGURED,
         "this deployment has no document store (mongodb.url); profiles, price history and market analyses are off",
     ))
 }

@@ -14,47 +14,24 @@ use std::{collections::HashMap, time::Instant};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
-use super::{
-    catalog::{Product, Text, cached_products},
-    error::Result,
-    paging::{PageRequest, PageSize, PageTokens},
-    users::{Id, bounded_text},
-};
 use crate::{
-    search_log::SearchLog,
-    store::{
-        self,
-        cache::{Cache, Family},
-        postgres::Reads,
-        search::{SearchFilters, SearchQuery, SearchRecord, SearchSort, SortKey},
+    cache::{Cache, Family},
+    error::Result,
+    loaders::cached_products,
+    model::{
+        Id,
+        catalog::{Product, Text},
+        paging::{PageSize, PageTokens},
+        search::{
+            DEFAULT_PAGE_SIZE, MAX_CATEGORIES, MAX_PAGE_SIZE, SearchPage, SearchQuery,
+            SearchRecord, SearchRequest, SortKey,
+        },
     },
+    search_log::SearchLog,
+    store::{self, postgres::Reads},
 };
 
-pub const MAX_QUERY_CHARS: usize = 200;
-pub const MAX_CATEGORIES: usize = 20;
-pub const DEFAULT_PAGE_SIZE: u32 = 20;
-pub const MAX_PAGE_SIZE: u32 = 100;
 const TOKEN_SCOPE: &str = "search";
-
-/// Search text, normalized: trimmed, single spaces, lower case (full-text
-/// and trigram matching ignore case anyway, and the cache and the search log
-/// then see one form of each query).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SearchText(String);
-
-impl SearchText {
-    pub fn parse(raw: &str) -> Result<Self, String> {
-        // Whitespace of any kind (tabs, line breaks) separates words.
-        let words = raw.split_whitespace().collect::<Vec<_>>().join(" ");
-        Ok(Self(
-            bounded_text(&words, 1, MAX_QUERY_CHARS)?.to_lowercase(),
-        ))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
 
 /// The page size of a search: 0 means [`DEFAULT_PAGE_SIZE`], larger than
 /// [`MAX_PAGE_SIZE`] is coerced down.
@@ -82,45 +59,6 @@ pub fn parse_categories(raw: &[String]) -> Result<Vec<String>, String> {
     Ok(categories)
 }
 
-#[derive(Debug, Clone)]
-pub struct SearchRequest {
-    pub text: SearchText,
-    pub filters: SearchFilters,
-    pub sort: SearchSort,
-    pub page: PageRequest,
-    /// The end user searching, for the search log.
-    pub user_id: Option<Id>,
-}
-
-impl SearchRequest {
-    /// What a page token is bound to: everything but the page.
-    fn canonical(&self) -> String {
-        serde_json::json!({
-            "q": self.text.as_str(),
-            "f": self.filters_json(),
-        })
-        .to_string()
-    }
-
-    fn filters_json(&self) -> serde_json::Value {
-        let f = &self.filters;
-        let mut json = serde_json::json!({ "sort": self.sort.as_str() });
-        if !f.categories.is_empty() {
-            json["categories"] = serde_json::json!(f.categories);
-        }
-        if let Some(v) = f.min_price_cents {
-            json["min_price_cents"] = v.into();
-        }
-        if let Some(v) = f.max_price_cents {
-            json["max_price_cents"] = v.into();
-        }
-        if let Some(v) = f.min_rating {
-            json["min_rating"] = v.into();
-        }
-        json
-    }
-}
-
 /// What a page token holds.
 #[derive(Debug, Serialize, Deserialize)]
 struct Cursor {
@@ -137,15 +75,6 @@ struct CachedPage {
     ids: Vec<i64>,
     next_page_token: Option<String>,
     corrected: Option<String>,
-}
-
-#[derive(Debug, Clone)]
-pub struct SearchPage {
-    pub products: Vec<Product>,
-    pub next_page_token: Option<String>,
-    /// The text searched instead of the request's, when no word of the
-    /// request matched and misspellings were corrected.
-    pub corrected_query: Option<String>,
 }
 
 #[derive(Clone)]
@@ -329,16 +258,6 @@ async fn correct(conn: &mut sqlx::PgConnection, text: &str) -> Result<Option<Str
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn search_text_is_trimmed_collapsed_and_lower_cased() {
-        let text = SearchText::parse("  Wireless\t HEADPHONES \n").unwrap();
-        assert_eq!(text.as_str(), "wireless headphones");
-        assert!(SearchText::parse("   ").is_err());
-        assert!(SearchText::parse(&"a".repeat(MAX_QUERY_CHARS + 1)).is_err());
-        assert!(SearchText::parse(&"é".repeat(MAX_QUERY_CHARS)).is_ok());
-        assert!(SearchText::parse("lamp\u{7}").is_err());
-    }
 
     #[test]
     fn categories_are_sorted_without_duplicates_and_bounded() {

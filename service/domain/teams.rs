@@ -1,94 +1,61 @@
-//! Teams and team membership.
+//! Teams and team membership: operations and outcomes. Types are in
+//! `model::teams`; SQL in `store::teams`.
 
-use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
-use super::{
-    error::{Detail, Error, Result},
-    paging::{Page, PageRequest, PageTokens},
-    users::{Id, bounded_text, user_not_found},
+use super::{users::user_not_found, write::Writes};
+use crate::{
+    cache::Cache,
+    error::{Detail, Error, Result, reason},
+    model::{
+        Id,
+        audit::Actor,
+        paging::{Page, PageRequest, PageTokens},
+        teams::{Membership, MembershipCursor, Team, TeamName, TeamRole},
+    },
+    store,
 };
-use crate::store;
-
-/// A team name: 1 to 100 characters, unique regardless of case.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TeamName(String);
-
-impl TeamName {
-    pub fn parse(raw: &str) -> Result<Self, String> {
-        bounded_text(raw, 1, 100).map(Self)
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TeamRole {
-    Member,
-    Maintainer,
-    Owner,
-}
-
-impl TeamRole {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Member => "member",
-            Self::Maintainer => "maintainer",
-            Self::Owner => "owner",
-        }
-    }
-
-    pub fn from_db(s: &str) -> anyhow::Result<Self> {
-        match s {
-            "member" => Ok(Self::Member),
-            "maintainer" => Ok(Self::Maintainer),
-            "owner" => Ok(Self::Owner),
-            other => anyhow::bail!("unknown team role {other:?} in the database"),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Team {
-    pub id: Id,
-    pub name: String,
-    pub created_at: DateTime<Utc>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Membership {
-    pub team: Team,
-    pub user_id: Id,
-    pub role: TeamRole,
-    pub joined_at: DateTime<Utc>,
-}
-
-/// Keyset position in a user's teams: (joined_at µs, team id).
-pub type MembershipCursor = (i64, i64);
 
 pub fn team_not_found(id: Id) -> Error {
     Error::NotFound(
-        Detail::new("TEAM_NOT_FOUND", format!("team {id} does not exist")).with("team_id", id),
+        Detail::new(reason::TEAM_NOT_FOUND, format!("team {id} does not exist"))
+            .with("team_id", id),
     )
 }
 
 #[derive(Clone)]
 pub struct Teams {
     db: PgPool,
+    writes: Writes,
     pages: PageTokens,
 }
 
 impl Teams {
     pub fn new(db: PgPool, pages: PageTokens) -> Self {
-        Self { db, pages }
+        Self {
+            // Nothing cached depends on teams: their writes invalidate nothing.
+            writes: Writes::new(db.clone(), Cache::disabled()),
+            db,
+            pages,
+        }
     }
 
     #[tracing::instrument(skip_all, err(Debug))]
-    pub async fn create(&self, name: TeamName) -> Result<Team> {
-        let mut conn = self.db.acquire().await?;
-        let team = store::teams::insert_team(&mut conn, &name).await?;
+    pub async fn create(&self, actor: &Actor, name: TeamName) -> Result<Team> {
+        let mut tx = self.writes.begin(actor).await?;
+        let team = store::teams::insert_team(&mut tx, &name)
+            .await
+            .map_err(|e| {
+                e.on_constraint(|c| {
+                    (c == "teams_name_key").then(|| {
+                        Error::already_exists(
+                            reason::TEAM_NAME_ALREADY_EXISTS,
+                            "another team has this name; names are unique regardless of case",
+                        )
+                    })
+                })
+            })?;
+        tx.commit().await?;
         tracing::info!(team_id = %team.id, "team created");
         Ok(team)
     }
@@ -96,28 +63,49 @@ impl Teams {
     /// The user row is locked (FOR SHARE) while the membership is inserted,
     /// so a concurrent delete cannot leave a deleted user in a team.
     #[tracing::instrument(skip_all, fields(team_id = %team_id, user_id = %user_id), err(Debug))]
-    pub async fn add_member(&self, team_id: Id, user_id: Id, role: TeamRole) -> Result<Membership> {
-        let mut tx = self.db.begin().await?;
-        if !store::teams::lock_live_user(&mut tx, user_id).await? {
+    pub async fn add_member(
+        &self,
+        actor: &Actor,
+        team_id: Id,
+        user_id: Id,
+        role: TeamRole,
+    ) -> Result<Membership> {
+        let mut tx = self.writes.begin(actor).await?;
+        if !store::users::lock_live_user(&mut tx, user_id).await? {
             return Err(user_not_found(user_id));
         }
-        let membership = store::teams::insert_membership(&mut tx, team_id, user_id, role).await?;
+        let membership = store::teams::insert_membership(&mut tx, team_id, user_id, role)
+            .await
+            .map_err(|e| {
+                e.on_constraint(|c| match c {
+                    "user_teams_pkey" => Some(Error::AlreadyExists(
+                        Detail::new(
+                            reason::TEAM_MEMBER_ALREADY_EXISTS,
+                            format!("user {user_id} is already a member of team {team_id}; remove them first to change the role"),
+                        )
+                        .with("team_id", team_id)
+                        .with("user_id", user_id),
+                    )),
+                    "user_teams_team_id_fkey" => Some(team_not_found(team_id)),
+                    _ => None,
+                })
+            })?;
         tx.commit().await?;
         Ok(membership)
     }
 
     #[tracing::instrument(skip_all, fields(team_id = %team_id, user_id = %user_id), err(Debug))]
-    pub async fn remove_member(&self, team_id: Id, user_id: Id) -> Result<()> {
-        let mut conn = self.db.acquire().await?;
-        if store::teams::delete_membership(&mut conn, team_id, user_id).await? {
-            return Ok(());
+    pub async fn remove_member(&self, actor: &Actor, team_id: Id, user_id: Id) -> Result<()> {
+        let mut tx = self.writes.begin(actor).await?;
+        if store::teams::delete_membership(&mut tx, team_id, user_id).await? {
+            return tx.commit().await;
         }
-        Err(if !store::teams::team_exists(&mut conn, team_id).await? {
+        Err(if !store::teams::team_exists(&mut tx, team_id).await? {
             team_not_found(team_id)
         } else {
             Error::NotFound(
                 Detail::new(
-                    "TEAM_MEMBER_NOT_FOUND",
+                    reason::TEAM_MEMBER_NOT_FOUND,
                     format!("user {user_id} is not a member of team {team_id}"),
                 )
                 .with("team_id", team_id)

@@ -4,19 +4,10 @@
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::{PgConnection, PgPool};
 
-use crate::domain::error::Result;
-
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow, serde::Serialize, serde::Deserialize)]
-pub struct CategoryMetrics {
-    pub category: String,
-    pub products: i64,
-    pub average_price_cents: f64,
-    pub median_price_cents: f64,
-    pub average_rating: f64,
-    pub orders: i64,
-    pub units_sold: i64,
-    pub revenue_cents: i64,
-}
+use crate::{
+    error::Result,
+    model::analytics::{CategoryMetrics, SearchDemand, TopProduct},
+};
 
 #[derive(sqlx::FromRow)]
 struct ListingDay {
@@ -183,15 +174,6 @@ pub async fn refresh(db: &PgPool) -> Result<bool> {
     Ok(true)
 }
 
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow, serde::Serialize, serde::Deserialize)]
-pub struct TopProduct {
-    pub product_id: i64,
-    pub title: String,
-    pub category: String,
-    pub units_sold: i64,
-    pub revenue_cents: i64,
-}
-
 /// The best-selling products of `categories` by revenue of completed orders
 /// since `since`, at most `limit`.
 pub async fn top_products(
@@ -217,13 +199,6 @@ pub async fn top_products(
     .bind(limit)
     .fetch_all(conn)
     .await?)
-}
-
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow, serde::Serialize, serde::Deserialize)]
-pub struct SearchDemand {
-    pub category: String,
-    pub searches: i64,
-    pub zero_result_searches: i64,
 }
 
 /// First-page searches since `since` filtered to each category.

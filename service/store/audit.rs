@@ -4,7 +4,7 @@
 
 use sqlx::{PgPool, Postgres, Transaction};
 
-use crate::domain::{audit::Actor, error::Result};
+use crate::{error::Result, model::audit::Actor};
 
 /// Begins a write transaction on behalf of `actor`: every audited row it
 /// changes is recorded with the actor's caller and request id.

@@ -83,7 +83,7 @@ use tokio::sync::OnceCell;
 
 use crate::{
     config::{RedisMode, RedisSettings},
-    domain::error::Result,
+    error::Result,
     statements,
 };
 
@@ -622,7 +622,7 @@ impl Cache {
                     };
                     inner.fill(family.name(), vec![fill]).await;
                 }
-                Ok::<_, crate::domain::error::Error>(Fetched::Found(Arc::new(payload)))
+                Ok::<_, crate::error::Error>(Fetched::Found(Arc::new(payload)))
             })
             .await;
         inner.end_flight(&key, &flight);

@@ -1,20 +1,21 @@
-//! Storage: everything that speaks SQL. Nothing here knows about protobuf.
+//! PostgreSQL: everything that speaks SQL, and nothing else. Nothing here
+//! knows about protobuf or decides a business outcome.
 //!
 //! Functions take a `&mut PgConnection` (a pooled connection or a
-//! transaction) and domain types, and return domain types or domain errors.
+//! transaction) and model types, and return rows as model types, `Option`,
+//! counts or booleans; errors are the generic database mapping of
+//! [`crate::error::Error`]. Whether a missing row is "not found" or a
+//! constraint violation is "already exists" is the domain's decision.
 
 pub mod analytics;
 pub mod audit;
 pub mod cache;
-pub mod market_analyses;
-pub mod mongo;
+pub mod idempotency;
 pub mod orders;
 pub mod outbox;
 pub mod partitions;
 pub mod postgres;
-pub mod price_history;
 pub mod products;
-pub mod profiles;
 pub mod search;
 pub mod teams;
 pub mod users;
@@ -22,7 +23,7 @@ pub mod users;
 use chrono::{DateTime, Utc};
 use sqlx::{Postgres, QueryBuilder};
 
-use crate::domain::error::{Error, Result};
+use crate::error::{Error, Result};
 
 /// The time of a keyset cursor (µs since the epoch), or INVALID_ARGUMENT on
 /// `page_token` for a position no row can have.
@@ -56,15 +57,4 @@ pub(crate) fn push_created_window(
             .push(")");
     }
     Ok(())
-}
-
-/// Maps a constraint violation to a domain error by constraint name; any
-/// other error goes through the generic database mapping.
-pub(crate) fn on_constraint(e: sqlx::Error, map: impl FnOnce(&str) -> Option<Error>) -> Error {
-    if let sqlx::Error::Database(db) = &e
-        && let Some(mapped) = db.constraint().and_then(map)
-    {
-        return mapped;
-    }
-    Error::from(e)
 }

@@ -8,12 +8,15 @@ use sqlx::{PgConnection, Postgres, QueryBuilder};
 
 use super::push_created_window;
 
-use crate::domain::{
+use crate::{
     error::{Error, Result},
-    orders::{
-        OrderCursor, OrderFilter, OrderHeader, OrderItem, OrderLine, OrderStatus, ProductSummary,
+    model::{
+        Id,
+        orders::{
+            OrderCursor, OrderFilter, OrderHeader, OrderItem, OrderLine, OrderStatus,
+            ProductSummary,
+        },
     },
-    users::Id,
 };
 
 macro_rules! order_columns {
@@ -62,61 +65,6 @@ fn headers(rows: Vec<OrderRow>) -> Result<Vec<OrderHeader>> {
 
 fn ids(ids: &[Id]) -> Vec<i64> {
     ids.iter().map(|id| id.get()).collect()
-}
-
-// --- Idempotency -------------------------------------------------------------
-
-/// Inserts the key's row; false if the key is already taken. Waits for a
-/// concurrent transaction holding the same key to finish first.
-pub async fn claim_request_key(
-    conn: &mut PgConnection,
-    caller: &str,
-    key: &str,
-    fingerprint: &str,
-) -> Result<bool> {
-    let claimed = sqlx::query(
-        "INSERT INTO idempotency_keys (caller, key, fingerprint) VALUES ($1, $2, $3) \
-         ON CONFLICT (caller, key) DO NOTHING",
-    )
-    .bind(caller)
-    .bind(key)
-    .bind(fingerprint)
-    .execute(conn)
-    .await?;
-    Ok(claimed.rows_affected() == 1)
-}
-
-/// The fingerprint and response stored under a taken key.
-pub async fn stored_response(
-    conn: &mut PgConnection,
-    caller: &str,
-    key: &str,
-) -> Result<(String, serde_json::Value)> {
-    let (fingerprint, response): (String, Option<serde_json::Value>) = sqlx::query_as(
-        "SELECT fingerprint, response FROM idempotency_keys WHERE caller = $1 AND key = $2",
-    )
-    .bind(caller)
-    .bind(key)
-    .fetch_one(conn)
-    .await?;
-    let response = response
-        .ok_or_else(|| anyhow::anyhow!("idempotency key {key:?} committed without a response"))?;
-    Ok((fingerprint, response))
-}
-
-pub async fn store_response(
-    conn: &mut PgConnection,
-    caller: &str,
-    key: &str,
-    response: &serde_json::Value,
-) -> Result<()> {
-    sqlx::query("UPDATE idempotency_keys SET response = $3 WHERE caller = $1 AND key = $2")
-        .bind(caller)
-        .bind(key)
-        .bind(response)
-        .execute(conn)
-        .await?;
-    Ok(())
 }
 
 // --- Creating and changing orders ---------------------------------------------
@@ -230,8 +178,8 @@ pub async fn lock_order(
 }
 
 /// Puts a cancelled order's items back in stock, locking inventory rows in
-/// product id order first, as `lock_inventory` does.
-pub async fn return_inventory(conn: &mut PgConnection, order_id: Id) -> Result<()> {
+/// product id order first, as `lock_inventory` does; the products restocked.
+pub async fn return_inventory(conn: &mut PgConnection, order_id: Id) -> Result<Vec<Id>> {
     sqlx::query(
         "SELECT 1 FROM inventory WHERE product_id IN \
            (SELECT product_id FROM order_items WHERE order_id = $1) \
@@ -240,14 +188,15 @@ pub async fn return_inventory(conn: &mut PgConnection, order_id: Id) -> Result<(
     .bind(order_id.get())
     .execute(&mut *conn)
     .await?;
-    sqlx::query(
+    let products: Vec<i64> = sqlx::query_scalar(
         "UPDATE inventory i SET quantity = i.quantity + oi.quantity, updated_at = now() \
-         FROM order_items oi WHERE oi.order_id = $1 AND i.product_id = oi.product_id",
+         FROM order_items oi WHERE oi.order_id = $1 AND i.product_id = oi.product_id \
+         RETURNING i.product_id",
     )
     .bind(order_id.get())
-    .execute(conn)
+    .fetch_all(conn)
     .await?;
-    Ok(())
+    products.into_iter().map(id).collect()
 }
 
 pub async fn set_status(

@@ -1,33 +1,8 @@
 //! The MongoDB outbox table (see the migration `..._mongo_outbox`).
 
-use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
 
-use crate::domain::error::Result;
-
-/// A change to apply to MongoDB.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", content = "payload", rename_all = "snake_case")]
-pub enum Change {
-    /// Append to a product's price history.
-    PriceMeasurement {
-        product_id: i64,
-        price_cents: i64,
-        at: DateTime<Utc>,
-    },
-    /// Remove a deleted user's profile.
-    DeleteProfile { user_id: i64 },
-}
-
-impl Change {
-    fn kind(&self) -> &'static str {
-        match self {
-            Self::PriceMeasurement { .. } => "price_measurement",
-            Self::DeleteProfile { .. } => "delete_profile",
-        }
-    }
-}
+use crate::{error::Result, model::outbox::Change};
 
 /// Adds `change` in the caller's transaction.
 pub async fn push(conn: &mut PgConnection, change: &Change) -> Result<()> {

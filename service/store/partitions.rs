@@ -35,7 +35,7 @@
 use chrono::{DateTime, Datelike as _, Months, NaiveDate, TimeZone as _, Utc};
 use sqlx::{PgConnection, PgPool};
 
-use crate::domain::error::Result;
+use crate::{error::Result, model::partitions::Partition};
 
 /// A partitioned table and its partition key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,18 +73,6 @@ async fn exists(conn: &mut PgConnection, name: &str) -> Result<bool> {
         .bind(name)
         .fetch_one(conn)
         .await?)
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Partition {
-    pub table: String,
-    pub name: String,
-    /// The month it covers (None for DEFAULT or a partition not named by us).
-    pub month: Option<NaiveDate>,
-    pub is_default: bool,
-    /// The planner's estimate (`reltuples`), or -1 when never analyzed.
-    pub estimated_rows: i64,
-    pub bound: String,
 }
 
 pub fn first_of_month(day: NaiveDate) -> NaiveDate {

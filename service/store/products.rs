@@ -4,11 +4,12 @@
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
-use super::on_constraint;
-use crate::domain::{
-    catalog::{NewProduct, Product, ProductPatch, insufficient_inventory, product_not_found},
+use crate::{
     error::{Error, Result},
-    users::Id,
+    model::{
+        Id,
+        catalog::{NewProduct, Product, ProductPatch},
+    },
 };
 
 /// The columns of a [`ProductRow`], from `products p` and `inventory i`.
@@ -91,17 +92,7 @@ pub async fn insert(conn: &mut PgConnection, new: &NewProduct) -> Result<Product
     .bind(new.review_count)
     .bind(new.inventory)
     .fetch_one(conn)
-    .await
-    .map_err(|e| {
-        on_constraint(e, |c| {
-            (c == "products_sku_key").then(|| {
-                Error::already_exists(
-                    "SKU_ALREADY_EXISTS",
-                    "another product has this sku; skus are unique regardless of case",
-                )
-            })
-        })
-    })?;
+    .await?;
     row.try_into()
 }
 
@@ -163,41 +154,26 @@ pub async fn current_version(conn: &mut PgConnection, id: Id) -> Result<Option<i
     )
 }
 
-/// Adds `delta` to the stock; below zero is INSUFFICIENT_INVENTORY.
-pub async fn adjust_inventory(conn: &mut PgConnection, id: Id, delta: i32) -> Result<i32> {
-    let available: Option<i32> =
+/// The product's stock, its inventory row locked (`FOR UPDATE`) until the
+/// transaction ends; `None` for an unknown product.
+pub async fn lock_stock(conn: &mut PgConnection, id: Id) -> Result<Option<i32>> {
+    Ok(
         sqlx::query_scalar("SELECT quantity FROM inventory WHERE product_id = $1 FOR UPDATE")
             .bind(id.get())
-            .fetch_optional(&mut *conn)
-            .await?;
-    let available = available.ok_or_else(|| product_not_found(id))?;
-    let wanted = i64::from(available) + i64::from(delta);
-    if wanted > i64::from(i32::MAX) {
-        return Err(Error::invalid(
-            "delta",
-            "would exceed the largest stock level",
-        ));
-    }
-    if wanted < 0 {
-        return Err(insufficient_inventory(
-            id,
-            available.into(),
-            (-i64::from(delta)).max(0),
-        ));
-    }
-    let quantity: i32 = sqlx::query_scalar(
+            .fetch_optional(conn)
+            .await?,
+    )
+}
+
+/// Adds `delta` to the product's stock; the new quantity. A result below
+/// zero violates `inventory_quantity_check`.
+pub async fn add_stock(conn: &mut PgConnection, id: Id, delta: i32) -> Result<i32> {
+    Ok(sqlx::query_scalar(
         "UPDATE inventory SET quantity = quantity + $2, updated_at = now() \
          WHERE product_id = $1 RETURNING quantity",
     )
     .bind(id.get())
     .bind(delta)
     .fetch_one(conn)
-    .await
-    .map_err(|e| {
-        on_constraint(e, |c| {
-            (c == "inventory_quantity_check")
-                .then(|| insufficient_inventory(id, available.into(), (-i64::from(delta)).max(0)))
-        })
-    })?;
-    Ok(quantity)
+    .await?)
 }

@@ -18,57 +18,19 @@
 //! the page's rows are joined.
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, Postgres, QueryBuilder};
 
 use super::{
     cursor_time,
     products::{ProductRow, product_columns},
 };
-use crate::domain::{catalog::Product, error::Result};
-
-/// How results are ordered; ties are broken by product id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum SearchSort {
-    Relevance,
-    PriceAscending,
-    PriceDescending,
-    Newest,
-    Rating,
-}
-
-impl SearchSort {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Relevance => "relevance",
-            Self::PriceAscending => "price_ascending",
-            Self::PriceDescending => "price_descending",
-            Self::Newest => "newest",
-            Self::Rating => "rating",
-        }
-    }
-}
-
-/// The sort key of the last row of a page, with its id.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub enum SortKey {
-    /// `ts_rank` (a `real` in SQL, compared exactly).
-    Rank(f32, i64),
-    PriceCents(i64, i64),
-    CreatedMicros(i64, i64),
-    /// Hundredths of a star.
-    RatingHundredths(i32, i64),
-}
-
-/// What a search selects, besides the text.
-#[derive(Debug, Clone, Default)]
-pub struct SearchFilters {
-    /// Exact category names; empty means every category.
-    pub categories: Vec<String>,
-    pub min_price_cents: Option<i64>,
-    pub max_price_cents: Option<i64>,
-    pub min_rating: Option<f64>,
-}
+use crate::{
+    error::Result,
+    model::{
+        catalog::Product,
+        search::{QueryStats, SearchInsights, SearchQuery, SearchRecord, SearchSort, SortKey},
+    },
+};
 
 #[derive(sqlx::FromRow)]
 struct SearchRow {
@@ -76,18 +38,6 @@ struct SearchRow {
     product: ProductRow,
     rank: f32,
     rating_hundredths: i32,
-}
-
-/// One page of a search.
-#[derive(Debug, Clone, Copy)]
-pub struct SearchQuery<'a> {
-    /// Normalized search text.
-    pub text: &'a str,
-    pub filters: &'a SearchFilters,
-    pub sort: SearchSort,
-    /// Where the previous page ended.
-    pub after: Option<SortKey>,
-    pub limit: i64,
 }
 
 /// One page of matches (at most `limit`), each with its sort key.
@@ -233,20 +183,6 @@ pub async fn corrections(conn: &mut PgConnection, words: &[String]) -> Result<Ve
     .await?)
 }
 
-/// One search, as recorded in `product_searches`.
-#[derive(Debug, Clone)]
-pub struct SearchRecord {
-    pub user_id: Option<i64>,
-    /// The normalized query text.
-    pub query: String,
-    pub filters: serde_json::Value,
-    /// Products on the page served.
-    pub results_count: i32,
-    pub processing_time_ms: f32,
-    pub page: i32,
-    pub searched_at: DateTime<Utc>,
-}
-
 /// Inserts a batch of search records in one statement.
 pub async fn insert_records(conn: &mut PgConnection, records: &[SearchRecord]) -> Result<u64> {
     let mut user_ids = Vec::with_capacity(records.len());
@@ -313,23 +249,6 @@ pub const SEARCH_TOTALS: &str = concat!(
     "SELECT count(*), count(*) FILTER (WHERE results_count = 0) ",
     window_searches!()
 );
-
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
-pub struct QueryStats {
-    pub query: String,
-    pub searches: i64,
-    pub users: i64,
-    pub average_results: f64,
-    pub average_processing_ms: f64,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct SearchInsights {
-    pub total_searches: i64,
-    pub zero_result_searches: i64,
-    pub top_queries: Vec<QueryStats>,
-    pub zero_result_queries: Vec<QueryStats>,
-}
 
 /// Insights over [start, end): partition pruning limits every statement to
 /// the partitions the window overlaps.

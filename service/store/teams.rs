@@ -3,11 +3,13 @@
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
-use super::{cursor_time, on_constraint};
-use crate::domain::{
-    error::{Detail, Error, Result},
-    teams::{Membership, MembershipCursor, Team, TeamName, TeamRole, team_not_found},
-    users::Id,
+use super::cursor_time;
+use crate::{
+    error::{Error, Result},
+    model::{
+        Id,
+        teams::{Membership, MembershipCursor, Team, TeamName, TeamRole},
+    },
 };
 
 #[derive(sqlx::FromRow)]
@@ -62,17 +64,7 @@ pub async fn insert_team(conn: &mut PgConnection, name: &TeamName) -> Result<Tea
         sqlx::query_as("INSERT INTO teams (name) VALUES ($1) RETURNING id, name, created_at")
             .bind(name.as_str())
             .fetch_one(conn)
-            .await
-            .map_err(|e| {
-                on_constraint(e, |c| {
-                    (c == "teams_name_key").then(|| {
-                        Error::already_exists(
-                            "TEAM_NAME_ALREADY_EXISTS",
-                            "another team has this name; names are unique regardless of case",
-                        )
-                    })
-                })
-            })?;
+            .await?;
     row.try_into()
 }
 
@@ -83,16 +75,6 @@ pub async fn team_exists(conn: &mut PgConnection, id: Id) -> Result<bool> {
             .fetch_one(conn)
             .await?,
     )
-}
-
-/// Locks a live user against concurrent deletion; whether it exists.
-pub async fn lock_live_user(conn: &mut PgConnection, id: Id) -> Result<bool> {
-    let found: Option<i64> =
-        sqlx::query_scalar("SELECT id FROM users WHERE id = $1 AND deleted_at IS NULL FOR SHARE")
-            .bind(id.get())
-            .fetch_optional(conn)
-            .await?;
-    Ok(found.is_some())
 }
 
 pub async fn insert_membership(
@@ -113,21 +95,7 @@ pub async fn insert_membership(
     .bind(user_id.get())
     .bind(role.as_str())
     .fetch_one(conn)
-    .await
-    .map_err(|e| {
-        on_constraint(e, |c| match c {
-            "user_teams_pkey" => Some(Error::AlreadyExists(
-                Detail::new(
-                    "TEAM_MEMBER_ALREADY_EXISTS",
-                    format!("user {user_id} is already a member of team {team_id}; remove them first to change the role"),
-                )
-                .with("team_id", team_id)
-                .with("user_id", user_id),
-            )),
-            "user_teams_team_id_fkey" => Some(team_not_found(team_id)),
-            _ => None,
-        })
-    })?;
+    .await?;
     row.try_into()
 }
 

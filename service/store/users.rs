@@ -1,14 +1,17 @@
 //! SQL for `users`. Plain functions over a connection; the domain layer owns
-//! transactions. Unique violations are mapped to domain errors by constraint
-//! name here, the only place that knows the constraint names.
+//! transactions and decides what a unique violation means (it knows the
+//! constraint names `users_email_live_key` and `users_username_live_key`).
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Postgres, QueryBuilder};
 
-use super::{on_constraint, push_created_window};
-use crate::domain::{
+use super::push_created_window;
+use crate::{
     error::{Error, Result},
-    users::{Id, NewUser, User, UserCursor, UserFilter, UserLookup, UserPatch, UserStatus},
+    model::{
+        Id,
+        users::{NewUser, User, UserCursor, UserFilter, UserLookup, UserPatch, UserStatus},
+    },
 };
 
 /// `SELECT <user columns> FROM users <rest>`, as one literal.
@@ -76,20 +79,6 @@ fn rows_to_users(rows: Vec<UserRow>) -> Result<Vec<User>> {
     rows.into_iter().map(User::try_from).collect()
 }
 
-fn unique_user_fields(constraint: &str) -> Option<Error> {
-    match constraint {
-        "users_email_live_key" => Some(Error::already_exists(
-            "EMAIL_ALREADY_EXISTS",
-            "another user has this email; emails are unique regardless of case",
-        )),
-        "users_username_live_key" => Some(Error::already_exists(
-            "USERNAME_ALREADY_EXISTS",
-            "another user has this username; choose another",
-        )),
-        _ => None,
-    }
-}
-
 pub async fn insert(
     conn: &mut PgConnection,
     new: &NewUser,
@@ -106,8 +95,7 @@ pub async fn insert(
     .bind(new.status.as_str())
     .bind(password_hash)
     .fetch_one(conn)
-    .await
-    .map_err(|e| on_constraint(e, unique_user_fields))?;
+    .await?;
     row.try_into()
 }
 
@@ -188,8 +176,7 @@ pub async fn update(
     .bind(password_hash.is_some())
     .bind(password_hash.flatten())
     .fetch_optional(conn)
-    .await
-    .map_err(|e| on_constraint(e, unique_user_fields))?;
+    .await?;
     row.map(User::try_from).transpose()
 }
 
@@ -240,4 +227,13 @@ pub async fn credentials(
     let row = query.fetch_optional(conn).await?;
     row.map(|r| Ok((User::try_from(r.user)?, r.password_hash)))
         .transpose()
+}
+/// Locks a live user against concurrent deletion; whether it exists.
+pub async fn lock_live_user(conn: &mut PgConnection, id: Id) -> Result<bool> {
+    let found: Option<i64> =
+        sqlx::query_scalar("SELECT id FROM users WHERE id = $1 AND deleted_at IS NULL FOR SHARE")
+            .bind(id.get())
+            .fetch_optional(conn)
+            .await?;
+    Ok(found.is_some())
 }

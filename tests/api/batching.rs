@@ -4,14 +4,13 @@
 use std::{future::Future, pin::Pin, sync::Arc, task::Poll, time::Duration};
 
 use datagate::{
-    domain::{
-        error::Error,
-        orders::Orders,
-        paging::{PageRequest, PageSize, PageTokens},
-        passwords::PasswordHasher,
-        users::{Id, Users},
-    },
+    domain::{orders::Orders, passwords::PasswordHasher, users::Users},
+    error::Error,
     loaders::{BatchLoader, ProductsById, UserLoader, UsersById},
+    model::{
+        Id,
+        paging::{PageRequest, PageSize, PageTokens},
+    },
     statements::{self, RequestLog},
     store::cache::Cache,
 };
@@ -139,7 +138,7 @@ async fn the_naive_per_user_path_trips_the_n_plus_one_detector() {
     .unwrap();
     assert!(statements::report_n_plus_one(&batched_log, 5, "test.batched").is_empty());
     let summary =
-        |rows: &[datagate::domain::orders::UserWithOrders]| -> Vec<(Id, Vec<(Id, usize)>)> {
+        |rows: &[datagate::model::orders::UserWithOrders]| -> Vec<(Id, Vec<(Id, usize)>)> {
             rows.iter()
                 .map(|u| {
                     (

@@ -5,9 +5,10 @@ use std::time::Duration;
 
 use datagate::{
     config::Settings,
-    domain::{market_analyses::MarketAnalyses, paging::PageTokens},
+    documents::{Mongo, market_analyses as store},
+    domain::market_analyses::MarketAnalyses,
+    model::paging::PageTokens,
     proto::v1 as pb,
-    store::{market_analyses as store, mongo::Mongo},
 };
 use tonic::Code;
 

@@ -108,7 +108,7 @@ async fn price_history_is_generated_as_full_buckets() {
         datagate::config::Settings::load_with_overrides(None, &[("database.url", &database.url)])
             .unwrap();
     crate::helpers::use_test_mongo(&mut settings);
-    let mongo = datagate::store::mongo::Mongo::connect(&settings.mongodb)
+    let mongo = datagate::documents::Mongo::connect(&settings.mongodb)
         .await
         .unwrap()
         .unwrap();
@@ -125,7 +125,7 @@ async fn price_history_is_generated_as_full_buckets() {
     .await
     .unwrap();
     use futures_util::TryStreamExt as _;
-    let buckets: Vec<datagate::store::price_history::Bucket> = mongo
+    let buckets: Vec<datagate::documents::price_history::Bucket> = mongo
         .collection("price_history")
         .find(mongodb::bson::doc! {})
         .await

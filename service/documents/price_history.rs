@@ -17,16 +17,7 @@ use mongodb::bson::{self, doc, oid::ObjectId};
 use serde::{Deserialize, Serialize};
 
 use super::mongo::{Mongo, PRICE_HISTORY};
-use crate::domain::error::Result;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Measurement {
-    /// The outbox id that recorded it: appending is idempotent by it.
-    pub seq: i64,
-    /// Epoch milliseconds.
-    pub at_ms: i64,
-    pub price_cents: i64,
-}
+use crate::{error::Result, model::price_history::Measurement};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Bucket {

@@ -18,7 +18,7 @@ use tracing::Instrument as _;
 
 use crate::{
     config::MongoSettings,
-    domain::error::{Detail, Error, Result},
+    error::{Detail, Error, Result, reason},
 };
 
 pub const USER_PROFILES: &str = "user_profiles";
@@ -128,7 +128,7 @@ fn unavailable(operation: &str, why: &str) -> Error {
     );
     Error::Unavailable {
         detail: Detail::new(
-            "DEPENDENCY_UNAVAILABLE",
+            reason::DEPENDENCY_UNAVAILABLE,
             "the document store is unavailable; retry with backoff",
         )
         .with("dependency", "mongodb"),

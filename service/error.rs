@@ -1,11 +1,58 @@
-//! The one error type of the domain layer.
+//! The one error type, below every layer.
 //!
 //! Every variant maps to exactly one gRPC status code (see `api::error`), and
-//! carries a stable UPPER_SNAKE `reason` that callers can match on. Unexpected
-//! failures are `Internal`: they keep their full chain for the logs, and the
-//! caller gets a generic message.
+//! carries a stable UPPER_SNAKE `reason` that callers can match on; every
+//! reason is a named constant in [`reason`], so one reason is spelled once.
+//! Unexpected failures are `Internal`: they keep their full chain for the
+//! logs, and the caller gets a generic message.
+//!
+//! The store returns this type with the generic database mapping only
+//! ([`From<sqlx::Error>`]); what a constraint violation *means* (an email
+//! taken, a team missing) is decided above it, with [`Error::on_constraint`].
 
 use std::{collections::BTreeMap, fmt, time::Duration};
+
+/// The `ErrorInfo.reason` of every error this service returns, and the event
+/// names of the log lines operators alert on.
+pub mod reason {
+    // Requests.
+    pub const INVALID_ARGUMENT: &str = "INVALID_ARGUMENT";
+    pub const INTERNAL: &str = "INTERNAL";
+    // Callers.
+    pub const MISSING_CREDENTIALS: &str = "MISSING_CREDENTIALS";
+    pub const INVALID_CREDENTIALS: &str = "INVALID_CREDENTIALS";
+    pub const ADMIN_ROLE_REQUIRED: &str = "ADMIN_ROLE_REQUIRED";
+    // Deadlines and dependencies.
+    pub const DEADLINE_EXCEEDED: &str = "DEADLINE_EXCEEDED";
+    pub const QUERY_TIMEOUT: &str = "QUERY_TIMEOUT";
+    pub const DEPENDENCY_UNAVAILABLE: &str = "DEPENDENCY_UNAVAILABLE";
+    pub const LOCK_TIMEOUT: &str = "LOCK_TIMEOUT";
+    pub const TRANSACTION_CONFLICT: &str = "TRANSACTION_CONFLICT";
+    pub const MONGODB_NOT_CONFIGURED: &str = "MONGODB_NOT_CONFIGURED";
+    // Concurrency.
+    pub const VERSION_CONFLICT: &str = "VERSION_CONFLICT";
+    pub const IDEMPOTENCY_KEY_REUSED: &str = "IDEMPOTENCY_KEY_REUSED";
+    pub const REFRESH_IN_PROGRESS: &str = "REFRESH_IN_PROGRESS";
+    // Users and teams.
+    pub const USER_NOT_FOUND: &str = "USER_NOT_FOUND";
+    pub const EMAIL_ALREADY_EXISTS: &str = "EMAIL_ALREADY_EXISTS";
+    pub const USERNAME_ALREADY_EXISTS: &str = "USERNAME_ALREADY_EXISTS";
+    pub const TEAM_NOT_FOUND: &str = "TEAM_NOT_FOUND";
+    pub const TEAM_NAME_ALREADY_EXISTS: &str = "TEAM_NAME_ALREADY_EXISTS";
+    pub const TEAM_MEMBER_NOT_FOUND: &str = "TEAM_MEMBER_NOT_FOUND";
+    pub const TEAM_MEMBER_ALREADY_EXISTS: &str = "TEAM_MEMBER_ALREADY_EXISTS";
+    // Catalog and orders.
+    pub const PRODUCT_NOT_FOUND: &str = "PRODUCT_NOT_FOUND";
+    pub const SKU_ALREADY_EXISTS: &str = "SKU_ALREADY_EXISTS";
+    pub const INSUFFICIENT_INVENTORY: &str = "INSUFFICIENT_INVENTORY";
+    pub const ORDER_NOT_FOUND: &str = "ORDER_NOT_FOUND";
+    pub const ORDER_STATE_CONFLICT: &str = "ORDER_STATE_CONFLICT";
+    // Analyses.
+    pub const MARKET_ANALYSIS_NOT_FOUND: &str = "MARKET_ANALYSIS_NOT_FOUND";
+    // Log events (the `event` field), not error reasons.
+    pub const SLOW_QUERY: &str = "SLOW_QUERY";
+    pub const N_PLUS_ONE_DETECTED: &str = "N_PLUS_ONE_DETECTED";
+}
 
 /// One problem with one request field, e.g. `email`: "must contain exactly one @".
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,9 +166,42 @@ impl Error {
         }
     }
 
+    /// This error, or the domain error `map` gives the name of the database
+    /// constraint it violated (a unique email, a missing team): the store
+    /// reports what the database said, the caller decides what it means.
+    pub fn on_constraint(self, map: impl FnOnce(&str) -> Option<Error>) -> Self {
+        let constraint = match &self {
+            Self::Internal(e) => e
+                .downcast_ref::<sqlx::Error>()
+                .and_then(|e| e.as_database_error())
+                .and_then(|db| db.constraint()),
+            _ => None,
+        };
+        constraint.and_then(map).unwrap_or(self)
+    }
+
+    /// ABORTED: the row is at another version than the caller read.
+    pub fn version_conflict(
+        what: &str,
+        id: impl fmt::Display,
+        expected: i64,
+        current: i64,
+    ) -> Self {
+        Self::Aborted(
+            Detail::new(
+                reason::VERSION_CONFLICT,
+                format!(
+                    "{what} {id} is at version {current}, not {expected}: it changed since you read it; read it again and retry"
+                ),
+            )
+            .with(&format!("{what}_id"), id)
+            .with("current_version", current),
+        )
+    }
+
     pub fn deadline_exceeded() -> Self {
         Self::DeadlineExceeded(Detail::new(
-            "DEADLINE_EXCEEDED",
+            reason::DEADLINE_EXCEEDED,
             "the call did not finish before its deadline; retry with a longer deadline or a smaller request",
         ))
     }
@@ -168,7 +248,7 @@ impl From<sqlx::Error> for Error {
             sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
                 Self::Unavailable {
                     detail: Detail::new(
-                        "DEPENDENCY_UNAVAILABLE",
+                        reason::DEPENDENCY_UNAVAILABLE,
                         "the database is unavailable or saturated; retry with backoff",
                     )
                     .with("dependency", "postgres"),
@@ -177,18 +257,18 @@ impl From<sqlx::Error> for Error {
             }
             sqlx::Error::Database(db) => match db.code().as_deref() {
                 Some("57014") => Self::DeadlineExceeded(Detail::new(
-                    "QUERY_TIMEOUT",
+                    reason::QUERY_TIMEOUT,
                     "the database query was cancelled at the call's deadline",
                 )),
                 Some("55P03") => Self::Unavailable {
                     detail: Detail::new(
-                        "LOCK_TIMEOUT",
+                        reason::LOCK_TIMEOUT,
                         "a table this call needs is locked by maintenance; retry shortly",
                     ),
                     retry_after: Duration::from_secs(1),
                 },
                 Some("40001" | "40P01") => Self::Aborted(Detail::new(
-                    "TRANSACTION_CONFLICT",
+                    reason::TRANSACTION_CONFLICT,
                     "the change conflicted with a concurrent one; retry",
                 )),
                 _ => Self::Internal(anyhow::Error::new(e).context("database error")),

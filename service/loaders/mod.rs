@@ -18,20 +18,28 @@
 //!   `try_load`. That error can only mean a lost batch (our results are
 //!   complete), so the waiter loads again: the survivors pay one more query
 //!   and never see the cancellation.
+//!
+//! The loaders sit below the domain and beside the cache: they read the store
+//! (and the cache, for entities read far more often than they change) and
+//! return model types; they never import the domain.
+
+pub mod orders;
+pub mod products;
+pub mod users;
 
 use std::{collections::HashMap, hash::Hash, sync::Arc};
 
 use dataloader::{BatchFn, cached::Loader};
-use sqlx::PgPool;
+use serde::{Serialize, de::DeserializeOwned};
+
+pub use orders::Loaders;
+pub use products::{ProductsById, cached_products};
+pub use users::{UserLoader, UsersById, cached_users};
 
 use crate::{
-    domain::{
-        catalog::cached_products,
-        error::{Error, Result},
-        orders::{OrderHeader, OrderItem, ProductSummary},
-        users::{Id, User},
-    },
-    store::{self, cache::Cache},
+    cache::{Cache, Entity},
+    error::{Error, Result},
+    model::Id,
 };
 
 /// Large enough that a page (100 users × 20 orders × 50 items) is one batch.
@@ -125,103 +133,35 @@ fn grouped<T>(rows: Vec<T>, key: impl Fn(&T) -> Id) -> HashMap<Id, Vec<T>> {
     groups
 }
 
-pub struct UsersById(pub PgPool);
-
-impl BatchFn<Id, Shared<Option<User>>> for UsersById {
-    async fn load(&mut self, keys: &[Id]) -> HashMap<Id, Shared<Option<User>>> {
-        let found = async {
-            let mut conn = self.0.acquire().await?;
-            let users = store::users::find_many(&mut conn, keys).await?;
-            Ok(users.into_iter().map(|u| (u.id, Some(u))).collect())
-        }
-        .await;
-        per_key(keys, found, None)
-    }
-}
-
-pub struct RecentOrdersByUser {
-    pub db: PgPool,
-    pub per_user: u32,
-}
-
-impl BatchFn<Id, Shared<Vec<OrderHeader>>> for RecentOrdersByUser {
-    async fn load(&mut self, keys: &[Id]) -> HashMap<Id, Shared<Vec<OrderHeader>>> {
-        let found = async {
-            let mut conn = self.db.acquire().await?;
-            let orders = store::orders::recent_for_users(&mut conn, keys, self.per_user).await?;
-            Ok(grouped(orders, |o| o.user_id))
-        }
-        .await;
-        per_key(keys, found, Vec::new())
-    }
-}
-
-pub struct ItemsByOrder(pub PgPool);
-
-impl BatchFn<Id, Shared<Vec<OrderItem>>> for ItemsByOrder {
-    async fn load(&mut self, keys: &[Id]) -> HashMap<Id, Shared<Vec<OrderItem>>> {
-        let found = async {
-            let mut conn = self.0.acquire().await?;
-            let items = store::orders::items_for_orders(&mut conn, keys).await?;
-            Ok(grouped(items, |(order_id, _)| *order_id)
+/// Entities by id through the cache: one MGET, then one `load` of the
+/// misses (one query), then one fenced fill. Ids not found are absent.
+async fn cached<T>(
+    cache: &Cache,
+    entity: Entity,
+    ids: &[Id],
+    id_of: impl Fn(&T) -> Id + Copy,
+    load: impl AsyncFnOnce(&[Id]) -> Result<Vec<T>>,
+) -> Result<HashMap<Id, T>>
+where
+    T: Serialize + DeserializeOwned,
+{
+    let raw: Vec<i64> = ids.iter().map(|id| id.get()).collect();
+    let found = cache
+        .get_many_or_load(entity, &raw, |misses| async move {
+            let misses: Vec<Id> = misses
                 .into_iter()
-                .map(|(order, items)| (order, items.into_iter().map(|(_, i)| i).collect()))
+                .filter_map(|m| Id::parse(m).ok())
+                .collect();
+            let rows = load(&misses).await?;
+            Ok(rows
+                .into_iter()
+                .map(|row| (id_of(&row).get(), row))
                 .collect())
-        }
-        .await;
-        per_key(keys, found, Vec::new())
-    }
-}
-
-/// Product summaries, through the product cache: products are shared by
-/// many orders and read far more often than they change, so here caching
-/// pays (one MGET, then one query for the misses).
-pub struct ProductsById {
-    pub db: PgPool,
-    pub cache: Cache,
-}
-
-impl BatchFn<Id, Shared<Option<ProductSummary>>> for ProductsById {
-    async fn load(&mut self, keys: &[Id]) -> HashMap<Id, Shared<Option<ProductSummary>>> {
-        let found = Box::pin(cached_products(&self.db, &self.cache, keys))
-            .await
-            .map(|products| {
-                products
-                    .into_iter()
-                    .map(|(id, p)| {
-                        let summary = ProductSummary {
-                            id,
-                            sku: p.sku,
-                            title: p.title,
-                            category: p.category,
-                            price_cents: p.price_cents,
-                        };
-                        (id, Some(summary))
-                    })
-                    .collect()
-            });
-        per_key(keys, found, None)
-    }
-}
-
-pub type UserLoader = BatchLoader<Id, Option<User>, UsersById>;
-
-/// The loaders of one order-reading request.
-pub struct Loaders {
-    pub recent_orders: BatchLoader<Id, Vec<OrderHeader>, RecentOrdersByUser>,
-    pub items: BatchLoader<Id, Vec<OrderItem>, ItemsByOrder>,
-    pub products: BatchLoader<Id, Option<ProductSummary>, ProductsById>,
-}
-
-impl Loaders {
-    pub fn new(db: PgPool, cache: Cache, orders_per_user: u32) -> Self {
-        Self {
-            recent_orders: BatchLoader::new(RecentOrdersByUser {
-                db: db.clone(),
-                per_user: orders_per_user,
-            }),
-            items: BatchLoader::new(ItemsByOrder(db.clone())),
-            products: BatchLoader::new(ProductsById { db, cache }),
-        }
-    }
+        })
+        .await?;
+    Ok(found
+        .into_values()
+        .flatten()
+        .map(|row| (id_of(&row), row))
+        .collect())
 }

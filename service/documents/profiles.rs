@@ -7,9 +7,9 @@ use mongodb::{
 use serde::{Deserialize, Serialize};
 
 use super::mongo::{Mongo, USER_PROFILES, to_document};
-use crate::domain::{
+use crate::{
     error::Result,
-    profiles::{Address, Preferences, Profile, ProfilePatch},
+    model::profiles::{Address, Preferences, Profile, ProfilePatch},
 };
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -24,7 +24,7 @@ struct ProfileDoc {
     preferences: Preferences,
     #[serde(default)]
     addresses: Vec<Address>,
-    /// Epoch milliseconds (see `store::price_history` on dates).
+    /// Epoch milliseconds (see `documents::price_history` on dates).
     updated_at_ms: i64,
 }
 

@@ -9,43 +9,18 @@
 //! lease, storing the result) is conditional on still owning the lease, so a
 //! worker that lost it cannot overwrite its successor's work.
 //!
-//! Times are epoch milliseconds (see `store::price_history`).
+//! Times are epoch milliseconds (see `documents::price_history`).
 
 use futures_util::TryStreamExt as _;
 use mongodb::{
     bson::{Document, doc},
     options::ReturnDocument,
 };
-use serde::{Deserialize, Serialize};
 
 use super::mongo::Mongo;
-use crate::domain::error::Result;
+use crate::{error::Result, model::market_analyses::AnalysisDoc};
 
 pub const MARKET_ANALYSES: &str = "market_analyses";
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AnalysisDoc {
-    #[serde(rename = "_id")]
-    pub id: String,
-    pub caller: String,
-    pub kind: String,
-    pub categories: Vec<String>,
-    pub window_days: i32,
-    /// SHA-256 of caller, kind, categories and window: identical requests
-    /// share it.
-    pub params_hash: String,
-    /// `pending`, `running`, `completed` or `failed`.
-    pub status: String,
-    pub attempts: i32,
-    pub lease_owner: Option<String>,
-    pub lease_expires_ms: Option<i64>,
-    pub created_ms: i64,
-    pub started_ms: Option<i64>,
-    pub finished_ms: Option<i64>,
-    pub results: Option<Document>,
-    pub timings_ms: Option<Document>,
-    pub error: Option<String>,
-}
 
 fn collection(mongo: &Mongo) -> mongodb::Collection<AnalysisDoc> {
     mongo.collection(MARKET_ANALYSES)

@@ -1,0 +1,72 @@
+//! Idempotent creates: claim the caller's key, or replay what the first call
+//! with it answered.
+//!
+//! The key's row is inserted first, in the write's own transaction: a
+//! concurrent call with the same key waits on that row, and then reads the
+//! response this call stores before committing. So a retry returns the
+//! first response, and a failed call (rolled back) leaves no key behind: it
+//! is not remembered, and the same key may be tried again. A key is bound to
+//! the fingerprint of the request it was first used for; reusing it for a
+//! different request is FAILED_PRECONDITION.
+
+use serde::{Serialize, de::DeserializeOwned};
+
+use super::write::WriteTx;
+use crate::{
+    error::{Detail, Error, Result, reason},
+    model::idempotency::RequestKey,
+    store,
+};
+
+/// A caller's idempotency key and the request it stands for.
+pub struct Idempotency<'a> {
+    caller: &'a str,
+    key: &'a RequestKey,
+    fingerprint: String,
+}
+
+/// What a write does after claiming its key.
+pub enum Claim<T> {
+    /// The key is new: do the work, then [`Idempotency::save`] the response.
+    Proceed,
+    /// The key was used before for this request: answer this.
+    Replay(T),
+}
+
+impl<'a> Idempotency<'a> {
+    pub fn new(caller: &'a str, key: &'a RequestKey, fingerprint: String) -> Self {
+        Self {
+            caller,
+            key,
+            fingerprint,
+        }
+    }
+
+    /// Claims the key in `tx`, or returns the response stored under it.
+    pub async fn claim<T: DeserializeOwned>(&self, tx: &mut WriteTx) -> Result<Claim<T>> {
+        let key = self.key.as_str();
+        if store::idempotency::claim(tx, self.caller, key, &self.fingerprint).await? {
+            return Ok(Claim::Proceed);
+        }
+        let (fingerprint, response) = store::idempotency::stored(tx, self.caller, key).await?;
+        if fingerprint != self.fingerprint {
+            return Err(Error::FailedPrecondition(
+                Detail::new(
+                    reason::IDEMPOTENCY_KEY_REUSED,
+                    "this request_id was already used for a different request; use a new request_id for a new one",
+                )
+                .with("request_id", key),
+            ));
+        }
+        let response = serde_json::from_value(response)
+            .map_err(|e| anyhow::anyhow!("stored idempotent response is unreadable: {e}"))?;
+        Ok(Claim::Replay(response))
+    }
+
+    /// Stores the response under the key, in the same transaction as the work.
+    pub async fn save<T: Serialize>(&self, tx: &mut WriteTx, response: &T) -> Result<()> {
+        let response = serde_json::to_value(response)
+            .map_err(|e| anyhow::anyhow!("serializing an idempotent response: {e}"))?;
+        store::idempotency::save_response(tx, self.caller, self.key.as_str(), &response).await
+    }
+}

@@ -1,0 +1,47 @@
+//! Users by id: the batch function of a request-scoped user loader, and the
+//! cache-aside batch read (one MGET, then one query for the misses).
+
+use std::collections::HashMap;
+
+use dataloader::BatchFn;
+use sqlx::PgPool;
+
+use super::{BatchLoader, Shared, cached, per_key};
+use crate::{
+    cache::{Cache, Entity},
+    error::Result,
+    model::{Id, users::User},
+    store,
+};
+
+pub struct UsersById(pub PgPool);
+
+impl BatchFn<Id, Shared<Option<User>>> for UsersById {
+    async fn load(&mut self, keys: &[Id]) -> HashMap<Id, Shared<Option<User>>> {
+        let found = async {
+            let mut conn = self.0.acquire().await?;
+            let users = store::users::find_many(&mut conn, keys).await?;
+            Ok(users.into_iter().map(|u| (u.id, Some(u))).collect())
+        }
+        .await;
+        per_key(keys, found, None)
+    }
+}
+
+pub type UserLoader = BatchLoader<Id, Option<User>, UsersById>;
+
+/// Users by id through the cache: one MGET, then one query for the misses.
+/// Missing (or deleted) users are absent from the map.
+pub async fn cached_users(db: &PgPool, cache: &Cache, ids: &[Id]) -> Result<HashMap<Id, User>> {
+    cached(
+        cache,
+        Entity::User,
+        ids,
+        |u: &User| u.id,
+        async |misses| {
+            let mut conn = db.acquire().await?;
+            store::users::find_many(&mut conn, misses).await
+        },
+    )
+    .await
+}

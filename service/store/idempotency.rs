@@ -1,0 +1,59 @@
+//! SQL for `idempotency_keys`: a caller's key, the fingerprint of the request
+//! it was first used for, and the response stored in the same transaction.
+
+use sqlx::PgConnection;
+
+use crate::error::Result;
+
+/// Inserts the key's row; false if the key is already taken. Waits for a
+/// concurrent transaction holding the same key to finish first.
+pub async fn claim(
+    conn: &mut PgConnection,
+    caller: &str,
+    key: &str,
+    fingerprint: &str,
+) -> Result<bool> {
+    let claimed = sqlx::query(
+        "INSERT INTO idempotency_keys (caller, key, fingerprint) VALUES ($1, $2, $3) \
+         ON CONFLICT (caller, key) DO NOTHING",
+    )
+    .bind(caller)
+    .bind(key)
+    .bind(fingerprint)
+    .execute(conn)
+    .await?;
+    Ok(claimed.rows_affected() == 1)
+}
+
+/// The fingerprint and response stored under a taken key.
+pub async fn stored(
+    conn: &mut PgConnection,
+    caller: &str,
+    key: &str,
+) -> Result<(String, serde_json::Value)> {
+    let (fingerprint, response): (String, Option<serde_json::Value>) = sqlx::query_as(
+        "SELECT fingerprint, response FROM idempotency_keys WHERE caller = $1 AND key = $2",
+    )
+    .bind(caller)
+    .bind(key)
+    .fetch_one(conn)
+    .await?;
+    let response = response
+        .ok_or_else(|| anyhow::anyhow!("idempotency key {key:?} committed without a response"))?;
+    Ok((fingerprint, response))
+}
+
+pub async fn save_response(
+    conn: &mut PgConnection,
+    caller: &str,
+    key: &str,
+    response: &serde_json::Value,
+) -> Result<()> {
+    sqlx::query("UPDATE idempotency_keys SET response = $3 WHERE caller = $1 AND key = $2")
+        .bind(caller)
+        .bind(key)
+        .bind(response)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
