@@ -1,13 +1,33 @@
 //! datagate: a gRPC data-access service fronting PostgreSQL, Redis and MongoDB.
 //!
-//! A request flows one way: `middleware` (request id, caller, deadline) →
-//! `api` (proto ⇄ domain) → `domain` (rules, transactions) → `store` (SQL).
-//! `startup` assembles it all; `main` only parses the command line.
+//! # Layout
+//!
+//! A request flows one way, down these layers; each may import the layers
+//! below it and never one above (`tests/layers.rs` checks it in `make lint`):
+//!
+//! | layer | owns | may import | must not import |
+//! |---|---|---|---|
+//! | `middleware` | the tower stack: request id, span, metrics, caller, deadline | everything below `api` | — |
+//! | `api` | one file per gRPC service: proto ⇄ model, nothing else | `domain`, `model`, `error`, `auth` | `store`, `documents`, `cache`, `loaders` |
+//! | `domain` | parsing, rules and outcomes, orchestration, the write path | `loaders`, `cache`, `store`, `documents`, `model`, `error` | `api`, `middleware` |
+//! | `loaders` | batching by id, request-scoped | `cache`, `store`, `model`, `error` | `domain`, `api` |
+//! | `cache` | Redis cache-aside | `model`, `error`, `config` | `domain`, `api`, `store`, `documents`, `loaders` |
+//! | `store` | PostgreSQL: SQL only, returns rows, `Option`, counts | `model`, `error`, `config` | `domain`, `api`, `cache`, `documents`, `loaders` |
+//! | `documents` | MongoDB: typed filters only | `model`, `error`, `config` | `domain`, `api`, `cache`, `store`, `loaders` |
+//! | `model`, `error` | value and entity types; the one error enum and its reasons | each other | everything else |
+//!
+//! Beside the layers: `startup` assembles the application (the one place
+//! that builds every layer), `config` and `telemetry` are read by all,
+//! `statements` counts each request's statements (N+1 detection), `outbox`
+//! and `search_log` are background writers, and `cli`, `seed` and `generate`
+//! serve the command line. `main` only parses the command line.
+//!
+//! Public here is what the binaries, the tests and the benchmarks use.
 
-pub mod api;
+mod api;
+pub mod auth;
 // The cache moves out of `store/` (a separate change); its path is already `crate::cache`.
 pub(crate) use store::cache;
-pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod documents;
@@ -18,11 +38,11 @@ pub mod loaders;
 pub mod metrics;
 pub mod middleware;
 pub mod model;
-pub mod outbox;
+mod outbox;
 pub mod proto;
 pub mod search_log;
-pub mod seed;
+mod seed;
 pub mod startup;
 pub mod statements;
 pub mod store;
-pub mod telemetry;
+mod telemetry;

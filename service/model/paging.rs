@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac as _};
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -17,6 +18,13 @@ use sha2::{Digest as _, Sha256};
 use crate::error::Error;
 
 const MAC_LEN: usize = 32;
+
+/// The time of a keyset cursor (µs since the epoch), or INVALID_ARGUMENT on
+/// `page_token` for a position no row can have.
+pub fn keyset_time(micros: i64) -> Result<DateTime<Utc>, Error> {
+    DateTime::<Utc>::from_timestamp_micros(micros)
+        .ok_or_else(|| Error::invalid("page_token", "holds an impossible position"))
+}
 
 /// A validated page size: 0 means the default, more than the maximum is
 /// coerced down to it, negative is invalid.

@@ -23,14 +23,7 @@ pub mod users;
 use chrono::{DateTime, Utc};
 use sqlx::{Postgres, QueryBuilder};
 
-use crate::error::{Error, Result};
-
-/// The time of a keyset cursor (µs since the epoch), or INVALID_ARGUMENT on
-/// `page_token` for a position no row can have.
-pub(crate) fn cursor_time(micros: i64) -> Result<DateTime<Utc>> {
-    DateTime::<Utc>::from_timestamp_micros(micros)
-        .ok_or_else(|| Error::invalid("page_token", "holds an impossible position"))
-}
+use crate::{error::Result, model::paging::keyset_time};
 
 /// Appends the `[after, before)` window on `created_at` and the keyset
 /// condition past `cursor` (created_at µs, id): after it in ascending order,
@@ -51,7 +44,7 @@ pub(crate) fn push_created_window(
     if let Some((micros, id)) = cursor {
         let op = if newest_first { "<" } else { ">" };
         q.push(format!(" AND (created_at, id) {op} ("))
-            .push_bind(cursor_time(micros)?)
+            .push_bind(keyset_time(micros)?)
             .push(", ")
             .push_bind(id)
             .push(")");

@@ -20,14 +20,12 @@
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Postgres, QueryBuilder};
 
-use super::{
-    cursor_time,
-    products::{ProductRow, product_columns},
-};
+use super::products::{ProductRow, product_columns};
 use crate::{
     error::Result,
     model::{
         catalog::Product,
+        paging::keyset_time,
         search::{QueryStats, SearchInsights, SearchQuery, SearchRecord, SearchSort, SortKey},
     },
 };
@@ -133,7 +131,7 @@ pub fn statement<'a>(prefix: &str, query: SearchQuery<'a>) -> Result<QueryBuilde
             }
             SortKey::CreatedMicros(micros, id) => {
                 q.push("(p.created_at, p.id) < (")
-                    .push_bind(cursor_time(micros)?)
+                    .push_bind(keyset_time(micros)?)
                     .push(", ")
                     .push_bind(id)
                     .push(")");

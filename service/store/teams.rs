@@ -3,11 +3,11 @@
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
-use super::cursor_time;
 use crate::{
     error::{Error, Result},
     model::{
         Id,
+        paging::keyset_time,
         teams::{Membership, MembershipCursor, Team, TeamName, TeamRole},
     },
 };
@@ -124,7 +124,7 @@ pub async fn memberships_of(
     limit: i64,
 ) -> Result<Vec<Membership>> {
     let (after_at, after_team) = match after {
-        Some((micros, team)) => (Some(cursor_time(micros)?), team),
+        Some((micros, team)) => (Some(keyset_time(micros)?), team),
         None => (None, 0),
     };
     let rows: Vec<MembershipRow> = sqlx::query_as(
