@@ -1,5 +1,5 @@
 //! Market analyses: long-running, computed by background workers, stored in
-//! MongoDB (`store::market_analyses` explains the lease).
+//! MongoDB (`documents::market_analyses` explains the lease).
 
 use std::{collections::BTreeMap, sync::Arc, time::Instant};
 

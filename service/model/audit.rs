@@ -1,7 +1,7 @@
 //! Who makes a write, for the audit log.
 //!
 //! Every write transaction names its [`Actor`] (see
-//! [`store::audit::begin`](crate::store::audit::begin)); triggers on the
+//! [`WriteTx`](crate::domain::write::WriteTx)); triggers on the
 //! audited tables record each changed row with it, in that transaction.
 
 use std::sync::Arc;
