@@ -32,6 +32,7 @@ pub struct Settings {
     pub analysis: AnalysisSettings,
     pub auth: AuthSettings,
     pub pagination: PaginationSettings,
+    pub idempotency: IdempotencySettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -86,6 +87,19 @@ pub struct AnalysisSettings {
     pub dedupe_period: Duration,
     /// Runs (takeovers included) before an analysis is failed.
     pub max_attempts: i32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct IdempotencySettings {
+    /// How long a create's idempotency key (and its stored response) is
+    /// kept: a retry within it replays the first response.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// How often expired keys are swept; zero turns the sweep off.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+    /// Keys deleted per statement (each a short transaction).
+    pub sweep_batch: i64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -8,13 +8,19 @@
 //! is not remembered, and the same key may be tried again. A key is bound to
 //! the fingerprint of the request it was first used for; reusing it for a
 //! different request is FAILED_PRECONDITION.
+//!
+//! Keys expire: [`KeySweeper`] deletes the keys older than the retention in
+//! small batches (a replay within the retention still replays; after it, a
+//! key not yet swept still does, a swept one is new again).
 
+use chrono::{DateTime, Utc};
 use serde::{Serialize, de::DeserializeOwned};
 
-use super::write::WriteTx;
+use super::write::{WriteTx, Writes};
 use crate::{
+    config::IdempotencySettings,
     error::{Detail, Error, Result, reason},
-    model::idempotency::RequestKey,
+    model::{audit::Actor, idempotency::RequestKey},
     store,
 };
 
@@ -68,5 +74,52 @@ impl<'a> Idempotency<'a> {
         let response = serde_json::to_value(response)
             .map_err(|e| anyhow::anyhow!("serializing an idempotent response: {e}"))?;
         store::idempotency::save_response(tx, self.caller, self.key.as_str(), &response).await
+    }
+}
+
+/// The most batches one sweep deletes; the rest waits for the next round,
+/// so a large backlog never holds a worker for long.
+const MAX_BATCHES_PER_SWEEP: usize = 100;
+
+/// Deletes expired idempotency keys.
+#[derive(Clone)]
+pub struct KeySweeper {
+    writes: Writes,
+    settings: IdempotencySettings,
+}
+
+impl KeySweeper {
+    pub fn new(writes: Writes, settings: IdempotencySettings) -> Self {
+        Self { writes, settings }
+    }
+
+    /// Deletes the keys created before `now - retention`, a batch per short
+    /// transaction under an advisory lock (one replica sweeps at a time);
+    /// how many it deleted.
+    #[tracing::instrument(skip_all, err(Debug))]
+    pub async fn sweep(&self, now: DateTime<Utc>) -> Result<u64> {
+        let retention = chrono::Duration::from_std(self.settings.retention)
+            .map_err(|e| anyhow::anyhow!("idempotency.retention is out of range: {e}"))?;
+        let before = now - retention;
+        let batch = self.settings.sweep_batch.max(1);
+        let actor = Actor::system("idempotency-sweep");
+        let mut deleted = 0;
+        for _ in 0..MAX_BATCHES_PER_SWEEP {
+            let mut tx = self.writes.begin(&actor).await?;
+            if !store::idempotency::try_lock_sweep(&mut tx).await? {
+                break;
+            }
+            let n = store::idempotency::delete_expired(&mut tx, before, batch).await?;
+            tx.commit().await?;
+            deleted += n;
+            if n < batch as u64 {
+                break;
+            }
+        }
+        metrics::counter!("idempotency_keys_expired_total").increment(deleted);
+        if deleted > 0 {
+            tracing::info!(deleted, "expired idempotency keys swept");
+        }
+        Ok(deleted)
     }
 }

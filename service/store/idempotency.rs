@@ -57,3 +57,32 @@ pub async fn save_response(
         .await?;
     Ok(())
 }
+
+/// Deletes at most `batch` keys created before `before`, oldest first, in
+/// one statement; how many. Rows another sweeper is deleting are skipped.
+pub async fn delete_expired(
+    conn: &mut PgConnection,
+    before: chrono::DateTime<chrono::Utc>,
+    batch: i64,
+) -> Result<u64> {
+    let done = sqlx::query(
+        "DELETE FROM idempotency_keys WHERE (caller, key) IN ( \
+           SELECT caller, key FROM idempotency_keys WHERE created_at < $1 \
+           ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(before)
+    .bind(batch)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Takes the sweep's advisory lock for the current transaction; false when
+/// another replica is sweeping.
+pub async fn try_lock_sweep(conn: &mut PgConnection) -> Result<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT pg_try_advisory_xact_lock(hashtext('datagate.idempotency_sweep'))",
+    )
+    .fetch_one(conn)
+    .await?)
+}

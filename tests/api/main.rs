@@ -8,6 +8,7 @@ mod cache;
 mod catalog;
 mod documents;
 mod helpers;
+mod idempotency;
 mod market;
 mod orders;
 mod partitions;

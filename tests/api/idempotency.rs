@@ -1,0 +1,109 @@
+//! Idempotency keys expire: the sweep deletes keys older than the retention,
+//! in batches, and keeps the younger ones, whose replays still answer the
+//! first response.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use datagate::proto::v1 as pb;
+use datagate::{
+    config::IdempotencySettings,
+    domain::{idempotency::KeySweeper, write::Writes},
+};
+
+use crate::helpers::{TestApp, unique};
+
+fn sweeper(app: &TestApp, batch: i64) -> KeySweeper {
+    KeySweeper::new(
+        Writes::new(app.db.clone(), datagate::store::cache::Cache::disabled()),
+        IdempotencySettings {
+            retention: Duration::from_secs(24 * 3600),
+            sweep_interval: Duration::ZERO,
+            sweep_batch: batch,
+        },
+    )
+}
+
+async fn order(app: &TestApp, user_id: i64, product_id: i64, request_id: &str) -> pb::Order {
+    app.orders()
+        .await
+        .create_order(pb::CreateOrderRequest {
+            user_id,
+            items: vec![pb::OrderLine {
+                product_id,
+                quantity: 1,
+            }],
+            request_id: request_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn keys(app: &TestApp) -> Vec<String> {
+    sqlx::query_scalar("SELECT key FROM idempotency_keys ORDER BY key")
+        .fetch_all(&app.db)
+        .await
+        .unwrap()
+}
+
+/// Makes the key look `hours` old.
+async fn age(app: &TestApp, key: &str, hours: i32) {
+    sqlx::query(
+        "UPDATE idempotency_keys SET created_at = now() - make_interval(hours => $2) WHERE key = $1",
+    )
+    .bind(key)
+    .bind(hours)
+    .execute(&app.db)
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn keys_past_the_retention_are_swept_and_younger_ones_still_replay() {
+    let app = TestApp::spawn().await;
+    let (email, username) = unique("sweep");
+    let user = app.create_user(&email, &username).await;
+    let product = app.create_product(100, 10).await;
+    let first_old = order(&app, user.id, product.id, "old-key").await;
+    let first_young = order(&app, user.id, product.id, "young-key").await;
+    age(&app, "old-key", 25).await;
+    age(&app, "young-key", 23).await;
+
+    let deleted = sweeper(&app, 1000).sweep(Utc::now()).await.unwrap();
+
+    assert_eq!(deleted, 1);
+    assert_eq!(keys(&app).await, ["young-key"]);
+    let replay = order(&app, user.id, product.id, "young-key").await;
+    assert_eq!(
+        replay.id, first_young.id,
+        "a key within the retention replays"
+    );
+    let again = order(&app, user.id, product.id, "old-key").await;
+    assert_ne!(again.id, first_old.id, "a swept key is new again");
+    assert_eq!(app.inventory_of(product.id).await, 7);
+}
+
+#[tokio::test]
+async fn a_sweep_deletes_a_backlog_in_batches() {
+    let app = TestApp::spawn().await;
+    sqlx::query(
+        "INSERT INTO idempotency_keys (caller, key, fingerprint, created_at) \
+         SELECT 'test', 'k' || n, 'f', now() - interval '2 days' FROM generate_series(1, 25) n",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO idempotency_keys (caller, key, fingerprint) VALUES ('test', 'fresh', 'f')",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+
+    let deleted = sweeper(&app, 10).sweep(Utc::now()).await.unwrap();
+
+    assert_eq!(deleted, 25, "three batches of at most 10");
+    assert_eq!(keys(&app).await, ["fresh"]);
+    assert_eq!(sweeper(&app, 10).sweep(Utc::now()).await.unwrap(), 0);
+}
