@@ -8,6 +8,7 @@ pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod deadline;
 pub mod domain;
 pub mod generate;
 pub mod loaders;
