@@ -11,6 +11,7 @@ use tokio_stream::{StreamExt as _, wrappers::TcpListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{server::NamedService, transport::Server};
 use tonic_health::{ServingStatus, server::HealthReporter};
+use tower::ServiceBuilder;
 
 use crate::{
     api::{
@@ -29,7 +30,7 @@ use crate::{
         users::Users,
     },
     metrics,
-    middleware::{AuthLayer, DeadlineLayer, RpcLayer},
+    middleware::{Auth, Deadlines, Middleware as _, Rpc},
     outbox::OutboxRelay,
     proto,
     search_log::SearchLog,
@@ -253,9 +254,12 @@ impl Application {
             builder = builder.max_connection_age(server_settings.max_connection_age);
         }
         let server = builder
-            .layer(RpcLayer::new(settings.telemetry.n_plus_one_threshold))
-            .layer(AuthLayer::new(TokenStore::from_settings(&settings.auth)))
-            .layer(DeadlineLayer::new(server_settings.request_timeout))
+            .layer(
+                ServiceBuilder::new()
+                    .layer(Rpc::new(settings.telemetry.n_plus_one_threshold).into_layer())
+                    .layer(Auth::new(TokenStore::from_settings(&settings.auth)).into_layer())
+                    .layer(Deadlines::new(server_settings.request_timeout).into_layer()),
+            )
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
