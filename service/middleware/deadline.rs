@@ -175,30 +175,20 @@ mod tests {
 
     #[test]
     fn grpc_timeouts_parse_every_unit() {
-        assert_eq!(
-            parse_grpc_timeout(&headers("2H")),
-            Some(Duration::from_secs(7200))
-        );
-        assert_eq!(
-            parse_grpc_timeout(&headers("3M")),
-            Some(Duration::from_secs(180))
-        );
-        assert_eq!(
-            parse_grpc_timeout(&headers("4S")),
-            Some(Duration::from_secs(4))
-        );
-        assert_eq!(
-            parse_grpc_timeout(&headers("250m")),
-            Some(Duration::from_millis(250))
-        );
-        assert_eq!(
-            parse_grpc_timeout(&headers("7u")),
-            Some(Duration::from_micros(7))
-        );
-        assert_eq!(
-            parse_grpc_timeout(&headers("9n")),
-            Some(Duration::from_nanos(9))
-        );
+        for (header, expected) in [
+            ("2H", Duration::from_secs(7200)),
+            ("3M", Duration::from_secs(180)),
+            ("4S", Duration::from_secs(4)),
+            ("250m", Duration::from_millis(250)),
+            ("7u", Duration::from_micros(7)),
+            ("9n", Duration::from_nanos(9)),
+        ] {
+            assert_eq!(
+                parse_grpc_timeout(&headers(header)),
+                Some(expected),
+                "{header}"
+            );
+        }
     }
 
     #[test]

@@ -28,7 +28,7 @@
 //! - the response future is boxed: each `handle` returns a different future
 //!   type, and one allocation per layer per call is nothing beside a
 //!   database round trip.
-//! - health checks and reflection ([`is_infrastructure`]) skip a middleware
+//! - health checks and reflection (`is_infrastructure`) skip a middleware
 //!   whose [`SKIPS_INFRASTRUCTURE`](Middleware::SKIPS_INFRASTRUCTURE) says
 //!   so: probes and tools need no token, and health `Watch` streams stay
 //!   open past any deadline.
