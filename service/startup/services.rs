@@ -54,7 +54,7 @@ macro_rules! limited {
 pub(super) struct Services {
     /// Every gRPC service, health and reflection included.
     pub routes: Routes,
-    /// Maintained ahead of time by the background tasks.
+    /// For partition maintenance and the analytics refresher.
     pub partitions: Partitions,
     pub analytics: Analytics,
     /// Run by the analysis workers.
