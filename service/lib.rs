@@ -36,7 +36,7 @@ pub mod error;
 pub mod generate;
 pub mod loaders;
 pub mod metrics;
-pub mod middleware;
+mod middleware;
 pub mod model;
 mod outbox;
 pub mod proto;

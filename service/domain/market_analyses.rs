@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use sha2::{Digest as _, Sha256};
 use sqlx::PgPool;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::profiles::mongodb_not_configured;
 use crate::{
@@ -276,11 +276,13 @@ impl MarketAnalyses {
         Ok((results, timings))
     }
 
-    /// Runs `workers` workers until `stopping`; each works through what it
-    /// can claim, then waits for a new analysis or the poll interval.
+    /// Runs `workers` workers on `tracker` until `stopping`; each works
+    /// through what it can claim, then waits for a new analysis or the poll
+    /// interval.
     pub fn spawn_workers(
         &self,
         workers: usize,
+        tracker: &TaskTracker,
         stopping: CancellationToken,
     ) -> Vec<tokio::task::JoinHandle<()>> {
         if self.mongo.is_none() {
@@ -290,7 +292,7 @@ impl MarketAnalyses {
             .map(|n| {
                 let (this, stopping) = (self.clone(), stopping.clone());
                 let worker = format!("{}-{n}", uuid::Uuid::new_v4().simple());
-                tokio::spawn(async move {
+                tracker.spawn(async move {
                     loop {
                         match this.run_once(&worker).await {
                             Ok(true) => continue,

@@ -9,6 +9,7 @@
 pub mod analytics;
 pub mod audit;
 pub mod catalog;
+pub mod deadline;
 pub mod idempotency;
 pub mod market_analyses;
 pub mod orders;

@@ -13,6 +13,11 @@ use datagate::{
 
 use crate::helpers::{TestApp, unique};
 
+/// An app whose own background sweep is off, so that only the test sweeps.
+async fn app() -> TestApp {
+    TestApp::spawn_with(|s| s.idempotency.sweep_interval = Duration::ZERO).await
+}
+
 fn sweeper(app: &TestApp, batch: i64) -> KeySweeper {
     KeySweeper::new(
         Writes::new(app.db.clone(), datagate::store::cache::Cache::disabled()),
@@ -61,7 +66,7 @@ async fn age(app: &TestApp, key: &str, hours: i32) {
 
 #[tokio::test]
 async fn keys_past_the_retention_are_swept_and_younger_ones_still_replay() {
-    let app = TestApp::spawn().await;
+    let app = app().await;
     let (email, username) = unique("sweep");
     let user = app.create_user(&email, &username).await;
     let product = app.create_product(100, 10).await;
@@ -86,7 +91,7 @@ async fn keys_past_the_retention_are_swept_and_younger_ones_still_replay() {
 
 #[tokio::test]
 async fn a_sweep_deletes_a_backlog_in_batches() {
-    let app = TestApp::spawn().await;
+    let app = app().await;
     sqlx::query(
         "INSERT INTO idempotency_keys (caller, key, fingerprint, created_at) \
          SELECT 'test', 'k' || n, 'f', now() - interval '2 days' FROM generate_series(1, 25) n",

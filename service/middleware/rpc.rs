@@ -1,40 +1,36 @@
-//! The tower stack in front of every gRPC service, outermost first:
+//! The outermost middleware: what every call gets, rejected calls included.
 //!
-//! 1. [`RpcLayer`]: the request id (`x-request-id` accepted or generated,
-//!    returned), one tracing span per call (a child of the caller's W3C trace
-//!    context), and when the call ends, its metrics and one log line with the
-//!    final status code. It is outermost so that rejected calls are counted
-//!    and logged too.
-//! 2. [`AuthLayer`]: the caller's identity from the bearer token, recorded in
-//!    the span and attached to the request; health and reflection are open.
-//! 3. [`DeadlineLayer`]: the shorter of the caller's `grpc-timeout` and the
-//!    server's bound; past it the call is dropped (which cancels its queries)
-//!    and answered with DEADLINE_EXCEEDED.
+//! - a request id: the caller's `x-request-id` when it is short visible
+//!   ASCII, a new UUID otherwise; in the request's extensions ([`RequestId`],
+//!   for the audit actor) and returned in the response headers;
+//! - one `rpc` tracing span, a child of the caller's W3C trace context, with
+//!   the OpenTelemetry RPC attributes;
+//! - the call's statement log (`statements::scope`), for N+1 detection;
+//! - when the response body ends (or is dropped: the caller went away), one
+//!   [`CallRecord`]: `rpc_requests_total` and `rpc_latency_seconds` by
+//!   service, method and code, the span's final fields, and one log line.
+//!
+//! Health and reflection calls pass through it too (counted, logged at debug).
 
 use std::{
-    future::Future,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, Response};
+use http::{HeaderMap, HeaderValue, Request};
 use http_body::Frame;
 use tonic::{Code, Status, body::Body};
-use tower::{Layer, Service};
 use tracing::{Instrument as _, Span, field::Empty};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
+use super::{CallFuture, Inner, Middleware, is_infrastructure};
 use crate::{
-    auth::{Caller, TokenStore},
-    error::{Detail, Error},
     statements::{self, RequestLog},
     telemetry::HeaderExtractor,
 };
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 const MAX_REQUEST_ID_LEN: usize = 128;
@@ -43,29 +39,14 @@ const MAX_REQUEST_ID_LEN: usize = 128;
 #[derive(Clone, Debug)]
 pub struct RequestId(pub Arc<str>);
 
-/// When the current call must be finished, in the request's extensions.
+/// Request id, span, metrics and the per-call log line.
 #[derive(Clone, Copy, Debug)]
-pub struct Deadline(pub Instant);
-
-/// Health checks and reflection need no token and no deadline: probes and
-/// tools call them, and health `Watch` streams stay open.
-fn is_infrastructure(path: &str) -> bool {
-    path.starts_with("/grpc.health.v1.Health/") || path.starts_with("/grpc.reflection.")
-}
-
-fn status_response(error: Error) -> Response<Body> {
-    Status::from(error).into_http()
-}
-
-// ---------------------------------------------------------------------------
-// Request id, span, metrics and the per-call log line.
-
-#[derive(Clone, Copy, Debug)]
-pub struct RpcLayer {
+pub struct Rpc {
+    /// More repeats of one statement shape than this in a call is an N+1.
     n_plus_one_threshold: u32,
 }
 
-impl RpcLayer {
+impl Rpc {
     pub fn new(n_plus_one_threshold: u32) -> Self {
         Self {
             n_plus_one_threshold,
@@ -73,38 +54,10 @@ impl RpcLayer {
     }
 }
 
-impl<S> Layer<S> for RpcLayer {
-    type Service = Rpc<S>;
+impl Middleware for Rpc {
+    const SKIPS_INFRASTRUCTURE: bool = false;
 
-    fn layer(&self, inner: S) -> Self::Service {
-        Rpc {
-            inner,
-            n_plus_one_threshold: self.n_plus_one_threshold,
-        }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct Rpc<S> {
-    inner: S,
-    n_plus_one_threshold: u32,
-}
-
-impl<S> Service<Request<Body>> for Rpc<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-{
-    type Response = Response<Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Response<Body>, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
+    fn handle<S: Inner>(&self, mut request: Request<Body>, inner: &mut S) -> CallFuture<S::Error> {
         let request_id = request
             .headers()
             .get(REQUEST_ID_HEADER)
@@ -152,7 +105,7 @@ where
             statements: Arc::new(RequestLog::default()),
             n_plus_one_threshold: self.n_plus_one_threshold,
         };
-        let response = span.in_scope(|| self.inner.call(request));
+        let response = span.in_scope(|| inner.call(request));
         let statements = call.statements.clone();
         Box::pin(
             async move {
@@ -270,7 +223,7 @@ fn is_server_fault(code: Code) -> bool {
 }
 
 /// The canonical upper-case name of a status code, as used in metrics.
-pub fn code_name(code: Code) -> &'static str {
+fn code_name(code: Code) -> &'static str {
     match code {
         Code::Ok => "OK",
         Code::Cancelled => "CANCELLED",
@@ -340,218 +293,9 @@ impl http_body::Body for ObservedBody {
     }
 }
 
-// ---------------------------------------------------------------------------
-// Caller identity.
-
-#[derive(Clone)]
-pub struct AuthLayer {
-    tokens: TokenStore,
-}
-
-impl AuthLayer {
-    pub fn new(tokens: TokenStore) -> Self {
-        Self { tokens }
-    }
-}
-
-impl<S> Layer<S> for AuthLayer {
-    type Service = Auth<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Auth {
-            inner,
-            tokens: self.tokens.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct Auth<S> {
-    inner: S,
-    tokens: TokenStore,
-}
-
-impl<S> Service<Request<Body>> for Auth<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-{
-    type Response = Response<Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Response<Body>, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
-        if is_infrastructure(request.uri().path()) {
-            return Box::pin(self.inner.call(request));
-        }
-        match self.authenticate(request.headers()) {
-            Ok(caller) => {
-                Span::current().record("caller", caller.name());
-                request.extensions_mut().insert(caller);
-                Box::pin(self.inner.call(request))
-            }
-            Err(error) => Box::pin(std::future::ready(Ok(status_response(error)))),
-        }
-    }
-}
-
-impl<S> Auth<S> {
-    fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, Error> {
-        let token = headers
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                let (scheme, token) = v.trim().split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-            })
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| {
-                Error::Unauthenticated(Detail::new(
-                    "MISSING_CREDENTIALS",
-                    "missing bearer token: send `authorization: Bearer <token>` metadata",
-                ))
-            })?;
-        self.tokens.authenticate(token).ok_or_else(|| {
-            Error::Unauthenticated(Detail::new(
-                "INVALID_CREDENTIALS",
-                "unknown bearer token: check the token configured for this caller",
-            ))
-        })
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Deadlines.
-
-#[derive(Clone, Copy, Debug)]
-pub struct DeadlineLayer {
-    max: Duration,
-}
-
-impl DeadlineLayer {
-    pub fn new(max: Duration) -> Self {
-        Self { max }
-    }
-}
-
-impl<S> Layer<S> for DeadlineLayer {
-    type Service = DeadlineService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        DeadlineService {
-            inner,
-            max: self.max,
-        }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct DeadlineService<S> {
-    inner: S,
-    max: Duration,
-}
-
-impl<S> Service<Request<Body>> for DeadlineService<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-{
-    type Response = Response<Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Response<Body>, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
-        if is_infrastructure(request.uri().path()) {
-            return Box::pin(self.inner.call(request));
-        }
-        let timeout =
-            parse_grpc_timeout(request.headers()).map_or(self.max, |caller| caller.min(self.max));
-        let deadline = Instant::now() + timeout;
-        request.extensions_mut().insert(Deadline(deadline));
-        let response = self.inner.call(request);
-        Box::pin(async move {
-            match tokio::time::timeout_at(deadline.into(), response).await {
-                Ok(response) => response,
-                Err(_elapsed) => Ok(status_response(Error::deadline_exceeded())),
-            }
-        })
-    }
-}
-
-/// Parses `grpc-timeout` (gRPC over HTTP/2: up to 8 digits and a unit).
-/// A malformed header is ignored, as other gRPC servers do.
-fn parse_grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get("grpc-timeout")?.to_str().ok()?;
-    if value.len() < 2 || value.len() > 9 {
-        return None;
-    }
-    let (digits, unit) = value.split_at(value.len() - 1);
-    let amount: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(amount.saturating_mul(3600)),
-        "M" => Duration::from_secs(amount.saturating_mul(60)),
-        "S" => Duration::from_secs(amount),
-        "m" => Duration::from_millis(amount),
-        "u" => Duration::from_micros(amount),
-        "n" => Duration::from_nanos(amount),
-        _ => return None,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn headers(timeout: &str) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert("grpc-timeout", HeaderValue::from_str(timeout).unwrap());
-        h
-    }
-
-    #[test]
-    fn grpc_timeouts_parse_every_unit() {
-        assert_eq!(
-            parse_grpc_timeout(&headers("2H")),
-            Some(Duration::from_secs(7200))
-        );
-        assert_eq!(
-            parse_grpc_timeout(&headers("3M")),
-            Some(Duration::from_secs(180))
-        );
-        assert_eq!(
-            parse_grpc_timeout(&headers("4S")),
-            Some(Duration::from_secs(4))
-        );
-        assert_eq!(
-            parse_grpc_timeout(&headers("250m")),
-            Some(Duration::from_millis(250))
-        );
-        assert_eq!(
-            parse_grpc_timeout(&headers("7u")),
-            Some(Duration::from_micros(7))
-        );
-        assert_eq!(
-            parse_grpc_timeout(&headers("9n")),
-            Some(Duration::from_nanos(9))
-        );
-    }
-
-    #[test]
-    fn malformed_grpc_timeouts_are_ignored() {
-        for bad in ["", "S", "10", "123456789S", "-1S", "10x", "1.5S"] {
-            assert_eq!(parse_grpc_timeout(&headers(bad)), None, "{bad:?}");
-        }
-    }
 
     #[test]
     fn request_ids_must_be_short_visible_ascii() {

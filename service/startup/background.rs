@@ -1,0 +1,194 @@
+//! The work the service does besides answering calls, every task of it
+//! spawned on one [`TaskTracker`] and stopped by one [`CancellationToken`]:
+//! nothing is detached, so once [`Background::wait`] returns no task of this
+//! process still uses the pools.
+//!
+//! | task | what it does | on `stopping` |
+//! |---|---|---|
+//! | readiness watcher | sets the health entries (`health.rs`) | ends its round |
+//! | partition maintenance | creates partitions ahead and retires old ones, at start-up and every interval | ends its round |
+//! | MongoDB indexes | created at start-up, retried until they are | gives up at once |
+//! | analysis workers | run pending market analyses | end the analysis they run |
+//! | analytics refresher | refreshes the sales view every interval | ends its refresh |
+//! | idempotency sweep | deletes idempotency keys past their retention, at start-up and every interval | ends its round |
+//! | outbox relay | applies the outbox (price history, profile deletes) to MongoDB | ends its pass |
+//! | metrics server | `/metrics` on its own port | stops accepting, ends open requests |
+//!
+//! The search log writer is not here: it must outlive the drain, so it has
+//! its own close step (see `shutdown.rs`).
+
+use std::{future::Future, time::Duration};
+
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic_health::server::HealthReporter;
+
+use super::{Pools, health, services::Services};
+use crate::{config::Settings, documents::Mongo, metrics, outbox::OutboxRelay};
+
+pub(super) struct Background {
+    tracker: TaskTracker,
+    stopping: CancellationToken,
+    /// The readiness watcher writes health: shutdown waits for it alone
+    /// before it sets NOT_SERVING, so that the watcher cannot undo it.
+    readiness: Option<JoinHandle<()>>,
+}
+
+impl Background {
+    /// Spawns every background task.
+    pub fn start(
+        settings: &Settings,
+        pools: &Pools,
+        services: &Services,
+        health: HealthReporter,
+        metrics_listener: TcpListener,
+    ) -> Self {
+        let tracker = TaskTracker::new();
+        let stopping = CancellationToken::new();
+
+        let readiness = tracker.spawn(health::watch_readiness(
+            pools.db.clone(),
+            pools.reads.clone(),
+            pools.cache.clone(),
+            pools.mongo.clone(),
+            health,
+            stopping.clone(),
+        ));
+        let partitions = services.partitions.clone();
+        tracker.spawn(every(
+            "partition maintenance",
+            settings.partitions.interval,
+            true,
+            stopping.clone(),
+            move || {
+                let partitions = partitions.clone();
+                async move { partitions.maintain(chrono::Utc::now().date_naive()).await }
+            },
+        ));
+        if let Some(mongo) = pools.mongo.clone() {
+            tracker.spawn(ensure_indexes(mongo, stopping.clone()));
+        }
+        services
+            .analyses
+            .spawn_workers(settings.analysis.workers, &tracker, stopping.clone());
+        // Not at start-up: the view is as fresh as the last refresh.
+        let analytics = services.analytics.clone();
+        tracker.spawn(every(
+            "refreshing the sales analytics",
+            settings.analytics.refresh_interval,
+            false,
+            stopping.clone(),
+            move || {
+                let analytics = analytics.clone();
+                async move { analytics.refresh().await }
+            },
+        ));
+        let sweeper = services.key_sweeper.clone();
+        tracker.spawn(every(
+            "sweeping expired idempotency keys",
+            settings.idempotency.sweep_interval,
+            true,
+            stopping.clone(),
+            move || {
+                let sweeper = sweeper.clone();
+                async move { sweeper.sweep(chrono::Utc::now()).await }
+            },
+        ));
+        tracker.spawn(
+            OutboxRelay::new(
+                pools.db.clone(),
+                pools.mongo.clone(),
+                settings.mongodb.price_bucket_capacity,
+                settings.mongodb.outbox_interval,
+            )
+            .run(stopping.clone()),
+        );
+        let metrics_server = metrics::serve(
+            metrics_listener,
+            pools.db.clone(),
+            pools.reads.clone(),
+            pools.cache.clone(),
+            stopping.clone().cancelled_owned(),
+        );
+        tracker.spawn(async move {
+            if let Err(e) = metrics_server.await {
+                tracing::warn!(error = %e, "the metrics endpoint failed");
+            }
+        });
+
+        Self {
+            tracker,
+            stopping,
+            readiness: Some(readiness),
+        }
+    }
+
+    /// Tells every task to stop, and waits until the readiness watcher has:
+    /// from then on the health entries are the caller's to set. The other
+    /// tasks end in their own time; [`Background::wait`] waits for them.
+    pub async fn stop(&mut self) {
+        self.stopping.cancel();
+        if let Some(readiness) = self.readiness.take() {
+            let _ = readiness.await;
+        }
+    }
+
+    /// Stops every task and waits until all have ended.
+    pub async fn wait(mut self) {
+        self.stop().await;
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+/// Creates the MongoDB indexes, retrying until it works (MongoDB may start
+/// after the service). Shutdown abandons an attempt in flight: creating an
+/// index is idempotent, and a MongoDB that is down must not hold it up.
+async fn ensure_indexes(mongo: Mongo, stopping: CancellationToken) {
+    let mut pause = Duration::from_millis(500);
+    loop {
+        let attempt = tokio::select! {
+            () = stopping.cancelled() => return,
+            attempt = mongo.ensure_indexes() => attempt,
+        };
+        match attempt {
+            Ok(()) => return,
+            Err(e) => tracing::warn!(error = ?e, "creating MongoDB indexes failed; retrying"),
+        }
+        tokio::select! {
+            () = stopping.cancelled() => return,
+            () = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Runs `round` every `interval` (never if zero), first at start-up when
+/// `at_start`. A failed round is logged as `what` and retried at the next one.
+async fn every<F, Fut, T>(
+    what: &'static str,
+    interval: Duration,
+    at_start: bool,
+    stopping: CancellationToken,
+    mut round: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = crate::error::Result<T>>,
+{
+    if interval.is_zero() {
+        return;
+    }
+    let mut ticks = tokio::time::interval(interval);
+    if !at_start {
+        ticks.tick().await; // the first tick is immediate
+    }
+    loop {
+        tokio::select! {
+            () = stopping.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        if let Err(e) = round().await {
+            tracing::error!(task = what, error = ?e, "{what} failed; retrying at the next interval");
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! The `grpc.health.v1.Health` entries and who sets them.
+//!
+//! - `liveness` ([`LIVENESS_HEALTH`]) is SERVING from start-up until the
+//!   process exits, whatever its dependencies do;
+//! - the overall `""` entry and one per gRPC service follow PostgreSQL
+//!   (readiness): without it no RPC can succeed;
+//! - `redis`, `mongodb` and `postgres_replica` follow their dependency: down,
+//!   they degrade the features that use it, never the service.
+//!
+//! Until the watcher's first round (right after start-up) `""` has tonic's
+//! initial SERVING and the per-service entries are unknown (NOT_FOUND).
+//! While serving, [`watch_readiness`] (a background task) is the only writer;
+//! on shutdown it is stopped first and the shutdown sequence sets
+//! NOT_SERVING, so the two never race.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tonic_health::{
+    ServingStatus,
+    pb::health_server::{Health, HealthServer},
+    server::HealthReporter,
+};
+
+use super::services::SERVICES;
+use crate::{
+    documents::Mongo,
+    store::{cache::Cache, postgres::Reads},
+};
+
+/// How often readiness checks the database and Redis, and how long a check may take.
+const READINESS_INTERVAL: Duration = Duration::from_secs(2);
+const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The health entry of the process itself: SERVING from start-up until the
+/// process exits, whatever its dependencies do, so that a liveness probe
+/// restarts only a process that no longer serves (a database outage makes
+/// every replica unready, never restarted).
+pub const LIVENESS_HEALTH: &str = "liveness";
+
+/// The health entry of MongoDB: NOT_SERVING degrades the document features
+/// only (they answer UNAVAILABLE), never the service.
+pub const MONGODB_HEALTH: &str = "mongodb";
+
+/// The health entry of the read replica (`database.read_url`, when set): down,
+/// the lag-tolerant reads fail (search, insights, analytics), the rest serves.
+pub const REPLICA_HEALTH: &str = "postgres_replica";
+
+/// The health entry of the cache dependency. Redis down means degraded
+/// (this entry NOT_SERVING), never the service: reads fall back to PostgreSQL.
+pub const REDIS_HEALTH: &str = "redis";
+
+/// The health service, with `liveness` SERVING; the rest is unknown until
+/// the readiness watcher's first round.
+pub(super) async fn start() -> (HealthReporter, HealthServer<impl Health>) {
+    let (health, service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status(LIVENESS_HEALTH, ServingStatus::Serving)
+        .await;
+    (health, service)
+}
+
+/// Sets the overall entry and every gRPC service's.
+pub(super) async fn set_all(health: &HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    for service in SERVICES {
+        health.set_service_status(*service, status).await;
+    }
+}
+
+/// Sets a dependency's health entry when its state changes.
+async fn report_dependency(health: &HealthReporter, name: &str, ok: bool, last: &mut Option<bool>) {
+    if *last == Some(ok) {
+        return;
+    }
+    let status = if ok {
+        ServingStatus::Serving
+    } else {
+        tracing::warn!(
+            dependency = name,
+            "dependency unreachable: its health entry is NOT_SERVING"
+        );
+        ServingStatus::NotServing
+    };
+    health.set_service_status(name, status).await;
+    *last = Some(ok);
+}
+
+/// PostgreSQL answers `SELECT 1` on `pool` within the readiness timeout.
+async fn answers(pool: &PgPool) -> bool {
+    matches!(
+        tokio::time::timeout(READINESS_TIMEOUT, sqlx::query("SELECT 1").execute(pool)).await,
+        Ok(Ok(_))
+    )
+}
+
+/// Readiness follows the database: without PostgreSQL no RPC can succeed, so
+/// the instance reports NOT_SERVING until it answers again. The `redis`
+/// entry follows the cache; probing it also replays queued invalidations and
+/// lets a recovered Redis close the circuit without waiting for traffic.
+pub(super) async fn watch_readiness(
+    db: PgPool,
+    reads: Reads,
+    cache: Cache,
+    mongo: Option<Mongo>,
+    health: HealthReporter,
+    stopping: CancellationToken,
+) {
+    let mut ready = None;
+    let mut redis_ready = None;
+    let mut mongo_ready = None;
+    let mut replica_ready = None;
+    let mut ticks = tokio::time::interval(READINESS_INTERVAL);
+    loop {
+        tokio::select! {
+            () = stopping.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        if let Some(ok) = cache.probe().await {
+            report_dependency(&health, REDIS_HEALTH, ok, &mut redis_ready).await;
+        }
+        if let Some(mongo) = &mongo {
+            let ok = matches!(
+                tokio::time::timeout(READINESS_TIMEOUT, mongo.ping()).await,
+                Ok(true)
+            );
+            report_dependency(&health, MONGODB_HEALTH, ok, &mut mongo_ready).await;
+        }
+        if let Some(replica) = reads.replica() {
+            let ok = answers(replica).await;
+            report_dependency(&health, REPLICA_HEALTH, ok, &mut replica_ready).await;
+        }
+        let ok = answers(&db).await;
+        if ready != Some(ok) {
+            if ok {
+                tracing::info!("database reachable: SERVING");
+            } else {
+                tracing::warn!("database unreachable: NOT_SERVING");
+            }
+            set_all(
+                &health,
+                if ok {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                },
+            )
+            .await;
+            ready = Some(ok);
+        }
+    }
+}

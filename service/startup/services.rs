@@ -1,0 +1,169 @@
+//! The domain services and every gRPC service over them, built once.
+//!
+//! [`Services::build`] is the one place that knows which domain service
+//! needs which pool, and the one place that sets the message limits
+//! ([`limited!`]: the generated servers have no common trait to set them
+//! through). Health and reflection are added here too, so [`Routes`] is the
+//! whole API the server serves.
+
+use anyhow::Context as _;
+use tonic::{server::NamedService, service::Routes};
+use tonic_health::pb::health_server::{Health, HealthServer};
+
+use super::Pools;
+use crate::{
+    api::{
+        admin::{AdminApi, AdminServiceServer},
+        analytics::{AnalyticsApi, AnalyticsServiceServer},
+        catalog::{CatalogApi, CatalogServiceServer},
+        orders::{OrderApi, OrderServiceServer},
+        users::{UserApi, UserServiceServer},
+    },
+    config::Settings,
+    domain::{
+        analytics::Analytics, catalog::Catalog, idempotency::KeySweeper,
+        market_analyses::MarketAnalyses, orders::Orders, partitions::Partitions,
+        passwords::PasswordHasher, price_history::PriceHistory, profiles::Profiles,
+        search::ProductSearch, teams::Teams, users::Users, write::Writes,
+    },
+    model::paging::PageTokens,
+    proto,
+    search_log::{SearchLog, SearchLogWriter},
+};
+
+/// The gRPC services, by the name their health entries have (besides the
+/// overall "" entry).
+pub(super) const SERVICES: &[&str] = &[
+    <UserServiceServer<UserApi> as NamedService>::NAME,
+    <CatalogServiceServer<CatalogApi> as NamedService>::NAME,
+    <OrderServiceServer<OrderApi> as NamedService>::NAME,
+    <AdminServiceServer<AdminApi> as NamedService>::NAME,
+    <AnalyticsServiceServer<AnalyticsApi> as NamedService>::NAME,
+];
+
+/// A generated gRPC server with the largest request and response message
+/// set to `$max` bytes.
+macro_rules! limited {
+    ($server:expr, $max:expr) => {
+        $server
+            .max_decoding_message_size($max)
+            .max_encoding_message_size($max)
+    };
+}
+
+/// What the server serves, and the domain services background work runs.
+pub(super) struct Services {
+    /// Every gRPC service, health and reflection included.
+    pub routes: Routes,
+    /// For partition maintenance and the analytics refresher.
+    pub partitions: Partitions,
+    pub analytics: Analytics,
+    /// Run by the analysis workers.
+    pub analyses: MarketAnalyses,
+    /// Deletes idempotency keys past their retention.
+    pub key_sweeper: KeySweeper,
+    /// Written out on shutdown, after the drain: searches served during the
+    /// drain are logged too.
+    pub search_log: SearchLogWriter,
+}
+
+impl Services {
+    pub fn build(
+        settings: &Settings,
+        pools: &Pools,
+        health: HealthServer<impl Health>,
+    ) -> anyhow::Result<Self> {
+        let Pools {
+            db,
+            reads,
+            cache,
+            mongo,
+        } = pools;
+        let max_message = settings.server.max_message_bytes;
+
+        let pages = PageTokens::new(&settings.pagination.token_secret);
+        let users = Users::new(
+            db.clone(),
+            pages.clone(),
+            PasswordHasher::for_this_machine(),
+            cache.clone(),
+        );
+        let teams = Teams::new(db.clone(), pages.clone());
+        let orders = Orders::new(db.clone(), pages.clone(), users.clone(), cache.clone());
+        let profiles = Profiles::new(users.clone(), mongo.clone());
+        let (search_log, search_log_writer) = SearchLog::start(db.clone(), &settings.search_log);
+        let search = ProductSearch::new(
+            db.clone(),
+            reads.clone(),
+            cache.clone(),
+            pages.clone(),
+            search_log,
+        );
+        let prices = PriceHistory::new(db.clone(), cache.clone(), mongo.clone());
+        let catalog = Catalog::new(db.clone(), cache.clone());
+        let partitions = Partitions::new(db.clone(), settings.partitions.clone());
+        let analytics = Analytics::new(db.clone(), reads.clone(), cache.clone());
+        // Market analyses only read PostgreSQL.
+        let analyses = MarketAnalyses::new(
+            reads.pool().clone(),
+            mongo.clone(),
+            settings.analysis.clone(),
+            pages,
+        );
+
+        let routes = with_reflection(Routes::new(health))?
+            .add_service(limited!(
+                UserServiceServer::new(UserApi::new(users, teams, profiles)),
+                max_message
+            ))
+            .add_service(limited!(
+                CatalogServiceServer::new(CatalogApi::new(catalog, search, prices)),
+                max_message
+            ))
+            .add_service(limited!(
+                OrderServiceServer::new(OrderApi::new(orders)),
+                max_message
+            ))
+            .add_service(limited!(
+                AdminServiceServer::new(AdminApi::new(partitions.clone(), analytics.clone())),
+                max_message
+            ))
+            .add_service(limited!(
+                AnalyticsServiceServer::new(AnalyticsApi::new(analytics.clone(), analyses.clone())),
+                max_message
+            ));
+        let key_sweeper = KeySweeper::new(
+            Writes::new(db.clone(), cache.clone()),
+            settings.idempotency.clone(),
+        );
+        Ok(Self {
+            routes,
+            partitions,
+            analytics,
+            analyses,
+            key_sweeper,
+            search_log: search_log_writer,
+        })
+    }
+}
+
+/// `routes` with server reflection v1 and v1alpha. Each version lists every
+/// service, the other version included, and describes the google.rpc error
+/// details so that tools such as grpcurl can decode them.
+fn with_reflection(routes: Routes) -> anyhow::Result<Routes> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+    };
+    let v1 = builder()
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building reflection v1")?;
+    let v1alpha = builder()
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("building reflection v1alpha")?;
+    Ok(routes.add_service(v1).add_service(v1alpha))
+}
