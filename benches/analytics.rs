@@ -13,9 +13,10 @@
 use std::time::{Duration, Instant};
 
 use datagate::{
+    cache::Cache,
     config::Settings,
     domain::{analytics::Analytics, catalog::Catalog, users::Id},
-    store::{cache::Cache, postgres::Reads},
+    store::postgres::Reads,
 };
 use sqlx::PgPool;
 

@@ -18,6 +18,7 @@ use std::{
 };
 
 use datagate::{
+    cache::Cache,
     config::Settings,
     domain::{
         paging::PageTokens,
@@ -25,7 +26,6 @@ use datagate::{
         users::{Id, Users},
     },
     statements::{self, RequestLog},
-    store::cache::Cache,
 };
 use secrecy::SecretString;
 use sqlx::{Connection as _, PgConnection, PgPool};

@@ -14,6 +14,7 @@ use std::{
 };
 
 use datagate::{
+    cache::Cache,
     domain::{
         orders::Orders,
         paging::{PageRequest, PageSize, PageTokens},
@@ -21,7 +22,6 @@ use datagate::{
         users::Users,
     },
     statements::{self, RequestLog},
-    store::cache::Cache,
 };
 use secrecy::SecretString;
 use sqlx::{Connection as _, PgConnection, PgPool};

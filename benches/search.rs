@@ -10,6 +10,7 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use datagate::{
+    cache::Cache,
     config::Settings,
     domain::{
         catalog::Catalog,
@@ -19,7 +20,6 @@ use datagate::{
     },
     search_log::SearchLog,
     store::{
-        cache::Cache,
         postgres::Reads,
         search::{SearchFilters, SearchQuery, SearchSort},
     },

@@ -25,13 +25,14 @@ use dataloader::{BatchFn, cached::Loader};
 use sqlx::PgPool;
 
 use crate::{
+    cache::Cache,
     domain::{
         catalog::cached_products,
         error::{Error, Result},
         orders::{OrderHeader, OrderItem, ProductSummary},
         users::{Id, User},
     },
-    store::{self, cache::Cache},
+    store,
 };
 
 /// Large enough that a page (100 users × 20 orders × 50 items) is one batch.

@@ -4,6 +4,7 @@
 use secrecy::SecretString;
 use sqlx::PgPool;
 
+use crate::cache::Cache;
 use crate::domain::{
     audit::Actor,
     error::Error,
@@ -12,7 +13,6 @@ use crate::domain::{
     teams::{TeamName, TeamRole, Teams},
     users::{DisplayName, Email, NewUser, UserStatus, Username, Users},
 };
-use crate::store::cache::Cache;
 
 const DEMO_USERS: &[(&str, &str, &str)] = &[
     ("ada@example.com", "ada", "Ada Lovelace"),

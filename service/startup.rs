@@ -21,6 +21,7 @@ use crate::{
         users::{UserApi, UserServiceServer},
     },
     auth::TokenStore,
+    cache::Cache,
     config::Settings,
     domain::{
         analytics::Analytics, catalog::Catalog, market_analyses::MarketAnalyses, orders::Orders,
@@ -33,7 +34,7 @@ use crate::{
     outbox::OutboxRelay,
     proto,
     search_log::SearchLog,
-    store::{self, cache::Cache, mongo::Mongo, postgres::Reads},
+    store::{self, mongo::Mongo, postgres::Reads},
 };
 
 /// How often readiness checks the database and Redis, and how long a check may take.

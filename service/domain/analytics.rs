@@ -9,12 +9,9 @@ use chrono::{DateTime, Datelike as _, Months, NaiveDate, Utc};
 use sqlx::PgPool;
 
 use super::error::Result;
-use crate::store::{
-    self,
-    analytics::CategoryMetrics,
+use crate::{
     cache::{Cache, Family},
-    postgres::Reads,
-    search::SearchInsights,
+    store::{self, analytics::CategoryMetrics, postgres::Reads, search::SearchInsights},
 };
 
 /// The longest window one insights call may cover.

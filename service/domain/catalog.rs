@@ -10,10 +10,9 @@ use super::{
     error::{Detail, Error, Result},
     users::{Id, bounded_text, in_request_order},
 };
-use crate::store::{
-    self,
+use crate::{
     cache::{Cache, Entity, Family},
-    outbox::Change,
+    store::{self, outbox::Change},
 };
 
 /// The most ids one BatchGetProducts call may ask for.

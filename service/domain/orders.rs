@@ -17,11 +17,9 @@ use super::{
     users::{Id, User, UserFilter, Users, user_not_found},
 };
 use crate::{
+    cache::{Cache, Entity},
     loaders::Loaders,
-    store::{
-        self,
-        cache::{Cache, Entity},
-    },
+    store,
 };
 
 /// The most lines one order may have.

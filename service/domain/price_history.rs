@@ -12,7 +12,10 @@ use super::{
     profiles::mongodb_not_configured,
     users::Id,
 };
-use crate::store::{cache::Cache, mongo::Mongo, price_history};
+use crate::{
+    cache::Cache,
+    store::{mongo::Mongo, price_history},
+};
 
 /// The longest range one call may ask for.
 pub const MAX_RANGE_DAYS: i64 = 366;

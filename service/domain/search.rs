@@ -21,10 +21,10 @@ use super::{
     users::{Id, bounded_text},
 };
 use crate::{
+    cache::{Cache, Family},
     search_log::SearchLog,
     store::{
         self,
-        cache::{Cache, Family},
         postgres::Reads,
         search::{SearchFilters, SearchQuery, SearchRecord, SearchSort, SortKey},
     },

@@ -14,12 +14,9 @@ use super::{
 use std::collections::HashMap;
 
 use crate::{
+    cache::{Cache, Entity},
     loaders::{UserLoader, UsersById},
-    store::{
-        self,
-        cache::{Cache, Entity},
-        outbox::Change,
-    },
+    store::{self, outbox::Change},
 };
 
 /// The most ids one BatchGetUsers call may ask for.

@@ -5,7 +5,6 @@
 
 pub mod analytics;
 pub mod audit;
-pub mod cache;
 pub mod market_analyses;
 pub mod mongo;
 pub mod orders;

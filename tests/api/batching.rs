@@ -4,6 +4,7 @@
 use std::{future::Future, pin::Pin, sync::Arc, task::Poll, time::Duration};
 
 use datagate::{
+    cache::Cache,
     domain::{
         error::Error,
         orders::Orders,
@@ -13,7 +14,6 @@ use datagate::{
     },
     loaders::{BatchLoader, ProductsById, UserLoader, UsersById},
     statements::{self, RequestLog},
-    store::cache::Cache,
 };
 use secrecy::SecretString;
 use sqlx::PgPool;

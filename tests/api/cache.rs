@@ -14,9 +14,9 @@ use std::{
 };
 
 use datagate::{
+    cache::{Cache, Entity},
     config::{RedisMode, Settings},
     proto::v1 as pb,
-    store::cache::{Cache, Entity},
 };
 use prost_types::FieldMask;
 use tokio::process::{Child, Command};
