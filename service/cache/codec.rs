@@ -16,14 +16,28 @@ use crate::domain::error::Result;
 const VALUE: u8 = b'V';
 const NOT_FOUND: &[u8] = b"N";
 
-/// Whether `bytes` is a stored value (`V` + postcard).
-pub(super) fn is_value(bytes: &[u8]) -> bool {
-    bytes.first() == Some(&VALUE)
+/// An entity entry as read from Redis.
+#[derive(Debug, PartialEq)]
+pub(super) enum Stored<T> {
+    Value(T),
+    NotFound,
+    /// Nothing, or nothing in a stored form.
+    Absent,
+    /// A value that does not decode as `T`: a cached type changed shape
+    /// without a format bump, or replicas of two versions share the cache.
+    Undecodable,
 }
 
-/// Whether `bytes` is a remembered "not found".
-pub(super) fn is_not_found(bytes: &[u8]) -> bool {
-    bytes == NOT_FOUND
+/// Reads an entity entry.
+pub(super) fn read<T: DeserializeOwned>(stored: Option<&[u8]>) -> Stored<T> {
+    match stored {
+        Some(bytes) if bytes == NOT_FOUND => Stored::NotFound,
+        Some(bytes) if bytes.first() == Some(&VALUE) => match decode(bytes) {
+            Some(value) => Stored::Value(value),
+            None => Stored::Undecodable,
+        },
+        _ => Stored::Absent,
+    }
 }
 
 /// The stored form of a value (`V` + postcard) or of "not found" (`N`).
@@ -105,24 +119,29 @@ mod tests {
     fn a_value_round_trips_through_its_stored_form() {
         let bytes = encode(Some(&row())).unwrap();
         assert_eq!(bytes[0], b'V');
-        assert!(is_value(&bytes));
-        assert!(!is_not_found(&bytes));
         assert_eq!(decode::<Row>(&bytes), Some(row()));
+        assert_eq!(read::<Row>(Some(&bytes)), Stored::Value(row()));
     }
 
     #[test]
     fn not_found_is_stored_as_n() {
         let bytes = encode::<Row>(None).unwrap();
         assert_eq!(bytes, b"N");
-        assert!(is_not_found(&bytes));
-        assert!(!is_value(&bytes));
+        assert_eq!(read::<Row>(Some(&bytes)), Stored::NotFound);
         assert_eq!(decode::<Row>(&bytes), None, "not a value");
+    }
+
+    #[test]
+    fn nothing_or_an_unknown_form_reads_as_absent() {
+        assert_eq!(read::<Row>(None), Stored::Absent);
+        assert_eq!(read::<Row>(Some(b"")), Stored::Absent);
+        assert_eq!(read::<Row>(Some(b"X1")), Stored::Absent);
     }
 
     #[test]
     fn a_query_entry_round_trips_with_its_generation() {
         let bytes = encode_query(7, &vec![3_i64, 1, 2]).unwrap();
-        assert!(is_value(&bytes));
+        assert_eq!(bytes[0], b'V');
         assert_eq!(query_generation(&bytes), Some(7));
         assert_eq!(decode_query::<Vec<i64>>(&bytes), Some(vec![3, 1, 2]));
     }
@@ -141,6 +160,8 @@ mod tests {
         }
         let other_shape = encode(Some(&"just a string")).unwrap();
         assert_eq!(decode::<Row>(&other_shape), None);
+        assert_eq!(read::<Row>(Some(&other_shape)), Stored::Undecodable);
+        assert_eq!(read::<Row>(Some(b"V\xff")), Stored::Undecodable);
         assert_eq!(query_generation(b"N"), None);
     }
 

@@ -60,6 +60,7 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use self::{
     breaker::Breaker,
+    codec::Stored,
     connection::{Conn, Pool},
     flight::{Fetched, Flights},
     keys::Keys,
@@ -199,7 +200,7 @@ impl Cache {
             .await
         {
             Some(mut found) => match found.pop() {
-                Some(Lookup::Hit(bytes)) => return Ok(codec::decode(&bytes)),
+                Some(Lookup::Hit(value)) => return Ok(Some(value)),
                 Some(Lookup::Missing) => return Ok(None),
                 Some(Lookup::Miss(generation)) => Some(generation),
                 None => None,
@@ -211,10 +212,14 @@ impl Cache {
             .flights
             .run(&key, || inner.load_once(entity, &key, generation, load))
             .await?;
-        Ok(match fetched {
-            Fetched::Found(bytes) => codec::decode(&bytes),
-            Fetched::Missing => None,
-        })
+        // What a flight shares was encoded by its leader, or checked by it
+        // (`wait_for_fill`): failing to decode it is a programming error.
+        match fetched {
+            Fetched::Found(bytes) => codec::decode(&bytes)
+                .map(Some)
+                .ok_or_else(|| anyhow::anyhow!("a loaded cache value did not decode").into()),
+            Fetched::Missing => Ok(None),
+        }
     }
 
     /// Cache-aside read of many entities: one `MGET`, then one `load` of all
@@ -255,8 +260,8 @@ impl Cache {
             Some(lookups) => {
                 for ((id, key), lookup) in unique.iter().zip(keys).zip(lookups) {
                     match lookup {
-                        Lookup::Hit(bytes) => {
-                            result.insert(*id, codec::decode(&bytes));
+                        Lookup::Hit(value) => {
+                            result.insert(*id, Some(value));
                         }
                         Lookup::Missing => {
                             result.insert(*id, None);
@@ -309,12 +314,7 @@ impl Cache {
         let generation_key = inner.keys.family_generation(family);
         let lookup = inner.lookup_query(family, &key, &generation_key).await;
         let generation = match lookup {
-            Some(QueryLookup::Hit(value)) => {
-                if let Some(value) = codec::decode_query(&value) {
-                    return Ok(value);
-                }
-                None
-            }
+            Some(QueryLookup::Hit(value)) => return Ok(value),
             Some(QueryLookup::Miss(generation)) => Some(generation),
             None => None,
         };
@@ -436,17 +436,18 @@ impl Cache {
     }
 }
 
-enum Lookup {
-    Hit(Vec<u8>),
+enum Lookup<T> {
+    Hit(T),
     Missing,
-    /// Not cached; the key's generation when looked up.
+    /// Not cached (or cached in a form that no longer decodes); the key's
+    /// generation when looked up.
     Miss(String),
 }
 
-enum QueryLookup {
-    /// The stored entry, computed at the current generation.
-    Hit(Vec<u8>),
-    /// Absent or stale; the family's generation when looked up.
+enum QueryLookup<T> {
+    /// The stored result, computed at the current generation.
+    Hit(T),
+    /// Absent, stale or undecodable; the family's generation when looked up.
     Miss(u64),
 }
 
@@ -512,8 +513,14 @@ impl Inner {
         );
     }
 
-    /// Looks keys up with their generations, in one MGET.
-    async fn lookup(&self, name: &'static str, keys: &[String]) -> Option<Vec<Lookup>> {
+    /// Looks keys up with their generations, in one MGET. A value that no
+    /// longer decodes is a miss (counted in `cache_decode_failures_total`),
+    /// so the caller reads PostgreSQL and refills it.
+    async fn lookup<T: DeserializeOwned>(
+        &self,
+        name: &'static str,
+        keys: &[String],
+    ) -> Option<Vec<Lookup<T>>> {
         let mut args = Vec::with_capacity(keys.len() * 2);
         for key in keys {
             args.push(key.clone());
@@ -528,7 +535,8 @@ impl Inner {
             statements::record_cache_lookup(false);
             return None;
         };
-        let lookups: Vec<Lookup> = values
+        let mut undecodable = 0;
+        let lookups: Vec<Lookup<T>> = values
             .chunks(2)
             .map(|pair| {
                 let generation = pair
@@ -537,13 +545,18 @@ impl Inner {
                     .flatten()
                     .and_then(|g| String::from_utf8(g).ok())
                     .unwrap_or_else(|| "0".to_owned());
-                match pair.first().cloned().flatten() {
-                    Some(bytes) if codec::is_value(&bytes) => Lookup::Hit(bytes),
-                    Some(bytes) if codec::is_not_found(&bytes) => Lookup::Missing,
-                    _ => Lookup::Miss(generation),
+                match codec::read(pair.first().and_then(Option::as_deref)) {
+                    Stored::Value(value) => Lookup::Hit(value),
+                    Stored::NotFound => Lookup::Missing,
+                    Stored::Absent => Lookup::Miss(generation),
+                    Stored::Undecodable => {
+                        undecodable += 1;
+                        Lookup::Miss(generation)
+                    }
                 }
             })
             .collect();
+        self.count_decode_failures(name, undecodable);
         let hits = lookups
             .iter()
             .filter(|l| !matches!(l, Lookup::Miss(_)))
@@ -552,13 +565,15 @@ impl Inner {
         Some(lookups)
     }
 
-    /// Looks a query entry up with its family's generation, in one MGET.
-    async fn lookup_query(
+    /// Looks a query entry up with its family's generation, in one MGET. A
+    /// current entry that no longer decodes is a miss (counted in
+    /// `cache_decode_failures_total`), recomputed and refilled.
+    async fn lookup_query<T: DeserializeOwned>(
         &self,
         family: Family,
         key: &str,
         generation_key: &str,
-    ) -> Option<QueryLookup> {
+    ) -> Option<QueryLookup<T>> {
         let values: Option<(Option<Vec<u8>>, Option<u64>)> = self
             .guarded("mget", async |conn| {
                 redis::cmd("MGET")
@@ -573,11 +588,17 @@ impl Inner {
             return None;
         };
         let generation = generation.unwrap_or(0);
-        let hit = value.as_deref().and_then(codec::query_generation) == Some(generation);
-        self.count_lookups(family.name(), u64::from(hit), u64::from(!hit));
-        Some(match value {
-            Some(value) if hit => QueryLookup::Hit(value),
-            _ => QueryLookup::Miss(generation),
+        // Only an entry computed at the current generation is a hit.
+        let current = value.filter(|v| codec::query_generation(v) == Some(generation));
+        let decoded = current.as_deref().and_then(codec::decode_query);
+        if current.is_some() && decoded.is_none() {
+            self.count_decode_failures(family.name(), 1);
+        }
+        let hit = u64::from(decoded.is_some());
+        self.count_lookups(family.name(), hit, 1 - hit);
+        Some(match decoded {
+            Some(value) => QueryLookup::Hit(value),
+            None => QueryLookup::Miss(generation),
         })
     }
 
@@ -590,6 +611,21 @@ impl Inner {
         metrics::counter!("cache_hits_total", "entity" => name).increment(hits);
         metrics::counter!("cache_misses_total", "entity" => name).increment(misses);
         statements::record_cache_lookup(misses == 0);
+    }
+
+    /// Counts cached values that no longer decode: each is a miss, and a
+    /// sign that a cached type changed shape without a format bump.
+    fn count_decode_failures(&self, name: &'static str, failures: u64) {
+        if failures == 0 {
+            return;
+        }
+        metrics::counter!("cache_decode_failures_total", "entity" => name).increment(failures);
+        tracing::warn!(
+            database_type = "redis",
+            entity = name,
+            failures,
+            "cached values did not decode; reading PostgreSQL"
+        );
     }
 
     /// Fills keys whose generation is unchanged (one script call on one Redis).
@@ -615,7 +651,7 @@ impl Inner {
         load: F,
     ) -> Result<Fetched>
     where
-        T: Serialize,
+        T: Serialize + DeserializeOwned,
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<T>>>,
     {
@@ -640,7 +676,7 @@ impl Inner {
             None => None,
         };
         if let Some(None) = locked
-            && let Some(fetched) = self.wait_for_fill(key, &lock_key).await
+            && let Some(fetched) = self.wait_for_fill::<T>(entity, key, &lock_key).await
         {
             return Ok(fetched);
         }
@@ -667,8 +703,14 @@ impl Inner {
     }
 
     /// Another replica holds the fill lock: poll until it fills the key, or
-    /// until its lock is gone or expires (then the caller loads itself).
-    async fn wait_for_fill(&self, key: &str, lock_key: &str) -> Option<Fetched> {
+    /// until its lock is gone or expires, or it filled a value this build
+    /// cannot decode (then the caller loads itself).
+    async fn wait_for_fill<T: DeserializeOwned>(
+        &self,
+        entity: Entity,
+        key: &str,
+        lock_key: &str,
+    ) -> Option<Fetched> {
         let deadline = Instant::now() + self.lock_ttl;
         let mut pause = Duration::from_millis(5);
         while Instant::now() < deadline {
@@ -683,16 +725,18 @@ impl Inner {
                         .await
                 })
                 .await?;
-            match (
-                values.first().cloned().flatten(),
-                values.get(1).cloned().flatten(),
-            ) {
-                (Some(bytes), _) if codec::is_value(&bytes) => {
-                    return Some(Fetched::Found(Arc::new(bytes)));
+            let mut values = values.into_iter();
+            let (value, lock) = (values.next().flatten(), values.next().flatten());
+            let stored = codec::read::<T>(value.as_deref());
+            match stored {
+                Stored::Value(_) => return value.map(|bytes| Fetched::Found(Arc::new(bytes))),
+                Stored::NotFound => return Some(Fetched::Missing),
+                Stored::Undecodable => {
+                    self.count_decode_failures(entity.name(), 1);
+                    return None;
                 }
-                (Some(bytes), _) if codec::is_not_found(&bytes) => return Some(Fetched::Missing),
-                (None, None) => return None,
-                _ => {}
+                Stored::Absent if value.is_none() && lock.is_none() => return None,
+                Stored::Absent => {}
             }
         }
         None

@@ -128,6 +128,82 @@ async fn a_not_found_is_cached_briefly_and_a_create_clears_it() {
     );
 }
 
+/// The value of one counter series in a `/metrics` scrape (0 when absent:
+/// the recorder is process-wide, so tests compare before and after).
+fn counter(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Writes a raw value into the app's (single) Redis.
+async fn redis_set(key: &str, value: &[u8]) {
+    let client = deadpool_redis::redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let () = deadpool_redis::redis::AsyncCommands::set(&mut conn, key, value)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_cached_value_that_no_longer_decodes_is_a_miss_read_from_postgres_and_refilled() {
+    let app = TestApp::spawn().await;
+    let failures = r#"cache_decode_failures_total{entity="user"}"#;
+    let mut users = Vec::new();
+    for _ in 0..2 {
+        let (email, username) = unique("undecodable");
+        users.push(app.create_user(&email, &username).await);
+    }
+    // A `V` payload no build can decode (a varint that never ends), as a
+    // type that changed shape without a format bump would leave.
+    let junk = b"V\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff";
+    for user in &users {
+        redis_set(&app.cache_key("user", user.id), junk).await;
+    }
+    let before = counter(&app.metrics().await, failures);
+
+    assert_eq!(
+        get_user(&app, users[0].id).await.expect("not NOT_FOUND"),
+        users[0]
+    );
+    let batch = app
+        .users()
+        .await
+        .batch_get_users(pb::BatchGetUsersRequest {
+            ids: vec![users[1].id],
+            skip_missing: false,
+        })
+        .await
+        .expect("not NOT_FOUND")
+        .into_inner();
+    assert_eq!(batch.users, std::slice::from_ref(&users[1]));
+
+    assert!(
+        counter(&app.metrics().await, failures) >= before + 2.0,
+        "{failures} counts both"
+    );
+    for user in &users {
+        let refilled = app
+            .redis_get(&app.cache_key("user", user.id))
+            .await
+            .expect("refilled");
+        assert_eq!(refilled[0], b'V');
+        assert_ne!(refilled, junk, "the junk is replaced");
+    }
+    sneak(
+        &app,
+        "UPDATE users SET display_name = 'changed behind the cache' WHERE id = $1",
+        users[0].id,
+    )
+    .await;
+    assert_eq!(
+        get_user(&app, users[0].id).await.unwrap().display_name,
+        users[0].display_name,
+        "the refilled value is a hit"
+    );
+}
+
 #[tokio::test]
 async fn every_user_write_invalidates_the_cached_user() {
     let app = TestApp::spawn().await;
