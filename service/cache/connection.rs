@@ -7,6 +7,13 @@
 //! multiplexed connection, [`Conn::invoke_each`]). Reads go to primaries
 //! only: a lagging replica's generation would open the fence. A namespace
 //! flush scans every primary ([`Conn::unlink_matching`]).
+//!
+//! **What counts as Redis being down.** Only failures to reach Redis or to
+//! hear from it in time ([`Failure::Unavailable`]) count against the
+//! circuit breaker. An error Redis answers because of the request
+//! ([`Failure::Command`]: `WRONGTYPE`, an `ERR` reply, a reply of another
+//! type than expected) is a miss for that call only: Redis is fine, and
+//! one caller's odd request must not turn caching off for every caller.
 
 use std::collections::HashMap;
 
@@ -14,7 +21,7 @@ use deadpool_redis::{
     Runtime, Timeouts,
     cluster::ClusterConnection,
     redis::{
-        self, Script, ScriptInvocation,
+        self, ErrorKind, RedisError, Script, ScriptInvocation, ServerErrorKind,
         aio::ConnectionLike,
         cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo},
     },
@@ -71,10 +78,10 @@ impl Pool {
         })
     }
 
-    pub(super) async fn get(&self) -> Result<Conn, String> {
+    pub(super) async fn get(&self) -> Result<Conn, Failure> {
         Ok(match self {
-            Self::Single(pool) => Conn::Single(pool.get().await.map_err(|e| e.to_string())?),
-            Self::Cluster(pool) => Conn::Cluster(pool.get().await.map_err(|e| e.to_string())?),
+            Self::Single(pool) => Conn::Single(pool.get().await?),
+            Self::Cluster(pool) => Conn::Cluster(pool.get().await?),
         })
     }
 
@@ -137,6 +144,9 @@ impl Conn {
         add: impl Fn(&mut ScriptInvocation<'_>, &T),
         tail: Option<u64>,
     ) -> redis::RedisResult<u64> {
+        if items.is_empty() {
+            return Ok(0);
+        }
         let invocation = |items: &[T]| {
             let mut invocation = script.prepare_invoke();
             for item in items {
@@ -239,5 +249,144 @@ impl Conn {
             }
             cursor = next;
         }
+    }
+}
+
+/// Why a Redis operation failed (see the module documentation).
+#[derive(Debug)]
+pub(super) enum Failure {
+    /// Redis could not be reached or did not answer in time: I/O errors,
+    /// pool wait and create timeouts, the command timeout, a cluster that is
+    /// down or failing over. Counts against the breaker.
+    Unavailable(String),
+    /// Redis answered an error caused by the request. A miss for this call.
+    Command(String),
+}
+
+impl Failure {
+    /// The command timeout ran out (pool wait included).
+    pub(super) fn timed_out() -> Self {
+        Self::Unavailable("timed out".to_owned())
+    }
+}
+
+impl From<RedisError> for Failure {
+    fn from(error: RedisError) -> Self {
+        // `is_io_error` covers the other three today; they are asked too so
+        // that a refused, dropped or timed-out connection counts whatever
+        // kind a later redis version files it under.
+        let unavailable = error.is_io_error()
+            || error.is_timeout()
+            || error.is_connection_refusal()
+            || error.is_connection_dropped()
+            || matches!(
+                error.kind(),
+                // Connecting failed, or the node cannot serve anyone now.
+                ErrorKind::AuthenticationFailed
+                    | ErrorKind::ClusterConnectionNotFound
+                    | ErrorKind::Server(
+                        ServerErrorKind::ClusterDown
+                            | ServerErrorKind::MasterDown
+                            | ServerErrorKind::TryAgain
+                            | ServerErrorKind::BusyLoading
+                            | ServerErrorKind::ReadOnly
+                    )
+            );
+        if unavailable {
+            Self::Unavailable(error.to_string())
+        } else {
+            Self::Command(error.to_string())
+        }
+    }
+}
+
+impl From<deadpool_redis::PoolError> for Failure {
+    fn from(error: deadpool_redis::PoolError) -> Self {
+        match error {
+            deadpool_redis::PoolError::Backend(error) => error.into(),
+            // Timed out waiting for, creating or recycling a connection, or
+            // the pool is closed: there is no connection to use.
+            other => Self::Unavailable(other.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use deadpool_redis::{PoolError, TimeoutType, redis::Value};
+
+    use super::*;
+
+    /// The error Redis answers with `reply` (RESP), as the client sees it.
+    fn answered(reply: &[u8]) -> RedisError {
+        redis::parse_redis_value(reply)
+            .and_then(Value::extract_error)
+            .expect_err("an error reply")
+    }
+
+    fn counts(failure: Failure) -> bool {
+        matches!(failure, Failure::Unavailable(_))
+    }
+
+    #[test]
+    fn connection_and_timeout_failures_count_against_the_breaker() {
+        for kind in [
+            io::ErrorKind::ConnectionRefused,
+            io::ErrorKind::ConnectionReset,
+            io::ErrorKind::BrokenPipe,
+            io::ErrorKind::TimedOut,
+            io::ErrorKind::UnexpectedEof,
+        ] {
+            let error = RedisError::from(io::Error::new(kind, "socket"));
+            assert!(counts(error.into()), "{kind:?}");
+        }
+        let dropped = RedisError::from((ErrorKind::Io, "Connection dropped"));
+        assert!(counts(dropped.into()));
+        assert!(counts(Failure::timed_out()));
+    }
+
+    #[test]
+    fn pool_timeouts_and_failed_connects_count_against_the_breaker() {
+        for timeout in [TimeoutType::Wait, TimeoutType::Create, TimeoutType::Recycle] {
+            assert!(counts(PoolError::Timeout(timeout).into()), "{timeout:?}");
+        }
+        assert!(counts(PoolError::Closed.into()));
+        let refused = io::Error::new(io::ErrorKind::ConnectionRefused, "connect");
+        assert!(counts(PoolError::Backend(refused.into()).into()));
+    }
+
+    #[test]
+    fn a_cluster_that_is_down_or_failing_over_counts_against_the_breaker() {
+        for reply in [
+            &b"-CLUSTERDOWN The cluster is down\r\n"[..],
+            b"-MASTERDOWN Link with MASTER is down\r\n",
+            b"-TRYAGAIN Multiple keys request during rehashing of slot\r\n",
+            b"-LOADING Redis is loading the dataset in memory\r\n",
+            b"-READONLY You can't write against a read only replica.\r\n",
+        ] {
+            let error = answered(reply);
+            assert!(counts(error.into()), "{}", String::from_utf8_lossy(reply));
+        }
+    }
+
+    #[test]
+    fn a_command_error_caused_by_the_request_does_not_count() {
+        for reply in [
+            &b"-ERR wrong number of arguments for 'mget' command\r\n"[..],
+            b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n",
+            b"-ERR Error running script (call to f_0123): user_script:1: bad\r\n",
+            b"-NOSCRIPT No matching script.\r\n",
+            b"-CROSSSLOT Keys in request don't hash to the same slot\r\n",
+        ] {
+            let failure = Failure::from(answered(reply));
+            assert!(!counts(failure), "{}", String::from_utf8_lossy(reply));
+        }
+        let type_error = redis::from_redis_value::<u64>(Value::SimpleString("OK".into()))
+            .expect_err("not a number");
+        assert!(!counts(RedisError::from(type_error).into()));
+        let backend = PoolError::Backend(answered(b"-ERR unknown command\r\n"));
+        assert!(!counts(backend.into()));
     }
 }

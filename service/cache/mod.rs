@@ -61,7 +61,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use self::{
     breaker::Breaker,
     codec::Stored,
-    connection::{Conn, Pool},
+    connection::{Conn, Failure, Pool},
     flight::{Fetched, Flights},
     keys::Keys,
     queue::{MAX_PENDING, Queue},
@@ -482,35 +482,46 @@ impl Inner {
         }
         let result = tokio::time::timeout(self.command_timeout, async {
             let mut conn = self.pool.get().await?;
-            self.replay(&mut conn).await.map_err(|e| e.to_string())?;
-            run(&mut conn).await.map_err(|e| e.to_string())
+            self.replay(&mut conn).await?;
+            Ok::<_, Failure>(run(&mut conn).await?)
         })
-        .await;
+        .await
+        .unwrap_or_else(|_| Err(Failure::timed_out()));
         match result {
-            Ok(Ok(value)) => {
+            Ok(value) => {
                 self.breaker.success();
                 Some(value)
             }
-            Ok(Err(error)) => {
-                self.report_failure(op, &error);
-                None
-            }
-            Err(_) => {
-                self.report_failure(op, "timed out");
+            Err(failure) => {
+                self.report_failure(op, failure);
                 None
             }
         }
     }
 
-    fn report_failure(&self, op: &'static str, error: &str) {
-        self.breaker.failure(Instant::now());
+    fn report_failure(&self, op: &'static str, failure: Failure) {
         metrics::counter!("cache_errors_total", "op" => op).increment(1);
-        tracing::warn!(
-            database_type = "redis",
-            operation = op,
-            error,
-            "cache unavailable; using PostgreSQL"
-        );
+        match failure {
+            Failure::Unavailable(error) => {
+                self.breaker.failure(Instant::now());
+                tracing::warn!(
+                    database_type = "redis",
+                    operation = op,
+                    error,
+                    "cache unavailable; using PostgreSQL"
+                );
+            }
+            Failure::Command(error) => {
+                // Redis answered: it is up, whatever this request asked.
+                self.breaker.success();
+                tracing::warn!(
+                    database_type = "redis",
+                    operation = op,
+                    error,
+                    "cache command failed; using PostgreSQL for this call"
+                );
+            }
+        }
     }
 
     /// Looks keys up with their generations, in one MGET. A value that no
@@ -521,6 +532,10 @@ impl Inner {
         name: &'static str,
         keys: &[String],
     ) -> Option<Vec<Lookup<T>>> {
+        // `MGET` with no keys is an error: an empty batch has nothing to ask.
+        if keys.is_empty() {
+            return Some(Vec::new());
+        }
         let mut args = Vec::with_capacity(keys.len() * 2);
         for key in keys {
             args.push(key.clone());

@@ -563,6 +563,126 @@ async fn a_hundred_concurrent_misses_on_one_key_load_it_once_across_two_replicas
     );
 }
 
+#[tokio::test]
+async fn empty_batches_never_open_the_breaker_and_caching_keeps_working() {
+    let app = TestApp::spawn_with(|s| {
+        s.redis.breaker_failures = 2;
+        // Long enough that an opened circuit would still be open below.
+        s.redis.breaker_open_for = Duration::from_secs(60);
+    })
+    .await;
+    let (email, username) = unique("empty_batch");
+    let user = app.create_user(&email, &username).await;
+
+    let (mut users, mut catalog) = (app.users().await, app.catalog().await);
+    for _ in 0..3 * app.settings.redis.breaker_failures {
+        let batch = users
+            .batch_get_users(pb::BatchGetUsersRequest {
+                ids: vec![],
+                skip_missing: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(batch.users.is_empty() && batch.missing_ids.is_empty());
+        let batch = catalog
+            .batch_get_products(pb::BatchGetProductsRequest {
+                ids: vec![],
+                skip_missing: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(batch.products.is_empty());
+    }
+
+    // A miss fills, and the next read is a hit: the circuit is closed.
+    assert_eq!(get_user(&app, user.id).await.unwrap(), user);
+    assert!(
+        app.redis_get(&app.cache_key("user", user.id))
+            .await
+            .is_some(),
+        "filled"
+    );
+    sneak(
+        &app,
+        "UPDATE users SET display_name = 'changed behind the cache' WHERE id = $1",
+        user.id,
+    )
+    .await;
+    assert_eq!(
+        get_user(&app, user.id).await.unwrap().display_name,
+        user.display_name,
+        "the second read is a hit"
+    );
+    assert_eq!(
+        health_of(&app, "redis", ServingStatus::Serving).await,
+        ServingStatus::Serving
+    );
+}
+
+#[tokio::test]
+async fn a_command_error_is_a_miss_for_its_call_and_leaves_the_breaker_closed() {
+    let prefix = format!("dgtest-{}", uuid::Uuid::new_v4().simple());
+    let mut settings = cache_settings(&prefix);
+    settings.redis.breaker_failures = 1;
+    settings.redis.breaker_open_for = Duration::from_secs(60);
+    let cache = Cache::new(&settings.redis).unwrap();
+
+    // Empty batches send nothing.
+    for _ in 0..3 {
+        let found = cache
+            .get_many_or_load(Entity::User, &[], |ids| async move {
+                assert!(ids.is_empty());
+                Ok(std::collections::HashMap::<i64, String>::new())
+            })
+            .await
+            .unwrap();
+        assert!(found.is_empty());
+    }
+    assert_eq!(
+        cache.probe().await,
+        Some(true),
+        "closed after empty batches"
+    );
+
+    // A generation that is not a counter makes the fill script fail with
+    // WRONGTYPE: Redis answered, so only this call misses.
+    let key = format!("{prefix}:v1:user:5");
+    let client = deadpool_redis::redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: u64 = deadpool_redis::redis::AsyncCommands::rpush(&mut conn, format!("{key}:gen"), "x")
+        .await
+        .unwrap();
+    let loaded = cache
+        .get_or_load(Entity::User, 5, || async {
+            Ok(Some("from postgres".to_owned()))
+        })
+        .await
+        .unwrap();
+    assert_eq!(loaded.as_deref(), Some("from postgres"));
+    let cached: Option<Vec<u8>> = deadpool_redis::redis::AsyncCommands::get(&mut conn, &key)
+        .await
+        .unwrap();
+    assert_eq!(cached, None, "the fill failed");
+    assert_eq!(
+        cache.probe().await,
+        Some(true),
+        "one command error with breaker_failures = 1: still closed"
+    );
+
+    // And the cache goes on caching other keys.
+    cache
+        .get_or_load(Entity::User, 6, || async { Ok(Some("six".to_owned())) })
+        .await
+        .unwrap();
+    let cached: Option<Vec<u8>> =
+        deadpool_redis::redis::AsyncCommands::get(&mut conn, format!("{prefix}:v1:user:6"))
+            .await
+            .unwrap();
+    assert!(cached.is_some(), "filled");
+}
+
 /// A Redis of this test's own, to stop and kill.
 struct OwnRedis {
     child: Child,
