@@ -4,16 +4,16 @@
 //! This file is the public API ([`Cache`], [`Entity`], [`Family`]) and the
 //! orchestration of one read or write; each concern it composes has a file:
 //!
-//! - [`keys`]: key names and cluster hash tags;
-//! - [`codec`]: the stored forms (`V` + postcard, `N` for "not found") and
+//! - `keys`: key names and cluster hash tags;
+//! - `codec`: the stored forms (`V` + postcard, `N` for "not found") and
 //!   TTL jitter;
-//! - [`scripts`]: the Lua scripts of the **invalidation fence**, by which a
+//! - `scripts`: the Lua scripts of the **invalidation fence**, by which a
 //!   read that loaded the old row before a write committed cannot put it
 //!   back after the write's delete;
-//! - [`connection`]: one Redis or a Redis Cluster behind one pool;
-//! - [`breaker`]: the circuit breaker (**fail-open**);
-//! - [`flight`]: single flight within this process;
-//! - [`queue`]: the invalidation queue (**writes never fail because of
+//! - `connection`: one Redis or a Redis Cluster behind one pool;
+//! - `breaker`: the circuit breaker (**fail-open**);
+//! - `flight`: single flight within this process;
+//! - `queue`: the invalidation queue (**writes never fail because of
 //!   Redis**).
 //!
 //! **Query results** (search pages) depend on many rows, so no row's write
@@ -69,7 +69,7 @@ use self::{
 };
 use crate::{
     config::{RedisMode, RedisSettings},
-    domain::error::Result,
+    domain::error::{Error, Result},
     statements,
 };
 
@@ -340,7 +340,7 @@ impl Cache {
                     };
                     inner.fill(family.name(), vec![fill]).await;
                 }
-                Ok::<_, crate::domain::error::Error>(Fetched::Found(Arc::new(payload)))
+                Ok::<_, Error>(Fetched::Found(Arc::new(payload)))
             })
             .await?;
         match fetched {
@@ -499,6 +499,18 @@ impl Inner {
         }
     }
 
+    /// `MGET keys` under [`guarded`](Self::guarded).
+    async fn mget<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        keys: impl redis::ToRedisArgs,
+    ) -> Option<T> {
+        self.guarded(op, async |conn| {
+            redis::cmd("MGET").arg(keys).query_async(conn).await
+        })
+        .await
+    }
+
     fn report_failure(&self, op: &'static str, failure: Failure) {
         metrics::counter!("cache_errors_total", "op" => op).increment(1);
         match failure {
@@ -541,11 +553,7 @@ impl Inner {
             args.push(key.clone());
             args.push(keys::generation_of(key));
         }
-        let values: Option<Vec<Option<Vec<u8>>>> = self
-            .guarded("mget", async |conn| {
-                redis::cmd("MGET").arg(&args).query_async(conn).await
-            })
-            .await;
+        let values: Option<Vec<Option<Vec<u8>>>> = self.mget("mget", &args).await;
         let Some(values) = values else {
             statements::record_cache_lookup(false);
             return None;
@@ -589,15 +597,8 @@ impl Inner {
         key: &str,
         generation_key: &str,
     ) -> Option<QueryLookup<T>> {
-        let values: Option<(Option<Vec<u8>>, Option<u64>)> = self
-            .guarded("mget", async |conn| {
-                redis::cmd("MGET")
-                    .arg(key)
-                    .arg(generation_key)
-                    .query_async(conn)
-                    .await
-            })
-            .await;
+        let values: Option<(Option<Vec<u8>>, Option<u64>)> =
+            self.mget("mget", &[key, generation_key][..]).await;
         let Some((value, generation)) = values else {
             statements::record_cache_lookup(false);
             return None;
@@ -731,15 +732,7 @@ impl Inner {
         while Instant::now() < deadline {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(100));
-            let values: Vec<Option<Vec<u8>>> = self
-                .guarded("poll", async |conn| {
-                    redis::cmd("MGET")
-                        .arg(key)
-                        .arg(lock_key)
-                        .query_async(conn)
-                        .await
-                })
-                .await?;
+            let values: Vec<Option<Vec<u8>>> = self.mget("poll", &[key, lock_key][..]).await?;
             let mut values = values.into_iter();
             let (value, lock) = (values.next().flatten(), values.next().flatten());
             let stored = codec::read::<T>(value.as_deref());
