@@ -13,10 +13,11 @@
 use std::time::{Duration, Instant};
 
 use datagate::{
+    cache::Cache,
     config::Settings,
     domain::{analytics::Analytics, catalog::Catalog},
     model::Id,
-    store::{cache::Cache, postgres::Reads},
+    store::postgres::Reads,
 };
 use sqlx::PgPool;
 

@@ -18,11 +18,11 @@ use std::{
 };
 
 use datagate::{
+    cache::Cache,
     config::Settings,
     domain::{passwords::PasswordHasher, users::Users},
     model::{Id, paging::PageTokens},
     statements::{self, RequestLog},
-    store::cache::Cache,
 };
 use secrecy::SecretString;
 use sqlx::{Connection as _, PgConnection, PgPool};

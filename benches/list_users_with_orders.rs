@@ -14,10 +14,10 @@ use std::{
 };
 
 use datagate::{
+    cache::Cache,
     domain::{orders::Orders, passwords::PasswordHasher, users::Users},
     model::paging::{PageRequest, PageSize, PageTokens},
     statements::{self, RequestLog},
-    store::cache::Cache,
 };
 use secrecy::SecretString;
 use sqlx::{Connection as _, PgConnection, PgPool};

@@ -10,6 +10,7 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use datagate::{
+    cache::Cache,
     config::Settings,
     domain::{
         catalog::Catalog,
@@ -21,7 +22,7 @@ use datagate::{
         search::{SearchFilters, SearchQuery, SearchRequest, SearchSort, SearchText},
     },
     search_log::SearchLog,
-    store::{cache::Cache, postgres::Reads},
+    store::postgres::Reads,
 };
 use secrecy::SecretString;
 use sqlx::PgPool;

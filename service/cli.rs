@@ -151,7 +151,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     ..Default::default()
                 })
             {
-                let cache = store::cache::Cache::new(&settings.redis)?;
+                let cache = crate::cache::Cache::new(&settings.redis)?;
                 return seed::demo(&db, cache).await;
             }
             store::postgres::migrate_up(&db).await?;

@@ -26,8 +26,7 @@
 
 mod api;
 pub mod auth;
-// The cache moves out of `store/` (a separate change); its path is already `crate::cache`.
-pub(crate) use store::cache;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod documents;

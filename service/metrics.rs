@@ -9,7 +9,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 
-use crate::store::{cache::Cache, postgres::Reads};
+use crate::{cache::Cache, store::postgres::Reads};
 
 /// Latency buckets in seconds, from a cache hit to a slow analytic query.
 const LATENCY_BUCKETS: &[f64] = &[

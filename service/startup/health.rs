@@ -24,10 +24,7 @@ use tonic_health::{
 };
 
 use super::services::SERVICES;
-use crate::{
-    documents::Mongo,
-    store::{cache::Cache, postgres::Reads},
-};
+use crate::{cache::Cache, documents::Mongo, store::postgres::Reads};
 
 /// How often readiness checks the database and Redis, and how long a check may take.
 const READINESS_INTERVAL: Duration = Duration::from_secs(2);

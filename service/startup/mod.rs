@@ -30,10 +30,11 @@ pub use self::health::{LIVENESS_HEALTH, MONGODB_HEALTH, REDIS_HEALTH, REPLICA_HE
 use self::{background::Background, services::Services};
 use crate::{
     auth::TokenStore,
+    cache::Cache,
     config::Settings,
     documents::Mongo,
     middleware::{Auth, Deadlines, Middleware as _, Rpc},
-    store::{self, cache::Cache, postgres::Reads},
+    store::{self, postgres::Reads},
 };
 
 pub struct Application {

@@ -9,7 +9,6 @@
 
 pub mod analytics;
 pub mod audit;
-pub mod cache;
 pub mod idempotency;
 pub mod orders;
 pub mod outbox;

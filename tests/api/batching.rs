@@ -4,6 +4,7 @@
 use std::{future::Future, pin::Pin, sync::Arc, task::Poll, time::Duration};
 
 use datagate::{
+    cache::Cache,
     domain::{orders::Orders, passwords::PasswordHasher, users::Users},
     error::Error,
     loaders::{BatchLoader, ProductsById, UserLoader, UsersById},
@@ -12,7 +13,6 @@ use datagate::{
         paging::{PageRequest, PageSize, PageTokens},
     },
     statements::{self, RequestLog},
-    store::cache::Cache,
 };
 use secrecy::SecretString;
 use sqlx::PgPool;

@@ -14,9 +14,9 @@ use std::{
 };
 
 use datagate::{
+    cache::{Cache, Entity},
     config::{RedisMode, Settings},
     proto::v1 as pb,
-    store::cache::{Cache, Entity},
 };
 use prost_types::FieldMask;
 use tokio::process::{Child, Command};
@@ -125,6 +125,82 @@ async fn a_not_found_is_cached_briefly_and_a_create_clears_it() {
         get_user(&app, next_id).await.unwrap().id,
         next_id,
         "not a stale NOT_FOUND"
+    );
+}
+
+/// The value of one counter series in a `/metrics` scrape (0 when absent:
+/// the recorder is process-wide, so tests compare before and after).
+fn counter(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Writes a raw value into the app's (single) Redis.
+async fn redis_set(key: &str, value: &[u8]) {
+    let client = deadpool_redis::redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let () = deadpool_redis::redis::AsyncCommands::set(&mut conn, key, value)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_cached_value_that_no_longer_decodes_is_a_miss_read_from_postgres_and_refilled() {
+    let app = TestApp::spawn().await;
+    let failures = r#"cache_decode_failures_total{entity="user"}"#;
+    let mut users = Vec::new();
+    for _ in 0..2 {
+        let (email, username) = unique("undecodable");
+        users.push(app.create_user(&email, &username).await);
+    }
+    // A `V` payload no build can decode (a varint that never ends), as a
+    // type that changed shape without a format bump would leave.
+    let junk = b"V\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff";
+    for user in &users {
+        redis_set(&app.cache_key("user", user.id), junk).await;
+    }
+    let before = counter(&app.metrics().await, failures);
+
+    assert_eq!(
+        get_user(&app, users[0].id).await.expect("not NOT_FOUND"),
+        users[0]
+    );
+    let batch = app
+        .users()
+        .await
+        .batch_get_users(pb::BatchGetUsersRequest {
+            ids: vec![users[1].id],
+            skip_missing: false,
+        })
+        .await
+        .expect("not NOT_FOUND")
+        .into_inner();
+    assert_eq!(batch.users, std::slice::from_ref(&users[1]));
+
+    assert!(
+        counter(&app.metrics().await, failures) >= before + 2.0,
+        "{failures} counts both"
+    );
+    for user in &users {
+        let refilled = app
+            .redis_get(&app.cache_key("user", user.id))
+            .await
+            .expect("refilled");
+        assert_eq!(refilled[0], b'V');
+        assert_ne!(refilled, junk, "the junk is replaced");
+    }
+    sneak(
+        &app,
+        "UPDATE users SET display_name = 'changed behind the cache' WHERE id = $1",
+        users[0].id,
+    )
+    .await;
+    assert_eq!(
+        get_user(&app, users[0].id).await.unwrap().display_name,
+        users[0].display_name,
+        "the refilled value is a hit"
     );
 }
 
@@ -485,6 +561,126 @@ async fn a_hundred_concurrent_misses_on_one_key_load_it_once_across_two_replicas
         1,
         "one database load for 100 misses"
     );
+}
+
+#[tokio::test]
+async fn empty_batches_never_open_the_breaker_and_caching_keeps_working() {
+    let app = TestApp::spawn_with(|s| {
+        s.redis.breaker_failures = 2;
+        // Long enough that an opened circuit would still be open below.
+        s.redis.breaker_open_for = Duration::from_secs(60);
+    })
+    .await;
+    let (email, username) = unique("empty_batch");
+    let user = app.create_user(&email, &username).await;
+
+    let (mut users, mut catalog) = (app.users().await, app.catalog().await);
+    for _ in 0..3 * app.settings.redis.breaker_failures {
+        let batch = users
+            .batch_get_users(pb::BatchGetUsersRequest {
+                ids: vec![],
+                skip_missing: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(batch.users.is_empty() && batch.missing_ids.is_empty());
+        let batch = catalog
+            .batch_get_products(pb::BatchGetProductsRequest {
+                ids: vec![],
+                skip_missing: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(batch.products.is_empty());
+    }
+
+    // A miss fills, and the next read is a hit: the circuit is closed.
+    assert_eq!(get_user(&app, user.id).await.unwrap(), user);
+    assert!(
+        app.redis_get(&app.cache_key("user", user.id))
+            .await
+            .is_some(),
+        "filled"
+    );
+    sneak(
+        &app,
+        "UPDATE users SET display_name = 'changed behind the cache' WHERE id = $1",
+        user.id,
+    )
+    .await;
+    assert_eq!(
+        get_user(&app, user.id).await.unwrap().display_name,
+        user.display_name,
+        "the second read is a hit"
+    );
+    assert_eq!(
+        health_of(&app, "redis", ServingStatus::Serving).await,
+        ServingStatus::Serving
+    );
+}
+
+#[tokio::test]
+async fn a_command_error_is_a_miss_for_its_call_and_leaves_the_breaker_closed() {
+    let prefix = format!("dgtest-{}", uuid::Uuid::new_v4().simple());
+    let mut settings = cache_settings(&prefix);
+    settings.redis.breaker_failures = 1;
+    settings.redis.breaker_open_for = Duration::from_secs(60);
+    let cache = Cache::new(&settings.redis).unwrap();
+
+    // Empty batches send nothing.
+    for _ in 0..3 {
+        let found = cache
+            .get_many_or_load(Entity::User, &[], |ids| async move {
+                assert!(ids.is_empty());
+                Ok(std::collections::HashMap::<i64, String>::new())
+            })
+            .await
+            .unwrap();
+        assert!(found.is_empty());
+    }
+    assert_eq!(
+        cache.probe().await,
+        Some(true),
+        "closed after empty batches"
+    );
+
+    // A generation that is not a counter makes the fill script fail with
+    // WRONGTYPE: Redis answered, so only this call misses.
+    let key = format!("{prefix}:v1:user:5");
+    let client = deadpool_redis::redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: u64 = deadpool_redis::redis::AsyncCommands::rpush(&mut conn, format!("{key}:gen"), "x")
+        .await
+        .unwrap();
+    let loaded = cache
+        .get_or_load(Entity::User, 5, || async {
+            Ok(Some("from postgres".to_owned()))
+        })
+        .await
+        .unwrap();
+    assert_eq!(loaded.as_deref(), Some("from postgres"));
+    let cached: Option<Vec<u8>> = deadpool_redis::redis::AsyncCommands::get(&mut conn, &key)
+        .await
+        .unwrap();
+    assert_eq!(cached, None, "the fill failed");
+    assert_eq!(
+        cache.probe().await,
+        Some(true),
+        "one command error with breaker_failures = 1: still closed"
+    );
+
+    // And the cache goes on caching other keys.
+    cache
+        .get_or_load(Entity::User, 6, || async { Ok(Some("six".to_owned())) })
+        .await
+        .unwrap();
+    let cached: Option<Vec<u8>> =
+        deadpool_redis::redis::AsyncCommands::get(&mut conn, format!("{prefix}:v1:user:6"))
+            .await
+            .unwrap();
+    assert!(cached.is_some(), "filled");
 }
 
 /// A Redis of this test's own, to stop and kill.

@@ -20,7 +20,7 @@ async fn app() -> TestApp {
 
 fn sweeper(app: &TestApp, batch: i64) -> KeySweeper {
     KeySweeper::new(
-        Writes::new(app.db.clone(), datagate::store::cache::Cache::disabled()),
+        Writes::new(app.db.clone(), datagate::cache::Cache::disabled()),
         IdempotencySettings {
             retention: Duration::from_secs(24 * 3600),
             sweep_interval: Duration::ZERO,

@@ -1,0 +1,214 @@
+//! The circuit breaker in front of Redis.
+//!
+//! After `breaker_failures` consecutive failures the circuit opens for
+//! `breaker_open_for`: Redis is not called, reads go to PostgreSQL. Then one
+//! call (the probe) is let through and decides: success closes the circuit,
+//! failure opens it for another period. A probe that never reports (its
+//! caller was cancelled) cannot wedge the circuit: another is let through
+//! after another period. Health reports the `redis` entry NOT_SERVING while
+//! the circuit is not closed; the service stays SERVING.
+//!
+//! Time is passed in (`now`), so the state machine is tested without sleeps.
+
+use std::{
+    sync::{Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+    },
+    /// A probe is out; if it has not reported by `next_probe`, another is
+    /// let through.
+    HalfOpen {
+        next_probe: Instant,
+    },
+}
+
+pub(super) struct Breaker {
+    state: Mutex<State>,
+    failures_to_open: u32,
+    open_for: Duration,
+}
+
+impl Breaker {
+    /// Opens after `failures_to_open` (at least one) consecutive failures.
+    pub(super) fn new(failures_to_open: u32, open_for: Duration) -> Self {
+        Self {
+            state: Mutex::new(State::Closed { failures: 0 }),
+            failures_to_open: failures_to_open.max(1),
+            open_for,
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether to call Redis at `now`. After the open period, one caller
+    /// (the probe) is let through; if it never reports, another is let
+    /// through after another period.
+    pub(super) fn allow(&self, now: Instant) -> bool {
+        let mut state = self.state();
+        match *state {
+            State::Closed { .. } => true,
+            State::Open { until } | State::HalfOpen { next_probe: until } if now >= until => {
+                *state = State::HalfOpen {
+                    next_probe: now + self.open_for,
+                };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub(super) fn success(&self) {
+        let mut state = self.state();
+        if !matches!(*state, State::Closed { .. }) {
+            tracing::info!(dependency = "redis", "circuit closed: Redis answers again");
+        }
+        *state = State::Closed { failures: 0 };
+    }
+
+    pub(super) fn failure(&self, now: Instant) {
+        let mut state = self.state();
+        let open = State::Open {
+            until: now + self.open_for,
+        };
+        match *state {
+            State::Closed { failures } if failures + 1 >= self.failures_to_open => {
+                tracing::warn!(
+                    dependency = "redis",
+                    failures = failures + 1,
+                    "circuit open: reads go to PostgreSQL"
+                );
+                *state = open;
+            }
+            State::Closed { failures } => {
+                *state = State::Closed {
+                    failures: failures + 1,
+                }
+            }
+            State::HalfOpen { .. } => *state = open,
+            State::Open { .. } => {}
+        }
+    }
+
+    pub(super) fn is_closed(&self) -> bool {
+        matches!(*self.state(), State::Closed { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PERIOD: Duration = Duration::from_secs(10);
+    const TICK: Duration = Duration::from_millis(1);
+
+    /// A breaker that opens after three failures, opened at the returned time.
+    fn opened() -> (Breaker, Instant) {
+        let breaker = Breaker::new(3, PERIOD);
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            breaker.failure(t0);
+        }
+        (breaker, t0)
+    }
+
+    #[test]
+    fn a_closed_breaker_opens_after_n_consecutive_failures() {
+        let breaker = Breaker::new(3, PERIOD);
+        let now = Instant::now();
+        breaker.failure(now);
+        breaker.failure(now);
+        assert!(breaker.is_closed());
+        assert!(breaker.allow(now), "two failures of three: still closed");
+
+        breaker.failure(now);
+        assert!(!breaker.is_closed());
+        assert!(!breaker.allow(now), "the third failure opens it");
+    }
+
+    #[test]
+    fn a_success_resets_the_count_of_consecutive_failures() {
+        let breaker = Breaker::new(3, PERIOD);
+        let now = Instant::now();
+        breaker.failure(now);
+        breaker.failure(now);
+        breaker.success();
+        breaker.failure(now);
+        breaker.failure(now);
+        assert!(breaker.is_closed(), "two, then two: never three in a row");
+    }
+
+    #[test]
+    fn zero_failures_to_open_means_one() {
+        let breaker = Breaker::new(0, PERIOD);
+        let now = Instant::now();
+        assert!(breaker.allow(now));
+        breaker.failure(now);
+        assert!(!breaker.allow(now));
+    }
+
+    #[test]
+    fn an_open_breaker_refuses_every_call_for_the_whole_period() {
+        let (breaker, t0) = opened();
+        for at in [t0, t0 + PERIOD / 2, t0 + PERIOD - TICK] {
+            assert!(!breaker.allow(at));
+        }
+    }
+
+    #[test]
+    fn failures_while_open_do_not_extend_the_period() {
+        let (breaker, t0) = opened();
+        breaker.failure(t0 + PERIOD / 2);
+        assert!(breaker.allow(t0 + PERIOD));
+    }
+
+    #[test]
+    fn after_the_period_exactly_one_probe_is_let_through() {
+        let (breaker, t0) = opened();
+        let after = t0 + PERIOD;
+        assert!(breaker.allow(after), "the probe");
+        assert!(!breaker.allow(after), "no second caller while it is out");
+        assert!(!breaker.allow(after + PERIOD - TICK));
+        assert!(!breaker.is_closed(), "half-open is not closed");
+    }
+
+    #[test]
+    fn a_successful_probe_closes_the_breaker() {
+        let (breaker, t0) = opened();
+        assert!(breaker.allow(t0 + PERIOD));
+        breaker.success();
+        assert!(breaker.is_closed());
+        assert!(breaker.allow(t0 + PERIOD));
+        assert!(breaker.allow(t0 + PERIOD));
+    }
+
+    #[test]
+    fn a_failed_probe_opens_the_breaker_for_another_period() {
+        let (breaker, t0) = opened();
+        let probed = t0 + PERIOD + Duration::from_secs(1);
+        assert!(breaker.allow(probed));
+        breaker.failure(probed);
+        assert!(!breaker.is_closed());
+        assert!(!breaker.allow(probed + PERIOD - TICK));
+        assert!(breaker.allow(probed + PERIOD), "the next probe");
+    }
+
+    #[test]
+    fn a_probe_that_never_reports_lets_another_through_after_another_period() {
+        let (breaker, t0) = opened();
+        let probed = t0 + PERIOD;
+        assert!(breaker.allow(probed));
+        assert!(!breaker.allow(probed + PERIOD - TICK));
+        assert!(breaker.allow(probed + PERIOD), "a second probe");
+        assert!(!breaker.allow(probed + PERIOD), "and only one");
+    }
+}

@@ -1,0 +1,392 @@
+//! Connections: one Redis or a Redis Cluster, behind one pool and one
+//! connection type, so the rest of the cache does not care which.
+//!
+//! **Cluster.** `MGET` and `UNLINK` across slots are split per slot by the
+//! cluster client. A script's keys must share a slot, so batch fills and
+//! invalidations send one script call per key there (concurrently, on one
+//! multiplexed connection, [`Conn::invoke_each`]). Reads go to primaries
+//! only: a lagging replica's generation would open the fence. A namespace
+//! flush scans every primary ([`Conn::unlink_matching`]).
+//!
+//! **What counts as Redis being down.** Only failures to reach Redis or to
+//! hear from it in time ([`Failure::Unavailable`]) count against the
+//! circuit breaker. An error Redis answers because of the request
+//! ([`Failure::Command`]: `WRONGTYPE`, an `ERR` reply, a reply of another
+//! type than expected) is a miss for that call only: Redis is fine, and
+//! one caller's odd request must not turn caching off for every caller.
+
+use std::collections::HashMap;
+
+use deadpool_redis::{
+    Runtime, Timeouts,
+    cluster::ClusterConnection,
+    redis::{
+        self, ErrorKind, RedisError, Script, ScriptInvocation, ServerErrorKind,
+        aio::ConnectionLike,
+        cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo},
+    },
+};
+
+use crate::config::{RedisMode, RedisSettings};
+
+/// Connections to one Redis, or to a Redis Cluster.
+pub(super) enum Pool {
+    Single(deadpool_redis::Pool),
+    Cluster(deadpool_redis::cluster::Pool),
+}
+
+impl Pool {
+    /// The pool `settings` describe, reaching `url` (comma-separated seed
+    /// URLs on a cluster). Connects lazily: nothing is dialled here.
+    pub(super) fn new(settings: &RedisSettings, url: &str) -> anyhow::Result<Self> {
+        let mut pool_config = deadpool_redis::PoolConfig::new(settings.pool_size);
+        pool_config.timeouts = Timeouts {
+            wait: Some(settings.wait_timeout),
+            create: Some(settings.create_timeout),
+            recycle: Some(settings.recycle_timeout),
+        };
+        let invalid =
+            |e: &dyn std::fmt::Display| anyhow::anyhow!("invalid configuration: redis.url: {e}");
+        Ok(match settings.mode {
+            RedisMode::Single => {
+                let mut config = deadpool_redis::Config::from_url(url);
+                config.pool = Some(pool_config);
+                Self::Single(
+                    config
+                        .create_pool(Some(Runtime::Tokio1))
+                        .map_err(|e| invalid(&e))?,
+                )
+            }
+            RedisMode::Cluster => {
+                let urls: Vec<String> = url
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|u| !u.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                let mut config = deadpool_redis::cluster::Config::from_urls(urls);
+                config.pool = Some(pool_config);
+                // Primaries only: a lagging replica's generation would let a
+                // stale fill or read through the fence.
+                config.read_from_replicas = false;
+                Self::Cluster(
+                    config
+                        .create_pool(Some(Runtime::Tokio1))
+                        .map_err(|e| invalid(&e))?,
+                )
+            }
+        })
+    }
+
+    pub(super) async fn get(&self) -> Result<Conn, Failure> {
+        Ok(match self {
+            Self::Single(pool) => Conn::Single(pool.get().await?),
+            Self::Cluster(pool) => Conn::Cluster(pool.get().await?),
+        })
+    }
+
+    pub(super) fn status(&self) -> deadpool_redis::Status {
+        match self {
+            Self::Single(pool) => pool.status(),
+            Self::Cluster(pool) => pool.status(),
+        }
+    }
+}
+
+/// A pooled connection. On a cluster each command goes to the primary of
+/// its keys' slot (split per slot for `MGET` and `UNLINK`).
+pub(super) enum Conn {
+    Single(deadpool_redis::Connection),
+    Cluster(deadpool_redis::cluster::Connection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Self::Single(conn) => conn.req_packed_command(cmd),
+            Self::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Self::Single(conn) => conn.req_packed_commands(cmd, offset, count),
+            Self::Cluster(conn) => conn.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(conn) => conn.get_db(),
+            Self::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+impl Conn {
+    /// Runs `script` over `items` (`add` gives an item's keys and arguments,
+    /// `tail` the arguments after all of them), summing its integer replies.
+    /// One call on one Redis. On a cluster a script's keys must share a slot,
+    /// and only one item's keys do: one call per item, concurrently, on
+    /// clones of the multiplexed connection.
+    pub(super) async fn invoke_each<T>(
+        &mut self,
+        script: &Script,
+        items: &[T],
+        add: impl Fn(&mut ScriptInvocation<'_>, &T),
+        tail: Option<u64>,
+    ) -> redis::RedisResult<u64> {
+        if items.is_empty() {
+            return Ok(0);
+        }
+        let invocation = |items: &[T]| {
+            let mut invocation = script.prepare_invoke();
+            for item in items {
+                add(&mut invocation, item);
+            }
+            if let Some(arg) = tail {
+                invocation.arg(arg);
+            }
+            invocation
+        };
+        match self {
+            Self::Single(conn) => invocation(items).invoke_async(conn).await,
+            Self::Cluster(conn) => {
+                let cluster: &ClusterConnection = conn;
+                let calls = items.chunks(1).map(|item| {
+                    let invocation = invocation(item);
+                    let mut conn = cluster.clone();
+                    async move { invocation.invoke_async::<u64>(&mut conn).await }
+                });
+                Ok(futures_util::future::try_join_all(calls)
+                    .await?
+                    .into_iter()
+                    .sum())
+            }
+        }
+    }
+
+    /// Unlinks every key matching `pattern` that `keep` does not keep.
+    /// `SCAN` walks one node: on a cluster, each primary is walked in turn.
+    pub(super) async fn unlink_matching(
+        &mut self,
+        pattern: &str,
+        keep: impl Fn(&str) -> bool,
+    ) -> redis::RedisResult<()> {
+        let Self::Cluster(cluster) = self else {
+            return self.unlink_on_node(None, pattern, &keep).await;
+        };
+        let primaries = cluster
+            .route_command(
+                redis::cmd("PING"),
+                RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None)),
+            )
+            .await?;
+        // One reply per primary, keyed by its "host:port".
+        let primaries: HashMap<String, redis::Value> = redis::from_redis_value(primaries)?;
+        for address in primaries.keys() {
+            let node = address
+                .rsplit_once(':')
+                .and_then(|(host, port)| Some((host.to_owned(), port.parse().ok()?)))
+                .ok_or_else(|| {
+                    redis::RedisError::from((
+                        redis::ErrorKind::Client,
+                        "a cluster node address without a port",
+                        address.clone(),
+                    ))
+                })?;
+            self.unlink_on_node(Some(node), pattern, &keep).await?;
+        }
+        Ok(())
+    }
+
+    /// [`unlink_matching`](Self::unlink_matching) on one node (`node`: its
+    /// host and port, on a cluster).
+    async fn unlink_on_node(
+        &mut self,
+        node: Option<(String, u16)>,
+        pattern: &str,
+        keep: &impl Fn(&str) -> bool,
+    ) -> redis::RedisResult<()> {
+        let mut cursor: u64 = 0;
+        loop {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000);
+            let reply = match (&mut *self, &node) {
+                (Self::Cluster(cluster), Some((host, port))) => {
+                    let at = SingleNodeRoutingInfo::ByAddress {
+                        host: host.clone(),
+                        port: *port,
+                    };
+                    cluster
+                        .route_command(scan, RoutingInfo::SingleNode(at))
+                        .await?
+                }
+                (conn, _) => scan.query_async(conn).await?,
+            };
+            let (next, keys): (u64, Vec<String>) = redis::from_redis_value(reply)?;
+            let doomed: Vec<&String> = keys.iter().filter(|k| !keep(k)).collect();
+            if !doomed.is_empty() {
+                redis::cmd("UNLINK")
+                    .arg(doomed)
+                    .query_async::<u64>(&mut *self)
+                    .await?;
+            }
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    }
+}
+
+/// Why a Redis operation failed (see the module documentation).
+#[derive(Debug)]
+pub(super) enum Failure {
+    /// Redis could not be reached or did not answer in time: I/O errors,
+    /// pool wait and create timeouts, the command timeout, a cluster that is
+    /// down or failing over. Counts against the breaker.
+    Unavailable(String),
+    /// Redis answered an error caused by the request. A miss for this call.
+    Command(String),
+}
+
+impl Failure {
+    /// The command timeout ran out (pool wait included).
+    pub(super) fn timed_out() -> Self {
+        Self::Unavailable("timed out".to_owned())
+    }
+}
+
+impl From<RedisError> for Failure {
+    fn from(error: RedisError) -> Self {
+        // `is_io_error` covers the other three today; they are asked too so
+        // that a refused, dropped or timed-out connection counts whatever
+        // kind a later redis version files it under.
+        let unavailable = error.is_io_error()
+            || error.is_timeout()
+            || error.is_connection_refusal()
+            || error.is_connection_dropped()
+            || matches!(
+                error.kind(),
+                // Connecting failed, or the node cannot serve anyone now.
+                ErrorKind::AuthenticationFailed
+                    | ErrorKind::ClusterConnectionNotFound
+                    | ErrorKind::Server(
+                        ServerErrorKind::ClusterDown
+                            | ServerErrorKind::MasterDown
+                            | ServerErrorKind::TryAgain
+                            | ServerErrorKind::BusyLoading
+                            | ServerErrorKind::ReadOnly
+                    )
+            );
+        if unavailable {
+            Self::Unavailable(error.to_string())
+        } else {
+            Self::Command(error.to_string())
+        }
+    }
+}
+
+impl From<deadpool_redis::PoolError> for Failure {
+    fn from(error: deadpool_redis::PoolError) -> Self {
+        match error {
+            deadpool_redis::PoolError::Backend(error) => error.into(),
+            // Timed out waiting for, creating or recycling a connection, or
+            // the pool is closed: there is no connection to use.
+            other => Self::Unavailable(other.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use deadpool_redis::{PoolError, TimeoutType, redis::Value};
+
+    use super::*;
+
+    /// The error Redis answers with `reply` (RESP), as the client sees it.
+    fn answered(reply: &[u8]) -> RedisError {
+        redis::parse_redis_value(reply)
+            .and_then(Value::extract_error)
+            .expect_err("an error reply")
+    }
+
+    fn counts(failure: Failure) -> bool {
+        matches!(failure, Failure::Unavailable(_))
+    }
+
+    #[test]
+    fn connection_and_timeout_failures_count_against_the_breaker() {
+        for kind in [
+            io::ErrorKind::ConnectionRefused,
+            io::ErrorKind::ConnectionReset,
+            io::ErrorKind::BrokenPipe,
+            io::ErrorKind::TimedOut,
+            io::ErrorKind::UnexpectedEof,
+        ] {
+            let error = RedisError::from(io::Error::new(kind, "socket"));
+            assert!(counts(error.into()), "{kind:?}");
+        }
+        let dropped = RedisError::from((ErrorKind::Io, "Connection dropped"));
+        assert!(counts(dropped.into()));
+        assert!(counts(Failure::timed_out()));
+    }
+
+    #[test]
+    fn pool_timeouts_and_failed_connects_count_against_the_breaker() {
+        for timeout in [TimeoutType::Wait, TimeoutType::Create, TimeoutType::Recycle] {
+            assert!(counts(PoolError::Timeout(timeout).into()), "{timeout:?}");
+        }
+        assert!(counts(PoolError::Closed.into()));
+        let refused = io::Error::new(io::ErrorKind::ConnectionRefused, "connect");
+        assert!(counts(PoolError::Backend(refused.into()).into()));
+    }
+
+    #[test]
+    fn a_cluster_that_is_down_or_failing_over_counts_against_the_breaker() {
+        for reply in [
+            &b"-CLUSTERDOWN The cluster is down\r\n"[..],
+            b"-MASTERDOWN Link with MASTER is down\r\n",
+            b"-TRYAGAIN Multiple keys request during rehashing of slot\r\n",
+            b"-LOADING Redis is loading the dataset in memory\r\n",
+            b"-READONLY You can't write against a read only replica.\r\n",
+        ] {
+            let error = answered(reply);
+            assert!(counts(error.into()), "{}", String::from_utf8_lossy(reply));
+        }
+    }
+
+    #[test]
+    fn a_command_error_caused_by_the_request_does_not_count() {
+        for reply in [
+            &b"-ERR wrong number of arguments for 'mget' command\r\n"[..],
+            b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n",
+            b"-ERR Error running script (call to f_0123): user_script:1: bad\r\n",
+            b"-NOSCRIPT No matching script.\r\n",
+            b"-CROSSSLOT Keys in request don't hash to the same slot\r\n",
+        ] {
+            let failure = Failure::from(answered(reply));
+            assert!(!counts(failure), "{}", String::from_utf8_lossy(reply));
+        }
+        let type_error = redis::from_redis_value::<u64>(Value::SimpleString("OK".into()))
+            .expect_err("not a number");
+        assert!(!counts(RedisError::from(type_error).into()));
+        let backend = PoolError::Backend(answered(b"-ERR unknown command\r\n"));
+        assert!(!counts(backend.into()));
+    }
+}

@@ -1,0 +1,783 @@
+//! Redis cache-aside. Redis is never the source of truth: every failure,
+//! timeout or open circuit turns into a read from PostgreSQL.
+//!
+//! This file is the public API ([`Cache`], [`Entity`], [`Family`]) and the
+//! orchestration of one read or write; each concern it composes has a file:
+//!
+//! - `keys`: key names and cluster hash tags;
+//! - `codec`: the stored forms (`V` + postcard, `N` for "not found") and
+//!   TTL jitter;
+//! - `scripts`: the Lua scripts of the **invalidation fence**, by which a
+//!   read that loaded the old row before a write committed cannot put it
+//!   back after the write's delete;
+//! - `connection`: one Redis or a Redis Cluster behind one pool;
+//! - `breaker`: the circuit breaker (**fail-open**);
+//! - `flight`: single flight within this process;
+//! - `queue`: the invalidation queue (**writes never fail because of
+//!   Redis**).
+//!
+//! **Query results** (search pages) depend on many rows, so no row's write
+//! can name their keys. They belong to a [`Family`] with one generation
+//! counter, `<prefix>:v1:<family>:gen`, which every write that can change a
+//! result increments (after commit, queued and replayed like any
+//! invalidation). An entry is keyed by a hash of the normalized query and
+//! stores the generation it was computed at; it is a hit only while that
+//! generation is current, and it is filled only if the generation is still
+//! the one seen before computing it. Stale entries are never served; they
+//! expire with the query TTL. Each family lives in one cluster slot (its
+//! entries must be fenced by its one generation): entries are short-lived
+//! and small, but a very hot family loads a single primary.
+//!
+//! **Stampedes.** Concurrent misses on one key share one load in-process
+//! (single flight), and across replicas a short `SET NX PX` lock lets one
+//! replica load while the others poll the key until it is filled or the lock
+//! is gone. Batch reads use one `MGET` and one database query for the misses.
+//!
+//! **Fail-open.** Every command, pool wait included, is bounded by
+//! `command_timeout`, and runs under the circuit breaker.
+
+mod breaker;
+mod codec;
+mod connection;
+mod flight;
+mod keys;
+mod queue;
+mod scripts;
+
+use std::{
+    collections::{HashMap, HashSet},
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use deadpool_redis::redis;
+use secrecy::ExposeSecret as _;
+use serde::{Serialize, de::DeserializeOwned};
+
+use self::{
+    breaker::Breaker,
+    codec::Stored,
+    connection::{Conn, Failure, Pool},
+    flight::{Fetched, Flights},
+    keys::Keys,
+    queue::{MAX_PENDING, Queue},
+    scripts::{Fill, Scripts},
+};
+use crate::{
+    config::{RedisMode, RedisSettings},
+    error::{Error, Result},
+    statements,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Entity {
+    User,
+    Product,
+    Order,
+}
+
+impl Entity {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::User => "user",
+            Self::Product => "product",
+            Self::Order => "order",
+        }
+    }
+}
+
+/// Query results invalidated together (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    /// SearchProducts pages: product ids in order and the next page token.
+    Search,
+    /// Analytics answers, made stale by each refresh of the sales view.
+    Analytics,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Search => "search",
+            Self::Analytics => "analytics",
+        }
+    }
+}
+
+/// The names hit and miss counters are kept under.
+const COUNTED: [&str; 5] = ["user", "product", "order", "search", "analytics"];
+
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+/// The cache; cheap to clone. Built without a URL it is off, and every read
+/// goes straight to its loader.
+#[derive(Clone)]
+pub struct Cache {
+    inner: Option<Arc<Inner>>,
+}
+
+struct Inner {
+    pool: Pool,
+    keys: Keys,
+    command_timeout: Duration,
+    ttl: Duration,
+    jitter: f64,
+    negative_ttl: Duration,
+    query_ttl: Duration,
+    analytics_ttl: Duration,
+    lock_ttl: Duration,
+    breaker: Breaker,
+    flights: Flights,
+    pending: Queue,
+    counters: HashMap<&'static str, Counters>,
+    scripts: Scripts,
+}
+
+impl Cache {
+    pub fn disabled() -> Self {
+        Self { inner: None }
+    }
+
+    pub fn new(settings: &RedisSettings) -> anyhow::Result<Self> {
+        let url = settings.url.expose_secret().trim();
+        if url.is_empty() {
+            return Ok(Self::disabled());
+        }
+        Ok(Self {
+            inner: Some(Arc::new(Inner {
+                pool: Pool::new(settings, url)?,
+                keys: Keys::new(&settings.key_prefix, settings.mode == RedisMode::Cluster),
+                command_timeout: settings.command_timeout,
+                ttl: settings.ttl,
+                jitter: settings.ttl_jitter,
+                negative_ttl: settings.negative_ttl,
+                query_ttl: settings.query_ttl,
+                analytics_ttl: settings.analytics_ttl,
+                lock_ttl: settings.lock_ttl,
+                breaker: Breaker::new(settings.breaker_failures, settings.breaker_open_for),
+                flights: Flights::default(),
+                pending: Queue::new(MAX_PENDING),
+                counters: COUNTED
+                    .iter()
+                    .map(|name| (*name, Counters::default()))
+                    .collect(),
+                scripts: Scripts::new(),
+            })),
+        })
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// Cache-aside read of one entity: a hit, or one load per key across
+    /// concurrent callers (and replicas), then a fenced fill.
+    pub async fn get_or_load<T, F, Fut>(
+        &self,
+        entity: Entity,
+        id: i64,
+        load: F,
+    ) -> Result<Option<T>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<T>>>,
+    {
+        let Some(inner) = &self.inner else {
+            return load().await;
+        };
+        let key = inner.keys.entity(entity, id);
+        let generation = match inner
+            .lookup(entity.name(), std::slice::from_ref(&key))
+            .await
+        {
+            Some(mut found) => match found.pop() {
+                Some(Lookup::Hit(value)) => return Ok(Some(value)),
+                Some(Lookup::Missing) => return Ok(None),
+                Some(Lookup::Miss(generation)) => Some(generation),
+                None => None,
+            },
+            None => None,
+        };
+
+        let fetched = inner
+            .flights
+            .run(&key, || inner.load_once(entity, &key, generation, load))
+            .await?;
+        // What a flight shares was encoded by its leader, or checked by it
+        // (`wait_for_fill`): failing to decode it is a programming error.
+        match fetched {
+            Fetched::Found(bytes) => codec::decode(&bytes)
+                .map(Some)
+                .ok_or_else(|| anyhow::anyhow!("a loaded cache value did not decode").into()),
+            Fetched::Missing => Ok(None),
+        }
+    }
+
+    /// Cache-aside read of many entities: one `MGET`, then one `load` of all
+    /// the misses, then one fenced fill. Missing ids map to `None`.
+    pub async fn get_many_or_load<T, F, Fut>(
+        &self,
+        entity: Entity,
+        ids: &[i64],
+        load: F,
+    ) -> Result<HashMap<i64, Option<T>>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce(Vec<i64>) -> Fut,
+        Fut: Future<Output = Result<HashMap<i64, T>>>,
+    {
+        let unique: Vec<i64> = ids
+            .iter()
+            .copied()
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let Some(inner) = &self.inner else {
+            let mut found = load(unique.clone()).await?;
+            return Ok(unique
+                .into_iter()
+                .map(|id| (id, found.remove(&id)))
+                .collect());
+        };
+        let keys: Vec<String> = unique
+            .iter()
+            .map(|id| inner.keys.entity(entity, *id))
+            .collect();
+        let lookups = inner.lookup(entity.name(), &keys).await;
+        let mut result = HashMap::with_capacity(unique.len());
+        let mut misses = Vec::new();
+        let mut generations = HashMap::new();
+        match lookups {
+            Some(lookups) => {
+                for ((id, key), lookup) in unique.iter().zip(keys).zip(lookups) {
+                    match lookup {
+                        Lookup::Hit(value) => {
+                            result.insert(*id, Some(value));
+                        }
+                        Lookup::Missing => {
+                            result.insert(*id, None);
+                        }
+                        Lookup::Miss(generation) => {
+                            misses.push(*id);
+                            generations.insert(*id, (key, generation));
+                        }
+                    }
+                }
+            }
+            None => misses = unique.clone(),
+        }
+        if misses.is_empty() {
+            return Ok(result);
+        }
+        let mut loaded = load(misses.clone()).await?;
+        let mut fills = Vec::with_capacity(generations.len());
+        for id in misses {
+            let value = loaded.remove(&id);
+            if let Some((key, generation)) = generations.remove(&id) {
+                let (payload, ttl_ms) = inner.encode(value.as_ref())?;
+                fills.push(Fill::entity(key, generation, payload, ttl_ms));
+            }
+            result.insert(id, value);
+        }
+        inner.fill(entity.name(), fills).await;
+        Ok(result)
+    }
+
+    /// Cache-aside read of a query result of `family`, keyed by `params` (the
+    /// normalized query, which must determine the result): a hit while the
+    /// family's generation is unchanged, else one computation per key across
+    /// concurrent callers in this process, then a fenced fill.
+    pub async fn get_or_compute<T, F, Fut>(
+        &self,
+        family: Family,
+        params: &str,
+        compute: F,
+    ) -> Result<T>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let Some(inner) = &self.inner else {
+            return compute().await;
+        };
+        let key = inner.keys.query(family, params);
+        let generation_key = inner.keys.family_generation(family);
+        let lookup = inner.lookup_query(family, &key, &generation_key).await;
+        let generation = match lookup {
+            Some(QueryLookup::Hit(value)) => return Ok(value),
+            Some(QueryLookup::Miss(generation)) => Some(generation),
+            None => None,
+        };
+        let fetched = inner
+            .flights
+            .run(&key, || async {
+                let value = compute().await?;
+                let payload = codec::encode_query(generation.unwrap_or(0), &value)?;
+                if let Some(generation) = generation {
+                    let ttl_ms = codec::ttl_ms(
+                        match family {
+                            Family::Search => inner.query_ttl,
+                            Family::Analytics => inner.analytics_ttl,
+                        },
+                        inner.jitter,
+                    );
+                    let fill = Fill {
+                        key: key.clone(),
+                        generation_key: generation_key.clone(),
+                        generation: generation.to_string(),
+                        payload: payload.clone(),
+                        ttl_ms,
+                    };
+                    inner.fill(family.name(), vec![fill]).await;
+                }
+                Ok::<_, Error>(Fetched::Found(Arc::new(payload)))
+            })
+            .await?;
+        match fetched {
+            Fetched::Found(bytes) => codec::decode_query(bytes.as_slice())
+                .ok_or_else(|| anyhow::anyhow!("a query result did not decode").into()),
+            Fetched::Missing => Err(anyhow::anyhow!("a query result cannot be missing").into()),
+        }
+    }
+
+    /// Makes every cached result of `family` stale. Call after the
+    /// transaction commits; never fails (queued when Redis is unreachable).
+    pub async fn invalidate_family(&self, family: Family) {
+        let Some(inner) = &self.inner else { return };
+        inner
+            .flights
+            .forget_prefix(&inner.keys.query_prefix(family));
+        let generation_key = inner.keys.family_generation(family);
+        let bumped = inner
+            .guarded("invalidate", async |conn| {
+                redis::cmd("INCR")
+                    .arg(&generation_key)
+                    .query_async::<u64>(conn)
+                    .await
+            })
+            .await;
+        if bumped.is_none() {
+            inner.pending.push_family(family);
+        }
+    }
+
+    /// Deletes the entries of entities whose rows changed. Call after the
+    /// transaction commits. Never fails: when Redis is unreachable the keys
+    /// are queued and replayed before Redis is used again.
+    pub async fn invalidate(&self, entries: &[(Entity, i64)]) {
+        let Some(inner) = &self.inner else { return };
+        if entries.is_empty() {
+            return;
+        }
+        let keys = inner.entity_keys(entries);
+        for key in &keys {
+            inner.flights.forget(key);
+        }
+        let applied = inner
+            .guarded("invalidate", async |conn| {
+                inner.scripts.invalidate(conn, &keys).await
+            })
+            .await;
+        if applied.is_none() {
+            inner.pending.push(entries);
+        }
+    }
+
+    /// Replays queued invalidations and checks Redis (for the readiness
+    /// loop). `None` when caching is off, else whether Redis is usable.
+    pub async fn probe(&self) -> Option<bool> {
+        let inner = self.inner.as_ref()?;
+        let ok = inner
+            .guarded("ping", async |conn| {
+                redis::cmd("PING").query_async::<String>(conn).await
+            })
+            .await
+            .is_some();
+        Some(ok && inner.breaker.is_closed())
+    }
+
+    /// Pool usage and the hit rate per entity, for the metrics endpoint.
+    pub fn record_gauges(&self) {
+        let Some(inner) = &self.inner else { return };
+        let status = inner.pool.status();
+        let (max, size, available) = (
+            status.max_size as f64,
+            status.size as f64,
+            status.available as f64,
+        );
+        let in_use = (size - available).max(0.0);
+        metrics::gauge!("connection_pool_connections", "pool" => "redis", "state" => "idle")
+            .set(available);
+        metrics::gauge!("connection_pool_connections", "pool" => "redis", "state" => "in_use")
+            .set(in_use);
+        metrics::gauge!("connection_pool_max", "pool" => "redis").set(max);
+        metrics::gauge!("connection_pool_usage", "pool" => "redis").set(if max > 0.0 {
+            in_use / max
+        } else {
+            0.0
+        });
+        for (name, counters) in &inner.counters {
+            let hits = counters.hits.load(Ordering::Relaxed) as f64;
+            let total = hits + counters.misses.load(Ordering::Relaxed) as f64;
+            if total > 0.0 {
+                metrics::gauge!("cache_hit_rate", "entity" => *name).set(hits / total);
+            }
+        }
+    }
+}
+
+enum Lookup<T> {
+    Hit(T),
+    Missing,
+    /// Not cached (or cached in a form that no longer decodes); the key's
+    /// generation when looked up.
+    Miss(String),
+}
+
+enum QueryLookup<T> {
+    /// The stored result, computed at the current generation.
+    Hit(T),
+    /// Absent, stale or undecodable; the family's generation when looked up.
+    Miss(u64),
+}
+
+impl Inner {
+    fn entity_keys(&self, entries: &[(Entity, i64)]) -> Vec<String> {
+        entries
+            .iter()
+            .map(|(entity, id)| self.keys.entity(*entity, *id))
+            .collect()
+    }
+
+    /// The stored form of an entity's loaded row (or of its "not found"),
+    /// with the jittered TTL of its kind.
+    fn encode<T: Serialize>(&self, value: Option<&T>) -> Result<(Vec<u8>, u64)> {
+        let ttl = if value.is_some() {
+            self.ttl
+        } else {
+            self.negative_ttl
+        };
+        Ok((codec::encode(value)?, codec::ttl_ms(ttl, self.jitter)))
+    }
+
+    /// Runs one Redis operation under the breaker and the command timeout,
+    /// after replaying queued invalidations. `None` when Redis is not usable.
+    async fn guarded<T>(
+        &self,
+        op: &'static str,
+        run: impl AsyncFnOnce(&mut Conn) -> redis::RedisResult<T>,
+    ) -> Option<T> {
+        if !self.breaker.allow(Instant::now()) {
+            return None;
+        }
+        let result = tokio::time::timeout(self.command_timeout, async {
+            let mut conn = self.pool.get().await?;
+            self.replay(&mut conn).await?;
+            Ok::<_, Failure>(run(&mut conn).await?)
+        })
+        .await
+        .unwrap_or_else(|_| Err(Failure::timed_out()));
+        match result {
+            Ok(value) => {
+                self.breaker.success();
+                Some(value)
+            }
+            Err(failure) => {
+                self.report_failure(op, failure);
+                None
+            }
+        }
+    }
+
+    /// `MGET keys` under [`guarded`](Self::guarded).
+    async fn mget<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        keys: impl redis::ToRedisArgs,
+    ) -> Option<T> {
+        self.guarded(op, async |conn| {
+            redis::cmd("MGET").arg(keys).query_async(conn).await
+        })
+        .await
+    }
+
+    fn report_failure(&self, op: &'static str, failure: Failure) {
+        metrics::counter!("cache_errors_total", "op" => op).increment(1);
+        match failure {
+            Failure::Unavailable(error) => {
+                self.breaker.failure(Instant::now());
+                tracing::warn!(
+                    database_type = "redis",
+                    operation = op,
+                    error,
+                    "cache unavailable; using PostgreSQL"
+                );
+            }
+            Failure::Command(error) => {
+                // Redis answered: it is up, whatever this request asked.
+                self.breaker.success();
+                tracing::warn!(
+                    database_type = "redis",
+                    operation = op,
+                    error,
+                    "cache command failed; using PostgreSQL for this call"
+                );
+            }
+        }
+    }
+
+    /// Looks keys up with their generations, in one MGET. A value that no
+    /// longer decodes is a miss (counted in `cache_decode_failures_total`),
+    /// so the caller reads PostgreSQL and refills it.
+    async fn lookup<T: DeserializeOwned>(
+        &self,
+        name: &'static str,
+        keys: &[String],
+    ) -> Option<Vec<Lookup<T>>> {
+        // `MGET` with no keys is an error: an empty batch has nothing to ask.
+        if keys.is_empty() {
+            return Some(Vec::new());
+        }
+        let mut args = Vec::with_capacity(keys.len() * 2);
+        for key in keys {
+            args.push(key.clone());
+            args.push(keys::generation_of(key));
+        }
+        let values: Option<Vec<Option<Vec<u8>>>> = self.mget("mget", &args).await;
+        let Some(values) = values else {
+            statements::record_cache_lookup(false);
+            return None;
+        };
+        let mut undecodable = 0;
+        let lookups: Vec<Lookup<T>> = values
+            .chunks(2)
+            .map(|pair| {
+                let generation = pair
+                    .get(1)
+                    .cloned()
+                    .flatten()
+                    .and_then(|g| String::from_utf8(g).ok())
+                    .unwrap_or_else(|| "0".to_owned());
+                match codec::read(pair.first().and_then(Option::as_deref)) {
+                    Stored::Value(value) => Lookup::Hit(value),
+                    Stored::NotFound => Lookup::Missing,
+                    Stored::Absent => Lookup::Miss(generation),
+                    Stored::Undecodable => {
+                        undecodable += 1;
+                        Lookup::Miss(generation)
+                    }
+                }
+            })
+            .collect();
+        self.count_decode_failures(name, undecodable);
+        let hits = lookups
+            .iter()
+            .filter(|l| !matches!(l, Lookup::Miss(_)))
+            .count() as u64;
+        self.count_lookups(name, hits, lookups.len() as u64 - hits);
+        Some(lookups)
+    }
+
+    /// Looks a query entry up with its family's generation, in one MGET. A
+    /// current entry that no longer decodes is a miss (counted in
+    /// `cache_decode_failures_total`), recomputed and refilled.
+    async fn lookup_query<T: DeserializeOwned>(
+        &self,
+        family: Family,
+        key: &str,
+        generation_key: &str,
+    ) -> Option<QueryLookup<T>> {
+        let values: Option<(Option<Vec<u8>>, Option<u64>)> =
+            self.mget("mget", &[key, generation_key][..]).await;
+        let Some((value, generation)) = values else {
+            statements::record_cache_lookup(false);
+            return None;
+        };
+        let generation = generation.unwrap_or(0);
+        // Only an entry computed at the current generation is a hit.
+        let current = value.filter(|v| codec::query_generation(v) == Some(generation));
+        let decoded = current.as_deref().and_then(codec::decode_query);
+        if current.is_some() && decoded.is_none() {
+            self.count_decode_failures(family.name(), 1);
+        }
+        let hit = u64::from(decoded.is_some());
+        self.count_lookups(family.name(), hit, 1 - hit);
+        Some(match decoded {
+            Some(value) => QueryLookup::Hit(value),
+            None => QueryLookup::Miss(generation),
+        })
+    }
+
+    /// Counts a lookup's hits and misses (hit rate gauge, metrics, and the
+    /// call's `cache_hit`: true only when nothing missed).
+    fn count_lookups(&self, name: &'static str, hits: u64, misses: u64) {
+        let counters = &self.counters[name];
+        counters.hits.fetch_add(hits, Ordering::Relaxed);
+        counters.misses.fetch_add(misses, Ordering::Relaxed);
+        metrics::counter!("cache_hits_total", "entity" => name).increment(hits);
+        metrics::counter!("cache_misses_total", "entity" => name).increment(misses);
+        statements::record_cache_lookup(misses == 0);
+    }
+
+    /// Counts cached values that no longer decode: each is a miss, and a
+    /// sign that a cached type changed shape without a format bump.
+    fn count_decode_failures(&self, name: &'static str, failures: u64) {
+        if failures == 0 {
+            return;
+        }
+        metrics::counter!("cache_decode_failures_total", "entity" => name).increment(failures);
+        tracing::warn!(
+            database_type = "redis",
+            entity = name,
+            failures,
+            "cached values did not decode; reading PostgreSQL"
+        );
+    }
+
+    /// Fills keys whose generation is unchanged (one script call on one Redis).
+    async fn fill(&self, name: &'static str, fills: Vec<Fill>) {
+        if fills.is_empty() {
+            return;
+        }
+        let filled: Option<u64> = self
+            .guarded("fill", async |conn| self.scripts.fill(conn, &fills).await)
+            .await;
+        if let Some(filled) = filled {
+            metrics::counter!("cache_fills_total", "entity" => name).increment(filled);
+        }
+    }
+
+    /// The leader of a single flight: take the cross-replica lock (or wait
+    /// for the replica holding it to fill the key), load, fill, unlock.
+    async fn load_once<T, F, Fut>(
+        &self,
+        entity: Entity,
+        key: &str,
+        generation: Option<String>,
+        load: F,
+    ) -> Result<Fetched>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<T>>>,
+    {
+        let lock_key = keys::lock_of(key);
+        let token = uuid::Uuid::new_v4().to_string();
+        let lock_ms = self.lock_ttl.as_millis() as u64;
+        // Without a generation the lookup failed: Redis is not usable now.
+        let locked: Option<Option<String>> = match generation {
+            Some(_) => {
+                self.guarded("lock", async |conn| {
+                    redis::cmd("SET")
+                        .arg(&lock_key)
+                        .arg(&token)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(lock_ms)
+                        .query_async(conn)
+                        .await
+                })
+                .await
+            }
+            None => None,
+        };
+        if let Some(None) = locked
+            && let Some(fetched) = self.wait_for_fill::<T>(entity, key, &lock_key).await
+        {
+            return Ok(fetched);
+        }
+
+        let value = load().await?;
+        let (payload, ttl_ms) = self.encode(value.as_ref())?;
+        let fetched = if value.is_some() {
+            Fetched::Found(Arc::new(payload.clone()))
+        } else {
+            Fetched::Missing
+        };
+        if let Some(generation) = generation {
+            let fill = Fill::entity(key.to_owned(), generation, payload, ttl_ms);
+            self.fill(entity.name(), vec![fill]).await;
+        }
+        if let Some(Some(_)) = locked {
+            let _: Option<u64> = self
+                .guarded("unlock", async |conn| {
+                    self.scripts.unlock(conn, &lock_key, &token).await
+                })
+                .await;
+        }
+        Ok(fetched)
+    }
+
+    /// Another replica holds the fill lock: poll until it fills the key, or
+    /// until its lock is gone or expires, or it filled a value this build
+    /// cannot decode (then the caller loads itself).
+    async fn wait_for_fill<T: DeserializeOwned>(
+        &self,
+        entity: Entity,
+        key: &str,
+        lock_key: &str,
+    ) -> Option<Fetched> {
+        let deadline = Instant::now() + self.lock_ttl;
+        let mut pause = Duration::from_millis(5);
+        while Instant::now() < deadline {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
+            let values: Vec<Option<Vec<u8>>> = self.mget("poll", &[key, lock_key][..]).await?;
+            let mut values = values.into_iter();
+            let (value, lock) = (values.next().flatten(), values.next().flatten());
+            let stored = codec::read::<T>(value.as_deref());
+            match stored {
+                Stored::Value(_) => return value.map(|bytes| Fetched::Found(Arc::new(bytes))),
+                Stored::NotFound => return Some(Fetched::Missing),
+                Stored::Undecodable => {
+                    self.count_decode_failures(entity.name(), 1);
+                    return None;
+                }
+                Stored::Absent if value.is_none() && lock.is_none() => return None,
+                Stored::Absent => {}
+            }
+        }
+        None
+    }
+
+    /// Applies queued invalidations on `conn`; an error leaves them queued.
+    async fn replay(&self, conn: &mut Conn) -> redis::RedisResult<()> {
+        let Some(replay) = self.pending.to_replay() else {
+            return Ok(());
+        };
+        for family in &replay.families {
+            redis::cmd("INCR")
+                .arg(self.keys.family_generation(*family))
+                .query_async::<u64>(&mut *conn)
+                .await?;
+        }
+        if replay.flush {
+            // Generations stay, so in-flight fills stay fenced.
+            conn.unlink_matching(&self.keys.namespace_pattern(), keys::is_generation)
+                .await?;
+        } else {
+            for chunk in replay.entries.chunks(500) {
+                self.scripts
+                    .invalidate(conn, &self.entity_keys(chunk))
+                    .await?;
+            }
+        }
+        self.pending.replayed(&replay);
+        tracing::info!(
+            replayed = replay.entries.len(),
+            flushed = replay.flush,
+            "queued cache invalidations applied"
+        );
+        Ok(())
+    }
+}
