@@ -9,6 +9,7 @@ mod catalog;
 mod documents;
 mod helpers;
 mod market;
+mod observe;
 mod orders;
 mod partitions;
 mod process;
