@@ -13,6 +13,7 @@ mod observe;
 mod orders;
 mod partitions;
 mod process;
+mod promises;
 mod replica;
 mod search;
 mod seed;
