@@ -8,6 +8,7 @@ mod cache;
 mod catalog;
 mod documents;
 mod helpers;
+mod invalidation;
 mod market;
 mod observe;
 mod orders;
