@@ -6,6 +6,7 @@ mod audit;
 mod batching;
 mod cache;
 mod catalog;
+mod detection;
 mod documents;
 mod helpers;
 mod invalidation;
