@@ -4,6 +4,7 @@
 mod analytics;
 mod audit;
 mod batching;
+mod breaker;
 mod cache;
 mod catalog;
 mod detection;
