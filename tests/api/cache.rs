@@ -65,6 +65,12 @@ async fn a_read_after_a_miss_is_served_from_the_cache() {
     let app = TestApp::spawn().await;
     let (email, username) = unique("cached");
     let user = app.create_user(&email, &username).await;
+    let counters = async || {
+        let scrape = app.metrics().await;
+        ["cache_hits_total", "cache_misses_total", "cache_fills_total"]
+            .map(|name| crate::observe::series(&scrape, name, &[("entity", "user")]))
+    };
+    let before = counters().await;
 
     assert_eq!(get_user(&app, user.id).await.unwrap(), user);
     let stored = app
@@ -84,19 +90,29 @@ async fn a_read_after_a_miss_is_served_from_the_cache() {
         "the second read is a hit"
     );
 
-    let metrics = app.metrics().await;
-    for expected in [
-        r#"cache_hits_total{entity="user"}"#,
-        r#"cache_misses_total{entity="user"}"#,
-        r#"cache_fills_total{entity="user"}"#,
-        r#"cache_hit_rate{entity="user"}"#,
-        r#"connection_pool_usage{pool="redis"}"#,
-    ] {
-        assert!(
-            metrics.contains(expected),
-            "missing {expected} in:\n{metrics}"
-        );
+    // One miss, one fill, one hit. The counters are process-wide (other
+    // tests only add to them); the gauges are this app's, set as it is
+    // scraped.
+    let after = counters().await;
+    for (name, (after, before)) in ["hits", "misses", "fills"]
+        .iter()
+        .zip(after.iter().zip(before))
+    {
+        assert!(after - before >= 1.0, "{name}: {before} -> {after}");
     }
+    let metrics = app.metrics().await;
+    let gauge = |name, labels| crate::observe::series(&metrics, name, labels);
+    assert_eq!(
+        gauge("cache_hit_rate", &[("entity", "user")]),
+        0.5,
+        "{metrics}"
+    );
+    assert_eq!(
+        gauge("connection_pool_max", &[("pool", "redis")]),
+        app.settings.redis.pool_size as f64
+    );
+    let usage = gauge("connection_pool_usage", &[("pool", "redis")]);
+    assert!((0.0..=1.0).contains(&usage), "{usage}");
 }
 
 #[tokio::test]

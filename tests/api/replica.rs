@@ -158,10 +158,15 @@ async fn lag_tolerant_reads_use_the_read_replica_and_the_rest_the_primary() {
     // test process, and only this test configures a replica).
     let scraped = app.metrics().await;
     for pool in ["postgres", "postgres_replica"] {
-        assert!(
-            scraped.contains(&format!("connection_pool_max{{pool=\"{pool}\"}}")),
+        let series = |name, labels: &[(&str, &str)]| crate::observe::series(&scraped, name, labels);
+        assert_eq!(
+            series("connection_pool_max", &[("pool", pool)]),
+            f64::from(app.settings.database.max_connections),
             "{scraped}"
         );
+        let held = series("connection_pool_connections", &[("pool", pool), ("state", "idle")])
+            + series("connection_pool_connections", &[("pool", pool), ("state", "in_use")]);
+        assert!(held >= 1.0, "{pool} served reads: {scraped}");
     }
     assert_eq!(
         health_of(&app, "postgres_replica", ServingStatus::Serving).await,

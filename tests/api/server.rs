@@ -350,6 +350,24 @@ async fn an_oversized_request_is_rejected_without_reaching_the_handler() {
 #[tokio::test]
 async fn metrics_count_calls_by_method_and_code_and_show_pool_usage() {
     let app = TestApp::spawn().await;
+    let get_user = |code| {
+        [
+            ("service", USER_SERVICE),
+            ("method", "GetUser"),
+            ("code", code),
+        ]
+    };
+    // Process-wide counters: other tests may add to them, never take away.
+    let counted = async || {
+        let scrape = app.metrics().await;
+        [
+            ("rpc_requests_total", "NOT_FOUND"),
+            ("rpc_requests_total", "UNAUTHENTICATED"),
+            ("rpc_latency_seconds_count", "NOT_FOUND"),
+        ]
+        .map(|(name, code)| crate::observe::series(&scrape, name, &get_user(code)))
+    };
+    let before = counted().await;
     let mut users = app.users().await;
     let _ = users.get_user(pb::GetUserRequest { id: 123_456 }).await;
     let _ = app
@@ -358,25 +376,44 @@ async fn metrics_count_calls_by_method_and_code_and_show_pool_usage() {
         .get_user(pb::GetUserRequest { id: 1 })
         .await;
 
-    let metrics = app.metrics().await;
-    for expected in [
-        r#"rpc_requests_total{service="datagate.v1.UserService",method="GetUser",code="NOT_FOUND"}"#,
-        r#"rpc_requests_total{service="datagate.v1.UserService",method="GetUser",code="UNAUTHENTICATED"}"#,
-        r#"rpc_latency_seconds_bucket{service="datagate.v1.UserService",method="GetUser",code="NOT_FOUND""#,
-        r#"connection_pool_usage{pool="postgres"}"#,
-        r#"connection_pool_connections{pool="postgres",state="idle"}"#,
-    ] {
+    let after = counted().await;
+    for (i, what) in ["NOT_FOUND calls", "UNAUTHENTICATED calls", "NOT_FOUND latencies"]
+        .iter()
+        .enumerate()
+    {
         assert!(
-            metrics.contains(expected),
-            "missing {expected} in:\n{metrics}"
+            after[i] - before[i] >= 1.0,
+            "{what}: {} -> {}",
+            before[i],
+            after[i]
         );
     }
+    let metrics = app.metrics().await;
+    assert!(
+        metrics.contains(r#"rpc_latency_seconds_bucket{service="datagate.v1.UserService",method="GetUser",code="NOT_FOUND""#),
+        "{metrics}"
+    );
+    // The pool gauges are this app's, sampled as it is scraped.
+    let pool = |name, state: Option<&str>| {
+        let mut labels = vec![("pool", "postgres")];
+        labels.extend(state.map(|s| ("state", s)));
+        crate::observe::series(&metrics, name, &labels)
+    };
+    let max = f64::from(app.settings.database.max_connections);
+    assert_eq!(pool("connection_pool_max", None), max);
+    let held = pool("connection_pool_connections", Some("idle"))
+        + pool("connection_pool_connections", Some("in_use"));
+    assert!((1.0..=max).contains(&held), "the app holds {held} connections");
+    let usage = pool("connection_pool_usage", None);
+    assert!((0.0..=1.0).contains(&usage), "{usage}");
 }
 
 #[tokio::test]
 async fn shutdown_reports_not_serving_refuses_new_calls_and_lets_in_flight_calls_finish() {
     let mut app = TestApp::spawn_with(|s| {
-        s.server.shutdown_readiness_delay = Duration::from_millis(600);
+        // Long enough to read health on a busy machine before the listener
+        // closes.
+        s.server.shutdown_readiness_delay = Duration::from_secs(3);
         s.server.drain_timeout = Duration::from_secs(20);
     })
     .await;
