@@ -475,16 +475,26 @@ async fn a_hundred_concurrent_misses_on_one_key_load_it_once_across_two_replicas
         Cache::new(&settings.redis).unwrap(),
     ];
     let loads = Arc::new(AtomicUsize::new(0));
+    let asked = Arc::new(AtomicUsize::new(0));
 
     let mut readers = Vec::new();
     for i in 0..100 {
         let cache = replicas[i % 2].clone();
-        let loads = loads.clone();
+        let (loads, asked) = (loads.clone(), asked.clone());
         readers.push(tokio::spawn(async move {
+            asked.fetch_add(1, Ordering::SeqCst);
             cache
                 .get_or_load(Entity::User, 7, || async {
                     loads.fetch_add(1, Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    // Held until every reader has asked, and a while for
+                    // their lookups to land (a window: what a reader does
+                    // inside the cache cannot be observed from here).
+                    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                    while asked.load(Ordering::SeqCst) < 100 {
+                        assert!(std::time::Instant::now() < deadline, "every reader asks");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
                     Ok(Some("loaded once".to_owned()))
                 })
                 .await
@@ -566,7 +576,8 @@ async fn reads_and_writes_survive_a_stopped_then_killed_redis_and_caching_resume
     let mut redis = OwnRedis::start(port).await;
     let app = TestApp::spawn_with(|s| {
         s.redis.url = format!("redis://127.0.0.1:{port}").into();
-        s.redis.command_timeout = Duration::from_millis(100);
+        // Commands fail only while Redis is frozen, not on a busy machine.
+        s.redis.command_timeout = Duration::from_millis(500);
         s.redis.breaker_failures = 2;
         s.redis.breaker_open_for = Duration::from_millis(300);
     })
@@ -954,7 +965,7 @@ async fn on_a_cluster_an_overflowed_invalidation_queue_flushes_every_primary() {
     let mut settings = cache_settings(&prefix);
     settings.redis.mode = RedisMode::Cluster;
     settings.redis.url = cluster.urls.clone().into();
-    settings.redis.command_timeout = Duration::from_millis(300);
+    settings.redis.command_timeout = Duration::from_secs(1);
     settings.redis.breaker_failures = 1;
     settings.redis.breaker_open_for = Duration::from_millis(200);
     let cache = Cache::new(&settings.redis).unwrap();

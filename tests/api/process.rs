@@ -239,7 +239,13 @@ async fn sigterm_lets_the_in_flight_call_finish_and_exits_zero() {
         .await
         .unwrap();
     assert!(killed.success());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Draining: the listener is closed (no readiness delay by default).
+    crate::observe::wait_until(
+        "the binary stops accepting connections",
+        Duration::from_secs(10),
+        async || tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err(),
+    )
+    .await;
     lock.release().await;
 
     let finished = in_flight
