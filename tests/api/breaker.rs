@@ -64,7 +64,12 @@ impl RedisProxy {
                 };
                 let (client_read, client_write) = client.into_split();
                 let (server_read, server_write) = server.into_split();
-                let up = pipe(client_read, server_write, frozen_tx.subscribe(), Some(counter.clone()));
+                let up = pipe(
+                    client_read,
+                    server_write,
+                    frozen_tx.subscribe(),
+                    Some(counter.clone()),
+                );
                 let down = pipe(server_read, client_write, frozen_tx.subscribe(), None);
                 tokio::spawn(token.clone().run_until_cancelled_owned(up));
                 tokio::spawn(token.clone().run_until_cancelled_owned(down));
@@ -183,12 +188,16 @@ async fn the_breaker_opens_after_n_failures_and_the_first_probe_after_the_open_p
     // is let through, and its success closes the circuit.
     proxy.thaw();
     let mut probes = Vec::new();
-    wait_until("a probe closes the circuit", Duration::from_secs(10), async || {
-        let sent = proxy.received();
-        let answer = cache.probe().await;
-        probes.push((answer, proxy.received() > sent));
-        answer == Some(true)
-    })
+    wait_until(
+        "a probe closes the circuit",
+        Duration::from_secs(10),
+        async || {
+            let sent = proxy.received();
+            let answer = cache.probe().await;
+            probes.push((answer, proxy.received() > sent));
+            answer == Some(true)
+        },
+    )
     .await;
     let (last, earlier) = probes.split_last().unwrap();
     assert_eq!(*last, (Some(true), true), "{probes:?}");
@@ -224,8 +233,12 @@ async fn through_the_front_door_a_frozen_redis_turns_the_redis_entry_not_serving
     let user = app.create_user(&email, &username).await;
     let mut users = app.users().await;
     let get = pb::GetUserRequest { id: user.id };
-    users.get_user(get.clone()).await.unwrap();
-    assert!(app.redis_get(&app.cache_key("user", user.id)).await.is_some());
+    users.get_user(get).await.unwrap();
+    assert!(
+        app.redis_get(&app.cache_key("user", user.id))
+            .await
+            .is_some()
+    );
     assert_eq!(
         health_of(&app, "redis", ServingStatus::Serving).await,
         ServingStatus::Serving
@@ -237,7 +250,7 @@ async fn through_the_front_door_a_frozen_redis_turns_the_redis_entry_not_serving
     let mut tried = 0;
     for _ in 0..2 * FAILURES {
         let sent = proxy.received();
-        assert_eq!(users.get_user(get.clone()).await.unwrap().into_inner(), user);
+        assert_eq!(users.get_user(get).await.unwrap().into_inner(), user);
         if proxy.received() == sent {
             break;
         }

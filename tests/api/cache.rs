@@ -67,8 +67,12 @@ async fn a_read_after_a_miss_is_served_from_the_cache() {
     let user = app.create_user(&email, &username).await;
     let counters = async || {
         let scrape = app.metrics().await;
-        ["cache_hits_total", "cache_misses_total", "cache_fills_total"]
-            .map(|name| crate::observe::series(&scrape, name, &[("entity", "user")]))
+        [
+            "cache_hits_total",
+            "cache_misses_total",
+            "cache_fills_total",
+        ]
+        .map(|name| crate::observe::series(&scrape, name, &[("entity", "user")]))
     };
     let before = counters().await;
 

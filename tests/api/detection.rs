@@ -44,10 +44,16 @@ async fn a_call_repeating_a_statement_shape_past_the_threshold_logs_n_plus_one_a
     assert_eq!(report["count"], 2);
     assert_eq!(report["threshold"], 1);
     assert!(
-        report["shape"].as_str().unwrap().contains("FROM pg_inherits"),
+        report["shape"]
+            .as_str()
+            .unwrap()
+            .contains("FROM pg_inherits"),
         "{report}"
     );
-    let finished = lines.iter().find(|l| l["message"] == "rpc finished").unwrap();
+    let finished = lines
+        .iter()
+        .find(|l| l["message"] == "rpc finished")
+        .unwrap();
     assert_eq!(finished["span"]["db.max_repeats"], 2, "{finished}");
     assert_eq!(detected(RETIRE).await - retire_before, 1.0);
 

@@ -436,9 +436,11 @@ async fn price_changes_wait_in_the_outbox_while_mongodb_is_unreachable() {
         .await
         .unwrap()
     };
-    crate::observe::wait_until("a relay pass claims the row", Duration::from_secs(10), async || {
-        rows().await == (1, 0)
-    })
+    crate::observe::wait_until(
+        "a relay pass claims the row",
+        Duration::from_secs(10),
+        async || rows().await == (1, 0),
+    )
     .await;
     crate::observe::wait_until("the pass ends", Duration::from_secs(10), async || {
         rows().await.1 == rows().await.0

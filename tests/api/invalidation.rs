@@ -123,7 +123,11 @@ async fn update_user_removes_the_cached_user_for_every_mask_path() {
         let (email, username) = unique("masked");
         let user = app.create_user(&email, &username).await;
         assert_eq!(get_user(&app, user.id).await.unwrap(), user);
-        assert_eq!(cached(&app, "user", user.id).await, Some(b'V'), "{path}: before");
+        assert_eq!(
+            cached(&app, "user", user.id).await,
+            Some(b'V'),
+            "{path}: before"
+        );
 
         let updated = users
             .update_user(pb::UpdateUserRequest {
@@ -251,7 +255,11 @@ async fn update_product_removes_the_cached_product_and_moves_the_search_generati
     for (path, patch) in cases {
         let product = app.create_product(1000, 5).await;
         assert_eq!(get_product(&app, product.id).await.unwrap(), product);
-        assert_eq!(cached(&app, "product", product.id).await, Some(b'V'), "{path}: before");
+        assert_eq!(
+            cached(&app, "product", product.id).await,
+            Some(b'V'),
+            "{path}: before"
+        );
         let generation = app.family_generation("search").await;
 
         let updated = catalog
@@ -265,12 +273,20 @@ async fn update_product_removes_the_cached_product_and_moves_the_search_generati
             .unwrap()
             .into_inner();
         assert_ne!(updated, product, "{path}: the write changed the product");
-        assert_eq!(cached(&app, "product", product.id).await, None, "{path}: after");
+        assert_eq!(
+            cached(&app, "product", product.id).await,
+            None,
+            "{path}: after"
+        );
         assert!(
             app.family_generation("search").await > generation,
             "{path}: search pages are fenced"
         );
-        assert_eq!(get_product(&app, product.id).await.unwrap(), updated, "{path}");
+        assert_eq!(
+            get_product(&app, product.id).await.unwrap(),
+            updated,
+            "{path}"
+        );
     }
 }
 
@@ -279,7 +295,11 @@ async fn adjust_inventory_removes_the_cached_product() {
     let app = TestApp::spawn().await;
     let product = app.create_product(1000, 5).await;
     get_product(&app, product.id).await.unwrap();
-    assert_eq!(cached(&app, "product", product.id).await, Some(b'V'), "before");
+    assert_eq!(
+        cached(&app, "product", product.id).await,
+        Some(b'V'),
+        "before"
+    );
 
     app.catalog()
         .await
@@ -359,7 +379,11 @@ async fn update_order_status_removes_the_cached_order_and_a_cancel_its_cached_pr
     for to in [pb::OrderStatus::Processing, pb::OrderStatus::Cancelled] {
         assert_ne!(get_order(&app, order.id).await.unwrap().status(), to);
         get_product(&app, product.id).await.unwrap();
-        assert_eq!(cached(&app, "order", order.id).await, Some(b'V'), "{to:?}: before");
+        assert_eq!(
+            cached(&app, "order", order.id).await,
+            Some(b'V'),
+            "{to:?}: before"
+        );
         assert_eq!(cached(&app, "product", product.id).await, Some(b'V'));
 
         orders
@@ -398,7 +422,10 @@ async fn refresh_analytics_moves_the_analytics_generation_past_cached_answers() 
         .unwrap()
         .into_inner();
     assert!(before.categories.is_empty(), "{before:?}");
-    assert!(has_cached_query(&app, "analytics").await, "the answer is cached");
+    assert!(
+        has_cached_query(&app, "analytics").await,
+        "the answer is cached"
+    );
     app.create_product(500, 1).await;
     let generation = app.family_generation("analytics").await;
 

@@ -290,18 +290,22 @@ async fn the_service_workers_complete_a_full_analysis() {
         .unwrap()
         .into_inner();
     let mut last = None;
-    crate::observe::wait_until("the analysis completes", Duration::from_secs(30), async || {
-        let a = client
-            .get_market_analysis(pb::GetMarketAnalysisRequest {
-                id: started.id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let completed = a.status() == pb::MarketAnalysisStatus::Completed;
-        last = Some(a);
-        completed
-    })
+    crate::observe::wait_until(
+        "the analysis completes",
+        Duration::from_secs(30),
+        async || {
+            let a = client
+                .get_market_analysis(pb::GetMarketAnalysisRequest {
+                    id: started.id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let completed = a.status() == pb::MarketAnalysisStatus::Completed;
+            last = Some(a);
+            completed
+        },
+    )
     .await;
     let done = last.unwrap();
     let mut keys: Vec<&String> = done.timings_ms.keys().collect();

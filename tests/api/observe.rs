@@ -186,9 +186,10 @@ impl Drop for Logs {
 pub fn with_request_id<T>(message: T) -> (Request<T>, String) {
     let id = format!("test-{}", uuid::Uuid::new_v4().simple());
     let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert("x-request-id", MetadataValue::try_from(id.as_str()).unwrap());
+    request.metadata_mut().insert(
+        "x-request-id",
+        MetadataValue::try_from(id.as_str()).unwrap(),
+    );
     (request, id)
 }
 

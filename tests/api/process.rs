@@ -243,7 +243,11 @@ async fn sigterm_lets_the_in_flight_call_finish_and_exits_zero() {
     crate::observe::wait_until(
         "the binary stops accepting connections",
         Duration::from_secs(10),
-        async || tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err(),
+        async || {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err()
+        },
     )
     .await;
     lock.release().await;
@@ -442,7 +446,9 @@ async fn the_rpc_span_is_a_child_of_the_callers_traceparent() {
     let mut request = tonic::Request::new(pb::GetUserRequest { id: 77 });
     request.metadata_mut().insert(
         "traceparent",
-        format!("00-{trace_id}-{caller_span_id}-01").parse().unwrap(),
+        format!("00-{trace_id}-{caller_span_id}-01")
+            .parse()
+            .unwrap(),
     );
     let _ = users.get_user(request).await;
 

@@ -48,7 +48,11 @@ async fn verify_password_answers_alike_and_hashes_once_for_a_wrong_password_an_u
             Who::Email("nobody-at-all@example.com".into()),
             "correct horse battery",
         ),
-        ("no password", Who::Email(nopw_email), "correct horse battery"),
+        (
+            "no password",
+            Who::Email(nopw_email),
+            "correct horse battery",
+        ),
     ];
     let mut answers = Vec::new();
     for (case, who, password) in cases {
@@ -60,8 +64,15 @@ async fn verify_password_answers_alike_and_hashes_once_for_a_wrong_password_an_u
         let lines = logs.of_finished_request(&request_id).await;
         assert_eq!(argon2_operations(&lines, "verify"), 1, "{case}: {lines:#?}");
         assert_eq!(argon2_operations(&lines, "hash"), 0, "{case}: {lines:#?}");
-        let finished = lines.iter().find(|l| l["message"] == "rpc finished").unwrap();
-        answers.push((case, answer.map(|r| r.into_inner()), finished["code"].clone()));
+        let finished = lines
+            .iter()
+            .find(|l| l["message"] == "rpc finished")
+            .unwrap();
+        answers.push((
+            case,
+            answer.map(|r| r.into_inner()),
+            finished["code"].clone(),
+        ));
     }
 
     let (_, first, first_code) = &answers[0];
@@ -147,10 +158,7 @@ async fn passwords_and_their_hashes_never_reach_a_log_line() {
     let salt_and_digest = hash.rsplit('$').take(2).collect::<Vec<_>>();
     let text = logs.text();
     assert!(text.len() > 10, "{text:#?}");
-    for secret in [first, second, "Qz7-Wy"]
-        .into_iter()
-        .chain(salt_and_digest)
-    {
+    for secret in [first, second, "Qz7-Wy"].into_iter().chain(salt_and_digest) {
         let leaks: Vec<&String> = text.iter().filter(|l| l.contains(secret)).collect();
         assert!(leaks.is_empty(), "{secret:?} was logged: {leaks:#?}");
     }
@@ -204,7 +212,11 @@ async fn a_failed_create_order_is_not_remembered_and_its_request_id_succeeds_onc
         .await
         .unwrap();
     assert_eq!(placed, 1);
-    assert_eq!(app.inventory_of(product.id).await, 6 - 3, "stock taken once");
+    assert_eq!(
+        app.inventory_of(product.id).await,
+        6 - 3,
+        "stock taken once"
+    );
 }
 
 #[tokio::test]
@@ -219,7 +231,11 @@ async fn an_internal_error_reaches_the_caller_as_a_generic_message_and_is_logged
         "ALTER TABLE users DROP CONSTRAINT users_status_check",
         "UPDATE users SET status = 'archived-by-hand' WHERE id = $1",
     ] {
-        sqlx::query(sql).bind(user.id).execute(&app.db).await.unwrap();
+        sqlx::query(sql)
+            .bind(user.id)
+            .execute(&app.db)
+            .await
+            .unwrap();
     }
     let internal_before = app
         .metric(
@@ -242,7 +258,10 @@ async fn an_internal_error_reaches_the_caller_as_a_generic_message_and_is_logged
         "internal error; it has been logged with the request id"
     );
     let details = status.get_error_details();
-    assert!(details.error_info().unwrap().metadata.is_empty(), "{status:?}");
+    assert!(
+        details.error_info().unwrap().metadata.is_empty(),
+        "{status:?}"
+    );
     assert!(details.bad_request().is_none() && details.retry_info().is_none());
     assert_eq!(
         status.metadata().get("x-request-id").unwrap(),
@@ -255,7 +274,10 @@ async fn an_internal_error_reaches_the_caller_as_a_generic_message_and_is_logged
         .find(|l| l["level"] == "ERROR" && l["message"] == "internal error")
         .unwrap_or_else(|| panic!("no ERROR line for {request_id}: {lines:#?}"));
     let chain = logged["error"].as_str().unwrap();
-    assert!(chain.contains("archived-by-hand"), "the full chain: {chain}");
+    assert!(
+        chain.contains("archived-by-hand"),
+        "the full chain: {chain}"
+    );
     assert!(!status.message().contains("archived"));
     let internal = app
         .metric(

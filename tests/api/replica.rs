@@ -164,8 +164,13 @@ async fn lag_tolerant_reads_use_the_read_replica_and_the_rest_the_primary() {
             f64::from(app.settings.database.max_connections),
             "{scraped}"
         );
-        let held = series("connection_pool_connections", &[("pool", pool), ("state", "idle")])
-            + series("connection_pool_connections", &[("pool", pool), ("state", "in_use")]);
+        let held = series(
+            "connection_pool_connections",
+            &[("pool", pool), ("state", "idle")],
+        ) + series(
+            "connection_pool_connections",
+            &[("pool", pool), ("state", "in_use")],
+        );
         assert!(held >= 1.0, "{pool} served reads: {scraped}");
     }
     assert_eq!(

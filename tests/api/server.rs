@@ -378,9 +378,13 @@ async fn metrics_count_calls_by_method_and_code_and_show_pool_usage() {
         .await;
 
     let after = counted().await;
-    for (i, what) in ["NOT_FOUND calls", "UNAUTHENTICATED calls", "NOT_FOUND latencies"]
-        .iter()
-        .enumerate()
+    for (i, what) in [
+        "NOT_FOUND calls",
+        "UNAUTHENTICATED calls",
+        "NOT_FOUND latencies",
+    ]
+    .iter()
+    .enumerate()
     {
         assert!(
             after[i] - before[i] >= 1.0,
@@ -404,7 +408,10 @@ async fn metrics_count_calls_by_method_and_code_and_show_pool_usage() {
     assert_eq!(pool("connection_pool_max", None), max);
     let held = pool("connection_pool_connections", Some("idle"))
         + pool("connection_pool_connections", Some("in_use"));
-    assert!((1.0..=max).contains(&held), "the app holds {held} connections");
+    assert!(
+        (1.0..=max).contains(&held),
+        "the app holds {held} connections"
+    );
     let usage = pool("connection_pool_usage", None);
     assert!((0.0..=1.0).contains(&usage), "{usage}");
 }
