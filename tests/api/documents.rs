@@ -443,7 +443,8 @@ async fn price_changes_wait_in_the_outbox_while_mongodb_is_unreachable() {
     )
     .await;
     crate::observe::wait_until("the pass ends", Duration::from_secs(10), async || {
-        rows().await.1 == rows().await.0
+        let (total, free) = rows().await;
+        total == free
     })
     .await;
     let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM mongo_outbox")

@@ -406,12 +406,25 @@ async fn metrics_count_calls_by_method_and_code_and_show_pool_usage() {
     };
     let max = f64::from(app.settings.database.max_connections);
     assert_eq!(pool("connection_pool_max", None), max);
-    let held = pool("connection_pool_connections", Some("idle"))
-        + pool("connection_pool_connections", Some("in_use"));
-    assert!(
-        (1.0..=max).contains(&held),
-        "the app holds {held} connections"
-    );
+    // Gauges are process-wide too: another app's scrape may set one between
+    // this app's setting and rendering it, so poll instead of trusting one.
+    crate::observe::wait_until(
+        "the app's connections",
+        Duration::from_secs(5),
+        async || {
+            let labels = |state| [("pool", "postgres"), ("state", state)];
+            let scrape = app.metrics().await;
+            let held =
+                crate::observe::series(&scrape, "connection_pool_connections", &labels("idle"))
+                    + crate::observe::series(
+                        &scrape,
+                        "connection_pool_connections",
+                        &labels("in_use"),
+                    );
+            (1.0..=max).contains(&held)
+        },
+    )
+    .await;
     let usage = pool("connection_pool_usage", None);
     assert!((0.0..=1.0).contains(&usage), "{usage}");
 }
