@@ -65,12 +65,19 @@ impl RedisProxy {
                 let (client_read, client_write) = client.into_split();
                 let (server_read, server_write) = server.into_split();
                 let up = pipe(
+                    token.clone(),
                     client_read,
                     server_write,
                     frozen_tx.subscribe(),
                     Some(counter.clone()),
                 );
-                let down = pipe(server_read, client_write, frozen_tx.subscribe(), None);
+                let down = pipe(
+                    token.clone(),
+                    server_read,
+                    client_write,
+                    frozen_tx.subscribe(),
+                    None,
+                );
                 tokio::spawn(token.clone().run_until_cancelled_owned(up));
                 tokio::spawn(token.clone().run_until_cancelled_owned(down));
             }
@@ -108,6 +115,7 @@ impl Drop for RedisProxy {
 
 /// Copies `from` to `to`, counting what it reads, holding it while frozen.
 async fn pipe(
+    stop: CancellationToken,
     mut from: impl AsyncRead + Unpin + Send + 'static,
     mut to: impl AsyncWrite + Unpin,
     mut frozen: watch::Receiver<bool>,
@@ -115,7 +123,7 @@ async fn pipe(
 ) {
     let (chunks, mut held) = mpsc::unbounded_channel::<Vec<u8>>();
     // Reading goes on while frozen, so every byte is counted when it arrives.
-    let reader = tokio::spawn(async move {
+    let reader = tokio::spawn(stop.run_until_cancelled_owned(async move {
         let mut buf = vec![0u8; 16 * 1024];
         while let Ok(n @ 1..) = from.read(&mut buf).await {
             if let Some(counter) = &counter {
@@ -125,7 +133,7 @@ async fn pipe(
                 return;
             }
         }
-    });
+    }));
     while let Some(chunk) = held.recv().await {
         if frozen.wait_for(|f| !*f).await.is_err() || to.write_all(&chunk).await.is_err() {
             break;
