@@ -34,7 +34,7 @@ impl PasswordHasher {
 
     /// An Argon2id PHC string for the password.
     pub async fn hash(&self, password: Password) -> Result<String, Error> {
-        self.run(move || {
+        self.run("hash", move || {
             let salt = SaltString::generate(&mut OsRng);
             Argon2::default()
                 .hash_password(password.expose().as_bytes(), &salt)
@@ -48,7 +48,7 @@ impl PasswordHasher {
     /// verifies against a dummy one, so the answer takes the same time and an
     /// observer cannot tell "no such user" from "wrong password".
     pub async fn verify(&self, password: Password, stored: Option<String>) -> Result<bool, Error> {
-        self.run(move || {
+        self.run("verify", move || {
             let (hash, real) = match &stored {
                 Some(h) => (h.as_str(), true),
                 None => (dummy_hash(), false),
@@ -63,10 +63,16 @@ impl PasswordHasher {
         .await
     }
 
+    /// Runs one Argon2 operation (`op`: hash or verify) on the blocking pool,
+    /// counted in `password_hash_operations_total{op}` and logged at DEBUG in
+    /// the caller's span, so the work a call does can be counted.
     async fn run<T: Send + 'static>(
         &self,
+        op: &'static str,
         work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
     ) -> Result<T, Error> {
+        metrics::counter!("password_hash_operations_total", "op" => op).increment(1);
+        tracing::debug!(op, "argon2 operation");
         let _permit = self
             .permits
             .acquire()

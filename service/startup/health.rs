@@ -48,13 +48,18 @@ pub const REPLICA_HEALTH: &str = "postgres_replica";
 /// (this entry NOT_SERVING), never the service: reads fall back to PostgreSQL.
 pub const REDIS_HEALTH: &str = "redis";
 
-/// The health service, with `liveness` SERVING; the rest is unknown until
-/// the readiness watcher's first round.
+/// The health service, with `liveness`, the overall entry and every
+/// service's SERVING until the readiness watcher's first round decides; the
+/// dependencies' entries are unknown until then.
 pub(super) async fn start() -> (HealthReporter, HealthServer<impl Health>) {
     let (health, service) = tonic_health::server::health_reporter();
     health
         .set_service_status(LIVENESS_HEALTH, ServingStatus::Serving)
         .await;
+    // tonic starts the overall entry SERVING; the services' entries say the
+    // same from the first moment (instead of "not registered"), and the
+    // readiness watcher's first round corrects them all together.
+    set_all(&health, ServingStatus::Serving).await;
     (health, service)
 }
 

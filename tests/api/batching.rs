@@ -100,6 +100,12 @@ async fn the_naive_per_user_path_trips_the_n_plus_one_detector() {
     seed(&app.db, 10).await;
     let (users, orders) = services(&app.db);
 
+    let operation = "test.naive_list_users_with_orders";
+    let reported = async || {
+        app.metric("n_plus_one_detected_total", &[("operation", operation)])
+            .await
+    };
+    let reported_before = reported().await;
     let log = Arc::new(RequestLog::default());
     let naive = statements::scope(
         log.clone(),
@@ -107,7 +113,6 @@ async fn the_naive_per_user_path_trips_the_n_plus_one_detector() {
     )
     .await
     .unwrap();
-    let operation = "test.naive_list_users_with_orders";
     let detected = statements::report_n_plus_one(&log, 5, operation);
     assert!(!detected.is_empty(), "shapes: {:?}", log.shapes());
     assert!(
@@ -120,12 +125,10 @@ async fn the_naive_per_user_path_trips_the_n_plus_one_detector() {
         "10 users × 3 orders × 2 items, one by one: {}",
         log.total()
     );
-    let metrics = datagate::metrics::handle().render();
-    assert!(
-        metrics.contains(&format!(
-            r#"n_plus_one_detected_total{{operation="{operation}"}}"#
-        )),
-        "{metrics}"
+    assert_eq!(
+        reported().await - reported_before,
+        detected.len() as f64,
+        "one count per repeated shape"
     );
 
     // The batched path answers the same, without tripping it.

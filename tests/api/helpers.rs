@@ -56,8 +56,9 @@ impl Interceptor for Bearer {
 }
 
 /// The subscriber every test process runs with: the statement layer (which
-/// statement counting and N+1 detection rely on, as in production) and, with
-/// `TEST_LOG=1`, readable logs.
+/// statement counting and N+1 detection rely on, as in production), the
+/// capture tests read a call's log lines from, and, with `TEST_LOG=1`,
+/// readable logs.
 fn init_telemetry() {
     use tracing_subscriber::{Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _};
     static ONCE: OnceLock<()> = OnceLock::new();
@@ -73,6 +74,7 @@ fn init_telemetry() {
             .with(datagate::statements::StatementLayer::filtered(
                 Duration::from_millis(200),
             ))
+            .with(crate::observe::capture_layer())
             .with(logs)
             .try_init();
     });

@@ -172,7 +172,9 @@ async fn two_workers_racing_claim_an_analysis_once() {
 
 #[tokio::test]
 async fn a_worker_that_dies_mid_run_is_replaced_once_its_lease_expires() {
-    let app = app_without_workers(Duration::from_millis(600)).await;
+    // Long leases: the test expires the dead worker's by hand, and the live
+    // worker's renewals cannot fall behind on a busy machine.
+    let app = app_without_workers(Duration::from_secs(30)).await;
     let (email, username) = crate::helpers::unique("market");
     let user = app.create_user(&email, &username).await;
     let product = app.create_product(1500, 10).await;
@@ -212,7 +214,7 @@ async fn a_worker_that_dies_mid_run_is_replaced_once_its_lease_expires() {
     // A worker claims it and dies: it never renews or finishes.
     let (analyses, mongo) = analyses(&app).await;
     let now = chrono::Utc::now().timestamp_millis();
-    let dead = store::claim(&mongo, "dead-worker", now, 600)
+    let dead = store::claim(&mongo, "dead-worker", now, 30_000)
         .await
         .unwrap()
         .unwrap();
@@ -222,7 +224,19 @@ async fn a_worker_that_dies_mid_run_is_replaced_once_its_lease_expires() {
         "leased: nothing to claim"
     );
 
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Its lease runs out (its end moves to the past instead of the test
+    // waiting for it).
+    let expired = app
+        .mongo()
+        .await
+        .collection::<mongodb::bson::Document>("market_analyses")
+        .update_one(
+            mongodb::bson::doc! { "_id": &started.id, "lease_owner": "dead-worker" },
+            mongodb::bson::doc! { "$set": { "lease_expires_ms": now - 1 } },
+        )
+        .await
+        .unwrap();
+    assert_eq!(expired.matched_count, 1);
     assert!(
         analyses.run_once("alive-worker").await.unwrap(),
         "the expired lease is taken over"
@@ -277,21 +291,24 @@ async fn the_service_workers_complete_a_full_analysis() {
         .unwrap()
         .into_inner();
     let mut last = None;
-    for _ in 0..100 {
-        let a = client
-            .get_market_analysis(pb::GetMarketAnalysisRequest {
-                id: started.id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if a.status() == pb::MarketAnalysisStatus::Completed {
+    crate::observe::wait_until(
+        "the analysis completes",
+        Duration::from_secs(30),
+        async || {
+            let a = client
+                .get_market_analysis(pb::GetMarketAnalysisRequest {
+                    id: started.id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let completed = a.status() == pb::MarketAnalysisStatus::Completed;
             last = Some(a);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let done = last.expect("the analysis completed within 10 s");
+            completed
+        },
+    )
+    .await;
+    let done = last.unwrap();
     let mut keys: Vec<&String> = done.timings_ms.keys().collect();
     keys.sort();
     assert_eq!(

@@ -239,7 +239,17 @@ async fn sigterm_lets_the_in_flight_call_finish_and_exits_zero() {
         .await
         .unwrap();
     assert!(killed.success());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Draining: the listener is closed (no readiness delay by default).
+    crate::observe::wait_until(
+        "the binary stops accepting connections",
+        Duration::from_secs(10),
+        async || {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err()
+        },
+    )
+    .await;
     lock.release().await;
 
     let finished = in_flight
@@ -410,6 +420,65 @@ async fn with_an_otlp_endpoint_every_call_is_exported_as_a_server_span() {
         children >= 1,
         "domain spans are children of the call's span"
     );
+}
+
+#[tokio::test]
+async fn the_rpc_span_is_a_child_of_the_callers_traceparent() {
+    let database = TestDatabase::create().await;
+    let (collector, mut spans) = collector::start().await;
+    let (token, entry) = auth::new_token("traced-caller", &[]).unwrap();
+    let port = free_port();
+    let mut child = serve(&database.url, &entry, port)
+        .env(
+            "DATAGATE__TELEMETRY__OTLP_ENDPOINT",
+            format!("http://{collector}"),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span_id = "00f067aa0ba902b7";
+    let mut users =
+        UserServiceClient::with_interceptor(connect(port).await, Bearer(Some(token.into())));
+    let mut request = tonic::Request::new(pb::GetUserRequest { id: 77 });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-{caller_span_id}-01")
+            .parse()
+            .unwrap(),
+    );
+    let _ = users.get_user(request).await;
+
+    let pid = child.id().unwrap().to_string();
+    Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("exits")
+        .unwrap();
+    assert!(status.success());
+
+    let mut exported = Vec::new();
+    while let Ok(Some(span)) = tokio::time::timeout(Duration::from_secs(2), spans.recv()).await {
+        exported.push(span);
+    }
+    let rpc = exported
+        .iter()
+        .find(|s| s.name == "datagate.v1.UserService/GetUser")
+        .unwrap_or_else(|| panic!("no GetUser server span among {exported:?}"));
+    assert_eq!(hex::encode(&rpc.trace_id), trace_id, "the caller's trace");
+    assert_eq!(
+        hex::encode(&rpc.parent_span_id),
+        caller_span_id,
+        "a child of the caller's span"
+    );
+    assert_ne!(hex::encode(&rpc.span_id), caller_span_id);
 }
 
 #[tokio::test]

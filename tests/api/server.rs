@@ -312,7 +312,8 @@ async fn a_call_past_the_callers_deadline_is_deadline_exceeded() {
 
 #[tokio::test]
 async fn the_server_bound_caps_a_longer_caller_deadline() {
-    let app = TestApp::spawn_with(|s| s.server.request_timeout = Duration::from_millis(300)).await;
+    // Wide enough for the arranging calls on a busy machine.
+    let app = TestApp::spawn_with(|s| s.server.request_timeout = Duration::from_secs(2)).await;
     let user = app.create_user("cap@example.com", "capped").await;
     let lock = RowLock::on_user(&app.db, user.id).await;
     let mut request = Request::new(rename(&user, "never"));
@@ -350,6 +351,24 @@ async fn an_oversized_request_is_rejected_without_reaching_the_handler() {
 #[tokio::test]
 async fn metrics_count_calls_by_method_and_code_and_show_pool_usage() {
     let app = TestApp::spawn().await;
+    let get_user = |code| {
+        [
+            ("service", USER_SERVICE),
+            ("method", "GetUser"),
+            ("code", code),
+        ]
+    };
+    // Process-wide counters: other tests may add to them, never take away.
+    let counted = async || {
+        let scrape = app.metrics().await;
+        [
+            ("rpc_requests_total", "NOT_FOUND"),
+            ("rpc_requests_total", "UNAUTHENTICATED"),
+            ("rpc_latency_seconds_count", "NOT_FOUND"),
+        ]
+        .map(|(name, code)| crate::observe::series(&scrape, name, &get_user(code)))
+    };
+    let before = counted().await;
     let mut users = app.users().await;
     let _ = users.get_user(pb::GetUserRequest { id: 123_456 }).await;
     let _ = app
@@ -358,25 +377,64 @@ async fn metrics_count_calls_by_method_and_code_and_show_pool_usage() {
         .get_user(pb::GetUserRequest { id: 1 })
         .await;
 
-    let metrics = app.metrics().await;
-    for expected in [
-        r#"rpc_requests_total{service="datagate.v1.UserService",method="GetUser",code="NOT_FOUND"}"#,
-        r#"rpc_requests_total{service="datagate.v1.UserService",method="GetUser",code="UNAUTHENTICATED"}"#,
-        r#"rpc_latency_seconds_bucket{service="datagate.v1.UserService",method="GetUser",code="NOT_FOUND""#,
-        r#"connection_pool_usage{pool="postgres"}"#,
-        r#"connection_pool_connections{pool="postgres",state="idle"}"#,
-    ] {
+    let after = counted().await;
+    for (i, what) in [
+        "NOT_FOUND calls",
+        "UNAUTHENTICATED calls",
+        "NOT_FOUND latencies",
+    ]
+    .iter()
+    .enumerate()
+    {
         assert!(
-            metrics.contains(expected),
-            "missing {expected} in:\n{metrics}"
+            after[i] - before[i] >= 1.0,
+            "{what}: {} -> {}",
+            before[i],
+            after[i]
         );
     }
+    let metrics = app.metrics().await;
+    assert!(
+        metrics.contains(r#"rpc_latency_seconds_bucket{service="datagate.v1.UserService",method="GetUser",code="NOT_FOUND""#),
+        "{metrics}"
+    );
+    // The pool gauges are this app's, sampled as it is scraped.
+    let pool = |name, state: Option<&str>| {
+        let mut labels = vec![("pool", "postgres")];
+        labels.extend(state.map(|s| ("state", s)));
+        crate::observe::series(&metrics, name, &labels)
+    };
+    let max = f64::from(app.settings.database.max_connections);
+    assert_eq!(pool("connection_pool_max", None), max);
+    // Gauges are process-wide too: another app's scrape may set one between
+    // this app's setting and rendering it, so poll instead of trusting one.
+    crate::observe::wait_until(
+        "the app's connections",
+        Duration::from_secs(5),
+        async || {
+            let labels = |state| [("pool", "postgres"), ("state", state)];
+            let scrape = app.metrics().await;
+            let held =
+                crate::observe::series(&scrape, "connection_pool_connections", &labels("idle"))
+                    + crate::observe::series(
+                        &scrape,
+                        "connection_pool_connections",
+                        &labels("in_use"),
+                    );
+            (1.0..=max).contains(&held)
+        },
+    )
+    .await;
+    let usage = pool("connection_pool_usage", None);
+    assert!((0.0..=1.0).contains(&usage), "{usage}");
 }
 
 #[tokio::test]
 async fn shutdown_reports_not_serving_refuses_new_calls_and_lets_in_flight_calls_finish() {
     let mut app = TestApp::spawn_with(|s| {
-        s.server.shutdown_readiness_delay = Duration::from_millis(600);
+        // Long enough to read health on a busy machine before the listener
+        // closes.
+        s.server.shutdown_readiness_delay = Duration::from_secs(3);
         s.server.drain_timeout = Duration::from_secs(20);
     })
     .await;
@@ -418,15 +476,12 @@ async fn shutdown_reports_not_serving_refuses_new_calls_and_lets_in_flight_calls
 
     // After the readiness delay the listener closes: new connections fail.
     let endpoint = Endpoint::from_shared(format!("http://{}", app.addr)).unwrap();
-    let mut refused = false;
-    for _ in 0..100 {
-        if endpoint.connect().await.is_err() {
-            refused = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(refused, "new connections are refused while draining");
+    crate::observe::wait_until(
+        "new connections are refused while draining",
+        Duration::from_secs(15),
+        async || endpoint.connect().await.is_err(),
+    )
+    .await;
     assert!(
         !server.is_finished(),
         "the server waits for the in-flight call"

@@ -1,0 +1,294 @@
+//! The Redis circuit breaker, through a TCP proxy the test controls: it
+//! counts what reaches Redis and can freeze traffic (as a stopped Redis
+//! would: bytes are held, not lost). So a test can tell a call that tried
+//! Redis from one the open breaker kept away.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use datagate::{
+    cache::{Cache, Entity},
+    config::Settings,
+    proto::v1 as pb,
+};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, watch},
+};
+use tokio_util::sync::CancellationToken;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+use crate::{
+    helpers::{TestApp, health_of, unique},
+    observe::wait_until,
+};
+
+/// A proxy to the test Redis; its tasks end when it is dropped.
+struct RedisProxy {
+    addr: SocketAddr,
+    frozen: watch::Sender<bool>,
+    /// Bytes the clients sent, counted as they arrive (frozen or not).
+    received: Arc<AtomicU64>,
+    stop: CancellationToken,
+}
+
+impl RedisProxy {
+    async fn start() -> Self {
+        let url = std::env::var("REDIS_URL").expect("REDIS_URL is set (`make test` does)");
+        let upstream = url
+            .trim_start_matches("redis://")
+            .split('/')
+            .next()
+            .unwrap()
+            .to_owned();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (frozen, _) = watch::channel(false);
+        let received = Arc::new(AtomicU64::new(0));
+        let stop = CancellationToken::new();
+        let (frozen_tx, counter, token) = (frozen.clone(), received.clone(), stop.clone());
+        tokio::spawn(token.clone().run_until_cancelled_owned(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let Ok(server) = TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                let up = pipe(
+                    token.clone(),
+                    client_read,
+                    server_write,
+                    frozen_tx.subscribe(),
+                    Some(counter.clone()),
+                );
+                let down = pipe(
+                    token.clone(),
+                    server_read,
+                    client_write,
+                    frozen_tx.subscribe(),
+                    None,
+                );
+                tokio::spawn(token.clone().run_until_cancelled_owned(up));
+                tokio::spawn(token.clone().run_until_cancelled_owned(down));
+            }
+        }));
+        Self {
+            addr,
+            frozen,
+            received,
+            stop,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
+
+    fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    fn thaw(&self) {
+        self.frozen.send_replace(false);
+    }
+
+    fn received(&self) -> u64 {
+        self.received.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for RedisProxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Copies `from` to `to`, counting what it reads, holding it while frozen.
+async fn pipe(
+    stop: CancellationToken,
+    mut from: impl AsyncRead + Unpin + Send + 'static,
+    mut to: impl AsyncWrite + Unpin,
+    mut frozen: watch::Receiver<bool>,
+    counter: Option<Arc<AtomicU64>>,
+) {
+    let (chunks, mut held) = mpsc::unbounded_channel::<Vec<u8>>();
+    // Reading goes on while frozen, so every byte is counted when it arrives.
+    let reader = tokio::spawn(stop.run_until_cancelled_owned(async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buf).await {
+            if let Some(counter) = &counter {
+                counter.fetch_add(n as u64, Ordering::SeqCst);
+            }
+            if chunks.send(buf[..n].to_vec()).is_err() {
+                return;
+            }
+        }
+    }));
+    while let Some(chunk) = held.recv().await {
+        if frozen.wait_for(|f| !*f).await.is_err() || to.write_all(&chunk).await.is_err() {
+            break;
+        }
+    }
+    reader.abort();
+}
+
+#[tokio::test]
+async fn the_breaker_opens_after_n_failures_and_the_first_probe_after_the_open_period_closes_it() {
+    const FAILURES: u32 = 3;
+    let proxy = RedisProxy::start().await;
+    let mut settings =
+        Settings::load_with_overrides(None, &[("database.url", "postgres://unused/unused")])
+            .unwrap();
+    let redis = &mut settings.redis;
+    redis.url = proxy.url().into();
+    redis.key_prefix = format!("dgtest-{}", uuid::Uuid::new_v4().simple());
+    // Generous bounds: only the frozen proxy may make a command fail.
+    redis.command_timeout = Duration::from_secs(1);
+    redis.wait_timeout = Duration::from_secs(1);
+    redis.create_timeout = Duration::from_secs(1);
+    redis.recycle_timeout = Duration::from_secs(1);
+    redis.breaker_failures = FAILURES;
+    redis.breaker_open_for = Duration::from_secs(2);
+    let cache = Cache::new(&settings.redis).unwrap();
+    let counted = AtomicU64::new(0);
+    let loads = &counted;
+    let read = async || {
+        cache
+            .get_or_load(Entity::User, 42, || async move {
+                loads.fetch_add(1, Ordering::SeqCst);
+                Ok(Some("from postgres".to_owned()))
+            })
+            .await
+            .unwrap()
+    };
+    assert_eq!(read().await.as_deref(), Some("from postgres"));
+    assert_eq!(read().await.as_deref(), Some("from postgres"));
+    assert_eq!(loads.load(Ordering::SeqCst), 1, "a miss, then a hit");
+
+    proxy.freeze();
+    for failure in 1..=FAILURES {
+        let sent = proxy.received();
+        assert_eq!(read().await.as_deref(), Some("from postgres"));
+        assert!(proxy.received() > sent, "failure {failure} tried Redis");
+    }
+    assert_eq!(loads.load(Ordering::SeqCst), 1 + u64::from(FAILURES));
+    let sent = proxy.received();
+    let started = Instant::now();
+    assert_eq!(read().await.as_deref(), Some("from postgres"));
+    assert_eq!(cache.probe().await, Some(false), "open");
+    assert_eq!(proxy.received(), sent, "open: nothing is sent to Redis");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "and nothing waits for it"
+    );
+
+    // Back: probes inside the open period send nothing; the first after it
+    // is let through, and its success closes the circuit.
+    proxy.thaw();
+    let mut probes = Vec::new();
+    wait_until(
+        "a probe closes the circuit",
+        Duration::from_secs(10),
+        async || {
+            let sent = proxy.received();
+            let answer = cache.probe().await;
+            probes.push((answer, proxy.received() > sent));
+            answer == Some(true)
+        },
+    )
+    .await;
+    let (last, earlier) = probes.split_last().unwrap();
+    assert_eq!(*last, (Some(true), true), "{probes:?}");
+    assert!(
+        earlier.iter().all(|p| *p == (Some(false), false)),
+        "one probe reached Redis: {probes:?}"
+    );
+    let (loaded, sent) = (loads.load(Ordering::SeqCst), proxy.received());
+    assert_eq!(read().await.as_deref(), Some("from postgres"));
+    assert!(proxy.received() > sent, "closed: reads use Redis again");
+    assert_eq!(
+        loads.load(Ordering::SeqCst),
+        loaded,
+        "a hit on the entry cached before"
+    );
+}
+
+#[tokio::test]
+async fn through_the_front_door_a_frozen_redis_turns_the_redis_entry_not_serving_until_a_probe_succeeds()
+ {
+    const FAILURES: u32 = 3;
+    let proxy = RedisProxy::start().await;
+    let app = TestApp::spawn_with(|s| {
+        s.redis.url = proxy.url().into();
+        s.redis.command_timeout = Duration::from_millis(500);
+        s.redis.create_timeout = Duration::from_secs(1);
+        s.redis.recycle_timeout = Duration::from_secs(1);
+        s.redis.breaker_failures = FAILURES;
+        s.redis.breaker_open_for = Duration::from_secs(2);
+    })
+    .await;
+    let (email, username) = unique("breaker");
+    let user = app.create_user(&email, &username).await;
+    let mut users = app.users().await;
+    let get = pb::GetUserRequest { id: user.id };
+    users.get_user(get).await.unwrap();
+    assert!(
+        app.redis_get(&app.cache_key("user", user.id))
+            .await
+            .is_some()
+    );
+    assert_eq!(
+        health_of(&app, "redis", ServingStatus::Serving).await,
+        ServingStatus::Serving
+    );
+
+    // Frozen: reads go on from PostgreSQL; after FAILURES failures (the
+    // readiness probe's count too) a read no longer tries Redis.
+    proxy.freeze();
+    let mut tried = 0;
+    for _ in 0..2 * FAILURES {
+        let sent = proxy.received();
+        assert_eq!(users.get_user(get).await.unwrap().into_inner(), user);
+        if proxy.received() == sent {
+            break;
+        }
+        tried += 1;
+    }
+    assert!(
+        (1..=FAILURES).contains(&tried),
+        "{tried} reads tried Redis before the circuit opened"
+    );
+    assert_eq!(
+        health_of(&app, "redis", ServingStatus::NotServing).await,
+        ServingStatus::NotServing
+    );
+
+    // Thawed: with no call made, the readiness probe alone closes it.
+    proxy.thaw();
+    assert_eq!(
+        health_of(&app, "redis", ServingStatus::Serving).await,
+        ServingStatus::Serving
+    );
+    sqlx::query("UPDATE users SET display_name = 'behind the cache' WHERE id = $1")
+        .bind(user.id)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let sent = proxy.received();
+    assert_eq!(
+        users.get_user(get).await.unwrap().into_inner(),
+        user,
+        "a hit on the entry cached before the outage"
+    );
+    assert!(proxy.received() > sent);
+}
