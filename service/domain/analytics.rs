@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Datelike as _, Months, NaiveDate, Utc};
 use sqlx::PgPool;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     cache::{Cache, Family},
@@ -33,6 +34,10 @@ pub struct Analytics {
     /// Every other read.
     reads: Reads,
     cache: Cache,
+    /// Where a refresh's wait for the read replica runs, and what ends it
+    /// early (then cached answers are dropped at once).
+    tasks: TaskTracker,
+    stopping: CancellationToken,
 }
 
 /// How long a refresh waits for the read replica to replay it before cached
@@ -41,7 +46,23 @@ const REPLICA_CATCH_UP: Duration = Duration::from_secs(30);
 
 impl Analytics {
     pub fn new(db: PgPool, reads: Reads, cache: Cache) -> Self {
-        Self { db, reads, cache }
+        Self {
+            db,
+            reads,
+            cache,
+            tasks: TaskTracker::new(),
+            stopping: CancellationToken::new(),
+        }
+    }
+
+    /// Runs the replica waits on the application's tracker, ended by its
+    /// shutdown token, so that none outlives the application.
+    pub fn with_tasks(self, tasks: TaskTracker, stopping: CancellationToken) -> Self {
+        Self {
+            tasks,
+            stopping,
+            ..self
+        }
     }
 
     /// Top and zero-result queries over [start, end).
@@ -116,8 +137,14 @@ impl Analytics {
             return Ok(true);
         }
         let (db, reads, cache) = (self.db.clone(), self.reads.clone(), self.cache.clone());
-        tokio::spawn(async move {
-            match reads.catch_up(&db, REPLICA_CATCH_UP).await {
+        let stopping = self.stopping.clone();
+        self.tasks.spawn(async move {
+            let caught_up = tokio::select! {
+                caught_up = reads.catch_up(&db, REPLICA_CATCH_UP) => caught_up,
+                // Shutting down: drop the cached answers now rather than never.
+                () = stopping.cancelled() => Ok(true),
+            };
+            match caught_up {
                 Ok(true) => {}
                 Ok(false) => tracing::warn!(
                     timeout = ?REPLICA_CATCH_UP,

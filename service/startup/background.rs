@@ -12,6 +12,7 @@
 //! | analytics refresher | refreshes the sales view every interval | ends its refresh |
 //! | idempotency sweep | deletes idempotency keys past their retention, at start-up and every interval | ends its round |
 //! | outbox relay | applies the outbox (price history, profile deletes) to MongoDB | ends its pass |
+//! | replica catch-up | after an analytics refresh, waits for the read replica, then drops cached analytics | drops them at once |
 //! | metrics server | `/metrics` on its own port | stops accepting, ends open requests |
 //!
 //! The search log writer is not here: it must outlive the drain, so it has
@@ -26,6 +27,22 @@ use tonic_health::server::HealthReporter;
 use super::{Pools, health, services::Services};
 use crate::{config::Settings, documents::Mongo, metrics, outbox::OutboxRelay};
 
+/// The tracker every background task runs on, and the token that stops them;
+/// made first, so that the services can start tasks on it too.
+pub(super) struct Tasks {
+    pub tracker: TaskTracker,
+    pub stopping: CancellationToken,
+}
+
+impl Tasks {
+    pub fn new() -> Self {
+        Self {
+            tracker: TaskTracker::new(),
+            stopping: CancellationToken::new(),
+        }
+    }
+}
+
 pub(super) struct Background {
     tracker: TaskTracker,
     stopping: CancellationToken,
@@ -37,15 +54,13 @@ pub(super) struct Background {
 impl Background {
     /// Spawns every background task.
     pub fn start(
+        Tasks { tracker, stopping }: Tasks,
         settings: &Settings,
         pools: &Pools,
         services: &Services,
         health: HealthReporter,
         metrics_listener: TcpListener,
     ) -> Self {
-        let tracker = TaskTracker::new();
-        let stopping = CancellationToken::new();
-
         let readiness = tracker.spawn(health::watch_readiness(
             pools.db.clone(),
             pools.reads.clone(),

@@ -27,7 +27,10 @@ use tonic::{service::Routes, transport::Server};
 use tower::ServiceBuilder;
 
 pub use self::health::{LIVENESS_HEALTH, MONGODB_HEALTH, REDIS_HEALTH, REPLICA_HEALTH};
-use self::{background::Background, services::Services};
+use self::{
+    background::{Background, Tasks},
+    services::Services,
+};
 use crate::{
     auth::TokenStore,
     cache::Cache,
@@ -121,9 +124,10 @@ impl Application {
             pools,
         } = self;
         let (health, health_service) = health::start().await;
-        let services = Services::build(&settings, &pools, health_service)?;
+        let tasks = Tasks::new();
+        let services = Services::build(&settings, &pools, health_service, &tasks)?;
         let mut background =
-            Background::start(&settings, &pools, &services, health.clone(), metrics);
+            Background::start(tasks, &settings, &pools, &services, health.clone(), metrics);
         let Services {
             routes, search_log, ..
         } = services;

@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use tonic::{server::NamedService, service::Routes};
 use tonic_health::pb::health_server::{Health, HealthServer};
 
-use super::Pools;
+use super::{Pools, background::Tasks};
 use crate::{
     api::{
         admin::{AdminApi, AdminServiceServer},
@@ -72,6 +72,7 @@ impl Services {
         settings: &Settings,
         pools: &Pools,
         health: HealthServer<impl Health>,
+        tasks: &Tasks,
     ) -> anyhow::Result<Self> {
         let Pools {
             db,
@@ -102,7 +103,8 @@ impl Services {
         let prices = PriceHistory::new(db.clone(), cache.clone(), mongo.clone());
         let catalog = Catalog::new(db.clone(), cache.clone());
         let partitions = Partitions::new(db.clone(), settings.partitions.clone());
-        let analytics = Analytics::new(db.clone(), reads.clone(), cache.clone());
+        let analytics = Analytics::new(db.clone(), reads.clone(), cache.clone())
+            .with_tasks(tasks.tracker.clone(), tasks.stopping.clone());
         // Market analyses only read PostgreSQL.
         let analyses = MarketAnalyses::new(
             reads.pool().clone(),
