@@ -39,6 +39,7 @@ mod middleware;
 pub mod model;
 mod outbox;
 pub mod proto;
+mod retry;
 pub mod search_log;
 mod seed;
 pub mod startup;

@@ -20,6 +20,7 @@ use crate::{
     documents::{Mongo, price_history, profiles},
     error::Result,
     model::outbox::Change,
+    retry,
     store::outbox,
 };
 
@@ -58,9 +59,8 @@ impl OutboxRelay {
             }
         };
         loop {
-            if let Err(e) = self.drain().await {
-                tracing::warn!(error = ?e, "outbox relay pass failed; retrying");
-            }
+            // A failed pass keeps its rows; the next round applies them.
+            let _ = retry::background("the outbox relay", || self.drain()).await;
             let notified = async {
                 match listener.as_mut() {
                     Some(l) => {

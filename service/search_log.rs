@@ -19,15 +19,8 @@ use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::SearchLogSettings, model::search::SearchRecord, store::search::insert_records,
+    config::SearchLogSettings, model::search::SearchRecord, retry, store::search::insert_records,
 };
-
-/// Backoff between the attempts to write one batch.
-const RETRIES: [Duration; 3] = [
-    Duration::from_millis(100),
-    Duration::from_millis(500),
-    Duration::from_secs(2),
-];
 
 /// The handle searches record through; cheap to clone.
 #[derive(Clone)]
@@ -127,26 +120,15 @@ impl Writer {
         if batch.is_empty() {
             return;
         }
-        for (attempt, pause) in std::iter::once(Duration::ZERO).chain(RETRIES).enumerate() {
-            tokio::time::sleep(pause).await;
-            let result = async {
-                let mut conn = self.db.acquire().await?;
-                insert_records(&mut conn, batch).await
-            }
-            .await;
-            match result {
-                Ok(written) => {
-                    metrics::counter!("search_log_written_total").increment(written);
-                    batch.clear();
-                    return;
-                }
-                Err(error) => tracing::warn!(
-                    attempt = attempt + 1,
-                    records = batch.len(),
-                    error = ?error,
-                    "writing the search log failed"
-                ),
-            }
+        let written = retry::background("writing the search log", || async {
+            let mut conn = self.db.acquire().await?;
+            insert_records(&mut conn, batch).await
+        })
+        .await;
+        if let Ok(written) = written {
+            metrics::counter!("search_log_written_total").increment(written);
+            batch.clear();
+            return;
         }
         tracing::error!(
             records = batch.len(),

@@ -20,12 +20,13 @@
 
 use std::{future::Future, time::Duration};
 
+use backon::{ExponentialBuilder, Retryable as _};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic_health::server::HealthReporter;
 
 use super::{Pools, health, services::Services};
-use crate::{config::Settings, documents::Mongo, metrics, outbox::OutboxRelay};
+use crate::{config::Settings, documents::Mongo, metrics, outbox::OutboxRelay, retry};
 
 /// The tracker every background task runs on, and the token that stops them;
 /// made first, so that the services can start tasks on it too.
@@ -157,29 +158,29 @@ impl Background {
 }
 
 /// Creates the MongoDB indexes, retrying until it works (MongoDB may start
-/// after the service). Shutdown abandons an attempt in flight: creating an
-/// index is idempotent, and a MongoDB that is down must not hold it up.
+/// after the service): exponential backoff from 500 ms with jitter, capped
+/// at 30 s, without a limit on attempts. Shutdown abandons an attempt in
+/// flight: creating an index is idempotent, and a MongoDB that is down must
+/// not hold it up.
 async fn ensure_indexes(mongo: Mongo, stopping: CancellationToken) {
-    let mut pause = Duration::from_millis(500);
-    loop {
-        let attempt = tokio::select! {
-            () = stopping.cancelled() => return,
-            attempt = mongo.ensure_indexes() => attempt,
-        };
-        match attempt {
-            Ok(()) => return,
-            Err(e) => tracing::warn!(error = ?e, "creating MongoDB indexes failed; retrying"),
-        }
-        tokio::select! {
-            () = stopping.cancelled() => return,
-            () = tokio::time::sleep(pause) => {}
-        }
-        pause = (pause * 2).min(Duration::from_secs(30));
+    let until_created = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(Duration::from_secs(30))
+        .without_max_times()
+        .with_jitter();
+    let created = (|| mongo.ensure_indexes())
+        .retry(until_created)
+        .sleep(tokio::time::sleep)
+        .notify(|e, _| tracing::warn!(error = ?e, "creating MongoDB indexes failed; retrying"));
+    tokio::select! {
+        () = stopping.cancelled() => {}
+        _ = created => {}
     }
 }
 
 /// Runs `round` every `interval` (never if zero), first at start-up when
-/// `at_start`. A failed round is logged as `what` and retried at the next one.
+/// `at_start`. A failing round is retried under the background policy
+/// (`retry.rs`), then reported as `what` and tried again at the next round.
 async fn every<F, Fut, T>(
     what: &'static str,
     interval: Duration,
@@ -202,8 +203,9 @@ async fn every<F, Fut, T>(
             () = stopping.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        if let Err(e) = round().await {
-            tracing::error!(task = what, error = ?e, "{what} failed; retrying at the next interval");
+        tokio::select! {
+            () = stopping.cancelled() => return,
+            _ = retry::background(what, &mut round) => {}
         }
     }
 }
