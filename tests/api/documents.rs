@@ -5,18 +5,12 @@ use std::time::Duration;
 
 use datagate::proto::v1 as pb;
 use mongodb::bson::{Document, doc};
-use prost_types::{FieldMask, Timestamp};
+use prost_types::Timestamp;
 use tonic::Code;
 
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::helpers::{TestApp, assert_error, health_of, unique, violated_fields};
-
-fn mask(paths: &[&str]) -> Option<FieldMask> {
-    Some(FieldMask {
-        paths: paths.iter().map(|p| (*p).to_owned()).collect(),
-    })
-}
+use crate::support::{TestApp, api_test, assert_error, health_of, mask, unique, violated_fields};
 
 fn address(label: &str, primary: bool) -> pb::Address {
     pb::Address {
@@ -35,7 +29,7 @@ async fn user(app: &TestApp) -> pb::User {
     app.create_user(&email, &username).await
 }
 
-#[tokio::test]
+#[api_test]
 async fn profiles_start_empty_and_update_the_masked_fields_only() {
     let app = TestApp::spawn_with_mongo(|_| {}).await;
     let user = user(&app).await;
@@ -99,7 +93,7 @@ async fn profiles_start_empty_and_update_the_masked_fields_only() {
     assert_eq!(read.preferences, updated.preferences);
 }
 
-#[tokio::test]
+#[api_test]
 async fn profile_addresses_need_exactly_one_primary_and_at_most_five() {
     let app = TestApp::spawn_with_mongo(|_| {}).await;
     let user = user(&app).await;
@@ -168,7 +162,7 @@ where
     panic!("{what} did not happen within 10 s");
 }
 
-#[tokio::test]
+#[api_test]
 async fn deleting_a_user_deletes_the_profile() {
     let app = TestApp::spawn_with_mongo(|_| {}).await;
     let user = user(&app).await;
@@ -260,7 +254,7 @@ async fn history(
         .map(|r| r.into_inner())
 }
 
-#[tokio::test]
+#[api_test]
 async fn price_changes_are_measured_and_aggregated_per_day() {
     let app = TestApp::spawn_with_mongo(|_| {}).await;
     let product = app.create_product(1000, 1).await;
@@ -354,7 +348,7 @@ async fn price_changes_are_measured_and_aggregated_per_day() {
     }
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_full_bucket_overflows_into_a_new_one_for_the_same_day() {
     let app = TestApp::spawn_with_mongo(|s| s.mongodb.price_bucket_capacity = 3).await;
     let mut product = app.create_product(100, 1).await;
@@ -415,7 +409,7 @@ async fn a_full_bucket_overflows_into_a_new_one_for_the_same_day() {
     assert_eq!(prices, (100..=107).collect::<Vec<_>>());
 }
 
-#[tokio::test]
+#[api_test]
 async fn price_changes_wait_in_the_outbox_while_mongodb_is_unreachable() {
     // Nothing listens on port 9: every MongoDB operation fails fast.
     let app = TestApp::spawn_with(|s| {
@@ -448,7 +442,7 @@ async fn price_changes_wait_in_the_outbox_while_mongodb_is_unreachable() {
 
     // A replica that reaches MongoDB applies it.
     let mut settings = app.settings.clone();
-    crate::helpers::use_test_mongo(&mut settings);
+    let _mongo = crate::support::use_test_mongo(&mut settings);
     let replica = app.spawn_replica_with(settings).await;
     eventually("the outbox to drain", || {
         let db = app.db.clone();
@@ -472,7 +466,7 @@ async fn price_changes_wait_in_the_outbox_while_mongodb_is_unreachable() {
     assert_eq!(measured.measurements[0].price_cents, 2500);
 }
 
-#[tokio::test]
+#[api_test]
 async fn without_mongodb_the_document_features_say_so() {
     let app = TestApp::spawn().await;
     let user = user(&app).await;

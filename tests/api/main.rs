@@ -1,5 +1,7 @@
 //! Integration tests: the application through its gRPC front door, against
 //! a real PostgreSQL (one database per test, so tests run in parallel).
+//! Every test is an `#[api_test]` (a time limit and teardown around
+//! `#[tokio::test]`); the modules share only `support`.
 
 mod analytics;
 mod audit;
@@ -7,7 +9,6 @@ mod batching;
 mod cache;
 mod catalog;
 mod documents;
-mod helpers;
 mod market;
 mod orders;
 mod partitions;
@@ -16,5 +17,6 @@ mod replica;
 mod search;
 mod seed;
 mod server;
+mod support;
 mod teams;
 mod users;

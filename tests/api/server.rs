@@ -4,71 +4,19 @@
 use std::time::Duration;
 
 use datagate::proto::v1 as pb;
-use prost_types::FieldMask;
-use sqlx::PgPool;
 use tokio_stream::StreamExt as _;
 use tonic::{Code, Request, transport::Endpoint};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use crate::helpers::{TestApp, assert_error};
+use crate::support::{
+    RowLock, TestApp, api_test, assert_error, rename, wait_for_health, wait_for_lock_waiter,
+};
 
 const USER_SERVICE: &str = "datagate.v1.UserService";
 
-/// Holds a row lock on a user so that an UpdateUser of it blocks: a call
-/// that stays in flight for as long as the test wants.
-pub struct RowLock(sqlx::Transaction<'static, sqlx::Postgres>);
-
-impl RowLock {
-    pub async fn on_user(db: &PgPool, id: i64) -> Self {
-        let mut tx = db.begin().await.unwrap();
-        sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR UPDATE")
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        Self(tx)
-    }
-
-    pub async fn release(self) {
-        self.0.rollback().await.unwrap();
-    }
-}
-
-/// Waits until some statement in the app's database waits for a lock.
-pub async fn wait_for_lock_waiter(db: &PgPool) {
-    for _ in 0..200 {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(db)
-        .await
-        .unwrap();
-        if waiting > 0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("no call started waiting for the row lock");
-}
-
-pub fn rename(user: &pb::User, name: &str) -> pb::UpdateUserRequest {
-    pb::UpdateUserRequest {
-        id: user.id,
-        version: user.version,
-        user: Some(pb::UserPatch {
-            display_name: name.into(),
-            ..Default::default()
-        }),
-        update_mask: Some(FieldMask {
-            paths: vec!["display_name".into()],
-        }),
-    }
-}
-
-#[tokio::test]
+#[api_test]
 async fn a_call_without_a_token_is_unauthenticated() {
     let app = TestApp::spawn().await;
     let status = app
@@ -80,7 +28,7 @@ async fn a_call_without_a_token_is_unauthenticated() {
     assert_error(&status, Code::Unauthenticated, "MISSING_CREDENTIALS");
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_call_with_an_unknown_token_is_unauthenticated() {
     let app = TestApp::spawn().await;
     let status = app
@@ -92,7 +40,7 @@ async fn a_call_with_an_unknown_token_is_unauthenticated() {
     assert_error(&status, Code::Unauthenticated, "INVALID_CREDENTIALS");
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_caller_without_roles_can_use_the_user_service() {
     let app = TestApp::spawn().await;
     let status = app
@@ -108,7 +56,7 @@ async fn a_caller_without_roles_can_use_the_user_service() {
     );
 }
 
-#[tokio::test]
+#[api_test]
 async fn health_reports_serving_overall_and_per_service_without_a_token() {
     let app = TestApp::spawn().await;
     let mut health = HealthClient::new(app.channel().await);
@@ -125,30 +73,7 @@ async fn health_reports_serving_overall_and_per_service_without_a_token() {
     assert_eq!(unknown.code(), Code::NotFound);
 }
 
-async fn wait_for_health(
-    health: &mut HealthClient<tonic::transport::Channel>,
-    service: &str,
-    want: ServingStatus,
-) -> ServingStatus {
-    let mut last = ServingStatus::Unknown;
-    for _ in 0..100 {
-        if let Ok(response) = health
-            .check(HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-        {
-            last = response.into_inner().status();
-            if last == want {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    last
-}
-
-#[tokio::test]
+#[api_test]
 async fn reflection_v1_and_v1alpha_list_every_service() {
     use tonic_reflection::pb::{v1, v1alpha};
     let app = TestApp::spawn().await;
@@ -210,7 +135,7 @@ async fn reflection_v1_and_v1alpha_list_every_service() {
     );
 }
 
-#[tokio::test]
+#[api_test]
 async fn the_callers_request_id_is_returned_and_one_is_generated_otherwise() {
     let app = TestApp::spawn().await;
     let mut users = app.users().await;
@@ -276,7 +201,7 @@ async fn raw_call_status(
     (code, message)
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_call_past_the_callers_deadline_is_deadline_exceeded() {
     let app = TestApp::spawn().await;
     let user = app.create_user("slow@example.com", "slowpoke").await;
@@ -310,7 +235,7 @@ async fn a_call_past_the_callers_deadline_is_deadline_exceeded() {
     );
 }
 
-#[tokio::test]
+#[api_test]
 async fn the_server_bound_caps_a_longer_caller_deadline() {
     let app = TestApp::spawn_with(|s| s.server.request_timeout = Duration::from_millis(300)).await;
     let user = app.create_user("cap@example.com", "capped").await;
@@ -324,7 +249,7 @@ async fn the_server_bound_caps_a_longer_caller_deadline() {
     lock.release().await;
 }
 
-#[tokio::test]
+#[api_test]
 async fn an_oversized_request_is_rejected_without_reaching_the_handler() {
     let app = TestApp::spawn_with(|s| s.server.max_message_bytes = 2048).await;
     let status = app
@@ -347,7 +272,7 @@ async fn an_oversized_request_is_rejected_without_reaching_the_handler() {
     assert_eq!(count, 0);
 }
 
-#[tokio::test]
+#[api_test]
 async fn metrics_count_calls_by_method_and_code_and_show_pool_usage() {
     let app = TestApp::spawn().await;
     let mut users = app.users().await;
@@ -373,7 +298,7 @@ async fn metrics_count_calls_by_method_and_code_and_show_pool_usage() {
     }
 }
 
-#[tokio::test]
+#[api_test]
 async fn shutdown_reports_not_serving_refuses_new_calls_and_lets_in_flight_calls_finish() {
     let mut app = TestApp::spawn_with(|s| {
         s.server.shutdown_readiness_delay = Duration::from_millis(600);
@@ -445,7 +370,7 @@ async fn shutdown_reports_not_serving_refuses_new_calls_and_lets_in_flight_calls
         .expect("a clean shutdown");
 }
 
-#[tokio::test]
+#[api_test]
 async fn the_drain_bound_stops_a_server_whose_calls_never_finish() {
     let mut app =
         TestApp::spawn_with(|s| s.server.drain_timeout = Duration::from_millis(300)).await;
@@ -466,7 +391,7 @@ async fn the_drain_bound_stops_a_server_whose_calls_never_finish() {
     lock.release().await;
 }
 
-#[tokio::test]
+#[api_test]
 async fn with_sslmode_require_every_database_connection_is_encrypted() {
     let app = TestApp::spawn_with(|s| {
         let url = secrecy::ExposeSecret::expose_secret(&s.database.url).to_owned();
@@ -518,7 +443,7 @@ async fn idle_http2_connection(
     (client, task)
 }
 
-#[tokio::test]
+#[api_test]
 async fn connections_past_max_connection_age_are_closed_and_callers_reconnect() {
     let app =
         TestApp::spawn_with(|s| s.server.max_connection_age = Duration::from_millis(300)).await;
@@ -540,7 +465,7 @@ async fn connections_past_max_connection_age_are_closed_and_callers_reconnect() 
     }
 }
 
-#[tokio::test]
+#[api_test]
 async fn without_max_connection_age_an_idle_connection_stays_open() {
     let app = TestApp::spawn().await;
     let (_client, connection) = idle_http2_connection(app.addr).await;
