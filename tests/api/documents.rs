@@ -111,32 +111,39 @@ async fn profile_addresses_need_exactly_one_primary_and_at_most_five() {
         async move { users.update_user_profile(request).await }
     };
 
-    let none_primary = update(
-        vec![address("a", false), address("b", false)],
-        &["addresses"],
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(violated_fields(&none_primary), ["profile.addresses"]);
-    let two_primary = update(vec![address("a", true), address("b", true)], &["addresses"])
-        .await
-        .unwrap_err();
-    assert_eq!(violated_fields(&two_primary), ["profile.addresses"]);
-    let mut six: Vec<pb::Address> = (0..6).map(|i| address(&format!("a{i}"), i == 0)).collect();
-    let too_many = update(six.clone(), &["addresses"]).await.unwrap_err();
-    assert_eq!(violated_fields(&too_many), ["profile.addresses"]);
-    six.truncate(5);
-    six[1].country = "Portugal".into();
-    six[2].city = String::new();
-    let bad_fields = update(six, &["addresses"]).await.unwrap_err();
-    assert_eq!(
-        violated_fields(&bad_fields),
-        ["profile.addresses[1].country", "profile.addresses[2].city"]
-    );
-    let unknown_path = update(vec![], &["nickname"]).await.unwrap_err();
-    assert_eq!(violated_fields(&unknown_path), ["update_mask"]);
-    let no_mask = update(vec![], &[]).await.unwrap_err();
-    assert_eq!(violated_fields(&no_mask), ["update_mask"]);
+    let six: Vec<pb::Address> = (0..6).map(|i| address(&format!("a{i}"), i == 0)).collect();
+    let mut five_with_bad_fields = six[..5].to_vec();
+    five_with_bad_fields[1].country = "Portugal".into();
+    five_with_bad_fields[2].city = String::new();
+    // (case, addresses, update mask, violated fields)
+    type Names = &'static [&'static str];
+    let cases: [(&str, Vec<pb::Address>, Names, Names); 6] = [
+        (
+            "no primary",
+            vec![address("a", false), address("b", false)],
+            &["addresses"],
+            &["profile.addresses"],
+        ),
+        (
+            "two primaries",
+            vec![address("a", true), address("b", true)],
+            &["addresses"],
+            &["profile.addresses"],
+        ),
+        ("six addresses", six, &["addresses"], &["profile.addresses"]),
+        (
+            "bad fields",
+            five_with_bad_fields,
+            &["addresses"],
+            &["profile.addresses[1].country", "profile.addresses[2].city"],
+        ),
+        ("unknown path", vec![], &["nickname"], &["update_mask"]),
+        ("no mask", vec![], &[], &["update_mask"]),
+    ];
+    for (case, addresses, paths, fields) in cases {
+        let status = update(addresses, paths).await.unwrap_err();
+        assert_eq!(violated_fields(&status), fields, "{case}");
+    }
     // An empty list is allowed: it removes every address.
     update(vec![], &["addresses"]).await.unwrap();
 

@@ -155,50 +155,41 @@ async fn malformed_orders_are_invalid_with_one_violation_per_problem() {
     let user = customer(&app).await;
     let mut orders = app.orders().await;
 
-    let status = orders
-        .create_order(order_request(user.id, vec![]))
-        .await
-        .unwrap_err();
-    assert_eq!(violated_fields(&status), ["items"]);
-
-    let status = orders
-        .create_order(order_request(
-            user.id,
-            vec![line(1, 0), line(2, -3), line(3, 1001)],
-        ))
-        .await
-        .unwrap_err();
-    assert_eq!(
-        violated_fields(&status),
-        [
-            "items[0].quantity",
-            "items[1].quantity",
-            "items[2].quantity"
-        ]
-    );
-
-    let status = orders
-        .create_order(order_request(user.id, vec![line(7, 1), line(7, 2)]))
-        .await
-        .unwrap_err();
-    assert_eq!(violated_fields(&status), ["items[1].product_id"]);
-
-    let oversized: Vec<pb::OrderLine> = (1..=51).map(|p| line(p, 1)).collect();
-    let status = orders
-        .create_order(order_request(user.id, oversized))
-        .await
-        .unwrap_err();
-    assert_eq!(violated_fields(&status), ["items"]);
-
-    let status = orders
-        .create_order(pb::CreateOrderRequest {
-            user_id: 0,
-            items: vec![line(1, 1)],
-            request_id: "has space".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(violated_fields(&status), ["request_id", "user_id"]);
+    let cases: [(&str, pb::CreateOrderRequest, &[&str]); 5] = [
+        ("no lines", order_request(user.id, vec![]), &["items"]),
+        (
+            "quantities out of range",
+            order_request(user.id, vec![line(1, 0), line(2, -3), line(3, 1001)]),
+            &[
+                "items[0].quantity",
+                "items[1].quantity",
+                "items[2].quantity",
+            ],
+        ),
+        (
+            "a product twice",
+            order_request(user.id, vec![line(7, 1), line(7, 2)]),
+            &["items[1].product_id"],
+        ),
+        (
+            "too many lines",
+            order_request(user.id, (1..=51).map(|p| line(p, 1)).collect()),
+            &["items"],
+        ),
+        (
+            "no user and a bad request id",
+            pb::CreateOrderRequest {
+                user_id: 0,
+                items: vec![line(1, 1)],
+                request_id: "has space".into(),
+            },
+            &["request_id", "user_id"],
+        ),
+    ];
+    for (case, request, fields) in cases {
+        let status = orders.create_order(request).await.unwrap_err();
+        assert_eq!(violated_fields(&status), fields, "{case}");
+    }
 }
 
 #[api_test]

@@ -16,28 +16,26 @@ use crate::support::{
 
 const USER_SERVICE: &str = "datagate.v1.UserService";
 
-#[api_test]
-async fn a_call_without_a_token_is_unauthenticated() {
+/// Asserts that a GetUser with `token` is UNAUTHENTICATED with `reason`.
+async fn assert_unauthenticated(token: Option<&str>, reason: &str) {
     let app = TestApp::spawn().await;
     let status = app
-        .users_as(None)
+        .users_as(token)
         .await
         .get_user(pb::GetUserRequest { id: 1 })
         .await
         .unwrap_err();
-    assert_error(&status, Code::Unauthenticated, "MISSING_CREDENTIALS");
+    assert_error(&status, Code::Unauthenticated, reason);
+}
+
+#[api_test]
+async fn a_call_without_a_token_is_unauthenticated() {
+    assert_unauthenticated(None, "MISSING_CREDENTIALS").await;
 }
 
 #[api_test]
 async fn a_call_with_an_unknown_token_is_unauthenticated() {
-    let app = TestApp::spawn().await;
-    let status = app
-        .users_as(Some("dg_not-a-configured-token"))
-        .await
-        .get_user(pb::GetUserRequest { id: 1 })
-        .await
-        .unwrap_err();
-    assert_error(&status, Code::Unauthenticated, "INVALID_CREDENTIALS");
+    assert_unauthenticated(Some("dg_not-a-configured-token"), "INVALID_CREDENTIALS").await;
 }
 
 #[api_test]

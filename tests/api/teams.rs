@@ -127,17 +127,13 @@ async fn membership_errors_name_what_is_missing_or_duplicated() {
         .unwrap_err();
     assert_error(&status, Code::AlreadyExists, "TEAM_MEMBER_ALREADY_EXISTS");
 
-    let status = users
-        .add_team_member(add(424_242, user.id))
-        .await
-        .unwrap_err();
-    assert_error(&status, Code::NotFound, "TEAM_NOT_FOUND");
-
-    let status = users
-        .add_team_member(add(team.id, 424_242))
-        .await
-        .unwrap_err();
-    assert_error(&status, Code::NotFound, "USER_NOT_FOUND");
+    for (request, reason) in [
+        (add(424_242, user.id), "TEAM_NOT_FOUND"),
+        (add(team.id, 424_242), "USER_NOT_FOUND"),
+    ] {
+        let status = users.add_team_member(request).await.unwrap_err();
+        assert_error(&status, Code::NotFound, reason);
+    }
 
     let status = users
         .remove_team_member(pb::RemoveTeamMemberRequest {

@@ -70,38 +70,42 @@ async fn get_user_with_a_non_positive_id_is_invalid() {
     assert_eq!(violated_fields(&status), ["id"]);
 }
 
-#[api_test]
-async fn a_duplicate_email_in_any_case_is_already_exists() {
+/// Creates the user `existing` (email, username), then asserts that
+/// creating `second` is refused as ALREADY_EXISTS with `reason`.
+async fn assert_second_user_refused(existing: (&str, &str), second: (&str, &str), reason: &str) {
     let app = TestApp::spawn().await;
-    app.create_user("grace@example.com", "grace").await;
+    app.create_user(existing.0, existing.1).await;
     let status = app
         .users()
         .await
         .create_user(pb::CreateUserRequest {
-            email: "GRACE@example.com".into(),
-            username: "grace2".into(),
+            email: second.0.into(),
+            username: second.1.into(),
             ..Default::default()
         })
         .await
         .unwrap_err();
-    assert_error(&status, Code::AlreadyExists, "EMAIL_ALREADY_EXISTS");
+    assert_error(&status, Code::AlreadyExists, reason);
+}
+
+#[api_test]
+async fn a_duplicate_email_in_any_case_is_already_exists() {
+    assert_second_user_refused(
+        ("grace@example.com", "grace"),
+        ("GRACE@example.com", "grace2"),
+        "EMAIL_ALREADY_EXISTS",
+    )
+    .await;
 }
 
 #[api_test]
 async fn a_duplicate_username_is_already_exists() {
-    let app = TestApp::spawn().await;
-    app.create_user("one@example.com", "samename").await;
-    let status = app
-        .users()
-        .await
-        .create_user(pb::CreateUserRequest {
-            email: "two@example.com".into(),
-            username: "SameName".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_error(&status, Code::AlreadyExists, "USERNAME_ALREADY_EXISTS");
+    assert_second_user_refused(
+        ("one@example.com", "samename"),
+        ("two@example.com", "SameName"),
+        "USERNAME_ALREADY_EXISTS",
+    )
+    .await;
 }
 
 #[api_test]
@@ -196,23 +200,16 @@ async fn batch_get_with_a_missing_id_fails_naming_it_unless_told_to_skip() {
 async fn batch_get_rejects_oversized_batches_and_bad_ids() {
     let app = TestApp::spawn().await;
     let mut users = app.users().await;
-    let status = users
-        .batch_get_users(pb::BatchGetUsersRequest {
-            ids: (1..=101).collect(),
-            skip_missing: true,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(violated_fields(&status), ["ids"]);
-
-    let status = users
-        .batch_get_users(pb::BatchGetUsersRequest {
-            ids: vec![1, -4],
-            skip_missing: true,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(violated_fields(&status), ["ids[1]"]);
+    for (ids, field) in [((1..=101).collect(), "ids"), (vec![1, -4], "ids[1]")] {
+        let status = users
+            .batch_get_users(pb::BatchGetUsersRequest {
+                ids,
+                skip_missing: true,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(violated_fields(&status), [field]);
+    }
 }
 
 #[api_test]
@@ -443,41 +440,42 @@ async fn update_user_rejects_bad_masks_and_values() {
     let user = app.create_user("mask@example.com", "masker").await;
     let mut users = app.users().await;
 
-    let status = users
-        .update_user(pb::UpdateUserRequest {
-            id: user.id,
-            version: user.version,
-            user: Some(pb::UserPatch::default()),
-            update_mask: None,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(violated_fields(&status), ["update_mask"]);
-
-    let status = users
-        .update_user(pb::UpdateUserRequest {
-            id: user.id,
-            version: user.version,
-            user: Some(pb::UserPatch {
-                email: "broken".into(),
-                ..Default::default()
-            }),
-            update_mask: mask(&["email", "id"]),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(violated_fields(&status), ["update_mask", "user.email"]);
-
-    let status = users
-        .update_user(pb::UpdateUserRequest {
-            id: user.id,
-            version: 0,
-            user: Some(pb::UserPatch::default()),
-            update_mask: mask(&["display_name"]),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(violated_fields(&status), ["version"]);
+    let cases: [(pb::UpdateUserRequest, &[&str]); 3] = [
+        (
+            pb::UpdateUserRequest {
+                id: user.id,
+                version: user.version,
+                user: Some(pb::UserPatch::default()),
+                update_mask: None,
+            },
+            &["update_mask"],
+        ),
+        (
+            pb::UpdateUserRequest {
+                id: user.id,
+                version: user.version,
+                user: Some(pb::UserPatch {
+                    email: "broken".into(),
+                    ..Default::default()
+                }),
+                update_mask: mask(&["email", "id"]),
+            },
+            &["update_mask", "user.email"],
+        ),
+        (
+            pb::UpdateUserRequest {
+                id: user.id,
+                version: 0,
+                user: Some(pb::UserPatch::default()),
+                update_mask: mask(&["display_name"]),
+            },
+            &["version"],
+        ),
+    ];
+    for (request, fields) in cases {
+        let status = users.update_user(request.clone()).await.unwrap_err();
+        assert_eq!(violated_fields(&status), fields, "{request:?}");
+    }
 }
 
 #[api_test]
