@@ -56,7 +56,7 @@ pub async fn run<F: Future>(test: &str, limit: Option<Duration>, body: F) -> F::
 }
 
 /// `future`'s output, or None once `limit` has passed on the wall clock.
-pub async fn within<F: Future>(limit: Duration, future: F) -> Option<F::Output> {
+async fn within<F: Future>(limit: Duration, future: F) -> Option<F::Output> {
     let (expired_tx, expired_rx) = tokio::sync::oneshot::channel::<()>();
     // Dropping `finished` wakes the timer thread, which then exits.
     let (finished, timer) = std::sync::mpsc::channel::<()>();
