@@ -134,7 +134,7 @@ impl TestApp {
             .expect("test pool");
         let shutdown = CancellationToken::new();
         let server = tokio::spawn(app.run_until_stopped(shutdown.clone().cancelled_owned()));
-        Self {
+        let app = Self {
             addr,
             metrics_addr,
             db,
@@ -144,7 +144,28 @@ impl TestApp {
             shutdown,
             server: Some(server),
             _databases: databases,
+        };
+        app.wait_for_first_readiness_check().await;
+        app
+    }
+
+    /// Waits until the app's readiness watcher has checked its dependencies
+    /// once and registered a health entry per service (SERVING or not), as
+    /// a load balancer waits for a new replica; until then a per-service
+    /// health check answers NOT_FOUND.
+    async fn wait_for_first_readiness_check(&self) {
+        use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+        let mut health = HealthClient::new(self.channel().await);
+        for _ in 0..500 {
+            let check = HealthCheckRequest {
+                service: "datagate.v1.UserService".into(),
+            };
+            if health.check(check).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        panic!("the app registered no health entries within 10 s");
     }
 
     /// This app's MongoDB database, for arranging and checking documents.
