@@ -1,5 +1,7 @@
 # The few verbs people need. `make run` and `make test` work on a fresh
 # machine: scripts/dev-env.sh installs and starts what is missing.
+# `. scripts/lib.sh && dev_env_up` starts it and exports its environment; a
+# failure there stops the target.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 .PHONY: help run test lint smoke bench-n1 bench-cache bench-search bench-analytics bench bench-quick env-up env-down
@@ -20,19 +22,19 @@ lint: ## rustfmt, clippy (warnings are errors), the layering rule, and the deplo
 	scripts/check-deploy.sh
 
 smoke: ## only the grpcurl smoke test
-	@dev_env=$$(scripts/dev-env.sh up) && eval "$$dev_env" && scripts/smoke.sh
+	@. scripts/lib.sh && dev_env_up && scripts/smoke.sh
 
 bench-n1: ## ListUsersWithOrders, batched loaders vs the naive per-user path (release build)
-	@dev_env=$$(scripts/dev-env.sh up) && eval "$$dev_env" && cargo bench --bench list_users_with_orders
+	@. scripts/lib.sh && dev_env_up && cargo bench --bench list_users_with_orders
 
 bench-cache: ## GetUser cache hit vs miss and a Zipf hit ratio (release build)
-	@dev_env=$$(scripts/dev-env.sh up) && eval "$$dev_env" && cargo bench --bench cache
+	@. scripts/lib.sh && dev_env_up && cargo bench --bench cache
 
 bench-search: ## SearchProducts over one million products, uncached and cached (release build)
-	@dev_env=$$(scripts/dev-env.sh up) && eval "$$dev_env" && cargo bench --bench search
+	@. scripts/lib.sh && dev_env_up && cargo bench --bench search
 
 bench-analytics: ## GetCategoryMetrics and GetRevenueTrend over two million orders (release build)
-	@dev_env=$$(scripts/dev-env.sh up) && eval "$$dev_env" && cargo bench --bench analytics
+	@. scripts/lib.sh && dev_env_up && cargo bench --bench analytics
 
 bench: ## The standard suite: the release service on a generated dataset, driven by datagate-bench (under 15 min, a cold release build included)
 	@scripts/bench-load.sh full

@@ -17,28 +17,20 @@
 # every run (CREATE DATABASE ... TEMPLATE takes seconds), so each run starts
 # from the same rows.
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 MODE=${1:-quick}
 case "$MODE" in
   quick) CONCURRENCY=1,4; DURATION=1s; WARMUP=300ms; USERS=6000; OUT=bench/results/quick; QUERY=widget ;;
   full) CONCURRENCY=1,4,16; DURATION=6s; WARMUP=1s; USERS=3000; OUT=bench/results; QUERY="wireless speaker" ;;
   *) echo "usage: $0 quick|full" >&2; exit 2 ;;
 esac
-# Assigned first, so that a failure stops this script (set -e) instead of
-# being hidden inside eval.
-DEV_ENV=$(scripts/dev-env.sh up)
-eval "$DEV_ENV"
+dev_env_up
 
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}/release
 echo "bench: building the release binaries" >&2
 cargo build --release --quiet --bin datagate --bin datagate-bench
-PSQL=$(command -v psql || ls /usr/lib/postgresql/*/bin/psql 2>/dev/null | sort -V | tail -n 1)
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+need_psql
 
-base=${DATABASE_URL%%\?*}
-query=${DATABASE_URL#"$base"}
-db_url() { echo "${base%/*}/$1$query"; }
 DB=datagate_load_$$
 DB_URL=$(db_url "$DB")
 LOG=$(mktemp)
@@ -47,6 +39,7 @@ cleanup() {
   [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null || true
   "$PSQL" "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 || true
   "$PSQL" "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS ${DB}_pgbench WITH (FORCE)" >/dev/null 2>&1 || true
+  [ -z "${MONGODB_URL:-}" ] || drop_mongo_database "$MONGODB_URL" "$DB"
   rm -f "$LOG"
 }
 trap cleanup EXIT
@@ -104,7 +97,7 @@ done
 REDIS_HOSTPORT=${REDIS_URL#redis://}
 REDIS_HOSTPORT=${REDIS_HOSTPORT%%/*}
 export DATAGATE_BENCH_REDIS=$REDIS_HOSTPORT
-command -v pgbench >/dev/null && export DATAGATE_BENCH_PGBENCH_URL="${base%/*}/${DB}_pgbench$query"
+command -v pgbench >/dev/null && export DATAGATE_BENCH_PGBENCH_URL=$(db_url "${DB}_pgbench")
 "$TARGET/datagate-bench" --addr "http://127.0.0.1:$PORT" --token "$TOKEN" \
   --concurrency "$CONCURRENCY" --duration "$DURATION" --warmup "$WARMUP" \
   --users "$USERS" --query "$QUERY" --service-pid "$SERVER_PID" --out "$OUT"

@@ -19,10 +19,7 @@
 # that cannot be installed fails the run if it is required (1-3) and is
 # reported as skipped otherwise (4, 5). Exits non-zero on any failure.
 set -euo pipefail
-
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
-STATE=${DATAGATE_DEV_DIR:-$ROOT/.dev}
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 VENV=$STATE/venv
 # The oldest Kubernetes the manifests are written for (grpc probes are GA
 # since 1.27; matchLabelKeys and unhealthyPodEvictionPolicy are on by

@@ -3,23 +3,18 @@
 # then run datagate in the foreground with a development token, after
 # printing grpcurl commands to try.
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
-STATE=${DATAGATE_DEV_DIR:-$ROOT/.dev}
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 given_url=${DATABASE_URL:-}
-# Assigned first, so that a failure stops this script (set -e) instead of
-# being hidden inside eval.
-DEV_ENV=$(scripts/dev-env.sh up)
-eval "$DEV_ENV"
+dev_env_up
 
 if [ -n "$given_url" ]; then
   DB_URL=$given_url                      # the caller's database, used as is
 else
-  PSQL=$(command -v psql || ls /usr/lib/postgresql/*/bin/psql | sort -V | tail -n 1)
+  need_psql
   if [ -z "$("$PSQL" "$DATABASE_URL" -tAc "SELECT 1 FROM pg_database WHERE datname = 'datagate_dev'")" ]; then
     "$PSQL" "$DATABASE_URL" -qc "CREATE DATABASE datagate_dev"
   fi
-  DB_URL="${DATABASE_URL%/*}/datagate_dev"
+  DB_URL=$(db_url datagate_dev)
 fi
 
 cargo build --bin datagate

@@ -4,13 +4,12 @@
 # checks that a call without a token is refused, and that SIGTERM exits 0.
 # Expects the environment of `scripts/dev-env.sh up` (make test provides it).
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 : "${DATABASE_URL:?run through make test, or export the output of scripts/dev-env.sh up}"
 
 BIN=${CARGO_TARGET_DIR:-$ROOT/target}/debug/datagate
 cargo build --quiet --bin datagate
-PSQL=$(command -v psql || ls /usr/lib/postgresql/*/bin/psql 2>/dev/null | sort -V | tail -n 1)
+need_psql
 PYTHON=$(command -v python3)
 
 passed=0
@@ -22,20 +21,19 @@ check() { # description, command...
 }
 
 DB=datagate_smoke_$$
-base=${DATABASE_URL%%\?*}
-query=${DATABASE_URL#"$base"}
-DB_URL="${base%/*}/$DB$query"
+DB_URL=$(db_url "$DB")
 "$PSQL" "$DATABASE_URL" -qc "CREATE DATABASE $DB" >/dev/null
 LOG=$(mktemp)
 SERVER_PID=
 cleanup() {
   [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null || true
   "$PSQL" "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 || true
+  # The server is stopped by now (SIGTERM above, or the kill before).
+  [ -z "${MONGODB_URL:-}" ] || drop_mongo_database "$MONGODB_URL" "$DB"
   rm -f "$LOG"
 }
 trap cleanup EXIT
 
-free_port() { "$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 PORT=$(free_port)
 ADDR=127.0.0.1:$PORT
 token_out=$("$BIN" token new --caller smoke --role admin)

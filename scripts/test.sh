@@ -2,11 +2,7 @@
 # `make test`: start the databases (scripts/dev-env.sh), then the unit and
 # integration tests, then the grpcurl smoke test. `make lint` runs first.
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
-# Assigned first, so that a failure stops this script (set -e) instead of
-# being hidden inside eval.
-DEV_ENV=$(scripts/dev-env.sh up)
-eval "$DEV_ENV"
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+dev_env_up
 cargo test
 scripts/smoke.sh

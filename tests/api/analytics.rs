@@ -7,7 +7,7 @@ use datagate::{
     config::PartitionSettings, domain::partitions::Partitions, proto::v1 as pb, store::search,
 };
 
-use crate::helpers::{TestApp, violated_fields};
+use crate::support::{TestApp, api_test, violated_fields};
 
 fn at(s: &str) -> DateTime<Utc> {
     s.parse().unwrap()
@@ -52,7 +52,7 @@ fn logged(query: &'static str, user_id: Option<i64>, results: i32, at: &'static 
     }
 }
 
-#[tokio::test]
+#[api_test]
 async fn insights_count_first_page_searches_inside_the_window() {
     let app = TestApp::spawn().await;
     partitions_from_july(&app).await;
@@ -185,7 +185,7 @@ fn relations(plan: &serde_json::Value, found: &mut BTreeSet<String>) {
     }
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_one_month_window_scans_only_that_months_partition() {
     let app = TestApp::spawn().await;
     partitions_from_july(&app).await;
@@ -233,7 +233,7 @@ async fn a_one_month_window_scans_only_that_months_partition() {
     );
 }
 
-#[tokio::test]
+#[api_test]
 async fn insight_windows_must_be_given_ordered_and_at_most_a_year() {
     let app = TestApp::spawn().await;
     let mut client = app.analytics().await;
@@ -346,12 +346,12 @@ fn median(mut values: Vec<f64>) -> f64 {
     }
 }
 
-#[tokio::test]
+#[api_test]
 async fn category_metrics_and_the_revenue_trend_match_figures_computed_from_the_rows() {
     let app = TestApp::spawn().await;
     let now = Utc::now();
     let days = |n: i64| now - chrono::Duration::days(n);
-    let (email, username) = crate::helpers::unique("analyst");
+    let (email, username) = crate::support::unique("analyst");
     let user = app.create_user(&email, &username).await;
 
     // (category, price cents, rating, listed days ago)
@@ -391,7 +391,7 @@ async fn category_metrics_and_the_revenue_trend_match_figures_computed_from_the_
         .refresh_analytics(pb::RefreshAnalyticsRequest {})
         .await
         .unwrap_err();
-    crate::helpers::assert_error(
+    crate::support::assert_error(
         &refused,
         tonic::Code::PermissionDenied,
         "ADMIN_ROLE_REQUIRED",
@@ -524,14 +524,14 @@ async fn category_metrics_and_the_revenue_trend_match_figures_computed_from_the_
     assert_eq!(trend[0].growth_rate, None);
 }
 
-#[tokio::test]
+#[api_test]
 async fn analytics_answers_are_cached_until_the_sales_view_is_refreshed() {
     let app = TestApp::spawn().await;
     assert!(
         !secrecy::ExposeSecret::expose_secret(&app.settings.redis.url).is_empty(),
         "this test needs REDIS_URL (`make test` sets it)"
     );
-    let (email, username) = crate::helpers::unique("cached");
+    let (email, username) = crate::support::unique("cached");
     let user = app.create_user(&email, &username).await;
     let product = listed(&app, "kitchen", 1000, 4.0, Utc::now()).await;
     ordered(
@@ -548,7 +548,7 @@ async fn analytics_answers_are_cached_until_the_sales_view_is_refreshed() {
         .await
         .unwrap();
     let mut analytics = app.analytics().await;
-    let revenue = |analytics: &mut crate::helpers::AnalyticsClient| {
+    let revenue = |analytics: &mut crate::support::AnalyticsClient| {
         let mut analytics = analytics.clone();
         async move {
             analytics
@@ -587,7 +587,7 @@ async fn analytics_answers_are_cached_until_the_sales_view_is_refreshed() {
     assert_eq!(revenue(&mut analytics).await, 3000);
 }
 
-#[tokio::test]
+#[api_test]
 async fn analytics_requests_are_validated() {
     let app = TestApp::spawn().await;
     let mut analytics = app.analytics().await;

@@ -4,7 +4,7 @@
 use datagate::proto::v1 as pb;
 use tonic::{Code, Request};
 
-use crate::helpers::{TestApp, unique};
+use crate::support::{TestApp, api_test, unique};
 
 /// A request carrying an `x-request-id` of the test's choosing.
 fn with_id<T>(message: T, request_id: &str) -> Request<T> {
@@ -44,7 +44,7 @@ fn summary(rows: &[AuditRow]) -> Vec<(&str, i64, &str)> {
         .collect()
 }
 
-#[tokio::test]
+#[api_test]
 async fn user_writes_are_audited_with_caller_and_request_id_and_no_password_hash() {
     let app = TestApp::spawn().await;
     let mut users = app.users().await;
@@ -117,7 +117,7 @@ async fn user_writes_are_audited_with_caller_and_request_id_and_no_password_hash
     assert!(!rows[0].new_values.as_ref().unwrap()["deleted_at"].is_null());
 }
 
-#[tokio::test]
+#[api_test]
 async fn product_and_inventory_writes_are_audited() {
     let app = TestApp::spawn().await;
     let mut catalog = app.catalog().await;
@@ -228,7 +228,7 @@ async fn product_and_inventory_writes_are_audited() {
     assert_eq!(updated.version, product.version + 1);
 }
 
-#[tokio::test]
+#[api_test]
 async fn order_writes_are_audited_with_their_items_and_stock() {
     let app = TestApp::spawn().await;
     let (email, username) = unique("auditbuyer");
@@ -290,7 +290,7 @@ async fn order_writes_are_audited_with_their_items_and_stock() {
     assert_eq!(rows[1].new_values.as_ref().unwrap()["status"], "cancelled");
 }
 
-#[tokio::test]
+#[api_test]
 async fn writes_made_outside_the_service_are_audited_with_the_database_role() {
     let app = TestApp::spawn().await;
     let product = app.create_product(100, 1).await;

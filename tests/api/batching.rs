@@ -17,7 +17,7 @@ use datagate::{
 use secrecy::SecretString;
 use sqlx::PgPool;
 
-use crate::{helpers::TestApp, server::wait_for_lock_waiter};
+use crate::support::{TestApp, api_test, wait_for_lock_waiter};
 
 #[path = "../../benches/support/naive.rs"]
 mod naive;
@@ -63,7 +63,7 @@ fn page(size: i32) -> PageRequest {
     }
 }
 
-#[tokio::test]
+#[api_test]
 async fn list_users_with_orders_runs_the_same_few_statements_for_10_and_100_users() {
     let app = TestApp::spawn().await;
     seed(&app.db, 100).await;
@@ -94,7 +94,7 @@ async fn list_users_with_orders_runs_the_same_few_statements_for_10_and_100_user
     assert!(counts[0] <= 5, "page query + at most 4: {}", counts[0]);
 }
 
-#[tokio::test]
+#[api_test]
 async fn the_naive_per_user_path_trips_the_n_plus_one_detector() {
     let app = TestApp::spawn().await;
     seed(&app.db, 10).await;
@@ -157,7 +157,7 @@ async fn the_naive_per_user_path_trips_the_n_plus_one_detector() {
     assert_eq!(summary(&batched.items), summary(&naive));
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_missing_key_is_not_found_for_that_key_only() {
     let app = TestApp::spawn().await;
     let user = app.create_user("loaded@example.com", "loaded").await;
@@ -173,7 +173,7 @@ async fn a_missing_key_is_not_found_for_that_key_only() {
     );
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_failed_batch_reaches_every_waiter() {
     let app = TestApp::spawn().await;
     // A closed pool: every acquire fails, as with a database that is down.
@@ -192,7 +192,7 @@ async fn a_failed_batch_reaches_every_waiter() {
     }
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_caller_cancelled_mid_batch_does_not_break_the_other_waiters() {
     let app = TestApp::spawn().await;
     let first = app.create_product(100, 1).await;

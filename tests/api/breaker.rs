@@ -25,10 +25,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::{
-    helpers::{TestApp, health_of, unique},
-    observe::wait_until,
-};
+use crate::support::{TestApp, api_test, health_of, observe::wait_until, unique};
 
 /// A proxy to the test Redis; its tasks end when it is dropped.
 struct RedisProxy {
@@ -142,7 +139,7 @@ async fn pipe(
     reader.abort();
 }
 
-#[tokio::test]
+#[api_test]
 async fn the_breaker_opens_after_n_failures_and_the_first_probe_after_the_open_period_closes_it() {
     const FAILURES: u32 = 3;
     let proxy = RedisProxy::start().await;
@@ -223,7 +220,7 @@ async fn the_breaker_opens_after_n_failures_and_the_first_probe_after_the_open_p
     );
 }
 
-#[tokio::test]
+#[api_test]
 async fn through_the_front_door_a_frozen_redis_turns_the_redis_entry_not_serving_until_a_probe_succeeds()
  {
     const FAILURES: u32 = 3;

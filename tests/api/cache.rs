@@ -5,7 +5,6 @@
 
 use std::{
     collections::HashSet,
-    process::Stdio,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -19,18 +18,16 @@ use datagate::{
     proto::v1 as pb,
 };
 use prost_types::FieldMask;
-use tokio::process::{Child, Command};
 use tonic::Code;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use crate::helpers::{TestApp, assert_error, health_of, redis_cluster_connection, unique};
-
-pub fn redis_url() -> String {
-    std::env::var("REDIS_URL")
-        .expect("set REDIS_URL to a Redis the tests may use (`make test` does)")
-}
+use crate::support::{
+    TestApp, api_test, assert_error, health_of,
+    redis::{OwnCluster, OwnRedis, redis_cluster_connection, redis_cluster_urls, redis_url},
+    unique,
+};
 
 fn mask(path: &str) -> Option<FieldMask> {
     Some(FieldMask {
@@ -60,7 +57,7 @@ async fn sneak(app: &TestApp, sql: &str, id: i64) {
     sqlx::query(sql).bind(id).execute(&app.db).await.unwrap();
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_read_after_a_miss_is_served_from_the_cache() {
     let app = TestApp::spawn().await;
     let (email, username) = unique("cached");
@@ -72,7 +69,7 @@ async fn a_read_after_a_miss_is_served_from_the_cache() {
             "cache_misses_total",
             "cache_fills_total",
         ]
-        .map(|name| crate::observe::series(&scrape, name, &[("entity", "user")]))
+        .map(|name| crate::support::observe::series(&scrape, name, &[("entity", "user")]))
     };
     let before = counters().await;
 
@@ -106,12 +103,12 @@ async fn a_read_after_a_miss_is_served_from_the_cache() {
     }
     // Gauges are process-wide too: another app's scrape may set one between
     // this app's setting and rendering it, so poll instead of trusting one.
-    crate::observe::wait_until("a hit rate of 0.5", Duration::from_secs(5), async || {
+    crate::support::observe::wait_until("a hit rate of 0.5", Duration::from_secs(5), async || {
         app.metric("cache_hit_rate", &[("entity", "user")]).await == 0.5
     })
     .await;
     let metrics = app.metrics().await;
-    let gauge = |name, labels| crate::observe::series(&metrics, name, labels);
+    let gauge = |name, labels| crate::support::observe::series(&metrics, name, labels);
     assert_eq!(
         gauge("connection_pool_max", &[("pool", "redis")]),
         app.settings.redis.pool_size as f64
@@ -120,7 +117,7 @@ async fn a_read_after_a_miss_is_served_from_the_cache() {
     assert!((0.0..=1.0).contains(&usage), "{usage}");
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_not_found_is_cached_briefly_and_a_create_clears_it() {
     let app = TestApp::spawn().await;
     let next_id: i64 = sqlx::query_scalar("SELECT COALESCE(max(id), 0) + 1 FROM users")
@@ -167,7 +164,7 @@ async fn redis_set(key: &str, value: &[u8]) {
         .unwrap();
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_cached_value_that_no_longer_decodes_is_a_miss_read_from_postgres_and_refilled() {
     let app = TestApp::spawn().await;
     let failures = r#"cache_decode_failures_total{entity="user"}"#;
@@ -225,7 +222,7 @@ async fn a_cached_value_that_no_longer_decodes_is_a_miss_read_from_postgres_and_
     );
 }
 
-#[tokio::test]
+#[api_test]
 async fn every_user_write_invalidates_the_cached_user() {
     let app = TestApp::spawn().await;
     let (email, username) = unique("writer");
@@ -282,7 +279,7 @@ async fn every_user_write_invalidates_the_cached_user() {
     assert_error(&status, Code::NotFound, "USER_NOT_FOUND");
 }
 
-#[tokio::test]
+#[api_test]
 async fn batch_reads_mix_hits_and_misses_and_fill_the_misses() {
     let app = TestApp::spawn().await;
     let mut ids = Vec::new();
@@ -321,7 +318,7 @@ async fn batch_reads_mix_hits_and_misses_and_fill_the_misses() {
     );
 }
 
-#[tokio::test]
+#[api_test]
 async fn product_and_order_writes_invalidate_prices_stock_and_status() {
     let app = TestApp::spawn().await;
     let (email, username) = unique("shopper");
@@ -440,7 +437,7 @@ async fn product_and_order_writes_invalidate_prices_stock_and_status() {
     );
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_write_on_one_replica_is_read_on_another() {
     let first = TestApp::spawn().await;
     let second = first.spawn_replica().await;
@@ -467,7 +464,7 @@ async fn a_write_on_one_replica_is_read_on_another() {
     assert_eq!(get_user(&first, user.id).await.unwrap(), updated);
 }
 
-#[tokio::test]
+#[api_test]
 async fn namespaces_keep_apps_on_one_redis_apart() {
     let a = TestApp::spawn().await;
     let b = TestApp::spawn().await;
@@ -502,7 +499,7 @@ fn cache_settings(prefix: &str) -> Settings {
     settings
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_read_that_loaded_before_a_write_cannot_put_the_old_value_back() {
     let prefix = format!("dgtest-{}", uuid::Uuid::new_v4().simple());
     let cache = Cache::new(&cache_settings(&prefix).redis).unwrap();
@@ -547,7 +544,7 @@ async fn a_read_that_loaded_before_a_write_cannot_put_the_old_value_back() {
     assert!(cached.is_some(), "and fills it");
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_hundred_concurrent_misses_on_one_key_load_it_once_across_two_replicas() {
     let prefix = format!("dgtest-{}", uuid::Uuid::new_v4().simple());
     let settings = cache_settings(&prefix);
@@ -594,7 +591,7 @@ async fn a_hundred_concurrent_misses_on_one_key_load_it_once_across_two_replicas
     );
 }
 
-#[tokio::test]
+#[api_test]
 async fn empty_batches_never_open_the_breaker_and_caching_keeps_working() {
     let app = TestApp::spawn_with(|s| {
         s.redis.breaker_failures = 2;
@@ -652,7 +649,7 @@ async fn empty_batches_never_open_the_breaker_and_caching_keeps_working() {
     );
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_command_error_is_a_miss_for_its_call_and_leaves_the_breaker_closed() {
     let prefix = format!("dgtest-{}", uuid::Uuid::new_v4().simple());
     let mut settings = cache_settings(&prefix);
@@ -714,60 +711,7 @@ async fn a_command_error_is_a_miss_for_its_call_and_leaves_the_breaker_closed() 
     assert!(cached.is_some(), "filled");
 }
 
-/// A Redis of this test's own, to stop and kill.
-struct OwnRedis {
-    child: Child,
-}
-
-impl OwnRedis {
-    async fn start(port: u16) -> Self {
-        Self::start_with(port, &[]).await
-    }
-
-    async fn start_with(port: u16, extra: &[&str]) -> Self {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("redis-server is installed (scripts/dev-env.sh installs it)");
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                return Self { child };
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("redis-server did not start on port {port}");
-    }
-
-    async fn signal(&self, signal: &str) {
-        let pid = self.child.id().expect("running").to_string();
-        assert!(
-            Command::new("kill")
-                .args([signal, &pid])
-                .status()
-                .await
-                .unwrap()
-                .success()
-        );
-    }
-}
-
-#[tokio::test]
+#[api_test]
 async fn reads_and_writes_survive_a_stopped_then_killed_redis_and_caching_resumes() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -888,12 +832,6 @@ async fn reads_and_writes_survive_a_stopped_then_killed_redis_and_caching_resume
 
 // --- Redis Cluster ---------------------------------------------------------
 
-pub fn redis_cluster_urls() -> String {
-    std::env::var("REDIS_CLUSTER_URLS").expect(
-        "set REDIS_CLUSTER_URLS to comma-separated seed URLs of a Redis Cluster the tests may use (`make test` starts one)",
-    )
-}
-
 /// The app caching on the shared test cluster, in a namespace of its own.
 async fn spawn_on_cluster() -> TestApp {
     TestApp::spawn_with(|s| {
@@ -922,7 +860,7 @@ async fn slots_of(urls: &str, keys: &[String]) -> HashSet<u16> {
     slots
 }
 
-#[tokio::test]
+#[api_test]
 async fn on_a_cluster_a_read_after_a_miss_is_served_from_the_cache() {
     let app = spawn_on_cluster().await;
     let (email, username) = unique("cluster");
@@ -946,7 +884,7 @@ async fn on_a_cluster_a_read_after_a_miss_is_served_from_the_cache() {
     );
 }
 
-#[tokio::test]
+#[api_test]
 async fn on_a_cluster_user_writes_invalidate_and_batch_reads_fill_every_slot() {
     let app = spawn_on_cluster().await;
     let mut ids = Vec::new();
@@ -1017,11 +955,11 @@ async fn on_a_cluster_user_writes_invalidate_and_batch_reads_fill_every_slot() {
     );
 }
 
-#[tokio::test]
+#[api_test]
 async fn on_a_cluster_search_pages_are_cached_until_a_product_write() {
     let app = spawn_on_cluster().await;
     let mut catalog = app.catalog().await;
-    let search = async |catalog: &mut crate::helpers::CatalogClient| {
+    let search = async |catalog: &mut crate::support::CatalogClient| {
         let page = catalog
             .search_products(pb::SearchProductsRequest {
                 query: "lathe".into(),
@@ -1077,89 +1015,7 @@ async fn on_a_cluster_search_pages_are_cached_until_a_product_write() {
     assert_eq!(search(&mut catalog).await.len(), 2, "the page is stale");
 }
 
-/// A Redis Cluster of this test's own (three primaries), to freeze.
-struct OwnCluster {
-    nodes: Vec<OwnRedis>,
-    urls: String,
-    dir: std::path::PathBuf,
-}
-
-impl OwnCluster {
-    async fn start() -> Self {
-        let dir = std::env::temp_dir().join(format!("dgtest-cluster-{}", uuid::Uuid::new_v4()));
-        // A node's cluster bus listens 10000 above its port.
-        let base = 20_000 + (uuid::Uuid::new_v4().as_u128() % 10_000) as u16;
-        let ports: Vec<u16> = (base..)
-            .filter(|p| {
-                [*p, p + 10_000]
-                    .iter()
-                    .all(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
-            })
-            .take(3)
-            .collect();
-        let mut nodes = Vec::new();
-        for port in &ports {
-            let node_dir = dir.join(port.to_string());
-            std::fs::create_dir_all(&node_dir).unwrap();
-            let node_dir = node_dir.to_str().unwrap();
-            nodes.push(
-                OwnRedis::start_with(
-                    *port,
-                    &[
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        &format!("{node_dir}/nodes.conf"),
-                        "--dir",
-                        node_dir,
-                    ],
-                )
-                .await,
-            );
-        }
-        let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        let created = Command::new("redis-cli")
-            .arg("--cluster")
-            .arg("create")
-            .args(&addresses)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .stdout(Stdio::null())
-            .status()
-            .await
-            .unwrap();
-        assert!(created.success(), "redis-cli --cluster create");
-        for port in &ports {
-            let mut ok = false;
-            for _ in 0..100 {
-                let info = Command::new("redis-cli")
-                    .args(["-p", &port.to_string(), "cluster", "info"])
-                    .output()
-                    .await
-                    .unwrap();
-                ok = String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok");
-                if ok {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            assert!(ok, "cluster node {port} is ok");
-        }
-        let urls = addresses
-            .iter()
-            .map(|a| format!("redis://{a}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        Self { nodes, urls, dir }
-    }
-}
-
-impl Drop for OwnCluster {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-#[tokio::test]
+#[api_test]
 async fn on_a_cluster_an_overflowed_invalidation_queue_flushes_every_primary() {
     let cluster = OwnCluster::start().await;
     let prefix = format!("dgtest-{}", uuid::Uuid::new_v4().simple());

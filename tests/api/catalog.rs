@@ -5,9 +5,9 @@ use prost_types::FieldMask;
 use tonic::Code;
 use tonic_types::StatusExt as _;
 
-use crate::helpers::{TestApp, assert_error, violated_fields};
+use crate::support::{TestApp, api_test, assert_error, violated_fields};
 
-#[tokio::test]
+#[api_test]
 async fn a_created_product_is_read_back_with_its_inventory() {
     let app = TestApp::spawn().await;
     let created = app
@@ -39,7 +39,7 @@ async fn a_created_product_is_read_back_with_its_inventory() {
     assert_eq!(fetched, created);
 }
 
-#[tokio::test]
+#[api_test]
 async fn product_input_is_validated_field_by_field() {
     let app = TestApp::spawn().await;
     let status = app
@@ -71,7 +71,7 @@ async fn product_input_is_validated_field_by_field() {
     );
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_duplicate_sku_in_any_case_is_already_exists() {
     let app = TestApp::spawn().await;
     let request = |sku: &str| pb::CreateProductRequest {
@@ -95,7 +95,7 @@ async fn a_duplicate_sku_in_any_case_is_already_exists() {
     assert_error(&status, Code::AlreadyExists, "SKU_ALREADY_EXISTS");
 }
 
-#[tokio::test]
+#[api_test]
 async fn batch_get_products_keeps_request_order_and_names_missing_ids() {
     let app = TestApp::spawn().await;
     let a = app.create_product(100, 1).await;
@@ -127,7 +127,7 @@ async fn batch_get_products_keeps_request_order_and_names_missing_ids() {
     );
 }
 
-#[tokio::test]
+#[api_test]
 async fn update_product_applies_the_mask_and_checks_the_version() {
     let app = TestApp::spawn().await;
     let product = app.create_product(1000, 5).await;
@@ -171,7 +171,7 @@ async fn update_product_applies_the_mask_and_checks_the_version() {
     assert_eq!(violated_fields(&status), ["update_mask"]);
 }
 
-#[tokio::test]
+#[api_test]
 async fn inventory_adjusts_but_never_below_zero() {
     let app = TestApp::spawn().await;
     let product = app.create_product(500, 3).await;

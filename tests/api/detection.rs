@@ -5,16 +5,16 @@ use std::time::Duration;
 
 use datagate::proto::v1 as pb;
 
-use crate::{
-    helpers::{TestApp, unique},
+use crate::support::{
+    RowLock, TestApp, api_test,
     observe::{Logs, with_request_id},
-    server::{RowLock, rename, wait_for_lock_waiter},
+    rename, unique, wait_for_lock_waiter,
 };
 
 const RETIRE: &str = "datagate.v1.AdminService/RetirePartitions";
 const LIST: &str = "datagate.v1.AdminService/ListPartitions";
 
-#[tokio::test]
+#[api_test]
 async fn a_call_repeating_a_statement_shape_past_the_threshold_logs_n_plus_one_and_counts_it() {
     // RetirePartitions lists the partitions once per partitioned table: one
     // shape, twice. ListPartitions runs each of its shapes once.
@@ -65,7 +65,7 @@ async fn a_call_repeating_a_statement_shape_past_the_threshold_logs_n_plus_one_a
     assert_eq!(detected(LIST).await, list_before);
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_statement_slower_than_the_threshold_is_logged_as_slow_query_in_its_call_and_counted() {
     // The test subscriber's threshold is 200 ms (`helpers::init_telemetry`;
     // the subscriber is process-wide): a held row lock makes the UPDATE of an

@@ -5,18 +5,12 @@ use std::time::Duration;
 
 use datagate::proto::v1 as pb;
 use mongodb::bson::{Document, doc};
-use prost_types::{FieldMask, Timestamp};
+use prost_types::Timestamp;
 use tonic::Code;
 
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::helpers::{TestApp, assert_error, health_of, unique, violated_fields};
-
-fn mask(paths: &[&str]) -> Option<FieldMask> {
-    Some(FieldMask {
-        paths: paths.iter().map(|p| (*p).to_owned()).collect(),
-    })
-}
+use crate::support::{TestApp, api_test, assert_error, health_of, mask, unique, violated_fields};
 
 fn address(label: &str, primary: bool) -> pb::Address {
     pb::Address {
@@ -35,7 +29,7 @@ async fn user(app: &TestApp) -> pb::User {
     app.create_user(&email, &username).await
 }
 
-#[tokio::test]
+#[api_test]
 async fn profiles_start_empty_and_update_the_masked_fields_only() {
     let app = TestApp::spawn_with_mongo(|_| {}).await;
     let user = user(&app).await;
@@ -99,7 +93,7 @@ async fn profiles_start_empty_and_update_the_masked_fields_only() {
     assert_eq!(read.preferences, updated.preferences);
 }
 
-#[tokio::test]
+#[api_test]
 async fn profile_addresses_need_exactly_one_primary_and_at_most_five() {
     let app = TestApp::spawn_with_mongo(|_| {}).await;
     let user = user(&app).await;
@@ -117,32 +111,39 @@ async fn profile_addresses_need_exactly_one_primary_and_at_most_five() {
         async move { users.update_user_profile(request).await }
     };
 
-    let none_primary = update(
-        vec![address("a", false), address("b", false)],
-        &["addresses"],
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(violated_fields(&none_primary), ["profile.addresses"]);
-    let two_primary = update(vec![address("a", true), address("b", true)], &["addresses"])
-        .await
-        .unwrap_err();
-    assert_eq!(violated_fields(&two_primary), ["profile.addresses"]);
-    let mut six: Vec<pb::Address> = (0..6).map(|i| address(&format!("a{i}"), i == 0)).collect();
-    let too_many = update(six.clone(), &["addresses"]).await.unwrap_err();
-    assert_eq!(violated_fields(&too_many), ["profile.addresses"]);
-    six.truncate(5);
-    six[1].country = "Portugal".into();
-    six[2].city = String::new();
-    let bad_fields = update(six, &["addresses"]).await.unwrap_err();
-    assert_eq!(
-        violated_fields(&bad_fields),
-        ["profile.addresses[1].country", "profile.addresses[2].city"]
-    );
-    let unknown_path = update(vec![], &["nickname"]).await.unwrap_err();
-    assert_eq!(violated_fields(&unknown_path), ["update_mask"]);
-    let no_mask = update(vec![], &[]).await.unwrap_err();
-    assert_eq!(violated_fields(&no_mask), ["update_mask"]);
+    let six: Vec<pb::Address> = (0..6).map(|i| address(&format!("a{i}"), i == 0)).collect();
+    let mut five_with_bad_fields = six[..5].to_vec();
+    five_with_bad_fields[1].country = "Portugal".into();
+    five_with_bad_fields[2].city = String::new();
+    // (case, addresses, update mask, violated fields)
+    type Names = &'static [&'static str];
+    let cases: [(&str, Vec<pb::Address>, Names, Names); 6] = [
+        (
+            "no primary",
+            vec![address("a", false), address("b", false)],
+            &["addresses"],
+            &["profile.addresses"],
+        ),
+        (
+            "two primaries",
+            vec![address("a", true), address("b", true)],
+            &["addresses"],
+            &["profile.addresses"],
+        ),
+        ("six addresses", six, &["addresses"], &["profile.addresses"]),
+        (
+            "bad fields",
+            five_with_bad_fields,
+            &["addresses"],
+            &["profile.addresses[1].country", "profile.addresses[2].city"],
+        ),
+        ("unknown path", vec![], &["nickname"], &["update_mask"]),
+        ("no mask", vec![], &[], &["update_mask"]),
+    ];
+    for (case, addresses, paths, fields) in cases {
+        let status = update(addresses, paths).await.unwrap_err();
+        assert_eq!(violated_fields(&status), fields, "{case}");
+    }
     // An empty list is allowed: it removes every address.
     update(vec![], &["addresses"]).await.unwrap();
 
@@ -160,10 +161,11 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    crate::observe::wait_until(what, Duration::from_secs(30), async || check().await).await;
+    crate::support::observe::wait_until(what, Duration::from_secs(30), async || check().await)
+        .await;
 }
 
-#[tokio::test]
+#[api_test]
 async fn deleting_a_user_deletes_the_profile() {
     let app = TestApp::spawn_with_mongo(|_| {}).await;
     let user = user(&app).await;
@@ -255,7 +257,7 @@ async fn history(
         .map(|r| r.into_inner())
 }
 
-#[tokio::test]
+#[api_test]
 async fn price_changes_are_measured_and_aggregated_per_day() {
     let app = TestApp::spawn_with_mongo(|_| {}).await;
     let product = app.create_product(1000, 1).await;
@@ -350,7 +352,7 @@ async fn price_changes_are_measured_and_aggregated_per_day() {
     }
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_full_bucket_overflows_into_a_new_one_for_the_same_day() {
     let app = TestApp::spawn_with_mongo(|s| s.mongodb.price_bucket_capacity = 3).await;
     let mut product = app.create_product(100, 1).await;
@@ -411,7 +413,7 @@ async fn a_full_bucket_overflows_into_a_new_one_for_the_same_day() {
     assert_eq!(prices, (100..=107).collect::<Vec<_>>());
 }
 
-#[tokio::test]
+#[api_test]
 async fn price_changes_wait_in_the_outbox_while_mongodb_is_unreachable() {
     // Nothing listens on port 9: every MongoDB operation fails fast.
     let app = TestApp::spawn_with(|s| {
@@ -437,13 +439,13 @@ async fn price_changes_wait_in_the_outbox_while_mongodb_is_unreachable() {
         .await
         .unwrap()
     };
-    crate::observe::wait_until(
+    crate::support::observe::wait_until(
         "a relay pass claims the row",
         Duration::from_secs(10),
         async || rows().await == (1, 0),
     )
     .await;
-    crate::observe::wait_until("the pass ends", Duration::from_secs(10), async || {
+    crate::support::observe::wait_until("the pass ends", Duration::from_secs(10), async || {
         let (total, free) = rows().await;
         total == free
     })
@@ -465,7 +467,7 @@ async fn price_changes_wait_in_the_outbox_while_mongodb_is_unreachable() {
 
     // A replica that reaches MongoDB applies it.
     let mut settings = app.settings.clone();
-    crate::helpers::use_test_mongo(&mut settings);
+    let _mongo = crate::support::use_test_mongo(&mut settings);
     let replica = app.spawn_replica_with(settings).await;
     eventually("the outbox to drain", || {
         let db = app.db.clone();
@@ -489,7 +491,7 @@ async fn price_changes_wait_in_the_outbox_while_mongodb_is_unreachable() {
     assert_eq!(measured.measurements[0].price_cents, 2500);
 }
 
-#[tokio::test]
+#[api_test]
 async fn without_mongodb_the_document_features_say_so() {
     let app = TestApp::spawn().await;
     let user = user(&app).await;

@@ -11,7 +11,7 @@ use datagate::{
     domain::{idempotency::KeySweeper, write::Writes},
 };
 
-use crate::helpers::{TestApp, unique};
+use crate::support::{TestApp, api_test, unique};
 
 /// An app whose own background sweep is off, so that only the test sweeps.
 async fn app() -> TestApp {
@@ -64,7 +64,7 @@ async fn age(app: &TestApp, key: &str, hours: i32) {
     .unwrap();
 }
 
-#[tokio::test]
+#[api_test]
 async fn keys_past_the_retention_are_swept_and_younger_ones_still_replay() {
     let app = app().await;
     let (email, username) = unique("sweep");
@@ -89,7 +89,7 @@ async fn keys_past_the_retention_are_swept_and_younger_ones_still_replay() {
     assert_eq!(app.inventory_of(product.id).await, 7);
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_sweep_deletes_a_backlog_in_batches() {
     let app = app().await;
     sqlx::query(

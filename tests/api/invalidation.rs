@@ -8,7 +8,7 @@
 use datagate::proto::v1 as pb;
 use prost_types::FieldMask;
 
-use crate::helpers::{TestApp, unique};
+use crate::support::{TestApp, api_test, unique};
 
 fn mask(path: &str) -> Option<FieldMask> {
     Some(FieldMask {
@@ -70,7 +70,7 @@ async fn has_cached_query(app: &TestApp, family: &str) -> bool {
         .any(|k| k.starts_with(&prefix) && !k.ends_with(":gen"))
 }
 
-#[tokio::test]
+#[api_test]
 async fn create_user_removes_the_cached_not_found_of_its_id() {
     let app = TestApp::spawn().await;
     let id = next_id(&app, "users").await;
@@ -84,7 +84,7 @@ async fn create_user_removes_the_cached_not_found_of_its_id() {
     assert_eq!(get_user(&app, id).await.unwrap(), created);
 }
 
-#[tokio::test]
+#[api_test]
 async fn update_user_removes_the_cached_user_for_every_mask_path() {
     let app = TestApp::spawn().await;
     let (new_email, new_username) = unique("renamed");
@@ -152,7 +152,7 @@ async fn update_user_removes_the_cached_user_for_every_mask_path() {
     }
 }
 
-#[tokio::test]
+#[api_test]
 async fn delete_user_removes_the_cached_user() {
     let app = TestApp::spawn().await;
     let (email, username) = unique("deleted");
@@ -175,7 +175,7 @@ async fn delete_user_removes_the_cached_user() {
     );
 }
 
-#[tokio::test]
+#[api_test]
 async fn create_product_removes_its_cached_not_found_and_moves_the_search_generation() {
     let app = TestApp::spawn().await;
     let mut catalog = app.catalog().await;
@@ -210,7 +210,7 @@ async fn create_product_removes_its_cached_not_found_and_moves_the_search_genera
     assert_eq!(page.products.iter().map(|p| p.id).collect::<Vec<_>>(), [id]);
 }
 
-#[tokio::test]
+#[api_test]
 async fn update_product_removes_the_cached_product_and_moves_the_search_generation_for_every_mask_path()
  {
     let app = TestApp::spawn().await;
@@ -297,7 +297,7 @@ async fn update_product_removes_the_cached_product_and_moves_the_search_generati
     }
 }
 
-#[tokio::test]
+#[api_test]
 async fn adjust_inventory_removes_the_cached_product() {
     let app = TestApp::spawn().await;
     let product = app.create_product(1000, 5).await;
@@ -320,7 +320,7 @@ async fn adjust_inventory_removes_the_cached_product() {
     assert_eq!(get_product(&app, product.id).await.unwrap().inventory, 3);
 }
 
-#[tokio::test]
+#[api_test]
 async fn create_order_removes_its_cached_not_found_and_its_cached_products() {
     let app = TestApp::spawn().await;
     let (email, username) = unique("orderer");
@@ -363,7 +363,7 @@ async fn create_order_removes_its_cached_not_found_and_its_cached_products() {
     assert_eq!(get_order(&app, order_id).await.unwrap().id, order_id);
 }
 
-#[tokio::test]
+#[api_test]
 async fn update_order_status_removes_the_cached_order_and_a_cancel_its_cached_products() {
     let app = TestApp::spawn().await;
     let (email, username) = unique("lifecycle");
@@ -418,7 +418,7 @@ async fn update_order_status_removes_the_cached_order_and_a_cancel_its_cached_pr
     assert_eq!(get_product(&app, product.id).await.unwrap().inventory, 10);
 }
 
-#[tokio::test]
+#[api_test]
 async fn refresh_analytics_moves_the_analytics_generation_past_cached_answers() {
     let app = TestApp::spawn().await;
     let mut analytics = app.analytics().await;

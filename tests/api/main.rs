@@ -1,5 +1,7 @@
 //! Integration tests: the application through its gRPC front door, against
 //! a real PostgreSQL (one database per test, so tests run in parallel).
+//! Every test is an `#[api_test]` (a time limit and teardown around
+//! `#[tokio::test]`); the modules share only `support`.
 
 mod analytics;
 mod audit;
@@ -9,11 +11,9 @@ mod cache;
 mod catalog;
 mod detection;
 mod documents;
-mod helpers;
 mod idempotency;
 mod invalidation;
 mod market;
-mod observe;
 mod orders;
 mod partitions;
 mod process;
@@ -22,5 +22,6 @@ mod replica;
 mod search;
 mod seed;
 mod server;
+mod support;
 mod teams;
 mod users;

@@ -12,7 +12,7 @@ use datagate::{
 };
 use tonic::Code;
 
-use crate::helpers::{TestApp, assert_error, violated_fields};
+use crate::support::{TestApp, api_test, assert_error, violated_fields};
 
 fn start(categories: &[&str], window_days: i32) -> pb::StartMarketAnalysisRequest {
     pb::StartMarketAnalysisRequest {
@@ -43,7 +43,7 @@ async fn app_without_workers(lease: Duration) -> TestApp {
     .await
 }
 
-#[tokio::test]
+#[api_test]
 async fn identical_requests_share_one_analysis_and_others_start_their_own() {
     let app = app_without_workers(Duration::from_secs(30)).await;
     let mut client = app.analytics().await;
@@ -151,7 +151,7 @@ async fn identical_requests_share_one_analysis_and_others_start_their_own() {
     assert!(rest.next_page_token.is_empty());
 }
 
-#[tokio::test]
+#[api_test]
 async fn two_workers_racing_claim_an_analysis_once() {
     let app = app_without_workers(Duration::from_secs(30)).await;
     app.analytics()
@@ -170,12 +170,12 @@ async fn two_workers_racing_claim_an_analysis_once() {
     assert_eq!(claimed[0].attempts, 1);
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_worker_that_dies_mid_run_is_replaced_once_its_lease_expires() {
     // Long leases: the test expires the dead worker's by hand, and the live
     // worker's renewals cannot fall behind on a busy machine.
     let app = app_without_workers(Duration::from_secs(30)).await;
-    let (email, username) = crate::helpers::unique("market");
+    let (email, username) = crate::support::unique("market");
     let user = app.create_user(&email, &username).await;
     let product = app.create_product(1500, 10).await;
     let order = app
@@ -276,7 +276,7 @@ async fn a_worker_that_dies_mid_run_is_replaced_once_its_lease_expires() {
     );
 }
 
-#[tokio::test]
+#[api_test]
 async fn the_service_workers_complete_a_full_analysis() {
     let app =
         TestApp::spawn_with_mongo(|s| s.analysis.poll_interval = Duration::from_millis(200)).await;
@@ -291,7 +291,7 @@ async fn the_service_workers_complete_a_full_analysis() {
         .unwrap()
         .into_inner();
     let mut last = None;
-    crate::observe::wait_until(
+    crate::support::observe::wait_until(
         "the analysis completes",
         Duration::from_secs(30),
         async || {

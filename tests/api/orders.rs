@@ -7,7 +7,7 @@ use datagate::proto::v1 as pb;
 use tonic::Code;
 use tonic_types::StatusExt as _;
 
-use crate::helpers::{TestApp, assert_error, unique, violated_fields};
+use crate::support::{TestApp, api_test, assert_error, unique, violated_fields};
 
 fn line(product_id: i64, quantity: i32) -> pb::OrderLine {
     pb::OrderLine {
@@ -29,7 +29,7 @@ async fn customer(app: &TestApp) -> pb::User {
     app.create_user(&email, &username).await
 }
 
-#[tokio::test]
+#[api_test]
 async fn an_order_takes_prices_from_the_catalog_and_stock_from_inventory() {
     let app = TestApp::spawn().await;
     let user = customer(&app).await;
@@ -91,7 +91,7 @@ async fn an_order_takes_prices_from_the_catalog_and_stock_from_inventory() {
     );
 }
 
-#[tokio::test]
+#[api_test]
 async fn an_order_beyond_the_stock_fails_naming_the_product_and_changes_nothing() {
     let app = TestApp::spawn().await;
     let user = customer(&app).await;
@@ -124,7 +124,7 @@ async fn an_order_beyond_the_stock_fails_naming_the_product_and_changes_nothing(
     assert_eq!(orders, 0);
 }
 
-#[tokio::test]
+#[api_test]
 async fn unknown_products_and_users_are_not_found() {
     let app = TestApp::spawn().await;
     let user = customer(&app).await;
@@ -149,59 +149,50 @@ async fn unknown_products_and_users_are_not_found() {
     assert_error(&status, Code::NotFound, "USER_NOT_FOUND");
 }
 
-#[tokio::test]
+#[api_test]
 async fn malformed_orders_are_invalid_with_one_violation_per_problem() {
     let app = TestApp::spawn().await;
     let user = customer(&app).await;
     let mut orders = app.orders().await;
 
-    let status = orders
-        .create_order(order_request(user.id, vec![]))
-        .await
-        .unwrap_err();
-    assert_eq!(violated_fields(&status), ["items"]);
-
-    let status = orders
-        .create_order(order_request(
-            user.id,
-            vec![line(1, 0), line(2, -3), line(3, 1001)],
-        ))
-        .await
-        .unwrap_err();
-    assert_eq!(
-        violated_fields(&status),
-        [
-            "items[0].quantity",
-            "items[1].quantity",
-            "items[2].quantity"
-        ]
-    );
-
-    let status = orders
-        .create_order(order_request(user.id, vec![line(7, 1), line(7, 2)]))
-        .await
-        .unwrap_err();
-    assert_eq!(violated_fields(&status), ["items[1].product_id"]);
-
-    let oversized: Vec<pb::OrderLine> = (1..=51).map(|p| line(p, 1)).collect();
-    let status = orders
-        .create_order(order_request(user.id, oversized))
-        .await
-        .unwrap_err();
-    assert_eq!(violated_fields(&status), ["items"]);
-
-    let status = orders
-        .create_order(pb::CreateOrderRequest {
-            user_id: 0,
-            items: vec![line(1, 1)],
-            request_id: "has space".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(violated_fields(&status), ["request_id", "user_id"]);
+    let cases: [(&str, pb::CreateOrderRequest, &[&str]); 5] = [
+        ("no lines", order_request(user.id, vec![]), &["items"]),
+        (
+            "quantities out of range",
+            order_request(user.id, vec![line(1, 0), line(2, -3), line(3, 1001)]),
+            &[
+                "items[0].quantity",
+                "items[1].quantity",
+                "items[2].quantity",
+            ],
+        ),
+        (
+            "a product twice",
+            order_request(user.id, vec![line(7, 1), line(7, 2)]),
+            &["items[1].product_id"],
+        ),
+        (
+            "too many lines",
+            order_request(user.id, (1..=51).map(|p| line(p, 1)).collect()),
+            &["items"],
+        ),
+        (
+            "no user and a bad request id",
+            pb::CreateOrderRequest {
+                user_id: 0,
+                items: vec![line(1, 1)],
+                request_id: "has space".into(),
+            },
+            &["request_id", "user_id"],
+        ),
+    ];
+    for (case, request, fields) in cases {
+        let status = orders.create_order(request).await.unwrap_err();
+        assert_eq!(violated_fields(&status), fields, "{case}");
+    }
 }
 
-#[tokio::test]
+#[api_test]
 async fn twenty_concurrent_orders_for_the_last_five_units_sell_exactly_five() {
     let app = TestApp::spawn_with(|s| s.database.max_connections = 25).await;
     let product = app.create_product(999, 5).await;
@@ -243,7 +234,7 @@ async fn twenty_concurrent_orders_for_the_last_five_units_sell_exactly_five() {
     assert_eq!(orders, 5);
 }
 
-#[tokio::test]
+#[api_test]
 async fn fifty_concurrent_retries_of_one_request_make_one_order_and_identical_answers() {
     let app = TestApp::spawn_with(|s| s.database.max_connections = 25).await;
     let user = customer(&app).await;
@@ -279,7 +270,7 @@ async fn fifty_concurrent_retries_of_one_request_make_one_order_and_identical_an
     assert_eq!(app.inventory_of(product.id).await, 98, "stock taken once");
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_request_id_reused_with_another_payload_is_refused() {
     let app = TestApp::spawn().await;
     let user = customer(&app).await;
@@ -298,14 +289,14 @@ async fn a_request_id_reused_with_another_payload_is_refused() {
     // Keys are per caller: another caller may use the same one.
     let other = datagate::proto::v1::order_service_client::OrderServiceClient::with_interceptor(
         app.channel().await,
-        crate::helpers::Bearer(Some(app.reader_token.as_str().into())),
+        crate::support::Bearer(Some(app.reader_token.as_str().into())),
     )
     .create_order(request(2))
     .await;
     assert!(other.is_ok(), "{other:?}");
 }
 
-#[tokio::test]
+#[api_test]
 async fn the_status_follows_the_lifecycle_and_cancelling_returns_the_stock() {
     let app = TestApp::spawn().await;
     let user = customer(&app).await;
@@ -394,7 +385,7 @@ async fn the_status_follows_the_lifecycle_and_cancelling_returns_the_stock() {
     assert_error(&status, Code::NotFound, "ORDER_NOT_FOUND");
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_stale_version_on_a_status_change_is_aborted() {
     let app = TestApp::spawn().await;
     let user = customer(&app).await;
@@ -416,7 +407,7 @@ async fn a_stale_version_on_a_status_change_is_aborted() {
     assert_error(&status, Code::Aborted, "VERSION_CONFLICT");
 }
 
-#[tokio::test]
+#[api_test]
 async fn list_orders_filters_by_user_and_status_and_pages_newest_first() {
     let app = TestApp::spawn().await;
     let alice = customer(&app).await;
@@ -489,7 +480,7 @@ async fn list_orders_filters_by_user_and_status_and_pages_newest_first() {
     );
 }
 
-#[tokio::test]
+#[api_test]
 async fn list_users_with_orders_nests_recent_orders_items_and_products() {
     let app = TestApp::spawn().await;
     let product = app.create_product(250, 1000).await;

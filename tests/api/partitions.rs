@@ -5,7 +5,7 @@ use chrono::{Datelike as _, Months, NaiveDate, Utc};
 use datagate::{config::PartitionSettings, domain::partitions::Partitions, proto::v1 as pb};
 use tonic::Code;
 
-use crate::helpers::{TestApp, assert_error};
+use crate::support::{TestApp, api_test, assert_error};
 
 fn months_from_now(n: u32) -> String {
     let month = Utc::now().date_naive().with_day(1).unwrap() + Months::new(n);
@@ -43,7 +43,7 @@ async fn monthly(app: &TestApp, table: &str) -> Vec<String> {
     months
 }
 
-#[tokio::test]
+#[api_test]
 async fn partitions_are_created_ahead_at_start_up_and_ensuring_again_changes_nothing() {
     let app = TestApp::spawn().await;
     let expected: Vec<String> = (0..=3).map(months_from_now).collect();
@@ -71,7 +71,7 @@ async fn partitions_are_created_ahead_at_start_up_and_ensuring_again_changes_not
     assert!(again.created.is_empty(), "idempotent: {:?}", again.created);
 }
 
-#[tokio::test]
+#[api_test]
 async fn admin_rpcs_need_the_admin_role() {
     let app = TestApp::spawn().await;
     let mut admin = app.admin_as(&app.reader_token).await;
@@ -87,7 +87,7 @@ async fn admin_rpcs_need_the_admin_role() {
     assert_error(&status, Code::PermissionDenied, "ADMIN_ROLE_REQUIRED");
 }
 
-#[tokio::test]
+#[api_test]
 async fn partitions_older_than_the_retention_are_dropped_with_their_rows() {
     let app = TestApp::spawn_with(|s| s.partitions.interval = std::time::Duration::ZERO).await;
     let partitions = Partitions::new(app.db.clone(), settings(4, 2));
@@ -129,7 +129,7 @@ async fn partitions_older_than_the_retention_are_dropped_with_their_rows() {
     );
 }
 
-#[tokio::test]
+#[api_test]
 async fn rows_in_default_are_reported_and_moved_into_their_month_when_it_is_created() {
     let app = TestApp::spawn_with(|s| s.partitions.interval = std::time::Duration::ZERO).await;
     sqlx::query(
@@ -183,7 +183,7 @@ async fn rows_in_default_are_reported_and_moved_into_their_month_when_it_is_crea
     assert_eq!(query, "hammer", "nothing lost in the move");
 }
 
-#[tokio::test]
+#[api_test]
 async fn two_replicas_ensuring_at_once_create_each_partition_once() {
     let first = TestApp::spawn_with(|s| s.partitions.interval = std::time::Duration::ZERO).await;
     let second = first.spawn_replica().await;

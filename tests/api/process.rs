@@ -8,9 +8,9 @@ use sqlx::PgPool;
 use tokio::{io::AsyncReadExt as _, process::Command};
 use tonic::transport::Endpoint;
 
-use crate::{
-    helpers::{Bearer, TestApp, TestDatabase},
-    server::{RowLock, rename, wait_for_lock_waiter},
+use crate::support::{
+    Bearer, RowLock, TestApp, TestDatabase, api_test, redis::redis_url, rename,
+    wait_for_lock_waiter,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_datagate");
@@ -60,7 +60,7 @@ async fn connect(port: u16) -> tonic::transport::Channel {
     panic!("the binary did not start serving on port {port}");
 }
 
-#[tokio::test]
+#[api_test]
 async fn help_lists_the_subcommands() {
     let output = datagate().arg("--help").output().await.unwrap();
     let help = String::from_utf8(output.stdout).unwrap();
@@ -79,7 +79,7 @@ async fn help_lists_the_subcommands() {
     }
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_missing_database_url_is_a_one_line_error_naming_the_variable() {
     let output = datagate().arg("serve").output().await.unwrap();
     assert!(!output.status.success());
@@ -88,7 +88,7 @@ async fn a_missing_database_url_is_a_one_line_error_naming_the_variable() {
     assert!(stderr.contains("DATAGATE__DATABASE__URL"), "{stderr}");
 }
 
-#[tokio::test]
+#[api_test]
 async fn an_invalid_value_is_a_one_line_error_naming_the_setting() {
     let output = datagate()
         .arg("serve")
@@ -103,7 +103,7 @@ async fn an_invalid_value_is_a_one_line_error_naming_the_setting() {
     assert!(stderr.contains("server.port"), "{stderr}");
 }
 
-#[tokio::test]
+#[api_test]
 async fn migrate_status_down_and_up_round_trip() {
     let database = TestDatabase::create().await;
     let run = |args: &'static [&'static str]| {
@@ -158,7 +158,7 @@ async fn migrate_status_down_and_up_round_trip() {
     pool.close().await;
 }
 
-#[tokio::test]
+#[api_test]
 async fn healthcheck_exits_zero_only_for_a_serving_entry() {
     let app = TestApp::spawn().await;
     let addr = format!("http://{}", app.addr);
@@ -189,14 +189,14 @@ async fn healthcheck_exits_zero_only_for_a_serving_entry() {
     assert!(stderr.contains("connecting to"), "{stderr}");
 }
 
-#[tokio::test]
+#[api_test]
 async fn sigterm_lets_the_in_flight_call_finish_and_exits_zero() {
     let database = TestDatabase::create().await;
     let (token, entry) = auth::new_token("sigterm-test", &[]).unwrap();
     let port = free_port();
     let mut child = serve(&database.url, &entry, port)
         .env("DATAGATE__TELEMETRY__LOG_FORMAT", "json")
-        .env("DATAGATE__REDIS__URL", crate::cache::redis_url())
+        .env("DATAGATE__REDIS__URL", redis_url())
         .env(
             "DATAGATE__REDIS__KEY_PREFIX",
             format!("dgtest-{}", uuid::Uuid::new_v4().simple()),
@@ -240,7 +240,7 @@ async fn sigterm_lets_the_in_flight_call_finish_and_exits_zero() {
         .unwrap();
     assert!(killed.success());
     // Draining: the listener is closed (no readiness delay by default).
-    crate::observe::wait_until(
+    crate::support::observe::wait_until(
         "the binary stops accepting connections",
         Duration::from_secs(10),
         async || {
@@ -349,7 +349,7 @@ mod collector {
     }
 }
 
-#[tokio::test]
+#[api_test]
 async fn with_an_otlp_endpoint_every_call_is_exported_as_a_server_span() {
     let database = TestDatabase::create().await;
     let (collector, mut spans) = collector::start().await;
@@ -422,7 +422,7 @@ async fn with_an_otlp_endpoint_every_call_is_exported_as_a_server_span() {
     );
 }
 
-#[tokio::test]
+#[api_test]
 async fn the_rpc_span_is_a_child_of_the_callers_traceparent() {
     let database = TestDatabase::create().await;
     let (collector, mut spans) = collector::start().await;
@@ -481,7 +481,7 @@ async fn the_rpc_span_is_a_child_of_the_callers_traceparent() {
     assert_ne!(hex::encode(&rpc.span_id), caller_span_id);
 }
 
-#[tokio::test]
+#[api_test]
 async fn the_load_generator_drives_the_service_and_writes_its_results() {
     let app = TestApp::spawn().await;
     let out =

@@ -8,9 +8,10 @@ use prost_types::FieldMask;
 use tonic::Code;
 use tonic_types::StatusExt as _;
 
-use crate::{
-    helpers::{TestApp, assert_error, unique},
+use crate::support::{
+    TestApp, api_test, assert_error,
     observe::{Logs, with_request_id},
+    unique,
 };
 
 /// The Argon2 operations the call with this request id ran, by kind.
@@ -21,7 +22,7 @@ fn argon2_operations(lines: &[serde_json::Value], op: &str) -> usize {
         .count()
 }
 
-#[tokio::test]
+#[api_test]
 async fn verify_password_answers_alike_and_hashes_once_for_a_wrong_password_an_unknown_email_and_no_password()
  {
     let app = TestApp::spawn().await;
@@ -94,7 +95,7 @@ async fn verify_password_answers_alike_and_hashes_once_for_a_wrong_password_an_u
     assert!(verified >= 3.0, "counted in the metric too: {verified}");
 }
 
-#[tokio::test]
+#[api_test]
 async fn passwords_and_their_hashes_never_reach_a_log_line() {
     let app = TestApp::spawn().await;
     let first = "Zebra-Quartz-1337-Mauve";
@@ -164,7 +165,7 @@ async fn passwords_and_their_hashes_never_reach_a_log_line() {
     }
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_failed_create_order_is_not_remembered_and_its_request_id_succeeds_once_stock_is_there() {
     let app = TestApp::spawn().await;
     let (email, username) = unique("restock");
@@ -219,7 +220,7 @@ async fn a_failed_create_order_is_not_remembered_and_its_request_id_succeeds_onc
     );
 }
 
-#[tokio::test]
+#[api_test]
 async fn an_internal_error_reaches_the_caller_as_a_generic_message_and_is_logged_with_the_request_id()
  {
     let app = TestApp::spawn().await;
@@ -292,7 +293,7 @@ async fn an_internal_error_reaches_the_caller_as_a_generic_message_and_is_logged
     assert!(internal - internal_before >= 1.0);
 }
 
-#[tokio::test]
+#[api_test]
 async fn an_empty_redis_url_turns_the_cache_off_and_calls_still_work() {
     let app = TestApp::spawn_with(|s| {
         s.redis.url = String::new().into();

@@ -12,9 +12,9 @@ use sqlx::PgPool;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::helpers::{TestApp, TestDatabase, health_of};
+use crate::support::{TestApp, TestDatabase, api_test, health_of};
 
-#[tokio::test]
+#[api_test]
 async fn lag_tolerant_reads_use_the_read_replica_and_the_rest_the_primary() {
     let replica = TestDatabase::create().await;
     let app = TestApp::spawn_with(|s| s.database.read_url = replica.url.clone().into()).await;
@@ -158,7 +158,8 @@ async fn lag_tolerant_reads_use_the_read_replica_and_the_rest_the_primary() {
     // test process, and only this test configures a replica).
     let scraped = app.metrics().await;
     for pool in ["postgres", "postgres_replica"] {
-        let series = |name, labels: &[(&str, &str)]| crate::observe::series(&scraped, name, labels);
+        let series =
+            |name, labels: &[(&str, &str)]| crate::support::observe::series(&scraped, name, labels);
         assert_eq!(
             series("connection_pool_max", &[("pool", pool)]),
             f64::from(app.settings.database.max_connections),
@@ -180,7 +181,7 @@ async fn lag_tolerant_reads_use_the_read_replica_and_the_rest_the_primary() {
     replica_db.close().await;
 }
 
-#[tokio::test]
+#[api_test]
 async fn an_unreachable_replica_fails_only_the_reads_it_serves_and_shows_in_health() {
     // Nothing listens on port 1.
     let app = TestApp::spawn_with(|s| {

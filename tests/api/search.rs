@@ -7,7 +7,7 @@ use datagate::proto::v1 as pb;
 use pb::ProductSort as Sort;
 use tonic::Code;
 
-use crate::helpers::{CatalogClient, TestApp, violated_fields};
+use crate::support::{CatalogClient, TestApp, api_test, violated_fields};
 
 struct Spec {
     title: &'static str,
@@ -88,7 +88,7 @@ async fn walk(
     panic!("paging did not end");
 }
 
-#[tokio::test]
+#[api_test]
 async fn words_match_with_stemming_and_title_matches_rank_first() {
     let app = TestApp::spawn().await;
     let claw = create(&app, &spec("Claw Hammer", "tools", 2500, 4.5)).await;
@@ -121,7 +121,7 @@ async fn words_match_with_stemming_and_title_matches_rank_first() {
     assert_eq!(ids(&excluded), [claw.id]);
 }
 
-#[tokio::test]
+#[api_test]
 async fn filters_select_categories_inclusive_price_ranges_and_minimum_ratings() {
     let app = TestApp::spawn().await;
     let cheap = create(&app, &spec("Lamp small", "lighting", 1000, 3.5)).await;
@@ -181,7 +181,7 @@ async fn filters_select_categories_inclusive_price_ranges_and_minimum_ratings() 
     assert!(none.products.is_empty() && none.next_page_token.is_empty());
 }
 
-#[tokio::test]
+#[api_test]
 async fn every_sort_orders_with_ties_broken_by_id_and_pages_neither_repeat_nor_skip() {
     let app = TestApp::spawn().await;
     // Many ties on every key: 3 prices, 2 ratings, identical titles.
@@ -226,7 +226,7 @@ async fn every_sort_orders_with_ties_broken_by_id_and_pages_neither_repeat_nor_s
     }
 }
 
-#[tokio::test]
+#[api_test]
 async fn misspelt_words_are_corrected_to_title_words_when_nothing_matches() {
     let app = TestApp::spawn().await;
     let mut headphones = Vec::new();
@@ -286,7 +286,7 @@ async fn misspelt_words_are_corrected_to_title_words_when_nothing_matches() {
     assert_eq!(ids(&renamed), [hose.id]);
 }
 
-#[tokio::test]
+#[api_test]
 async fn invalid_searches_are_refused_with_field_violations() {
     let app = TestApp::spawn().await;
     let client = app.catalog().await;
@@ -295,11 +295,42 @@ async fn invalid_searches_are_refused_with_field_violations() {
         async move { client.search_products(request).await.unwrap_err() }
     };
 
-    assert_eq!(violated_fields(&refused(query("   ")).await), ["query"]);
-    assert_eq!(
-        violated_fields(&refused(query(&"a".repeat(201))).await),
-        ["query"]
-    );
+    let cases: [(&str, pb::SearchProductsRequest, &[&str]); 4] = [
+        ("blank query", query("   "), &["query"]),
+        ("overlong query", query(&"a".repeat(201)), &["query"]),
+        (
+            "inverted price range",
+            pb::SearchProductsRequest {
+                min_price_cents: Some(5000),
+                max_price_cents: Some(100),
+                ..query("lamp")
+            },
+            &["max_price_cents"],
+        ),
+        (
+            "everything wrong at once",
+            pb::SearchProductsRequest {
+                query: String::new(),
+                categories: (0..21).map(|i| format!("c{i}")).collect(),
+                min_price_cents: Some(-1),
+                min_rating: Some(6.0),
+                page_size: -1,
+                user_id: -4,
+                ..Default::default()
+            },
+            &[
+                "categories",
+                "min_price_cents",
+                "min_rating",
+                "page_size",
+                "query",
+                "user_id",
+            ],
+        ),
+    ];
+    for (case, request, fields) in cases {
+        assert_eq!(violated_fields(&refused(request).await), fields, "{case}");
+    }
     let unknown_sort = refused(pb::SearchProductsRequest {
         sort: 99,
         ..query("lamp")
@@ -310,34 +341,6 @@ async fn invalid_searches_are_refused_with_field_violations() {
         unknown_sort
             .message()
             .contains("PRODUCT_SORT_PRICE_ASCENDING")
-    );
-    let inverted = refused(pb::SearchProductsRequest {
-        min_price_cents: Some(5000),
-        max_price_cents: Some(100),
-        ..query("lamp")
-    })
-    .await;
-    assert_eq!(violated_fields(&inverted), ["max_price_cents"]);
-    let everything = refused(pb::SearchProductsRequest {
-        query: String::new(),
-        categories: (0..21).map(|i| format!("c{i}")).collect(),
-        min_price_cents: Some(-1),
-        min_rating: Some(6.0),
-        page_size: -1,
-        user_id: -4,
-        ..Default::default()
-    })
-    .await;
-    assert_eq!(
-        violated_fields(&everything),
-        [
-            "categories",
-            "min_price_cents",
-            "min_rating",
-            "page_size",
-            "query",
-            "user_id"
-        ]
     );
 
     // A page token only continues the search it came from.
@@ -372,7 +375,7 @@ async fn invalid_searches_are_refused_with_field_violations() {
     assert_eq!(forged.code(), Code::InvalidArgument);
 }
 
-#[tokio::test]
+#[api_test]
 async fn cached_pages_are_served_until_a_product_write_invalidates_them() {
     let app = TestApp::spawn().await;
     assert!(
@@ -442,14 +445,14 @@ async fn wait_for_log(
     );
 }
 
-#[tokio::test]
+#[api_test]
 async fn every_search_is_logged_with_its_filters_results_and_page() {
     let app =
         TestApp::spawn_with(|s| s.search_log.flush_interval = Duration::from_millis(50)).await;
     for title in ["Lamp one", "Lamp two", "Lamp three"] {
         create(&app, &spec(title, "lighting", 1000, 4.0)).await;
     }
-    let (email, username) = crate::helpers::unique("searcher");
+    let (email, username) = crate::support::unique("searcher");
     let user = app.create_user(&email, &username).await;
     let mut client = app.catalog().await;
     let lamps = pb::SearchProductsRequest {
@@ -496,7 +499,7 @@ async fn every_search_is_logged_with_its_filters_results_and_page() {
     assert!(processing.iter().all(|ms| *ms > 0.0), "{processing:?}");
 }
 
-#[tokio::test]
+#[api_test]
 async fn graceful_shutdown_writes_every_buffered_search() {
     // Nothing would be written before shutdown: one batch, flushed hourly.
     let mut app = TestApp::spawn_with(|s| {
@@ -517,7 +520,7 @@ async fn graceful_shutdown_writes_every_buffered_search() {
     assert_eq!(logged(&app).await.len(), 7);
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_full_buffer_drops_and_counts_searches_and_never_blocks_the_caller() {
     let app = TestApp::spawn_with(|s| {
         s.search_log.buffer = 2;

@@ -3,7 +3,7 @@
 use datagate::generate::{self, Sizes};
 use sqlx::PgPool;
 
-use crate::helpers::TestDatabase;
+use crate::support::{TestDatabase, api_test};
 
 const SIZES: Sizes = Sizes {
     users: 300,
@@ -37,7 +37,7 @@ async fn seeded(sizes: Sizes) -> (TestDatabase, PgPool) {
     (database, db)
 }
 
-#[tokio::test]
+#[api_test]
 async fn the_same_seed_generates_the_same_rows_and_another_seed_others() {
     let ((_a, a), (_b, b), (_c, c)) = tokio::join!(
         seeded(SIZES),
@@ -101,13 +101,13 @@ async fn the_same_seed_generates_the_same_rows_and_another_seed_others() {
     assert!(generate::generate(&a, None, SIZES).await.is_err());
 }
 
-#[tokio::test]
+#[api_test]
 async fn price_history_is_generated_as_full_buckets() {
     let database = TestDatabase::create().await;
     let mut settings =
         datagate::config::Settings::load_with_overrides(None, &[("database.url", &database.url)])
             .unwrap();
-    crate::helpers::use_test_mongo(&mut settings);
+    let _mongo = crate::support::use_test_mongo(&mut settings);
     let mongo = datagate::documents::Mongo::connect(&settings.mongodb)
         .await
         .unwrap()
@@ -150,9 +150,4 @@ async fn price_history_is_generated_as_full_buckets() {
         per_product.values().min().unwrap(),
     );
     assert!(*most > 5 * *least, "{most} vs {least}");
-    // This test's MongoDB database goes with it.
-    let client = mongodb::Client::with_uri_str(crate::helpers::mongodb_url())
-        .await
-        .unwrap();
-    let _ = client.database(&settings.mongodb.database).drop().await;
 }

@@ -4,95 +4,41 @@
 use std::time::Duration;
 
 use datagate::proto::v1 as pb;
-use prost_types::FieldMask;
-use sqlx::PgPool;
 use tokio_stream::StreamExt as _;
 use tonic::{Code, Request, transport::Endpoint};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use crate::helpers::{TestApp, assert_error};
+use crate::support::{
+    RowLock, TestApp, api_test, assert_error, rename, wait_for_health, wait_for_lock_waiter,
+};
 
 const USER_SERVICE: &str = "datagate.v1.UserService";
 
-/// Holds a row lock on a user so that an UpdateUser of it blocks: a call
-/// that stays in flight for as long as the test wants.
-pub struct RowLock(sqlx::Transaction<'static, sqlx::Postgres>);
-
-impl RowLock {
-    pub async fn on_user(db: &PgPool, id: i64) -> Self {
-        let mut tx = db.begin().await.unwrap();
-        sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR UPDATE")
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        Self(tx)
-    }
-
-    pub async fn release(self) {
-        self.0.rollback().await.unwrap();
-    }
-}
-
-/// Waits until some statement in the app's database waits for a lock.
-pub async fn wait_for_lock_waiter(db: &PgPool) {
-    for _ in 0..200 {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(db)
+/// Asserts that a GetUser with `token` is UNAUTHENTICATED with `reason`.
+async fn assert_unauthenticated(token: Option<&str>, reason: &str) {
+    let app = TestApp::spawn().await;
+    let status = app
+        .users_as(token)
         .await
-        .unwrap();
-        if waiting > 0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("no call started waiting for the row lock");
+        .get_user(pb::GetUserRequest { id: 1 })
+        .await
+        .unwrap_err();
+    assert_error(&status, Code::Unauthenticated, reason);
 }
 
-pub fn rename(user: &pb::User, name: &str) -> pb::UpdateUserRequest {
-    pb::UpdateUserRequest {
-        id: user.id,
-        version: user.version,
-        user: Some(pb::UserPatch {
-            display_name: name.into(),
-            ..Default::default()
-        }),
-        update_mask: Some(FieldMask {
-            paths: vec!["display_name".into()],
-        }),
-    }
-}
-
-#[tokio::test]
+#[api_test]
 async fn a_call_without_a_token_is_unauthenticated() {
-    let app = TestApp::spawn().await;
-    let status = app
-        .users_as(None)
-        .await
-        .get_user(pb::GetUserRequest { id: 1 })
-        .await
-        .unwrap_err();
-    assert_error(&status, Code::Unauthenticated, "MISSING_CREDENTIALS");
+    assert_unauthenticated(None, "MISSING_CREDENTIALS").await;
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_call_with_an_unknown_token_is_unauthenticated() {
-    let app = TestApp::spawn().await;
-    let status = app
-        .users_as(Some("dg_not-a-configured-token"))
-        .await
-        .get_user(pb::GetUserRequest { id: 1 })
-        .await
-        .unwrap_err();
-    assert_error(&status, Code::Unauthenticated, "INVALID_CREDENTIALS");
+    assert_unauthenticated(Some("dg_not-a-configured-token"), "INVALID_CREDENTIALS").await;
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_caller_without_roles_can_use_the_user_service() {
     let app = TestApp::spawn().await;
     let status = app
@@ -108,7 +54,7 @@ async fn a_caller_without_roles_can_use_the_user_service() {
     );
 }
 
-#[tokio::test]
+#[api_test]
 async fn health_reports_serving_overall_and_per_service_without_a_token() {
     let app = TestApp::spawn().await;
     let mut health = HealthClient::new(app.channel().await);
@@ -125,30 +71,7 @@ async fn health_reports_serving_overall_and_per_service_without_a_token() {
     assert_eq!(unknown.code(), Code::NotFound);
 }
 
-async fn wait_for_health(
-    health: &mut HealthClient<tonic::transport::Channel>,
-    service: &str,
-    want: ServingStatus,
-) -> ServingStatus {
-    let mut last = ServingStatus::Unknown;
-    for _ in 0..100 {
-        if let Ok(response) = health
-            .check(HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-        {
-            last = response.into_inner().status();
-            if last == want {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    last
-}
-
-#[tokio::test]
+#[api_test]
 async fn reflection_v1_and_v1alpha_list_every_service() {
     use tonic_reflection::pb::{v1, v1alpha};
     let app = TestApp::spawn().await;
@@ -210,7 +133,7 @@ async fn reflection_v1_and_v1alpha_list_every_service() {
     );
 }
 
-#[tokio::test]
+#[api_test]
 async fn the_callers_request_id_is_returned_and_one_is_generated_otherwise() {
     let app = TestApp::spawn().await;
     let mut users = app.users().await;
@@ -276,7 +199,7 @@ async fn raw_call_status(
     (code, message)
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_call_past_the_callers_deadline_is_deadline_exceeded() {
     let app = TestApp::spawn().await;
     let user = app.create_user("slow@example.com", "slowpoke").await;
@@ -310,7 +233,7 @@ async fn a_call_past_the_callers_deadline_is_deadline_exceeded() {
     );
 }
 
-#[tokio::test]
+#[api_test]
 async fn the_server_bound_caps_a_longer_caller_deadline() {
     // Wide enough for the arranging calls on a busy machine.
     let app = TestApp::spawn_with(|s| s.server.request_timeout = Duration::from_secs(2)).await;
@@ -325,7 +248,7 @@ async fn the_server_bound_caps_a_longer_caller_deadline() {
     lock.release().await;
 }
 
-#[tokio::test]
+#[api_test]
 async fn an_oversized_request_is_rejected_without_reaching_the_handler() {
     let app = TestApp::spawn_with(|s| s.server.max_message_bytes = 2048).await;
     let status = app
@@ -348,7 +271,7 @@ async fn an_oversized_request_is_rejected_without_reaching_the_handler() {
     assert_eq!(count, 0);
 }
 
-#[tokio::test]
+#[api_test]
 async fn metrics_count_calls_by_method_and_code_and_show_pool_usage() {
     let app = TestApp::spawn().await;
     let get_user = |code| {
@@ -366,7 +289,7 @@ async fn metrics_count_calls_by_method_and_code_and_show_pool_usage() {
             ("rpc_requests_total", "UNAUTHENTICATED"),
             ("rpc_latency_seconds_count", "NOT_FOUND"),
         ]
-        .map(|(name, code)| crate::observe::series(&scrape, name, &get_user(code)))
+        .map(|(name, code)| crate::support::observe::series(&scrape, name, &get_user(code)))
     };
     let before = counted().await;
     let mut users = app.users().await;
@@ -402,25 +325,27 @@ async fn metrics_count_calls_by_method_and_code_and_show_pool_usage() {
     let pool = |name, state: Option<&str>| {
         let mut labels = vec![("pool", "postgres")];
         labels.extend(state.map(|s| ("state", s)));
-        crate::observe::series(&metrics, name, &labels)
+        crate::support::observe::series(&metrics, name, &labels)
     };
     let max = f64::from(app.settings.database.max_connections);
     assert_eq!(pool("connection_pool_max", None), max);
     // Gauges are process-wide too: another app's scrape may set one between
     // this app's setting and rendering it, so poll instead of trusting one.
-    crate::observe::wait_until(
+    crate::support::observe::wait_until(
         "the app's connections",
         Duration::from_secs(5),
         async || {
             let labels = |state| [("pool", "postgres"), ("state", state)];
             let scrape = app.metrics().await;
-            let held =
-                crate::observe::series(&scrape, "connection_pool_connections", &labels("idle"))
-                    + crate::observe::series(
-                        &scrape,
-                        "connection_pool_connections",
-                        &labels("in_use"),
-                    );
+            let held = crate::support::observe::series(
+                &scrape,
+                "connection_pool_connections",
+                &labels("idle"),
+            ) + crate::support::observe::series(
+                &scrape,
+                "connection_pool_connections",
+                &labels("in_use"),
+            );
             (1.0..=max).contains(&held)
         },
     )
@@ -429,7 +354,7 @@ async fn metrics_count_calls_by_method_and_code_and_show_pool_usage() {
     assert!((0.0..=1.0).contains(&usage), "{usage}");
 }
 
-#[tokio::test]
+#[api_test]
 async fn shutdown_reports_not_serving_refuses_new_calls_and_lets_in_flight_calls_finish() {
     let mut app = TestApp::spawn_with(|s| {
         // Long enough to read health on a busy machine before the listener
@@ -476,7 +401,7 @@ async fn shutdown_reports_not_serving_refuses_new_calls_and_lets_in_flight_calls
 
     // After the readiness delay the listener closes: new connections fail.
     let endpoint = Endpoint::from_shared(format!("http://{}", app.addr)).unwrap();
-    crate::observe::wait_until(
+    crate::support::observe::wait_until(
         "new connections are refused while draining",
         Duration::from_secs(15),
         async || endpoint.connect().await.is_err(),
@@ -500,7 +425,7 @@ async fn shutdown_reports_not_serving_refuses_new_calls_and_lets_in_flight_calls
         .expect("a clean shutdown");
 }
 
-#[tokio::test]
+#[api_test]
 async fn the_drain_bound_stops_a_server_whose_calls_never_finish() {
     let mut app =
         TestApp::spawn_with(|s| s.server.drain_timeout = Duration::from_millis(300)).await;
@@ -521,7 +446,7 @@ async fn the_drain_bound_stops_a_server_whose_calls_never_finish() {
     lock.release().await;
 }
 
-#[tokio::test]
+#[api_test]
 async fn with_sslmode_require_every_database_connection_is_encrypted() {
     let app = TestApp::spawn_with(|s| {
         let url = secrecy::ExposeSecret::expose_secret(&s.database.url).to_owned();
@@ -573,7 +498,7 @@ async fn idle_http2_connection(
     (client, task)
 }
 
-#[tokio::test]
+#[api_test]
 async fn connections_past_max_connection_age_are_closed_and_callers_reconnect() {
     let app =
         TestApp::spawn_with(|s| s.server.max_connection_age = Duration::from_millis(300)).await;
@@ -595,7 +520,7 @@ async fn connections_past_max_connection_age_are_closed_and_callers_reconnect() 
     }
 }
 
-#[tokio::test]
+#[api_test]
 async fn without_max_connection_age_an_idle_connection_stays_open() {
     let app = TestApp::spawn().await;
     let (_client, connection) = idle_http2_connection(app.addr).await;

@@ -3,7 +3,7 @@
 use datagate::proto::v1 as pb;
 use tonic::Code;
 
-use crate::helpers::{TestApp, assert_error, violated_fields};
+use crate::support::{TestApp, api_test, assert_error, violated_fields};
 
 async fn create_team(app: &TestApp, name: &str) -> pb::Team {
     app.users()
@@ -14,7 +14,7 @@ async fn create_team(app: &TestApp, name: &str) -> pb::Team {
         .into_inner()
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_member_is_added_listed_and_removed() {
     let app = TestApp::spawn().await;
     let user = app.create_user("member@example.com", "member").await;
@@ -89,7 +89,7 @@ async fn a_member_is_added_listed_and_removed() {
     assert_eq!(after.memberships[0].team.as_ref().unwrap().id, infra.id);
 }
 
-#[tokio::test]
+#[api_test]
 async fn team_names_are_unique_regardless_of_case_and_must_not_be_blank() {
     let app = TestApp::spawn().await;
     create_team(&app, "Platform").await;
@@ -108,7 +108,7 @@ async fn team_names_are_unique_regardless_of_case_and_must_not_be_blank() {
     assert_eq!(violated_fields(&status), ["name"]);
 }
 
-#[tokio::test]
+#[api_test]
 async fn membership_errors_name_what_is_missing_or_duplicated() {
     let app = TestApp::spawn().await;
     let user = app.create_user("m@example.com", "membr").await;
@@ -127,17 +127,13 @@ async fn membership_errors_name_what_is_missing_or_duplicated() {
         .unwrap_err();
     assert_error(&status, Code::AlreadyExists, "TEAM_MEMBER_ALREADY_EXISTS");
 
-    let status = users
-        .add_team_member(add(424_242, user.id))
-        .await
-        .unwrap_err();
-    assert_error(&status, Code::NotFound, "TEAM_NOT_FOUND");
-
-    let status = users
-        .add_team_member(add(team.id, 424_242))
-        .await
-        .unwrap_err();
-    assert_error(&status, Code::NotFound, "USER_NOT_FOUND");
+    for (request, reason) in [
+        (add(424_242, user.id), "TEAM_NOT_FOUND"),
+        (add(team.id, 424_242), "USER_NOT_FOUND"),
+    ] {
+        let status = users.add_team_member(request).await.unwrap_err();
+        assert_error(&status, Code::NotFound, reason);
+    }
 
     let status = users
         .remove_team_member(pb::RemoveTeamMemberRequest {
@@ -159,7 +155,7 @@ async fn membership_errors_name_what_is_missing_or_duplicated() {
     assert_eq!(violated_fields(&status), ["role", "team_id"]);
 }
 
-#[tokio::test]
+#[api_test]
 async fn deleting_a_user_removes_their_memberships() {
     let app = TestApp::spawn().await;
     let user = app.create_user("leaver@example.com", "leaver").await;

@@ -1,19 +1,13 @@
 //! UserService through the front door: every RPC's success and failure paths.
 
 use datagate::proto::v1 as pb;
-use prost_types::{FieldMask, Timestamp};
+use prost_types::Timestamp;
 use tonic::Code;
 use tonic_types::StatusExt as _;
 
-use crate::helpers::{TestApp, assert_error, unique, violated_fields};
+use crate::support::{TestApp, api_test, assert_error, mask, unique, violated_fields};
 
-fn mask(paths: &[&str]) -> Option<FieldMask> {
-    Some(FieldMask {
-        paths: paths.iter().map(|p| (*p).to_owned()).collect(),
-    })
-}
-
-#[tokio::test]
+#[api_test]
 async fn create_user_returns_the_stored_user_without_any_password_material() {
     let app = TestApp::spawn().await;
     let mut users = app.users().await;
@@ -51,7 +45,7 @@ async fn create_user_returns_the_stored_user_without_any_password_material() {
     assert!(!format!("{fetched:?}").contains("argon2"));
 }
 
-#[tokio::test]
+#[api_test]
 async fn get_user_of_an_unknown_id_is_not_found() {
     let app = TestApp::spawn().await;
     let status = app
@@ -64,7 +58,7 @@ async fn get_user_of_an_unknown_id_is_not_found() {
     assert!(status.message().contains("987654"));
 }
 
-#[tokio::test]
+#[api_test]
 async fn get_user_with_a_non_positive_id_is_invalid() {
     let app = TestApp::spawn().await;
     let status = app
@@ -76,41 +70,45 @@ async fn get_user_with_a_non_positive_id_is_invalid() {
     assert_eq!(violated_fields(&status), ["id"]);
 }
 
-#[tokio::test]
+/// Creates the user `existing` (email, username), then asserts that
+/// creating `second` is refused as ALREADY_EXISTS with `reason`.
+async fn assert_second_user_refused(existing: (&str, &str), second: (&str, &str), reason: &str) {
+    let app = TestApp::spawn().await;
+    app.create_user(existing.0, existing.1).await;
+    let status = app
+        .users()
+        .await
+        .create_user(pb::CreateUserRequest {
+            email: second.0.into(),
+            username: second.1.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_error(&status, Code::AlreadyExists, reason);
+}
+
+#[api_test]
 async fn a_duplicate_email_in_any_case_is_already_exists() {
-    let app = TestApp::spawn().await;
-    app.create_user("grace@example.com", "grace").await;
-    let status = app
-        .users()
-        .await
-        .create_user(pb::CreateUserRequest {
-            email: "GRACE@example.com".into(),
-            username: "grace2".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_error(&status, Code::AlreadyExists, "EMAIL_ALREADY_EXISTS");
+    assert_second_user_refused(
+        ("grace@example.com", "grace"),
+        ("GRACE@example.com", "grace2"),
+        "EMAIL_ALREADY_EXISTS",
+    )
+    .await;
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_duplicate_username_is_already_exists() {
-    let app = TestApp::spawn().await;
-    app.create_user("one@example.com", "samename").await;
-    let status = app
-        .users()
-        .await
-        .create_user(pb::CreateUserRequest {
-            email: "two@example.com".into(),
-            username: "SameName".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_error(&status, Code::AlreadyExists, "USERNAME_ALREADY_EXISTS");
+    assert_second_user_refused(
+        ("one@example.com", "samename"),
+        ("two@example.com", "SameName"),
+        "USERNAME_ALREADY_EXISTS",
+    )
+    .await;
 }
 
-#[tokio::test]
+#[api_test]
 async fn invalid_input_reports_every_violated_field_at_once() {
     let app = TestApp::spawn().await;
     let status = app
@@ -145,7 +143,7 @@ async fn invalid_input_reports_every_violated_field_at_once() {
     assert!(!status.message().contains("sqlx"), "no internals leak");
 }
 
-#[tokio::test]
+#[api_test]
 async fn batch_get_returns_users_in_request_order_with_duplicates() {
     let app = TestApp::spawn().await;
     let a = app.create_user("a@example.com", "usera").await;
@@ -165,7 +163,7 @@ async fn batch_get_returns_users_in_request_order_with_duplicates() {
     assert!(response.missing_ids.is_empty());
 }
 
-#[tokio::test]
+#[api_test]
 async fn batch_get_with_a_missing_id_fails_naming_it_unless_told_to_skip() {
     let app = TestApp::spawn().await;
     let a = app.create_user("a@example.com", "usera").await;
@@ -198,30 +196,23 @@ async fn batch_get_with_a_missing_id_fails_naming_it_unless_told_to_skip() {
     assert_eq!(response.missing_ids, [999_999]);
 }
 
-#[tokio::test]
+#[api_test]
 async fn batch_get_rejects_oversized_batches_and_bad_ids() {
     let app = TestApp::spawn().await;
     let mut users = app.users().await;
-    let status = users
-        .batch_get_users(pb::BatchGetUsersRequest {
-            ids: (1..=101).collect(),
-            skip_missing: true,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(violated_fields(&status), ["ids"]);
-
-    let status = users
-        .batch_get_users(pb::BatchGetUsersRequest {
-            ids: vec![1, -4],
-            skip_missing: true,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(violated_fields(&status), ["ids[1]"]);
+    for (ids, field) in [((1..=101).collect(), "ids"), (vec![1, -4], "ids[1]")] {
+        let status = users
+            .batch_get_users(pb::BatchGetUsersRequest {
+                ids,
+                skip_missing: true,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(violated_fields(&status), [field]);
+    }
 }
 
-#[tokio::test]
+#[api_test]
 async fn list_users_pages_through_everyone_once_in_creation_order() {
     let app = TestApp::spawn().await;
     let mut expected = Vec::new();
@@ -258,7 +249,7 @@ async fn list_users_pages_through_everyone_once_in_creation_order() {
     assert_eq!(pages, 3);
 }
 
-#[tokio::test]
+#[api_test]
 async fn list_users_filters_by_status_and_creation_time() {
     let app = TestApp::spawn().await;
     let active = app.create_user("act@example.com", "active1").await;
@@ -325,7 +316,7 @@ async fn list_users_filters_by_status_and_creation_time() {
     );
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_tampered_or_foreign_page_token_is_invalid() {
     let app = TestApp::spawn().await;
     for i in 0..3 {
@@ -369,7 +360,7 @@ async fn a_tampered_or_foreign_page_token_is_invalid() {
     assert_eq!(violated_fields(&status), ["page_token"]);
 }
 
-#[tokio::test]
+#[api_test]
 async fn page_size_out_of_range_is_invalid_or_capped() {
     let app = TestApp::spawn().await;
     let mut users = app.users().await;
@@ -394,7 +385,7 @@ async fn page_size_out_of_range_is_invalid_or_capped() {
     );
 }
 
-#[tokio::test]
+#[api_test]
 async fn update_user_changes_only_masked_fields_and_bumps_the_version() {
     let app = TestApp::spawn().await;
     let user = app.create_user("up@example.com", "updater").await;
@@ -419,7 +410,7 @@ async fn update_user_changes_only_masked_fields_and_bumps_the_version() {
     assert_eq!(updated.version, user.version + 1);
 }
 
-#[tokio::test]
+#[api_test]
 async fn update_user_with_a_stale_version_is_aborted_with_the_current_version() {
     let app = TestApp::spawn().await;
     let user = app.create_user("stale@example.com", "stale").await;
@@ -443,50 +434,51 @@ async fn update_user_with_a_stale_version_is_aborted_with_the_current_version() 
     );
 }
 
-#[tokio::test]
+#[api_test]
 async fn update_user_rejects_bad_masks_and_values() {
     let app = TestApp::spawn().await;
     let user = app.create_user("mask@example.com", "masker").await;
     let mut users = app.users().await;
 
-    let status = users
-        .update_user(pb::UpdateUserRequest {
-            id: user.id,
-            version: user.version,
-            user: Some(pb::UserPatch::default()),
-            update_mask: None,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(violated_fields(&status), ["update_mask"]);
-
-    let status = users
-        .update_user(pb::UpdateUserRequest {
-            id: user.id,
-            version: user.version,
-            user: Some(pb::UserPatch {
-                email: "broken".into(),
-                ..Default::default()
-            }),
-            update_mask: mask(&["email", "id"]),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(violated_fields(&status), ["update_mask", "user.email"]);
-
-    let status = users
-        .update_user(pb::UpdateUserRequest {
-            id: user.id,
-            version: 0,
-            user: Some(pb::UserPatch::default()),
-            update_mask: mask(&["display_name"]),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(violated_fields(&status), ["version"]);
+    let cases: [(pb::UpdateUserRequest, &[&str]); 3] = [
+        (
+            pb::UpdateUserRequest {
+                id: user.id,
+                version: user.version,
+                user: Some(pb::UserPatch::default()),
+                update_mask: None,
+            },
+            &["update_mask"],
+        ),
+        (
+            pb::UpdateUserRequest {
+                id: user.id,
+                version: user.version,
+                user: Some(pb::UserPatch {
+                    email: "broken".into(),
+                    ..Default::default()
+                }),
+                update_mask: mask(&["email", "id"]),
+            },
+            &["update_mask", "user.email"],
+        ),
+        (
+            pb::UpdateUserRequest {
+                id: user.id,
+                version: 0,
+                user: Some(pb::UserPatch::default()),
+                update_mask: mask(&["display_name"]),
+            },
+            &["version"],
+        ),
+    ];
+    for (request, fields) in cases {
+        let status = users.update_user(request.clone()).await.unwrap_err();
+        assert_eq!(violated_fields(&status), fields, "{request:?}");
+    }
 }
 
-#[tokio::test]
+#[api_test]
 async fn update_user_to_a_taken_email_is_already_exists() {
     let app = TestApp::spawn().await;
     app.create_user("taken@example.com", "taken").await;
@@ -508,7 +500,7 @@ async fn update_user_to_a_taken_email_is_already_exists() {
     assert_error(&status, Code::AlreadyExists, "EMAIL_ALREADY_EXISTS");
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_deleted_user_is_not_found_everywhere_and_its_email_can_be_reused() {
     let app = TestApp::spawn().await;
     let user = app.create_user("gone@example.com", "gone").await;
@@ -562,7 +554,7 @@ async fn a_deleted_user_is_not_found_everywhere_and_its_email_can_be_reused() {
     assert!(still_there, "soft delete keeps the row");
 }
 
-#[tokio::test]
+#[api_test]
 async fn delete_user_with_a_stale_version_is_aborted() {
     let app = TestApp::spawn().await;
     let user = app.create_user("del@example.com", "deleter").await;
@@ -578,7 +570,7 @@ async fn delete_user_with_a_stale_version_is_aborted() {
     assert_error(&status, Code::Aborted, "VERSION_CONFLICT");
 }
 
-#[tokio::test]
+#[api_test]
 async fn verify_password_accepts_the_right_password_by_email_or_id() {
     let app = TestApp::spawn().await;
     let (email, username) = unique("pw");
@@ -608,7 +600,7 @@ async fn verify_password_accepts_the_right_password_by_email_or_id() {
     }
 }
 
-#[tokio::test]
+#[api_test]
 async fn verify_password_answers_invalid_for_wrong_passwords_unknown_and_passwordless_users() {
     let app = TestApp::spawn().await;
     app.create_user_with(pb::CreateUserRequest {
@@ -648,7 +640,7 @@ async fn verify_password_answers_invalid_for_wrong_passwords_unknown_and_passwor
     }
 }
 
-#[tokio::test]
+#[api_test]
 async fn verify_password_needs_a_user_and_a_password() {
     let app = TestApp::spawn().await;
     let status = app
@@ -663,7 +655,7 @@ async fn verify_password_needs_a_user_and_a_password() {
     assert_eq!(violated_fields(&status), ["password", "user"]);
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_password_can_be_changed_and_removed_through_update() {
     let app = TestApp::spawn().await;
     let user = app

@@ -1,16 +1,14 @@
 //! `TestApp`: the real application, in-process on ephemeral ports, with its
-//! own PostgreSQL database, called through the generated client.
+//! own PostgreSQL database (and, if asked, MongoDB database and Redis
+//! namespace), called through the generated clients.
 //!
-//! The server to create databases on comes from `DATAGATE_TEST_DATABASE_URL`
-//! or `DATABASE_URL` (`make test` starts one). Each test's database is
-//! `datagate_test_<uuid>` and is dropped when the `TestApp` is dropped
-//! (`KEEP_TEST_DB=1` keeps it for inspection). `TEST_LOG=1` shows the logs.
+//! The app runs on the test's runtime, so a test that pauses tokio's clock
+//! pauses the app's too. Dropping a `TestApp` cancels its shutdown token;
+//! the test's frame (`frame`) then waits for the server to stop, background
+//! tasks included, before its databases are dropped. `TEST_LOG=1` shows the
+//! logs.
 
-use std::{
-    net::SocketAddr,
-    sync::{Arc, OnceLock},
-    time::Duration,
-};
+use std::{net::SocketAddr, time::Duration};
 
 use datagate::{
     auth,
@@ -23,146 +21,19 @@ use datagate::{
     },
     startup::Application,
 };
-use sqlx::{Connection as _, PgConnection, PgPool};
+use sqlx::PgPool;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::{
-    Code, Request, Status,
-    metadata::MetadataValue,
-    service::{Interceptor, interceptor::InterceptedService},
-    transport::{Channel, Endpoint},
+use tonic::transport::{Channel, Endpoint};
+
+use super::{
+    TestDatabase, TestMongo,
+    clients::{AdminClient, AnalyticsClient, Bearer, CatalogClient, OrderClient, UserClient},
+    frame::Teardown,
+    mongo::use_test_mongo,
+    redis::redis_cluster_connection,
+    telemetry,
 };
-use tonic_types::StatusExt as _;
-
-pub type UserClient = UserServiceClient<InterceptedService<Channel, Bearer>>;
-pub type CatalogClient = CatalogServiceClient<InterceptedService<Channel, Bearer>>;
-pub type OrderClient = OrderServiceClient<InterceptedService<Channel, Bearer>>;
-pub type AdminClient = AdminServiceClient<InterceptedService<Channel, Bearer>>;
-pub type AnalyticsClient = AnalyticsServiceClient<InterceptedService<Channel, Bearer>>;
-
-/// Adds `authorization: Bearer <token>` to every call.
-#[derive(Clone)]
-pub struct Bearer(pub Option<Arc<str>>);
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(token) = &self.0 {
-            let value = MetadataValue::try_from(format!("Bearer {token}"))
-                .map_err(|_| Status::internal("token is not valid metadata"))?;
-            request.metadata_mut().insert("authorization", value);
-        }
-        Ok(request)
-    }
-}
-
-/// The subscriber every test process runs with: the statement layer (which
-/// statement counting and N+1 detection rely on, as in production), the
-/// capture tests read a call's log lines from, and, with `TEST_LOG=1`,
-/// readable logs.
-fn init_telemetry() {
-    use tracing_subscriber::{Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _};
-    static ONCE: OnceLock<()> = OnceLock::new();
-    ONCE.get_or_init(|| {
-        let logs = std::env::var_os("TEST_LOG").is_some().then(|| {
-            tracing_subscriber::fmt::layer()
-                .with_test_writer()
-                .with_filter(tracing_subscriber::EnvFilter::new(
-                    "info,datagate=debug,sqlx=warn",
-                ))
-        });
-        let _ = tracing_subscriber::registry()
-            .with(datagate::statements::StatementLayer::filtered(
-                Duration::from_millis(200),
-            ))
-            .with(crate::observe::capture_layer())
-            .with(logs)
-            .try_init();
-    });
-}
-
-pub fn admin_database_url() -> String {
-    std::env::var("DATAGATE_TEST_DATABASE_URL")
-        .or_else(|_| std::env::var("DATABASE_URL"))
-        .expect("set DATABASE_URL to a PostgreSQL server the tests may create databases on (`make test` does)")
-}
-
-/// A fresh, migrated database for one test; dropped with the guard.
-pub struct TestDatabase {
-    pub name: String,
-    pub url: String,
-    admin_url: String,
-}
-
-impl TestDatabase {
-    pub async fn create() -> Self {
-        let admin_url = admin_database_url();
-        let name = format!("datagate_test_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = PgConnection::connect(&admin_url)
-            .await
-            .expect("connect to the test PostgreSQL server");
-        sqlx::query(&format!(r#"CREATE DATABASE "{name}""#))
-            .execute(&mut admin)
-            .await
-            .expect("create the test database");
-        admin.close().await.ok();
-        let url = datagate::store::postgres::url_with_database(&admin_url, &name);
-        let pool = PgPool::connect(&url)
-            .await
-            .expect("connect to the test database");
-        datagate::store::postgres::migrate_up(&pool)
-            .await
-            .expect("migrate the test database");
-        pool.close().await;
-        Self {
-            name,
-            url,
-            admin_url,
-        }
-    }
-}
-
-impl Drop for TestDatabase {
-    fn drop(&mut self) {
-        if std::env::var_os("KEEP_TEST_DB").is_some() {
-            eprintln!("kept test database {}", self.name);
-            return;
-        }
-        let admin_url = self.admin_url.clone();
-        let name = self.name.clone();
-        // Drop runs outside any runtime we may block: use a thread of its own.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a runtime for dropping the test database");
-            rt.block_on(async {
-                if let Ok(mut admin) = PgConnection::connect(&admin_url).await {
-                    let _ =
-                        sqlx::query(&format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#))
-                            .execute(&mut admin)
-                            .await;
-                }
-            });
-        })
-        .join();
-    }
-}
-
-pub fn mongodb_url() -> String {
-    std::env::var("MONGODB_URL").expect(
-        "set MONGODB_URL to a MongoDB-compatible server the tests may use (`make test` does)",
-    )
-}
-
-/// Points `settings` at a fresh MongoDB database of its own.
-pub fn use_test_mongo(settings: &mut Settings) {
-    settings.mongodb.url = mongodb_url().into();
-    settings.mongodb.database = format!(
-        "dgtest_{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..16]
-    );
-    settings.mongodb.outbox_interval = Duration::from_millis(200);
-}
 
 pub struct TestApp {
     pub addr: SocketAddr,
@@ -177,9 +48,16 @@ pub struct TestApp {
     pub settings: Settings,
     shutdown: CancellationToken,
     server: Option<JoinHandle<anyhow::Result<()>>>,
-    // Last: the database is dropped after the app has stopped using it
+    // Last: the databases are dropped after the app has stopped using them
     // (replicas share their primary's and own none).
-    _database: Option<TestDatabase>,
+    _databases: Owned,
+}
+
+/// The databases an app owns (a primary) or not (a replica).
+#[derive(Default)]
+struct Owned {
+    _postgres: Option<TestDatabase>,
+    _mongo: Option<TestMongo>,
 }
 
 impl TestApp {
@@ -189,7 +67,18 @@ impl TestApp {
 
     /// Spawns the app with settings adjusted by `customize`.
     pub async fn spawn_with(customize: impl FnOnce(&mut Settings)) -> Self {
-        init_telemetry();
+        Self::spawn_owning(false, customize).await
+    }
+
+    /// The app with MongoDB: its own database on `MONGODB_URL` (dropped
+    /// with the app). MongoDB traffic is kept to the tests that need it: the
+    /// test server is slow.
+    pub async fn spawn_with_mongo(customize: impl FnOnce(&mut Settings)) -> Self {
+        Self::spawn_owning(true, customize).await
+    }
+
+    async fn spawn_owning(with_mongo: bool, customize: impl FnOnce(&mut Settings)) -> Self {
+        telemetry::init();
         let database = TestDatabase::create().await;
         let (token, admin_entry) =
             auth::new_token("test-admin", &[auth::ADMIN_ROLE.to_owned()]).unwrap();
@@ -220,15 +109,20 @@ impl TestApp {
         settings.database.max_connections = 8;
         settings.database.min_connections = 0;
         settings.auth.tokens = vec![admin_entry.parse().unwrap(), reader_entry.parse().unwrap()];
+        let mongo = with_mongo.then(|| use_test_mongo(&mut settings));
         customize(&mut settings);
-        Self::start(settings, token, reader_token, Some(database)).await
+        let databases = Owned {
+            _postgres: Some(database),
+            _mongo: mongo,
+        };
+        Self::start(settings, token, reader_token, databases).await
     }
 
     async fn start(
         settings: Settings,
         token: String,
         reader_token: String,
-        database: Option<TestDatabase>,
+        databases: Owned,
     ) -> Self {
         let app = Application::build(settings.clone())
             .await
@@ -240,7 +134,7 @@ impl TestApp {
             .expect("test pool");
         let shutdown = CancellationToken::new();
         let server = tokio::spawn(app.run_until_stopped(shutdown.clone().cancelled_owned()));
-        Self {
+        let app = Self {
             addr,
             metrics_addr,
             db,
@@ -249,19 +143,29 @@ impl TestApp {
             settings,
             shutdown,
             server: Some(server),
-            _database: database,
-        }
+            _databases: databases,
+        };
+        app.wait_for_first_readiness_check().await;
+        app
     }
 
-    /// The app with MongoDB: its own database on `MONGODB_URL` (dropped
-    /// with the app). MongoDB traffic is kept to the tests that need it: the
-    /// test server is slow.
-    pub async fn spawn_with_mongo(customize: impl FnOnce(&mut Settings)) -> Self {
-        Self::spawn_with(|s| {
-            use_test_mongo(s);
-            customize(s);
-        })
-        .await
+    /// Waits until the app's readiness watcher has checked its dependencies
+    /// once and registered a health entry per service (SERVING or not), as
+    /// a load balancer waits for a new replica; until then a per-service
+    /// health check answers NOT_FOUND.
+    async fn wait_for_first_readiness_check(&self) {
+        use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+        let mut health = HealthClient::new(self.channel().await);
+        for _ in 0..500 {
+            let check = HealthCheckRequest {
+                service: "datagate.v1.UserService".into(),
+            };
+            if health.check(check).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the app registered no health entries within 10 s");
     }
 
     /// This app's MongoDB database, for arranging and checking documents.
@@ -279,7 +183,7 @@ impl TestApp {
             settings,
             self.token.clone(),
             self.reader_token.clone(),
-            None,
+            Owned::default(),
         )
         .await
     }
@@ -291,7 +195,7 @@ impl TestApp {
             self.settings.clone(),
             self.token.clone(),
             self.reader_token.clone(),
-            None,
+            Owned::default(),
         )
         .await
     }
@@ -449,106 +353,9 @@ impl Drop for TestApp {
     fn drop(&mut self) {
         self.shutdown.cancel();
         if let Some(server) = self.server.take() {
-            server.abort();
+            Teardown::Server(server).register();
         }
-        // The owner of a test database also drops its MongoDB database.
-        let mongo_url = secrecy::ExposeSecret::expose_secret(&self.settings.mongodb.url).to_owned();
-        if self._database.is_some()
-            && !mongo_url.is_empty()
-            && std::env::var_os("KEEP_TEST_DB").is_none()
-        {
-            let name = self.settings.mongodb.database.clone();
-            let _ = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("a runtime for dropping the test database");
-                rt.block_on(async {
-                    if let Ok(client) = mongodb::Client::with_uri_str(mongo_url).await {
-                        let _ = client.database(&name).drop().await;
-                    }
-                });
-            })
-            .join();
-        }
+        // Then the fields: the test pool, and the databases this app owns,
+        // whose teardowns come after the server's.
     }
-}
-
-/// A connection to the Redis Cluster with these comma-separated seed URLs.
-pub async fn redis_cluster_connection(urls: &str) -> deadpool_redis::cluster::ClusterConnection {
-    deadpool_redis::cluster::ClusterClient::new(urls.split(','))
-        .expect("redis cluster urls")
-        .get_async_connection()
-        .await
-        .expect("connect to the redis cluster")
-}
-
-/// The health of `service` once it is `want`, or its last status after 10 s.
-pub async fn health_of(
-    app: &TestApp,
-    service: &str,
-    want: tonic_health::pb::health_check_response::ServingStatus,
-) -> tonic_health::pb::health_check_response::ServingStatus {
-    use tonic_health::pb::{
-        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-    };
-    let mut health = HealthClient::new(app.channel().await);
-    let mut last = ServingStatus::Unknown;
-    for _ in 0..100 {
-        if let Ok(r) = health
-            .check(HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-        {
-            last = r.into_inner().status();
-            if last == want {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    last
-}
-
-/// Asserts the status code and the `ErrorInfo` reason of an error.
-#[track_caller]
-pub fn assert_error(status: &Status, code: Code, reason: &str) {
-    assert_eq!(status.code(), code, "unexpected status: {status:?}");
-    let details = status.get_error_details();
-    let info = details
-        .error_info()
-        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
-    assert_eq!(info.reason, reason, "unexpected reason in {status:?}");
-    assert_eq!(info.domain, "datagate.v1");
-}
-
-/// The fields named by the `BadRequest` violations of an INVALID_ARGUMENT.
-#[track_caller]
-pub fn violated_fields(status: &Status) -> Vec<String> {
-    assert_eq!(
-        status.code(),
-        Code::InvalidArgument,
-        "unexpected status: {status:?}"
-    );
-    let details = status.get_error_details();
-    let bad_request = details
-        .bad_request()
-        .unwrap_or_else(|| panic!("no BadRequest in {status:?}"));
-    let mut fields: Vec<String> = bad_request
-        .field_violations
-        .iter()
-        .map(|v| v.field.clone())
-        .collect();
-    fields.sort();
-    fields
-}
-
-/// A unique email and username for one test's users.
-pub fn unique(prefix: &str) -> (String, String) {
-    let tag = &uuid::Uuid::new_v4().simple().to_string()[..10];
-    (
-        format!("{prefix}-{tag}@example.com"),
-        format!("{prefix}_{tag}"),
-    )
 }

@@ -20,7 +20,7 @@ use tonic::{Request, metadata::MetadataValue};
 use tracing::{Level, Subscriber};
 use tracing_subscriber::{Layer, filter::filter_fn, fmt::MakeWriter, registry::LookupSpan};
 
-use crate::helpers::TestApp;
+use super::TestApp;
 
 /// Polls `check` until it holds; panics naming `what` after `within`.
 pub async fn wait_until(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {

@@ -1,0 +1,56 @@
+# Sourced (never run) by the scripts in scripts/ and by the Makefile: what
+# they would otherwise each write again. Sourcing it sets ROOT (the
+# repository) and STATE (the development state directory) and changes to
+# ROOT; the functions return non-zero on failure, so that under `set -e`
+# and in `a && b` chains alike a failure stops the caller.
+#
+#   . scripts/lib.sh
+#   dev_env_up                  start the development servers, export their environment
+#   need_psql                   set PSQL to a psql client
+#   db_url NAME                 DATABASE_URL with its database replaced by NAME
+#   free_port                   a free TCP port on loopback
+#   drop_mongo_database URL NAME
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+STATE=${DATAGATE_DEV_DIR:-$ROOT/.dev}
+cd "$ROOT" || return
+
+# Starts (installing if missing) PostgreSQL, Redis and MongoDB, and exports
+# DATABASE_URL, REDIS_URL, REDIS_CLUSTER_URLS, MONGODB_URL and PATH. The
+# output is assigned before it is evaluated: `eval "$(scripts/dev-env.sh up)"`
+# would hide a failing dev-env.sh behind a successful eval.
+dev_env_up() {
+  local exports
+  exports=$("$ROOT/scripts/dev-env.sh" up) || return
+  eval "$exports"
+}
+
+# PSQL: psql on PATH, else the newest PostgreSQL installation's.
+need_psql() {
+  PSQL=$(command -v psql || ls /usr/lib/postgresql/*/bin/psql 2>/dev/null | sort -V | tail -n 1) || true
+  [ -n "$PSQL" ] || { echo "no psql found (scripts/dev-env.sh up installs PostgreSQL)" >&2; return 1; }
+}
+
+# postgres://u@h:p/db?opts with the database replaced, the options kept.
+db_url() {
+  local base=${DATABASE_URL%%\?*}
+  echo "${base%/*}/$1${DATABASE_URL#"$base"}"
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Drops the MongoDB database NAME on URL with pymongo (which the development
+# venv has, beside nx-27017); says so, and succeeds, where pymongo is
+# missing: a leftover database is not worth failing a run for.
+drop_mongo_database() {
+  python3 - "$1" "$2" <<'PY' || echo "could not drop MongoDB database $2 (no pymongo?)" >&2
+import sys
+try:
+    import pymongo
+except ImportError:
+    sys.exit(1)
+pymongo.MongoClient(sys.argv[1], serverSelectionTimeoutMS=5000).drop_database(sys.argv[2])
+PY
+}
