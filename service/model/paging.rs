@@ -65,6 +65,17 @@ pub struct PageRequest {
     pub token: Option<String>,
 }
 
+impl PageRequest {
+    /// A request for pages of `size`; an empty `token` (protobuf's unset)
+    /// asks for the first page.
+    pub fn new(size: PageSize, token: String) -> Self {
+        Self {
+            size,
+            token: (!token.is_empty()).then_some(token),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Page<T> {
     pub items: Vec<T>,
