@@ -3,6 +3,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
+use super::row_id;
 use crate::{
     error::{Error, Result},
     model::{
@@ -24,7 +25,7 @@ impl TryFrom<TeamRow> for Team {
 
     fn try_from(row: TeamRow) -> Result<Self> {
         Ok(Team {
-            id: Id::parse(row.id).map_err(|e| anyhow::anyhow!("team id {}: {e}", row.id))?,
+            id: row_id("team", row.id)?,
             name: row.name,
             created_at: row.created_at,
         })
@@ -52,7 +53,7 @@ impl TryFrom<MembershipRow> for Membership {
                 created_at: row.team_created_at,
             }
             .try_into()?,
-            user_id: Id::parse(row.user_id).map_err(|e| anyhow::anyhow!("user id: {e}"))?,
+            user_id: row_id("user", row.user_id)?,
             role: TeamRole::from_db(&row.role)?,
             joined_at: row.joined_at,
         })
