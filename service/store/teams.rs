@@ -32,6 +32,14 @@ impl TryFrom<TeamRow> for Team {
     }
 }
 
+/// The columns of a [`MembershipRow`], from memberships `m` joined to `teams t`.
+macro_rules! membership_columns {
+    () => {
+        "m.team_id, t.name AS team_name, t.created_at AS team_created_at, \
+         m.user_id, m.role, m.joined_at"
+    };
+}
+
 #[derive(sqlx::FromRow)]
 struct MembershipRow {
     team_id: i64,
@@ -84,14 +92,14 @@ pub async fn insert_membership(
     user_id: Id,
     role: TeamRole,
 ) -> Result<Membership> {
-    let row: MembershipRow = sqlx::query_as(
+    let row: MembershipRow = sqlx::query_as(concat!(
         "WITH m AS ( \
            INSERT INTO user_teams (team_id, user_id, role) VALUES ($1, $2, $3) \
            RETURNING team_id, user_id, role, joined_at) \
-         SELECT m.team_id, t.name AS team_name, t.created_at AS team_created_at, \
-                m.user_id, m.role, m.joined_at \
-         FROM m JOIN teams t ON t.id = m.team_id",
-    )
+         SELECT ",
+        membership_columns!(),
+        " FROM m JOIN teams t ON t.id = m.team_id"
+    ))
     .bind(team_id.get())
     .bind(user_id.get())
     .bind(role.as_str())
@@ -128,15 +136,15 @@ pub async fn memberships_of(
         Some((micros, team)) => (Some(keyset_time(micros)?), team),
         None => (None, 0),
     };
-    let rows: Vec<MembershipRow> = sqlx::query_as(
-        "SELECT m.team_id, t.name AS team_name, t.created_at AS team_created_at, \
-                m.user_id, m.role, m.joined_at \
-         FROM user_teams m JOIN teams t ON t.id = m.team_id \
+    let rows: Vec<MembershipRow> = sqlx::query_as(concat!(
+        "SELECT ",
+        membership_columns!(),
+        " FROM user_teams m JOIN teams t ON t.id = m.team_id \
          WHERE m.user_id = $1 \
            AND ($2::timestamptz IS NULL OR (m.joined_at, m.team_id) > ($2, $3)) \
          ORDER BY m.joined_at, m.team_id \
-         LIMIT $4",
-    )
+         LIMIT $4"
+    ))
     .bind(user_id.get())
     .bind(after_at)
     .bind(after_team)
