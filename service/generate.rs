@@ -167,6 +167,24 @@ pub async fn generate(db: &PgPool, mongo: Option<&Mongo>, sizes: Sizes) -> anyho
     Ok(())
 }
 
+/// Turns the audit trigger of each table (`<table>_audit`) off or on, in
+/// this transaction only: generated rows are no caller's writes.
+async fn audit_triggers(
+    tx: &mut Transaction<'_, Postgres>,
+    tables: &[&str],
+    on: bool,
+) -> anyhow::Result<()> {
+    let action = if on { "ENABLE" } else { "DISABLE" };
+    for table in tables {
+        sqlx::query(&format!(
+            "ALTER TABLE {table} {action} TRIGGER {table}_audit"
+        ))
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
 /// Runs `chunk_sql` (binding the first and last row number of the chunk,
 /// then `binds`) for every chunk of `total`, in one transaction.
 async fn chunked(
@@ -211,11 +229,10 @@ pub async fn products(db: &PgPool, total: u64, seed: u64) -> anyhow::Result<()> 
     for statement in [
         "SET LOCAL maintenance_work_mem = '512MB'",
         "SET LOCAL max_parallel_workers_per_gather = 0",
-        "ALTER TABLE products DISABLE TRIGGER products_audit",
-        "ALTER TABLE inventory DISABLE TRIGGER inventory_audit",
     ] {
         sqlx::query(statement).execute(&mut *tx).await?;
     }
+    audit_triggers(&mut tx, &["products", "inventory"], false).await?;
     for (name, _) in &indexes {
         sqlx::query(&format!("DROP INDEX {name}"))
             .execute(&mut *tx)
@@ -239,12 +256,7 @@ pub async fn products(db: &PgPool, total: u64, seed: u64) -> anyhow::Result<()> 
         progress.inc(1);
     }
     progress.finish();
-    for statement in [
-        "ALTER TABLE products ENABLE TRIGGER products_audit",
-        "ALTER TABLE inventory ENABLE TRIGGER inventory_audit",
-    ] {
-        sqlx::query(statement).execute(&mut *tx).await?;
-    }
+    audit_triggers(&mut tx, &["products", "inventory"], true).await?;
     tx.commit().await?;
     Ok(())
 }
@@ -277,9 +289,7 @@ const PRODUCTS_SQL: &str = "INSERT INTO products (sku, title, description, categ
 pub async fn users(db: &PgPool, total: u64, seed: u64) -> anyhow::Result<()> {
     let mut conn = db.acquire().await?;
     let mut tx = conn.begin().await?;
-    sqlx::query("ALTER TABLE users DISABLE TRIGGER users_audit")
-        .execute(&mut *tx)
-        .await?;
+    audit_triggers(&mut tx, &["users"], false).await?;
     chunked(
         &mut tx,
         "users",
@@ -294,9 +304,7 @@ pub async fn users(db: &PgPool, total: u64, seed: u64) -> anyhow::Result<()> {
         |q| q,
     )
     .await?;
-    sqlx::query("ALTER TABLE users ENABLE TRIGGER users_audit")
-        .execute(&mut *tx)
-        .await?;
+    audit_triggers(&mut tx, &["users"], true).await?;
     tx.commit().await?;
     Ok(())
 }
@@ -305,13 +313,10 @@ pub async fn users(db: &PgPool, total: u64, seed: u64) -> anyhow::Result<()> {
 pub async fn orders(db: &PgPool, total: u64, seed: u64) -> anyhow::Result<()> {
     let mut conn = db.acquire().await?;
     let mut tx = conn.begin().await?;
-    for statement in [
-        "SET LOCAL max_parallel_workers_per_gather = 0",
-        "ALTER TABLE orders DISABLE TRIGGER orders_audit",
-        "ALTER TABLE order_items DISABLE TRIGGER order_items_audit",
-    ] {
-        sqlx::query(statement).execute(&mut *tx).await?;
-    }
+    sqlx::query("SET LOCAL max_parallel_workers_per_gather = 0")
+        .execute(&mut *tx)
+        .await?;
+    audit_triggers(&mut tx, &["orders", "order_items"], false).await?;
     let (first_user, users, first_product, products): (i64, i64, i64, i64) = sqlx::query_as(
         "SELECT (SELECT min(id) FROM users), (SELECT count(*) FROM users), \
                 (SELECT min(id) FROM products), (SELECT count(*) FROM products)",
@@ -357,12 +362,7 @@ pub async fn orders(db: &PgPool, total: u64, seed: u64) -> anyhow::Result<()> {
     )
     .execute(&mut *tx)
     .await?;
-    for statement in [
-        "ALTER TABLE orders ENABLE TRIGGER orders_audit",
-        "ALTER TABLE order_items ENABLE TRIGGER order_items_audit",
-    ] {
-        sqlx::query(statement).execute(&mut *tx).await?;
-    }
+    audit_triggers(&mut tx, &["orders", "order_items"], true).await?;
     tx.commit().await?;
     Ok(())
 }

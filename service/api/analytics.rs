@@ -71,6 +71,17 @@ fn kind_of(kind: Option<Kind>) -> pb::MarketAnalysisKind {
     }
 }
 
+/// A window of 1 to `max` days back from today (violation on `window_days`).
+fn parse_window_days(v: &mut Violations, raw: i32, max: u32) -> Option<u32> {
+    match u32::try_from(raw) {
+        Ok(days) if (1..=max).contains(&days) => Some(days),
+        _ => {
+            v.add("window_days", format!("must be between 1 and {max}"));
+            None
+        }
+    }
+}
+
 fn millis(ms: Option<i64>) -> Option<prost_types::Timestamp> {
     ms.and_then(chrono::DateTime::from_timestamp_millis)
         .map(timestamp)
@@ -183,16 +194,7 @@ impl pb::analytics_service_server::AnalyticsService for AnalyticsApi {
     ) -> Result<Response<pb::GetCategoryMetricsResponse>, Status> {
         let r = request.into_inner();
         let mut v = Violations::default();
-        let window_days = match u32::try_from(r.window_days) {
-            Ok(days) if (1..=MAX_METRICS_DAYS).contains(&days) => Some(days),
-            _ => {
-                v.add(
-                    "window_days",
-                    format!("must be between 1 and {MAX_METRICS_DAYS}"),
-                );
-                None
-            }
-        };
+        let window_days = parse_window_days(&mut v, r.window_days, MAX_METRICS_DAYS);
         let categories = v.check("categories", parse_categories(&r.categories));
         parsed!(v, window_days, categories);
         let metrics = self
@@ -281,16 +283,7 @@ impl pb::analytics_service_server::AnalyticsService for AnalyticsApi {
                 None
             }
         };
-        let window_days = match u32::try_from(r.window_days) {
-            Ok(days) if (1..=ANALYSIS_MAX_WINDOW_DAYS).contains(&days) => Some(days),
-            _ => {
-                v.add(
-                    "window_days",
-                    format!("must be between 1 and {ANALYSIS_MAX_WINDOW_DAYS}"),
-                );
-                None
-            }
-        };
+        let window_days = parse_window_days(&mut v, r.window_days, ANALYSIS_MAX_WINDOW_DAYS);
         parsed!(v, kind, categories, window_days);
         let analysis = self
             .analyses

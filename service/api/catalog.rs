@@ -3,7 +3,10 @@
 use prost_types::FieldMask;
 use tonic::{Request, Response, Status};
 
-use super::{actor, parse_id, parse_ids, parse_window, parsed, timestamp};
+use super::{
+    actor, apply_mask, one_id, parse_id, parse_ids, parse_window, parsed, required_version,
+    timestamp,
+};
 use crate::{
     domain::{
         catalog::Catalog,
@@ -93,9 +96,7 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
         &self,
         request: Request<pb::GetProductRequest>,
     ) -> Result<Response<pb::Product>, Status> {
-        let mut v = Violations::default();
-        let id = parse_id(&mut v, "id", request.into_inner().id);
-        parsed!(v, id);
+        let id = one_id("id", request.into_inner().id)?;
         Ok(Response::new(self.catalog.get(id).await?.into()))
     }
 
@@ -104,9 +105,7 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
         request: Request<pb::BatchGetProductsRequest>,
     ) -> Result<Response<pb::BatchGetProductsResponse>, Status> {
         let r = request.into_inner();
-        let mut v = Violations::default();
-        let ids = parse_ids(&mut v, &r.ids, MAX_BATCH);
-        v.into_result()?;
+        let ids = parse_ids(&r.ids, MAX_BATCH)?;
         let (products, missing) = self.catalog.batch_get(&ids, r.skip_missing).await?;
         Ok(Response::new(pb::BatchGetProductsResponse {
             products: products.into_iter().map(Into::into).collect(),
@@ -122,12 +121,7 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
         let r = request.into_inner();
         let mut v = Violations::default();
         let id = parse_id(&mut v, "id", r.id);
-        if r.version <= 0 {
-            v.add(
-                "version",
-                "must be the product's current version (from GetProduct)",
-            );
-        }
+        required_version(&mut v, r.version, "product", "GetProduct");
         let patch = parse_patch(&mut v, r.product.unwrap_or_default(), r.update_mask);
         parsed!(v, id, patch);
         Ok(Response::new(
@@ -270,10 +264,7 @@ impl CatalogApi {
                 min_rating,
             },
             sort,
-            page: PageRequest {
-                size,
-                token: (!r.page_token.is_empty()).then_some(r.page_token),
-            },
+            page: PageRequest::new(size, r.page_token),
             user_id,
         })
     }
@@ -301,18 +292,9 @@ fn parse_patch(
     p: pb::ProductPatch,
     mask: Option<FieldMask>,
 ) -> Option<ProductPatch> {
-    let paths = mask.map(|m| m.paths).unwrap_or_default();
-    if paths.is_empty() {
-        v.add(
-            "update_mask",
-            format!("must name the fields to change: {PATCHABLE}"),
-        );
-        return None;
-    }
     let mut patch = ProductPatch::default();
-    let mut ok = true;
-    for path in &paths {
-        match path.as_str() {
+    let known = apply_mask(v, mask, PATCHABLE, |v, path| {
+        match path {
             "title" => patch.title = v.check("product.title", Text::title(&p.title)),
             "description" => {
                 patch.description =
@@ -326,16 +308,11 @@ fn parse_patch(
             "review_count" => {
                 patch.review_count = v.check("product.review_count", parse_count(p.review_count))
             }
-            other => {
-                ok = false;
-                v.add(
-                    "update_mask",
-                    format!("unknown path {other:?}; allowed: {PATCHABLE}"),
-                );
-            }
+            _ => return false,
         }
-    }
-    ok.then_some(patch)
+        true
+    });
+    known.then_some(patch)
 }
 
 impl From<Product> for pb::Product {

@@ -10,7 +10,7 @@ pub mod orders;
 pub mod users;
 
 use chrono::{DateTime, Utc};
-use prost_types::Timestamp;
+use prost_types::{FieldMask, Timestamp};
 
 use crate::{
     auth::Caller,
@@ -57,16 +57,79 @@ pub(crate) fn parse_id(v: &mut Violations, field: &str, raw: i64) -> Option<Id> 
     v.check(field, Id::parse(raw))
 }
 
+/// The id of a request that carries nothing else to parse (violation on `field`).
+pub(crate) fn one_id(field: &str, raw: i64) -> Result<Id, Error> {
+    Id::parse(raw).map_err(|e| Error::invalid(field, e))
+}
+
 /// The ids of a batch request: at most `max`, each positive (violations on
-/// `ids` and `ids[i]`). Returns the valid ones.
-pub(crate) fn parse_ids(v: &mut Violations, raw: &[i64], max: usize) -> Vec<Id> {
+/// `ids` and `ids[i]`).
+pub(crate) fn parse_ids(raw: &[i64], max: usize) -> Result<Vec<Id>, Error> {
+    let mut v = Violations::default();
     if raw.len() > max {
         v.add("ids", format!("must hold at most {max} ids"));
     }
-    raw.iter()
+    let ids = raw
+        .iter()
         .enumerate()
-        .filter_map(|(i, id)| parse_id(v, &format!("ids[{i}]"), *id))
-        .collect()
+        .filter_map(|(i, id)| parse_id(&mut v, &format!("ids[{i}]"), *id))
+        .collect();
+    v.into_result()?;
+    Ok(ids)
+}
+
+/// The version an update must name: the entity's current one (`from`, the
+/// RPC that reads it); optimistic concurrency needs it.
+pub(crate) fn required_version(v: &mut Violations, raw: i64, entity: &str, from: &str) {
+    if raw <= 0 {
+        v.add(
+            "version",
+            format!("must be the {entity}'s current version (from {from})"),
+        );
+    }
+}
+
+/// The version a change may name: 0 for any version (`None`), else the
+/// entity's current one.
+pub(crate) fn optional_version(v: &mut Violations, raw: i64, entity: &str) -> Option<i64> {
+    if raw < 0 {
+        v.add(
+            "version",
+            format!("must be 0 (any version) or the {entity}'s current version"),
+        );
+    }
+    (raw > 0).then_some(raw)
+}
+
+/// Walks the paths of an update mask (AIP-134): `apply` parses the field a
+/// path names into the patch and answers whether it knows the path. An
+/// empty mask or an unknown path is a violation on `update_mask` naming
+/// `allowed`; the answer is whether every path was known.
+pub(crate) fn apply_mask(
+    v: &mut Violations,
+    mask: Option<FieldMask>,
+    allowed: &str,
+    mut apply: impl FnMut(&mut Violations, &str) -> bool,
+) -> bool {
+    let paths = mask.map(|m| m.paths).unwrap_or_default();
+    if paths.is_empty() {
+        v.add(
+            "update_mask",
+            format!("must name the fields to change: {allowed}"),
+        );
+        return false;
+    }
+    let mut ok = true;
+    for path in &paths {
+        if !apply(v, path) {
+            ok = false;
+            v.add(
+                "update_mask",
+                format!("unknown path {path:?}; allowed: {allowed}"),
+            );
+        }
+    }
+    ok
 }
 
 /// A `[created_after, created_before)` filter; `created_before` must be later.
@@ -121,10 +184,7 @@ pub(crate) fn parse_page(
     page_token: String,
 ) -> Option<PageRequest> {
     let size = v.check("page_size", PageSize::parse(page_size))?;
-    Some(PageRequest {
-        size,
-        token: (!page_token.is_empty()).then_some(page_token),
-    })
+    Some(PageRequest::new(size, page_token))
 }
 
 /// Fails with every collected violation, or unwraps the parsed values (each

@@ -2,7 +2,9 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{actor, parse_id, parse_page, parse_time_range, parsed, timestamp};
+use super::{
+    actor, one_id, optional_version, parse_id, parse_page, parse_time_range, parsed, timestamp,
+};
 use crate::{
     domain::orders::{self, Orders, RawLine, parse_new_order},
     error::Violations,
@@ -50,9 +52,7 @@ impl pb::order_service_server::OrderService for OrderApi {
         &self,
         request: Request<pb::GetOrderRequest>,
     ) -> Result<Response<pb::Order>, Status> {
-        let mut v = Violations::default();
-        let id = parse_id(&mut v, "id", request.into_inner().id);
-        parsed!(v, id);
+        let id = one_id("id", request.into_inner().id)?;
         Ok(Response::new(self.orders.get(id).await?.into()))
     }
 
@@ -104,14 +104,8 @@ impl pb::order_service_server::OrderService for OrderApi {
                 None
             }
         };
-        if r.version < 0 {
-            v.add(
-                "version",
-                "must be 0 (any version) or the order's current version",
-            );
-        }
+        let version = optional_version(&mut v, r.version, "order");
         parsed!(v, id, status);
-        let version = (r.version > 0).then_some(r.version);
         Ok(Response::new(
             self.orders
                 .update_status(&actor, id, status, version)
@@ -132,10 +126,7 @@ impl pb::order_service_server::OrderService for OrderApi {
             orders::orders_per_user(r.orders_per_user),
         );
         parsed!(v, size, per_user);
-        let page = PageRequest {
-            size,
-            token: (!r.page_token.is_empty()).then_some(r.page_token),
-        };
+        let page = PageRequest::new(size, r.page_token);
         let page = self.orders.list_users_with_orders(page, per_user).await?;
         Ok(Response::new(pb::ListUsersWithOrdersResponse {
             users: page

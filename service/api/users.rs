@@ -3,7 +3,10 @@
 use prost_types::FieldMask;
 use tonic::{Request, Response, Status};
 
-use super::{actor, parse_id, parse_ids, parse_page, parse_time_range, parsed, timestamp};
+use super::{
+    actor, apply_mask, one_id, optional_version, parse_id, parse_ids, parse_page, parse_time_range,
+    parsed, required_version, timestamp,
+};
 use crate::{
     domain::{
         profiles::{Profiles, parse_addresses, parse_name, parse_preferences},
@@ -57,9 +60,7 @@ impl pb::user_service_server::UserService for UserApi {
         &self,
         request: Request<pb::GetUserRequest>,
     ) -> Result<Response<pb::User>, Status> {
-        let mut v = Violations::default();
-        let id = parse_id(&mut v, "id", request.into_inner().id);
-        parsed!(v, id);
+        let id = one_id("id", request.into_inner().id)?;
         Ok(Response::new(self.users.get(id).await?.into()))
     }
 
@@ -68,9 +69,7 @@ impl pb::user_service_server::UserService for UserApi {
         request: Request<pb::BatchGetUsersRequest>,
     ) -> Result<Response<pb::BatchGetUsersResponse>, Status> {
         let request = request.into_inner();
-        let mut v = Violations::default();
-        let ids = parse_ids(&mut v, &request.ids, MAX_BATCH);
-        v.into_result()?;
+        let ids = parse_ids(&request.ids, MAX_BATCH)?;
         let batch = self.users.batch_get(&ids, request.skip_missing).await?;
         Ok(Response::new(pb::BatchGetUsersResponse {
             users: batch.users.into_iter().map(Into::into).collect(),
@@ -112,12 +111,7 @@ impl pb::user_service_server::UserService for UserApi {
         let request = request.into_inner();
         let mut v = Violations::default();
         let id = parse_id(&mut v, "id", request.id);
-        if request.version <= 0 {
-            v.add(
-                "version",
-                "must be the user's current version (from GetUser)",
-            );
-        }
+        required_version(&mut v, request.version, "user", "GetUser");
         let patch = parse_patch(
             &mut v,
             request.user.unwrap_or_default(),
@@ -139,14 +133,8 @@ impl pb::user_service_server::UserService for UserApi {
         let request = request.into_inner();
         let mut v = Violations::default();
         let id = parse_id(&mut v, "id", request.id);
-        if request.version < 0 {
-            v.add(
-                "version",
-                "must be 0 (any version) or the user's current version",
-            );
-        }
+        let version = optional_version(&mut v, request.version, "user");
         parsed!(v, id);
-        let version = (request.version > 0).then_some(request.version);
         self.users.delete(&actor, id, version).await?;
         Ok(Response::new(pb::DeleteUserResponse {}))
     }
@@ -241,9 +229,7 @@ impl pb::user_service_server::UserService for UserApi {
         &self,
         request: Request<pb::GetUserProfileRequest>,
     ) -> Result<Response<pb::UserProfile>, Status> {
-        let mut v = Violations::default();
-        let id = parse_id(&mut v, "user_id", request.into_inner().user_id);
-        parsed!(v, id);
+        let id = one_id("user_id", request.into_inner().user_id)?;
         Ok(Response::new(self.profiles.get(id).await?.into()))
     }
 
@@ -293,20 +279,11 @@ fn parse_profile_patch(
     p: pb::UserProfile,
     mask: Option<FieldMask>,
 ) -> Option<ProfilePatch> {
-    let paths = mask.map(|m| m.paths).unwrap_or_default();
-    if paths.is_empty() {
-        v.add(
-            "update_mask",
-            format!("must name the fields to change: {PROFILE_FIELDS}"),
-        );
-        return None;
-    }
     let mut patch = ProfilePatch::default();
-    let mut ok = true;
     let mut preferences = p.preferences;
     let mut addresses = Some(p.addresses);
-    for path in &paths {
-        match path.as_str() {
+    let known = apply_mask(v, mask, PROFILE_FIELDS, |v, path| {
+        match path {
             "given_name" => {
                 patch.given_name = v.check("profile.given_name", parse_name(&p.given_name))
             }
@@ -333,16 +310,11 @@ fn parse_profile_patch(
                     raw.into_iter().map(Address::from).collect(),
                 ));
             }
-            other => {
-                ok = false;
-                v.add(
-                    "update_mask",
-                    format!("unknown path {other:?}; allowed: {PROFILE_FIELDS}"),
-                );
-            }
+            _ => return false,
         }
-    }
-    ok.then_some(patch)
+        true
+    });
+    known.then_some(patch)
 }
 
 impl From<pb::Address> for Address {
@@ -395,18 +367,9 @@ fn parse_patch(
     user: pb::UserPatch,
     mask: Option<FieldMask>,
 ) -> Option<UserPatch> {
-    let paths = mask.map(|m| m.paths).unwrap_or_default();
-    if paths.is_empty() {
-        v.add(
-            "update_mask",
-            format!("must name the fields to change: {PATCHABLE}"),
-        );
-        return None;
-    }
     let mut patch = UserPatch::default();
-    let mut ok = true;
-    for path in &paths {
-        match path.as_str() {
+    let known = apply_mask(v, mask, PATCHABLE, |v, path| {
+        match path {
             "email" => patch.email = v.check("user.email", Email::parse(&user.email)),
             "username" => {
                 patch.username = v.check("user.username", Username::parse(&user.username))
@@ -428,16 +391,11 @@ fn parse_patch(
                         .map(Some)
                 }
             }
-            other => {
-                ok = false;
-                v.add(
-                    "update_mask",
-                    format!("unknown path {other:?}; allowed: {PATCHABLE}"),
-                );
-            }
+            _ => return false,
         }
-    }
-    ok.then_some(patch)
+        true
+    });
+    known.then_some(patch)
 }
 
 /// `UNSPECIFIED` means "no status given"; unknown numbers are invalid.

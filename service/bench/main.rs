@@ -416,19 +416,15 @@ async fn call(world: &mut World, scenario: &str, i: u64) -> Result<(), Status> {
     // Batches and orders draw on the fixtures only, whatever else exists.
     let pick = |n: u64| users[(n as usize * 7919) % world.fixtures];
     match scenario {
-        "get_user_hit" => {
-            let id = users[(i % 100) as usize];
-            world
-                .users
-                .get_user(pb::GetUserRequest { id })
-                .await
-                .map(drop)
-        }
-        "get_user_miss" => {
-            let n = world.cold.fetch_add(1, Ordering::Relaxed) as usize;
-            let id = *users
-                .get(n)
-                .ok_or_else(|| Status::resource_exhausted("out of cold users: raise --users"))?;
+        "get_user_hit" | "get_user_miss" => {
+            let id = if scenario == "get_user_hit" {
+                users[(i % 100) as usize]
+            } else {
+                let n = world.cold.fetch_add(1, Ordering::Relaxed) as usize;
+                *users
+                    .get(n)
+                    .ok_or_else(|| Status::resource_exhausted("out of cold users: raise --users"))?
+            };
             world
                 .users
                 .get_user(pb::GetUserRequest { id })
@@ -545,6 +541,12 @@ async fn call(world: &mut World, scenario: &str, i: u64) -> Result<(), Status> {
     }
 }
 
+/// A histogram of call latencies in µs (1 µs to 60 s); the workers' and the
+/// total must share these bounds to be added up.
+fn latencies() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
+}
+
 /// Runs `scenario` with `concurrency` workers for `duration`, sampling the
 /// service's resident memory every 100 ms.
 async fn run(
@@ -569,8 +571,7 @@ async fn run(
     for _ in 0..concurrency {
         let (mut world, next, scenario) = (world.clone(), next.clone(), scenario.to_owned());
         workers.push(tokio::spawn(async move {
-            let mut histogram =
-                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+            let mut histogram = latencies();
             let mut errors: BTreeMap<String, u64> = BTreeMap::new();
             while started.elapsed() < duration {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -591,7 +592,7 @@ async fn run(
             (histogram, errors)
         }));
     }
-    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+    let mut histogram = latencies();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     for worker in workers {
         let (h, e) = worker.await.expect("a bench worker panicked");

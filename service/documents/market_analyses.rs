@@ -141,17 +141,13 @@ pub async fn claim(
 
 /// Extends the lease while `worker` still holds it; false once it does not.
 pub async fn renew(mongo: &Mongo, id: &str, worker: &str, until_ms: i64) -> Result<bool> {
-    let updated = mongo
-        .run(
-            "update_one",
-            MARKET_ANALYSES,
-            collection(mongo).update_one(
-                doc! { "_id": id, "status": "running", "lease_owner": worker },
-                doc! { "$set": { "lease_expires_ms": until_ms } },
-            ),
-        )
-        .await?;
-    Ok(updated.matched_count == 1)
+    update_leased(
+        mongo,
+        id,
+        worker,
+        doc! { "$set": { "lease_expires_ms": until_ms } },
+    )
+    .await
 }
 
 /// Stores the outcome if `worker` still holds the lease; false otherwise
@@ -169,13 +165,25 @@ pub async fn finish(
         },
         Err(reason) => doc! { "status": "failed", "error": reason, "finished_ms": now_ms },
     };
+    update_leased(
+        mongo,
+        id,
+        worker,
+        doc! { "$set": set, "$unset": { "lease_owner": "", "lease_expires_ms": "" } },
+    )
+    .await
+}
+
+/// Applies `update` to the analysis if `worker` still holds its lease;
+/// whether it did.
+async fn update_leased(mongo: &Mongo, id: &str, worker: &str, update: Document) -> Result<bool> {
     let updated = mongo
         .run(
             "update_one",
             MARKET_ANALYSES,
             collection(mongo).update_one(
                 doc! { "_id": id, "status": "running", "lease_owner": worker },
-                doc! { "$set": set, "$unset": { "lease_owner": "", "lease_expires_ms": "" } },
+                update,
             ),
         )
         .await?;

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use super::{Id, idempotency::RequestKey, users::User};
+use super::{Id, idempotency::RequestKey, paging::canonical_window, users::User};
 
 /// The most lines one order may have.
 pub const MAX_LINES: usize = 50;
@@ -136,12 +136,10 @@ pub struct OrderFilter {
 impl OrderFilter {
     pub(crate) fn canonical(&self) -> String {
         format!(
-            "user={};status={};after={};before={}",
+            "user={};status={};{}",
             self.user_id.map_or(String::new(), |u| u.to_string()),
             self.status.map_or("any", OrderStatus::as_str),
-            self.created_after.map_or(String::new(), |t| t.to_rfc3339()),
-            self.created_before
-                .map_or(String::new(), |t| t.to_rfc3339()),
+            canonical_window(self.created_after, self.created_before),
         )
     }
 }

@@ -26,6 +26,16 @@ pub fn keyset_time(micros: i64) -> Result<DateTime<Utc>, Error> {
         .ok_or_else(|| Error::invalid("page_token", "holds an impossible position"))
 }
 
+/// The canonical form of a `[after, before)` window on `created_at` (an
+/// open end is empty), part of what a listing's page tokens are bound to.
+pub(crate) fn canonical_window(
+    after: Option<DateTime<Utc>>,
+    before: Option<DateTime<Utc>>,
+) -> String {
+    let end = |t: Option<DateTime<Utc>>| t.map_or(String::new(), |t| t.to_rfc3339());
+    format!("after={};before={}", end(after), end(before))
+}
+
 /// A validated page size: 0 means the default, more than the maximum is
 /// coerced down to it, negative is invalid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +73,17 @@ impl PageSize {
 pub struct PageRequest {
     pub size: PageSize,
     pub token: Option<String>,
+}
+
+impl PageRequest {
+    /// A request for pages of `size`; an empty `token` (protobuf's unset)
+    /// asks for the first page.
+    pub fn new(size: PageSize, token: String) -> Self {
+        Self {
+            size,
+            token: (!token.is_empty()).then_some(token),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -183,6 +204,16 @@ mod tests {
 
     fn tokens() -> PageTokens {
         PageTokens::new(&SecretString::from("k".repeat(32)))
+    }
+
+    #[test]
+    fn a_window_has_one_canonical_form_with_empty_open_ends() {
+        let t = DateTime::<Utc>::from_timestamp(1_700_000_000, 0).unwrap();
+        assert_eq!(canonical_window(None, None), "after=;before=");
+        assert_eq!(
+            canonical_window(Some(t), None),
+            "after=2023-11-14T22:13:20+00:00;before="
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{Id, bounded_text, passwords::Password};
+use super::{Id, bounded_text, paging::canonical_window, passwords::Password};
 
 /// The most ids one BatchGetUsers call may ask for.
 pub const MAX_BATCH: usize = 100;
@@ -175,11 +175,9 @@ impl UserFilter {
     /// The canonical form page tokens are bound to.
     pub(crate) fn canonical(&self) -> String {
         format!(
-            "status={};after={};before={}",
+            "status={};{}",
             self.status.map_or("any", UserStatus::as_str),
-            self.created_after.map_or(String::new(), |t| t.to_rfc3339()),
-            self.created_before
-                .map_or(String::new(), |t| t.to_rfc3339()),
+            canonical_window(self.created_after, self.created_before),
         )
     }
 }

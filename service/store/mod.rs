@@ -22,7 +22,21 @@ pub mod users;
 use chrono::{DateTime, Utc};
 use sqlx::{Postgres, QueryBuilder};
 
-use crate::{error::Result, model::paging::keyset_time};
+use crate::{
+    error::Result,
+    model::{Id, paging::keyset_time},
+};
+
+/// A `what` id read from the database; one that is not positive breaks an
+/// invariant of the schema (an internal error).
+pub(crate) fn row_id(what: &str, raw: i64) -> Result<Id> {
+    Id::parse(raw).map_err(|e| anyhow::anyhow!("{what} id {raw} in the database: {e}").into())
+}
+
+/// The raw values of `ids`, to bind as a `bigint[]`.
+pub(crate) fn raw_ids(ids: &[Id]) -> Vec<i64> {
+    ids.iter().map(|id| id.get()).collect()
+}
 
 /// Appends the `[after, before)` window on `created_at` and the keyset
 /// condition past `cursor` (created_at µs, id): after it in ascending order,

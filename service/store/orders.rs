@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Postgres, QueryBuilder};
 
-use super::push_created_window;
+use super::{push_created_window, raw_ids, row_id};
 
 use crate::{
     error::{Error, Result},
@@ -38,18 +38,14 @@ struct OrderRow {
     version: i64,
 }
 
-fn id(raw: i64) -> Result<Id> {
-    Id::parse(raw).map_err(|e| anyhow::anyhow!("id {raw} in the database: {e}").into())
-}
-
 impl TryFrom<OrderRow> for OrderHeader {
     type Error = Error;
 
     fn try_from(row: OrderRow) -> Result<Self> {
         Ok(OrderHeader {
-            id: id(row.id)?,
+            id: row_id("order", row.id)?,
             order_number: row.order_number,
-            user_id: id(row.user_id)?,
+            user_id: row_id("user", row.user_id)?,
             status: OrderStatus::from_db(&row.status)?,
             total_cents: row.total_cents,
             created_at: row.created_at,
@@ -63,10 +59,6 @@ fn headers(rows: Vec<OrderRow>) -> Result<Vec<OrderHeader>> {
     rows.into_iter().map(OrderHeader::try_from).collect()
 }
 
-fn ids(ids: &[Id]) -> Vec<i64> {
-    ids.iter().map(|id| id.get()).collect()
-}
-
 // --- Creating and changing orders ---------------------------------------------
 
 pub async fn product_summaries(
@@ -76,13 +68,13 @@ pub async fn product_summaries(
     let rows: Vec<(i64, String, String, String, i64)> = sqlx::query_as(
         "SELECT id, sku, title, category, (price * 100)::bigint FROM products WHERE id = ANY($1)",
     )
-    .bind(ids(product_ids))
+    .bind(raw_ids(product_ids))
     .fetch_all(conn)
     .await?;
     rows.into_iter()
         .map(|(pid, sku, title, category, price_cents)| {
             Ok(ProductSummary {
-                id: id(pid)?,
+                id: row_id("product", pid)?,
                 sku,
                 title,
                 category,
@@ -103,10 +95,12 @@ pub async fn lock_inventory(
         "SELECT product_id, quantity FROM inventory WHERE product_id = ANY($1) \
          ORDER BY product_id FOR UPDATE",
     )
-    .bind(ids(product_ids))
+    .bind(raw_ids(product_ids))
     .fetch_all(conn)
     .await?;
-    rows.into_iter().map(|(p, q)| Ok((id(p)?, q))).collect()
+    rows.into_iter()
+        .map(|(p, q)| Ok((row_id("product", p)?, q)))
+        .collect()
 }
 
 /// Decrements the stock of every line in one statement (rows already locked).
@@ -196,7 +190,7 @@ pub async fn return_inventory(conn: &mut PgConnection, order_id: Id) -> Result<V
     .bind(order_id.get())
     .fetch_all(conn)
     .await?;
-    products.into_iter().map(id).collect()
+    products.into_iter().map(|p| row_id("product", p)).collect()
 }
 
 pub async fn set_status(
@@ -275,7 +269,7 @@ pub async fn recent_for_users(
         " FROM orders WHERE user_id = u.id \
            ORDER BY created_at DESC, id DESC LIMIT $2) o"
     ))
-    .bind(ids(user_ids))
+    .bind(raw_ids(user_ids))
     .bind(i64::from(per_user))
     .fetch_all(conn)
     .await?;
@@ -291,16 +285,16 @@ pub async fn items_for_orders(
         "SELECT order_id, product_id, quantity, (unit_price * 100)::bigint, (subtotal * 100)::bigint \
          FROM order_items WHERE order_id = ANY($1) ORDER BY order_id, id",
     )
-    .bind(ids(order_ids))
+    .bind(raw_ids(order_ids))
     .fetch_all(conn)
     .await?;
     rows.into_iter()
         .map(
             |(order_id, product_id, quantity, unit_price_cents, subtotal_cents)| {
                 Ok((
-                    id(order_id)?,
+                    row_id("order", order_id)?,
                     OrderItem {
-                        product_id: id(product_id)?,
+                        product_id: row_id("product", product_id)?,
                         quantity,
                         unit_price_cents,
                         subtotal_cents,

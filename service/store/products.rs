@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
+use super::{raw_ids, row_id};
 use crate::{
     error::{Error, Result},
     model::{
@@ -55,7 +56,7 @@ impl TryFrom<ProductRow> for Product {
 
     fn try_from(row: ProductRow) -> Result<Self> {
         Ok(Product {
-            id: Id::parse(row.id).map_err(|e| anyhow::anyhow!("product id {}: {e}", row.id))?,
+            id: row_id("product", row.id)?,
             sku: row.sku,
             title: row.title,
             description: row.description,
@@ -98,9 +99,8 @@ pub async fn insert(conn: &mut PgConnection, new: &NewProduct) -> Result<Product
 
 /// The products among `ids`, in no particular order.
 pub async fn find_many(conn: &mut PgConnection, ids: &[Id]) -> Result<Vec<Product>> {
-    let ids: Vec<i64> = ids.iter().map(|id| id.get()).collect();
     let rows: Vec<ProductRow> = sqlx::query_as(select_products!("WHERE p.id = ANY($1)"))
-        .bind(ids)
+        .bind(raw_ids(ids))
         .fetch_all(conn)
         .await?;
     rows.into_iter().map(Product::try_from).collect()

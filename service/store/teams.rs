@@ -3,6 +3,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
+use super::row_id;
 use crate::{
     error::{Error, Result},
     model::{
@@ -24,11 +25,19 @@ impl TryFrom<TeamRow> for Team {
 
     fn try_from(row: TeamRow) -> Result<Self> {
         Ok(Team {
-            id: Id::parse(row.id).map_err(|e| anyhow::anyhow!("team id {}: {e}", row.id))?,
+            id: row_id("team", row.id)?,
             name: row.name,
             created_at: row.created_at,
         })
     }
+}
+
+/// The columns of a [`MembershipRow`], from memberships `m` joined to `teams t`.
+macro_rules! membership_columns {
+    () => {
+        "m.team_id, t.name AS team_name, t.created_at AS team_created_at, \
+         m.user_id, m.role, m.joined_at"
+    };
 }
 
 #[derive(sqlx::FromRow)]
@@ -52,7 +61,7 @@ impl TryFrom<MembershipRow> for Membership {
                 created_at: row.team_created_at,
             }
             .try_into()?,
-            user_id: Id::parse(row.user_id).map_err(|e| anyhow::anyhow!("user id: {e}"))?,
+            user_id: row_id("user", row.user_id)?,
             role: TeamRole::from_db(&row.role)?,
             joined_at: row.joined_at,
         })
@@ -83,14 +92,14 @@ pub async fn insert_membership(
     user_id: Id,
     role: TeamRole,
 ) -> Result<Membership> {
-    let row: MembershipRow = sqlx::query_as(
+    let row: MembershipRow = sqlx::query_as(concat!(
         "WITH m AS ( \
            INSERT INTO user_teams (team_id, user_id, role) VALUES ($1, $2, $3) \
            RETURNING team_id, user_id, role, joined_at) \
-         SELECT m.team_id, t.name AS team_name, t.created_at AS team_created_at, \
-                m.user_id, m.role, m.joined_at \
-         FROM m JOIN teams t ON t.id = m.team_id",
-    )
+         SELECT ",
+        membership_columns!(),
+        " FROM m JOIN teams t ON t.id = m.team_id"
+    ))
     .bind(team_id.get())
     .bind(user_id.get())
     .bind(role.as_str())
@@ -127,15 +136,15 @@ pub async fn memberships_of(
         Some((micros, team)) => (Some(keyset_time(micros)?), team),
         None => (None, 0),
     };
-    let rows: Vec<MembershipRow> = sqlx::query_as(
-        "SELECT m.team_id, t.name AS team_name, t.created_at AS team_created_at, \
-                m.user_id, m.role, m.joined_at \
-         FROM user_teams m JOIN teams t ON t.id = m.team_id \
+    let rows: Vec<MembershipRow> = sqlx::query_as(concat!(
+        "SELECT ",
+        membership_columns!(),
+        " FROM user_teams m JOIN teams t ON t.id = m.team_id \
          WHERE m.user_id = $1 \
            AND ($2::timestamptz IS NULL OR (m.joined_at, m.team_id) > ($2, $3)) \
          ORDER BY m.joined_at, m.team_id \
-         LIMIT $4",
-    )
+         LIMIT $4"
+    ))
     .bind(user_id.get())
     .bind(after_at)
     .bind(after_team)

@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Postgres, QueryBuilder};
 
-use super::push_created_window;
+use super::{push_created_window, raw_ids, row_id};
 use crate::{
     error::{Error, Result},
     model::{
@@ -62,7 +62,7 @@ impl TryFrom<UserRow> for User {
 
     fn try_from(row: UserRow) -> Result<Self> {
         Ok(User {
-            id: Id::parse(row.id).map_err(|e| anyhow::anyhow!("user id {}: {e}", row.id))?,
+            id: row_id("user", row.id)?,
             email: row.email,
             username: row.username,
             display_name: row.display_name,
@@ -110,10 +110,9 @@ pub async fn find(conn: &mut PgConnection, id: Id) -> Result<Option<User>> {
 
 /// Live users among `ids`, in no particular order.
 pub async fn find_many(conn: &mut PgConnection, ids: &[Id]) -> Result<Vec<User>> {
-    let ids: Vec<i64> = ids.iter().map(|id| id.get()).collect();
     let rows: Vec<UserRow> =
         sqlx::query_as(select_users!("WHERE id = ANY($1) AND deleted_at IS NULL"))
-            .bind(ids)
+            .bind(raw_ids(ids))
             .fetch_all(conn)
             .await?;
     rows_to_users(rows)
