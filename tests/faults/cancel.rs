@@ -12,6 +12,7 @@ const SCENARIO: &str = "client_cancel";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs statement cancellation: issue 14 point 2"]
 async fn a_cancelled_call_stops_its_statement_in_postgres() {
+    let _serial = crate::support::serial().await;
     let pg = Postgres::start().await;
     let url = pg.url();
     let service = Service::in_process(Deps {
@@ -44,9 +45,11 @@ async fn a_cancelled_call_stops_its_statement_in_postgres() {
             })
             .await
     });
-    wait_until("the call's statement waits on the lock", Duration::from_secs(10), async || {
-        pg.datagate_lock_waiters(&db).await == 1
-    })
+    wait_until(
+        "the call's statement waits on the lock",
+        Duration::from_secs(10),
+        async || pg.datagate_lock_waiters(&db).await == 1,
+    )
     .await;
 
     // The caller cancels: dropping the call resets its stream.
@@ -66,7 +69,11 @@ async fn a_cancelled_call_stops_its_statement_in_postgres() {
         waiting,
     );
     if waiting == 0 {
-        figure(SCENARIO, "ms until it stopped", cancelled.elapsed().as_millis());
+        figure(
+            SCENARIO,
+            "ms until it stopped",
+            cancelled.elapsed().as_millis(),
+        );
     }
     holder.rollback().await.unwrap();
     let stock: i32 = sqlx::query_scalar("SELECT quantity FROM inventory WHERE product_id = $1")

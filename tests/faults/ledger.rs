@@ -4,8 +4,8 @@
 //! order exists exactly once, replaying its request id returns it, and the
 //! stock arithmetic is exact.
 //!
-//! `DATAGATE_FAULTS_LEDGER_SECONDS` sets the load's length (default 24, to
-//! keep the suite within its budget; the study ran a minute).
+//! `DATAGATE_FAULTS_LEDGER_SECONDS` sets the load's length (default 60, the
+//! minute of the study).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -43,7 +43,8 @@ fn request(user: i64, products: &[i64], caller: usize, n: u64) -> pb::CreateOrde
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_orders_survive_kills_and_restarts_exactly_once() {
-    let seconds = knob("DATAGATE_FAULTS_LEDGER_SECONDS", 24);
+    let _serial = crate::support::serial().await;
+    let seconds = knob("DATAGATE_FAULTS_LEDGER_SECONDS", 60);
     let total = Duration::from_secs(seconds);
     let pg = Postgres::start().await;
     let mut redis = Redis::start().await;
@@ -124,28 +125,51 @@ async fn acknowledged_orders_survive_kills_and_restarts_exactly_once() {
         "unacknowledged calls that committed",
         orders_in_db - acked.len() as i64,
     );
-    figure(SCENARIO, "service restarted (s into the load)", format!("{:.1}", after_kill.as_secs_f64()));
-    figure(SCENARIO, "PostgreSQL back (s into the load)", format!("{:.1}", after_pg.as_secs_f64()));
+    figure(
+        SCENARIO,
+        "service restarted (s into the load)",
+        format!("{:.1}", after_kill.as_secs_f64()),
+    );
+    figure(
+        SCENARIO,
+        "PostgreSQL back (s into the load)",
+        format!("{:.1}", after_pg.as_secs_f64()),
+    );
 
     // Exactly once: every order belongs to one request id (each create
     // stores its key's response in its own transaction), and every
     // acknowledged order is there with the lines it was acknowledged with.
-    assert!(acked.len() > 20, "orders were acknowledged: {}", samples.summary());
+    assert!(
+        acked.len() > 20,
+        "orders were acknowledged: {}",
+        samples.summary()
+    );
     assert_eq!(
         orders_in_db, keys_with_response,
         "one order per request id, none without one"
     );
-    assert_eq!(committed.len() as i64, orders_in_db, "every order has items");
+    assert_eq!(
+        committed.len() as i64,
+        orders_in_db,
+        "every order has items"
+    );
     for (key, order) in &acked {
-        let mut lines: Vec<(i64, i32)> =
-            order.items.iter().map(|i| (i.product_id, i.quantity)).collect();
+        let mut lines: Vec<(i64, i32)> = order
+            .items
+            .iter()
+            .map(|i| (i.product_id, i.quantity))
+            .collect();
         lines.sort();
         let mut stored = committed
             .get(&order.id)
             .unwrap_or_else(|| panic!("acknowledged order {} ({key}) is missing", order.id))
             .clone();
         stored.sort();
-        assert_eq!(stored, lines, "order {} ({key}) has the acknowledged lines", order.id);
+        assert_eq!(
+            stored, lines,
+            "order {} ({key}) has the acknowledged lines",
+            order.id
+        );
     }
 
     // Stock arithmetic: initial − ordered by committed orders = final.

@@ -13,6 +13,7 @@ const SCENARIO: &str = "locked_row";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs deadlines that reach PostgreSQL and statement cancellation: issue 14 points 1-2"]
 async fn a_locked_row_and_short_deadlines_leave_no_backend_waiting_and_readiness_serving() {
+    let _serial = crate::support::serial().await;
     // Arrange: the service (production pool size) and a session that holds
     // one inventory row.
     let pg = Postgres::start().await;
@@ -120,21 +121,38 @@ async fn a_locked_row_and_short_deadlines_leave_no_backend_waiting_and_readiness
     holder.rollback().await.unwrap();
 
     figure(SCENARIO, "codes of the 30 calls", format!("{codes:?}"));
-    figure(SCENARIO, "datagate backends waiting on a lock after", waiting);
-    figure(SCENARIO, "unrelated GetUser + CreateOrder ms", format!("{unrelated_ms:.0}"));
+    figure(
+        SCENARIO,
+        "datagate backends waiting on a lock after",
+        waiting,
+    );
+    figure(
+        SCENARIO,
+        "unrelated GetUser + CreateOrder ms",
+        format!("{unrelated_ms:.0}"),
+    );
     let not_serving = statuses
         .iter()
         .filter(|s| **s != Some(ServingStatus::Serving))
         .count();
-    figure(SCENARIO, "health checks not SERVING", format!("{not_serving} of {}", statuses.len()));
+    figure(
+        SCENARIO,
+        "health checks not SERVING",
+        format!("{not_serving} of {}", statuses.len()),
+    );
 
     // Assert.
+    // The server answers DEADLINE_EXCEEDED; the client's own timer, racing
+    // it, may end the call first as CANCELLED.
+    let ended = codes.get("DeadlineExceeded").unwrap_or(&0) + codes.get("Cancelled").unwrap_or(&0);
     assert_eq!(
-        codes.get("DeadlineExceeded"),
-        Some(&30),
+        ended, 30,
         "every locked call ends at its deadline: {codes:?}"
     );
-    assert_eq!(waiting, 0, "no datagate backend is left waiting on the lock");
+    assert_eq!(
+        waiting, 0,
+        "no datagate backend is left waiting on the lock"
+    );
     assert_eq!(read, Ok(()), "an unrelated read succeeds");
     assert_eq!(other_order, Ok(()), "an order for another product succeeds");
     assert_eq!(not_serving, 0, "readiness stays SERVING: {statuses:?}");

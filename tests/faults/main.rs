@@ -5,8 +5,9 @@
 //! printed as `FIGURE <scenario> <name> = <value>` lines for RELIABILITY.md
 //! (run with `--nocapture` to see them).
 //!
-//! Scenarios run one at a time (`--test-threads=1`): each loads a 2-core
-//! machine on purpose.
+//! Scenarios run one at a time (each holds `support::serial`): each loads a
+//! 2-core machine on purpose. `make test-faults` runs them with
+//! `--test-threads=1 --nocapture`; `make test` runs them inside `cargo test`.
 
 mod support;
 

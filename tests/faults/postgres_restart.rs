@@ -19,6 +19,7 @@ const AFTER: Duration = Duration::from_secs(4);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_during_a_postgres_restart_fail_with_unavailable_and_succeed_after() {
+    let _serial = crate::support::serial().await;
     // No Redis: every read reaches PostgreSQL.
     let pg = Postgres::start().await;
     let url = pg.url();
@@ -35,7 +36,10 @@ async fn calls_during_a_postgres_restart_fail_with_unavailable_and_succeed_after
         let products = products.clone();
         async move {
             if n % 2 == 0 {
-                users.get_user(pb::GetUserRequest { id: user }).await.map(|_| ())
+                users
+                    .get_user(pb::GetUserRequest { id: user })
+                    .await
+                    .map(|_| ())
             } else {
                 orders
                     .create_order(pb::CreateOrderRequest {
@@ -93,17 +97,29 @@ async fn calls_during_a_postgres_restart_fail_with_unavailable_and_succeed_after
     let after = samples.started_between(back + Duration::from_secs(1), Duration::MAX);
     figure(SCENARIO, "before", before.summary());
     figure(SCENARIO, "while the port was closed", closed.summary());
-    figure(SCENARIO, "while recovering, until SERVING", recovering.summary());
+    figure(
+        SCENARIO,
+        "while recovering, until SERVING",
+        recovering.summary(),
+    );
     figure(SCENARIO, "from 1 s after SERVING again", after.summary());
     figure(
         SCENARIO,
         "connection attempts/s logged from restart to SERVING",
-        format!("{:.1} ({logged} in {logged_secs:.1} s)", logged as f64 / logged_secs),
+        format!(
+            "{:.1} ({logged} in {logged_secs:.1} s)",
+            logged as f64 / logged_secs
+        ),
     );
     figure(SCENARIO, "pg_ctl start (crash recovery) ms", recovery_ms);
     figure(SCENARIO, "SERVING again after start ms", serving_ms);
 
-    assert_eq!(before.failed(), 0, "before the outage: {}", before.summary());
+    assert_eq!(
+        before.failed(),
+        0,
+        "before the outage: {}",
+        before.summary()
+    );
     let unexpected: Vec<_> = during
         .0
         .iter()
@@ -114,7 +130,11 @@ async fn calls_during_a_postgres_restart_fail_with_unavailable_and_succeed_after
         "during the outage calls fail only with UNAVAILABLE (never INTERNAL or a hang): {}",
         during.summary()
     );
-    assert!(during.failed() > 0, "the outage was seen: {}", during.summary());
+    assert!(
+        during.failed() > 0,
+        "the outage was seen: {}",
+        during.summary()
+    );
     assert!(after.len() > 0, "calls were made after recovery");
     assert_eq!(after.failed(), 0, "after recovery: {}", after.summary());
     service.stop().await;

@@ -13,6 +13,7 @@ const PHASE: Duration = Duration::from_secs(2);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_paused_and_killed_under_load_fails_no_read() {
+    let _serial = crate::support::serial().await;
     let pg = Postgres::start().await;
     let mut redis = Redis::start().await;
     let (url, redis_url) = (pg.url(), redis.url());
@@ -29,7 +30,10 @@ async fn redis_paused_and_killed_under_load_fails_no_read() {
         let product = products[(caller + n as usize) % products.len()];
         async move {
             if n % 2 == 0 {
-                users.get_user(pb::GetUserRequest { id: user }).await.map(|_| ())
+                users
+                    .get_user(pb::GetUserRequest { id: user })
+                    .await
+                    .map(|_| ())
             } else {
                 catalog
                     .get_product(pb::GetProductRequest { id: product })
@@ -56,7 +60,9 @@ async fn redis_paused_and_killed_under_load_fails_no_read() {
     let samples = load.finish().await;
 
     for (i, (name, from)) in marks.iter().enumerate() {
-        let to = marks.get(i + 1).map_or(end + Duration::from_secs(60), |m| m.1);
+        let to = marks
+            .get(i + 1)
+            .map_or(end + Duration::from_secs(60), |m| m.1);
         figure(SCENARIO, name, samples.started_between(*from, to).summary());
     }
     figure(SCENARIO, "all reads", samples.summary());

@@ -15,6 +15,7 @@ const CALLERS: usize = 8;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_fails_no_in_flight_call_and_exits_zero() {
+    let _serial = crate::support::serial().await;
     let pg = Postgres::start().await;
     let redis = Redis::start().await;
     let (url, redis_url) = (pg.url(), redis.url());
@@ -31,7 +32,10 @@ async fn sigterm_under_load_fails_no_in_flight_call_and_exits_zero() {
         let product = products[caller % products.len()];
         async move {
             if n % 2 == 0 {
-                users.get_user(pb::GetUserRequest { id: user }).await.map(|_| ())
+                users
+                    .get_user(pb::GetUserRequest { id: user })
+                    .await
+                    .map(|_| ())
             } else {
                 orders
                     .create_order(pb::CreateOrderRequest {
@@ -65,6 +69,15 @@ async fn sigterm_under_load_fails_no_in_flight_call_and_exits_zero() {
     figure(SCENARIO, "exit after SIGTERM ms", exit_ms);
     figure(SCENARIO, "exit status", format!("{status:?}"));
     assert!(samples.len() > 50, "the load ran: {}", samples.summary());
-    assert_eq!(samples.failed(), 0, "no in-flight call fails: {}", samples.summary());
-    assert!(status.success(), "exit status {status:?}; log:\n{}", service.log());
+    assert_eq!(
+        samples.failed(),
+        0,
+        "no in-flight call fails: {}",
+        samples.summary()
+    );
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        service.log()
+    );
 }

@@ -126,7 +126,11 @@ impl Samples {
 
     /// The q-quantile (0..=1) of the latencies, in milliseconds.
     pub fn quantile_ms(&self, q: f64) -> f64 {
-        let mut ms: Vec<f64> = self.0.iter().map(|s| s.latency.as_secs_f64() * 1e3).collect();
+        let mut ms: Vec<f64> = self
+            .0
+            .iter()
+            .map(|s| s.latency.as_secs_f64() * 1e3)
+            .collect();
         if ms.is_empty() {
             return 0.0;
         }

@@ -45,6 +45,14 @@ impl Interceptor for Bearer {
     }
 }
 
+/// Held for the whole of a scenario: scenarios load the machine on purpose,
+/// so they run one at a time however the test binary is run (`cargo test`
+/// with its default threads included).
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    SERIAL.lock().await
+}
+
 /// A free TCP port on loopback (bound and released: another process could
 /// take it in between, which on a test machine does not happen in practice).
 pub fn free_port() -> u16 {

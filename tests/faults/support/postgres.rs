@@ -33,7 +33,8 @@ fn bindir() -> PathBuf {
         .filter(|p| p.join("initdb").exists())
         .collect();
     dirs.sort();
-    dirs.pop().expect("an initdb under /usr/lib/postgresql/*/bin")
+    dirs.pop()
+        .expect("an initdb under /usr/lib/postgresql/*/bin")
 }
 
 /// `program args…`, as the `postgres` user when we are root.
@@ -88,14 +89,22 @@ impl Postgres {
         // --no-sync only skips initdb's final flush of the fresh files (the
         // machine does not crash here); the server itself runs with fsync on.
         let mut initdb = as_owner(&pg.bindir.join("initdb"));
-        initdb
-            .arg("-D")
-            .arg(pg.data())
-            .args(["-U", "postgres", "--auth=trust", "--encoding=UTF8", "--locale=C.UTF-8", "--no-sync"]);
+        initdb.arg("-D").arg(pg.data()).args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C.UTF-8",
+            "--no-sync",
+        ]);
         run(initdb, "initdb").await;
         pg.start_again().await;
-        let pool = PgPool::connect(&pg.url()).await.expect("connect to the private PostgreSQL");
-        datagate::store::postgres::migrate_up(&pool).await.expect("migrate");
+        let pool = PgPool::connect(&pg.url())
+            .await
+            .expect("connect to the private PostgreSQL");
+        datagate::store::postgres::migrate_up(&pool)
+            .await
+            .expect("migrate");
         pool.close().await;
         pg
     }
@@ -119,7 +128,9 @@ impl Postgres {
 
     /// A pool for arranging and checking state (not the service's).
     pub async fn pool(&self) -> PgPool {
-        PgPool::connect(&self.url()).await.expect("connect to the private PostgreSQL")
+        PgPool::connect(&self.url())
+            .await
+            .expect("connect to the private PostgreSQL")
     }
 
     /// `pg_ctl start`, waiting until it accepts connections (crash recovery included).

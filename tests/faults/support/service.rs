@@ -20,6 +20,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_datagate");
 const PAGE_SECRET: &str = "faults-page-token-secret-0123456789abcdef";
 
 /// Where the service runs: this process or a child process.
+#[expect(clippy::large_enum_variant, reason = "one per scenario")]
 enum Runner {
     InProcess {
         stop: CancellationToken,
@@ -88,7 +89,10 @@ impl Service {
         let port = super::free_port();
         let mut env = vec![
             ("DATAGATE__DATABASE__URL".into(), deps.database_url.into()),
-            ("DATAGATE__PAGINATION__TOKEN_SECRET".into(), PAGE_SECRET.into()),
+            (
+                "DATAGATE__PAGINATION__TOKEN_SECRET".into(),
+                PAGE_SECRET.into(),
+            ),
             ("DATAGATE__AUTH__TOKENS".into(), entry),
             ("DATAGATE__SERVER__HOST".into(), "127.0.0.1".into()),
             ("DATAGATE__SERVER__PORT".into(), port.to_string()),
@@ -197,7 +201,10 @@ impl Service {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("datagate on port {port} did not become SERVING; log:\n{}", log());
+        panic!(
+            "datagate on port {port} did not become SERVING; log:\n{}",
+            log()
+        );
     }
 
     /// One health check of `service` (None: no answer within 2 s).
@@ -217,15 +224,24 @@ impl Service {
     }
 
     pub fn users(&self) -> Users {
-        pb::user_service_client::UserServiceClient::with_interceptor(channel(self.port), self.bearer())
+        pb::user_service_client::UserServiceClient::with_interceptor(
+            channel(self.port),
+            self.bearer(),
+        )
     }
 
     pub fn catalog(&self) -> Catalog {
-        pb::catalog_service_client::CatalogServiceClient::with_interceptor(channel(self.port), self.bearer())
+        pb::catalog_service_client::CatalogServiceClient::with_interceptor(
+            channel(self.port),
+            self.bearer(),
+        )
     }
 
     pub fn orders(&self) -> Orders {
-        pb::order_service_client::OrderServiceClient::with_interceptor(channel(self.port), self.bearer())
+        pb::order_service_client::OrderServiceClient::with_interceptor(
+            channel(self.port),
+            self.bearer(),
+        )
     }
 
     /// Stops the in-process application gracefully.
