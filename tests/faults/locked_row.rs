@@ -128,8 +128,8 @@ async fn a_locked_row_and_short_deadlines_leave_no_backend_waiting_and_readiness
     );
     figure(
         SCENARIO,
-        "unrelated GetUser + CreateOrder ms",
-        format!("{unrelated_ms:.0}"),
+        "unrelated GetUser, CreateOrder",
+        format!("{read:?}, {other_order:?} in {unrelated_ms:.0} ms"),
     );
     let not_serving = statuses
         .iter()
