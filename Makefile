@@ -4,16 +4,19 @@
 # failure there stops the target.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
-.PHONY: help run test lint smoke bench-n1 bench-cache bench-search bench-analytics bench bench-quick env-up env-down
+.PHONY: help run test test-faults lint smoke bench-n1 bench-cache bench-search bench-analytics bench bench-quick env-up env-down
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
 run: ## start the databases, migrate, seed, and run datagate on :50051
 	@scripts/run.sh
 
 test: lint ## lint, then unit + integration tests and the grpcurl smoke test
 	@scripts/test.sh
+
+test-faults: ## the fault suite: private PostgreSQL and Redis killed, paused and restarted under load (about 2.5 min; figures in RELIABILITY.md)
+	@dev_env=$$(scripts/dev-env.sh up) && eval "$$dev_env" && cargo test --test faults -- --test-threads=1 --nocapture
 
 lint: ## rustfmt, clippy (warnings are errors), the layering rule, and the deployment files (kustomize, schemas, hadolint)
 	cargo fmt --all -- --check

@@ -1,0 +1,20 @@
+//! The fault suite (`make test-faults`, issue 14 point 8): each scenario
+//! starts its own PostgreSQL (fsync on) and Redis, so killing them harms
+//! nothing else, drives the service from a bounded load client, and asserts
+//! its promise as counts and codes. Figures (latencies, rates, attempts) are
+//! printed as `FIGURE <scenario> <name> = <value>` lines for RELIABILITY.md
+//! (run with `--nocapture` to see them).
+//!
+//! Scenarios run one at a time (each holds `support::serial`): each loads a
+//! 2-core machine on purpose. `make test-faults` runs them with
+//! `--test-threads=1 --nocapture`; `make test` runs them inside `cargo test`.
+
+mod support;
+
+mod cancel;
+mod ledger;
+mod locked_row;
+mod overload;
+mod postgres_restart;
+mod redis_faults;
+mod sigterm;

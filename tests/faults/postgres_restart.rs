@@ -1,0 +1,141 @@
+//! PostgreSQL restarted immediately (no checkpoint, crash recovery) under
+//! load: calls during the outage fail with UNAVAILABLE, never INTERNAL or a
+//! hang, and succeed again after. The connection attempts the service makes
+//! while the server recovers are counted from its log (`log_connections`);
+//! refused attempts on the closed port leave no trace there.
+
+use std::time::{Duration, Instant};
+
+use datagate::proto::v1 as pb;
+
+use crate::support::{Deps, Load, Postgres, Service, figure, service::arrange_catalog};
+
+const SCENARIO: &str = "postgres_restart";
+const CALLERS: usize = 8;
+const BEFORE: Duration = Duration::from_secs(2);
+/// How long the port stays closed.
+const DOWN: Duration = Duration::from_secs(3);
+const AFTER: Duration = Duration::from_secs(4);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_during_a_postgres_restart_fail_with_unavailable_and_succeed_after() {
+    let _serial = crate::support::serial().await;
+    // No Redis: every read reaches PostgreSQL.
+    let pg = Postgres::start().await;
+    let url = pg.url();
+    let service = Service::in_process(Deps {
+        database_url: &url,
+        redis_url: None,
+        overrides: &[],
+    })
+    .await;
+    let (user, products) = arrange_catalog(&service, 4, 1_000_000).await;
+    let (users, orders) = (service.users(), service.orders());
+    let load = Load::start(CALLERS, Duration::from_secs(60), move |caller, n| {
+        let (mut users, mut orders) = (users.clone(), orders.clone());
+        let products = products.clone();
+        async move {
+            if n % 2 == 0 {
+                users
+                    .get_user(pb::GetUserRequest { id: user })
+                    .await
+                    .map(|_| ())
+            } else {
+                orders
+                    .create_order(pb::CreateOrderRequest {
+                        user_id: user,
+                        items: vec![pb::OrderLine {
+                            product_id: products[caller % products.len()],
+                            quantity: 1,
+                        }],
+                        request_id: String::new(),
+                    })
+                    .await
+                    .map(|_| ())
+            }
+        }
+    });
+    tokio::time::sleep(BEFORE).await;
+
+    // The outage: stop immediately, keep the port closed, then start (crash
+    // recovery, during which the server refuses connections as starting up).
+    let outage_start = load.now();
+    pg.stop_immediate().await;
+    tokio::time::sleep(DOWN).await;
+    let recovery_start = load.now();
+    let log_before = pg.log().len();
+    let recovery = Instant::now();
+    pg.start_again().await;
+    let recovery_ms = recovery.elapsed().as_millis();
+    let serving = Instant::now();
+    service.wait_serving().await;
+    let back = load.now();
+    let log = pg.log();
+    let logged = log[log_before.min(log.len())..]
+        .lines()
+        .filter(|l| l.contains("connection received"))
+        .count();
+    let logged_secs = recovery.elapsed().as_secs_f64();
+    let serving_ms = serving.elapsed().as_millis();
+    tokio::time::sleep(AFTER).await;
+    let samples = load.finish().await;
+
+    // Calls over before the outage; calls started while the port was closed;
+    // and while the server recovered, until readiness said SERVING.
+    let before = crate::support::load::Samples(
+        samples
+            .0
+            .iter()
+            .filter(|s| s.started + s.latency < outage_start)
+            .cloned()
+            .collect(),
+    );
+    let closed = samples.started_between(outage_start, recovery_start);
+    let recovering = samples.started_between(recovery_start, back);
+    let during = samples.started_between(outage_start, back);
+    // A second after readiness returns, everything succeeds.
+    let after = samples.started_between(back + Duration::from_secs(1), Duration::MAX);
+    figure(SCENARIO, "before", before.summary());
+    figure(SCENARIO, "while the port was closed", closed.summary());
+    figure(
+        SCENARIO,
+        "while recovering, until SERVING",
+        recovering.summary(),
+    );
+    figure(SCENARIO, "from 1 s after SERVING again", after.summary());
+    figure(
+        SCENARIO,
+        "connection attempts/s logged from restart to SERVING",
+        format!(
+            "{:.1} ({logged} in {logged_secs:.1} s)",
+            logged as f64 / logged_secs
+        ),
+    );
+    figure(SCENARIO, "pg_ctl start (crash recovery) ms", recovery_ms);
+    figure(SCENARIO, "SERVING again after start ms", serving_ms);
+
+    assert_eq!(
+        before.failed(),
+        0,
+        "before the outage: {}",
+        before.summary()
+    );
+    let unexpected: Vec<_> = during
+        .0
+        .iter()
+        .filter(|s| !s.ok() && s.code != "Unavailable")
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "during the outage calls fail only with UNAVAILABLE (never INTERNAL or a hang): {}",
+        during.summary()
+    );
+    assert!(
+        during.failed() > 0,
+        "the outage was seen: {}",
+        during.summary()
+    );
+    assert!(after.len() > 0, "calls were made after recovery");
+    assert_eq!(after.failed(), 0, "after recovery: {}", after.summary());
+    service.stop().await;
+}

@@ -1,0 +1,153 @@
+//! A bounded load client: N callers, each making one call after another
+//! until stopped or until the time bound, every call itself bounded (a call
+//! that does not answer within `CALL_BOUND` is counted as `HANG`). Outcomes
+//! are kept per call (when it started, how long it took, its code), so a
+//! scenario can count them by phase.
+
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+/// The longest any one call may take before it counts as a hang.
+pub const CALL_BOUND: Duration = Duration::from_secs(15);
+
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// Since the load started.
+    pub started: Duration,
+    pub latency: Duration,
+    /// A gRPC code's name, or `HANG`.
+    pub code: String,
+}
+
+impl Sample {
+    pub fn ok(&self) -> bool {
+        self.code == "Ok"
+    }
+}
+
+pub struct Load {
+    pub start: Instant,
+    stop: CancellationToken,
+    samples: Arc<Mutex<Vec<Sample>>>,
+    callers: JoinSet<()>,
+}
+
+impl Load {
+    /// Starts `callers` callers for at most `bound`; `call(caller, n)` makes
+    /// the caller's n-th call.
+    pub fn start<F, Fut>(callers: usize, bound: Duration, call: F) -> Self
+    where
+        F: Fn(usize, u64) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), Status>> + Send + 'static,
+    {
+        let start = Instant::now();
+        let stop = CancellationToken::new();
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let mut set = JoinSet::new();
+        for caller in 0..callers {
+            let (stop, samples, call) = (stop.clone(), samples.clone(), call.clone());
+            set.spawn(async move {
+                let mut n = 0;
+                while !stop.is_cancelled() && start.elapsed() < bound {
+                    let begun = Instant::now();
+                    let code = match tokio::time::timeout(CALL_BOUND, call(caller, n)).await {
+                        Ok(Ok(())) => "Ok".to_owned(),
+                        Ok(Err(status)) => format!("{:?}", status.code()),
+                        Err(_) => "HANG".to_owned(),
+                    };
+                    samples.lock().unwrap().push(Sample {
+                        started: begun - start,
+                        latency: begun.elapsed(),
+                        code,
+                    });
+                    n += 1;
+                }
+            });
+        }
+        Self {
+            start,
+            stop,
+            samples,
+            callers: set,
+        }
+    }
+
+    /// Time since the load started.
+    pub fn now(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// Stops starting calls; waits for those in flight; returns every sample.
+    pub async fn finish(mut self) -> Samples {
+        self.stop.cancel();
+        while self.callers.join_next().await.is_some() {}
+        let samples = std::mem::take(&mut *self.samples.lock().unwrap());
+        Samples(samples)
+    }
+}
+
+pub struct Samples(pub Vec<Sample>);
+
+impl Samples {
+    /// The samples whose call started in `[from, to)`.
+    pub fn started_between(&self, from: Duration, to: Duration) -> Samples {
+        Samples(
+            self.0
+                .iter()
+                .filter(|s| s.started >= from && s.started < to)
+                .cloned()
+                .collect(),
+        )
+    }
+
+    pub fn codes(&self) -> BTreeMap<String, usize> {
+        let mut codes = BTreeMap::new();
+        for s in &self.0 {
+            *codes.entry(s.code.clone()).or_default() += 1;
+        }
+        codes
+    }
+
+    pub fn failed(&self) -> usize {
+        self.0.iter().filter(|s| !s.ok()).count()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The q-quantile (0..=1) of the latencies, in milliseconds.
+    pub fn quantile_ms(&self, q: f64) -> f64 {
+        let mut ms: Vec<f64> = self
+            .0
+            .iter()
+            .map(|s| s.latency.as_secs_f64() * 1e3)
+            .collect();
+        if ms.is_empty() {
+            return 0.0;
+        }
+        ms.sort_by(f64::total_cmp);
+        let index = ((ms.len() as f64 * q).ceil() as usize).clamp(1, ms.len()) - 1;
+        ms[index]
+    }
+
+    /// `n=…, codes={…}, p50=…ms, p99=…ms, max=…ms`.
+    pub fn summary(&self) -> String {
+        format!(
+            "n={} codes={:?} p50={:.1}ms p99={:.1}ms max={:.1}ms",
+            self.len(),
+            self.codes(),
+            self.quantile_ms(0.5),
+            self.quantile_ms(0.99),
+            self.quantile_ms(1.0)
+        )
+    }
+}
