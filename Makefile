@@ -16,7 +16,7 @@ test: lint ## lint, then unit + integration tests and the grpcurl smoke test
 	@scripts/test.sh
 
 test-faults: ## the fault suite: private PostgreSQL and Redis killed, paused and restarted under load (about 2.5 min; figures in RELIABILITY.md)
-	@dev_env=$$(scripts/dev-env.sh up) && eval "$$dev_env" && cargo test --test faults -- --test-threads=1 --nocapture
+	@. scripts/lib.sh && dev_env_up && cargo test --test faults -- --test-threads=1 --nocapture
 
 lint: ## rustfmt, clippy (warnings are errors), the layering rule, and the deployment files (kustomize, schemas, hadolint)
 	cargo fmt --all -- --check
