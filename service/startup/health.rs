@@ -15,7 +15,7 @@
 
 use std::time::Duration;
 
-use sqlx::PgPool;
+use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use tonic_health::{
     ServingStatus,
@@ -89,16 +89,48 @@ async fn report_dependency(health: &HealthReporter, name: &str, ok: bool, last: 
     *last = Some(ok);
 }
 
-/// PostgreSQL answers `SELECT 1` on `pool` within the readiness timeout.
-async fn answers(pool: &PgPool) -> bool {
-    matches!(
-        tokio::time::timeout(READINESS_TIMEOUT, sqlx::query("SELECT 1").execute(pool)).await,
-        Ok(Ok(_))
-    )
+/// Whether a PostgreSQL server answers, asked over a connection of its own
+/// (opened with the pool's options): a pool whose connections are all busy
+/// with slow calls is overload, not an outage, and must not take the
+/// instance out of rotation. A failed check drops the connection; the next
+/// check opens a new one, so the probe reconnects at most once a round.
+struct Probe {
+    pool: PgPool,
+    conn: Option<PgConnection>,
+}
+
+impl Probe {
+    fn new(pool: &PgPool) -> Self {
+        Self {
+            pool: pool.clone(),
+            conn: None,
+        }
+    }
+
+    /// The server answers `SELECT 1` within the readiness timeout.
+    async fn answers(&mut self) -> bool {
+        let checked = tokio::time::timeout(READINESS_TIMEOUT, async {
+            let conn = match &mut self.conn {
+                Some(conn) => conn,
+                none => {
+                    none.insert(PgConnection::connect_with(&self.pool.connect_options()).await?)
+                }
+            };
+            sqlx::query("SELECT 1").execute(conn).await.map(|_| ())
+        })
+        .await;
+        let ok = matches!(checked, Ok(Ok(())));
+        if !ok {
+            // A half-open or timed-out connection is not reused.
+            self.conn = None;
+        }
+        ok
+    }
 }
 
 /// Readiness follows the database: without PostgreSQL no RPC can succeed, so
-/// the instance reports NOT_SERVING until it answers again. The `redis`
+/// the instance reports NOT_SERVING until it answers again (asked over the
+/// probe's own connection, not whether the pool has one free). The `redis`
 /// entry follows the cache; probing it also replays queued invalidations and
 /// lets a recovered Redis close the circuit without waiting for traffic.
 pub(super) async fn watch_readiness(
@@ -113,6 +145,8 @@ pub(super) async fn watch_readiness(
     let mut redis_ready = None;
     let mut mongo_ready = None;
     let mut replica_ready = None;
+    let mut primary = Probe::new(&db);
+    let mut replica = reads.replica().map(Probe::new);
     let mut ticks = tokio::time::interval(READINESS_INTERVAL);
     loop {
         tokio::select! {
@@ -129,11 +163,11 @@ pub(super) async fn watch_readiness(
             );
             report_dependency(&health, MONGODB_HEALTH, ok, &mut mongo_ready).await;
         }
-        if let Some(replica) = reads.replica() {
-            let ok = answers(replica).await;
+        if let Some(replica) = &mut replica {
+            let ok = replica.answers().await;
             report_dependency(&health, REPLICA_HEALTH, ok, &mut replica_ready).await;
         }
-        let ok = answers(&db).await;
+        let ok = primary.answers().await;
         if ready != Some(ok) {
             if ok {
                 tracing::info!("database reachable: SERVING");

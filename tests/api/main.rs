@@ -18,6 +18,7 @@ mod orders;
 mod partitions;
 mod process;
 mod promises;
+mod readiness;
 mod replica;
 mod search;
 mod seed;
