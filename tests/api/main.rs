@@ -1,6 +1,7 @@
 //! Integration tests: the application through its gRPC front door, against
 //! a real PostgreSQL (one database per test, so tests run in parallel).
 
+mod admission;
 mod analytics;
 mod audit;
 mod batching;
