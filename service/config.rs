@@ -200,7 +200,8 @@ pub struct AdmissionSettings {
     /// The longest a call waits for a slot (at most half its deadline).
     #[serde(with = "humantime_serde")]
     pub max_queue_wait: Duration,
-    /// The largest fraction of the limit one caller may hold.
+    /// The largest fraction of the limit one caller may hold while others
+    /// have calls.
     pub caller_share: f64,
     /// The `RetryInfo` delay of a shed call.
     #[serde(with = "humantime_serde")]

@@ -16,15 +16,19 @@
 //!   it is answered RESOURCE_EXHAUSTED. A rejection takes one lock and no
 //!   I/O.
 //! - **Fairness** by caller (the [`Caller`] the auth layer attached, so this
-//!   layer runs after it): no caller holds more than `caller_share` of the
-//!   limit (at least one call), so one caller flooding leaves room for the
-//!   others; a freed slot goes to the waiting caller with the fewest calls
-//!   in flight; and a full queue makes room for a caller with less load
-//!   than the most loaded one by turning away that one's newest waiter
-//!   (never back and forth: only when the move leaves the displaced caller
-//!   at least as loaded). Per-caller state exists only while a caller has
-//!   calls in flight or queued, so it is bounded by the limit plus the
-//!   queue.
+//!   layer runs after it). A caller alone may use the whole limit; once
+//!   others have calls, none may hold more than `caller_share` of it (at
+//!   least one call). A caller under its share is admitted even past the
+//!   limit when another holds more than its own (the room that one took
+//!   beyond its share, as in Netflix's partitioned limiter; in flight stays
+//!   under twice the limit and drains back to it), so a caller arriving
+//!   after a flood is not kept waiting behind it. A freed slot goes to the
+//!   waiting caller with the fewest calls in flight; a full queue makes
+//!   room for a caller with less load than the most loaded one by turning
+//!   away that one's newest waiter (never back and forth: only when the
+//!   move leaves the displaced caller at least as loaded). Per-caller state
+//!   exists only while a caller has calls in flight or queued, so it is
+//!   bounded by twice the limit plus the queue.
 //! - **Never shed**: health checks and reflection (skipped like in every
 //!   middleware here) and `AdminService`, which operators need most when
 //!   the service is overloaded.
@@ -210,8 +214,12 @@ impl Shared {
             gate.record_gauges();
             admitted
         };
-        // Outside the lock: a waiter that is gone hands its permit back,
-        // and dropping it releases again.
+        self.wake(admitted);
+    }
+
+    /// Hands permits to admitted waiters, outside the lock: a waiter that
+    /// is gone hands its permit back, and dropping it releases again.
+    fn wake(self: &Arc<Self>, admitted: Vec<(Arc<str>, oneshot::Sender<Permit>)>) {
         for (caller, sender) in admitted {
             let _ = sender.send(Permit::waiting(self.clone(), caller));
         }
@@ -293,9 +301,13 @@ impl Waiting {
         let Some(ticket) = self.ticket.take() else {
             return false;
         };
-        let mut gate = self.shared.gate.lock().expect("admission lock");
-        let waiter = gate.leave_queue(ticket);
-        gate.record_gauges();
+        let (waiter, admitted) = {
+            let mut gate = self.shared.gate.lock().expect("admission lock");
+            let left = gate.leave_queue(ticket);
+            gate.record_gauges();
+            left
+        };
+        self.shared.wake(admitted);
         waiter.is_some()
     }
 }
@@ -365,11 +377,30 @@ impl<W> Gate<W> {
         self.callers.get(caller).copied().unwrap_or_default()
     }
 
-    /// Takes a slot for a call of `caller` if the limit and its share allow.
+    /// Whether a call of `caller` may run now:
+    ///
+    /// - under the limit, if the caller holds less than its share, or is the
+    ///   only caller with calls (one caller alone may use the whole limit);
+    /// - past the limit, if the caller holds less than its share and others
+    ///   hold more than theirs: the room they took beyond their share is its
+    ///   (as in Netflix's partitioned limiter), so a caller arriving after a
+    ///   flood is not kept waiting behind it. Calls in flight stay below
+    ///   twice the limit, and fall back to it as the flood's calls end.
+    fn may_admit(&self, caller: &str) -> bool {
+        let (limit, cap) = (self.limit(), self.caller_cap());
+        let mine = self.load(caller).in_flight;
+        if self.in_flight < limit && (mine < cap || self.callers.keys().all(|c| &**c == caller)) {
+            return true;
+        }
+        let within_shares: usize = self.callers.values().map(|l| l.in_flight.min(cap)).sum();
+        mine < cap && within_shares < limit && self.in_flight < 2 * limit
+    }
+
+    /// Takes a slot for a call of `caller` if [`may_admit`](Self::may_admit).
     /// Waiters never block a call that may run: a waiter that could run
     /// would have been admitted already (see [`admit_waiters`](Self::admit_waiters)).
     fn try_admit(&mut self, caller: &Arc<str>) -> bool {
-        if self.in_flight >= self.limit() || self.load(caller).in_flight >= self.caller_cap() {
+        if !self.may_admit(caller) {
             return false;
         }
         self.in_flight += 1;
@@ -417,12 +448,15 @@ impl<W> Gate<W> {
         Ok((ticket, displaced))
     }
 
-    /// A waiter gives up: its waker if it was still queued.
-    fn leave_queue(&mut self, ticket: u64) -> Option<W> {
-        let position = self.queue.iter().position(|q| q.ticket == ticket)?;
+    /// A waiter gives up: its waker if it was still queued, and the
+    /// waiters admitted since (its caller leaving may leave another alone).
+    fn leave_queue(&mut self, ticket: u64) -> (Option<W>, Vec<(Arc<str>, W)>) {
+        let Some(position) = self.queue.iter().position(|q| q.ticket == ticket) else {
+            return (None, Vec::new());
+        };
         let out = self.queue.remove(position).expect("in range");
         self.forget_queued(&out.caller);
-        Some(out.waiter)
+        (Some(out.waiter), self.admit_waiters())
     }
 
     /// A call of `caller` finished (after `rtt`, if it ran): frees its slot,
@@ -443,18 +477,16 @@ impl<W> Gate<W> {
     }
 
     /// While there is room, admits the oldest waiter of the waiting caller
-    /// with the fewest calls in flight, among those under their share.
+    /// with the fewest calls in flight, among those that [`may_admit`](Self::may_admit).
     fn admit_waiters(&mut self) -> Vec<(Arc<str>, W)> {
         let mut admitted = Vec::new();
-        while self.in_flight < self.limit() {
-            let cap = self.caller_cap();
+        loop {
             let next = self
                 .queue
                 .iter()
                 .enumerate()
-                .map(|(i, q)| (i, self.load(&q.caller).in_flight))
-                .filter(|&(_, in_flight)| in_flight < cap)
-                .min_by_key(|&(i, in_flight)| (in_flight, i))
+                .filter(|(_, q)| self.may_admit(&q.caller))
+                .min_by_key(|&(i, q)| (self.load(&q.caller).in_flight, i))
                 .map(|(i, _)| i);
             let Some(position) = next else { break };
             let out = self.queue.remove(position).expect("in range");
@@ -723,19 +755,48 @@ mod tests {
     }
 
     #[test]
-    fn no_caller_holds_more_than_its_share_of_the_limit() {
+    fn a_caller_alone_may_use_the_whole_limit() {
+        let mut gate = gate(4, 4, 0.5);
+        let a = name("a");
+        for _ in 0..4 {
+            assert!(gate.try_admit(&a));
+        }
+        assert!(!gate.try_admit(&a), "the limit holds");
+    }
+
+    #[test]
+    fn a_caller_arriving_after_a_flood_gets_its_share_at_once() {
         let mut gate = gate(4, 4, 0.5);
         let (a, b) = (name("a"), name("b"));
-        assert!(gate.try_admit(&a));
-        assert!(gate.try_admit(&a));
-        assert!(!gate.try_admit(&a), "a holds half the limit");
-        gate.enqueue(a.clone(), "a3").unwrap();
-        assert!(gate.try_admit(&b), "b is admitted past a's waiter");
+        for _ in 0..4 {
+            assert!(gate.try_admit(&a));
+        }
+        gate.enqueue(a.clone(), "a5").unwrap();
+        // a holds two calls beyond its share: they are b's.
         assert!(gate.try_admit(&b));
-        assert!(!gate.try_admit(&b));
-        // A slot of b's frees: a is at its share, so its waiter still waits.
-        assert_eq!(gate.release("b", None), vec![]);
-        assert_eq!(gate.release("a", None), vec![(a.clone(), "a3")]);
+        assert!(gate.try_admit(&b));
+        assert!(!gate.try_admit(&b), "b holds its share");
+        assert_eq!(gate.in_flight, 6, "past the limit by a's excess only");
+        // a's calls end: its waiter runs only once a is back under its
+        // share and the total under the limit.
+        assert_eq!(gate.release("a", None), vec![]);
+        assert_eq!(gate.release("a", None), vec![]);
+        assert_eq!(gate.release("a", None), vec![(a.clone(), "a5")]);
+        assert_eq!(gate.load("a").in_flight, 2);
+        assert_eq!(gate.in_flight, 4);
+    }
+
+    #[test]
+    fn no_caller_holds_more_than_its_share_while_others_have_calls() {
+        let mut gate = gate(4, 4, 0.5);
+        let (a, b) = (name("a"), name("b"));
+        assert!(gate.try_admit(&b));
+        assert!(gate.try_admit(&a));
+        assert!(gate.try_admit(&a));
+        assert!(!gate.try_admit(&a), "a holds half the limit, b has a call");
+        gate.enqueue(a.clone(), "a3").unwrap();
+        // b's call ends: a is alone, and its waiter may use the room.
+        assert_eq!(gate.release("b", None), vec![(a.clone(), "a3")]);
     }
 
     #[test]
@@ -794,8 +855,8 @@ mod tests {
         let a = name("a");
         assert!(gate.try_admit(&a));
         let (ticket, _) = gate.enqueue(a.clone(), "w1").unwrap();
-        assert_eq!(gate.leave_queue(ticket), Some("w1"));
-        assert_eq!(gate.leave_queue(ticket), None);
+        assert_eq!(gate.leave_queue(ticket), (Some("w1"), vec![]));
+        assert_eq!(gate.leave_queue(ticket), (None, vec![]));
         assert!(gate.enqueue(a.clone(), "w2").is_ok(), "the place is free");
         assert_eq!(gate.release("a", None), vec![(a.clone(), "w2")]);
         assert_eq!(gate.release("a", None), vec![]);

@@ -156,23 +156,25 @@ async fn calls_beyond_the_limit_and_the_queue_are_shed_while_health_and_admin_ca
 
 #[tokio::test]
 async fn a_caller_flooding_the_service_cannot_starve_another() {
-    // Half the limit each: one call in flight per caller.
+    // Half the limit each, once there are two callers.
     let app = TestApp::spawn_with(|s| tiny_limit(s, 0.5)).await;
     let held = app.create_user("flood@example.com", "flood").await;
     let other = app.create_user("other@example.com", "other").await;
     let lock = RowLock::on_user(&app.db, held.id).await;
 
-    // The flooder: one call in flight (its share), one queued, the rest shed.
+    // The flooder, alone, takes the whole limit; one more call is queued,
+    // the rest are shed.
     let flooder = app.users_as(Some(&app.reader_token)).await;
     let mut flood = JoinSet::new();
-    renames(&mut flood, &flooder, &held, 1);
-    wait_for_lock_waiters(&app, 1).await;
-    renames(&mut flood, &flooder, &held, 5);
-    for answer in next_answers(&mut flood, 4, Duration::from_secs(5)).await {
+    renames(&mut flood, &flooder, &held, 2);
+    wait_for_lock_waiters(&app, 2).await;
+    renames(&mut flood, &flooder, &held, 4);
+    for answer in next_answers(&mut flood, 3, Duration::from_secs(5)).await {
         assert_shed(&answer);
     }
 
-    // Another caller is admitted at once, beside the flood.
+    // Another caller is admitted at once, beside the flood: the flooder
+    // holds more than its share.
     let answered = tokio::time::timeout(
         Duration::from_secs(5),
         app.users()
@@ -184,9 +186,10 @@ async fn a_caller_flooding_the_service_cannot_starve_another() {
     .expect("the other caller is admitted");
     assert_eq!(answered.into_inner().id, other.id);
 
-    // Once the flood's call ends, the flooder is admitted again.
+    // Once the flood's calls end, its queued call runs and the flooder is
+    // admitted again.
     lock.release().await;
-    for answer in next_answers(&mut flood, 2, Duration::from_secs(10)).await {
+    for answer in next_answers(&mut flood, 3, Duration::from_secs(10)).await {
         assert_handled(&answer);
     }
     flooder
@@ -194,4 +197,155 @@ async fn a_caller_flooding_the_service_cannot_starve_another() {
         .get_user(pb::GetUserRequest { id: held.id })
         .await
         .expect("admitted again");
+}
+
+/// One load phase's answers: latencies of admitted calls and of shed ones.
+#[derive(Default)]
+struct Phase {
+    admitted: Vec<Duration>,
+    shed: Vec<Duration>,
+    other: usize,
+}
+
+impl Phase {
+    fn report(&mut self, name: &str, seconds: f64) {
+        let pct = |v: &mut Vec<Duration>, p: f64| {
+            v.sort();
+            v.get(((v.len() as f64 * p).ceil() as usize).saturating_sub(1))
+                .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+        };
+        println!(
+            "{name}: admitted {} ({:.0}/s) p50 {:.1} ms p99 {:.1} ms; shed {} p50 {:.2} ms p99 {:.2} ms (client side); other errors {}",
+            self.admitted.len(),
+            self.admitted.len() as f64 / seconds,
+            pct(&mut self.admitted, 0.5),
+            pct(&mut self.admitted, 0.99),
+            self.shed.len(),
+            pct(&mut self.shed, 0.5),
+            pct(&mut self.shed, 0.99),
+            self.other,
+        );
+    }
+}
+
+/// `workers` callers of ListUsersWithOrders (one token) for `duration`; a
+/// shed caller waits its RetryInfo delay, as a well-behaved client does.
+async fn load(app: &TestApp, workers: usize, duration: Duration) -> Phase {
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(app.orders().await);
+    }
+    let end = tokio::time::Instant::now() + duration;
+    let mut calls = JoinSet::new();
+    for i in 0..workers {
+        let mut client = clients[i % clients.len()].clone();
+        calls.spawn(async move {
+            let mut phase = Phase::default();
+            while tokio::time::Instant::now() < end {
+                let started = std::time::Instant::now();
+                let answer = client
+                    .list_users_with_orders(pb::ListUsersWithOrdersRequest {
+                        page_size: 20,
+                        page_token: String::new(),
+                        orders_per_user: 5,
+                    })
+                    .await;
+                let elapsed = started.elapsed();
+                match answer {
+                    Ok(_) => phase.admitted.push(elapsed),
+                    Err(status) if status.code() == Code::ResourceExhausted => {
+                        phase.shed.push(elapsed);
+                        let delay = status.get_error_details().retry_info().cloned();
+                        let delay = delay.and_then(|r| r.retry_delay).unwrap_or_default();
+                        tokio::time::sleep(delay).await;
+                    }
+                    Err(_) => phase.other += 1,
+                }
+            }
+            phase
+        });
+    }
+    let mut total = Phase::default();
+    while let Some(phase) = calls.join_next().await {
+        let phase = phase.unwrap();
+        total.admitted.extend(phase.admitted);
+        total.shed.extend(phase.shed);
+        total.other += phase.other;
+    }
+    total
+}
+
+/// Server-side latency of shed ListUsersWithOrders calls: how many of them
+/// (since `before`) took at most each bound, and how many in all.
+fn shed_latencies(before: &str, after: &str) -> Vec<(String, f64)> {
+    let labels = |le: &'static str| {
+        [
+            ("service", "datagate.v1.OrderService"),
+            ("method", "ListUsersWithOrders"),
+            ("code", "RESOURCE_EXHAUSTED"),
+            ("le", le),
+        ]
+    };
+    let name = "rpc_latency_seconds_bucket";
+    ["0.001", "0.0025", "0.005", "0.01", "+Inf"]
+        .into_iter()
+        .map(|le| {
+            let delta = crate::observe::series(after, name, &labels(le))
+                - crate::observe::series(before, name, &labels(le));
+            (format!("<= {le} s"), delta)
+        })
+        .collect()
+}
+
+/// Not a test: a bounded overload measurement (about 20 s), run with
+/// `cargo test --test api admission::overload_measurement -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn overload_measurement() {
+    let app = TestApp::spawn_with(|s| {
+        s.admission.enabled = true;
+        s.database.max_connections = 20;
+    })
+    .await;
+    let product = app.create_product(500, 100_000).await;
+    let mut orders = app.orders().await;
+    for i in 0..20 {
+        let user = app
+            .create_user(&format!("load{i}@example.com"), &format!("load{i}"))
+            .await;
+        for _ in 0..2 {
+            orders
+                .create_order(pb::CreateOrderRequest {
+                    user_id: user.id,
+                    items: vec![pb::OrderLine {
+                        product_id: product.id,
+                        quantity: 1,
+                    }],
+                    request_id: String::new(),
+                })
+                .await
+                .unwrap();
+        }
+    }
+    let seconds = 5.0;
+    let duration = Duration::from_secs_f64(seconds);
+    load(&app, 16, duration)
+        .await
+        .report("16 callers, admission on", seconds);
+    let before = app.metrics().await;
+    load(&app, 256, duration)
+        .await
+        .report("256 callers, admission on", seconds);
+    let after = app.metrics().await;
+    println!(
+        "server-side latency of shed calls: {:?}; limit at the end: {}",
+        shed_latencies(&before, &after),
+        crate::observe::series(&after, "admission_limit", &[])
+    );
+    let mut off = app.settings.clone();
+    off.admission.enabled = false;
+    let without = app.spawn_replica_with(off).await;
+    load(&without, 256, duration)
+        .await
+        .report("256 callers, admission off", seconds);
 }
