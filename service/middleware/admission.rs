@@ -102,7 +102,7 @@ impl Admission {
         // values are set.
         crate::metrics::handle();
         for cause in [Cause::QueueFull, Cause::QueueTimeout, Cause::Displaced] {
-            metrics::counter!("admission_rejected_total", "reason" => cause.label()).absolute(0);
+            metrics::counter!("admission_rejected_total", "reason" => cause.label()).increment(0);
         }
         gate.record_gauges();
         Self {
