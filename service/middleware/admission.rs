@@ -980,6 +980,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_call_waits_in_the_queue_for_at_most_half_its_deadline() {
+        let admission = Admission::new(&settings(1, 1));
+        let (open, opened) = tokio::sync::watch::channel(false);
+        let mut service = stack(&admission, opened);
+        let running = start(&mut service, request(CALL, "a")).await;
+        let mut short = request(CALL, "a");
+        short
+            .extensions_mut()
+            .insert(Deadline::after(Duration::from_millis(4)));
+        let queued = start(&mut service, short).await;
+        // Not the 60 s of max_queue_wait.
+        let response = tokio::time::timeout(Duration::from_secs(10), queued)
+            .await
+            .expect("bounded by the deadline")
+            .unwrap()
+            .unwrap();
+        assert_shed(&response, "queue_timeout");
+        open.send(true).unwrap();
+        running.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
     async fn a_queued_call_that_goes_away_leaves_the_queue() {
         let admission = Admission::new(&settings(1, 1));
         let (open, opened) = tokio::sync::watch::channel(false);
