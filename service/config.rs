@@ -21,6 +21,7 @@ const REQUIRED: &[&str] = &["database.url"];
 #[derive(Debug, Clone, Deserialize)]
 pub struct Settings {
     pub server: ServerSettings,
+    pub admission: AdmissionSettings,
     pub metrics: MetricsSettings,
     pub telemetry: TelemetrySettings,
     pub database: DatabaseSettings,
@@ -184,6 +185,27 @@ pub struct ServerSettings {
     /// callers reconnect and spread over new replicas; zero: never.
     #[serde(with = "humantime_serde")]
     pub max_connection_age: Duration,
+}
+
+/// Admission control: the adaptive concurrency limit in front of the
+/// handlers and its short queue (see `middleware::admission`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct AdmissionSettings {
+    pub enabled: bool,
+    pub min_limit: usize,
+    pub initial_limit: usize,
+    pub max_limit: usize,
+    /// Calls that may wait for a slot; beyond them calls are shed at once.
+    pub queue_length: usize,
+    /// The longest a call waits for a slot (at most half its deadline).
+    #[serde(with = "humantime_serde")]
+    pub max_queue_wait: Duration,
+    /// The largest fraction of the limit one caller may hold while others
+    /// have calls.
+    pub caller_share: f64,
+    /// The `RetryInfo` delay of a shed call.
+    #[serde(with = "humantime_serde")]
+    pub retry_after: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -416,6 +438,16 @@ impl Settings {
         if redis.mode == RedisMode::Cluster && redis.key_prefix.contains(['{', '}']) {
             bail!(
                 "invalid configuration: redis.key_prefix must not contain braces in cluster mode"
+            );
+        }
+        let admission = &self.admission;
+        if admission.min_limit == 0
+            || admission.min_limit > admission.initial_limit
+            || admission.initial_limit > admission.max_limit
+            || !(admission.caller_share > 0.0 && admission.caller_share <= 1.0)
+        {
+            bail!(
+                "invalid configuration: admission needs 1 <= min_limit <= initial_limit <= max_limit and caller_share in (0, 1]"
             );
         }
         if self.server.max_message_bytes < 1024 {

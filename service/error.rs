@@ -29,6 +29,8 @@ pub mod reason {
     pub const LOCK_TIMEOUT: &str = "LOCK_TIMEOUT";
     pub const TRANSACTION_CONFLICT: &str = "TRANSACTION_CONFLICT";
     pub const MONGODB_NOT_CONFIGURED: &str = "MONGODB_NOT_CONFIGURED";
+    // Load.
+    pub const OVERLOADED: &str = "OVERLOADED";
     // Concurrency.
     pub const VERSION_CONFLICT: &str = "VERSION_CONFLICT";
     pub const IDEMPOTENCY_KEY_REUSED: &str = "IDEMPOTENCY_KEY_REUSED";
@@ -115,6 +117,13 @@ pub enum Error {
     },
     #[error("{0}")]
     DeadlineExceeded(Detail),
+    /// This instance has no room for the call now (admission control shed
+    /// it); retrying after `retry_after`, ideally elsewhere, may succeed.
+    #[error("{detail}")]
+    ResourceExhausted {
+        detail: Detail,
+        retry_after: Duration,
+    },
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -162,6 +171,13 @@ impl Error {
                 retry_after: *retry_after,
             },
             Self::DeadlineExceeded(d) => Self::DeadlineExceeded(d.clone()),
+            Self::ResourceExhausted {
+                detail,
+                retry_after,
+            } => Self::ResourceExhausted {
+                detail: detail.clone(),
+                retry_after: *retry_after,
+            },
             Self::Internal(e) => Self::Internal(anyhow::anyhow!("{e:#}")),
         }
     }

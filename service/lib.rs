@@ -7,7 +7,7 @@
 //!
 //! | layer | owns | may import | must not import |
 //! |---|---|---|---|
-//! | `middleware` | the tower stack: request id, span, metrics, caller, deadline | everything below `api` | — |
+//! | `middleware` | the tower stack: request id, span, metrics, caller, deadline, admission | everything below `api` | — |
 //! | `api` | one file per gRPC service: proto ⇄ model, nothing else | `domain`, `model`, `error`, `auth` | `store`, `documents`, `cache`, `loaders` |
 //! | `domain` | parsing, rules and outcomes, orchestration, the write path | `loaders`, `cache`, `store`, `documents`, `model`, `error` | `api`, `middleware` |
 //! | `loaders` | batching by id, request-scoped | `cache`, `store`, `model`, `error` | `domain`, `api` |

@@ -45,6 +45,16 @@ impl From<Error> for Status {
                 details.set_retry_info(Some(retry_after));
                 Status::with_error_details(Code::Unavailable, detail.message, details)
             }
+            // Shed calls are counted by admission control; no log line per
+            // call, which would add to the overload.
+            Error::ResourceExhausted {
+                detail,
+                retry_after,
+            } => {
+                let mut details = info(&detail);
+                details.set_retry_info(Some(retry_after));
+                Status::with_error_details(Code::ResourceExhausted, detail.message, details)
+            }
             Error::Internal(e) => {
                 tracing::error!(error = format!("{e:#}"), "internal error");
                 Status::with_error_details(

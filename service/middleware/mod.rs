@@ -11,6 +11,10 @@
 //!    `grpc-timeout` and the server's bound, made the call's current
 //!    [`Deadline`](crate::model::deadline::Deadline); past it the call is dropped
 //!    (which cancels its queries) and answered with DEADLINE_EXCEEDED.
+//! 4. [`Admission`] (`admission.rs`): the adaptive concurrency limit, its
+//!    short fair queue, and RESOURCE_EXHAUSTED for calls beyond both
+//!    (after auth, for the caller; inside the deadline, which bounds the
+//!    wait). Health, reflection and AdminService calls are never shed.
 //!
 //! The stack is composed once, in the server assembly (`startup`).
 //!
@@ -36,6 +40,7 @@
 //! A generic method over the inner service, rather than a boxed `next`
 //! closure, keeps the inner future unboxed until the middleware's own box.
 
+mod admission;
 mod auth;
 mod deadline;
 mod rpc;
@@ -51,6 +56,7 @@ use tonic::{Status, body::Body};
 use tower::{Layer, Service};
 
 pub use self::{
+    admission::Admission,
     auth::Auth,
     deadline::Deadlines,
     rpc::{RequestId, Rpc},

@@ -36,7 +36,7 @@ use crate::{
     cache::Cache,
     config::Settings,
     documents::Mongo,
-    middleware::{Auth, Deadlines, Middleware as _, Rpc},
+    middleware::{Admission, Auth, Deadlines, Middleware as _, Rpc},
     store::{self, postgres::Reads},
 };
 
@@ -165,7 +165,13 @@ fn serve(
     let stack = ServiceBuilder::new()
         .layer(Rpc::new(settings.telemetry.n_plus_one_threshold).into_layer())
         .layer(Auth::new(TokenStore::from_settings(&settings.auth)).into_layer())
-        .layer(Deadlines::new(settings.server.request_timeout).into_layer());
+        .layer(Deadlines::new(settings.server.request_timeout).into_layer())
+        .option_layer(
+            settings
+                .admission
+                .enabled
+                .then(|| Admission::new(&settings.admission).into_layer()),
+        );
     let mut builder = Server::builder();
     if !settings.server.max_connection_age.is_zero() {
         // Graceful only: no `max_connection_age_grace`, with which tonic

@@ -3,6 +3,7 @@
 //! Every test is an `#[api_test]` (a time limit and teardown around
 //! `#[tokio::test]`); the modules share only `support`.
 
+mod admission;
 mod analytics;
 mod audit;
 mod batching;
