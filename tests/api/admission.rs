@@ -9,9 +9,8 @@ use tonic::{Code, Status};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_types::StatusExt as _;
 
-use crate::{
-    helpers::{TestApp, UserClient, assert_error, health_of},
-    server::{RowLock, rename},
+use crate::support::{
+    RowLock, TestApp, api_test, assert_error, clients::UserClient, health_of, rename,
 };
 
 /// A fixed limit of 2 (min = max) with a queue of one call that waits long
@@ -31,7 +30,7 @@ fn tiny_limit(s: &mut Settings, caller_share: f64) {
 /// Waits until `n` statements in the app's database wait for a lock: `n`
 /// calls are in flight, held by the row lock.
 async fn wait_for_lock_waiters(app: &TestApp, n: i64) {
-    crate::observe::wait_until(
+    crate::support::observe::wait_until(
         &format!("{n} calls waiting for the row lock"),
         Duration::from_secs(10),
         async || {
@@ -100,7 +99,7 @@ fn assert_handled(answer: &Result<(), Status>) {
     }
 }
 
-#[tokio::test]
+#[api_test]
 async fn calls_beyond_the_limit_and_the_queue_are_shed_while_health_and_admin_calls_still_answer() {
     let app = TestApp::spawn_with(|s| tiny_limit(s, 1.0)).await;
     let user = app.create_user("held@example.com", "held").await;
@@ -154,7 +153,7 @@ async fn calls_beyond_the_limit_and_the_queue_are_shed_while_health_and_admin_ca
         .expect("admitted again");
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_caller_flooding_the_service_cannot_starve_another() {
     // Half the limit each, once there are two callers.
     let app = TestApp::spawn_with(|s| tiny_limit(s, 0.5)).await;
@@ -290,8 +289,8 @@ fn shed_latencies(before: &str, after: &str) -> Vec<(String, f64)> {
     ["0.001", "0.0025", "0.005", "0.01", "+Inf"]
         .into_iter()
         .map(|le| {
-            let delta = crate::observe::series(after, name, &labels(le))
-                - crate::observe::series(before, name, &labels(le));
+            let delta = crate::support::observe::series(after, name, &labels(le))
+                - crate::support::observe::series(before, name, &labels(le));
             (format!("<= {le} s"), delta)
         })
         .collect()
@@ -299,7 +298,7 @@ fn shed_latencies(before: &str, after: &str) -> Vec<(String, f64)> {
 
 /// Not a test: a bounded overload measurement (about 20 s), run with
 /// `cargo test --test api admission::overload_measurement -- --ignored --nocapture`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[api_test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn overload_measurement() {
     let app = TestApp::spawn_with(|s| {
@@ -340,7 +339,7 @@ async fn overload_measurement() {
     println!(
         "server-side latency of shed calls: {:?}; limit at the end: {}",
         shed_latencies(&before, &after),
-        crate::observe::series(&after, "admission_limit", &[])
+        crate::support::observe::series(&after, "admission_limit", &[])
     );
     let mut off = app.settings.clone();
     off.admission.enabled = false;
