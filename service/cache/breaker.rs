@@ -102,11 +102,31 @@ impl Breaker {
     pub(super) fn is_closed(&self) -> bool {
         matches!(*self.state(), State::Closed { .. })
     }
+
+    /// The state as the `cache_breaker_state` gauge shows it: 0 closed,
+    /// 1 half-open (a probe may go), 2 open (Redis is not called).
+    pub(super) fn gauge_value(&self) -> f64 {
+        match *self.state() {
+            State::Closed { .. } => 0.0,
+            State::HalfOpen { .. } => 1.0,
+            State::Open { .. } => 2.0,
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_gauge_shows_closed_open_and_half_open() {
+        let (breaker, at) = opened();
+        assert_eq!(breaker.gauge_value(), 2.0);
+        assert!(breaker.allow(at + PERIOD));
+        assert_eq!(breaker.gauge_value(), 1.0);
+        breaker.success();
+        assert_eq!(breaker.gauge_value(), 0.0);
+    }
 
     const PERIOD: Duration = Duration::from_secs(10);
     const TICK: Duration = Duration::from_millis(1);

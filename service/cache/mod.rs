@@ -421,6 +421,7 @@ impl Cache {
         metrics::gauge!("connection_pool_connections", "pool" => "redis", "state" => "in_use")
             .set(in_use);
         metrics::gauge!("connection_pool_max", "pool" => "redis").set(max);
+        metrics::gauge!("cache_breaker_state").set(inner.breaker.gauge_value());
         metrics::gauge!("connection_pool_usage", "pool" => "redis").set(if max > 0.0 {
             in_use / max
         } else {
@@ -555,7 +556,7 @@ impl Inner {
         }
         let values: Option<Vec<Option<Vec<u8>>>> = self.mget("mget", &args).await;
         let Some(values) = values else {
-            statements::record_cache_lookup(false);
+            self.count_bypass(name, keys.len() as u64);
             return None;
         };
         let mut undecodable = 0;
@@ -600,7 +601,7 @@ impl Inner {
         let values: Option<(Option<Vec<u8>>, Option<u64>)> =
             self.mget("mget", &[key, generation_key][..]).await;
         let Some((value, generation)) = values else {
-            statements::record_cache_lookup(false);
+            self.count_bypass(family.name(), 1);
             return None;
         };
         let generation = generation.unwrap_or(0);
@@ -620,6 +621,18 @@ impl Inner {
 
     /// Counts a lookup's hits and misses (hit rate gauge, metrics, and the
     /// call's `cache_hit`: true only when nothing missed).
+    /// Counts reads that went to PostgreSQL because Redis was not usable
+    /// (the circuit open, a failure or a timeout): misses for the hit rate
+    /// gauge, so that it drops while the cache is not serving, and
+    /// `cache_bypassed_total`.
+    fn count_bypass(&self, name: &'static str, keys: u64) {
+        self.counters[name]
+            .misses
+            .fetch_add(keys, Ordering::Relaxed);
+        metrics::counter!("cache_bypassed_total", "entity" => name).increment(keys);
+        statements::record_cache_lookup(false);
+    }
+
     fn count_lookups(&self, name: &'static str, hits: u64, misses: u64) {
         let counters = &self.counters[name];
         counters.hits.fetch_add(hits, Ordering::Relaxed);

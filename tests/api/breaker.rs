@@ -269,6 +269,17 @@ async fn through_the_front_door_a_frozen_redis_turns_the_redis_entry_not_serving
         health_of(&app, "redis", ServingStatus::NotServing).await,
         ServingStatus::NotServing
     );
+    // A read while the circuit is open bypasses the cache and is counted
+    // (the hit rate counts it as a miss).
+    let bypassed = app
+        .metric("cache_bypassed_total", &[("entity", "user")])
+        .await;
+    assert_eq!(users.get_user(get).await.unwrap().into_inner(), user);
+    assert!(
+        app.metric("cache_bypassed_total", &[("entity", "user")])
+            .await
+            >= bypassed + 1.0
+    );
 
     // Thawed: with no call made, the readiness probe alone closes it.
     proxy.thaw();
