@@ -7,6 +7,7 @@ mod batching;
 mod breaker;
 mod cache;
 mod catalog;
+mod deadlines;
 mod detection;
 mod documents;
 mod helpers;
