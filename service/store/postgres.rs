@@ -25,6 +25,11 @@
 //!   with the ping it runs on every returned connection anyway, so the
 //!   settings are gone before the connection is reused, also when the read
 //!   was dropped mid-statement.
+//! - `statement_timeout` is per statement: each statement of a write gets
+//!   the budget left when the transaction's first statement ran, so a
+//!   transaction whose later statements wait too can outrun the call; the
+//!   cancel below ends what is still running when the call is dropped at
+//!   its deadline.
 //! - **Pool waits** are bounded by the same budget: an acquire that runs out
 //!   of the call's time is DEADLINE_EXCEEDED; one that hits the pool's own
 //!   `acquire_timeout` first (a saturated pool, a longer deadline) stays
