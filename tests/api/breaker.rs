@@ -31,7 +31,7 @@ use crate::{
 };
 
 /// A proxy to the test Redis; its tasks end when it is dropped.
-struct RedisProxy {
+pub(crate) struct RedisProxy {
     addr: SocketAddr,
     frozen: watch::Sender<bool>,
     /// Bytes the clients sent, counted as they arrive (frozen or not).
@@ -40,7 +40,7 @@ struct RedisProxy {
 }
 
 impl RedisProxy {
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let url = std::env::var("REDIS_URL").expect("REDIS_URL is set (`make test` does)");
         let upstream = url
             .trim_start_matches("redis://")
@@ -90,19 +90,19 @@ impl RedisProxy {
         }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://{}", self.addr)
     }
 
-    fn freeze(&self) {
+    pub(crate) fn freeze(&self) {
         self.frozen.send_replace(true);
     }
 
-    fn thaw(&self) {
+    pub(crate) fn thaw(&self) {
         self.frozen.send_replace(false);
     }
 
-    fn received(&self) -> u64 {
+    pub(crate) fn received(&self) -> u64 {
         self.received.load(Ordering::SeqCst)
     }
 }

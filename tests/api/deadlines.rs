@@ -4,7 +4,12 @@
 
 use std::time::{Duration, Instant};
 
-use datagate::proto::v1 as pb;
+use datagate::{
+    cache::{Cache, Entity},
+    config::Settings,
+    model::deadline::Deadline,
+    proto::v1 as pb,
+};
 use sqlx::{PgPool, Postgres, Transaction};
 use tonic::Code;
 use tonic_health::pb::{
@@ -12,7 +17,10 @@ use tonic_health::pb::{
 };
 use tonic_types::StatusExt as _;
 
-use crate::helpers::{TestApp, assert_error, unique};
+use crate::{
+    breaker::RedisProxy,
+    helpers::{TestApp, assert_error, unique},
+};
 
 fn order(user_id: i64, product_id: i64) -> pb::CreateOrderRequest {
     pb::CreateOrderRequest {
@@ -324,4 +332,54 @@ async fn a_pool_wait_ends_at_the_deadline_and_a_saturated_pool_within_it_is_unav
         .await
         .unwrap()
         .expect("the held order completes once the row is free");
+}
+
+#[tokio::test]
+async fn a_redis_command_cut_short_by_the_callers_deadline_is_not_held_against_redis() {
+    // A breaker that one counted failure would open for a minute.
+    let proxy = RedisProxy::start().await;
+    let mut settings =
+        Settings::load_with_overrides(None, &[("database.url", "postgres://unused/unused")])
+            .unwrap();
+    let redis = &mut settings.redis;
+    redis.url = proxy.url().into();
+    redis.key_prefix = format!("dgtest-{}", uuid::Uuid::new_v4().simple());
+    redis.command_timeout = Duration::from_secs(2);
+    redis.wait_timeout = Duration::from_secs(2);
+    redis.create_timeout = Duration::from_secs(2);
+    redis.recycle_timeout = Duration::from_secs(2);
+    redis.breaker_failures = 1;
+    redis.breaker_open_for = Duration::from_secs(60);
+    let cache = Cache::new(&settings.redis).unwrap();
+    let read = async || {
+        cache
+            .get_or_load(Entity::User, 7, || async {
+                Ok(Some("from postgres".to_owned()))
+            })
+            .await
+            .unwrap()
+    };
+    assert_eq!(read().await.as_deref(), Some("from postgres"), "warm up");
+
+    // Redis stops answering; calls with 100 ms left give up on it at their
+    // deadline, well inside command_timeout, and read PostgreSQL.
+    proxy.freeze();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let value = Deadline::after(Duration::from_millis(100))
+            .scope(read())
+            .await;
+        assert_eq!(value.as_deref(), Some("from postgres"));
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    // The breaker stayed closed: the next read goes to Redis.
+    proxy.thaw();
+    let sent = proxy.received();
+    assert_eq!(read().await.as_deref(), Some("from postgres"));
+    assert!(proxy.received() > sent, "the breaker did not open");
 }
