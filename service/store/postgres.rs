@@ -176,22 +176,43 @@ pub async fn acquire(pool: &PgPool) -> Result<Conn> {
     let Some(budget) = current_budget()? else {
         return Ok(Conn::Pooled(pool.acquire().await?));
     };
+    let conn = within(Some(budget), pool.acquire()).await?;
+    // What is left after the pool wait.
+    let budget = current_budget()?.unwrap_or(budget);
     let default = connection_default(pool.connect_options().get_options());
     if !read_needs_own_timeout(budget, default) {
-        return Ok(Conn::Pooled(within(Some(budget), pool.acquire()).await?));
+        return Ok(Conn::Pooled(conn));
     }
     let ms = millis(budget);
     let begin = format!("BEGIN; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}");
-    Ok(Conn::Bounded(
-        within(Some(budget), pool.begin_with(begin)).await?,
-    ))
+    Ok(Conn::Bounded(begin_on(conn, Some(begin)).await?))
 }
 
-/// A transaction from `pool`, its pool wait and `BEGIN` bounded by the
-/// call's budget (the caller sets the statement timeouts in its first
-/// statement, from [`current_budget`] then).
+/// A transaction from `pool`, its pool wait bounded by the call's budget
+/// (the caller sets the statement timeouts in its first statement, from
+/// [`current_budget`] then).
 pub async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres>> {
-    within(current_budget()?, pool.begin()).await
+    let conn = within(current_budget()?, pool.acquire()).await?;
+    begin_on(conn, None).await
+}
+
+/// `BEGIN` (or `statement`) on a connection already acquired: what
+/// `Pool::begin` / `Pool::begin_with` do after their acquire, through the
+/// (doc-hidden) constructor they use. The acquire is split off so that only
+/// the pool wait runs under this module's timer: sqlx 0.8.6 counts a
+/// transaction only once its `BEGIN` has been answered, so a `BEGIN`
+/// dropped in flight queues no `ROLLBACK` and the connection would go back
+/// to the pool inside the transaction. A `BEGIN` is one quick round trip;
+/// only the call's own end (the middleware) can still drop it.
+async fn begin_on(
+    conn: PoolConnection<Postgres>,
+    statement: Option<String>,
+) -> Result<Transaction<'static, Postgres>> {
+    Ok(Transaction::begin(
+        sqlx::pool::MaybePoolConnection::PoolConnection(conn),
+        statement.map(Into::into),
+    )
+    .await?)
 }
 
 /// Cancels statements of the main pool's backends, over connections of its
