@@ -35,7 +35,8 @@ use crate::{
 pub struct Writes {
     db: PgPool,
     cache: Cache,
-    /// Cancels the statement of a write its call abandoned.
+    /// Cancels the statement of a write its call abandoned. Each `Writes`
+    /// has its own (lazy, at most two connections, closed when idle).
     control: Control,
 }
 
@@ -154,6 +155,8 @@ impl Drop for WriteTx {
             return;
         };
         metrics::counter!("abandoned_statement_cancels_total").increment(1);
+        // Not on the task tracker: Drop has no handle to it. The task is
+        // bounded by `Control::TIMEOUT`, then returns the connection.
         runtime.spawn(async move {
             cancel.control.cancel(cancel.pid).await;
             drop(tx);

@@ -4,9 +4,9 @@
 //! # Deadlines in PostgreSQL
 //!
 //! Every statement a call runs is bounded by the call's remaining deadline
-//! minus [`MARGIN`] (so PostgreSQL gives up, and says so, before the
-//! middleware answers the caller): its `statement_timeout` and
-//! `lock_timeout` are that budget ([`statement_budget`]). Round trips:
+//! minus [`MARGIN`] (so PostgreSQL gives up, and the caller hears
+//! `QUERY_TIMEOUT`, before its own timer fires): its `statement_timeout`
+//! and `lock_timeout` are that budget ([`statement_budget`]). Round trips:
 //!
 //! - **Every connection** of the serving pool starts with both timeouts at
 //!   `server.request_timeout` (startup parameters in the connect options:
@@ -42,9 +42,10 @@
 //! ping waits, with no bound, for every pending result, the abandoned
 //! statement's included, then for the queued `ROLLBACK`. The connection is
 //! never handed out mid-statement, but it is out of the pool for as long as
-//! the statement runs. The timeouts above end every statement at its
-//! deadline; a caller that cancels earlier (RST_STREAM) gets its write's
-//! statement cancelled by [`Control::cancel`]: `pg_cancel_backend(pid)`
+//! the statement runs. The timeouts above end a call's statements about its
+//! deadline; when a call is abandoned (its caller cancels, RST_STREAM, or
+//! the middleware drops it at the deadline), its write's statement is
+//! cancelled by [`Control::cancel`]: `pg_cancel_backend(pid)`
 //! over a pool of its own (so a saturated main pool cannot hold it up),
 //! with the pid the write's first statement returned. The write's
 //! connection is held until the cancel has been delivered, and only then
