@@ -215,6 +215,18 @@ impl Error {
         )
     }
 
+    /// UNAVAILABLE: partition maintenance gave up waiting for a table lock
+    /// (its own `lock_timeout`); the next round retries.
+    pub fn maintenance_lock_timeout() -> Self {
+        Self::Unavailable {
+            detail: Detail::new(
+                reason::LOCK_TIMEOUT,
+                "a table this call needs is locked by maintenance; retry shortly",
+            ),
+            retry_after: Duration::from_secs(1),
+        }
+    }
+
     pub fn deadline_exceeded() -> Self {
         Self::DeadlineExceeded(Detail::new(
             reason::DEADLINE_EXCEEDED,
@@ -253,10 +265,12 @@ impl Violations {
 }
 
 /// Database failures that are not a domain outcome: a broken or exhausted pool
-/// is transient (UNAVAILABLE), as is a lock wait that timed out (partition
-/// maintenance sets `lock_timeout`), a cancelled statement is a deadline, a
-/// serialization failure or deadlock is a retryable conflict, and anything
-/// else is internal. Constraint violations that are domain outcomes are mapped
+/// is transient (UNAVAILABLE); a statement cancelled by its timeout (57014)
+/// or a lock wait past its `lock_timeout` (55P03) is the call's deadline
+/// (both are set from it, see `store::postgres`: DEADLINE_EXCEEDED
+/// `QUERY_TIMEOUT`; partition maintenance maps its own lock timeout to
+/// UNAVAILABLE `LOCK_TIMEOUT` itself); a serialization failure or deadlock
+/// is a retryable conflict, and anything else is internal. Constraint violations that are domain outcomes are mapped
 /// by the store before they get here.
 impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
@@ -272,17 +286,10 @@ impl From<sqlx::Error> for Error {
                 }
             }
             sqlx::Error::Database(db) => match db.code().as_deref() {
-                Some("57014") => Self::DeadlineExceeded(Detail::new(
+                Some("57014" | "55P03") => Self::DeadlineExceeded(Detail::new(
                     reason::QUERY_TIMEOUT,
                     "the database query was cancelled at the call's deadline",
                 )),
-                Some("55P03") => Self::Unavailable {
-                    detail: Detail::new(
-                        reason::LOCK_TIMEOUT,
-                        "a table this call needs is locked by maintenance; retry shortly",
-                    ),
-                    retry_after: Duration::from_secs(1),
-                },
                 Some("40001" | "40P01") => Self::Aborted(Detail::new(
                     reason::TRANSACTION_CONFLICT,
                     "the change conflicted with a concurrent one; retry",

@@ -34,7 +34,11 @@
 //! is gone. Batch reads use one `MGET` and one database query for the misses.
 //!
 //! **Fail-open.** Every command, pool wait included, is bounded by
-//! `command_timeout`, and runs under the circuit breaker.
+//! `command_timeout`, or by the call's remaining deadline when that is
+//! shorter, and runs under the circuit breaker. A command cut short by the
+//! caller's deadline is not held against Redis: it is the caller's budget
+//! that ran out, not Redis's health, so the breaker does not count it (it
+//! is counted in `cache_deadline_cutoffs_total`).
 
 mod breaker;
 mod codec;
@@ -70,6 +74,7 @@ use self::{
 use crate::{
     config::{RedisMode, RedisSettings},
     error::{Error, Result},
+    model::deadline::Deadline,
     statements,
 };
 
@@ -437,6 +442,16 @@ impl Cache {
     }
 }
 
+/// How long one Redis command may take: `command_timeout`, or the call's
+/// `remaining` time when that is shorter (then true: a timeout is the
+/// caller's deadline, not a Redis failure).
+fn command_bound(command_timeout: Duration, remaining: Option<Duration>) -> (Duration, bool) {
+    match remaining {
+        Some(remaining) if remaining < command_timeout => (remaining, true),
+        _ => (command_timeout, false),
+    }
+}
+
 enum Lookup<T> {
     Hit(T),
     Missing,
@@ -478,16 +493,37 @@ impl Inner {
         op: &'static str,
         run: impl AsyncFnOnce(&mut Conn) -> redis::RedisResult<T>,
     ) -> Option<T> {
+        let (timeout, by_deadline) = command_bound(
+            self.command_timeout,
+            Deadline::current().map(Deadline::remaining),
+        );
+        if timeout.is_zero() {
+            // The call has no time left for Redis; its deadline, not Redis.
+            metrics::counter!("cache_deadline_cutoffs_total", "op" => op).increment(1);
+            return None;
+        }
         if !self.breaker.allow(Instant::now()) {
             return None;
         }
-        let result = tokio::time::timeout(self.command_timeout, async {
+        let Ok(result) = tokio::time::timeout(timeout, async {
             let mut conn = self.pool.get().await?;
             self.replay(&mut conn).await?;
             Ok::<_, Failure>(run(&mut conn).await?)
         })
         .await
-        .unwrap_or_else(|_| Err(Failure::timed_out()));
+        else {
+            if by_deadline {
+                metrics::counter!("cache_deadline_cutoffs_total", "op" => op).increment(1);
+                tracing::debug!(
+                    database_type = "redis",
+                    operation = op,
+                    "cache command cut short by the call's deadline"
+                );
+                return None;
+            }
+            self.report_failure(op, Failure::timed_out());
+            return None;
+        };
         match result {
             Ok(value) => {
                 self.breaker.success();
@@ -792,5 +828,26 @@ impl Inner {
             "queued cache invalidations applied"
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::command_bound;
+    use std::time::Duration;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_command_takes_the_shorter_of_its_timeout_and_the_calls_time_left() {
+        assert_eq!(command_bound(100 * MS, None), (100 * MS, false));
+        assert_eq!(command_bound(100 * MS, Some(5_000 * MS)), (100 * MS, false));
+        assert_eq!(command_bound(100 * MS, Some(100 * MS)), (100 * MS, false));
+        assert_eq!(command_bound(100 * MS, Some(30 * MS)), (30 * MS, true));
+        assert_eq!(
+            command_bound(100 * MS, Some(Duration::ZERO)),
+            (Duration::ZERO, true),
+            "no time left: Redis is skipped, not failed"
+        );
     }
 }

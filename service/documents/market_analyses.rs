@@ -43,7 +43,8 @@ pub async fn find_recent(
                     "created_ms": { "$gte": since_ms },
                     "status": { "$in": ["pending", "running", "completed"] },
                 })
-                .sort(doc! { "created_ms": -1 }),
+                .sort(doc! { "created_ms": -1 })
+                .max_time(mongo.max_time()),
         )
         .await
 }
@@ -64,7 +65,9 @@ pub async fn find(mongo: &Mongo, id: &str) -> Result<Option<AnalysisDoc>> {
         .run(
             "find_one",
             MARKET_ANALYSES,
-            collection(mongo).find_one(doc! { "_id": id }),
+            collection(mongo)
+                .find_one(doc! { "_id": id })
+                .max_time(mongo.max_time()),
         )
         .await
 }
@@ -98,7 +101,8 @@ pub async fn list(
             collection(mongo)
                 .find(filter)
                 .sort(doc! { "created_ms": -1, "_id": -1 })
-                .limit(limit),
+                .limit(limit)
+                .max_time(mongo.max_time()),
         )
         .await?;
     mongo
@@ -134,7 +138,8 @@ pub async fn claim(
                     },
                 )
                 .sort(doc! { "created_ms": 1 })
-                .return_document(ReturnDocument::After),
+                .return_document(ReturnDocument::After)
+                .max_time(mongo.max_time()),
         )
         .await
 }

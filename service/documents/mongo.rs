@@ -1,10 +1,24 @@
 //! MongoDB: the client, the collections and their indexes, and one wrapper
 //! every operation goes through (timeout, span, metrics, error mapping).
 //!
+//! **Deadlines.** The wrapper's timeout is the shorter of
+//! `mongodb.operation_timeout` and the call's remaining deadline; running
+//! out of the call's time is DEADLINE_EXCEEDED, running out of the
+//! operation timeout within a longer deadline is UNAVAILABLE. Reads and
+//! find-and-modify also carry `maxTimeMS` ([`Mongo::max_time`]: the same
+//! bound less [`MARGIN`]), so the server stops the work itself rather than
+//! finishing it for a caller that has gone; the driver offers no
+//! `maxTimeMS` for `insert_one` / `update_one`, which the wrapper's timeout
+//! bounds alone. A `maxTimeMS` expiry (server error 50) is DEADLINE_EXCEEDED
+//! `QUERY_TIMEOUT`.
+//!
 //! Only the standard driver API is used. Filters and updates are built here
 //! from typed values, never from documents a caller sent.
 
-use std::{future::IntoFuture, time::Instant};
+use std::{
+    future::IntoFuture,
+    time::{Duration, Instant},
+};
 
 use mongodb::{
     Client, Collection, Database, IndexModel,
@@ -19,7 +33,30 @@ use tracing::Instrument as _;
 use crate::{
     config::MongoSettings,
     error::{Detail, Error, Result, reason},
+    model::deadline::Deadline,
 };
+
+/// Taken off the call's remaining time for `maxTimeMS`, so the server's
+/// answer arrives before the wrapper's timeout.
+pub const MARGIN: Duration = Duration::from_millis(50);
+
+/// MongoDB's `MaxTimeMSExpired`.
+const MAX_TIME_EXPIRED: i32 = 50;
+
+/// The wrapper's bound for an operation: `operation_timeout`, or the call's
+/// `remaining` time when shorter (then true: a timeout is the deadline's).
+fn operation_bound(operation_timeout: Duration, remaining: Option<Duration>) -> (Duration, bool) {
+    match remaining {
+        Some(remaining) if remaining < operation_timeout => (remaining, true),
+        _ => (operation_timeout, false),
+    }
+}
+
+/// `maxTimeMS` for an operation bounded by `bound`: [`MARGIN`] less, at
+/// least 1 ms (0 would mean no limit).
+fn max_time_within(bound: Duration) -> Duration {
+    bound.saturating_sub(MARGIN).max(Duration::from_millis(1))
+}
 
 pub const USER_PROFILES: &str = "user_profiles";
 pub const PRICE_HISTORY: &str = "price_history";
@@ -89,7 +126,16 @@ impl Mongo {
             .is_ok()
     }
 
-    /// Runs one operation under the operation timeout, in a span, timed.
+    /// The `maxTimeMS` to give a read or find-and-modify of the call running
+    /// on this task (see the module doc).
+    pub fn max_time(&self) -> Duration {
+        max_time_within(
+            operation_bound(self.timeout, Deadline::current().map(Deadline::remaining)).0,
+        )
+    }
+
+    /// Runs one operation under the operation timeout (or the call's
+    /// deadline, if sooner), in a span, timed.
     pub async fn run<T, F>(&self, operation: &'static str, collection: &str, op: F) -> Result<T>
     where
         F: IntoFuture<Output = mongodb::error::Result<T>>,
@@ -101,8 +147,10 @@ impl Mongo {
             db.operation = operation,
             db.collection = collection,
         );
+        let (timeout, by_deadline) =
+            operation_bound(self.timeout, Deadline::current().map(Deadline::remaining));
         let started = Instant::now();
-        let result = tokio::time::timeout(self.timeout, op.into_future())
+        let result = tokio::time::timeout(timeout, op.into_future())
             .instrument(span)
             .await;
         metrics::histogram!(
@@ -114,6 +162,7 @@ impl Mongo {
         match result {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(error)) => Err(map_error(operation, error)),
+            Err(_) if by_deadline => Err(Error::deadline_exceeded()),
             Err(_) => Err(unavailable(operation, "timed out")),
         }
     }
@@ -141,6 +190,12 @@ fn map_error(operation: &str, error: mongodb::error::Error) -> Error {
         ErrorKind::ServerSelection { .. }
         | ErrorKind::Io(_)
         | ErrorKind::ConnectionPoolCleared { .. } => unavailable(operation, &error.to_string()),
+        ErrorKind::Command(ref command) if command.code == MAX_TIME_EXPIRED => {
+            Error::DeadlineExceeded(Detail::new(
+                reason::QUERY_TIMEOUT,
+                "the document query was stopped at the call's deadline",
+            ))
+        }
         _ => Error::Internal(anyhow::Error::new(error).context(format!("mongodb {operation}"))),
     }
 }
@@ -154,4 +209,31 @@ pub fn to_document<T: Serialize>(value: &T) -> Result<Document> {
 pub fn from_document<T: DeserializeOwned>(document: Document) -> Result<T> {
     mongodb::bson::from_document(document)
         .map_err(|e| Error::Internal(anyhow::anyhow!("decoding a document: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn an_operation_takes_the_shorter_of_its_timeout_and_the_calls_time_left() {
+        assert_eq!(operation_bound(5_000 * MS, None), (5_000 * MS, false));
+        assert_eq!(
+            operation_bound(5_000 * MS, Some(30_000 * MS)),
+            (5_000 * MS, false)
+        );
+        assert_eq!(
+            operation_bound(5_000 * MS, Some(200 * MS)),
+            (200 * MS, true)
+        );
+    }
+
+    #[test]
+    fn max_time_leaves_the_margin_and_is_never_zero() {
+        assert_eq!(max_time_within(200 * MS), 200 * MS - MARGIN);
+        assert_eq!(max_time_within(MARGIN), MS, "0 would mean no limit");
+        assert_eq!(max_time_within(Duration::ZERO), MS);
+    }
 }

@@ -81,7 +81,8 @@ pub async fn append(
             PRICE_HISTORY,
             buckets
                 .find_one(doc! { "product_id": product_id, "seqs": seq })
-                .projection(doc! { "_id": 1 }),
+                .projection(doc! { "_id": 1 })
+                .max_time(mongo.max_time()),
         )
         .await?;
     if seen.is_some() {
@@ -126,7 +127,8 @@ pub async fn buckets(
                     "product_id": product_id,
                     "day": { "$gte": day_key(from), "$lte": day_key(to) },
                 })
-                .sort(doc! { "day": 1, "first_ms": 1 }),
+                .sort(doc! { "day": 1, "first_ms": 1 })
+                .max_time(mongo.max_time()),
         )
         .await?;
     mongo

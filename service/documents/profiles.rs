@@ -47,7 +47,9 @@ pub async fn find(mongo: &Mongo, user_id: i64) -> Result<Option<Profile>> {
         .run(
             "find_one",
             USER_PROFILES,
-            profiles.find_one(doc! { "_id": user_id }),
+            profiles
+                .find_one(doc! { "_id": user_id })
+                .max_time(mongo.max_time()),
         )
         .await?
         .map(Profile::from))
@@ -106,7 +108,8 @@ pub async fn update(mongo: &Mongo, user_id: i64, patch: &ProfilePatch) -> Result
                     doc! { "$set": set, "$setOnInsert": on_insert },
                 )
                 .upsert(true)
-                .return_document(ReturnDocument::After),
+                .return_document(ReturnDocument::After)
+                .max_time(mongo.max_time()),
         )
         .await?;
     updated

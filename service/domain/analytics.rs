@@ -73,7 +73,7 @@ impl Analytics {
         end: DateTime<Utc>,
         limit: u32,
     ) -> Result<SearchInsights> {
-        let mut conn = self.reads.pool().acquire().await?;
+        let mut conn = store::postgres::acquire(self.reads.pool()).await?;
         store::search::insights(&mut conn, start, end, limit.into()).await
     }
 
@@ -89,7 +89,7 @@ impl Analytics {
         let key = format!("category_metrics|{first_day}|{}", categories.join("\u{1f}"));
         self.cache
             .get_or_compute(Family::Analytics, &key, || async {
-                let mut conn = self.reads.pool().acquire().await?;
+                let mut conn = store::postgres::acquire(self.reads.pool()).await?;
                 store::analytics::category_metrics(&mut conn, first_day, categories).await
             })
             .await
@@ -111,7 +111,7 @@ impl Analytics {
         );
         self.cache
             .get_or_compute(Family::Analytics, &key, || async {
-                let mut conn = self.reads.pool().acquire().await?;
+                let mut conn = store::postgres::acquire(self.reads.pool()).await?;
                 let rows =
                     store::analytics::monthly_revenue(&mut conn, first, last, category).await?;
                 Ok(with_growth(rows))

@@ -102,7 +102,7 @@ impl Catalog {
     pub async fn get(&self, id: Id) -> Result<Product> {
         self.cache
             .get_or_load(Entity::Product, id.get(), || async {
-                let mut conn = self.db.acquire().await?;
+                let mut conn = store::postgres::acquire(&self.db).await?;
                 Ok(store::products::find_many(&mut conn, &[id]).await?.pop())
             })
             .await?

@@ -227,7 +227,7 @@ impl MarketAnalyses {
             .and_utc();
         let mut results = Results::default();
         let mut timings = BTreeMap::new();
-        let mut conn = self.db.acquire().await?;
+        let mut conn = crate::store::postgres::acquire(&self.db).await?;
         let mut timed = Instant::now();
         let mut lap = |name: &str, timings: &mut BTreeMap<String, f64>| {
             timings.insert(name.to_owned(), timed.elapsed().as_secs_f64() * 1000.0);

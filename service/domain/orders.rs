@@ -213,7 +213,7 @@ impl Orders {
         let order = self
             .cache
             .get_or_load(Entity::Order, id.get(), || async {
-                let mut conn = self.db.acquire().await?;
+                let mut conn = store::postgres::acquire(&self.db).await?;
                 let Some(header) = store::orders::find(&mut conn, id).await? else {
                     return Ok(None);
                 };
@@ -233,7 +233,7 @@ impl Orders {
             .as_deref()
             .map(|t| self.pages.decode("orders", &query, t))
             .transpose()?;
-        let mut conn = self.db.acquire().await?;
+        let mut conn = store::postgres::acquire(&self.db).await?;
         let headers =
             store::orders::list(&mut conn, &filter, after, page.size.fetch_limit()).await?;
         drop(conn);

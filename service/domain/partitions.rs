@@ -9,7 +9,10 @@ use crate::{
     config::PartitionSettings,
     error::Result,
     model::partitions::Partition,
-    store::partitions::{self, AUDIT_LOG, PRODUCT_SEARCHES},
+    store::{
+        self,
+        partitions::{self, AUDIT_LOG, PRODUCT_SEARCHES},
+    },
 };
 
 #[derive(Clone)]
@@ -24,7 +27,7 @@ impl Partitions {
     }
 
     pub async fn list(&self) -> Result<(Vec<Partition>, Vec<(&'static str, i64)>)> {
-        let mut conn = self.db.acquire().await?;
+        let mut conn = store::postgres::acquire(&self.db).await?;
         Ok((
             partitions::list(&mut conn).await?,
             partitions::default_rows(&mut conn).await?,
@@ -62,7 +65,7 @@ impl Partitions {
     pub async fn maintain(&self, today: NaiveDate) -> Result<()> {
         self.ensure(today).await?;
         self.retire(today).await?;
-        let mut conn = self.db.acquire().await?;
+        let mut conn = store::postgres::acquire(&self.db).await?;
         for (table, rows) in partitions::default_rows(&mut conn).await? {
             metrics::gauge!("partition_default_rows", "table" => table).set(rows as f64);
             if rows > 0 {

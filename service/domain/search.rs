@@ -173,7 +173,7 @@ impl ProductSearch {
         cursor: Option<Cursor>,
     ) -> Result<(CachedPage, HashMap<Id, Product>)> {
         let size = request.page.size;
-        let mut conn = self.reads.pool().acquire().await?;
+        let mut conn = store::postgres::acquire(self.reads.pool()).await?;
         let (page_number, earlier_correction, after) = match cursor {
             Some(c) => (c.page, c.corrected, Some(c.after)),
             None => (1, None, None),

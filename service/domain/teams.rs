@@ -122,7 +122,7 @@ impl Teams {
             .as_deref()
             .map(|t| self.pages.decode("user_teams", &query, t))
             .transpose()?;
-        let mut conn = self.db.acquire().await?;
+        let mut conn = store::postgres::acquire(&self.db).await?;
         if store::users::current_version(&mut conn, user_id)
             .await?
             .is_none()

@@ -91,7 +91,7 @@ impl Users {
     pub async fn get(&self, id: Id) -> Result<User> {
         self.cache
             .get_or_load(Entity::User, id.get(), || async {
-                let mut conn = self.db.acquire().await?;
+                let mut conn = store::postgres::acquire(&self.db).await?;
                 store::users::find(&mut conn, id).await
             })
             .await?
@@ -140,7 +140,7 @@ impl Users {
             .as_deref()
             .map(|t| self.pages.decode(scope, &query, t))
             .transpose()?;
-        let mut conn = self.db.acquire().await?;
+        let mut conn = store::postgres::acquire(&self.db).await?;
         let users = store::users::list(&mut conn, &filter, after, page.size.fetch_limit()).await?;
         Ok(Page::from_overfetch(users, page.size, |last| {
             let cursor: UserCursor = (last.created_at.timestamp_micros(), last.id.get());
@@ -215,7 +215,7 @@ impl Users {
         lookup: UserLookup,
         password: Password,
     ) -> Result<Option<User>> {
-        let mut conn = self.db.acquire().await?;
+        let mut conn = store::postgres::acquire(&self.db).await?;
         let found = store::users::credentials(&mut conn, &lookup).await?;
         drop(conn);
         let (user, hash) = match found {

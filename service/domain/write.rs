@@ -9,6 +9,15 @@
 //! here: a write names what it touches next to the statement that touches
 //! it, and [`WriteTx::commit`] does the rest. Dropping a `WriteTx` without
 //! committing rolls back and invalidates nothing.
+//!
+//! **Deadlines.** The transaction's pool wait and every statement in it are
+//! bounded by the call's deadline (`store::audit::begin`). If the call is
+//! abandoned (its caller cancelled it, or its deadline passed) while a
+//! statement runs, dropping the `WriteTx` cancels that statement in
+//! PostgreSQL (`store::postgres::Control`, by the pid the first statement
+//! returned) and only then lets the connection go back to the pool, which
+//! rolls the transaction back. An ordinary early return (an error, a
+//! replay) is not abandonment: it costs no cancel.
 
 use std::ops::{Deref, DerefMut};
 
@@ -17,8 +26,8 @@ use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use crate::{
     cache::{Cache, Entity, Family},
     error::Result,
-    model::{Id, audit::Actor},
-    store,
+    model::{Id, audit::Actor, deadline::Abandoned},
+    store::{self, audit::Begun, postgres::Control},
 };
 
 /// Begins write transactions; cheap to clone.
@@ -26,17 +35,30 @@ use crate::{
 pub struct Writes {
     db: PgPool,
     cache: Cache,
+    /// Cancels the statement of a write its call abandoned. Each `Writes`
+    /// has its own (lazy, at most two connections, closed when idle).
+    control: Control,
 }
 
 impl Writes {
     pub fn new(db: PgPool, cache: Cache) -> Self {
-        Self { db, cache }
+        Self {
+            control: Control::for_pool(&db),
+            db,
+            cache,
+        }
     }
 
     /// A write transaction on behalf of `actor`.
     pub async fn begin(&self, actor: &Actor) -> Result<WriteTx> {
+        let Begun { tx, pid } = store::audit::begin(&self.db, actor).await?;
         Ok(WriteTx {
-            tx: store::audit::begin(&self.db, actor).await?,
+            tx: Some(tx),
+            cancel: Abandoned::current().map(|abandoned| Cancel {
+                abandoned,
+                pid,
+                control: self.control.clone(),
+            }),
             cache: self.cache.clone(),
             entities: Vec::new(),
             families: Vec::new(),
@@ -47,10 +69,20 @@ impl Writes {
 /// A transaction that invalidates what it touched once it has committed.
 /// It dereferences to the connection the store functions take.
 pub struct WriteTx {
-    tx: Transaction<'static, Postgres>,
+    /// `Some` until committed or dropped.
+    tx: Option<Transaction<'static, Postgres>>,
+    /// How to cancel the statement in flight if the call is abandoned;
+    /// `None` outside a call.
+    cancel: Option<Cancel>,
     cache: Cache,
     entities: Vec<(Entity, i64)>,
     families: Vec<Family>,
+}
+
+struct Cancel {
+    abandoned: Abandoned,
+    pid: i32,
+    control: Control,
 }
 
 impl WriteTx {
@@ -73,19 +105,23 @@ impl WriteTx {
     /// Commits, then invalidates what the write touched. Invalidation never
     /// fails the write: when Redis is unreachable it is queued and replayed
     /// before Redis is used again.
-    pub async fn commit(self) -> Result<()> {
-        let Self {
-            tx,
-            cache,
-            entities,
-            families,
-        } = self;
+    pub async fn commit(mut self) -> Result<()> {
+        let tx = self
+            .tx
+            .take()
+            .expect("a WriteTx holds its transaction until it ends");
         tx.commit().await?;
-        cache.invalidate(&entities).await;
-        for family in families {
-            cache.invalidate_family(family).await;
+        self.cache.invalidate(&self.entities).await;
+        for family in std::mem::take(&mut self.families) {
+            self.cache.invalidate_family(family).await;
         }
         Ok(())
+    }
+
+    fn tx(&self) -> &Transaction<'static, Postgres> {
+        self.tx
+            .as_ref()
+            .expect("a WriteTx holds its transaction until it ends")
     }
 }
 
@@ -93,12 +129,37 @@ impl Deref for WriteTx {
     type Target = PgConnection;
 
     fn deref(&self) -> &PgConnection {
-        &self.tx
+        self.tx()
     }
 }
 
 impl DerefMut for WriteTx {
     fn deref_mut(&mut self) -> &mut PgConnection {
-        &mut self.tx
+        self.tx
+            .as_mut()
+            .expect("a WriteTx holds its transaction until it ends")
+    }
+}
+
+impl Drop for WriteTx {
+    /// Uncommitted: the transaction rolls back (sqlx queues the `ROLLBACK`
+    /// for the connection's return to the pool). If the call was abandoned,
+    /// a statement may still be running: cancel it first, holding the
+    /// connection until the cancel is delivered (see `store::postgres`).
+    fn drop(&mut self) {
+        let Some(tx) = self.tx.take() else { return };
+        let Some(cancel) = self.cancel.take().filter(|c| c.abandoned.is_set()) else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        metrics::counter!("abandoned_statement_cancels_total").increment(1);
+        // Not on the task tracker: Drop has no handle to it. The task is
+        // bounded by `Control::TIMEOUT`, then returns the connection.
+        runtime.spawn(async move {
+            cancel.control.cancel(cancel.pid).await;
+            drop(tx);
+        });
     }
 }

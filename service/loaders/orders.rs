@@ -24,7 +24,7 @@ pub struct RecentOrdersByUser {
 impl BatchFn<Id, Shared<Vec<OrderHeader>>> for RecentOrdersByUser {
     async fn load(&mut self, keys: &[Id]) -> HashMap<Id, Shared<Vec<OrderHeader>>> {
         let found = async {
-            let mut conn = self.db.acquire().await?;
+            let mut conn = store::postgres::acquire(&self.db).await?;
             let orders = store::orders::recent_for_users(&mut conn, keys, self.per_user).await?;
             Ok(grouped(orders, |o| o.user_id))
         }
@@ -38,7 +38,7 @@ pub struct ItemsByOrder(pub PgPool);
 impl BatchFn<Id, Shared<Vec<OrderItem>>> for ItemsByOrder {
     async fn load(&mut self, keys: &[Id]) -> HashMap<Id, Shared<Vec<OrderItem>>> {
         let found = async {
-            let mut conn = self.0.acquire().await?;
+            let mut conn = store::postgres::acquire(&self.0).await?;
             let items = store::orders::items_for_orders(&mut conn, keys).await?;
             Ok(grouped(items, |(order_id, _)| *order_id)
                 .into_iter()

@@ -27,7 +27,7 @@ pub async fn cached_products(
         ids,
         |p: &Product| p.id,
         async |misses| {
-            let mut conn = db.acquire().await?;
+            let mut conn = store::postgres::acquire(db).await?;
             store::products::find_many(&mut conn, misses).await
         },
     )

@@ -19,7 +19,7 @@ pub struct UsersById(pub PgPool);
 impl BatchFn<Id, Shared<Option<User>>> for UsersById {
     async fn load(&mut self, keys: &[Id]) -> HashMap<Id, Shared<Option<User>>> {
         let found = async {
-            let mut conn = self.0.acquire().await?;
+            let mut conn = store::postgres::acquire(&self.0).await?;
             let users = store::users::find_many(&mut conn, keys).await?;
             Ok(users.into_iter().map(|u| (u.id, Some(u))).collect())
         }
@@ -39,7 +39,7 @@ pub async fn cached_users(db: &PgPool, cache: &Cache, ids: &[Id]) -> Result<Hash
         ids,
         |u: &User| u.id,
         async |misses| {
-            let mut conn = db.acquire().await?;
+            let mut conn = store::postgres::acquire(db).await?;
             store::users::find_many(&mut conn, misses).await
         },
     )

@@ -19,16 +19,34 @@
 //! This type sits at the bottom of the crate with the other value types: it
 //! imports nothing from the api, domain or store layers.
 //!
+//! A scope also watches whether the call is **abandoned**: its future
+//! dropped before it finished (the caller cancelled it with RST_STREAM, or
+//! the deadline passed and the middleware dropped it). Code holding a
+//! resource that outlives a dropped future (a statement in flight in
+//! PostgreSQL) takes the call's [`Abandoned`] flag while the call runs and
+//! reads it in its `Drop`: set means "dropped mid-call, clean up", clear
+//! means an ordinary early return.
+//!
 //! The instant is tokio's, so that a test with a paused clock
 //! (`tokio::time::pause`) moves deadlines as it moves timers, and the
 //! middleware can hand it to `tokio::time::timeout_at` as it is.
 
-use std::{future::Future, time::Duration};
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use tokio::time::Instant;
 
 tokio::task_local! {
     static CURRENT: Deadline;
+    static ABANDONED: Abandoned;
 }
 
 /// How far ahead a deadline too far to represent is put: further than any
@@ -77,8 +95,65 @@ impl Deadline {
 
     /// Runs `work` with `self` as the current deadline; a scope inside it
     /// (a tighter bound for one step) takes precedence while it runs.
+    ///
+    /// It also watches `work` for abandonment (see the module doc): if the
+    /// returned future is dropped before `work` completes, the
+    /// [`Abandoned`] flag of the scope is set before `work` is dropped.
     pub fn scope<F: Future>(self, work: F) -> impl Future<Output = F::Output> {
-        CURRENT.scope(self, work)
+        let abandoned = Abandoned::default();
+        let watched = Watched {
+            work: Box::pin(work),
+            abandoned: abandoned.clone(),
+            done: false,
+        };
+        CURRENT.scope(self, ABANDONED.scope(abandoned, watched))
+    }
+}
+
+/// Whether the call was dropped before it finished; cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct Abandoned(Arc<AtomicBool>);
+
+impl Abandoned {
+    /// The flag of the call running on this task, if it runs in a
+    /// [`Deadline::scope`].
+    pub fn current() -> Option<Self> {
+        ABANDONED.try_with(Clone::clone).ok()
+    }
+
+    /// True once the call's future was dropped before it completed.
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// `work`, flagging `abandoned` when dropped unfinished. A hand-written
+/// future rather than an `async` block so that the order is certain: the
+/// flag is set in `drop`, before the fields (and so `work`, and whatever
+/// it holds) are dropped.
+struct Watched<F> {
+    work: Pin<Box<F>>,
+    abandoned: Abandoned,
+    done: bool,
+}
+
+impl<F: Future> Future for Watched<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let output = self.work.as_mut().poll(cx);
+        if output.is_ready() {
+            self.done = true;
+        }
+        output
+    }
+}
+
+impl<F> Drop for Watched<F> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.abandoned.0.store(true, Ordering::Release);
+        }
     }
 }
 
@@ -151,6 +226,55 @@ mod tests {
 
         let passed = Deadline::at(Instant::now() - Duration::from_millis(1));
         assert_eq!(passed.bound(Duration::from_secs(1)), Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn a_call_that_completes_is_not_abandoned() {
+        let deadline = Deadline::after(Duration::from_secs(5));
+        let flag = deadline
+            .scope(async { Abandoned::current() })
+            .await
+            .expect("a scope has a flag");
+        assert!(!flag.is_set());
+    }
+
+    #[tokio::test]
+    async fn a_call_dropped_mid_flight_is_abandoned_before_what_it_holds_is_dropped() {
+        struct SeesFlag(Abandoned, Option<tokio::sync::oneshot::Sender<bool>>);
+        impl Drop for SeesFlag {
+            fn drop(&mut self) {
+                if let Some(tx) = self.1.take() {
+                    let _ = tx.send(self.0.is_set());
+                }
+            }
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let call = Deadline::after(Duration::from_secs(5)).scope(async move {
+            let _held = SeesFlag(Abandoned::current().unwrap(), Some(tx));
+            let _ = started_tx.send(());
+            std::future::pending::<()>().await;
+        });
+        let handle = tokio::spawn(call);
+        started_rx.await.unwrap();
+        handle.abort();
+        assert!(
+            rx.await.unwrap(),
+            "the flag is set when what the call holds is dropped"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_early_return_inside_a_call_is_not_abandonment() {
+        let seen = Deadline::after(Duration::from_secs(5))
+            .scope(async {
+                let flag = Abandoned::current().unwrap();
+                // Something dropped while the call runs on: not abandoned.
+                drop(String::from("an early return drops its locals"));
+                flag.is_set()
+            })
+            .await;
+        assert!(!seen);
     }
 
     #[test]

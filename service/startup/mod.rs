@@ -68,7 +68,8 @@ impl Pools {
 impl Application {
     /// Binds the listeners and builds the pools. Nothing is served yet.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let db = store::postgres::pool(&settings.database)?;
+        let db =
+            store::postgres::pool_for_calls(&settings.database, settings.server.request_timeout)?;
         let reads = Reads::new(&settings.database, &db)?;
         let cache = Cache::new(&settings.redis)?;
         let mongo = Mongo::connect(&settings.mongodb).await?;

@@ -155,13 +155,22 @@ pub async fn monthly_revenue(
 }
 
 /// Refreshes the analytics views unless another replica is refreshing it now
-/// (then returns false).
+/// (then returns false). Inside a call (AdminService.RefreshAnalytics) its
+/// statements are bounded by the call's deadline; in the background they
+/// have no limit (the serving pool's default, the longest call, may be
+/// shorter than a refresh of a large view), set in the lock's statement.
 pub async fn refresh(db: &PgPool) -> Result<bool> {
-    let mut tx = db.begin().await?;
-    let locked: bool =
-        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext('datagate.analytics'))")
-            .fetch_one(&mut *tx)
-            .await?;
+    let mut tx = super::postgres::begin(db).await?;
+    let timeout = super::postgres::current_budget()?
+        .map_or(0, super::postgres::millis)
+        .to_string();
+    let (locked, _): (bool, String) = sqlx::query_as(
+        "SELECT pg_try_advisory_xact_lock(hashtext('datagate.analytics')), \
+                set_config('statement_timeout', $1, true)",
+    )
+    .bind(timeout)
+    .fetch_one(&mut *tx)
+    .await?;
     if !locked {
         return Ok(false);
     }

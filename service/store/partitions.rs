@@ -35,7 +35,10 @@
 use chrono::{DateTime, Datelike as _, Months, NaiveDate, TimeZone as _, Utc};
 use sqlx::{PgConnection, PgPool};
 
-use crate::{error::Result, model::partitions::Partition};
+use crate::{
+    error::{Error, Result},
+    model::partitions::Partition,
+};
 
 /// A partitioned table and its partition key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,11 +63,26 @@ const LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext('datagate.partitions')
 /// round is retried at the next interval).
 const LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '5s'";
 
+/// A maintenance statement's error: its own lock timeout (55P03, from
+/// [`LOCK_TIMEOUT`]) is UNAVAILABLE `LOCK_TIMEOUT` (retry the round), not a
+/// call's deadline as elsewhere.
+fn maintenance(e: sqlx::Error) -> Error {
+    match &e {
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03") => {
+            Error::maintenance_lock_timeout()
+        }
+        _ => e.into(),
+    }
+}
+
 /// A maintenance transaction: lock timeout set, advisory lock held.
 async fn begin(pool: &PgPool) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
     let mut tx = pool.begin().await?;
     sqlx::query(LOCK_TIMEOUT).execute(&mut *tx).await?;
-    sqlx::query(LOCK).execute(&mut *tx).await?;
+    sqlx::query(LOCK)
+        .execute(&mut *tx)
+        .await
+        .map_err(maintenance)?;
     Ok(tx)
 }
 
@@ -162,19 +180,22 @@ async fn create_partition(
     let PartitionedTable { table, column } = table;
     sqlx::query(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
         .execute(&mut *conn)
-        .await?;
+        .await
+        .map_err(maintenance)?;
     let in_month = format!("{column} >= {from} AND {column} < {to}");
     let waiting: i64 = sqlx::query_scalar(&format!(
         "SELECT count(*) FROM {table}_default WHERE {in_month}"
     ))
     .fetch_one(&mut *conn)
-    .await?;
+    .await
+    .map_err(maintenance)?;
     if waiting == 0 {
         sqlx::query(&format!(
             "CREATE TABLE {name} PARTITION OF {table} FOR VALUES FROM ({from}) TO ({to})"
         ))
         .execute(&mut *conn)
-        .await?;
+        .await
+        .map_err(maintenance)?;
         return Ok(0);
     }
     for statement in [
@@ -183,7 +204,10 @@ async fn create_partition(
         format!("DELETE FROM {table}_default WHERE {in_month}"),
         format!("ALTER TABLE {table} ATTACH PARTITION {name} FOR VALUES FROM ({from}) TO ({to})"),
     ] {
-        sqlx::query(&statement).execute(&mut *conn).await?;
+        sqlx::query(&statement)
+            .execute(&mut *conn)
+            .await
+            .map_err(maintenance)?;
     }
     tracing::warn!(partition = %name, rows = waiting, "rows moved out of the DEFAULT partition");
     Ok(waiting)
@@ -217,11 +241,13 @@ pub async fn retire(
             table.table, partition.name
         ))
         .execute(&mut *tx)
-        .await?;
+        .await
+        .map_err(maintenance)?;
         sqlx::query(&format!("DROP TABLE {}", partition.name))
             .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
+            .await
+            .map_err(maintenance)?;
+        tx.commit().await.map_err(maintenance)?;
         tracing::info!(partition = %partition.name, "partition retired");
         dropped.push(partition.name);
     }

@@ -28,7 +28,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use crate::support::{TestApp, api_test, health_of, observe::wait_until, unique};
 
 /// A proxy to the test Redis; its tasks end when it is dropped.
-struct RedisProxy {
+pub(crate) struct RedisProxy {
     addr: SocketAddr,
     frozen: watch::Sender<bool>,
     /// Bytes the clients sent, counted as they arrive (frozen or not).
@@ -37,7 +37,7 @@ struct RedisProxy {
 }
 
 impl RedisProxy {
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let url = std::env::var("REDIS_URL").expect("REDIS_URL is set (`make test` does)");
         let upstream = url
             .trim_start_matches("redis://")
@@ -87,19 +87,19 @@ impl RedisProxy {
         }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://{}", self.addr)
     }
 
-    fn freeze(&self) {
+    pub(crate) fn freeze(&self) {
         self.frozen.send_replace(true);
     }
 
-    fn thaw(&self) {
+    pub(crate) fn thaw(&self) {
         self.frozen.send_replace(false);
     }
 
-    fn received(&self) -> u64 {
+    pub(crate) fn received(&self) -> u64 {
         self.received.load(Ordering::SeqCst)
     }
 }

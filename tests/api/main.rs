@@ -10,6 +10,7 @@ mod batching;
 mod breaker;
 mod cache;
 mod catalog;
+mod deadlines;
 mod detection;
 mod documents;
 mod idempotency;
