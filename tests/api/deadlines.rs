@@ -17,10 +17,7 @@ use tonic_health::pb::{
 };
 use tonic_types::StatusExt as _;
 
-use crate::{
-    breaker::RedisProxy,
-    helpers::{TestApp, assert_error, unique},
-};
+use crate::support::{RedisProxy, TestApp, api_test, assert_error, unique};
 
 fn order(user_id: i64, product_id: i64) -> pb::CreateOrderRequest {
     pb::CreateOrderRequest {
@@ -94,7 +91,7 @@ async fn overall_health(app: &TestApp) -> ServingStatus {
         .status()
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_locked_row_under_short_deadlines_leaves_no_backend_waiting_and_the_rest_answering() {
     // Arrange: a pool small enough that 30 stuck statements would exhaust it.
     let app = TestApp::spawn_with(|s| s.database.max_connections = 5).await;
@@ -188,7 +185,7 @@ async fn a_locked_row_under_short_deadlines_leaves_no_backend_waiting_and_the_re
     assert_eq!(app.inventory_of(locked.id).await, 99);
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_call_cancelled_by_its_caller_has_its_statement_cancelled_in_postgres() {
     let app = TestApp::spawn().await;
     let (email, username) = unique("cancel");
@@ -231,7 +228,7 @@ async fn a_call_cancelled_by_its_caller_has_its_statement_cancelled_in_postgres(
         .expect("an order succeeds after the cancel");
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_read_under_a_short_deadline_times_out_in_postgres_as_query_timeout() {
     let app = TestApp::spawn().await;
     let (email, username) = unique("reader");
@@ -269,7 +266,7 @@ async fn a_read_under_a_short_deadline_times_out_in_postgres_as_query_timeout() 
     locker.rollback().await.unwrap();
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_pool_wait_ends_at_the_deadline_and_a_saturated_pool_within_it_is_unavailable() {
     let app = TestApp::spawn_with(|s| {
         // One for the outbox relay's listener, which keeps it; one for calls.
@@ -334,7 +331,7 @@ async fn a_pool_wait_ends_at_the_deadline_and_a_saturated_pool_within_it_is_unav
         .expect("the held order completes once the row is free");
 }
 
-#[tokio::test]
+#[api_test]
 async fn a_redis_command_cut_short_by_the_callers_deadline_is_not_held_against_redis() {
     // A breaker that one counted failure would open for a minute.
     let proxy = RedisProxy::start().await;

@@ -16,6 +16,7 @@
 //! - `observe`: what the app did, seen from outside: a metric series on
 //!   `/metrics`, a call's log lines by request id, Redis keys, and waiting
 //!   for an event instead of sleeping;
+//! - `proxy`: a controllable TCP proxy in front of the test Redis;
 //! - `telemetry`: the process's tracing subscriber.
 
 pub mod app;
@@ -27,6 +28,7 @@ pub mod health;
 pub mod locks;
 pub mod mongo;
 pub mod observe;
+pub mod proxy;
 pub mod redis;
 pub mod requests;
 mod telemetry;
@@ -40,4 +42,5 @@ pub use datagate_test_macros::api_test;
 pub use health::{health_of, wait_for_health};
 pub use locks::{RowLock, wait_for_lock_waiter};
 pub use mongo::{TestMongo, use_test_mongo};
+pub use proxy::RedisProxy;
 pub use requests::{mask, rename, unique};
