@@ -10,7 +10,6 @@ use crate::support::{Deps, Postgres, Service, figure, service::arrange_catalog, 
 const SCENARIO: &str = "client_cancel";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs statement cancellation: issue 14 point 2"]
 async fn a_cancelled_call_stops_its_statement_in_postgres() {
     let _serial = crate::support::serial().await;
     let pg = Postgres::start().await;

@@ -11,7 +11,6 @@ use crate::support::{Deps, Postgres, Service, figure, service::arrange_catalog};
 const SCENARIO: &str = "locked_row";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs deadlines that reach PostgreSQL and statement cancellation: issue 14 points 1-2"]
 async fn a_locked_row_and_short_deadlines_leave_no_backend_waiting_and_readiness_serving() {
     let _serial = crate::support::serial().await;
     // Arrange: the service (production pool size) and a session that holds
