@@ -109,6 +109,12 @@ pub async fn scope<F: Future>(log: Arc<RequestLog>, work: F) -> F::Output {
     CURRENT.scope(log, work).await
 }
 
+/// The log of the request running on this task, to carry into a task it
+/// spawns for the request (see [`scope`]).
+pub fn current() -> Option<Arc<RequestLog>> {
+    CURRENT.try_with(Arc::clone).ok()
+}
+
 /// Logs `N_PLUS_ONE_DETECTED` and bumps `n_plus_one_detected_total` for each
 /// shape of `log` repeated more than `threshold` times; returns those shapes.
 pub fn report_n_plus_one(log: &RequestLog, threshold: u32, operation: &str) -> Vec<(String, u32)> {

@@ -23,10 +23,13 @@ use std::ops::{Deref, DerefMut};
 
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
+use tracing::Instrument as _;
+
 use crate::{
     cache::{Cache, Entity, Family},
     error::Result,
     model::{Id, audit::Actor, deadline::Abandoned},
+    statements,
     store::{self, audit::Begun, postgres::Control},
 };
 
@@ -105,17 +108,43 @@ impl WriteTx {
     /// Commits, then invalidates what the write touched. Invalidation never
     /// fails the write: when Redis is unreachable it is queued and replayed
     /// before Redis is used again.
+    ///
+    /// The commit and the invalidation run on a task of their own, awaited
+    /// here: a call dropped at its deadline or cancelled by its caller
+    /// between the two cannot leave a committed row cached (the task goes
+    /// on), and Redis gets its full command timeout rather than what is left
+    /// of the call's deadline. A commit whose outcome is unknown (the
+    /// connection broke while committing) invalidates too: a needless
+    /// invalidation costs one refill, a missed one serves a stale row.
     pub async fn commit(mut self) -> Result<()> {
         let tx = self
             .tx
             .take()
             .expect("a WriteTx holds its transaction until it ends");
-        tx.commit().await?;
-        self.cache.invalidate(&self.entities).await;
-        for family in std::mem::take(&mut self.families) {
-            self.cache.invalidate_family(family).await;
+        let cache = self.cache.clone();
+        let entities = std::mem::take(&mut self.entities);
+        let families = std::mem::take(&mut self.families);
+        let work = async move {
+            let committed = tx.commit().await;
+            if committed.is_ok() || matches!(committed, Err(sqlx::Error::Io(_))) {
+                cache.invalidate(&entities).await;
+                for family in families {
+                    cache.invalidate_family(family).await;
+                }
+            }
+            committed
+        };
+        // The call's span and statement log go along (its COMMIT and Redis
+        // commands are the call's); its deadline does not.
+        let work = work.instrument(tracing::Span::current());
+        let committing = match statements::current() {
+            Some(log) => tokio::spawn(statements::scope(log, work)),
+            None => tokio::spawn(work),
+        };
+        match committing.await {
+            Ok(committed) => Ok(committed?),
+            Err(e) => Err(anyhow::anyhow!("committing a write: {e}").into()),
         }
-        Ok(())
     }
 
     fn tx(&self) -> &Transaction<'static, Postgres> {
