@@ -51,10 +51,21 @@ impl<'a> Idempotency<'a> {
     /// Claims the key in `tx`, or returns the response stored under it.
     pub async fn claim<T: DeserializeOwned>(&self, tx: &mut WriteTx) -> Result<Claim<T>> {
         let key = self.key.as_str();
-        if store::idempotency::claim(tx, self.caller, key, &self.fingerprint).await? {
-            return Ok(Claim::Proceed);
+        // A taken key may be swept (expired) between the two statements:
+        // then it is free, and claiming it again succeeds.
+        let mut stored = None;
+        for _ in 0..2 {
+            if store::idempotency::claim(tx, self.caller, key, &self.fingerprint).await? {
+                return Ok(Claim::Proceed);
+            }
+            stored = store::idempotency::stored(tx, self.caller, key).await?;
+            if stored.is_some() {
+                break;
+            }
         }
-        let (fingerprint, response) = store::idempotency::stored(tx, self.caller, key).await?;
+        let (fingerprint, response) = stored.ok_or_else(|| {
+            anyhow::anyhow!("idempotency key {key:?} was taken and gone twice in a row")
+        })?;
         if fingerprint != self.fingerprint {
             return Err(Error::FailedPrecondition(
                 Detail::new(

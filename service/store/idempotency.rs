@@ -25,22 +25,27 @@ pub async fn claim(
     Ok(claimed.rows_affected() == 1)
 }
 
-/// The fingerprint and response stored under a taken key.
+/// The fingerprint and response stored under a taken key; `None` if the key
+/// is gone (swept since it was found taken).
 pub async fn stored(
     conn: &mut PgConnection,
     caller: &str,
     key: &str,
-) -> Result<(String, serde_json::Value)> {
-    let (fingerprint, response): (String, Option<serde_json::Value>) = sqlx::query_as(
+) -> Result<Option<(String, serde_json::Value)>> {
+    let row: Option<(String, Option<serde_json::Value>)> = sqlx::query_as(
         "SELECT fingerprint, response FROM idempotency_keys WHERE caller = $1 AND key = $2",
     )
     .bind(caller)
     .bind(key)
-    .fetch_one(conn)
+    .fetch_optional(conn)
     .await?;
-    let response = response
-        .ok_or_else(|| anyhow::anyhow!("idempotency key {key:?} committed without a response"))?;
-    Ok((fingerprint, response))
+    row.map(|(fingerprint, response)| {
+        let response = response.ok_or_else(|| {
+            anyhow::anyhow!("idempotency key {key:?} committed without a response")
+        })?;
+        Ok((fingerprint, response))
+    })
+    .transpose()
 }
 
 pub async fn save_response(
