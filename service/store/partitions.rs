@@ -61,7 +61,12 @@ pub const TABLES: [PartitionedTable; 2] = [PRODUCT_SEARCHES, AUDIT_LOG];
 const LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext('datagate.partitions'))";
 /// How long a maintenance step waits for a table lock before giving up (the
 /// round is retried at the next interval).
-const LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '5s'";
+///
+/// Maintenance statements themselves have no statement timeout: moving a
+/// month's rows out of DEFAULT may take longer than the per-call default
+/// the serving pool's connections carry (`server.request_timeout`).
+const LOCK_TIMEOUT: &str =
+    "SELECT set_config('lock_timeout', '5s', true), set_config('statement_timeout', '0', true)";
 
 /// A maintenance statement's error: its own lock timeout (55P03, from
 /// [`LOCK_TIMEOUT`]) is UNAVAILABLE `LOCK_TIMEOUT` (retry the round), not a
