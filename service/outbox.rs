@@ -60,7 +60,11 @@ impl OutboxRelay {
         };
         loop {
             // A failed pass keeps its rows; the next round applies them.
-            let _ = retry::background("the outbox relay", || self.drain()).await;
+            // Stopping ends the retries (the rows stay for the next start).
+            tokio::select! {
+                () = stopping.cancelled() => return,
+                _ = retry::background("the outbox relay", || self.drain()) => {}
+            }
             let notified = async {
                 match listener.as_mut() {
                     Some(l) => {

@@ -293,7 +293,10 @@ impl MarketAnalyses {
                 let (this, stopping) = (self.clone(), stopping.clone());
                 let worker = format!("{}-{n}", uuid::Uuid::new_v4().simple());
                 tracker.spawn(async move {
-                    loop {
+                    // Stopping ends the worker before its next claim: the
+                    // analysis it runs finishes, a backlog waits for the
+                    // next start (or another replica).
+                    while !stopping.is_cancelled() {
                         match this.run_once(&worker).await {
                             Ok(true) => continue,
                             Ok(false) => {}
