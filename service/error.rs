@@ -270,8 +270,10 @@ impl Violations {
 /// (both are set from it, see `store::postgres`: DEADLINE_EXCEEDED
 /// `QUERY_TIMEOUT`; partition maintenance maps its own lock timeout to
 /// UNAVAILABLE `LOCK_TIMEOUT` itself); a serialization failure or deadlock
-/// is a retryable conflict, and anything else is internal. Constraint violations that are domain outcomes are mapped
-/// by the store before they get here.
+/// is a retryable conflict, and anything else is internal. A constraint
+/// violation becomes `Internal` here too, keeping the sqlx error inside: the
+/// domain turns the ones that are outcomes into their own errors with
+/// [`Error::on_constraint`].
 impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
         match &e {

@@ -655,8 +655,6 @@ impl Inner {
         })
     }
 
-    /// Counts a lookup's hits and misses (hit rate gauge, metrics, and the
-    /// call's `cache_hit`: true only when nothing missed).
     /// Counts reads that went to PostgreSQL because Redis was not usable
     /// (the circuit open, a failure or a timeout): misses for the hit rate
     /// gauge, so that it drops while the cache is not serving, and
@@ -669,6 +667,8 @@ impl Inner {
         statements::record_cache_lookup(false);
     }
 
+    /// Counts a lookup's hits and misses (hit rate gauge, metrics, and the
+    /// call's `cache_hit`: true only when nothing missed).
     fn count_lookups(&self, name: &'static str, hits: u64, misses: u64) {
         let counters = &self.counters[name];
         counters.hits.fetch_add(hits, Ordering::Relaxed);
