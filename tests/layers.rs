@@ -81,7 +81,14 @@ const RULES: &[(&str, &[&str])] = &[
     ("domain", &["api", "middleware", "startup"]),
     (
         "api",
-        &["store", "documents", "cache", "loaders", "startup"],
+        &[
+            "store",
+            "documents",
+            "cache",
+            "loaders",
+            "middleware",
+            "startup",
+        ],
     ),
 ];
 

@@ -15,10 +15,9 @@ use prost_types::{FieldMask, Timestamp};
 use crate::{
     auth::Caller,
     error::{Error, Violations},
-    middleware::RequestId,
     model::{
         Id,
-        audit::Actor,
+        audit::{Actor, RequestId},
         paging::{PageRequest, PageSize},
     },
 };

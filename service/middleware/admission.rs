@@ -133,7 +133,11 @@ impl Middleware for Admission {
                 self.shared.max_queue_wait.min(d.remaining() / 2)
             });
 
-        let mut gate = self.shared.gate.lock().expect("admission lock");
+        let mut gate = self
+            .shared
+            .gate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if gate.try_admit(&caller) {
             gate.record_gauges();
             drop(gate);
@@ -209,7 +213,10 @@ impl Shared {
     /// Frees a slot and hands the freed capacity to waiters.
     fn release(self: &Arc<Self>, caller: &str, rtt: Option<Duration>) {
         let admitted = {
-            let mut gate = self.gate.lock().expect("admission lock");
+            let mut gate = self
+                .gate
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let admitted = gate.release(caller, rtt);
             gate.record_gauges();
             admitted
@@ -302,7 +309,11 @@ impl Waiting {
             return false;
         };
         let (waiter, admitted) = {
-            let mut gate = self.shared.gate.lock().expect("admission lock");
+            let mut gate = self
+                .shared
+                .gate
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let left = gate.leave_queue(ticket);
             gate.record_gauges();
             left

@@ -55,12 +55,7 @@ use http::{Request, Response};
 use tonic::{Status, body::Body};
 use tower::{Layer, Service};
 
-pub use self::{
-    admission::Admission,
-    auth::Auth,
-    deadline::Deadlines,
-    rpc::{RequestId, Rpc},
-};
+pub use self::{admission::Admission, auth::Auth, deadline::Deadlines, rpc::Rpc};
 use crate::error::Error;
 
 /// The response future of a call through the stack.

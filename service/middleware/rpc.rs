@@ -35,9 +35,7 @@ use crate::{
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 const MAX_REQUEST_ID_LEN: usize = 128;
 
-/// The request id of the current call, in the request's extensions.
-#[derive(Clone, Debug)]
-pub struct RequestId(pub Arc<str>);
+pub use crate::model::audit::RequestId;
 
 /// Request id, span, metrics and the per-call log line.
 #[derive(Clone, Copy, Debug)]

@@ -35,3 +35,8 @@ impl Actor {
         self.request_id.as_deref()
     }
 }
+
+/// The request id of the current call, put in the request's extensions by
+/// the outermost middleware; the api reads it for the [`Actor`].
+#[derive(Clone, Debug)]
+pub struct RequestId(pub Arc<str>);
