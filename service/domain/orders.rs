@@ -108,6 +108,12 @@ pub struct Orders {
 }
 
 impl Orders {
+    /// Writes through `writes` (the application's one write path, with its
+    /// one control pool) instead of a `Writes` of its own.
+    pub fn with_writes(self, writes: Writes) -> Self {
+        Self { writes, ..self }
+    }
+
     pub fn new(db: PgPool, pages: PageTokens, users: Users, cache: Cache) -> Self {
         Self {
             writes: Writes::new(db.clone(), cache.clone()),

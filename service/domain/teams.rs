@@ -31,6 +31,12 @@ pub struct Teams {
 }
 
 impl Teams {
+    /// Writes through `writes` (the application's one write path, with its
+    /// one control pool) instead of a `Writes` of its own.
+    pub fn with_writes(self, writes: Writes) -> Self {
+        Self { writes, ..self }
+    }
+
     pub fn new(db: PgPool, pages: PageTokens) -> Self {
         Self {
             // Nothing cached depends on teams: their writes invalidate nothing.

@@ -60,6 +60,12 @@ pub struct Users {
 }
 
 impl Users {
+    /// Writes through `writes` (the application's one write path, with its
+    /// one control pool) instead of a `Writes` of its own.
+    pub fn with_writes(self, writes: Writes) -> Self {
+        Self { writes, ..self }
+    }
+
     pub fn new(db: PgPool, pages: PageTokens, passwords: PasswordHasher, cache: Cache) -> Self {
         Self {
             writes: Writes::new(db.clone(), cache.clone()),

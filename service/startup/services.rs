@@ -83,14 +83,18 @@ impl Services {
         let max_message = settings.server.max_message_bytes;
 
         let pages = PageTokens::new(&settings.pagination.token_secret);
+        // One write path for every context: one control pool for cancels.
+        let writes = Writes::new(db.clone(), cache.clone());
         let users = Users::new(
             db.clone(),
             pages.clone(),
             PasswordHasher::for_this_machine(),
             cache.clone(),
-        );
-        let teams = Teams::new(db.clone(), pages.clone());
-        let orders = Orders::new(db.clone(), pages.clone(), users.clone(), cache.clone());
+        )
+        .with_writes(writes.clone());
+        let teams = Teams::new(db.clone(), pages.clone()).with_writes(writes.clone());
+        let orders = Orders::new(db.clone(), pages.clone(), users.clone(), cache.clone())
+            .with_writes(writes.clone());
         let profiles = Profiles::new(users.clone(), mongo.clone());
         let (search_log, search_log_writer) = SearchLog::start(db.clone(), &settings.search_log);
         let search = ProductSearch::new(
@@ -101,7 +105,7 @@ impl Services {
             search_log,
         );
         let prices = PriceHistory::new(db.clone(), cache.clone(), mongo.clone());
-        let catalog = Catalog::new(db.clone(), cache.clone());
+        let catalog = Catalog::new(db.clone(), cache.clone()).with_writes(writes.clone());
         let partitions = Partitions::new(db.clone(), settings.partitions.clone());
         let analytics = Analytics::new(db.clone(), reads.clone(), cache.clone())
             .with_tasks(tasks.tracker.clone(), tasks.stopping.clone());
@@ -134,10 +138,7 @@ impl Services {
                 AnalyticsServiceServer::new(AnalyticsApi::new(analytics.clone(), analyses.clone())),
                 max_message
             ));
-        let key_sweeper = KeySweeper::new(
-            Writes::new(db.clone(), cache.clone()),
-            settings.idempotency.clone(),
-        );
+        let key_sweeper = KeySweeper::new(writes, settings.idempotency.clone());
         Ok(Self {
             routes,
             partitions,
