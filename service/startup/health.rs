@@ -24,7 +24,11 @@ use tonic_health::{
 };
 
 use super::services::SERVICES;
-use crate::{cache::Cache, documents::Mongo, store::postgres::Reads};
+use crate::{
+    cache::Cache,
+    documents::Mongo,
+    store::{availability, postgres::Reads},
+};
 
 /// How often readiness checks the database and Redis, and how long a check may take.
 const READINESS_INTERVAL: Duration = Duration::from_secs(2);
@@ -119,6 +123,17 @@ impl Probe {
             sqlx::query("SELECT 1").execute(conn).await.map(|_| ())
         })
         .await;
+        // The calls' fail-fast gate learns of an outage, and of the
+        // server's return, from the probe too (without waiting for a call).
+        // A slow answer is not an outage: only a failed connection closes it.
+        let gate = availability::gate(&self.pool);
+        match &checked {
+            Ok(Ok(())) => gate.up(),
+            Ok(Err(sqlx::Error::Io(_) | sqlx::Error::Tls(_))) => {
+                gate.down(std::time::Instant::now())
+            }
+            _ => {}
+        }
         let ok = matches!(checked, Ok(Ok(())));
         if !ok {
             // A half-open or timed-out connection is not reused.

@@ -9,6 +9,7 @@
 
 pub mod analytics;
 pub mod audit;
+pub mod availability;
 pub mod idempotency;
 pub mod orders;
 pub mod outbox;

@@ -68,6 +68,7 @@ use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
+use super::availability::{self, Admit};
 use crate::{
     config::DatabaseSettings,
     error::{Error, Result},
@@ -125,21 +126,6 @@ pub fn current_budget() -> Result<Option<Duration>> {
         .transpose()
 }
 
-/// `work` (a pool wait, with whatever follows it) bounded by `budget`:
-/// running out is the call's deadline, not the pool's saturation.
-async fn within<T>(
-    budget: Option<Duration>,
-    work: impl Future<Output = sqlx::Result<T>>,
-) -> Result<T> {
-    match budget {
-        None => Ok(work.await?),
-        Some(budget) => match tokio::time::timeout(budget, work).await {
-            Ok(result) => Ok(result?),
-            Err(_elapsed) => Err(Error::deadline_exceeded()),
-        },
-    }
-}
-
 /// A connection for reads, bounded by the call's deadline (see the module
 /// doc); it dereferences to the connection the store functions take.
 pub enum Conn {
@@ -175,9 +161,9 @@ impl std::ops::DerefMut for Conn {
 /// is shorter). Outside a call, a plain pooled connection.
 pub async fn acquire(pool: &PgPool) -> Result<Conn> {
     let Some(budget) = current_budget()? else {
-        return Ok(Conn::Pooled(pool.acquire().await?));
+        return Ok(Conn::Pooled(pooled(pool, None).await?));
     };
-    let conn = within(Some(budget), pool.acquire()).await?;
+    let conn = pooled(pool, Some(budget)).await?;
     // What is left after the pool wait.
     let budget = current_budget()?.unwrap_or(budget);
     let default = connection_default(pool.connect_options().get_options());
@@ -193,8 +179,53 @@ pub async fn acquire(pool: &PgPool) -> Result<Conn> {
 /// (the caller sets the statement timeouts in its first statement, from
 /// [`current_budget`] then).
 pub async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres>> {
-    let conn = within(current_budget()?, pool.acquire()).await?;
+    let conn = pooled(pool, current_budget()?).await?;
     begin_on(conn, None).await
+}
+
+/// A connection from `pool`, through its server's availability gate (see
+/// [`availability`](super::availability)): refused at once while the server
+/// is down (but for the period's trial), the wait bounded by `budget`.
+async fn pooled(pool: &PgPool, budget: Option<Duration>) -> Result<PoolConnection<Postgres>> {
+    let gate = availability::gate(pool);
+    let trial = match gate.admit(std::time::Instant::now()) {
+        Admit::Go => false,
+        Admit::Trial => true,
+        Admit::Refuse(retry_after) => return Err(availability::refused(retry_after)),
+    };
+    // A trial waits briefly: sqlx retries the connection within one acquire,
+    // and a long trial would be many attempts.
+    let wait = if trial {
+        Some(budget.map_or(availability::TRIAL_WAIT, |b| {
+            b.min(availability::TRIAL_WAIT)
+        }))
+    } else {
+        budget
+    };
+    let acquired = match wait {
+        None => pool.acquire().await,
+        Some(wait) => match tokio::time::timeout(wait, pool.acquire()).await {
+            Ok(acquired) => acquired,
+            Err(_elapsed) if trial => {
+                gate.down(std::time::Instant::now());
+                return Err(availability::refused(availability::FIRST_BACKOFF));
+            }
+            // The call's deadline, not the server's health.
+            Err(_elapsed) => return Err(Error::deadline_exceeded()),
+        },
+    };
+    match acquired {
+        Ok(conn) => {
+            gate.up();
+            Ok(conn)
+        }
+        Err(e) => {
+            if availability::is_outage(&e, pool) {
+                gate.down(std::time::Instant::now());
+            }
+            Err(e.into())
+        }
+    }
 }
 
 /// `BEGIN` (or `statement`) on a connection already acquired: what
