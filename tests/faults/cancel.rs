@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use datagate::proto::v1 as pb;
 
-use crate::support::{Deps, Postgres, Service, figure, service::arrange_catalog, wait_until};
+use crate::support::{Postgres, Service, figure, service::arrange_catalog, wait_until};
 
 const SCENARIO: &str = "client_cancel";
 
@@ -13,22 +13,11 @@ const SCENARIO: &str = "client_cancel";
 async fn a_cancelled_call_stops_its_statement_in_postgres() {
     let _serial = crate::support::serial().await;
     let pg = Postgres::start().await;
-    let url = pg.url();
-    let service = Service::in_process(Deps {
-        database_url: &url,
-        redis_url: None,
-        overrides: &[],
-    })
-    .await;
+    let service = Service::on(&pg, None).await;
     let (user, products) = arrange_catalog(&service, 1, 100).await;
     let product = products[0];
     let db = pg.pool().await;
-    let mut holder = db.begin().await.unwrap();
-    sqlx::query("SELECT quantity FROM inventory WHERE product_id = $1 FOR UPDATE")
-        .bind(product)
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    let holder = pg.lock_inventory(&db, product).await;
 
     // A call without a deadline, blocked on the lock.
     let mut orders = service.orders();

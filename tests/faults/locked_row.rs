@@ -6,7 +6,7 @@ use std::time::Duration;
 use datagate::proto::v1 as pb;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::support::{Deps, Postgres, Service, figure, service::arrange_catalog};
+use crate::support::{Postgres, Service, figure, service::arrange_catalog};
 
 const SCENARIO: &str = "locked_row";
 
@@ -16,22 +16,11 @@ async fn a_locked_row_and_short_deadlines_leave_no_backend_waiting_and_readiness
     // Arrange: the service (production pool size) and a session that holds
     // one inventory row.
     let pg = Postgres::start().await;
-    let url = pg.url();
-    let service = Service::in_process(Deps {
-        database_url: &url,
-        redis_url: None,
-        overrides: &[],
-    })
-    .await;
+    let service = Service::on(&pg, None).await;
     let (user, products) = arrange_catalog(&service, 2, 1_000).await;
     let (locked, other) = (products[0], products[1]);
     let db = pg.pool().await;
-    let mut holder = db.begin().await.unwrap();
-    sqlx::query("SELECT quantity FROM inventory WHERE product_id = $1 FOR UPDATE")
-        .bind(locked)
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    let holder = pg.lock_inventory(&db, locked).await;
 
     // Readiness is watched throughout.
     let watch = {

@@ -15,9 +15,7 @@ use datagate::proto::v1 as pb;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_types::StatusExt as _;
 
-use crate::support::{
-    Deps, Load, Orders, Postgres, Redis, Service, figure, service::arrange_catalog,
-};
+use crate::support::{Load, Orders, Postgres, Redis, Service, figure, service::arrange_catalog};
 
 const SCENARIO: &str = "overload";
 
@@ -42,13 +40,7 @@ async fn overload_at_4x_and_64x_the_limit_is_shed_with_retry_info() {
     let _serial = crate::support::serial().await;
     let pg = Postgres::start().await;
     let redis = Redis::start().await;
-    let (url, redis_url) = (pg.url(), redis.url());
-    let service = Service::in_process(Deps {
-        database_url: &url,
-        redis_url: Some(&redis_url),
-        overrides: &[],
-    })
-    .await;
+    let service = Service::on(&pg, Some(&redis)).await;
     // Twenty users with three orders each: a page of ListUsersWithOrders.
     let (_, products) = arrange_catalog(&service, 3, 100_000).await;
     for _ in 0..20 {

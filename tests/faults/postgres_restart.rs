@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use datagate::proto::v1 as pb;
 
-use crate::support::{Deps, Load, Postgres, Service, figure, service::arrange_catalog};
+use crate::support::{Load, Postgres, Service, figure, service::arrange_catalog};
 
 const SCENARIO: &str = "postgres_restart";
 const CALLERS: usize = 8;
@@ -22,13 +22,7 @@ async fn calls_during_a_postgres_restart_fail_with_unavailable_and_succeed_after
     let _serial = crate::support::serial().await;
     // No Redis: every read reaches PostgreSQL.
     let pg = Postgres::start().await;
-    let url = pg.url();
-    let service = Service::in_process(Deps {
-        database_url: &url,
-        redis_url: None,
-        overrides: &[],
-    })
-    .await;
+    let service = Service::on(&pg, None).await;
     let (user, products) = arrange_catalog(&service, 4, 1_000_000).await;
     let (users, orders) = (service.users(), service.orders());
     let load = Load::start(CALLERS, Duration::from_secs(60), move |caller, n| {

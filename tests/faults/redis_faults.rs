@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use datagate::proto::v1 as pb;
 
-use crate::support::{Deps, Load, Postgres, Redis, Service, figure, service::arrange_catalog};
+use crate::support::{Load, Postgres, Redis, Service, figure, service::arrange_catalog};
 
 const SCENARIO: &str = "redis_faults";
 const CALLERS: usize = 8;
@@ -16,13 +16,7 @@ async fn redis_paused_and_killed_under_load_fails_no_read() {
     let _serial = crate::support::serial().await;
     let pg = Postgres::start().await;
     let mut redis = Redis::start().await;
-    let (url, redis_url) = (pg.url(), redis.url());
-    let service = Service::in_process(Deps {
-        database_url: &url,
-        redis_url: Some(&redis_url),
-        overrides: &[],
-    })
-    .await;
+    let service = Service::on(&pg, Some(&redis)).await;
     let (user, products) = arrange_catalog(&service, 8, 10).await;
     let (users, catalog) = (service.users(), service.catalog());
     let load = Load::start(CALLERS, Duration::from_secs(60), move |caller, n| {

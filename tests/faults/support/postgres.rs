@@ -162,6 +162,22 @@ impl Postgres {
     }
 
     /// Datagate's backends waiting on a lock now.
+    /// A session of the test's own holding `FOR UPDATE` on one product's
+    /// inventory row until the transaction is dropped or rolled back.
+    pub async fn lock_inventory(
+        &self,
+        db: &PgPool,
+        product: i64,
+    ) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        let mut holder = db.begin().await.unwrap();
+        sqlx::query("SELECT quantity FROM inventory WHERE product_id = $1 FOR UPDATE")
+            .bind(product)
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+        holder
+    }
+
     pub async fn datagate_lock_waiters(&self, db: &PgPool) -> i64 {
         sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity \

@@ -48,6 +48,18 @@ pub struct Deps<'a> {
 }
 
 impl Service {
+    /// The application in this process on `pg` (and `redis`, if any), with
+    /// no overrides: how most scenarios start.
+    pub async fn on(pg: &super::Postgres, redis: Option<&super::Redis>) -> Self {
+        let (url, redis_url) = (pg.url(), redis.map(super::Redis::url));
+        Self::in_process(Deps {
+            database_url: &url,
+            redis_url: redis_url.as_deref(),
+            overrides: &[],
+        })
+        .await
+    }
+
     /// The application in this process, on a free port.
     pub async fn in_process(deps: Deps<'_>) -> Self {
         let (token, entry) = auth::new_token("faults", &[auth::ADMIN_ROLE.to_owned()]).unwrap();
