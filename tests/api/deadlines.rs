@@ -1,5 +1,5 @@
 //! The caller's deadline reaches PostgreSQL, and a call that ends leaves
-//! nothing running there: the locked-row scenario of issue 14, a client
+//! nothing running there: the locked-row scenario of the fault study, a client
 //! cancel mid-statement, a read under a short deadline, and pool waits.
 
 use std::time::{Duration, Instant};

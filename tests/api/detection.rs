@@ -67,7 +67,7 @@ async fn a_call_repeating_a_statement_shape_past_the_threshold_logs_n_plus_one_a
 
 #[api_test]
 async fn a_statement_slower_than_the_threshold_is_logged_as_slow_query_in_its_call_and_counted() {
-    // The test subscriber's threshold is 200 ms (`helpers::init_telemetry`;
+    // The test subscriber's threshold is 200 ms (`support::telemetry::init`;
     // the subscriber is process-wide): a held row lock makes the UPDATE of an
     // UpdateUser slower than that.
     let app = TestApp::spawn().await;

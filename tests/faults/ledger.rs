@@ -5,7 +5,7 @@
 //! stock arithmetic is exact.
 //!
 //! `DATAGATE_FAULTS_LEDGER_SECONDS` sets the load's length (default 60, the
-//! minute of the study).
+//! minute of the fault study).
 
 use std::{
     collections::{BTreeMap, HashMap},

@@ -1,4 +1,4 @@
-//! The fault suite (`make test-faults`, issue 14 point 8): each scenario
+//! The fault suite (`make test-faults`): each scenario
 //! starts its own PostgreSQL (fsync on) and Redis, so killing them harms
 //! nothing else, drives the service from a bounded load client, and asserts
 //! its promise as counts and codes. Figures (latencies, rates, attempts) are

@@ -19,8 +19,8 @@ use crate::support::{Load, Orders, Postgres, Redis, Service, figure, service::ar
 
 const SCENARIO: &str = "overload";
 
-/// The concurrency the admission limit stands for until point 3 reports its
-/// own: the 16 callers of the issue's baseline.
+/// The overload levels are multiples of this: the 16 callers of the
+/// baseline study (the admission limit itself adapts, from 20).
 const LIMIT: usize = 16;
 const SECONDS_PER_LEVEL: u64 = 4;
 
@@ -35,7 +35,7 @@ fn rss_mib() -> f64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "at 64x the cache breaker still opens (1,024 in-process callers and their rejections starve the Redis command timeout): issue 14 point 3"]
+#[ignore = "at 64x the cache breaker still opens: 1,024 in-process callers and their rejections starve the Redis command timeout"]
 async fn overload_at_4x_and_64x_the_limit_is_shed_with_retry_info() {
     let _serial = crate::support::serial().await;
     let pg = Postgres::start().await;
