@@ -349,6 +349,31 @@ mod collector {
     }
 }
 
+/// SIGTERMs the binary, checks it exits 0, and returns the spans it
+/// exported (spans are batched; SIGTERM flushes them before the process
+/// exits).
+async fn stop_and_collect_spans(
+    child: &mut tokio::process::Child,
+    spans: &mut tokio::sync::mpsc::UnboundedReceiver<opentelemetry_proto::tonic::trace::v1::Span>,
+) -> Vec<opentelemetry_proto::tonic::trace::v1::Span> {
+    let pid = child.id().unwrap().to_string();
+    Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("exits")
+        .unwrap();
+    assert!(status.success());
+    let mut exported = Vec::new();
+    while let Ok(Some(span)) = tokio::time::timeout(Duration::from_secs(2), spans.recv()).await {
+        exported.push(span);
+    }
+    exported
+}
+
 #[api_test]
 async fn with_an_otlp_endpoint_every_call_is_exported_as_a_server_span() {
     let database = TestDatabase::create().await;
@@ -374,23 +399,7 @@ async fn with_an_otlp_endpoint_every_call_is_exported_as_a_server_span() {
         .insert("x-request-id", "trace-me-1".parse().unwrap());
     let _ = users.get_user(request).await;
 
-    // Spans are batched; SIGTERM flushes them before the process exits.
-    let pid = child.id().unwrap().to_string();
-    Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .expect("exits")
-        .unwrap();
-    assert!(status.success());
-
-    let mut exported = Vec::new();
-    while let Ok(Some(span)) = tokio::time::timeout(Duration::from_secs(2), spans.recv()).await {
-        exported.push(span);
-    }
+    let exported = stop_and_collect_spans(&mut child, &mut spans).await;
     let rpc = exported
         .iter()
         .find(|s| s.name == "datagate.v1.UserService/GetUser")
@@ -452,22 +461,7 @@ async fn the_rpc_span_is_a_child_of_the_callers_traceparent() {
     );
     let _ = users.get_user(request).await;
 
-    let pid = child.id().unwrap().to_string();
-    Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .expect("exits")
-        .unwrap();
-    assert!(status.success());
-
-    let mut exported = Vec::new();
-    while let Ok(Some(span)) = tokio::time::timeout(Duration::from_secs(2), spans.recv()).await {
-        exported.push(span);
-    }
+    let exported = stop_and_collect_spans(&mut child, &mut spans).await;
     let rpc = exported
         .iter()
         .find(|s| s.name == "datagate.v1.UserService/GetUser")
