@@ -10,7 +10,6 @@ use std::{
 
 use datagate::{
     cache::{Cache, Entity},
-    config::Settings,
     proto::v1 as pb,
 };
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -21,19 +20,8 @@ use crate::support::{RedisProxy, TestApp, api_test, health_of, observe::wait_unt
 async fn the_breaker_opens_after_n_failures_and_the_first_probe_after_the_open_period_closes_it() {
     const FAILURES: u32 = 3;
     let proxy = RedisProxy::start().await;
-    let mut settings =
-        Settings::load_with_overrides(None, &[("database.url", "postgres://unused/unused")])
-            .unwrap();
-    let redis = &mut settings.redis;
-    redis.url = proxy.url().into();
-    redis.key_prefix = format!("dgtest-{}", uuid::Uuid::new_v4().simple());
     // Generous bounds: only the frozen proxy may make a command fail.
-    redis.command_timeout = Duration::from_secs(1);
-    redis.wait_timeout = Duration::from_secs(1);
-    redis.create_timeout = Duration::from_secs(1);
-    redis.recycle_timeout = Duration::from_secs(1);
-    redis.breaker_failures = FAILURES;
-    redis.breaker_open_for = Duration::from_secs(2);
+    let settings = proxy.cache_settings(Duration::from_secs(1), FAILURES, Duration::from_secs(2));
     let cache = Cache::new(&settings.redis).unwrap();
     let counted = AtomicU64::new(0);
     let loads = &counted;

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use datagate::{
     cache::{Cache, Entity},
-    config::Settings,
     model::deadline::Deadline,
     proto::v1 as pb,
 };
@@ -335,18 +334,7 @@ async fn a_pool_wait_ends_at_the_deadline_and_a_saturated_pool_within_it_is_unav
 async fn a_redis_command_cut_short_by_the_callers_deadline_is_not_held_against_redis() {
     // A breaker that one counted failure would open for a minute.
     let proxy = RedisProxy::start().await;
-    let mut settings =
-        Settings::load_with_overrides(None, &[("database.url", "postgres://unused/unused")])
-            .unwrap();
-    let redis = &mut settings.redis;
-    redis.url = proxy.url().into();
-    redis.key_prefix = format!("dgtest-{}", uuid::Uuid::new_v4().simple());
-    redis.command_timeout = Duration::from_secs(2);
-    redis.wait_timeout = Duration::from_secs(2);
-    redis.create_timeout = Duration::from_secs(2);
-    redis.recycle_timeout = Duration::from_secs(2);
-    redis.breaker_failures = 1;
-    redis.breaker_open_for = Duration::from_secs(60);
+    let settings = proxy.cache_settings(Duration::from_secs(2), 1, Duration::from_secs(60));
     let cache = Cache::new(&settings.redis).unwrap();
     let read = async || {
         cache

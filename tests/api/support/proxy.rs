@@ -9,8 +9,10 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
+    time::Duration,
 };
 
+use datagate::config::Settings;
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
@@ -88,6 +90,29 @@ impl RedisProxy {
 
     pub fn thaw(&self) {
         self.frozen.send_replace(false);
+    }
+
+    /// Settings for a `Cache` of a test's own behind this proxy: every
+    /// Redis timeout `timeouts`, and the breaker given.
+    pub fn cache_settings(
+        &self,
+        timeouts: Duration,
+        breaker_failures: u32,
+        breaker_open_for: Duration,
+    ) -> Settings {
+        let mut settings =
+            Settings::load_with_overrides(None, &[("database.url", "postgres://unused/unused")])
+                .unwrap();
+        let redis = &mut settings.redis;
+        redis.url = self.url().into();
+        redis.key_prefix = format!("dgtest-{}", uuid::Uuid::new_v4().simple());
+        redis.command_timeout = timeouts;
+        redis.wait_timeout = timeouts;
+        redis.create_timeout = timeouts;
+        redis.recycle_timeout = timeouts;
+        redis.breaker_failures = breaker_failures;
+        redis.breaker_open_for = breaker_open_for;
+        settings
     }
 
     pub fn received(&self) -> u64 {
