@@ -3,9 +3,11 @@
 
 use std::time::Duration;
 
-use datagate::proto::v1 as pb;
-
-use crate::support::{Postgres, Service, figure, service::arrange_catalog, wait_until};
+use crate::support::{
+    Postgres, Service, figure,
+    service::{arrange_catalog, one_unit},
+    wait_until,
+};
 
 const SCENARIO: &str = "client_cancel";
 
@@ -21,18 +23,7 @@ async fn a_cancelled_call_stops_its_statement_in_postgres() {
 
     // A call without a deadline, blocked on the lock.
     let mut orders = service.orders();
-    let call = tokio::spawn(async move {
-        orders
-            .create_order(pb::CreateOrderRequest {
-                user_id: user,
-                items: vec![pb::OrderLine {
-                    product_id: product,
-                    quantity: 1,
-                }],
-                request_id: String::new(),
-            })
-            .await
-    });
+    let call = tokio::spawn(async move { orders.create_order(one_unit(user, product)).await });
     wait_until(
         "the call's statement waits on the lock",
         Duration::from_secs(10),

@@ -6,7 +6,10 @@ use std::time::Duration;
 use datagate::proto::v1 as pb;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::support::{Postgres, Service, figure, service::arrange_catalog};
+use crate::support::{
+    Postgres, Service, figure,
+    service::{arrange_catalog, one_unit},
+};
 
 const SCENARIO: &str = "locked_row";
 
@@ -57,14 +60,7 @@ async fn a_locked_row_and_short_deadlines_leave_no_backend_waiting_and_readiness
             .map(|_| {
                 let mut orders = service.orders();
                 async move {
-                    let mut request = tonic::Request::new(pb::CreateOrderRequest {
-                        user_id: user,
-                        items: vec![pb::OrderLine {
-                            product_id: locked,
-                            quantity: 1,
-                        }],
-                        request_id: String::new(),
-                    });
+                    let mut request = tonic::Request::new(one_unit(user, locked));
                     request.set_timeout(Duration::from_millis(200));
                     match orders.create_order(request).await {
                         Ok(_) => "Ok".to_owned(),
@@ -91,14 +87,7 @@ async fn a_locked_row_and_short_deadlines_leave_no_backend_waiting_and_readiness
         .map_err(|s| s.code());
     let other_order = service
         .orders()
-        .create_order(pb::CreateOrderRequest {
-            user_id: user,
-            items: vec![pb::OrderLine {
-                product_id: other,
-                quantity: 1,
-            }],
-            request_id: String::new(),
-        })
+        .create_order(one_unit(user, other))
         .await
         .map(|_| ())
         .map_err(|s| s.code());

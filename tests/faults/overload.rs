@@ -15,7 +15,10 @@ use datagate::proto::v1 as pb;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_types::StatusExt as _;
 
-use crate::support::{Load, Orders, Postgres, Redis, Service, figure, service::arrange_catalog};
+use crate::support::{
+    Load, Orders, Postgres, Redis, Service, figure,
+    service::{arrange_catalog, one_unit},
+};
 
 const SCENARIO: &str = "overload";
 
@@ -48,14 +51,7 @@ async fn overload_at_4x_and_64x_the_limit_is_shed_with_retry_info() {
         for &product in &products {
             service
                 .orders()
-                .create_order(pb::CreateOrderRequest {
-                    user_id: user,
-                    items: vec![pb::OrderLine {
-                        product_id: product,
-                        quantity: 1,
-                    }],
-                    request_id: String::new(),
-                })
+                .create_order(one_unit(user, product))
                 .await
                 .unwrap();
         }

@@ -6,9 +6,10 @@
 
 use std::time::{Duration, Instant};
 
-use datagate::proto::v1 as pb;
-
-use crate::support::{Load, Postgres, Service, figure, service::arrange_catalog};
+use crate::support::{
+    Load, Postgres, Service, figure,
+    service::{arrange_catalog, read_or_order},
+};
 
 const SCENARIO: &str = "postgres_restart";
 const CALLERS: usize = 8;
@@ -26,28 +27,8 @@ async fn calls_during_a_postgres_restart_fail_with_unavailable_and_succeed_after
     let (user, products) = arrange_catalog(&service, 4, 1_000_000).await;
     let (users, orders) = (service.users(), service.orders());
     let load = Load::start(CALLERS, Duration::from_secs(60), move |caller, n| {
-        let (mut users, mut orders) = (users.clone(), orders.clone());
-        let products = products.clone();
-        async move {
-            if n % 2 == 0 {
-                users
-                    .get_user(pb::GetUserRequest { id: user })
-                    .await
-                    .map(|_| ())
-            } else {
-                orders
-                    .create_order(pb::CreateOrderRequest {
-                        user_id: user,
-                        items: vec![pb::OrderLine {
-                            product_id: products[caller % products.len()],
-                            quantity: 1,
-                        }],
-                        request_id: String::new(),
-                    })
-                    .await
-                    .map(|_| ())
-            }
-        }
+        let product = products[caller % products.len()];
+        read_or_order(users.clone(), orders.clone(), user, product, n)
     });
     tokio::time::sleep(BEFORE).await;
 

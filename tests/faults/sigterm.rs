@@ -6,9 +6,10 @@
 
 use std::time::{Duration, Instant};
 
-use datagate::proto::v1 as pb;
-
-use crate::support::{Deps, Load, Postgres, Redis, Service, figure, service::arrange_catalog};
+use crate::support::{
+    Deps, Load, Postgres, Redis, Service, figure,
+    service::{arrange_catalog, read_or_order},
+};
 
 const SCENARIO: &str = "sigterm";
 const CALLERS: usize = 8;
@@ -28,28 +29,8 @@ async fn sigterm_under_load_fails_no_in_flight_call_and_exits_zero() {
     let (user, products) = arrange_catalog(&service, 4, 1_000_000).await;
     let (users, orders) = (service.users(), service.orders());
     let load = Load::start(CALLERS, Duration::from_secs(60), move |caller, n| {
-        let (mut users, mut orders) = (users.clone(), orders.clone());
         let product = products[caller % products.len()];
-        async move {
-            if n % 2 == 0 {
-                users
-                    .get_user(pb::GetUserRequest { id: user })
-                    .await
-                    .map(|_| ())
-            } else {
-                orders
-                    .create_order(pb::CreateOrderRequest {
-                        user_id: user,
-                        items: vec![pb::OrderLine {
-                            product_id: product,
-                            quantity: 1,
-                        }],
-                        request_id: String::new(),
-                    })
-                    .await
-                    .map(|_| ())
-            }
-        }
+        read_or_order(users.clone(), orders.clone(), user, product, n)
     });
     tokio::time::sleep(Duration::from_secs(2)).await;
     let signalled_at = load.now();

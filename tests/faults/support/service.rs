@@ -323,3 +323,37 @@ pub async fn arrange_catalog(service: &Service, products: usize, stock: i32) -> 
     }
     (user.id, ids)
 }
+
+/// An order of one unit of `product_id`, without a request id.
+pub fn one_unit(user_id: i64, product_id: i64) -> pb::CreateOrderRequest {
+    pb::CreateOrderRequest {
+        user_id,
+        items: vec![pb::OrderLine {
+            product_id,
+            quantity: 1,
+        }],
+        request_id: String::new(),
+    }
+}
+
+/// The mixed load of the outage scenarios: even calls read the user, odd
+/// ones order one unit of `product`.
+pub async fn read_or_order(
+    mut users: super::Users,
+    mut orders: super::Orders,
+    user: i64,
+    product: i64,
+    n: u64,
+) -> Result<(), tonic::Status> {
+    if n.is_multiple_of(2) {
+        users
+            .get_user(pb::GetUserRequest { id: user })
+            .await
+            .map(|_| ())
+    } else {
+        orders
+            .create_order(one_unit(user, product))
+            .await
+            .map(|_| ())
+    }
+}
