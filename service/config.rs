@@ -203,9 +203,13 @@ pub struct AdmissionSettings {
     /// The largest fraction of the limit one caller may hold while others
     /// have calls.
     pub caller_share: f64,
-    /// The `RetryInfo` delay of a shed call.
+    /// The `RetryInfo` delay of a shed call while few are shed; it doubles
+    /// up to `max_retry_after` while rejections outnumber half the
+    /// admissions, and comes back down when they stop.
     #[serde(with = "humantime_serde")]
     pub retry_after: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_retry_after: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]

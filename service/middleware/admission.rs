@@ -3,12 +3,17 @@
 //! (reason `OVERLOADED`, with `RetryInfo`) for what fits in neither.
 //!
 //! - **The limit** is Netflix's Gradient2 ([`Gradient2`]): every finished
-//!   call is an RTT sample; a short and a long exponential average of them
-//!   are compared, and while the short one stays within `tolerance` of the
-//!   long one the limit grows by a few calls, when it rises above it the
-//!   limit shrinks (at most by half per sample, smoothed), always within
+//!   call is an RTT sample; a short average of them is compared with a
+//!   reference latency measured every ten seconds at half the limit (where
+//!   Netflix uses a long average, which lets the limit drift past the
+//!   capacity), and while it stays within `tolerance` of it the limit
+//!   grows by a few calls per round, when it rises above it the limit
+//!   shrinks (at most by half per sample, smoothed), always within
 //!   `[min_limit, max_limit]`. It only moves while the calls in flight use
 //!   at least half of it: an idle service says nothing about its capacity.
+//! - **Pushback** ([`Pushback`]): the `RetryInfo` delay grows while
+//!   rejections outnumber admissions and shrinks back after, so callers
+//!   that follow it come back at about the rate that fits.
 //! - **The queue** ([`Gate`]): a call beyond the limit waits in a FIFO of
 //!   at most `queue_length` calls for at most `max_queue_wait` (and never
 //!   more than half of what is left of its deadline, so that an admitted
@@ -34,7 +39,8 @@
 //!   the service is overloaded.
 //!
 //! Metrics, from start-up: `admission_limit`, `admission_in_flight`,
-//! `admission_queued` and `admission_rejected_total{reason}` with reason
+//! `admission_queued`, `admission_retry_after_seconds` and
+//! `admission_rejected_total{reason}` with reason
 //! `queue_full`, `queue_timeout` or `displaced`.
 //!
 //! # Why not a crate
@@ -83,8 +89,8 @@ pub struct Admission {
 
 struct Shared {
     gate: Mutex<Gate<oneshot::Sender<Permit>>>,
+    pushback: Mutex<Pushback>,
     max_queue_wait: Duration,
-    retry_after: Duration,
 }
 
 impl Admission {
@@ -105,11 +111,13 @@ impl Admission {
             metrics::counter!("admission_rejected_total", "reason" => cause.label()).increment(0);
         }
         gate.record_gauges();
+        let pushback = Pushback::new(settings.retry_after, settings.max_retry_after);
+        metrics::gauge!("admission_retry_after_seconds").set(pushback.delay.as_secs_f64());
         Self {
             shared: Arc::new(Shared {
                 gate: Mutex::new(gate),
+                pushback: Mutex::new(pushback),
                 max_queue_wait: settings.max_queue_wait,
-                retry_after: settings.retry_after,
             }),
         }
     }
@@ -141,6 +149,7 @@ impl Middleware for Admission {
         if gate.try_admit(&caller) {
             gate.record_gauges();
             drop(gate);
+            self.shared.note(Outcome::Admitted);
             let permit = Permit::running(self.shared.clone(), caller);
             let response = inner.call(request);
             return Box::pin(async move {
@@ -189,6 +198,7 @@ impl Middleware for Admission {
                 return shared.reject(Cause::Displaced).await;
             };
             permit.start();
+            shared.note(Outcome::Admitted);
             let response = response.await;
             drop(permit);
             response
@@ -200,14 +210,29 @@ impl Shared {
     /// The answer to a shed call.
     fn reject<E>(&self, cause: Cause) -> std::future::Ready<Result<http::Response<Body>, E>> {
         metrics::counter!("admission_rejected_total", "reason" => cause.label()).increment(1);
+        let retry_after = self.note(Outcome::Rejected);
         std::future::ready(Ok(status_response(Error::ResourceExhausted {
             detail: Detail::new(
                 reason::OVERLOADED,
                 "this server is at its concurrency limit; retry after the RetryInfo delay, with backoff",
             )
             .with("cause", cause.label()),
-            retry_after: self.retry_after,
+            retry_after,
         })))
+    }
+
+    /// Counts an admission or a rejection; the `RetryInfo` delay now.
+    fn note(&self, outcome: Outcome) -> Duration {
+        let mut pushback = self
+            .pushback
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = pushback.delay;
+        let delay = pushback.note(outcome, Instant::now());
+        if delay != before {
+            metrics::gauge!("admission_retry_after_seconds").set(delay.as_secs_f64());
+        }
+        delay
     }
 
     /// Frees a slot and hands the freed capacity to waiters.
@@ -230,6 +255,75 @@ impl Shared {
         for (caller, sender) in admitted {
             let _ = sender.send(Permit::waiting(self.clone(), caller));
         }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    Admitted,
+    Rejected,
+}
+
+/// The `RetryInfo` delay of a shed call, scaled to the overload (server
+/// pushback). With a fixed delay, N shed callers come back N / delay times
+/// a second whatever the service can take, so at 64× the limit rejections
+/// outnumber admissions many times over and their cost eats the capacity
+/// they protect. So the delay doubles (up to `max`) after every window in
+/// which rejections outnumber half the admissions, and halves back (down
+/// to `base`) after every window with rejections under a tenth of them:
+/// callers that follow `RetryInfo` spread out until what comes back is
+/// about what fits.
+#[derive(Debug)]
+struct Pushback {
+    base: Duration,
+    max: Duration,
+    delay: Duration,
+    window_start: Instant,
+    admitted: u32,
+    rejected: u32,
+}
+
+impl Pushback {
+    const WINDOW: Duration = Duration::from_millis(500);
+    /// Rejections per admission above which the delay doubles.
+    const GROW_ABOVE: f64 = 0.5;
+    /// Rejections per admission under which it halves.
+    const SHRINK_BELOW: f64 = 0.1;
+
+    fn new(base: Duration, max: Duration) -> Self {
+        Self {
+            base,
+            max: max.max(base),
+            delay: base,
+            window_start: Instant::now(),
+            admitted: 0,
+            rejected: 0,
+        }
+    }
+
+    fn note(&mut self, outcome: Outcome, now: Instant) -> Duration {
+        let elapsed = now.saturating_duration_since(self.window_start);
+        if elapsed >= Self::WINDOW {
+            let ratio = f64::from(self.rejected) / f64::from(self.admitted.max(1));
+            if ratio > Self::GROW_ABOVE {
+                self.delay = (self.delay * 2).min(self.max);
+            } else if ratio < Self::SHRINK_BELOW {
+                self.delay = (self.delay / 2).max(self.base);
+            }
+            // Windows with no calls at all count as calm ones.
+            let idle = (elapsed.as_millis() / Self::WINDOW.as_millis()).saturating_sub(1);
+            for _ in 0..idle.min(32) {
+                self.delay = (self.delay / 2).max(self.base);
+            }
+            self.window_start = now;
+            self.admitted = 0;
+            self.rejected = 0;
+        }
+        match outcome {
+            Outcome::Admitted => self.admitted = self.admitted.saturating_add(1),
+            Outcome::Rejected => self.rejected = self.rejected.saturating_add(1),
+        }
+        self.delay
     }
 }
 
@@ -526,31 +620,67 @@ impl<W> Gate<W> {
     }
 }
 
-/// Netflix's Gradient2 adaptive concurrency limit, driven by RTT samples.
+/// Netflix's Gradient2 adaptive concurrency limit, driven by RTT samples,
+/// with a probed reference latency.
 ///
-/// `gradient = clamp(tolerance × long / short, 0.5, 1)`, then the limit
-/// moves a `smoothing` fraction of the way to `gradient × limit + headroom`,
-/// within `[min, max]`. Unlike Netflix's, the short-term RTT is an average
-/// of the last few samples (Netflix averages a time window), so no clock
-/// is needed and one outlier moves little.
+/// `gradient = clamp(tolerance × reference / short, 0.5, 1)`, then the
+/// limit moves a `smoothing` fraction of the way to `gradient × limit +
+/// headroom`, within `[min, max]`: per sample when it shrinks, per round
+/// (`limit` samples) when it grows, as TCP grows its window per round trip.
+/// `short` is an average of the last few samples (Netflix averages a time
+/// window; this needs no timer and one outlier moves it little).
+///
+/// The reference is where this departs from Netflix, whose reference is a
+/// long average of the same samples: a limit growing past the capacity
+/// raises the latency slowly enough for a long average to follow it, so
+/// the gradient stays 1 and the limit drifts to its maximum while every
+/// call queues (at 64× overload it reached 126 against a capacity near 20).
+/// Here the reference is measured, as BBR measures its minimum RTT: every
+/// [`PROBE_INTERVAL`](Self::PROBE_INTERVAL) the limit is halved for one
+/// round, and the mean latency of the calls that ran at that lower
+/// concurrency (no queue behind the limit) becomes the reference. Queueing
+/// cannot raise it; a lasting change of the call mix is picked up at the
+/// next probe. A probe costs about half the limit for one round every ten
+/// seconds.
 #[derive(Clone, Debug)]
 pub struct Gradient2 {
     limit: f64,
     min: f64,
     max: f64,
     short_rtt: Average,
-    long_rtt: Average,
+    /// The latency with no queue, in seconds (`None` until the first probe).
+    reference: Option<f64>,
+    probe: Probe,
+}
+
+#[derive(Clone, Debug)]
+enum Probe {
+    /// The next probe starts at the first sample from this instant on
+    /// (`None`: at the first sample).
+    Waiting(Option<Instant>),
+    /// The limit is `limit` until `samples` calls have run at or under it
+    /// (or `until` has passed).
+    Running {
+        limit: f64,
+        until: Instant,
+        samples: u32,
+        sum: f64,
+    },
 }
 
 impl Gradient2 {
-    /// How much more latency than the long-term average is still no queue.
+    /// How much more latency than the reference is still no queue.
     const TOLERANCE: f64 = 1.5;
-    /// The fraction of the way to the new estimate the limit moves per sample.
+    /// The fraction of the way to the new estimate the limit moves per
+    /// sample (shrinking) or per round (growing).
     const SMOOTHING: f64 = 0.2;
     /// Calls added above `gradient × limit`: how the limit probes for room.
     const HEADROOM: f64 = 4.0;
     const SHORT_WINDOW: u32 = 10;
-    const LONG_WINDOW: u32 = 600;
+    /// How often the reference latency is measured again.
+    pub const PROBE_INTERVAL: Duration = Duration::from_secs(10);
+    /// The longest a probe lasts (slow calls: fewer samples then).
+    const PROBE_MAX: Duration = Duration::from_secs(1);
 
     pub fn new(min: usize, initial: usize, max: usize) -> Self {
         let min = min.max(1) as f64;
@@ -560,32 +690,91 @@ impl Gradient2 {
             min,
             max,
             short_rtt: Average::new(Self::SHORT_WINDOW),
-            long_rtt: Average::new(Self::LONG_WINDOW),
+            reference: None,
+            probe: Probe::Waiting(None),
         }
     }
 
+    /// The calls that may run now: the limit, or less during a probe.
     pub fn limit(&self) -> usize {
-        self.limit as usize
+        match self.probe {
+            Probe::Running { limit, .. } => limit as usize,
+            Probe::Waiting(_) => self.limit as usize,
+        }
     }
 
     /// One finished call: its RTT and the calls in flight when it ended.
     pub fn sample(&mut self, rtt: Duration, in_flight: usize) {
+        self.sample_at(rtt, in_flight, Instant::now());
+    }
+
+    /// [`sample`](Self::sample), at `now`.
+    fn sample_at(&mut self, rtt: Duration, in_flight: usize, now: Instant) {
         let rtt = rtt.as_secs_f64().max(1e-6);
         let short = self.short_rtt.add(rtt);
-        let mut long = self.long_rtt.add(rtt);
-        // After a long overload the long average is far above the present:
-        // pull it down faster than its window would.
-        if long / short > 2.0 {
-            long = self.long_rtt.scale(0.95);
+        if self.probing(rtt, in_flight, now) {
+            return;
         }
+        let Some(reference) = self.reference else {
+            return;
+        };
         // App-limited: too few calls to say anything about capacity.
         if (in_flight as f64) < self.limit / 2.0 {
             return;
         }
-        let gradient = (Self::TOLERANCE * long / short).clamp(0.5, 1.0);
+        let gradient = (Self::TOLERANCE * reference / short).clamp(0.5, 1.0);
         let target = self.limit * gradient + Self::HEADROOM;
-        self.limit = (self.limit * (1.0 - Self::SMOOTHING) + target * Self::SMOOTHING)
-            .clamp(self.min, self.max);
+        let smoothing = if target < self.limit {
+            Self::SMOOTHING
+        } else {
+            Self::SMOOTHING / self.limit
+        };
+        self.limit =
+            (self.limit * (1.0 - smoothing) + target * smoothing).clamp(self.min, self.max);
+    }
+
+    /// Starts, feeds or ends a probe; true while one runs (the limit does
+    /// not move then).
+    fn probing(&mut self, rtt: f64, in_flight: usize, now: Instant) -> bool {
+        if let Probe::Waiting(at) = self.probe {
+            if at.is_some_and(|at| now < at) {
+                return false;
+            }
+            // The first probe runs at the initial limit; later ones at half.
+            let limit = if self.reference.is_none() {
+                self.limit
+            } else {
+                (self.limit / 2.0).max(self.min)
+            };
+            self.probe = Probe::Running {
+                limit,
+                until: now + Self::PROBE_MAX,
+                samples: 0,
+                sum: 0.0,
+            };
+        }
+        let Probe::Running {
+            limit,
+            until,
+            samples,
+            sum,
+        } = &mut self.probe
+        else {
+            unreachable!("a probe runs");
+        };
+        // Only calls that ran once the in-flight count had come down count.
+        if in_flight as f64 <= *limit {
+            *samples += 1;
+            *sum += rtt;
+        }
+        let wanted = (*limit / 2.0).max(f64::from(Self::SHORT_WINDOW));
+        if f64::from(*samples) >= wanted || now >= *until {
+            if *samples > 0 {
+                self.reference = Some(*sum / f64::from(*samples));
+            }
+            self.probe = Probe::Waiting(Some(now + Self::PROBE_INTERVAL));
+        }
+        true
     }
 }
 
@@ -619,11 +808,6 @@ impl Average {
         self.value += (sample - self.value) * weight;
         self.value
     }
-
-    fn scale(&mut self, factor: f64) -> f64 {
-        self.value *= factor;
-        self.value
-    }
 }
 
 #[cfg(test)]
@@ -641,57 +825,137 @@ mod tests {
         Duration::from_millis(n)
     }
 
-    /// `n` samples of `rtt` with the limit fully used.
-    fn busy(limiter: &mut Gradient2, rtt: Duration, n: usize) {
-        for _ in 0..n {
-            let in_flight = limiter.limit();
-            limiter.sample(rtt, in_flight);
+    /// A limiter and the clock its samples are taken on.
+    struct Clocked {
+        limiter: Gradient2,
+        now: Instant,
+    }
+
+    impl Clocked {
+        fn new(min: usize, initial: usize, max: usize) -> Self {
+            Self {
+                limiter: Gradient2::new(min, initial, max),
+                now: Instant::now(),
+            }
+        }
+
+        fn limit(&self) -> usize {
+            self.limiter.limit()
+        }
+
+        /// One sample, `in_flight` calls of `rtt` ending evenly spread.
+        fn sample(&mut self, rtt: Duration, in_flight: usize) {
+            self.now += rtt / in_flight.max(1) as u32;
+            self.limiter.sample_at(rtt, in_flight, self.now);
+        }
+
+        /// `n` samples of `rtt` with the limit fully used.
+        fn busy(&mut self, rtt: Duration, n: usize) {
+            for _ in 0..n {
+                let in_flight = self.limit();
+                self.sample(rtt, in_flight);
+            }
         }
     }
 
     #[test]
     fn the_limit_grows_while_latency_stays_low_up_to_its_maximum() {
-        let mut limiter = Gradient2::new(1, 10, 100);
-        busy(&mut limiter, ms(10), 20);
+        let mut limiter = Clocked::new(1, 10, 100);
+        // The first probe measures the reference (10 calls) ...
+        limiter.busy(ms(10), 10);
+        assert_eq!(limiter.limit(), 10);
+        // ... then about headroom × smoothing (0.8) more per round of
+        // `limit` calls.
+        limiter.busy(ms(10), 10 + 11 + 12);
+        assert_eq!(limiter.limit(), 12);
+        limiter.busy(ms(10), 500);
         let grown = limiter.limit();
         assert!(grown > 20, "{grown}");
-        for _ in 0..500 {
-            busy(&mut limiter, ms(10), 1);
+        for _ in 0..10_000 {
+            limiter.busy(ms(10), 1);
             assert!(limiter.limit() <= 100);
         }
         assert_eq!(limiter.limit(), 100);
     }
 
     #[test]
+    fn a_limit_past_capacity_falls_back_instead_of_drifting_up() {
+        // A service whose latency grows with the calls past 20 in flight
+        // (a pool of 20): the limit must stay near 20, not follow the
+        // latency it causes up to its maximum.
+        let mut limiter = Clocked::new(5, 20, 200);
+        let mut highest = 0;
+        for _ in 0..50_000 {
+            let in_flight = limiter.limit();
+            let rtt = ms(10).mul_f64((in_flight as f64 / 20.0).max(1.0));
+            limiter.sample(rtt, in_flight);
+            highest = highest.max(limiter.limit());
+        }
+        assert!(limiter.limit() <= 40, "ended at {}", limiter.limit());
+        assert!(highest <= 40, "reached {highest}");
+    }
+
+    #[test]
     fn the_limit_shrinks_when_latency_rises_down_to_its_minimum() {
-        let mut limiter = Gradient2::new(10, 100, 100);
-        busy(&mut limiter, ms(10), 600);
+        let mut limiter = Clocked::new(10, 100, 100);
+        limiter.busy(ms(10), 600);
         assert_eq!(limiter.limit(), 100);
-        busy(&mut limiter, ms(40), 30);
+        limiter.busy(ms(40), 30);
         let shrunk = limiter.limit();
         assert!(shrunk < 50, "{shrunk}");
-        // Within the long window: a latency that lasts longer becomes the
-        // new normal, as in Netflix's Gradient2.
         for _ in 0..100 {
-            busy(&mut limiter, ms(400), 1);
+            limiter.busy(ms(400), 1);
             assert!(limiter.limit() >= 10);
         }
         assert_eq!(limiter.limit(), 10);
     }
 
     #[test]
-    fn the_limit_recovers_once_latency_is_back_to_normal() {
-        let mut limiter = Gradient2::new(1, 50, 100);
-        busy(&mut limiter, ms(10), 600);
-        busy(&mut limiter, ms(100), 200);
+    fn a_lasting_slower_mix_becomes_the_reference_at_the_next_probe() {
+        let mut limiter = Clocked::new(10, 100, 100);
+        limiter.busy(ms(10), 600);
+        // Slower calls from now on: the limit falls while the fast ones are
+        // still the reference, then grows again once a probe has measured
+        // the new latency.
+        limiter.busy(ms(40), 200);
         let low = limiter.limit();
-        busy(&mut limiter, ms(10), 200);
+        let after = limiter.now + Gradient2::PROBE_INTERVAL * 2;
+        while limiter.now < after {
+            limiter.busy(ms(40), 1);
+        }
+        limiter.busy(ms(40), 5_000);
         assert!(limiter.limit() > low + 50, "{low} -> {}", limiter.limit());
     }
 
     #[test]
+    fn the_limit_recovers_once_latency_is_back_to_normal() {
+        let mut limiter = Clocked::new(1, 50, 100);
+        limiter.busy(ms(10), 600);
+        limiter.busy(ms(100), 200);
+        let low = limiter.limit();
+        limiter.busy(ms(10), 5_000);
+        assert!(limiter.limit() > low + 50, "{low} -> {}", limiter.limit());
+    }
+
+    #[test]
+    fn a_probe_halves_the_limit_for_one_round_every_interval() {
+        let mut limiter = Clocked::new(10, 40, 40);
+        limiter.busy(ms(10), 20);
+        assert_eq!(limiter.limit(), 40, "the first probe runs at the limit");
+        let (start, mut probes, mut probing) = (limiter.now, 0, false);
+        while limiter.now < start + Gradient2::PROBE_INTERVAL * 7 / 2 {
+            limiter.busy(ms(10), 1);
+            let now_probing = limiter.limit() == 20;
+            assert!(now_probing || limiter.limit() == 40, "{}", limiter.limit());
+            probes += usize::from(now_probing && !probing);
+            probing = now_probing;
+        }
+        assert_eq!(probes, 3);
+    }
+
+    #[test]
     fn an_idle_service_says_nothing_about_capacity() {
-        let mut limiter = Gradient2::new(1, 20, 100);
+        let mut limiter = Clocked::new(1, 20, 100);
         for _ in 0..100 {
             limiter.sample(ms(10), 3);
         }
@@ -700,15 +964,15 @@ mod tests {
 
     #[test]
     fn one_slow_call_barely_moves_the_limit() {
-        let mut limiter = Gradient2::new(1, 50, 50);
-        busy(&mut limiter, ms(10), 600);
-        busy(&mut limiter, Duration::from_secs(2), 1);
+        let mut limiter = Clocked::new(1, 50, 50);
+        limiter.busy(ms(10), 600);
+        limiter.busy(Duration::from_secs(2), 1);
         assert!(limiter.limit() >= 45, "{}", limiter.limit());
     }
 
     #[test]
     fn the_limit_stays_within_its_bounds_whatever_the_samples() {
-        let mut limiter = Gradient2::new(4, 16, 64);
+        let mut limiter = Clocked::new(4, 16, 64);
         let mut seed: u64 = 42;
         let mut next = move || {
             seed = seed
@@ -874,6 +1138,55 @@ mod tests {
         assert!(gate.callers.is_empty());
     }
 
+    // --- Pushback --------------------------------------------------------
+
+    /// `admitted` admissions and `rejected` rejections in the window that
+    /// starts at `now`; returns the start of the next one.
+    fn window(pushback: &mut Pushback, now: Instant, admitted: u32, rejected: u32) -> Instant {
+        for _ in 0..admitted {
+            pushback.note(Outcome::Admitted, now);
+        }
+        for _ in 0..rejected {
+            pushback.note(Outcome::Rejected, now);
+        }
+        now + Pushback::WINDOW
+    }
+
+    #[test]
+    fn pushback_doubles_up_to_the_cap_while_rejections_dominate() {
+        let mut pushback = Pushback::new(ms(1000), ms(8000));
+        let mut now = pushback.window_start;
+        for expected in [2000, 4000, 8000, 8000, 8000] {
+            // Five rejections per admission.
+            now = window(&mut pushback, now, 10, 50);
+            assert_eq!(pushback.note(Outcome::Rejected, now), ms(expected));
+        }
+    }
+
+    #[test]
+    fn pushback_stays_at_the_base_while_few_are_shed() {
+        let mut pushback = Pushback::new(ms(1000), ms(8000));
+        let mut now = pushback.window_start;
+        for _ in 0..5 {
+            // 4 rejections per 10 admissions: between the two thresholds.
+            now = window(&mut pushback, now, 10, 4);
+        }
+        assert_eq!(pushback.note(Outcome::Admitted, now), ms(1000));
+    }
+
+    #[test]
+    fn pushback_halves_back_in_calm_or_idle_windows() {
+        let mut pushback = Pushback::new(ms(1000), ms(8000));
+        pushback.delay = ms(8000);
+        let now = pushback.window_start;
+        // One calm window (no rejections) halves it.
+        let next = window(&mut pushback, now, 10, 0);
+        assert_eq!(pushback.note(Outcome::Admitted, next), ms(4000));
+        // Three idle windows after that count as calm ones too.
+        let later = next + Pushback::WINDOW * 4;
+        assert_eq!(pushback.note(Outcome::Admitted, later), ms(1000));
+    }
+
     // --- The middleware ------------------------------------------------
 
     /// A fixed limit; queued calls wait for as long as a test takes,
@@ -888,6 +1201,7 @@ mod tests {
             max_queue_wait: Duration::from_secs(60),
             caller_share: 1.0,
             retry_after: ms(100),
+            max_retry_after: ms(100),
         }
     }
 

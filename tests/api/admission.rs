@@ -25,6 +25,8 @@ fn tiny_limit(s: &mut Settings, caller_share: f64) {
     admission.max_queue_wait = Duration::from_secs(10);
     admission.caller_share = caller_share;
     admission.retry_after = Duration::from_millis(250);
+    // A fixed RetryInfo: no pushback.
+    admission.max_retry_after = admission.retry_after;
 }
 
 /// Waits until `n` statements in the app's database wait for a lock: `n`
