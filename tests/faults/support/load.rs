@@ -33,6 +33,32 @@ impl Sample {
     }
 }
 
+/// What a caller does after a call is refused.
+#[derive(Debug, Clone, Copy)]
+pub enum Pacing {
+    /// Calls again at once, whatever the answer (a misbehaving client).
+    Eager,
+    /// Waits what a RESOURCE_EXHAUSTED's `RetryInfo` asks, with full jitter
+    /// (a uniformly random part of it), as a gRPC client that follows the
+    /// service's contract does.
+    HonourRetryInfo,
+}
+
+impl Pacing {
+    fn pause_after(self, status: &Status) -> Option<Duration> {
+        use tonic_types::StatusExt as _;
+        match self {
+            Self::Eager => None,
+            Self::HonourRetryInfo if status.code() == tonic::Code::ResourceExhausted => {
+                let delay = status.get_error_details().retry_info()?.retry_delay?;
+                let unit = getrandom::u64().unwrap_or(0) as f64 / u64::MAX as f64;
+                Some(delay.mul_f64(unit))
+            }
+            Self::HonourRetryInfo => None,
+        }
+    }
+}
+
 pub struct Load {
     pub start: Instant,
     stop: CancellationToken,
@@ -48,6 +74,15 @@ impl Load {
         F: Fn(usize, u64) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = Result<(), Status>> + Send + 'static,
     {
+        Self::start_with(callers, bound, Pacing::Eager, call)
+    }
+
+    /// [`Load::start`], with the callers' behaviour after a refusal.
+    pub fn start_with<F, Fut>(callers: usize, bound: Duration, pacing: Pacing, call: F) -> Self
+    where
+        F: Fn(usize, u64) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), Status>> + Send + 'static,
+    {
         let start = Instant::now();
         let stop = CancellationToken::new();
         let samples = Arc::new(Mutex::new(Vec::new()));
@@ -58,9 +93,13 @@ impl Load {
                 let mut n = 0;
                 while !stop.is_cancelled() && start.elapsed() < bound {
                     let begun = Instant::now();
+                    let mut pause = None;
                     let code = match tokio::time::timeout(CALL_BOUND, call(caller, n)).await {
                         Ok(Ok(())) => "Ok".to_owned(),
-                        Ok(Err(status)) => format!("{:?}", status.code()),
+                        Ok(Err(status)) => {
+                            pause = pacing.pause_after(&status);
+                            format!("{:?}", status.code())
+                        }
                         Err(_) => "HANG".to_owned(),
                     };
                     samples.lock().unwrap().push(Sample {
@@ -69,6 +108,12 @@ impl Load {
                         code,
                     });
                     n += 1;
+                    if let Some(pause) = pause {
+                        tokio::select! {
+                            () = tokio::time::sleep(pause) => {}
+                            () = stop.cancelled() => {}
+                        }
+                    }
                 }
             });
         }

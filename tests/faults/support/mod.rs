@@ -21,7 +21,7 @@ use tonic::{
 };
 
 pub use self::{
-    load::Load,
+    load::{Load, Pacing},
     postgres::Postgres,
     redis::Redis,
     service::{Deps, Service},
@@ -104,4 +104,21 @@ pub fn knob(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// CPU time (user + system) of process `pid` (`self` for this one) so far,
+/// from `/proc/<pid>/stat` (zero where it cannot be read).
+pub fn cpu_time_of(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name, which is in parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+        .sum();
+    // USER_HZ is 100 on Linux.
+    Duration::from_millis(ticks * 10)
 }

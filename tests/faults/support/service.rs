@@ -30,6 +30,8 @@ enum Runner {
         child: Option<Child>,
         env: Vec<(String, String)>,
         log: PathBuf,
+        /// The current start's `/metrics` port.
+        metrics_port: u16,
     },
 }
 
@@ -129,6 +131,7 @@ impl Service {
                 child: None,
                 env,
                 log,
+                metrics_port: 0,
             },
         };
         service.restart().await;
@@ -137,9 +140,16 @@ impl Service {
 
     /// Starts the binary (again, on the same port and settings).
     pub async fn restart(&mut self) {
-        let Runner::Binary { child, env, log } = &mut self.runner else {
+        let Runner::Binary {
+            child,
+            env,
+            log,
+            metrics_port,
+        } = &mut self.runner
+        else {
             panic!("only the binary restarts");
         };
+        *metrics_port = super::free_port();
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -151,7 +161,7 @@ impl Service {
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             // Each start picks its own metrics port.
-            .env("DATAGATE__METRICS__PORT", super::free_port().to_string())
+            .env("DATAGATE__METRICS__PORT", metrics_port.to_string())
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
@@ -166,6 +176,45 @@ impl Service {
             Runner::Binary { child, .. } => child.as_mut().expect("a running binary"),
             Runner::InProcess { .. } => panic!("the in-process service has no pid"),
         }
+    }
+
+    /// The binary's peak resident memory so far (`VmHWM`), in MiB.
+    pub fn peak_rss_mib(&mut self) -> f64 {
+        let pid = self.child().id().expect("running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    }
+
+    /// CPU time the binary has used so far (user + system).
+    pub fn cpu_time(&mut self) -> Duration {
+        let pid = self.child().id().expect("running");
+        super::cpu_time_of(&pid.to_string())
+    }
+
+    /// The binary's `/metrics`, as text.
+    pub async fn metrics(&self) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let Runner::Binary { metrics_port, .. } = &self.runner else {
+            panic!("the in-process service shares this process's recorder; read it there");
+        };
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", *metrics_port))
+            .await
+            .expect("the metrics port answers");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_owned())
+            .unwrap_or_default()
     }
 
     /// kill -9 of the binary, reaped.
