@@ -53,16 +53,21 @@
 //! backend reading its next command, where PostgreSQL ignores it, so it can
 //! never hit the next user of the connection.
 //!
-//! Reads are not cancelled that way: their pid would cost a round trip per
-//! acquire. They take no row locks; a dropped read runs at most until its
-//! statement timeout (the call's budget when shorter than the default).
+//! Reads are not cancelled that way: sqlx does not expose a connection's
+//! pid, and asking for it would cost a round trip per acquire. A read
+//! connection ([`Conn`]) dropped while its call is abandoned is closed
+//! instead of returned, and every serving connection starts with
+//! `client_connection_check_interval` ([`CLIENT_CHECK_INTERVAL_MS`]), so
+//! PostgreSQL notices the closed socket while the statement runs (a lock
+//! wait included) and aborts it. The pool replaces the connection when it
+//! needs one: one reconnect per abandoned read.
 
 use std::time::Duration;
 
 use anyhow::Context as _;
 use secrecy::{ExposeSecret as _, SecretString};
 use sqlx::{
-    PgConnection, PgPool, Postgres, Transaction,
+    Executor as _, PgConnection, PgPool, Postgres, Transaction,
     migrate::{Migrate as _, Migrator},
     pool::PoolConnection,
     postgres::{PgConnectOptions, PgPoolOptions},
@@ -72,7 +77,7 @@ use super::availability::{self, Admit};
 use crate::{
     config::DatabaseSettings,
     error::{Error, Result},
-    model::deadline::Deadline,
+    model::deadline::{Abandoned, Deadline},
 };
 
 /// Taken off the call's remaining time for each statement, so PostgreSQL's
@@ -96,6 +101,12 @@ pub const TOLERANCE: Duration = Duration::from_millis(250);
 pub fn statement_budget(remaining: Duration) -> Option<Duration> {
     remaining.checked_sub(MARGIN).filter(|b| *b >= FLOOR)
 }
+
+/// How often PostgreSQL checks, while a statement runs, that the service is
+/// still connected (`client_connection_check_interval`, PostgreSQL 14+):
+/// a read connection closed by an abandoned call stops its statement
+/// within about this long, and so do the backends of a killed instance.
+pub const CLIENT_CHECK_INTERVAL_MS: u64 = 50;
 
 /// A duration as PostgreSQL milliseconds, never zero (zero disables).
 pub fn millis(d: Duration) -> u64 {
@@ -128,29 +139,69 @@ pub fn current_budget() -> Result<Option<Duration>> {
 
 /// A connection for reads, bounded by the call's deadline (see the module
 /// doc); it dereferences to the connection the store functions take.
-pub enum Conn {
-    /// The connection's default timeouts are close enough to the budget.
-    Pooled(PoolConnection<Postgres>),
-    /// A transaction that set the call's timeouts `LOCAL`; never committed.
-    Bounded(Transaction<'static, Postgres>),
+///
+/// Dropped while its call is abandoned, it is closed rather than returned
+/// (PostgreSQL then aborts what it still runs, see the module doc). Dropped
+/// inside the transaction that set a shorter deadline's timeouts, it rolls
+/// that back on a task of its own before the connection goes back.
+pub struct Conn {
+    conn: Option<PoolConnection<Postgres>>,
+    /// `BEGIN; SET LOCAL …` was sent: roll back before reuse.
+    in_transaction: bool,
+    abandoned: Option<Abandoned>,
+}
+
+impl Conn {
+    fn new(conn: PoolConnection<Postgres>) -> Self {
+        Self {
+            conn: Some(conn),
+            in_transaction: false,
+            abandoned: Abandoned::current(),
+        }
+    }
 }
 
 impl std::ops::Deref for Conn {
     type Target = PgConnection;
 
     fn deref(&self) -> &PgConnection {
-        match self {
-            Self::Pooled(conn) => conn,
-            Self::Bounded(tx) => tx,
-        }
+        self.conn.as_deref().expect("held until dropped")
     }
 }
 
 impl std::ops::DerefMut for Conn {
     fn deref_mut(&mut self) -> &mut PgConnection {
-        match self {
-            Self::Pooled(conn) => conn,
-            Self::Bounded(tx) => tx,
+        self.conn.as_deref_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        if self.abandoned.as_ref().is_some_and(Abandoned::is_set) {
+            // Closed: the server notices within its client connection
+            // check interval and aborts the statement; the pool opens a
+            // replacement when it needs one.
+            metrics::counter!("abandoned_reads_closed_total").increment(1);
+            drop(conn.detach());
+            return;
+        }
+        if !self.in_transaction {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    let mut conn = conn;
+                    let connection: &mut PgConnection = &mut conn;
+                    if connection.execute(sqlx::raw_sql("ROLLBACK")).await.is_err() {
+                        drop(conn.detach());
+                    }
+                });
+            }
+            Err(_) => drop(conn.detach()),
         }
     }
 }
@@ -161,18 +212,23 @@ impl std::ops::DerefMut for Conn {
 /// is shorter). Outside a call, a plain pooled connection.
 pub async fn acquire(pool: &PgPool) -> Result<Conn> {
     let Some(budget) = current_budget()? else {
-        return Ok(Conn::Pooled(pooled(pool, None).await?));
+        return Ok(Conn::new(pooled(pool, None).await?));
     };
-    let conn = pooled(pool, Some(budget)).await?;
+    let mut conn = Conn::new(pooled(pool, Some(budget)).await?);
     // What is left after the pool wait.
     let budget = current_budget()?.unwrap_or(budget);
     let default = connection_default(pool.connect_options().get_options());
     if !read_needs_own_timeout(budget, default) {
-        return Ok(Conn::Pooled(conn));
+        return Ok(conn);
     }
     let ms = millis(budget);
+    // Marked first: a BEGIN dropped in flight is rolled back too (a
+    // ROLLBACK outside a transaction is only a warning).
+    conn.in_transaction = true;
     let begin = format!("BEGIN; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}");
-    Ok(Conn::Bounded(begin_on(conn, Some(begin)).await?))
+    let connection: &mut PgConnection = &mut conn;
+    connection.execute(sqlx::raw_sql(&begin)).await?;
+    Ok(conn)
 }
 
 /// A transaction from `pool`, its pool wait bounded by the call's budget
@@ -345,7 +401,11 @@ fn pool_at(
         .with_context(|| format!("invalid configuration: {key} is not a PostgreSQL URL"))?;
     if let Some(timeout) = timeouts {
         let ms = millis(timeout);
-        options = options.options([("statement_timeout", ms), ("lock_timeout", ms)]);
+        options = options.options([
+            ("statement_timeout", ms),
+            ("lock_timeout", ms),
+            ("client_connection_check_interval", CLIENT_CHECK_INTERVAL_MS),
+        ]);
     }
     Ok(PgPoolOptions::new()
         .min_connections(settings.min_connections)
