@@ -233,7 +233,9 @@ impl Budget {
     /// `now`, moving `at` only by the time it paid for (no fraction lost).
     fn refill(&self, tokens: &mut Tokens, now: Instant) {
         let full = self.reserve_per_second * MILLI;
-        if self.reserve_per_second == 0 || tokens.reserve >= full {
+        // `now` before `at`: another runtime's clock (tests pause and move
+        // theirs); count from here.
+        if self.reserve_per_second == 0 || tokens.reserve >= full || now < tokens.at {
             tokens.at = now;
             return;
         }
