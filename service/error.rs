@@ -69,6 +69,11 @@ pub struct Detail {
     pub reason: &'static str,
     pub message: String,
     pub metadata: BTreeMap<String, String>,
+    /// Whether the same work, done again at once, may succeed: the failure
+    /// was the database's or the connection's, not the request's (set only
+    /// by the database mapping, see [`Error::is_transient`]). The call path
+    /// retries these (`retry`); the caller never sees the flag.
+    pub transient: bool,
 }
 
 impl Detail {
@@ -77,6 +82,7 @@ impl Detail {
             reason,
             message: message.into(),
             metadata: BTreeMap::new(),
+            transient: false,
         }
     }
 
@@ -227,6 +233,30 @@ impl Error {
         }
     }
 
+    /// Whether doing the same work again at once may succeed: a
+    /// serialization failure or deadlock (40001, 40P01), the server ending
+    /// the connection as it shuts down, crashes or starts (57P01, 57P02,
+    /// 57P03), or the connection reset, refused, aborted or closed under
+    /// the statement. Never the call's deadline (`QUERY_TIMEOUT`,
+    /// DEADLINE_EXCEEDED), a constraint violation or other outcome, a
+    /// saturated pool, or the availability gate's refusal while the server
+    /// is down (that is the fail-fast path).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Aborted(detail) | Self::Unavailable { detail, .. } => detail.transient,
+            _ => false,
+        }
+    }
+
+    /// This error, not to be retried: the work behind it must not be done
+    /// twice (a commit whose outcome is unknown), or it has had its retries.
+    pub fn not_transient(mut self) -> Self {
+        if let Self::Aborted(detail) | Self::Unavailable { detail, .. } = &mut self {
+            detail.transient = false;
+        }
+        self
+    }
+
     pub fn deadline_exceeded() -> Self {
         Self::DeadlineExceeded(Detail::new(
             reason::DEADLINE_EXCEEDED,
@@ -265,37 +295,47 @@ impl Violations {
 }
 
 /// Database failures that are not a domain outcome: a broken or exhausted pool
-/// is transient (UNAVAILABLE); a statement cancelled by its timeout (57014)
-/// or a lock wait past its `lock_timeout` (55P03) is the call's deadline
-/// (both are set from it, see `store::postgres`: DEADLINE_EXCEEDED
-/// `QUERY_TIMEOUT`; partition maintenance maps its own lock timeout to
-/// UNAVAILABLE `LOCK_TIMEOUT` itself); a serialization failure or deadlock
-/// is a retryable conflict, and anything else is internal. A constraint
-/// violation becomes `Internal` here too, keeping the sqlx error inside: the
-/// domain turns the ones that are outcomes into their own errors with
-/// [`Error::on_constraint`].
+/// is transient (UNAVAILABLE), and so is a server that ends the connection
+/// as it shuts down, crashes or starts (57P01-57P03); a statement cancelled
+/// by its timeout (57014) or a lock wait past its `lock_timeout` (55P03) is
+/// the call's deadline (both are set from it, see `store::postgres`:
+/// DEADLINE_EXCEEDED `QUERY_TIMEOUT`; partition maintenance maps its own lock
+/// timeout to UNAVAILABLE `LOCK_TIMEOUT` itself); a serialization failure or
+/// deadlock is a retryable conflict, and anything else is internal. A
+/// constraint violation becomes `Internal` here too, keeping the sqlx error
+/// inside: the domain turns the ones that are outcomes into their own errors
+/// with [`Error::on_constraint`]. The failures worth repeating at once are
+/// marked [`Detail::transient`] (see [`Error::is_transient`]).
 impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
+        let transient = is_transient(&e);
+        let unavailable = |message: &str| Self::Unavailable {
+            detail: Detail {
+                transient,
+                ..Detail::new(reason::DEPENDENCY_UNAVAILABLE, message)
+                    .with("dependency", "postgres")
+            },
+            retry_after: Duration::from_secs(1),
+        };
         match &e {
             sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
-                Self::Unavailable {
-                    detail: Detail::new(
-                        reason::DEPENDENCY_UNAVAILABLE,
-                        "the database is unavailable or saturated; retry with backoff",
-                    )
-                    .with("dependency", "postgres"),
-                    retry_after: Duration::from_secs(1),
-                }
+                unavailable("the database is unavailable or saturated; retry with backoff")
             }
             sqlx::Error::Database(db) => match db.code().as_deref() {
                 Some("57014" | "55P03") => Self::DeadlineExceeded(Detail::new(
                     reason::QUERY_TIMEOUT,
                     "the database query was cancelled at the call's deadline",
                 )),
-                Some("40001" | "40P01") => Self::Aborted(Detail::new(
-                    reason::TRANSACTION_CONFLICT,
-                    "the change conflicted with a concurrent one; retry",
-                )),
+                Some("40001" | "40P01") => Self::Aborted(Detail {
+                    transient,
+                    ..Detail::new(
+                        reason::TRANSACTION_CONFLICT,
+                        "the change conflicted with a concurrent one; retry",
+                    )
+                }),
+                Some("57P01" | "57P02" | "57P03") => unavailable(
+                    "the database server is shutting down or restarting; retry with backoff",
+                ),
                 _ => Self::Internal(anyhow::Error::new(e).context("database error")),
             },
             _ => Self::Internal(anyhow::Error::new(e).context("database error")),
@@ -303,4 +343,77 @@ impl From<sqlx::Error> for Error {
     }
 }
 
+/// The database failures [`Error::is_transient`] names, as sqlx reports
+/// them. The I/O errors are those of a connection that broke under a
+/// statement (reset, aborted, closed: `BrokenPipe` on writing,
+/// `UnexpectedEof` on reading) or could not be made (refused).
+fn is_transient(e: &sqlx::Error) -> bool {
+    use std::io::ErrorKind;
+    match e {
+        sqlx::Error::Io(io) => matches!(
+            io.kind(),
+            ErrorKind::ConnectionReset
+                | ErrorKind::ConnectionRefused
+                | ErrorKind::ConnectionAborted
+                | ErrorKind::BrokenPipe
+                | ErrorKind::UnexpectedEof
+        ),
+        sqlx::Error::Database(db) => matches!(
+            db.code().as_deref(),
+            Some("40001" | "40P01" | "57P01" | "57P02" | "57P03")
+        ),
+        _ => false,
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Database errors as PostgreSQL reports them, for the unit tests of what
+/// the code makes of them.
+#[cfg(test)]
+pub mod testing {
+    use std::{borrow::Cow, error::Error as StdError};
+
+    use sqlx::error::{DatabaseError, ErrorKind};
+
+    /// A database error with this SQLSTATE.
+    pub fn sqlstate(code: &'static str) -> sqlx::Error {
+        sqlx::Error::Database(Box::new(Sqlstate(code)))
+    }
+
+    #[derive(Debug)]
+    struct Sqlstate(&'static str);
+
+    impl std::fmt::Display for Sqlstate {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "SQLSTATE {}", self.0)
+        }
+    }
+
+    impl StdError for Sqlstate {}
+
+    impl DatabaseError for Sqlstate {
+        fn message(&self) -> &str {
+            self.0
+        }
+        fn code(&self) -> Option<Cow<'_, str>> {
+            Some(self.0.into())
+        }
+        fn as_error(&self) -> &(dyn StdError + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn StdError + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn StdError + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> ErrorKind {
+            match self.0 {
+                "23505" => ErrorKind::UniqueViolation,
+                "23503" => ErrorKind::ForeignKeyViolation,
+                _ => ErrorKind::Other,
+            }
+        }
+    }
+}

@@ -16,6 +16,7 @@ use crate::{
         analytics::{CategoryMetrics, MonthlyRevenue},
         search::SearchInsights,
     },
+    retry,
     store::{self, postgres::Reads},
 };
 
@@ -73,8 +74,11 @@ impl Analytics {
         end: DateTime<Utc>,
         limit: u32,
     ) -> Result<SearchInsights> {
-        let mut conn = store::postgres::acquire(self.reads.pool()).await?;
-        store::search::insights(&mut conn, start, end, limit.into()).await
+        retry::postgres(|| async {
+            let mut conn = store::postgres::acquire(self.reads.pool()).await?;
+            store::search::insights(&mut conn, start, end, limit.into()).await
+        })
+        .await
     }
 
     /// Per category over the last `window_days` UTC days, today included.
@@ -88,9 +92,11 @@ impl Analytics {
         let first_day = today - chrono::Duration::days(i64::from(window_days) - 1);
         let key = format!("category_metrics|{first_day}|{}", categories.join("\u{1f}"));
         self.cache
-            .get_or_compute(Family::Analytics, &key, || async {
-                let mut conn = store::postgres::acquire(self.reads.pool()).await?;
-                store::analytics::category_metrics(&mut conn, first_day, categories).await
+            .get_or_compute(Family::Analytics, &key, || {
+                retry::postgres(|| async {
+                    let mut conn = store::postgres::acquire(self.reads.pool()).await?;
+                    store::analytics::category_metrics(&mut conn, first_day, categories).await
+                })
             })
             .await
     }
@@ -111,9 +117,11 @@ impl Analytics {
         );
         self.cache
             .get_or_compute(Family::Analytics, &key, || async {
-                let mut conn = store::postgres::acquire(self.reads.pool()).await?;
-                let rows =
-                    store::analytics::monthly_revenue(&mut conn, first, last, category).await?;
+                let rows = retry::postgres(|| async {
+                    let mut conn = store::postgres::acquire(self.reads.pool()).await?;
+                    store::analytics::monthly_revenue(&mut conn, first, last, category).await
+                })
+                .await?;
                 Ok(with_growth(rows))
             })
             .await

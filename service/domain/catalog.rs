@@ -15,7 +15,7 @@ use crate::{
         in_request_order,
         outbox::Change,
     },
-    store,
+    retry, store,
 };
 
 pub fn product_not_found(id: Id) -> Error {
@@ -85,21 +85,25 @@ impl Catalog {
 
     #[tracing::instrument(skip_all, err(Debug))]
     pub async fn create(&self, actor: &Actor, new: NewProduct) -> Result<Product> {
-        let mut tx = self.writes.begin(actor).await?;
-        let product = store::products::insert(&mut tx, &new).await.map_err(|e| {
-            e.on_constraint(|c| {
-                (c == "products_sku_key").then(|| {
-                    Error::already_exists(
-                        reason::SKU_ALREADY_EXISTS,
-                        "another product has this sku; skus are unique regardless of case",
-                    )
+        let product = retry::postgres(|| async {
+            let mut tx = self.writes.begin(actor).await?;
+            let product = store::products::insert(&mut tx, &new).await.map_err(|e| {
+                e.on_constraint(|c| {
+                    (c == "products_sku_key").then(|| {
+                        Error::already_exists(
+                            reason::SKU_ALREADY_EXISTS,
+                            "another product has this sku; skus are unique regardless of case",
+                        )
+                    })
                 })
-            })
-        })?;
-        store::outbox::push(&mut tx, &price_measurement(&product)).await?;
-        tx.touches(Entity::Product, product.id);
-        tx.touches_family(Family::Search);
-        tx.commit().await?;
+            })?;
+            store::outbox::push(&mut tx, &price_measurement(&product)).await?;
+            tx.touches(Entity::Product, product.id);
+            tx.touches_family(Family::Search);
+            tx.commit().await?;
+            Ok(product)
+        })
+        .await?;
         tracing::info!(product_id = %product.id, "product created");
         Ok(product)
     }
@@ -107,9 +111,11 @@ impl Catalog {
     #[tracing::instrument(skip_all, fields(product_id = %id), err(Debug))]
     pub async fn get(&self, id: Id) -> Result<Product> {
         self.cache
-            .get_or_load(Entity::Product, id.get(), || async {
-                let mut conn = store::postgres::acquire(&self.db).await?;
-                Ok(store::products::find_many(&mut conn, &[id]).await?.pop())
+            .get_or_load(Entity::Product, id.get(), || {
+                retry::postgres(|| async {
+                    let mut conn = store::postgres::acquire(&self.db).await?;
+                    Ok(store::products::find_many(&mut conn, &[id]).await?.pop())
+                })
             })
             .await?
             .ok_or_else(|| product_not_found(id))
@@ -147,55 +153,61 @@ impl Catalog {
                 "must name at least one of: title, description, category, price_cents, rating, review_count",
             ));
         }
-        let mut tx = self.writes.begin(actor).await?;
-        let Some((product, price_changed)) =
-            store::products::update(&mut tx, id, version, &patch).await?
-        else {
-            return Err(match store::products::current_version(&mut tx, id).await? {
-                Some(current) => Error::version_conflict("product", id, version, current),
-                None => product_not_found(id),
-            });
-        };
-        if price_changed {
-            store::outbox::push(&mut tx, &price_measurement(&product)).await?;
-        }
-        tx.touches(Entity::Product, id);
-        tx.touches_family(Family::Search);
-        tx.commit().await?;
-        Ok(product)
+        retry::postgres(|| async {
+            let mut tx = self.writes.begin(actor).await?;
+            let Some((product, price_changed)) =
+                store::products::update(&mut tx, id, version, &patch).await?
+            else {
+                return Err(match store::products::current_version(&mut tx, id).await? {
+                    Some(current) => Error::version_conflict("product", id, version, current),
+                    None => product_not_found(id),
+                });
+            };
+            if price_changed {
+                store::outbox::push(&mut tx, &price_measurement(&product)).await?;
+            }
+            tx.touches(Entity::Product, id);
+            tx.touches_family(Family::Search);
+            tx.commit().await?;
+            Ok(product)
+        })
+        .await
     }
 
     /// Stock is not searchable: cached search pages stay valid (they hold
     /// product ids, and products come from the product cache).
     #[tracing::instrument(skip_all, fields(product_id = %id, delta), err(Debug))]
     pub async fn adjust_inventory(&self, actor: &Actor, id: Id, delta: i32) -> Result<Product> {
-        let mut tx = self.writes.begin(actor).await?;
-        let available = store::products::lock_stock(&mut tx, id)
-            .await?
-            .ok_or_else(|| product_not_found(id))?;
-        let wanted = i64::from(available) + i64::from(delta);
-        if wanted > i64::from(i32::MAX) {
-            return Err(Error::invalid(
-                "delta",
-                "would exceed the largest stock level",
-            ));
-        }
-        let insufficient =
-            || insufficient_inventory(id, available.into(), (-i64::from(delta)).max(0));
-        if wanted < 0 {
-            return Err(insufficient());
-        }
-        store::products::add_stock(&mut tx, id, delta)
-            .await
-            .map_err(|e| {
-                e.on_constraint(|c| (c == "inventory_quantity_check").then(insufficient))
-            })?;
-        let product = store::products::find_many(&mut tx, &[id])
-            .await?
-            .pop()
-            .ok_or_else(|| product_not_found(id))?;
-        tx.touches(Entity::Product, id);
-        tx.commit().await?;
-        Ok(product)
+        retry::postgres(|| async {
+            let mut tx = self.writes.begin(actor).await?;
+            let available = store::products::lock_stock(&mut tx, id)
+                .await?
+                .ok_or_else(|| product_not_found(id))?;
+            let wanted = i64::from(available) + i64::from(delta);
+            if wanted > i64::from(i32::MAX) {
+                return Err(Error::invalid(
+                    "delta",
+                    "would exceed the largest stock level",
+                ));
+            }
+            let insufficient =
+                || insufficient_inventory(id, available.into(), (-i64::from(delta)).max(0));
+            if wanted < 0 {
+                return Err(insufficient());
+            }
+            store::products::add_stock(&mut tx, id, delta)
+                .await
+                .map_err(|e| {
+                    e.on_constraint(|c| (c == "inventory_quantity_check").then(insufficient))
+                })?;
+            let product = store::products::find_many(&mut tx, &[id])
+                .await?
+                .pop()
+                .ok_or_else(|| product_not_found(id))?;
+            tx.touches(Entity::Product, id);
+            tx.commit().await?;
+            Ok(product)
+        })
+        .await
     }
 }

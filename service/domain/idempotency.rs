@@ -5,9 +5,11 @@
 //! concurrent call with the same key waits on that row, and then reads the
 //! response this call stores before committing. So a retry returns the
 //! first response, and a failed call (rolled back) leaves no key behind: it
-//! is not remembered, and the same key may be tried again. A key is bound to
-//! the fingerprint of the request it was first used for; reusing it for a
-//! different request is FAILED_PRECONDITION.
+//! is not remembered, and the same key may be tried again. That is what
+//! makes the write path's retry of a keyed write safe even when its commit
+//! went unanswered (`write`, "Retries"). A key is bound to the fingerprint
+//! of the request it was first used for; reusing it for a different request
+//! is FAILED_PRECONDITION.
 //!
 //! Keys expire: [`KeySweeper`] deletes the keys older than the retention in
 //! small batches (a replay within the retention still replays; after it, a
@@ -56,6 +58,9 @@ impl<'a> Idempotency<'a> {
         let mut stored = None;
         for _ in 0..2 {
             if store::idempotency::claim(tx, self.caller, key, &self.fingerprint).await? {
+                // The key commits with the write: a repeat of a write whose
+                // commit went unanswered replays it (see `write`).
+                tx.claimed_key();
                 return Ok(Claim::Proceed);
             }
             stored = store::idempotency::stored(tx, self.caller, key).await?;

@@ -29,7 +29,7 @@ use crate::{
         paging::{Page, PageRequest, PageSize, PageTokens},
         users::UserFilter,
     },
-    store,
+    retry, store,
 };
 
 /// One line of an order request as sent: a product id and a quantity.
@@ -138,77 +138,80 @@ impl Orders {
             .request_key
             .as_ref()
             .map(|key| Idempotency::new(actor.caller(), key, new.fingerprint()));
-        let mut tx = self.writes.begin(actor).await?;
-        if let Some(idempotency) = &idempotency
-            && let Claim::Replay(order) = idempotency.claim::<Order>(&mut tx).await?
-        {
-            tracing::info!(order_id = %order.header.id, "replayed an idempotent create");
-            return Ok(order);
-        }
-
-        if !store::users::lock_live_user(&mut tx, new.user_id).await? {
-            return Err(user_not_found(new.user_id));
-        }
-        let product_ids: Vec<Id> = new.lines.iter().map(|l| l.product_id).collect();
-        let products = store::orders::product_summaries(&mut tx, &product_ids).await?;
-        let by_id: HashMap<Id, &ProductSummary> = products.iter().map(|p| (p.id, p)).collect();
-        let missing: Vec<Id> = product_ids
-            .iter()
-            .copied()
-            .filter(|id| !by_id.contains_key(id))
-            .collect();
-        if !missing.is_empty() {
-            return Err(products_not_found(&missing, ""));
-        }
-
-        let stock = store::orders::lock_inventory(&mut tx, &product_ids).await?;
-        let mut lines = new.lines.clone();
-        lines.sort_by_key(|l| l.product_id);
-        for line in &lines {
-            let available = stock.get(&line.product_id).copied().unwrap_or(0);
-            if available < line.quantity {
-                return Err(insufficient_inventory(
-                    line.product_id,
-                    available.into(),
-                    line.quantity.into(),
-                ));
+        retry::postgres(|| async {
+            let mut tx = self.writes.begin(actor).await?;
+            if let Some(idempotency) = &idempotency
+                && let Claim::Replay(order) = idempotency.claim::<Order>(&mut tx).await?
+            {
+                tracing::info!(order_id = %order.header.id, "replayed an idempotent create");
+                return Ok(order);
             }
-        }
-        store::orders::take_inventory(&mut tx, &lines).await?;
 
-        let mut items = Vec::with_capacity(lines.len());
-        let mut total: i64 = 0;
-        for line in &lines {
-            let product = by_id[&line.product_id];
-            let subtotal = product
-                .price_cents
-                .checked_mul(line.quantity.into())
-                .ok_or_else(|| anyhow::anyhow!("order subtotal overflows"))?;
-            total = total
-                .checked_add(subtotal)
-                .ok_or_else(|| anyhow::anyhow!("order total overflows"))?;
-            items.push(OrderItem {
-                product_id: line.product_id,
-                quantity: line.quantity,
-                unit_price_cents: product.price_cents,
-                subtotal_cents: subtotal,
-                product: Some(product.clone()),
-            });
-        }
-        let header = store::orders::insert_order(&mut tx, new.user_id, total).await?;
-        store::orders::insert_items(&mut tx, header.id, &items).await?;
-        let order = Order { header, items };
-        if let Some(idempotency) = &idempotency {
-            idempotency.save(&mut tx, &order).await?;
-        }
-        // The new id may be cached as "not found"; the stock changed.
-        tx.touches(Entity::Order, order.header.id);
-        for line in &lines {
-            tx.touches(Entity::Product, line.product_id);
-        }
-        tx.commit().await?;
-        tracing::info!(order_id = %order.header.id, total_cents = total, "order created");
-        Ok(order)
+            if !store::users::lock_live_user(&mut tx, new.user_id).await? {
+                return Err(user_not_found(new.user_id));
+            }
+            let product_ids: Vec<Id> = new.lines.iter().map(|l| l.product_id).collect();
+            let products = store::orders::product_summaries(&mut tx, &product_ids).await?;
+            let by_id: HashMap<Id, &ProductSummary> = products.iter().map(|p| (p.id, p)).collect();
+            let missing: Vec<Id> = product_ids
+                .iter()
+                .copied()
+                .filter(|id| !by_id.contains_key(id))
+                .collect();
+            if !missing.is_empty() {
+                return Err(products_not_found(&missing, ""));
+            }
+
+            let stock = store::orders::lock_inventory(&mut tx, &product_ids).await?;
+            let mut lines = new.lines.clone();
+            lines.sort_by_key(|l| l.product_id);
+            for line in &lines {
+                let available = stock.get(&line.product_id).copied().unwrap_or(0);
+                if available < line.quantity {
+                    return Err(insufficient_inventory(
+                        line.product_id,
+                        available.into(),
+                        line.quantity.into(),
+                    ));
+                }
+            }
+            store::orders::take_inventory(&mut tx, &lines).await?;
+
+            let mut items = Vec::with_capacity(lines.len());
+            let mut total: i64 = 0;
+            for line in &lines {
+                let product = by_id[&line.product_id];
+                let subtotal = product
+                    .price_cents
+                    .checked_mul(line.quantity.into())
+                    .ok_or_else(|| anyhow::anyhow!("order subtotal overflows"))?;
+                total = total
+                    .checked_add(subtotal)
+                    .ok_or_else(|| anyhow::anyhow!("order total overflows"))?;
+                items.push(OrderItem {
+                    product_id: line.product_id,
+                    quantity: line.quantity,
+                    unit_price_cents: product.price_cents,
+                    subtotal_cents: subtotal,
+                    product: Some(product.clone()),
+                });
+            }
+            let header = store::orders::insert_order(&mut tx, new.user_id, total).await?;
+            store::orders::insert_items(&mut tx, header.id, &items).await?;
+            let order = Order { header, items };
+            if let Some(idempotency) = &idempotency {
+                idempotency.save(&mut tx, &order).await?;
+            }
+            // The new id may be cached as "not found"; the stock changed.
+            tx.touches(Entity::Order, order.header.id);
+            for line in &lines {
+                tx.touches(Entity::Product, line.product_id);
+            }
+            tx.commit().await?;
+            tracing::info!(order_id = %order.header.id, total_cents = total, "order created");
+            Ok(order)
+        })
+        .await
     }
 
     #[tracing::instrument(skip_all, fields(order_id = %id), err(Debug))]
@@ -219,11 +222,14 @@ impl Orders {
         let order = self
             .cache
             .get_or_load(Entity::Order, id.get(), || async {
-                let mut conn = store::postgres::acquire(&self.db).await?;
-                let Some(header) = store::orders::find(&mut conn, id).await? else {
+                let found = retry::postgres(|| async {
+                    let mut conn = store::postgres::acquire(&self.db).await?;
+                    store::orders::find(&mut conn, id).await
+                })
+                .await?;
+                let Some(header) = found else {
                     return Ok(None);
                 };
-                drop(conn);
                 Ok(attach_items(&loaders, vec![header]).await?.pop())
             })
             .await?
@@ -239,10 +245,11 @@ impl Orders {
             .as_deref()
             .map(|t| self.pages.decode("orders", &query, t))
             .transpose()?;
-        let mut conn = store::postgres::acquire(&self.db).await?;
-        let headers =
-            store::orders::list(&mut conn, &filter, after, page.size.fetch_limit()).await?;
-        drop(conn);
+        let headers = retry::postgres(|| async {
+            let mut conn = store::postgres::acquire(&self.db).await?;
+            store::orders::list(&mut conn, &filter, after, page.size.fetch_limit()).await
+        })
+        .await?;
         let headers = Page::from_overfetch(headers, page.size, |last| {
             let cursor: OrderCursor = (last.created_at.timestamp_micros(), last.id.get());
             self.pages.encode("orders", &query, &cursor)
@@ -263,45 +270,49 @@ impl Orders {
         to: OrderStatus,
         version: Option<i64>,
     ) -> Result<Order> {
-        let mut tx = self.writes.begin(actor).await?;
-        let (from, current_version) = store::orders::lock_order(&mut tx, id)
-            .await?
-            .ok_or_else(|| order_not_found(id))?;
-        if let Some(expected) = version
-            && expected != current_version
-        {
-            return Err(Error::version_conflict(
-                "order",
-                id,
-                expected,
-                current_version,
-            ));
-        }
-        if !from.can_become(to) {
-            return Err(Error::FailedPrecondition(
-                Detail::new(
-                    reason::ORDER_STATE_CONFLICT,
-                    format!(
-                        "order {id} is {}; it cannot become {} (pending → processing → completed, pending or processing → cancelled)",
-                        from.as_str(),
-                        to.as_str()
-                    ),
-                )
-                .with("order_id", id)
-                .with("from", from.as_str())
-                .with("to", to.as_str()),
-            ));
-        }
-        if to == OrderStatus::Cancelled {
-            // The stock of every product of the order changes.
-            for product in store::orders::return_inventory(&mut tx, id).await? {
-                tx.touches(Entity::Product, product);
+        let header = retry::postgres(|| async {
+            let mut tx = self.writes.begin(actor).await?;
+            let (from, current_version) = store::orders::lock_order(&mut tx, id)
+                .await?
+                .ok_or_else(|| order_not_found(id))?;
+            if let Some(expected) = version
+                && expected != current_version
+            {
+                return Err(Error::version_conflict(
+                    "order",
+                    id,
+                    expected,
+                    current_version,
+                ));
             }
-        }
-        let header = store::orders::set_status(&mut tx, id, to).await?;
-        tx.touches(Entity::Order, id);
-        tx.commit().await?;
-        tracing::info!(from = from.as_str(), "order status changed");
+            if !from.can_become(to) {
+                return Err(Error::FailedPrecondition(
+                    Detail::new(
+                        reason::ORDER_STATE_CONFLICT,
+                        format!(
+                            "order {id} is {}; it cannot become {} (pending → processing → completed, pending or processing → cancelled)",
+                            from.as_str(),
+                            to.as_str()
+                        ),
+                    )
+                    .with("order_id", id)
+                    .with("from", from.as_str())
+                    .with("to", to.as_str()),
+                ));
+            }
+            if to == OrderStatus::Cancelled {
+                // The stock of every product of the order changes.
+                for product in store::orders::return_inventory(&mut tx, id).await? {
+                    tx.touches(Entity::Product, product);
+                }
+            }
+            let header = store::orders::set_status(&mut tx, id, to).await?;
+            tx.touches(Entity::Order, id);
+            tx.commit().await?;
+            tracing::info!(from = from.as_str(), "order status changed");
+            Ok(header)
+        })
+        .await?;
         let order = hydrate(&self.loaders(ORDERS_PER_USER_DEFAULT), vec![header])
             .await?
             .remove(0);

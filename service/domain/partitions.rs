@@ -9,6 +9,7 @@ use crate::{
     config::PartitionSettings,
     error::Result,
     model::partitions::Partition,
+    retry,
     store::{
         self,
         partitions::{self, AUDIT_LOG, PRODUCT_SEARCHES},
@@ -27,11 +28,14 @@ impl Partitions {
     }
 
     pub async fn list(&self) -> Result<(Vec<Partition>, Vec<(&'static str, i64)>)> {
-        let mut conn = store::postgres::acquire(&self.db).await?;
-        Ok((
-            partitions::list(&mut conn).await?,
-            partitions::default_rows(&mut conn).await?,
-        ))
+        retry::postgres(|| async {
+            let mut conn = store::postgres::acquire(&self.db).await?;
+            Ok((
+                partitions::list(&mut conn).await?,
+                partitions::default_rows(&mut conn).await?,
+            ))
+        })
+        .await
     }
 
     #[tracing::instrument(skip_all, fields(%today), err(Debug))]

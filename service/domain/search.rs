@@ -27,6 +27,7 @@ use crate::{
             SearchRecord, SearchRequest, SortKey,
         },
     },
+    retry,
     search_log::SearchLog,
     store::{self, postgres::Reads},
 };
@@ -173,29 +174,33 @@ impl ProductSearch {
         cursor: Option<Cursor>,
     ) -> Result<(CachedPage, HashMap<Id, Product>)> {
         let size = request.page.size;
-        let mut conn = store::postgres::acquire(self.reads.pool()).await?;
         let (page_number, earlier_correction, after) = match cursor {
             Some(c) => (c.page, c.corrected, Some(c.after)),
             None => (1, None, None),
         };
-        let query = |text| SearchQuery {
-            text,
-            filters: &request.filters,
-            sort: request.sort,
-            after,
-            limit: size.fetch_limit(),
-        };
         let text = earlier_correction
             .as_deref()
             .unwrap_or(request.text.as_str());
-        let mut rows = store::search::search(&mut conn, query(text)).await?;
-        let mut corrected = earlier_correction.clone();
-        if rows.is_empty() && after.is_none() {
-            corrected = correct(&mut conn, request.text.as_str()).await?;
-            if let Some(text) = &corrected {
-                rows = store::search::search(&mut conn, query(text)).await?;
+        let (mut rows, corrected) = retry::postgres(|| async {
+            let query = |text| SearchQuery {
+                text,
+                filters: &request.filters,
+                sort: request.sort,
+                after,
+                limit: size.fetch_limit(),
+            };
+            let mut conn = store::postgres::acquire(self.reads.pool()).await?;
+            let mut rows = store::search::search(&mut conn, query(text)).await?;
+            let mut corrected = earlier_correction.clone();
+            if rows.is_empty() && after.is_none() {
+                corrected = correct(&mut conn, request.text.as_str()).await?;
+                if let Some(text) = &corrected {
+                    rows = store::search::search(&mut conn, query(text)).await?;
+                }
             }
-        }
+            Ok((rows, corrected))
+        })
+        .await?;
         let mut next_page_token = None;
         if rows.len() > size.get() as usize {
             rows.truncate(size.get() as usize);

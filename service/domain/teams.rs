@@ -13,7 +13,7 @@ use crate::{
         paging::{Page, PageRequest, PageTokens},
         teams::{Membership, MembershipCursor, Team, TeamName, TeamRole},
     },
-    store,
+    retry, store,
 };
 
 pub fn team_not_found(id: Id) -> Error {
@@ -48,20 +48,24 @@ impl Teams {
 
     #[tracing::instrument(skip_all, err(Debug))]
     pub async fn create(&self, actor: &Actor, name: TeamName) -> Result<Team> {
-        let mut tx = self.writes.begin(actor).await?;
-        let team = store::teams::insert_team(&mut tx, &name)
-            .await
-            .map_err(|e| {
-                e.on_constraint(|c| {
-                    (c == "teams_name_key").then(|| {
-                        Error::already_exists(
-                            reason::TEAM_NAME_ALREADY_EXISTS,
-                            "another team has this name; names are unique regardless of case",
-                        )
+        let team = retry::postgres(|| async {
+            let mut tx = self.writes.begin(actor).await?;
+            let team = store::teams::insert_team(&mut tx, &name)
+                .await
+                .map_err(|e| {
+                    e.on_constraint(|c| {
+                        (c == "teams_name_key").then(|| {
+                            Error::already_exists(
+                                reason::TEAM_NAME_ALREADY_EXISTS,
+                                "another team has this name; names are unique regardless of case",
+                            )
+                        })
                     })
-                })
-            })?;
-        tx.commit().await?;
+                })?;
+            tx.commit().await?;
+            Ok(team)
+        })
+        .await?;
         tracing::info!(team_id = %team.id, "team created");
         Ok(team)
     }
@@ -76,48 +80,54 @@ impl Teams {
         user_id: Id,
         role: TeamRole,
     ) -> Result<Membership> {
-        let mut tx = self.writes.begin(actor).await?;
-        if !store::users::lock_live_user(&mut tx, user_id).await? {
-            return Err(user_not_found(user_id));
-        }
-        let membership = store::teams::insert_membership(&mut tx, team_id, user_id, role)
-            .await
-            .map_err(|e| {
-                e.on_constraint(|c| match c {
-                    "user_teams_pkey" => Some(Error::AlreadyExists(
-                        Detail::new(
-                            reason::TEAM_MEMBER_ALREADY_EXISTS,
-                            format!("user {user_id} is already a member of team {team_id}; remove them first to change the role"),
-                        )
-                        .with("team_id", team_id)
-                        .with("user_id", user_id),
-                    )),
-                    "user_teams_team_id_fkey" => Some(team_not_found(team_id)),
-                    _ => None,
-                })
-            })?;
-        tx.commit().await?;
-        Ok(membership)
+        retry::postgres(|| async {
+            let mut tx = self.writes.begin(actor).await?;
+            if !store::users::lock_live_user(&mut tx, user_id).await? {
+                return Err(user_not_found(user_id));
+            }
+            let membership = store::teams::insert_membership(&mut tx, team_id, user_id, role)
+                .await
+                .map_err(|e| {
+                    e.on_constraint(|c| match c {
+                        "user_teams_pkey" => Some(Error::AlreadyExists(
+                            Detail::new(
+                                reason::TEAM_MEMBER_ALREADY_EXISTS,
+                                format!("user {user_id} is already a member of team {team_id}; remove them first to change the role"),
+                            )
+                            .with("team_id", team_id)
+                            .with("user_id", user_id),
+                        )),
+                        "user_teams_team_id_fkey" => Some(team_not_found(team_id)),
+                        _ => None,
+                    })
+                })?;
+            tx.commit().await?;
+            Ok(membership)
+        })
+        .await
     }
 
     #[tracing::instrument(skip_all, fields(team_id = %team_id, user_id = %user_id), err(Debug))]
     pub async fn remove_member(&self, actor: &Actor, team_id: Id, user_id: Id) -> Result<()> {
-        let mut tx = self.writes.begin(actor).await?;
-        if store::teams::delete_membership(&mut tx, team_id, user_id).await? {
-            return tx.commit().await;
-        }
-        Err(if !store::teams::team_exists(&mut tx, team_id).await? {
-            team_not_found(team_id)
-        } else {
-            Error::NotFound(
-                Detail::new(
-                    reason::TEAM_MEMBER_NOT_FOUND,
-                    format!("user {user_id} is not a member of team {team_id}"),
+        retry::postgres(|| async {
+            let mut tx = self.writes.begin(actor).await?;
+            if store::teams::delete_membership(&mut tx, team_id, user_id).await? {
+                return tx.commit().await;
+            }
+            Err(if !store::teams::team_exists(&mut tx, team_id).await? {
+                team_not_found(team_id)
+            } else {
+                Error::NotFound(
+                    Detail::new(
+                        reason::TEAM_MEMBER_NOT_FOUND,
+                        format!("user {user_id} is not a member of team {team_id}"),
+                    )
+                    .with("team_id", team_id)
+                    .with("user_id", user_id),
                 )
-                .with("team_id", team_id)
-                .with("user_id", user_id),
-            )
+            })
         })
+        .await
     }
 
     #[tracing::instrument(skip_all, fields(user_id = %user_id), err(Debug))]
@@ -128,16 +138,17 @@ impl Teams {
             .as_deref()
             .map(|t| self.pages.decode("user_teams", &query, t))
             .transpose()?;
-        let mut conn = store::postgres::acquire(&self.db).await?;
-        if store::users::current_version(&mut conn, user_id)
-            .await?
-            .is_none()
-        {
-            return Err(user_not_found(user_id));
-        }
-        let items =
-            store::teams::memberships_of(&mut conn, user_id, after, page.size.fetch_limit())
-                .await?;
+        let items = retry::postgres(|| async {
+            let mut conn = store::postgres::acquire(&self.db).await?;
+            if store::users::current_version(&mut conn, user_id)
+                .await?
+                .is_none()
+            {
+                return Err(user_not_found(user_id));
+            }
+            store::teams::memberships_of(&mut conn, user_id, after, page.size.fetch_limit()).await
+        })
+        .await?;
         Ok(Page::from_overfetch(items, page.size, |last| {
             let cursor: MembershipCursor = (last.joined_at.timestamp_micros(), last.team.id.get());
             self.pages.encode("user_teams", &query, &cursor)

@@ -18,7 +18,7 @@ use crate::{
         passwords::Password,
         users::{BatchUsers, NewUser, User, UserCursor, UserFilter, UserLookup, UserPatch},
     },
-    store,
+    retry, store,
 };
 
 pub fn user_not_found(id: Id) -> Error {
@@ -82,13 +82,17 @@ impl Users {
             Some(p) => Some(self.passwords.hash(p).await?),
             None => None,
         };
-        let mut tx = self.writes.begin(actor).await?;
-        let user = store::users::insert(&mut tx, &new, password_hash.as_deref())
-            .await
-            .map_err(unique_user_fields)?;
-        // A "not found" for this id may be cached.
-        tx.touches(Entity::User, user.id);
-        tx.commit().await?;
+        let user = retry::postgres(|| async {
+            let mut tx = self.writes.begin(actor).await?;
+            let user = store::users::insert(&mut tx, &new, password_hash.as_deref())
+                .await
+                .map_err(unique_user_fields)?;
+            // A "not found" for this id may be cached.
+            tx.touches(Entity::User, user.id);
+            tx.commit().await?;
+            Ok(user)
+        })
+        .await?;
         tracing::info!(user_id = %user.id, "user created");
         Ok(user)
     }
@@ -96,9 +100,11 @@ impl Users {
     #[tracing::instrument(skip_all, fields(user_id = %id), err(Debug))]
     pub async fn get(&self, id: Id) -> Result<User> {
         self.cache
-            .get_or_load(Entity::User, id.get(), || async {
-                let mut conn = store::postgres::acquire(&self.db).await?;
-                store::users::find(&mut conn, id).await
+            .get_or_load(Entity::User, id.get(), || {
+                retry::postgres(|| async {
+                    let mut conn = store::postgres::acquire(&self.db).await?;
+                    store::users::find(&mut conn, id).await
+                })
             })
             .await?
             .ok_or_else(|| user_not_found(id))
@@ -146,8 +152,11 @@ impl Users {
             .as_deref()
             .map(|t| self.pages.decode(scope, &query, t))
             .transpose()?;
-        let mut conn = store::postgres::acquire(&self.db).await?;
-        let users = store::users::list(&mut conn, &filter, after, page.size.fetch_limit()).await?;
+        let users = retry::postgres(|| async {
+            let mut conn = store::postgres::acquire(&self.db).await?;
+            store::users::list(&mut conn, &filter, after, page.size.fetch_limit()).await
+        })
+        .await?;
         Ok(Page::from_overfetch(users, page.size, |last| {
             let cursor: UserCursor = (last.created_at.timestamp_micros(), last.id.get());
             self.pages.encode(scope, &query, &cursor)
@@ -173,21 +182,25 @@ impl Users {
             Some(None) => Some(None),
             None => None,
         };
-        let mut tx = self.writes.begin(actor).await?;
-        let updated = store::users::update(&mut tx, id, version, &patch, password_hash)
-            .await
-            .map_err(unique_user_fields)?;
-        let user = match updated {
-            Some(user) => user,
-            None => {
-                return Err(match store::users::current_version(&mut tx, id).await? {
-                    Some(current) => version_conflict(id, version, current),
-                    None => user_not_found(id),
-                });
-            }
-        };
-        tx.touches(Entity::User, id);
-        tx.commit().await?;
+        let user = retry::postgres(|| async {
+            let mut tx = self.writes.begin(actor).await?;
+            let updated = store::users::update(&mut tx, id, version, &patch, password_hash.clone())
+                .await
+                .map_err(unique_user_fields)?;
+            let user = match updated {
+                Some(user) => user,
+                None => {
+                    return Err(match store::users::current_version(&mut tx, id).await? {
+                        Some(current) => version_conflict(id, version, current),
+                        None => user_not_found(id),
+                    });
+                }
+            };
+            tx.touches(Entity::User, id);
+            tx.commit().await?;
+            Ok(user)
+        })
+        .await?;
         tracing::info!(version = user.version, "user updated");
         Ok(user)
     }
@@ -196,19 +209,22 @@ impl Users {
     /// its team memberships go, all in one transaction.
     #[tracing::instrument(skip_all, fields(user_id = %id), err(Debug))]
     pub async fn delete(&self, actor: &Actor, id: Id, version: Option<i64>) -> Result<()> {
-        let mut tx = self.writes.begin(actor).await?;
-        if !store::users::soft_delete(&mut tx, id, version).await? {
-            return Err(
-                match (store::users::current_version(&mut tx, id).await?, version) {
-                    (Some(current), Some(expected)) => version_conflict(id, expected, current),
-                    _ => user_not_found(id),
-                },
-            );
-        }
-        store::teams::remove_all_memberships(&mut tx, id).await?;
-        store::outbox::push(&mut tx, &Change::DeleteProfile { user_id: id.get() }).await?;
-        tx.touches(Entity::User, id);
-        tx.commit().await?;
+        retry::postgres(|| async {
+            let mut tx = self.writes.begin(actor).await?;
+            if !store::users::soft_delete(&mut tx, id, version).await? {
+                return Err(
+                    match (store::users::current_version(&mut tx, id).await?, version) {
+                        (Some(current), Some(expected)) => version_conflict(id, expected, current),
+                        _ => user_not_found(id),
+                    },
+                );
+            }
+            store::teams::remove_all_memberships(&mut tx, id).await?;
+            store::outbox::push(&mut tx, &Change::DeleteProfile { user_id: id.get() }).await?;
+            tx.touches(Entity::User, id);
+            tx.commit().await
+        })
+        .await?;
         tracing::info!("user deleted");
         Ok(())
     }
@@ -221,9 +237,11 @@ impl Users {
         lookup: UserLookup,
         password: Password,
     ) -> Result<Option<User>> {
-        let mut conn = store::postgres::acquire(&self.db).await?;
-        let found = store::users::credentials(&mut conn, &lookup).await?;
-        drop(conn);
+        let found = retry::postgres(|| async {
+            let mut conn = store::postgres::acquire(&self.db).await?;
+            store::users::credentials(&mut conn, &lookup).await
+        })
+        .await?;
         let (user, hash) = match found {
             Some((user, hash)) => (Some(user), hash),
             None => (None, None),

@@ -18,6 +18,36 @@
 //! returned) and only then lets the connection go back to the pool, which
 //! rolls the transaction back. An ordinary early return (an error, a
 //! replay) is not abandonment: it costs no cancel.
+//!
+//! **Retries.** A call's write runs inside `retry::postgres`: begin, the
+//! write's own statements and the commit are one attempt, made again,
+//! whole, on a fresh connection, while it fails for a transient reason (a
+//! deadlock or serialization failure, the server ending the connection as
+//! it shuts down or restarts, a connection lost), under the call policy and
+//! the process's retry budget (`retry`). What is repeated, and why that is
+//! safe:
+//!
+//! - **A failure before `COMMIT` was sent**: always. The transaction is
+//!   rolled back (PostgreSQL aborts a transaction on its first error, and a
+//!   transaction whose connection is gone never commits), so nothing of the
+//!   attempt remains, and the next attempt reads the rows afresh: it decides
+//!   again (a stock check, a version check) on what is there then.
+//! - **A serialization failure or deadlock reported by `COMMIT`**: always;
+//!   PostgreSQL answered that it rolled the transaction back.
+//! - **Any other failure of `COMMIT`** (the connection lost while
+//!   committing, the server shutting down under it): the commit may or may
+//!   not have happened. Repeated only for a write that claimed an
+//!   idempotency key in the transaction (`CreateOrder` with a
+//!   `request_id`, see [`super::idempotency`]): the key's row commits with
+//!   the write, so the next attempt either finds it and replays the stored
+//!   response, or claims it afresh because nothing committed. Any other
+//!   write is answered with the failure (UNAVAILABLE), as before: repeating
+//!   an `AdjustInventory` whose first commit landed would add the stock
+//!   twice.
+//!
+//! The write's work outside PostgreSQL happens after the commit
+//! (invalidation) or before the attempt (password hashing), never inside
+//! it, so an attempt that failed left nothing behind to repeat.
 
 use std::ops::{Deref, DerefMut};
 
@@ -27,7 +57,7 @@ use tracing::Instrument as _;
 
 use crate::{
     cache::{Cache, Entity, Family},
-    error::Result,
+    error::{Error, Result},
     model::{Id, audit::Actor, deadline::Abandoned},
     statements,
     store::{self, audit::Begun, postgres::Control},
@@ -52,7 +82,8 @@ impl Writes {
         }
     }
 
-    /// A write transaction on behalf of `actor`.
+    /// A write transaction on behalf of `actor`. A call begins it inside
+    /// `retry::postgres`, commit included (see "Retries" above).
     pub async fn begin(&self, actor: &Actor) -> Result<WriteTx> {
         let Begun { tx, pid } = store::audit::begin(&self.db, actor).await?;
         Ok(WriteTx {
@@ -65,6 +96,7 @@ impl Writes {
             cache: self.cache.clone(),
             entities: Vec::new(),
             families: Vec::new(),
+            keyed: false,
         })
     }
 }
@@ -80,6 +112,9 @@ pub struct WriteTx {
     cache: Cache,
     entities: Vec<(Entity, i64)>,
     families: Vec<Family>,
+    /// Whether an idempotency key was claimed in this transaction: then a
+    /// commit whose outcome is unknown may be tried again (module doc).
+    keyed: bool,
 }
 
 struct Cancel {
@@ -96,6 +131,12 @@ impl WriteTx {
         if !self.entities.contains(&entry) {
             self.entities.push(entry);
         }
+    }
+
+    /// This transaction claimed an idempotency key: it commits with the
+    /// write, so a repeat of the write replays it if the commit landed.
+    pub(super) fn claimed_key(&mut self) {
+        self.keyed = true;
     }
 
     /// Every cached result of `family` is stale once this commits.
@@ -115,7 +156,9 @@ impl WriteTx {
     /// on), and Redis gets its full command timeout rather than what is left
     /// of the call's deadline. A commit whose outcome is unknown (the
     /// connection broke while committing) invalidates too: a needless
-    /// invalidation costs one refill, a missed one serves a stale row.
+    /// invalidation costs one refill, a missed one serves a stale row; its
+    /// error is transient only if the write claimed an idempotency key (see
+    /// "Retries" in the module doc).
     pub async fn commit(mut self) -> Result<()> {
         let tx = self
             .tx
@@ -142,7 +185,8 @@ impl WriteTx {
             None => tokio::spawn(work),
         };
         match committing.await {
-            Ok(committed) => Ok(committed?),
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(commit_failed(e, self.keyed)),
             Err(e) => Err(anyhow::anyhow!("committing a write: {e}").into()),
         }
     }
@@ -151,6 +195,23 @@ impl WriteTx {
         self.tx
             .as_ref()
             .expect("a WriteTx holds its transaction until it ends")
+    }
+}
+
+/// The error of a failed `COMMIT`, transient (the write is tried again)
+/// only if PostgreSQL answered that it rolled back (a serialization failure
+/// or deadlock) or if the transaction claimed an idempotency key (`keyed`);
+/// otherwise the commit may have happened, and the write is not repeated.
+fn commit_failed(e: sqlx::Error, keyed: bool) -> Error {
+    let rolled_back = e
+        .as_database_error()
+        .and_then(|db| db.code())
+        .is_some_and(|code| matches!(&*code, "40001" | "40P01"));
+    let error = Error::from(e);
+    if rolled_back || keyed {
+        error
+    } else {
+        error.not_transient()
     }
 }
 
@@ -190,5 +251,49 @@ impl Drop for WriteTx {
             cancel.control.cancel(cancel.pid).await;
             drop(tx);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use super::*;
+    use crate::error::testing::sqlstate;
+
+    fn lost(kind: io::ErrorKind) -> sqlx::Error {
+        sqlx::Error::Io(io::Error::from(kind))
+    }
+
+    #[test]
+    fn a_commit_answered_with_a_rollback_is_repeated() {
+        for code in ["40001", "40P01"] {
+            assert!(
+                commit_failed(sqlstate(code), false).is_transient(),
+                "{code}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_commit_of_unknown_outcome_is_repeated_only_with_an_idempotency_key() {
+        let unknown = || {
+            [
+                sqlstate("57P01"),
+                sqlstate("57P02"),
+                lost(io::ErrorKind::ConnectionReset),
+                lost(io::ErrorKind::UnexpectedEof),
+            ]
+        };
+        for e in unknown() {
+            let error = commit_failed(e, false);
+            assert!(
+                matches!(error, Error::Unavailable { .. }) && !error.is_transient(),
+                "{error:?}"
+            );
+        }
+        for e in unknown() {
+            assert!(commit_failed(e, true).is_transient());
+        }
     }
 }

@@ -13,7 +13,7 @@ use crate::{
         Id,
         orders::{OrderHeader, OrderItem, ProductSummary},
     },
-    store,
+    retry, store,
 };
 
 pub struct RecentOrdersByUser {
@@ -23,11 +23,11 @@ pub struct RecentOrdersByUser {
 
 impl BatchFn<Id, Shared<Vec<OrderHeader>>> for RecentOrdersByUser {
     async fn load(&mut self, keys: &[Id]) -> HashMap<Id, Shared<Vec<OrderHeader>>> {
-        let found = async {
+        let found = retry::postgres(|| async {
             let mut conn = store::postgres::acquire(&self.db).await?;
             let orders = store::orders::recent_for_users(&mut conn, keys, self.per_user).await?;
             Ok(grouped(orders, |o| o.user_id))
-        }
+        })
         .await;
         per_key(keys, found, Vec::new())
     }
@@ -37,14 +37,14 @@ pub struct ItemsByOrder(pub PgPool);
 
 impl BatchFn<Id, Shared<Vec<OrderItem>>> for ItemsByOrder {
     async fn load(&mut self, keys: &[Id]) -> HashMap<Id, Shared<Vec<OrderItem>>> {
-        let found = async {
+        let found = retry::postgres(|| async {
             let mut conn = store::postgres::acquire(&self.0).await?;
             let items = store::orders::items_for_orders(&mut conn, keys).await?;
             Ok(grouped(items, |(order_id, _)| *order_id)
                 .into_iter()
                 .map(|(order, items)| (order, items.into_iter().map(|(_, i)| i).collect()))
                 .collect())
-        }
+        })
         .await;
         per_key(keys, found, Vec::new())
     }

@@ -11,7 +11,7 @@ use crate::{
     cache::{Cache, Entity},
     error::Result,
     model::{Id, catalog::Product, orders::ProductSummary},
-    store,
+    retry, store,
 };
 
 /// Products by id through the cache: one MGET, then one query for the misses.
@@ -27,8 +27,11 @@ pub async fn cached_products(
         ids,
         |p: &Product| p.id,
         async |misses| {
-            let mut conn = store::postgres::acquire(db).await?;
-            store::products::find_many(&mut conn, misses).await
+            retry::postgres(|| async {
+                let mut conn = store::postgres::acquire(db).await?;
+                store::products::find_many(&mut conn, misses).await
+            })
+            .await
         },
     )
     .await

@@ -11,18 +11,18 @@ use crate::{
     cache::{Cache, Entity},
     error::Result,
     model::{Id, users::User},
-    store,
+    retry, store,
 };
 
 pub struct UsersById(pub PgPool);
 
 impl BatchFn<Id, Shared<Option<User>>> for UsersById {
     async fn load(&mut self, keys: &[Id]) -> HashMap<Id, Shared<Option<User>>> {
-        let found = async {
+        let found = retry::postgres(|| async {
             let mut conn = store::postgres::acquire(&self.0).await?;
             let users = store::users::find_many(&mut conn, keys).await?;
             Ok(users.into_iter().map(|u| (u.id, Some(u))).collect())
-        }
+        })
         .await;
         per_key(keys, found, None)
     }
@@ -39,8 +39,11 @@ pub async fn cached_users(db: &PgPool, cache: &Cache, ids: &[Id]) -> Result<Hash
         ids,
         |u: &User| u.id,
         async |misses| {
-            let mut conn = store::postgres::acquire(db).await?;
-            store::users::find_many(&mut conn, misses).await
+            retry::postgres(|| async {
+                let mut conn = store::postgres::acquire(db).await?;
+                store::users::find_many(&mut conn, misses).await
+            })
+            .await
         },
     )
     .await

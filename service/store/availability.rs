@@ -244,6 +244,10 @@ mod tests {
 
     #[test]
     fn a_refusal_names_the_dependency_and_a_retry_delay() {
+        assert!(
+            !refused(Duration::ZERO).is_transient(),
+            "the fail-fast path is not retried inside the call"
+        );
         match refused(Duration::ZERO) {
             Error::Unavailable {
                 detail,

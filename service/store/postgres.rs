@@ -279,7 +279,9 @@ async fn pooled(pool: &PgPool, budget: Option<Duration>) -> Result<PoolConnectio
             if availability::is_outage(&e, pool) {
                 gate.down(std::time::Instant::now());
             }
-            Err(e.into())
+            // Not retried: the pool has retried connecting within the
+            // acquire, and an outage is the gate's to handle.
+            Err(Error::from(e).not_transient())
         }
     }
 }

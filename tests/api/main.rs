@@ -22,6 +22,7 @@ mod process;
 mod promises;
 mod readiness;
 mod replica;
+mod retries;
 mod search;
 mod seed;
 mod server;

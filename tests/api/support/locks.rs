@@ -1,5 +1,5 @@
 //! Calls that stay in flight for as long as a test wants: a row lock that an
-//! UpdateUser of the row waits for.
+//! UpdateUser of the row waits for, and the app's backend that waits.
 
 use std::time::Duration;
 
@@ -40,4 +40,25 @@ pub async fn wait_for_lock_waiter(db: &PgPool) {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("no call started waiting for the row lock");
+}
+
+/// Waits until one of the app's backends (not the test's own sessions)
+/// waits for a lock; its pid.
+pub async fn app_backend_waiting_for_lock(db: &PgPool) -> i32 {
+    for _ in 0..400 {
+        let waiting: Option<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = 'datagate' \
+               AND wait_event_type = 'Lock' \
+             LIMIT 1",
+        )
+        .fetch_optional(db)
+        .await
+        .unwrap();
+        if let Some(pid) = waiting {
+            return pid;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("no call of the app started waiting for a lock");
 }

@@ -40,7 +40,7 @@ pub use clients::{AnalyticsClient, Bearer, CatalogClient};
 pub use database::TestDatabase;
 pub use datagate_test_macros::api_test;
 pub use health::{health_of, wait_for_health};
-pub use locks::{RowLock, wait_for_lock_waiter};
+pub use locks::{RowLock, app_backend_waiting_for_lock, wait_for_lock_waiter};
 pub use mongo::{TestMongo, use_test_mongo};
 pub use proxy::RedisProxy;
 pub use requests::{mask, rename, unique};
