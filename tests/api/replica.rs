@@ -240,7 +240,10 @@ async fn an_unreachable_replica_fails_only_the_reads_it_serves_and_shows_in_heal
         );
     }
     let gate_of = |url: &str| availability::gate(&PgPool::connect_lazy(url).unwrap());
-    assert!(!gate_of(replica_url).is_up(), "the replica's gate is closed");
+    assert!(
+        !gate_of(replica_url).is_up(),
+        "the replica's gate is closed"
+    );
     assert!(
         availability::gate(&app.db).is_up(),
         "the primary's gate is not the replica's"

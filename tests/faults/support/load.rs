@@ -48,6 +48,17 @@ impl Load {
         F: Fn(usize, u64) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = Result<(), Status>> + Send + 'static,
     {
+        Self::paced(callers, bound, Duration::ZERO, call)
+    }
+
+    /// Like [`Load::start`], each caller waiting `pause` after each call (not
+    /// counted in its latency): a bounded rate for a server that takes only
+    /// a few hundred operations a second.
+    pub fn paced<F, Fut>(callers: usize, bound: Duration, pause: Duration, call: F) -> Self
+    where
+        F: Fn(usize, u64) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), Status>> + Send + 'static,
+    {
         let start = Instant::now();
         let stop = CancellationToken::new();
         let samples = Arc::new(Mutex::new(Vec::new()));
@@ -69,6 +80,12 @@ impl Load {
                         code,
                     });
                     n += 1;
+                    if !pause.is_zero() {
+                        tokio::select! {
+                            () = stop.cancelled() => {}
+                            () = tokio::time::sleep(pause) => {}
+                        }
+                    }
                 }
             });
         }
