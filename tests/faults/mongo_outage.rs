@@ -221,6 +221,17 @@ async fn calls_that_need_mongodb_fail_fast_while_it_is_down_and_the_rest_serve()
             .cloned()
             .collect(),
     );
+    let in_flight = Samples(
+        profiles
+            .0
+            .iter()
+            .filter(|s| {
+                s.started < since(profile_start, killed)
+                    && s.started + s.latency >= since(profile_start, killed)
+            })
+            .cloned()
+            .collect(),
+    );
     let during = profiles.started_between(
         since(profile_start, killed),
         since(profile_start, listening),
@@ -232,6 +243,11 @@ async fn calls_that_need_mongodb_fail_fast_while_it_is_down_and_the_rest_serve()
     let plain_during =
         plain.started_between(since(user_start, killed), since(user_start, listening));
     figure(SCENARIO, "profile reads before", before.summary());
+    figure(
+        SCENARIO,
+        "profile reads in flight at the kill",
+        in_flight.summary(),
+    );
     figure(SCENARIO, "profile reads while down", during.summary());
     figure(
         SCENARIO,
@@ -268,6 +284,14 @@ async fn calls_that_need_mongodb_fail_fast_while_it_is_down_and_the_rest_serve()
         0,
         "before the outage: {}",
         before.summary()
+    );
+    assert!(
+        in_flight
+            .0
+            .iter()
+            .all(|s| s.ok() || s.code == "Unavailable"),
+        "a call in flight at the kill succeeds or is UNAVAILABLE: {}",
+        in_flight.summary()
     );
     let unexpected: Vec<_> = during
         .0
