@@ -15,7 +15,7 @@ run: ## start the databases, migrate, seed, and run datagate on :50051
 test: lint ## lint, then unit + integration tests and the grpcurl smoke test
 	@scripts/test.sh
 
-test-faults: ## the fault suite: private PostgreSQL and Redis killed, paused and restarted under load (about 2.5 min; figures in RELIABILITY.md)
+test-faults: ## the fault suite: private PostgreSQL, Redis and MongoDB killed, paused and restarted under load (about 2.5 min; figures in RELIABILITY.md)
 	@. scripts/lib.sh && dev_env_up && cargo test --test faults -- --test-threads=1 --nocapture
 
 lint: ## rustfmt, clippy (warnings are errors), the layering rule, and the deployment files (kustomize, schemas, hadolint)

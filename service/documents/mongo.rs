@@ -12,11 +12,30 @@
 //! bounds alone. A `maxTimeMS` expiry (server error 50) is DEADLINE_EXCEEDED
 //! `QUERY_TIMEOUT`.
 //!
+//! **Outages.** The wrapper puts a fail-fast [`Gate`] (one per client, see
+//! [`crate::model::availability`]) in front of every operation, so that
+//! while MongoDB is unreachable calls fail at once with UNAVAILABLE
+//! `DEPENDENCY_UNAVAILABLE` (`"dependency": "mongodb"`) and `RetryInfo`,
+//! instead of each waiting out `server_selection_timeout`. It closes when
+//! an operation fails for want of a server (`is_outage`) or when the
+//! driver's own monitoring loses the last server the operations can use
+//! (no writable server: every operation here needs the primary), which
+//! catches the outage even when every call's deadline ends before server
+//! selection gives up. While closed, one trial per backoff period pings
+//! with a short bound ([`TRIAL_WAIT`]) and, answered, opens the gate and
+//! goes on; the gate also opens when the driver's monitoring finds a usable
+//! server again. The readiness probe's ping goes through the same wrapper,
+//! so the `mongodb` health entry follows the gate. A call already past the
+//! gate when the server goes away can still wait: the driver retries a read
+//! that lost its connection once, and the retry waits out server selection
+//! (`retryReads=false` in the URL makes it fail at once instead).
+//!
 //! Only the standard driver API is used. Filters and updates are built here
 //! from typed values, never from documents a caller sent.
 
 use std::{
     future::IntoFuture,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -24,6 +43,7 @@ use mongodb::{
     Client, Collection, Database, IndexModel,
     bson::{Document, doc},
     error::ErrorKind,
+    event::{EventHandler, sdam::SdamEvent},
     options::ClientOptions,
 };
 use secrecy::ExposeSecret as _;
@@ -33,15 +53,28 @@ use tracing::Instrument as _;
 use crate::{
     config::MongoSettings,
     error::{Detail, Error, Result, reason},
-    model::deadline::Deadline,
+    model::{
+        availability::{Admit, FIRST_BACKOFF, Gate, TRIAL_WAIT},
+        deadline::Deadline,
+    },
 };
 
 /// Taken off the call's remaining time for `maxTimeMS`, so the server's
 /// answer arrives before the wrapper's timeout.
 pub const MARGIN: Duration = Duration::from_millis(50);
 
+/// How often the driver's monitoring checks the server when the URL does not
+/// say (`heartbeatFrequencyMS`; the driver's default is 10 s, and 500 ms
+/// its floor). The gate follows the monitoring (see [`follow_topology`]),
+/// so an outage closes it, and a return opens it, within about this long
+/// even without calls; two `hello`s a second are nothing to a server.
+const HEARTBEAT: Duration = Duration::from_millis(500);
+
 /// MongoDB's `MaxTimeMSExpired`.
 const MAX_TIME_EXPIRED: i32 = 50;
+/// MongoDB's `InterruptedAtShutdown` and `ShutdownInProgress`: the server
+/// is going away.
+const SHUTTING_DOWN: [i32; 2] = [11600, 91];
 
 /// The wrapper's bound for an operation: `operation_timeout`, or the call's
 /// `remaining` time when shorter (then true: a timeout is the deadline's).
@@ -76,6 +109,8 @@ fn indexes() -> Vec<(&'static str, IndexModel)> {
 pub struct Mongo {
     db: Database,
     timeout: std::time::Duration,
+    /// Whether MongoDB answers: operations fail fast while it does not.
+    gate: Arc<Gate>,
 }
 
 impl Mongo {
@@ -94,10 +129,17 @@ impl Mongo {
         options.max_pool_size = Some(settings.max_pool_size);
         options.connect_timeout = Some(settings.connect_timeout);
         options.server_selection_timeout = Some(settings.server_selection_timeout);
+        options.heartbeat_freq.get_or_insert(HEARTBEAT);
+        let gate = Arc::new(Gate::new("mongodb", "the document store"));
+        let follower = gate.clone();
+        options.sdam_event_handler = Some(EventHandler::callback(move |event| {
+            follow_topology(&follower, &event);
+        }));
         let client = Client::with_options(options)?;
         Ok(Some(Self {
             db: client.database(&settings.database),
             timeout: settings.operation_timeout,
+            gate,
         }))
     }
 
@@ -119,7 +161,8 @@ impl Mongo {
         Ok(())
     }
 
-    /// Whether MongoDB answers a ping.
+    /// Whether MongoDB answers a ping (through the gate: false at once
+    /// while it is closed, but for the period's trial).
     pub async fn ping(&self) -> bool {
         self.run("ping", "admin", self.db.run_command(doc! { "ping": 1 }))
             .await
@@ -134,12 +177,18 @@ impl Mongo {
         )
     }
 
-    /// Runs one operation under the operation timeout (or the call's
-    /// deadline, if sooner), in a span, timed.
+    /// Runs one operation through the gate (see the module doc), under the
+    /// operation timeout (or the call's deadline, if sooner), in a span,
+    /// timed.
     pub async fn run<T, F>(&self, operation: &'static str, collection: &str, op: F) -> Result<T>
     where
         F: IntoFuture<Output = mongodb::error::Result<T>>,
     {
+        match self.gate.admit(Instant::now()) {
+            Admit::Go => {}
+            Admit::Trial => self.trial().await?,
+            Admit::Refuse(retry_after) => return Err(self.gate.refused(retry_after)),
+        }
         let span = tracing::debug_span!(
             "mongodb",
             otel.name = format!("{operation} {collection}"),
@@ -160,11 +209,72 @@ impl Mongo {
         )
         .record(started.elapsed().as_secs_f64());
         match result {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(error)) => Err(map_error(operation, error)),
+            Ok(Ok(value)) => {
+                self.gate.up();
+                Ok(value)
+            }
+            Ok(Err(error)) => {
+                if is_outage(&error) {
+                    self.gate.down(Instant::now());
+                }
+                Err(map_error(operation, error))
+            }
+            // Slow, or still selecting a server: not proof of an outage (the
+            // driver's monitoring tells, see `follow_topology`).
             Err(_) if by_deadline => Err(Error::deadline_exceeded()),
             Err(_) => Err(unavailable(operation, "timed out")),
         }
+    }
+
+    /// The trial of a closed gate: a ping within [`TRIAL_WAIT`] (or the
+    /// call's time left, if less). Answered, the gate opens and the call
+    /// goes on; else it backs off further and the call is refused.
+    async fn trial(&self) -> Result<()> {
+        let wait = Deadline::current().map_or(TRIAL_WAIT, |d| d.remaining().min(TRIAL_WAIT));
+        let pinged =
+            tokio::time::timeout(wait, self.db.run_command(doc! { "ping": 1 }).into_future()).await;
+        match pinged {
+            // An answer, even an error, is a server that answers.
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) if !is_outage(&error) => {}
+            _ => {
+                self.gate.down(Instant::now());
+                return Err(self.gate.refused(FIRST_BACKOFF));
+            }
+        }
+        self.gate.up();
+        Ok(())
+    }
+}
+
+/// Moves the gate with the driver's view of the deployment: closed when the
+/// last server the operations can use (a writable one) is lost, open when
+/// one is found. Runs on the driver's event task, for every SDAM event.
+fn follow_topology(gate: &Gate, event: &SdamEvent) {
+    let SdamEvent::TopologyDescriptionChanged(changed) = event else {
+        return;
+    };
+    match (
+        changed.previous_description.has_writable_server(),
+        changed.new_description.has_writable_server(),
+    ) {
+        (true, false) => gate.down(Instant::now()),
+        (false, true) => gate.up(),
+        _ => {}
+    }
+}
+
+/// Whether a driver error means MongoDB cannot be reached (rather than an
+/// operation that failed on a server that answered): no server could be
+/// selected, the connection broke or could not be made, the pool was
+/// cleared by such a failure, or the server is shutting down.
+fn is_outage(error: &mongodb::error::Error) -> bool {
+    match &*error.kind {
+        ErrorKind::ServerSelection { .. }
+        | ErrorKind::Io(_)
+        | ErrorKind::ConnectionPoolCleared { .. } => true,
+        ErrorKind::Command(command) => SHUTTING_DOWN.contains(&command.code),
+        _ => false,
     }
 }
 
@@ -186,10 +296,10 @@ fn unavailable(operation: &str, why: &str) -> Error {
 }
 
 fn map_error(operation: &str, error: mongodb::error::Error) -> Error {
+    if is_outage(&error) {
+        return unavailable(operation, &error.to_string());
+    }
     match *error.kind {
-        ErrorKind::ServerSelection { .. }
-        | ErrorKind::Io(_)
-        | ErrorKind::ConnectionPoolCleared { .. } => unavailable(operation, &error.to_string()),
         ErrorKind::Command(ref command) if command.code == MAX_TIME_EXPIRED => {
             Error::DeadlineExceeded(Detail::new(
                 reason::QUERY_TIMEOUT,
@@ -228,6 +338,17 @@ mod tests {
             operation_bound(5_000 * MS, Some(200 * MS)),
             (200 * MS, true)
         );
+    }
+
+    #[test]
+    fn a_broken_connection_is_an_outage_and_an_operation_error_is_not() {
+        let io = |kind: std::io::ErrorKind| mongodb::error::Error::from(kind);
+        assert!(is_outage(&io(std::io::ErrorKind::ConnectionRefused)));
+        assert!(is_outage(&io(std::io::ErrorKind::UnexpectedEof)));
+        assert!(!is_outage(&mongodb::error::Error::from(
+            ErrorKind::MissingResumeToken
+        )));
+        assert!(!is_outage(&mongodb::error::Error::custom("a bug")));
     }
 
     #[test]

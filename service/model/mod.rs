@@ -8,6 +8,7 @@
 
 pub mod analytics;
 pub mod audit;
+pub mod availability;
 pub mod catalog;
 pub mod deadline;
 pub mod idempotency;

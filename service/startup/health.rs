@@ -41,7 +41,10 @@ const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
 pub const LIVENESS_HEALTH: &str = "liveness";
 
 /// The health entry of MongoDB: NOT_SERVING degrades the document features
-/// only (they answer UNAVAILABLE), never the service.
+/// only (they answer UNAVAILABLE), never the service. Its ping goes through
+/// the calls' fail-fast gate (`documents::mongo`), so the entry follows the
+/// gate: NOT_SERVING at once while it is closed, and a ping that is the
+/// period's trial can open it.
 pub const MONGODB_HEALTH: &str = "mongodb";
 
 /// The health entry of the read replica (`database.read_url`, when set): down,

@@ -73,11 +73,14 @@ use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
-use super::availability::{self, Admit};
+use super::availability;
 use crate::{
     config::DatabaseSettings,
     error::{Error, Result},
-    model::deadline::{Abandoned, Deadline},
+    model::{
+        availability::{Admit, FIRST_BACKOFF, TRIAL_WAIT},
+        deadline::{Abandoned, Deadline},
+    },
 };
 
 /// Taken off the call's remaining time for each statement, so PostgreSQL's
@@ -247,14 +250,12 @@ async fn pooled(pool: &PgPool, budget: Option<Duration>) -> Result<PoolConnectio
     let trial = match gate.admit(std::time::Instant::now()) {
         Admit::Go => false,
         Admit::Trial => true,
-        Admit::Refuse(retry_after) => return Err(availability::refused(retry_after)),
+        Admit::Refuse(retry_after) => return Err(gate.refused(retry_after)),
     };
     // A trial waits briefly: sqlx retries the connection within one acquire,
     // and a long trial would be many attempts.
     let wait = if trial {
-        Some(budget.map_or(availability::TRIAL_WAIT, |b| {
-            b.min(availability::TRIAL_WAIT)
-        }))
+        Some(budget.map_or(TRIAL_WAIT, |b| b.min(TRIAL_WAIT)))
     } else {
         budget
     };
@@ -264,7 +265,7 @@ async fn pooled(pool: &PgPool, budget: Option<Duration>) -> Result<PoolConnectio
             Ok(acquired) => acquired,
             Err(_elapsed) if trial => {
                 gate.down(std::time::Instant::now());
-                return Err(availability::refused(availability::FIRST_BACKOFF));
+                return Err(gate.refused(FIRST_BACKOFF));
             }
             // The call's deadline, not the server's health.
             Err(_elapsed) => return Err(Error::deadline_exceeded()),

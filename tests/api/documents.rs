@@ -9,6 +9,7 @@ use prost_types::Timestamp;
 use tonic::Code;
 
 use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_types::StatusExt as _;
 
 use crate::support::{TestApp, api_test, assert_error, health_of, mask, unique, violated_fields};
 
@@ -423,32 +424,40 @@ async fn price_changes_wait_in_the_outbox_while_mongodb_is_unreachable() {
         s.mongodb.outbox_interval = Duration::from_millis(100);
     })
     .await;
+    // Only this test makes the relay fail (the counter is process-wide).
+    let failed_passes = app.metric("mongo_outbox_failures_total", &[]).await;
     let product = app.create_product(2500, 1).await;
     let unavailable = history(&app, product.id, pb::PriceHistoryGranularity::Measurements)
         .await
         .unwrap_err();
     assert_error(&unavailable, Code::Unavailable, "DEPENDENCY_UNAVAILABLE");
-    // A relay pass holds the row while it tries MongoDB: wait for one to
-    // claim it and to let go of it.
-    let rows = async || -> (i64, i64) {
-        sqlx::query_as(
-            "SELECT (SELECT count(*) FROM mongo_outbox), \
-                    (SELECT count(*) FROM (SELECT 1 FROM mongo_outbox FOR UPDATE SKIP LOCKED) f)",
-        )
-        .fetch_one(&app.db)
-        .await
-        .unwrap()
-    };
+    // From then on the gate refuses at once (no server selection), naming
+    // the dependency and when to retry.
+    for _ in 0..3 {
+        let refused = history(&app, product.id, pb::PriceHistoryGranularity::Measurements)
+            .await
+            .unwrap_err();
+        assert_error(&refused, Code::Unavailable, "DEPENDENCY_UNAVAILABLE");
+        assert_eq!(
+            refused.message(),
+            "the document store is unreachable; retry with backoff",
+            "{refused:?}"
+        );
+        let details = refused.get_error_details();
+        assert_eq!(
+            details.error_info().unwrap().metadata["dependency"],
+            "mongodb"
+        );
+        assert!(details.retry_info().and_then(|r| r.retry_delay).is_some());
+    }
+    // A relay pass claims the row, fails on MongoDB and keeps it (the pass
+    // is too short to be seen holding the row: MongoDB's gate refuses it
+    // at once).
     crate::support::observe::wait_until(
-        "a relay pass claims the row",
+        "a relay pass fails on MongoDB",
         Duration::from_secs(10),
-        async || rows().await == (1, 0),
+        async || app.metric("mongo_outbox_failures_total", &[]).await > failed_passes,
     )
-    .await;
-    crate::support::observe::wait_until("the pass ends", Duration::from_secs(10), async || {
-        let (total, free) = rows().await;
-        total == free
-    })
     .await;
     let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM mongo_outbox")
         .fetch_one(&app.db)

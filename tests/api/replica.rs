@@ -6,13 +6,14 @@
 //! two was read.
 
 use chrono::Utc;
-use datagate::proto::v1 as pb;
+use datagate::{proto::v1 as pb, store::availability};
 use sqlx::PgPool;
 
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_types::StatusExt as _;
 
-use crate::support::{TestApp, TestDatabase, api_test, health_of};
+use crate::support::{TestApp, TestDatabase, api_test, assert_error, health_of};
 
 #[api_test]
 async fn lag_tolerant_reads_use_the_read_replica_and_the_rest_the_primary() {
@@ -184,8 +185,9 @@ async fn lag_tolerant_reads_use_the_read_replica_and_the_rest_the_primary() {
 #[api_test]
 async fn an_unreachable_replica_fails_only_the_reads_it_serves_and_shows_in_health() {
     // Nothing listens on port 1.
+    let replica_url = "postgres://postgres@127.0.0.1:1/datagate";
     let app = TestApp::spawn_with(|s| {
-        s.database.read_url = "postgres://postgres@127.0.0.1:1/datagate".to_owned().into();
+        s.database.read_url = replica_url.to_owned().into();
         // Also the primary's bound: wide enough for a busy machine.
         s.database.acquire_timeout = std::time::Duration::from_secs(2);
     })
@@ -206,14 +208,50 @@ async fn an_unreachable_replica_fails_only_the_reads_it_serves_and_shows_in_heal
         .get_user(pb::GetUserRequest { id: user.id })
         .await
         .expect("entity reads use the primary");
-    let status = app
-        .catalog()
+
+    // The replica's reads go through a fail-fast gate of the replica's own
+    // (one per host, port and database), which its readiness probe closed:
+    // each is refused as the dependency's outage, with a retry delay ...
+    for _ in 0..10 {
+        let status = app
+            .catalog()
+            .await
+            .search_products(pb::SearchProductsRequest {
+                query: "lantern".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_error(&status, Code::Unavailable, "DEPENDENCY_UNAVAILABLE");
+        assert_eq!(
+            status.message(),
+            "the database is unreachable; retry with backoff",
+            "refused by the gate, not after a pool wait: {status:?}"
+        );
+        let details = status.get_error_details();
+        assert_eq!(
+            details.error_info().unwrap().metadata["dependency"],
+            "postgres",
+            "{status:?}"
+        );
+        assert!(
+            details.retry_info().and_then(|r| r.retry_delay).is_some(),
+            "{status:?}"
+        );
+    }
+    let gate_of = |url: &str| availability::gate(&PgPool::connect_lazy(url).unwrap());
+    assert!(
+        !gate_of(replica_url).is_up(),
+        "the replica's gate is closed"
+    );
+    assert!(
+        availability::gate(&app.db).is_up(),
+        "the primary's gate is not the replica's"
+    );
+    // ... while the primary's calls go on.
+    app.users()
         .await
-        .search_products(pb::SearchProductsRequest {
-            query: "lantern".into(),
-            ..Default::default()
-        })
+        .get_user(pb::GetUserRequest { id: user.id })
         .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        .expect("entity reads use the primary, whose gate is open");
 }

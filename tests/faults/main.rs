@@ -1,7 +1,7 @@
-//! The fault suite (`make test-faults`): each scenario
-//! starts its own PostgreSQL (fsync on) and Redis, so killing them harms
-//! nothing else, drives the service from a bounded load client, and asserts
-//! its promise as counts and codes. Figures (latencies, rates, attempts) are
+//! The fault suite (`make test-faults`): each scenario starts its own
+//! PostgreSQL (fsync on), Redis and, where it needs one, MongoDB
+//! (nx-27017), so killing them harms nothing else, drives the service from
+//! a bounded load client, and asserts its promise as counts and codes. Figures (latencies, rates, attempts) are
 //! printed as `FIGURE <scenario> <name> = <value>` lines for RELIABILITY.md
 //! (run with `--nocapture` to see them).
 //!
@@ -14,6 +14,7 @@ mod support;
 mod cancel;
 mod ledger;
 mod locked_row;
+mod mongo_outage;
 mod overload;
 mod postgres_restart;
 mod redis_faults;

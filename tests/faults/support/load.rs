@@ -33,11 +33,14 @@ impl Sample {
     }
 }
 
-/// What a caller does after a call is refused.
+/// How long a caller waits after a call before its next one (not counted in
+/// its latency).
 #[derive(Debug, Clone, Copy)]
 pub enum Pacing {
     /// Calls again at once, whatever the answer (a misbehaving client).
     Eager,
+    /// Waits this long after every call (a bounded rate).
+    Every(Duration),
     /// Waits what a RESOURCE_EXHAUSTED's `RetryInfo` asks, with full jitter
     /// (a uniformly random part of it), as a gRPC client that follows the
     /// service's contract does.
@@ -45,16 +48,21 @@ pub enum Pacing {
 }
 
 impl Pacing {
-    fn pause_after(self, status: &Status) -> Option<Duration> {
+    /// The pause after a call that answered `answer` (`None`: it hung).
+    fn pause_after(self, answer: Option<&Result<(), Status>>) -> Option<Duration> {
         use tonic_types::StatusExt as _;
         match self {
             Self::Eager => None,
-            Self::HonourRetryInfo if status.code() == tonic::Code::ResourceExhausted => {
+            Self::Every(pause) => Some(pause).filter(|p| !p.is_zero()),
+            Self::HonourRetryInfo => {
+                let status = answer?.as_ref().err()?;
+                if status.code() != tonic::Code::ResourceExhausted {
+                    return None;
+                }
                 let delay = status.get_error_details().retry_info()?.retry_delay?;
                 let unit = getrandom::u64().unwrap_or(0) as f64 / u64::MAX as f64;
                 Some(delay.mul_f64(unit))
             }
-            Self::HonourRetryInfo => None,
         }
     }
 }
@@ -77,7 +85,18 @@ impl Load {
         Self::start_with(callers, bound, Pacing::Eager, call)
     }
 
-    /// [`Load::start`], with the callers' behaviour after a refusal.
+    /// Like [`Load::start`], each caller waiting `pause` after each call (not
+    /// counted in its latency): a bounded rate for a server that takes only
+    /// a few hundred operations a second.
+    pub fn paced<F, Fut>(callers: usize, bound: Duration, pause: Duration, call: F) -> Self
+    where
+        F: Fn(usize, u64) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), Status>> + Send + 'static,
+    {
+        Self::start_with(callers, bound, Pacing::Every(pause), call)
+    }
+
+    /// [`Load::start`], with the callers' pause between calls.
     pub fn start_with<F, Fut>(callers: usize, bound: Duration, pacing: Pacing, call: F) -> Self
     where
         F: Fn(usize, u64) -> Fut + Clone + Send + Sync + 'static,
@@ -93,13 +112,11 @@ impl Load {
                 let mut n = 0;
                 while !stop.is_cancelled() && start.elapsed() < bound {
                     let begun = Instant::now();
-                    let mut pause = None;
-                    let code = match tokio::time::timeout(CALL_BOUND, call(caller, n)).await {
+                    let answer = tokio::time::timeout(CALL_BOUND, call(caller, n)).await;
+                    let pause = pacing.pause_after(answer.as_ref().ok());
+                    let code = match answer {
                         Ok(Ok(())) => "Ok".to_owned(),
-                        Ok(Err(status)) => {
-                            pause = pacing.pause_after(&status);
-                            format!("{:?}", status.code())
-                        }
+                        Ok(Err(status)) => format!("{:?}", status.code()),
                         Err(_) => "HANG".to_owned(),
                     };
                     samples.lock().unwrap().push(Sample {

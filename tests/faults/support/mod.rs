@@ -2,10 +2,11 @@
 //! in-process or as the real binary, and a bounded load client.
 //!
 //! Nothing here touches the shared development servers: every scenario
-//! starts its own PostgreSQL (fsync on) and Redis on free loopback ports and
-//! removes them when it ends.
+//! starts its own PostgreSQL (fsync on), Redis and, where it needs one,
+//! MongoDB (nx-27017) on free loopback ports and removes them when it ends.
 
 pub mod load;
+pub mod mongo;
 pub mod postgres;
 pub mod redis;
 pub mod service;
@@ -22,6 +23,7 @@ use tonic::{
 
 pub use self::{
     load::{Load, Pacing},
+    mongo::Mongo,
     postgres::Postgres,
     redis::Redis,
     service::{Deps, Service},
