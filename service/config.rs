@@ -168,6 +168,11 @@ pub struct RedisSettings {
     pub breaker_failures: u32,
     #[serde(with = "humantime_serde")]
     pub breaker_open_for: Duration,
+    /// A command timeout noticed this long or more after it was due (this
+    /// process was running late, not necessarily Redis) is a miss but not a
+    /// breaker failure; zero counts every timeout.
+    #[serde(with = "humantime_serde")]
+    pub breaker_ignore_late_by: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -9,8 +9,9 @@
 //! flush scans every primary ([`Conn::unlink_matching`]).
 //!
 //! **What counts as Redis being down.** Only failures to reach Redis or to
-//! hear from it in time ([`Failure::Unavailable`]) count against the
-//! circuit breaker. An error Redis answers because of the request
+//! hear from it in time ([`Failure::Unavailable`], [`Failure::TimedOut`])
+//! count against the circuit breaker, and a timeout only when this process
+//! noticed it on time (`redis.breaker_ignore_late_by`). An error Redis answers because of the request
 //! ([`Failure::Command`]: `WRONGTYPE`, an `ERR` reply, a reply of another
 //! type than expected) is a miss for that call only: Redis is fine, and
 //! one caller's odd request must not turn caching off for every caller.
@@ -255,10 +256,13 @@ impl Conn {
 /// Why a Redis operation failed (see the module documentation).
 #[derive(Debug)]
 pub(super) enum Failure {
-    /// Redis could not be reached or did not answer in time: I/O errors,
-    /// pool wait and create timeouts, the command timeout, a cluster that is
-    /// down or failing over. Counts against the breaker.
+    /// Redis could not be reached: I/O errors, a closed pool, a cluster
+    /// that is down or failing over. Counts against the breaker.
     Unavailable(String),
+    /// Redis did not answer in time: the command timeout, pool wait, create
+    /// and recycle timeouts. Counts against the breaker, unless this
+    /// process noticed it late (its workers were busy).
+    TimedOut(String),
     /// Redis answered an error caused by the request. A miss for this call.
     Command(String),
 }
@@ -266,7 +270,7 @@ pub(super) enum Failure {
 impl Failure {
     /// The command timeout ran out (pool wait included).
     pub(super) fn timed_out() -> Self {
-        Self::Unavailable("timed out".to_owned())
+        Self::TimedOut("timed out".to_owned())
     }
 }
 
@@ -292,7 +296,9 @@ impl From<RedisError> for Failure {
                             | ServerErrorKind::ReadOnly
                     )
             );
-        if unavailable {
+        if error.is_timeout() {
+            Self::TimedOut(error.to_string())
+        } else if unavailable {
             Self::Unavailable(error.to_string())
         } else {
             Self::Command(error.to_string())
@@ -304,8 +310,9 @@ impl From<deadpool_redis::PoolError> for Failure {
     fn from(error: deadpool_redis::PoolError) -> Self {
         match error {
             deadpool_redis::PoolError::Backend(error) => error.into(),
-            // Timed out waiting for, creating or recycling a connection, or
-            // the pool is closed: there is no connection to use.
+            // Timed out waiting for, creating or recycling a connection.
+            timeout @ deadpool_redis::PoolError::Timeout(_) => Self::TimedOut(timeout.to_string()),
+            // The pool is closed: there is no connection to use.
             other => Self::Unavailable(other.to_string()),
         }
     }
@@ -327,7 +334,7 @@ mod tests {
     }
 
     fn counts(failure: Failure) -> bool {
-        matches!(failure, Failure::Unavailable(_))
+        matches!(failure, Failure::Unavailable(_) | Failure::TimedOut(_))
     }
 
     #[test]
@@ -345,12 +352,14 @@ mod tests {
         let dropped = RedisError::from((ErrorKind::Io, "Connection dropped"));
         assert!(counts(dropped.into()));
         assert!(counts(Failure::timed_out()));
+        assert!(matches!(Failure::timed_out(), Failure::TimedOut(_)));
     }
 
     #[test]
     fn pool_timeouts_and_failed_connects_count_against_the_breaker() {
         for timeout in [TimeoutType::Wait, TimeoutType::Create, TimeoutType::Recycle] {
-            assert!(counts(PoolError::Timeout(timeout).into()), "{timeout:?}");
+            let failure = PoolError::Timeout(timeout).into();
+            assert!(matches!(failure, Failure::TimedOut(_)), "{timeout:?}");
         }
         assert!(counts(PoolError::Closed.into()));
         let refused = io::Error::new(io::ErrorKind::ConnectionRefused, "connect");

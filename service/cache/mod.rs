@@ -133,6 +133,8 @@ struct Inner {
     pool: Pool,
     keys: Keys,
     command_timeout: Duration,
+    /// A timeout noticed this late is not a breaker failure (zero: all are).
+    ignore_late_by: Duration,
     ttl: Duration,
     jitter: f64,
     negative_ttl: Duration,
@@ -161,6 +163,7 @@ impl Cache {
                 pool: Pool::new(settings, url)?,
                 keys: Keys::new(&settings.key_prefix, settings.mode == RedisMode::Cluster),
                 command_timeout: settings.command_timeout,
+                ignore_late_by: settings.breaker_ignore_late_by,
                 ttl: settings.ttl,
                 jitter: settings.ttl_jitter,
                 negative_ttl: settings.negative_ttl,
@@ -505,14 +508,16 @@ impl Inner {
         if !self.breaker.allow(Instant::now()) {
             return None;
         }
-        let Ok(result) = tokio::time::timeout(timeout, async {
+        let due = tokio::time::Instant::now() + timeout;
+        let outcome = match tokio::time::timeout(timeout, async {
             let mut conn = self.pool.get().await?;
             self.replay(&mut conn).await?;
             Ok::<_, Failure>(run(&mut conn).await?)
         })
         .await
-        else {
-            if by_deadline {
+        {
+            Ok(outcome) => outcome,
+            Err(_elapsed) if by_deadline => {
                 metrics::counter!("cache_deadline_cutoffs_total", "op" => op).increment(1);
                 tracing::debug!(
                     database_type = "redis",
@@ -521,19 +526,37 @@ impl Inner {
                 );
                 return None;
             }
-            self.report_failure(op, Failure::timed_out());
-            return None;
+            Err(_elapsed) => Err(Failure::timed_out()),
         };
-        match result {
+        match outcome {
             Ok(value) => {
                 self.breaker.success();
                 Some(value)
+            }
+            Err(Failure::TimedOut(_)) if self.noticed_late(due) => {
+                // This process's workers were busy, and the answer may be
+                // waiting in the socket for one of them: a miss for this
+                // call, not a failure for the breaker.
+                metrics::counter!("cache_timeouts_noticed_late_total", "op" => op).increment(1);
+                tracing::debug!(
+                    database_type = "redis",
+                    operation = op,
+                    "cache command timed out while this process ran late"
+                );
+                None
             }
             Err(failure) => {
                 self.report_failure(op, failure);
                 None
             }
         }
+    }
+
+    /// Whether a timeout due at `due` is noticed `ignore_late_by` or more
+    /// after it (never, with `ignore_late_by` zero).
+    fn noticed_late(&self, due: tokio::time::Instant) -> bool {
+        !self.ignore_late_by.is_zero()
+            && tokio::time::Instant::now().saturating_duration_since(due) >= self.ignore_late_by
     }
 
     /// `MGET keys` under [`guarded`](Self::guarded).
@@ -551,7 +574,7 @@ impl Inner {
     fn report_failure(&self, op: &'static str, failure: Failure) {
         metrics::counter!("cache_errors_total", "op" => op).increment(1);
         match failure {
-            Failure::Unavailable(error) => {
+            Failure::Unavailable(error) | Failure::TimedOut(error) => {
                 self.breaker.failure(Instant::now());
                 tracing::warn!(
                     database_type = "redis",

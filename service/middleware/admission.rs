@@ -638,9 +638,9 @@ impl<W> Gate<W> {
 /// Here the reference is measured, as BBR measures its minimum RTT: every
 /// [`PROBE_INTERVAL`](Self::PROBE_INTERVAL) the limit is halved for one
 /// round, and the mean latency of the calls that ran at that lower
-/// concurrency (no queue behind the limit) becomes the reference. Queueing
-/// cannot raise it; a lasting change of the call mix is picked up at the
-/// next probe. A probe costs about half the limit for one round every ten
+/// concurrency (no queue behind the limit) becomes the reference (down at
+/// once, up by at most a quarter per probe). Queueing cannot raise it; a
+/// lasting change of the call mix is picked up over the next probes. A probe costs about half the limit for one round every ten
 /// seconds.
 #[derive(Clone, Debug)]
 pub struct Gradient2 {
@@ -677,6 +677,8 @@ impl Gradient2 {
     /// Calls added above `gradient × limit`: how the limit probes for room.
     const HEADROOM: f64 = 4.0;
     const SHORT_WINDOW: u32 = 10;
+    /// The most the reference rises per probe.
+    const REFERENCE_RISE: f64 = 1.25;
     /// How often the reference latency is measured again.
     pub const PROBE_INTERVAL: Duration = Duration::from_secs(10);
     /// The longest a probe lasts (slow calls: fewer samples then).
@@ -770,7 +772,14 @@ impl Gradient2 {
         let wanted = (*limit / 2.0).max(f64::from(Self::SHORT_WINDOW));
         if f64::from(*samples) >= wanted || now >= *until {
             if *samples > 0 {
-                self.reference = Some(*sum / f64::from(*samples));
+                let measured = *sum / f64::from(*samples);
+                // Down at once, up by at most a quarter a probe: one probe
+                // taken while the machine was busy does not let the limit
+                // past the capacity.
+                self.reference = Some(
+                    self.reference
+                        .map_or(measured, |old| measured.min(old * Self::REFERENCE_RISE)),
+                );
             }
             self.probe = Probe::Waiting(Some(now + Self::PROBE_INTERVAL));
         }
@@ -911,15 +920,16 @@ mod tests {
     }
 
     #[test]
-    fn a_lasting_slower_mix_becomes_the_reference_at_the_next_probe() {
+    fn a_lasting_slower_mix_becomes_the_reference_over_the_next_probes() {
         let mut limiter = Clocked::new(10, 100, 100);
         limiter.busy(ms(10), 600);
         // Slower calls from now on: the limit falls while the fast ones are
-        // still the reference, then grows again once a probe has measured
-        // the new latency.
+        // still the reference, then grows again once the probes have
+        // measured the new latency.
         limiter.busy(ms(40), 200);
         let low = limiter.limit();
-        let after = limiter.now + Gradient2::PROBE_INTERVAL * 2;
+        // Four times slower: seven probes at a quarter more each.
+        let after = limiter.now + Gradient2::PROBE_INTERVAL * 8;
         while limiter.now < after {
             limiter.busy(ms(40), 1);
         }

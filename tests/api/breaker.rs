@@ -98,6 +98,8 @@ async fn through_the_front_door_a_frozen_redis_turns_the_redis_entry_not_serving
         s.redis.recycle_timeout = Duration::from_secs(1);
         s.redis.breaker_failures = FAILURES;
         s.redis.breaker_open_for = Duration::from_secs(2);
+        // Every timeout counts, however late this busy test process notices it.
+        s.redis.breaker_ignore_late_by = Duration::ZERO;
     })
     .await;
     let (email, username) = unique("breaker");
@@ -165,4 +167,63 @@ async fn through_the_front_door_a_frozen_redis_turns_the_redis_entry_not_serving
         "a hit on the entry cached before the outage"
     );
     assert!(proxy.received() > sent);
+}
+
+/// `reads` reads of a cache behind a frozen proxy, each one's timeout
+/// (50 ms) noticed late: the cache runs on a runtime of one thread, which
+/// is blocked past the timeout while the command waits, as on a starved
+/// machine (the proxy runs on the test's runtime and keeps counting).
+/// Returns, per read, whether it tried Redis (the breaker let it through).
+async fn late_timeouts(ignore_late_by: Duration, failures: u32, reads: u32) -> Vec<bool> {
+    let proxy = std::sync::Arc::new(RedisProxy::start().await);
+    let mut settings =
+        proxy.cache_settings(Duration::from_millis(50), failures, Duration::from_secs(60));
+    settings.redis.breaker_ignore_late_by = ignore_late_by;
+    proxy.freeze();
+    tokio::task::spawn_blocking(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let cache = std::sync::Arc::new(Cache::new(&settings.redis).unwrap());
+            let mut tried = Vec::new();
+            for _ in 0..reads {
+                let sent = proxy.received();
+                let cache = cache.clone();
+                let read = tokio::spawn(async move {
+                    cache
+                        .get_or_load(Entity::User, 42, || async {
+                            Ok(Some("from postgres".to_owned()))
+                        })
+                        .await
+                        .unwrap()
+                });
+                // The command is sent and its timer armed; then the only
+                // worker is busy for four times the timeout.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                std::thread::sleep(Duration::from_millis(200));
+                assert_eq!(read.await.unwrap().as_deref(), Some("from postgres"));
+                tried.push(proxy.received() > sent);
+            }
+            tried
+        })
+    })
+    .await
+    .unwrap()
+}
+
+#[api_test]
+async fn a_timeout_noticed_late_because_this_process_was_busy_does_not_open_the_breaker() {
+    const FAILURES: u32 = 2;
+    // Past the failure count, every read still tries Redis: closed.
+    assert_eq!(
+        late_timeouts(Duration::from_millis(20), FAILURES, FAILURES + 2).await,
+        vec![true; FAILURES as usize + 2]
+    );
+    // Counting every timeout, the same reads open it after FAILURES.
+    assert_eq!(
+        late_timeouts(Duration::ZERO, FAILURES, FAILURES + 2).await,
+        [true, true, false, false]
+    );
 }
