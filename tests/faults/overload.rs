@@ -201,7 +201,6 @@ async fn run_level(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "at 64x the cache breaker can still open while the machine is starved of CPU"]
 async fn overload_at_4x_and_64x_the_limit_is_shed_with_retry_info() {
     let _serial = crate::support::serial().await;
     let pg = Postgres::start().await;
