@@ -6,6 +6,49 @@
 //! converts protobuf into these types, the domain decides with them, the
 //! loaders, cache, store and documents carry them.
 
+/// An enum with one wire name per variant: the text it is stored as in a
+/// database column, a document or a page token. Declares the enum (a `Copy`
+/// value; further attributes pass through) with `as_str`, its inverse
+/// `parse`, and `TryFrom<String>` for reading a stored value back (`what`
+/// names the value in the error for an unknown name).
+macro_rules! wire_enum {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident: $what:literal {
+            $($variant:ident = $wire:literal),+ $(,)?
+        }
+    ) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        $(#[$meta])*
+        pub enum $name {
+            $($variant),+
+        }
+
+        impl $name {
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $wire),+
+                }
+            }
+
+            pub fn parse(s: &str) -> Option<Self> {
+                match s {
+                    $($wire => Some(Self::$variant),)+
+                    _ => None,
+                }
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = String;
+
+            fn try_from(s: String) -> Result<Self, String> {
+                Self::parse(&s).ok_or_else(|| format!(concat!("unknown ", $what, " {:?}"), s))
+            }
+        }
+    };
+}
+
 pub mod analytics;
 pub mod audit;
 pub mod catalog;
@@ -91,5 +134,27 @@ mod tests {
         assert!(Id::parse(1).is_ok());
         assert!(Id::parse(0).is_err());
         assert!(Id::parse(-5).is_err());
+    }
+
+    #[test]
+    fn a_wire_enum_reads_back_each_of_its_names_and_nothing_else() {
+        use orders::OrderStatus;
+        for status in [
+            OrderStatus::Pending,
+            OrderStatus::Processing,
+            OrderStatus::Completed,
+            OrderStatus::Cancelled,
+        ] {
+            assert_eq!(OrderStatus::parse(status.as_str()), Some(status));
+            assert_eq!(
+                OrderStatus::try_from(status.as_str().to_owned()),
+                Ok(status)
+            );
+        }
+        assert_eq!(OrderStatus::parse("Pending"), None);
+        assert_eq!(
+            OrderStatus::try_from("shipped".to_owned()),
+            Err(r#"unknown order status "shipped""#.to_owned())
+        );
     }
 }

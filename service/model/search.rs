@@ -7,25 +7,15 @@ use serde::{Deserialize, Serialize};
 
 use super::{Id, bounded_text, catalog::Product, paging::PageRequest};
 
-/// How results are ordered; ties are broken by product id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum SearchSort {
-    Relevance,
-    PriceAscending,
-    PriceDescending,
-    Newest,
-    Rating,
-}
-
-impl SearchSort {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Relevance => "relevance",
-            Self::PriceAscending => "price_ascending",
-            Self::PriceDescending => "price_descending",
-            Self::Newest => "newest",
-            Self::Rating => "rating",
-        }
+wire_enum! {
+    /// How results are ordered; ties are broken by product id.
+    #[derive(Serialize, Deserialize)]
+    pub enum SearchSort: "search sort" {
+        Relevance = "relevance",
+        PriceAscending = "price_ascending",
+        PriceDescending = "price_descending",
+        Newest = "newest",
+        Rating = "rating",
     }
 }
 

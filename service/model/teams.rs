@@ -18,29 +18,11 @@ impl TeamName {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TeamRole {
-    Member,
-    Maintainer,
-    Owner,
-}
-
-impl TeamRole {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Member => "member",
-            Self::Maintainer => "maintainer",
-            Self::Owner => "owner",
-        }
-    }
-
-    pub fn from_db(s: &str) -> anyhow::Result<Self> {
-        match s {
-            "member" => Ok(Self::Member),
-            "maintainer" => Ok(Self::Maintainer),
-            "owner" => Ok(Self::Owner),
-            other => anyhow::bail!("unknown team role {other:?} in the database"),
-        }
+wire_enum! {
+    pub enum TeamRole: "team role" {
+        Member = "member",
+        Maintainer = "maintainer",
+        Owner = "owner",
     }
 }
 

@@ -93,29 +93,12 @@ impl DisplayName {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum UserStatus {
-    Active,
-    Inactive,
-    Suspended,
-}
-
-impl UserStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Active => "active",
-            Self::Inactive => "inactive",
-            Self::Suspended => "suspended",
-        }
-    }
-
-    pub fn from_db(s: &str) -> anyhow::Result<Self> {
-        match s {
-            "active" => Ok(Self::Active),
-            "inactive" => Ok(Self::Inactive),
-            "suspended" => Ok(Self::Suspended),
-            other => anyhow::bail!("unknown user status {other:?} in the database"),
-        }
+wire_enum! {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    pub enum UserStatus: "user status" {
+        Active = "active",
+        Inactive = "inactive",
+        Suspended = "suspended",
     }
 }
 

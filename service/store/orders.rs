@@ -46,7 +46,7 @@ impl TryFrom<OrderRow> for OrderHeader {
             id: row_id("order", row.id)?,
             order_number: row.order_number,
             user_id: row_id("user", row.user_id)?,
-            status: OrderStatus::from_db(&row.status)?,
+            status: OrderStatus::try_from(row.status).map_err(anyhow::Error::msg)?,
             total_cents: row.total_cents,
             created_at: row.created_at,
             updated_at: row.updated_at,
@@ -167,8 +167,13 @@ pub async fn lock_order(
             .bind(order_id.get())
             .fetch_optional(conn)
             .await?;
-    row.map(|(status, version)| Ok((OrderStatus::from_db(&status)?, version)))
-        .transpose()
+    row.map(|(status, version)| {
+        Ok((
+            OrderStatus::try_from(status).map_err(anyhow::Error::msg)?,
+            version,
+        ))
+    })
+    .transpose()
 }
 
 /// Puts a cancelled order's items back in stock, locking inventory rows in

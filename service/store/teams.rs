@@ -62,7 +62,7 @@ impl TryFrom<MembershipRow> for Membership {
             }
             .try_into()?,
             user_id: row_id("user", row.user_id)?,
-            role: TeamRole::from_db(&row.role)?,
+            role: TeamRole::try_from(row.role).map_err(anyhow::Error::msg)?,
             joined_at: row.joined_at,
         })
     }

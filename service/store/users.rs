@@ -66,7 +66,7 @@ impl TryFrom<UserRow> for User {
             email: row.email,
             username: row.username,
             display_name: row.display_name,
-            status: UserStatus::from_db(&row.status)?,
+            status: UserStatus::try_from(row.status).map_err(anyhow::Error::msg)?,
             has_password: row.has_password,
             created_at: row.created_at,
             updated_at: row.updated_at,
