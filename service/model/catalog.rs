@@ -95,7 +95,8 @@ pub fn parse_count(n: i32) -> Result<i32, String> {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+/// Read straight from its row (`store::products` selects these columns).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, sqlx::FromRow)]
 pub struct Product {
     pub id: Id,
     pub sku: String,

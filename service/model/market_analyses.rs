@@ -36,7 +36,7 @@ pub const MAX_CATEGORIES: usize = 10;
 pub const MAX_WINDOW_DAYS: u32 = 365;
 
 wire_enum! {
-    pub enum Kind: "analysis kind" {
+    pub enum Kind {
         Overview = "overview",
         Pricing = "pricing",
         Demand = "demand",

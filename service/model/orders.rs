@@ -21,7 +21,7 @@ pub const ORDERS_PER_USER_MAX: u32 = 20;
 wire_enum! {
     #[derive(Hash, Serialize, Deserialize)]
     #[serde(rename_all = "lowercase")]
-    pub enum OrderStatus: "order status" {
+    pub enum OrderStatus {
         Pending = "pending",
         Processing = "processing",
         Completed = "completed",
@@ -58,8 +58,9 @@ pub struct OrderItem {
     pub product: Option<ProductSummary>,
 }
 
-/// An order without its items, as stored in `orders`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// An order without its items, as stored in `orders` (read straight from
+/// its row).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct OrderHeader {
     pub id: Id,
     pub order_number: String,

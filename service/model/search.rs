@@ -10,7 +10,7 @@ use super::{Id, bounded_text, catalog::Product, paging::PageRequest};
 wire_enum! {
     /// How results are ordered; ties are broken by product id.
     #[derive(Serialize, Deserialize)]
-    pub enum SearchSort: "search sort" {
+    pub enum SearchSort {
         Relevance = "relevance",
         PriceAscending = "price_ascending",
         PriceDescending = "price_descending",

@@ -19,22 +19,25 @@ impl TeamName {
 }
 
 wire_enum! {
-    pub enum TeamRole: "team role" {
+    pub enum TeamRole {
         Member = "member",
         Maintainer = "maintainer",
         Owner = "owner",
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Read straight from its row.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Team {
     pub id: Id,
     pub name: String,
     pub created_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Read straight from its row: the team's columns, then the membership's.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Membership {
+    #[sqlx(flatten)]
     pub team: Team,
     pub user_id: Id,
     pub role: TeamRole,

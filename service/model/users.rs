@@ -95,14 +95,15 @@ impl DisplayName {
 
 wire_enum! {
     #[derive(serde::Serialize, serde::Deserialize)]
-    pub enum UserStatus: "user status" {
+    pub enum UserStatus {
         Active = "active",
         Inactive = "inactive",
         Suspended = "suspended",
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// Read straight from its row (`store::users` selects these columns).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, sqlx::FromRow)]
 pub struct User {
     pub id: Id,
     pub email: String,
