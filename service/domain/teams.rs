@@ -123,11 +123,8 @@ impl Teams {
     #[tracing::instrument(skip_all, fields(user_id = %user_id), err(Debug))]
     pub async fn list_for_user(&self, user_id: Id, page: PageRequest) -> Result<Page<Membership>> {
         let query = format!("user={user_id}");
-        let after: Option<MembershipCursor> = page
-            .token
-            .as_deref()
-            .map(|t| self.pages.decode("user_teams", &query, t))
-            .transpose()?;
+        let listing = self.pages.listing("user_teams", &query);
+        let after: Option<MembershipCursor> = listing.after(&page)?;
         let mut conn = store::postgres::acquire(&self.db).await?;
         if store::users::current_version(&mut conn, user_id)
             .await?
@@ -138,9 +135,8 @@ impl Teams {
         let items =
             store::teams::memberships_of(&mut conn, user_id, after, page.size.fetch_limit())
                 .await?;
-        Ok(Page::from_overfetch(items, page.size, |last| {
-            let cursor: MembershipCursor = (last.joined_at.timestamp_micros(), last.team.id.get());
-            self.pages.encode("user_teams", &query, &cursor)
+        Ok(listing.page(items, page.size, |last| -> MembershipCursor {
+            (last.joined_at.timestamp_micros(), last.team.id.get())
         }))
     }
 }

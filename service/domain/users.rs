@@ -141,16 +141,12 @@ impl Users {
         page: PageRequest,
     ) -> Result<Page<User>> {
         let query = filter.canonical();
-        let after: Option<UserCursor> = page
-            .token
-            .as_deref()
-            .map(|t| self.pages.decode(scope, &query, t))
-            .transpose()?;
+        let listing = self.pages.listing(scope, &query);
+        let after: Option<UserCursor> = listing.after(&page)?;
         let mut conn = store::postgres::acquire(&self.db).await?;
         let users = store::users::list(&mut conn, &filter, after, page.size.fetch_limit()).await?;
-        Ok(Page::from_overfetch(users, page.size, |last| {
-            let cursor: UserCursor = (last.created_at.timestamp_micros(), last.id.get());
-            self.pages.encode(scope, &query, &cursor)
+        Ok(listing.page(users, page.size, |last| -> UserCursor {
+            (last.created_at.timestamp_micros(), last.id.get())
         }))
     }
 
