@@ -52,14 +52,11 @@ impl Teams {
         let team = store::teams::insert_team(&mut tx, &name)
             .await
             .map_err(|e| {
-                e.on_constraint(|c| {
-                    (c == "teams_name_key").then(|| {
-                        Error::already_exists(
-                            reason::TEAM_NAME_ALREADY_EXISTS,
-                            "another team has this name; names are unique regardless of case",
-                        )
-                    })
-                })
+                e.on_unique(
+                    "teams_name_key",
+                    reason::TEAM_NAME_ALREADY_EXISTS,
+                    "another team has this name; names are unique regardless of case",
+                )
             })?;
         tx.commit().await?;
         tracing::info!(team_id = %team.id, "team created");

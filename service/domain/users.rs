@@ -37,17 +37,16 @@ fn version_conflict(id: Id, expected: i64, current: i64) -> Error {
 
 /// What the unique constraints of `users` mean.
 fn unique_user_fields(e: Error) -> Error {
-    e.on_constraint(|constraint| match constraint {
-        "users_email_live_key" => Some(Error::already_exists(
-            reason::EMAIL_ALREADY_EXISTS,
-            "another user has this email; emails are unique regardless of case",
-        )),
-        "users_username_live_key" => Some(Error::already_exists(
-            reason::USERNAME_ALREADY_EXISTS,
-            "another user has this username; choose another",
-        )),
-        _ => None,
-    })
+    e.on_unique(
+        "users_email_live_key",
+        reason::EMAIL_ALREADY_EXISTS,
+        "another user has this email; emails are unique regardless of case",
+    )
+    .on_unique(
+        "users_username_live_key",
+        reason::USERNAME_ALREADY_EXISTS,
+        "another user has this username; choose another",
+    )
 }
 
 #[derive(Clone)]
