@@ -40,6 +40,23 @@ macro_rules! wire_enum {
     };
 }
 
+/// A text value that exists only valid: a `String` that the type's own
+/// constructors (in an `impl` beside the invocation) check and normalize,
+/// read back with `as_str`.
+macro_rules! text_newtype {
+    ($(#[$meta:meta])* $name:ident) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+    };
+}
+
 pub mod analytics;
 pub mod audit;
 pub mod catalog;

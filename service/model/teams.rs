@@ -4,17 +4,14 @@ use chrono::{DateTime, Utc};
 
 use super::{Id, bounded_text};
 
-/// A team name: 1 to 100 characters, unique regardless of case.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TeamName(String);
+text_newtype! {
+    /// A team name: 1 to 100 characters, unique regardless of case.
+    TeamName
+}
 
 impl TeamName {
     pub fn parse(raw: &str) -> Result<Self, String> {
         bounded_text(raw, 1, 100).map(Self)
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
     }
 }
 

@@ -8,11 +8,12 @@ use super::{Id, bounded_text, paging::canonical_window, passwords::Password};
 /// The most ids one BatchGetUsers call may ask for.
 pub const MAX_BATCH: usize = 100;
 
-/// An email address, trimmed, compared case-insensitively by the database.
-/// The rules are deliberately simple (one `@`, a dotted domain, no spaces):
-/// deliverability can only be proven by sending mail.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Email(String);
+text_newtype! {
+    /// An email address, trimmed, compared case-insensitively by the database.
+    /// The rules are deliberately simple (one `@`, a dotted domain, no spaces):
+    /// deliverability can only be proven by sending mail.
+    Email
+}
 
 impl Email {
     pub const MAX_LEN: usize = 254;
@@ -43,16 +44,13 @@ impl Email {
         }
         Ok(Self(email.to_owned()))
     }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
 }
 
-/// A username: 3 to 32 characters of `[a-z0-9_.-]` starting with a letter,
-/// stored in lower case.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Username(String);
+text_newtype! {
+    /// A username: 3 to 32 characters of `[a-z0-9_.-]` starting with a letter,
+    /// stored in lower case.
+    Username
+}
 
 impl Username {
     pub fn parse(raw: &str) -> Result<Self, String> {
@@ -71,25 +69,18 @@ impl Username {
         }
         Ok(Self(name))
     }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
 }
 
-/// Free text shown to people: at most 100 characters, no control characters.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DisplayName(String);
+text_newtype! {
+    /// Free text shown to people: at most 100 characters, no control characters.
+    DisplayName
+}
 
 impl DisplayName {
     pub const MAX_LEN: usize = 100;
 
     pub fn parse(raw: &str) -> Result<Self, String> {
         bounded_text(raw, 0, Self::MAX_LEN).map(Self)
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
     }
 }
 
