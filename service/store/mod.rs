@@ -22,9 +22,9 @@ pub mod users;
 
 use chrono::{DateTime, Utc};
 use sqlx::{
-    Postgres, QueryBuilder,
+    PgConnection, Postgres, QueryBuilder,
     error::BoxDynError,
-    postgres::{PgTypeInfo, PgValueRef},
+    postgres::{PgRow, PgTypeInfo, PgValueRef},
 };
 
 use crate::{
@@ -83,6 +83,23 @@ decode_by_name!(
     OrderStatus: "order status",
     TeamRole: "team role",
 );
+
+/// The one value `sql` selects for the id bound to `$1`; `None` when no row
+/// matches.
+pub(crate) async fn scalar_for_id<T>(
+    conn: &mut PgConnection,
+    sql: &'static str,
+    id: Id,
+) -> Result<Option<T>>
+where
+    (T,): for<'r> sqlx::FromRow<'r, PgRow>,
+    T: Send + Unpin,
+{
+    Ok(sqlx::query_scalar(sql)
+        .bind(id.get())
+        .fetch_optional(conn)
+        .await?)
+}
 
 /// The raw values of `ids`, to bind as a `bigint[]`.
 pub(crate) fn raw_ids(ids: &[Id]) -> Vec<i64> {

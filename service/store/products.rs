@@ -3,7 +3,7 @@
 
 use sqlx::PgConnection;
 
-use super::raw_ids;
+use super::{raw_ids, scalar_for_id};
 use crate::{
     error::Result,
     model::{
@@ -108,23 +108,14 @@ pub async fn update(
 }
 
 pub async fn current_version(conn: &mut PgConnection, id: Id) -> Result<Option<i64>> {
-    Ok(
-        sqlx::query_scalar("SELECT version FROM products WHERE id = $1")
-            .bind(id.get())
-            .fetch_optional(conn)
-            .await?,
-    )
+    scalar_for_id(conn, "SELECT version FROM products WHERE id = $1", id).await
 }
 
 /// The product's stock, its inventory row locked (`FOR UPDATE`) until the
 /// transaction ends; `None` for an unknown product.
 pub async fn lock_stock(conn: &mut PgConnection, id: Id) -> Result<Option<i32>> {
-    Ok(
-        sqlx::query_scalar("SELECT quantity FROM inventory WHERE product_id = $1 FOR UPDATE")
-            .bind(id.get())
-            .fetch_optional(conn)
-            .await?,
-    )
+    const SQL: &str = "SELECT quantity FROM inventory WHERE product_id = $1 FOR UPDATE";
+    scalar_for_id(conn, SQL, id).await
 }
 
 /// Adds `delta` to the product's stock; the new quantity. A result below

@@ -4,7 +4,7 @@
 
 use sqlx::{PgConnection, Postgres, QueryBuilder};
 
-use super::{push_created_window, raw_ids};
+use super::{push_created_window, raw_ids, scalar_for_id};
 use crate::{
     error::Result,
     model::{
@@ -144,12 +144,8 @@ pub async fn update(
 
 /// The version of a live user, to tell a stale version from a missing user.
 pub async fn current_version(conn: &mut PgConnection, id: Id) -> Result<Option<i64>> {
-    Ok(
-        sqlx::query_scalar("SELECT version FROM users WHERE id = $1 AND deleted_at IS NULL")
-            .bind(id.get())
-            .fetch_optional(conn)
-            .await?,
-    )
+    const SQL: &str = "SELECT version FROM users WHERE id = $1 AND deleted_at IS NULL";
+    scalar_for_id(conn, SQL, id).await
 }
 
 /// Marks a live user deleted (at `version`, if given). Whether it did.
@@ -191,10 +187,7 @@ pub async fn credentials(
 }
 /// Locks a live user against concurrent deletion; whether it exists.
 pub async fn lock_live_user(conn: &mut PgConnection, id: Id) -> Result<bool> {
-    let found: Option<i64> =
-        sqlx::query_scalar("SELECT id FROM users WHERE id = $1 AND deleted_at IS NULL FOR SHARE")
-            .bind(id.get())
-            .fetch_optional(conn)
-            .await?;
+    const SQL: &str = "SELECT id FROM users WHERE id = $1 AND deleted_at IS NULL FOR SHARE";
+    let found: Option<i64> = scalar_for_id(conn, SQL, id).await?;
     Ok(found.is_some())
 }
