@@ -202,6 +202,13 @@ impl Error {
         constraint.and_then(map).unwrap_or(self)
     }
 
+    /// [`on_constraint`](Self::on_constraint) for one unique constraint:
+    /// ALREADY_EXISTS with `reason` and `message` when `constraint` was
+    /// violated, this error otherwise.
+    pub fn on_unique(self, constraint: &str, reason: &'static str, message: &str) -> Self {
+        self.on_constraint(|c| (c == constraint).then(|| Self::already_exists(reason, message)))
+    }
+
     /// ABORTED: the row is at another version than the caller read.
     pub fn version_conflict(
         what: &str,

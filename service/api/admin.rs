@@ -13,17 +13,8 @@ use crate::{
 pub use pb::admin_service_server::AdminServiceServer;
 
 pub struct AdminApi {
-    partitions: Partitions,
-    analytics: Analytics,
-}
-
-impl AdminApi {
-    pub fn new(partitions: Partitions, analytics: Analytics) -> Self {
-        Self {
-            partitions,
-            analytics,
-        }
-    }
+    pub(crate) partitions: Partitions,
+    pub(crate) analytics: Analytics,
 }
 
 fn require_admin<T>(request: &Request<T>) -> Result<(), Status> {

@@ -30,17 +30,8 @@ use crate::{
 pub use pb::analytics_service_server::AnalyticsServiceServer;
 
 pub struct AnalyticsApi {
-    analytics: Analytics,
-    analyses: MarketAnalyses,
-}
-
-impl AnalyticsApi {
-    pub fn new(analytics: Analytics, analyses: MarketAnalyses) -> Self {
-        Self {
-            analytics,
-            analyses,
-        }
-    }
+    pub(crate) analytics: Analytics,
+    pub(crate) analyses: MarketAnalyses,
 }
 
 fn status_name(s: pb::MarketAnalysisStatus) -> &'static str {

@@ -30,19 +30,9 @@ use crate::{
 pub use pb::catalog_service_server::CatalogServiceServer;
 
 pub struct CatalogApi {
-    catalog: Catalog,
-    search: ProductSearch,
-    prices: PriceHistory,
-}
-
-impl CatalogApi {
-    pub fn new(catalog: Catalog, search: ProductSearch, prices: PriceHistory) -> Self {
-        Self {
-            catalog,
-            search,
-            prices,
-        }
-    }
+    pub(crate) catalog: Catalog,
+    pub(crate) search: ProductSearch,
+    pub(crate) prices: PriceHistory,
 }
 
 #[tonic::async_trait]

@@ -18,13 +18,7 @@ use crate::{
 pub use pb::order_service_server::OrderServiceServer;
 
 pub struct OrderApi {
-    orders: Orders,
-}
-
-impl OrderApi {
-    pub fn new(orders: Orders) -> Self {
-        Self { orders }
-    }
+    pub(crate) orders: Orders,
 }
 
 #[tonic::async_trait]

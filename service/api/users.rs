@@ -29,19 +29,9 @@ use crate::{
 pub use pb::user_service_server::UserServiceServer;
 
 pub struct UserApi {
-    users: Users,
-    teams: Teams,
-    profiles: Profiles,
-}
-
-impl UserApi {
-    pub fn new(users: Users, teams: Teams, profiles: Profiles) -> Self {
-        Self {
-            users,
-            teams,
-            profiles,
-        }
-    }
+    pub(crate) users: Users,
+    pub(crate) teams: Teams,
+    pub(crate) profiles: Profiles,
 }
 
 #[tonic::async_trait]

@@ -74,7 +74,7 @@ use self::{
 use crate::{
     config::{RedisMode, RedisSettings},
     error::{Error, Result},
-    model::deadline::Deadline,
+    model::deadline::{Deadline, wait_bound},
     statements,
 };
 
@@ -445,16 +445,6 @@ impl Cache {
     }
 }
 
-/// How long one Redis command may take: `command_timeout`, or the call's
-/// `remaining` time when that is shorter (then true: a timeout is the
-/// caller's deadline, not a Redis failure).
-fn command_bound(command_timeout: Duration, remaining: Option<Duration>) -> (Duration, bool) {
-    match remaining {
-        Some(remaining) if remaining < command_timeout => (remaining, true),
-        _ => (command_timeout, false),
-    }
-}
-
 enum Lookup<T> {
     Hit(T),
     Missing,
@@ -496,7 +486,7 @@ impl Inner {
         op: &'static str,
         run: impl AsyncFnOnce(&mut Conn) -> redis::RedisResult<T>,
     ) -> Option<T> {
-        let (timeout, by_deadline) = command_bound(
+        let (timeout, by_deadline) = wait_bound(
             self.command_timeout,
             Deadline::current().map(Deadline::remaining),
         );
@@ -851,26 +841,5 @@ impl Inner {
             "queued cache invalidations applied"
         );
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::command_bound;
-    use std::time::Duration;
-
-    const MS: Duration = Duration::from_millis(1);
-
-    #[test]
-    fn a_command_takes_the_shorter_of_its_timeout_and_the_calls_time_left() {
-        assert_eq!(command_bound(100 * MS, None), (100 * MS, false));
-        assert_eq!(command_bound(100 * MS, Some(5_000 * MS)), (100 * MS, false));
-        assert_eq!(command_bound(100 * MS, Some(100 * MS)), (100 * MS, false));
-        assert_eq!(command_bound(100 * MS, Some(30 * MS)), (30 * MS, true));
-        assert_eq!(
-            command_bound(100 * MS, Some(Duration::ZERO)),
-            (Duration::ZERO, true),
-            "no time left: Redis is skipped, not failed"
-        );
     }
 }

@@ -111,6 +111,15 @@ mod tests {
         ids.map(|id| (Entity::User, id)).collect()
     }
 
+    /// A queue of `capacity` after pushing each batch of user ids in turn.
+    fn after_pushes(capacity: usize, batches: &[std::ops::Range<i64>]) -> Queue {
+        let queue = Queue::new(capacity);
+        for ids in batches {
+            queue.push(&users(ids.clone()));
+        }
+        queue
+    }
+
     fn sorted(mut replay: Replay) -> Replay {
         replay.entries.sort_by_key(|(_, id)| *id);
         replay
@@ -123,9 +132,7 @@ mod tests {
 
     #[test]
     fn entries_queue_up_to_capacity_without_duplicates() {
-        let queue = Queue::new(4);
-        queue.push(&users(0..2));
-        queue.push(&users(1..3));
+        let queue = after_pushes(4, &[0..2, 1..3]);
         assert_eq!(
             sorted(queue.to_replay().unwrap()),
             Replay {
@@ -138,9 +145,7 @@ mod tests {
 
     #[test]
     fn an_overflow_drops_the_entries_and_asks_for_a_flush() {
-        let queue = Queue::new(4);
-        queue.push(&users(0..3));
-        queue.push(&users(3..5));
+        let queue = after_pushes(4, &[0..3, 3..5]);
         assert_eq!(
             queue.to_replay().unwrap(),
             Replay {
@@ -153,9 +158,7 @@ mod tests {
 
     #[test]
     fn once_overflowed_further_entries_wait_for_the_flush_instead() {
-        let queue = Queue::new(4);
-        queue.push(&users(0..5));
-        queue.push(&users(10..11));
+        let queue = after_pushes(4, &[0..5, 10..11]);
         assert_eq!(queue.to_replay().unwrap().entries, vec![]);
     }
 

@@ -55,7 +55,7 @@ use crate::{
     error::{Detail, Error, Result, reason},
     model::{
         availability::{Admit, FIRST_BACKOFF, Gate, TRIAL_WAIT},
-        deadline::Deadline,
+        deadline::{Deadline, wait_bound},
     },
 };
 
@@ -75,15 +75,6 @@ const MAX_TIME_EXPIRED: i32 = 50;
 /// MongoDB's `InterruptedAtShutdown` and `ShutdownInProgress`: the server
 /// is going away.
 const SHUTTING_DOWN: [i32; 2] = [11600, 91];
-
-/// The wrapper's bound for an operation: `operation_timeout`, or the call's
-/// `remaining` time when shorter (then true: a timeout is the deadline's).
-fn operation_bound(operation_timeout: Duration, remaining: Option<Duration>) -> (Duration, bool) {
-    match remaining {
-        Some(remaining) if remaining < operation_timeout => (remaining, true),
-        _ => (operation_timeout, false),
-    }
-}
 
 /// `maxTimeMS` for an operation bounded by `bound`: [`MARGIN`] less, at
 /// least 1 ms (0 would mean no limit).
@@ -172,9 +163,7 @@ impl Mongo {
     /// The `maxTimeMS` to give a read or find-and-modify of the call running
     /// on this task (see the module doc).
     pub fn max_time(&self) -> Duration {
-        max_time_within(
-            operation_bound(self.timeout, Deadline::current().map(Deadline::remaining)).0,
-        )
+        max_time_within(wait_bound(self.timeout, Deadline::current().map(Deadline::remaining)).0)
     }
 
     /// Runs one operation through the gate (see the module doc), under the
@@ -197,7 +186,7 @@ impl Mongo {
             db.collection = collection,
         );
         let (timeout, by_deadline) =
-            operation_bound(self.timeout, Deadline::current().map(Deadline::remaining));
+            wait_bound(self.timeout, Deadline::current().map(Deadline::remaining));
         let started = Instant::now();
         let result = tokio::time::timeout(timeout, op.into_future())
             .instrument(span)
@@ -326,19 +315,6 @@ mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
-
-    #[test]
-    fn an_operation_takes_the_shorter_of_its_timeout_and_the_calls_time_left() {
-        assert_eq!(operation_bound(5_000 * MS, None), (5_000 * MS, false));
-        assert_eq!(
-            operation_bound(5_000 * MS, Some(30_000 * MS)),
-            (5_000 * MS, false)
-        );
-        assert_eq!(
-            operation_bound(5_000 * MS, Some(200 * MS)),
-            (200 * MS, true)
-        );
-    }
 
     #[test]
     fn a_broken_connection_is_an_outage_and_an_operation_error_is_not() {

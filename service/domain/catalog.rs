@@ -88,14 +88,11 @@ impl Catalog {
         let product = retry::postgres(|| async {
             let mut tx = self.writes.begin(actor).await?;
             let product = store::products::insert(&mut tx, &new).await.map_err(|e| {
-                e.on_constraint(|c| {
-                    (c == "products_sku_key").then(|| {
-                        Error::already_exists(
-                            reason::SKU_ALREADY_EXISTS,
-                            "another product has this sku; skus are unique regardless of case",
-                        )
-                    })
-                })
+                e.on_unique(
+                    "products_sku_key",
+                    reason::SKU_ALREADY_EXISTS,
+                    "another product has this sku; skus are unique regardless of case",
+                )
             })?;
             store::outbox::push(&mut tx, &price_measurement(&product)).await?;
             tx.touches(Entity::Product, product.id);

@@ -139,19 +139,15 @@ impl MarketAnalyses {
     ) -> Result<Page<Analysis>> {
         let mongo = self.mongo()?;
         let query = format!("{caller}|{}", status.unwrap_or_default());
-        let after: Option<Cursor> = page
-            .token
-            .as_deref()
-            .map(|t| self.pages.decode(TOKEN_SCOPE, &query, t))
-            .transpose()?;
+        let listing = self.pages.listing(TOKEN_SCOPE, &query);
+        let after: Option<Cursor> = listing.after(&page)?;
         let docs = store::list(mongo, caller, status, after, page.size.fetch_limit()).await?;
         let analyses = docs
             .into_iter()
             .map(to_analysis)
             .collect::<Result<Vec<_>>>()?;
-        Ok(Page::from_overfetch(analyses, page.size, |last| {
-            let cursor: Cursor = (last.doc.created_ms, last.doc.id.clone());
-            self.pages.encode(TOKEN_SCOPE, &query, &cursor)
+        Ok(listing.page(analyses, page.size, |last| -> Cursor {
+            (last.doc.created_ms, last.doc.id.clone())
         }))
     }
 

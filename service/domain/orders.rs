@@ -240,19 +240,15 @@ impl Orders {
     #[tracing::instrument(skip_all, fields(page_size = page.size.get()), err(Debug))]
     pub async fn list(&self, filter: OrderFilter, page: PageRequest) -> Result<Page<Order>> {
         let query = filter.canonical();
-        let after: Option<OrderCursor> = page
-            .token
-            .as_deref()
-            .map(|t| self.pages.decode("orders", &query, t))
-            .transpose()?;
+        let listing = self.pages.listing("orders", &query);
+        let after: Option<OrderCursor> = listing.after(&page)?;
         let headers = retry::postgres(|| async {
             let mut conn = store::postgres::acquire(&self.db).await?;
             store::orders::list(&mut conn, &filter, after, page.size.fetch_limit()).await
         })
         .await?;
-        let headers = Page::from_overfetch(headers, page.size, |last| {
-            let cursor: OrderCursor = (last.created_at.timestamp_micros(), last.id.get());
-            self.pages.encode("orders", &query, &cursor)
+        let headers = listing.page(headers, page.size, |last| -> OrderCursor {
+            (last.created_at.timestamp_micros(), last.id.get())
         });
         let loaders = self.loaders(ORDERS_PER_USER_DEFAULT);
         Ok(Page {

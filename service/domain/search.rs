@@ -21,7 +21,7 @@ use crate::{
     model::{
         Id,
         catalog::{Product, Text},
-        paging::{PageSize, PageTokens},
+        paging::{Listing, PageSize, PageTokens},
         search::{
             DEFAULT_PAGE_SIZE, MAX_CATEGORIES, MAX_PAGE_SIZE, SearchPage, SearchQuery,
             SearchRecord, SearchRequest, SortKey,
@@ -105,12 +105,8 @@ impl ProductSearch {
     pub async fn search(&self, request: SearchRequest) -> Result<SearchPage> {
         let started = Instant::now();
         let canonical = request.canonical();
-        let cursor: Option<Cursor> = request
-            .page
-            .token
-            .as_deref()
-            .map(|t| self.pages.decode(TOKEN_SCOPE, &canonical, t))
-            .transpose()?;
+        let listing = self.pages.listing(TOKEN_SCOPE, &canonical);
+        let cursor: Option<Cursor> = listing.after(&request.page)?;
         let page_number = cursor.as_ref().map_or(1, |c| c.page);
         let cache_key = format!(
             "{canonical}|{}|{}",
@@ -123,7 +119,7 @@ impl ProductSearch {
         let cached = self
             .cache
             .get_or_compute(Family::Search, &cache_key, || async {
-                let (page, products) = self.compute(&request, &canonical, cursor).await?;
+                let (page, products) = self.compute(&request, &listing, cursor).await?;
                 fresh = Some(products);
                 Ok(page)
             })
@@ -170,7 +166,7 @@ impl ProductSearch {
     async fn compute(
         &self,
         request: &SearchRequest,
-        canonical: &str,
+        listing: &Listing<'_>,
         cursor: Option<Cursor>,
     ) -> Result<(CachedPage, HashMap<Id, Product>)> {
         let size = request.page.size;
@@ -181,7 +177,7 @@ impl ProductSearch {
         let text = earlier_correction
             .as_deref()
             .unwrap_or(request.text.as_str());
-        let (mut rows, corrected) = retry::postgres(|| async {
+        let (rows, corrected) = retry::postgres(|| async {
             let query = |text| SearchQuery {
                 text,
                 filters: &request.filters,
@@ -201,27 +197,17 @@ impl ProductSearch {
             Ok((rows, corrected))
         })
         .await?;
-        let mut next_page_token = None;
-        if rows.len() > size.get() as usize {
-            rows.truncate(size.get() as usize);
-            next_page_token = rows.last().map(|(_, key)| {
-                self.pages.encode(
-                    TOKEN_SCOPE,
-                    canonical,
-                    &Cursor {
-                        page: page_number + 1,
-                        corrected: corrected.clone(),
-                        after: *key,
-                    },
-                )
-            });
-        }
+        let rows = listing.page(rows, size, |(_, key)| Cursor {
+            page: page_number + 1,
+            corrected: corrected.clone(),
+            after: *key,
+        });
         let page = CachedPage {
-            ids: rows.iter().map(|(p, _)| p.id.get()).collect(),
-            next_page_token,
+            ids: rows.items.iter().map(|(p, _)| p.id.get()).collect(),
+            next_page_token: rows.next_page_token,
             corrected,
         };
-        let products = rows.into_iter().map(|(p, _)| (p.id, p)).collect();
+        let products = rows.items.into_iter().map(|(p, _)| (p.id, p)).collect();
         Ok((page, products))
     }
 }

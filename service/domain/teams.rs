@@ -53,14 +53,11 @@ impl Teams {
             let team = store::teams::insert_team(&mut tx, &name)
                 .await
                 .map_err(|e| {
-                    e.on_constraint(|c| {
-                        (c == "teams_name_key").then(|| {
-                            Error::already_exists(
-                                reason::TEAM_NAME_ALREADY_EXISTS,
-                                "another team has this name; names are unique regardless of case",
-                            )
-                        })
-                    })
+                    e.on_unique(
+                        "teams_name_key",
+                        reason::TEAM_NAME_ALREADY_EXISTS,
+                        "another team has this name; names are unique regardless of case",
+                    )
                 })?;
             tx.commit().await?;
             Ok(team)
@@ -133,11 +130,8 @@ impl Teams {
     #[tracing::instrument(skip_all, fields(user_id = %user_id), err(Debug))]
     pub async fn list_for_user(&self, user_id: Id, page: PageRequest) -> Result<Page<Membership>> {
         let query = format!("user={user_id}");
-        let after: Option<MembershipCursor> = page
-            .token
-            .as_deref()
-            .map(|t| self.pages.decode("user_teams", &query, t))
-            .transpose()?;
+        let listing = self.pages.listing("user_teams", &query);
+        let after: Option<MembershipCursor> = listing.after(&page)?;
         let items = retry::postgres(|| async {
             let mut conn = store::postgres::acquire(&self.db).await?;
             if store::users::current_version(&mut conn, user_id)
@@ -149,9 +143,8 @@ impl Teams {
             store::teams::memberships_of(&mut conn, user_id, after, page.size.fetch_limit()).await
         })
         .await?;
-        Ok(Page::from_overfetch(items, page.size, |last| {
-            let cursor: MembershipCursor = (last.joined_at.timestamp_micros(), last.team.id.get());
-            self.pages.encode("user_teams", &query, &cursor)
+        Ok(listing.page(items, page.size, |last| -> MembershipCursor {
+            (last.joined_at.timestamp_micros(), last.team.id.get())
         }))
     }
 }

@@ -37,17 +37,16 @@ fn version_conflict(id: Id, expected: i64, current: i64) -> Error {
 
 /// What the unique constraints of `users` mean.
 fn unique_user_fields(e: Error) -> Error {
-    e.on_constraint(|constraint| match constraint {
-        "users_email_live_key" => Some(Error::already_exists(
-            reason::EMAIL_ALREADY_EXISTS,
-            "another user has this email; emails are unique regardless of case",
-        )),
-        "users_username_live_key" => Some(Error::already_exists(
-            reason::USERNAME_ALREADY_EXISTS,
-            "another user has this username; choose another",
-        )),
-        _ => None,
-    })
+    e.on_unique(
+        "users_email_live_key",
+        reason::EMAIL_ALREADY_EXISTS,
+        "another user has this email; emails are unique regardless of case",
+    )
+    .on_unique(
+        "users_username_live_key",
+        reason::USERNAME_ALREADY_EXISTS,
+        "another user has this username; choose another",
+    )
 }
 
 #[derive(Clone)]
@@ -147,19 +146,15 @@ impl Users {
         page: PageRequest,
     ) -> Result<Page<User>> {
         let query = filter.canonical();
-        let after: Option<UserCursor> = page
-            .token
-            .as_deref()
-            .map(|t| self.pages.decode(scope, &query, t))
-            .transpose()?;
+        let listing = self.pages.listing(scope, &query);
+        let after: Option<UserCursor> = listing.after(&page)?;
         let users = retry::postgres(|| async {
             let mut conn = store::postgres::acquire(&self.db).await?;
             store::users::list(&mut conn, &filter, after, page.size.fetch_limit()).await
         })
         .await?;
-        Ok(Page::from_overfetch(users, page.size, |last| {
-            let cursor: UserCursor = (last.created_at.timestamp_micros(), last.id.get());
-            self.pages.encode(scope, &query, &cursor)
+        Ok(listing.page(users, page.size, |last| -> UserCursor {
+            (last.created_at.timestamp_micros(), last.id.get())
         }))
     }
 

@@ -12,9 +12,10 @@ pub const MAX_PRICE_CENTS: i64 = 999_999_999_999;
 /// The largest single inventory adjustment.
 pub const MAX_ADJUSTMENT: i32 = 1_000_000;
 
-/// A stock-keeping unit: 1 to 64 of `[A-Za-z0-9._-]`, unique regardless of case.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sku(String);
+text_newtype! {
+    /// A stock-keeping unit: 1 to 64 of `[A-Za-z0-9._-]`, unique regardless of case.
+    Sku
+}
 
 impl Sku {
     pub fn parse(raw: &str) -> Result<Self, String> {
@@ -30,15 +31,12 @@ impl Sku {
         }
         Ok(Self(sku.to_owned()))
     }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
 }
 
-/// Free text fields of a product, trimmed and bounded.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Text(String);
+text_newtype! {
+    /// Free text fields of a product, trimmed and bounded.
+    Text
+}
 
 impl Text {
     pub fn title(raw: &str) -> Result<Self, String> {
@@ -64,10 +62,6 @@ impl Text {
 
     pub fn category(raw: &str) -> Result<Self, String> {
         bounded_text(raw, 1, 64).map(Self)
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
     }
 }
 
@@ -95,7 +89,8 @@ pub fn parse_count(n: i32) -> Result<i32, String> {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+/// Read straight from its row (`store::products` selects these columns).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, sqlx::FromRow)]
 pub struct Product {
     pub id: Id,
     pub sku: String,

@@ -53,6 +53,17 @@ tokio::task_local! {
 /// call can run.
 const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
 
+/// How long one wait inside a call (a Redis command, a MongoDB operation)
+/// may take: its own `timeout`, or the call's `remaining` time when that is
+/// shorter (then true: a timeout is the caller's deadline, not a failure of
+/// what it waited for).
+pub fn wait_bound(timeout: Duration, remaining: Option<Duration>) -> (Duration, bool) {
+    match remaining {
+        Some(remaining) if remaining < timeout => (remaining, true),
+        _ => (timeout, false),
+    }
+}
+
 /// When a call must be finished.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Deadline(Instant);
@@ -226,6 +237,26 @@ mod tests {
 
         let passed = Deadline::at(Instant::now() - Duration::from_millis(1));
         assert_eq!(passed.bound(Duration::from_secs(1)), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_wait_takes_the_shorter_of_its_timeout_and_the_calls_time_left() {
+        const MS: Duration = Duration::from_millis(1);
+        assert_eq!(wait_bound(100 * MS, None), (100 * MS, false));
+        assert_eq!(wait_bound(100 * MS, Some(5_000 * MS)), (100 * MS, false));
+        assert_eq!(wait_bound(100 * MS, Some(100 * MS)), (100 * MS, false));
+        assert_eq!(wait_bound(100 * MS, Some(30 * MS)), (30 * MS, true));
+        assert_eq!(
+            wait_bound(100 * MS, Some(Duration::ZERO)),
+            (Duration::ZERO, true),
+            "no time left: Redis is skipped, not failed"
+        );
+        assert_eq!(wait_bound(5_000 * MS, None), (5_000 * MS, false));
+        assert_eq!(
+            wait_bound(5_000 * MS, Some(30_000 * MS)),
+            (5_000 * MS, false)
+        );
+        assert_eq!(wait_bound(5_000 * MS, Some(200 * MS)), (200 * MS, true));
     }
 
     #[tokio::test]

@@ -1,9 +1,10 @@
 //! Idempotency keys: the `request_id` a caller sends so that a retried create
 //! returns the first call's response instead of creating twice.
 
-/// An idempotency key: 1 to 128 visible ASCII characters.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RequestKey(String);
+text_newtype! {
+    /// An idempotency key: 1 to 128 visible ASCII characters.
+    RequestKey
+}
 
 impl RequestKey {
     pub fn parse(raw: &str) -> Result<Self, String> {
@@ -11,9 +12,5 @@ impl RequestKey {
             return Err("must be 1 to 128 visible ASCII characters".into());
         }
         Ok(Self(raw.to_owned()))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
     }
 }

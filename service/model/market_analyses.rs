@@ -35,28 +35,12 @@ pub struct AnalysisDoc {
 pub const MAX_CATEGORIES: usize = 10;
 pub const MAX_WINDOW_DAYS: u32 = 365;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Overview,
-    Pricing,
-    Demand,
-    Full,
-}
-
-impl Kind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Overview => "overview",
-            Self::Pricing => "pricing",
-            Self::Demand => "demand",
-            Self::Full => "full",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        [Self::Overview, Self::Pricing, Self::Demand, Self::Full]
-            .into_iter()
-            .find(|k| k.as_str() == s)
+wire_enum! {
+    pub enum Kind {
+        Overview = "overview",
+        Pricing = "pricing",
+        Demand = "demand",
+        Full = "full",
     }
 }
 

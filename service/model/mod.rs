@@ -6,6 +6,57 @@
 //! converts protobuf into these types, the domain decides with them, the
 //! loaders, cache, store and documents carry them.
 
+/// An enum with one wire name per variant: the text it is stored as in a
+/// database column, a document or a page token. Declares the enum (a `Copy`
+/// value; further attributes pass through) with `as_str` and its inverse
+/// `parse`.
+macro_rules! wire_enum {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident {
+            $($variant:ident = $wire:literal),+ $(,)?
+        }
+    ) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        $(#[$meta])*
+        pub enum $name {
+            $($variant),+
+        }
+
+        impl $name {
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $wire),+
+                }
+            }
+
+            pub fn parse(s: &str) -> Option<Self> {
+                match s {
+                    $($wire => Some(Self::$variant),)+
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+/// A text value that exists only valid: a `String` that the type's own
+/// constructors (in an `impl` beside the invocation) check and normalize,
+/// read back with `as_str`.
+macro_rules! text_newtype {
+    ($(#[$meta:meta])* $name:ident) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+    };
+}
+
 pub mod analytics;
 pub mod audit;
 pub mod availability;
@@ -92,5 +143,20 @@ mod tests {
         assert!(Id::parse(1).is_ok());
         assert!(Id::parse(0).is_err());
         assert!(Id::parse(-5).is_err());
+    }
+
+    #[test]
+    fn a_wire_enum_reads_back_each_of_its_names_and_nothing_else() {
+        use orders::OrderStatus;
+        for status in [
+            OrderStatus::Pending,
+            OrderStatus::Processing,
+            OrderStatus::Completed,
+            OrderStatus::Cancelled,
+        ] {
+            assert_eq!(OrderStatus::parse(status.as_str()), Some(status));
+        }
+        assert_eq!(OrderStatus::parse("Pending"), None);
+        assert_eq!(OrderStatus::parse("shipped"), None);
     }
 }

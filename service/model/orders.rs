@@ -18,35 +18,18 @@ pub const USERS_PAGE_MAX: u32 = 100;
 pub const ORDERS_PER_USER_DEFAULT: u32 = 5;
 pub const ORDERS_PER_USER_MAX: u32 = 20;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OrderStatus {
-    Pending,
-    Processing,
-    Completed,
-    Cancelled,
+wire_enum! {
+    #[derive(Hash, Serialize, Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    pub enum OrderStatus {
+        Pending = "pending",
+        Processing = "processing",
+        Completed = "completed",
+        Cancelled = "cancelled",
+    }
 }
 
 impl OrderStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "pending",
-            Self::Processing => "processing",
-            Self::Completed => "completed",
-            Self::Cancelled => "cancelled",
-        }
-    }
-
-    pub fn from_db(s: &str) -> anyhow::Result<Self> {
-        match s {
-            "pending" => Ok(Self::Pending),
-            "processing" => Ok(Self::Processing),
-            "completed" => Ok(Self::Completed),
-            "cancelled" => Ok(Self::Cancelled),
-            other => anyhow::bail!("unknown order status {other:?} in the database"),
-        }
-    }
-
     /// pending → processing → completed; pending | processing → cancelled.
     pub fn can_become(self, to: Self) -> bool {
         use OrderStatus::*;
@@ -75,8 +58,9 @@ pub struct OrderItem {
     pub product: Option<ProductSummary>,
 }
 
-/// An order without its items, as stored in `orders`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// An order without its items, as stored in `orders` (read straight from
+/// its row).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct OrderHeader {
     pub id: Id,
     pub order_number: String,

@@ -194,6 +194,53 @@ impl PageTokens {
     }
 }
 
+impl PageTokens {
+    /// The tokens of one listing: `scope` names it (e.g. `users`) and `query`
+    /// is the canonical description of its filters, so every token it reads
+    /// and makes is bound to the same two.
+    pub fn listing<'a>(&'a self, scope: &'a str, query: &'a str) -> Listing<'a> {
+        Listing {
+            tokens: self,
+            scope,
+            query,
+        }
+    }
+}
+
+/// The page tokens of one listing (see [`PageTokens::listing`]).
+pub struct Listing<'a> {
+    tokens: &'a PageTokens,
+    scope: &'a str,
+    query: &'a str,
+}
+
+impl Listing<'_> {
+    /// The keyset cursor the request's page token carries; `None` for the
+    /// first page.
+    pub fn after<C: DeserializeOwned>(&self, page: &PageRequest) -> Result<Option<C>, Error> {
+        page.token
+            .as_deref()
+            .map(|t| self.tokens.decode(self.scope, self.query, t))
+            .transpose()
+    }
+
+    /// The token of the page after `cursor`.
+    pub fn token<C: Serialize>(&self, cursor: &C) -> String {
+        self.tokens.encode(self.scope, self.query, cursor)
+    }
+
+    /// [`Page::from_overfetch`], the next token made from the cursor of the
+    /// last row kept.
+    pub fn page<T, C: Serialize>(
+        &self,
+        items: Vec<T>,
+        size: PageSize,
+        cursor: impl FnOnce(&T) -> C,
+    ) -> Page<T> {
+        Page::from_overfetch(items, size, |last| self.token(&cursor(last)))
+    }
+}
+
 fn query_digest(query: &str) -> String {
     hex::encode(&Sha256::digest(query.as_bytes())[..12])
 }
@@ -252,6 +299,26 @@ mod tests {
         assert!(
             other
                 .decode::<(i64, i64)>("users", "status=active", &token)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn a_listing_reads_back_the_cursor_of_the_last_row_it_served() {
+        let t = tokens();
+        let listing = t.listing("users", "status=any");
+        let first = PageRequest::new(PageSize::parse(2).unwrap(), String::new());
+        assert_eq!(listing.after::<(i64, i64)>(&first).unwrap(), None);
+        let page = listing.page(
+            vec![(1_i64, 10_i64), (2, 20), (3, 30)],
+            first.size,
+            |&row| row,
+        );
+        let next = PageRequest::new(first.size, page.next_page_token.unwrap());
+        assert_eq!(listing.after::<(i64, i64)>(&next).unwrap(), Some((2, 20)));
+        assert!(
+            t.listing("users", "status=active")
+                .after::<(i64, i64)>(&next)
                 .is_err()
         );
     }

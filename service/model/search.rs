@@ -7,25 +7,15 @@ use serde::{Deserialize, Serialize};
 
 use super::{Id, bounded_text, catalog::Product, paging::PageRequest};
 
-/// How results are ordered; ties are broken by product id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum SearchSort {
-    Relevance,
-    PriceAscending,
-    PriceDescending,
-    Newest,
-    Rating,
-}
-
-impl SearchSort {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Relevance => "relevance",
-            Self::PriceAscending => "price_ascending",
-            Self::PriceDescending => "price_descending",
-            Self::Newest => "newest",
-            Self::Rating => "rating",
-        }
+wire_enum! {
+    /// How results are ordered; ties are broken by product id.
+    #[derive(Serialize, Deserialize)]
+    pub enum SearchSort {
+        Relevance = "relevance",
+        PriceAscending = "price_ascending",
+        PriceDescending = "price_descending",
+        Newest = "newest",
+        Rating = "rating",
     }
 }
 
@@ -98,11 +88,12 @@ pub const MAX_CATEGORIES: usize = 20;
 pub const DEFAULT_PAGE_SIZE: u32 = 20;
 pub const MAX_PAGE_SIZE: u32 = 100;
 
-/// Search text, normalized: trimmed, single spaces, lower case (full-text
-/// and trigram matching ignore case anyway, and the cache and the search log
-/// then see one form of each query).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SearchText(String);
+text_newtype! {
+    /// Search text, normalized: trimmed, single spaces, lower case (full-text
+    /// and trigram matching ignore case anyway, and the cache and the search log
+    /// then see one form of each query).
+    SearchText
+}
 
 impl SearchText {
     pub fn parse(raw: &str) -> Result<Self, String> {
@@ -111,10 +102,6 @@ impl SearchText {
         Ok(Self(
             bounded_text(&words, 1, MAX_QUERY_CHARS)?.to_lowercase(),
         ))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
     }
 }
 

@@ -4,55 +4,37 @@ use chrono::{DateTime, Utc};
 
 use super::{Id, bounded_text};
 
-/// A team name: 1 to 100 characters, unique regardless of case.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TeamName(String);
+text_newtype! {
+    /// A team name: 1 to 100 characters, unique regardless of case.
+    TeamName
+}
 
 impl TeamName {
     pub fn parse(raw: &str) -> Result<Self, String> {
         bounded_text(raw, 1, 100).map(Self)
     }
+}
 
-    pub fn as_str(&self) -> &str {
-        &self.0
+wire_enum! {
+    pub enum TeamRole {
+        Member = "member",
+        Maintainer = "maintainer",
+        Owner = "owner",
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TeamRole {
-    Member,
-    Maintainer,
-    Owner,
-}
-
-impl TeamRole {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Member => "member",
-            Self::Maintainer => "maintainer",
-            Self::Owner => "owner",
-        }
-    }
-
-    pub fn from_db(s: &str) -> anyhow::Result<Self> {
-        match s {
-            "member" => Ok(Self::Member),
-            "maintainer" => Ok(Self::Maintainer),
-            "owner" => Ok(Self::Owner),
-            other => anyhow::bail!("unknown team role {other:?} in the database"),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Read straight from its row.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Team {
     pub id: Id,
     pub name: String,
     pub created_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Read straight from its row: the team's columns, then the membership's.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Membership {
+    #[sqlx(flatten)]
     pub team: Team,
     pub user_id: Id,
     pub role: TeamRole,

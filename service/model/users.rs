@@ -8,11 +8,12 @@ use super::{Id, bounded_text, paging::canonical_window, passwords::Password};
 /// The most ids one BatchGetUsers call may ask for.
 pub const MAX_BATCH: usize = 100;
 
-/// An email address, trimmed, compared case-insensitively by the database.
-/// The rules are deliberately simple (one `@`, a dotted domain, no spaces):
-/// deliverability can only be proven by sending mail.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Email(String);
+text_newtype! {
+    /// An email address, trimmed, compared case-insensitively by the database.
+    /// The rules are deliberately simple (one `@`, a dotted domain, no spaces):
+    /// deliverability can only be proven by sending mail.
+    Email
+}
 
 impl Email {
     pub const MAX_LEN: usize = 254;
@@ -43,16 +44,13 @@ impl Email {
         }
         Ok(Self(email.to_owned()))
     }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
 }
 
-/// A username: 3 to 32 characters of `[a-z0-9_.-]` starting with a letter,
-/// stored in lower case.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Username(String);
+text_newtype! {
+    /// A username: 3 to 32 characters of `[a-z0-9_.-]` starting with a letter,
+    /// stored in lower case.
+    Username
+}
 
 impl Username {
     pub fn parse(raw: &str) -> Result<Self, String> {
@@ -71,15 +69,12 @@ impl Username {
         }
         Ok(Self(name))
     }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
 }
 
-/// Free text shown to people: at most 100 characters, no control characters.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DisplayName(String);
+text_newtype! {
+    /// Free text shown to people: at most 100 characters, no control characters.
+    DisplayName
+}
 
 impl DisplayName {
     pub const MAX_LEN: usize = 100;
@@ -87,39 +82,19 @@ impl DisplayName {
     pub fn parse(raw: &str) -> Result<Self, String> {
         bounded_text(raw, 0, Self::MAX_LEN).map(Self)
     }
+}
 
-    pub fn as_str(&self) -> &str {
-        &self.0
+wire_enum! {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    pub enum UserStatus {
+        Active = "active",
+        Inactive = "inactive",
+        Suspended = "suspended",
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum UserStatus {
-    Active,
-    Inactive,
-    Suspended,
-}
-
-impl UserStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Active => "active",
-            Self::Inactive => "inactive",
-            Self::Suspended => "suspended",
-        }
-    }
-
-    pub fn from_db(s: &str) -> anyhow::Result<Self> {
-        match s {
-            "active" => Ok(Self::Active),
-            "inactive" => Ok(Self::Inactive),
-            "suspended" => Ok(Self::Suspended),
-            other => anyhow::bail!("unknown user status {other:?} in the database"),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// Read straight from its row (`store::users` selects these columns).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, sqlx::FromRow)]
 pub struct User {
     pub id: Id,
     pub email: String,

@@ -119,23 +119,37 @@ impl Services {
 
         let routes = with_reflection(Routes::new(health))?
             .add_service(limited!(
-                UserServiceServer::new(UserApi::new(users, teams, profiles)),
+                UserServiceServer::new(UserApi {
+                    users,
+                    teams,
+                    profiles,
+                }),
                 max_message
             ))
             .add_service(limited!(
-                CatalogServiceServer::new(CatalogApi::new(catalog, search, prices)),
+                CatalogServiceServer::new(CatalogApi {
+                    catalog,
+                    search,
+                    prices,
+                }),
                 max_message
             ))
             .add_service(limited!(
-                OrderServiceServer::new(OrderApi::new(orders)),
+                OrderServiceServer::new(OrderApi { orders }),
                 max_message
             ))
             .add_service(limited!(
-                AdminServiceServer::new(AdminApi::new(partitions.clone(), analytics.clone())),
+                AdminServiceServer::new(AdminApi {
+                    partitions: partitions.clone(),
+                    analytics: analytics.clone(),
+                }),
                 max_message
             ))
             .add_service(limited!(
-                AnalyticsServiceServer::new(AnalyticsApi::new(analytics.clone(), analyses.clone())),
+                AnalyticsServiceServer::new(AnalyticsApi {
+                    analytics: analytics.clone(),
+                    analyses: analyses.clone(),
+                }),
                 max_message
             ));
         let key_sweeper = KeySweeper::new(writes, settings.idempotency.clone());

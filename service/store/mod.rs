@@ -21,17 +21,84 @@ pub mod teams;
 pub mod users;
 
 use chrono::{DateTime, Utc};
-use sqlx::{Postgres, QueryBuilder};
+use sqlx::{
+    PgConnection, Postgres, QueryBuilder,
+    error::BoxDynError,
+    postgres::{PgRow, PgTypeInfo, PgValueRef},
+};
 
 use crate::{
     error::Result,
-    model::{Id, paging::keyset_time},
+    model::{Id, orders::OrderStatus, paging::keyset_time, teams::TeamRole, users::UserStatus},
 };
 
-/// A `what` id read from the database; one that is not positive breaks an
-/// invariant of the schema (an internal error).
-pub(crate) fn row_id(what: &str, raw: i64) -> Result<Id> {
-    Id::parse(raw).map_err(|e| anyhow::anyhow!("{what} id {raw} in the database: {e}").into())
+// Model values read straight from their columns (a row's `FromRow`, or a
+// tuple): a value the model refuses breaks an invariant of the schema and
+// fails the read (an internal error naming the column and the value).
+
+impl sqlx::Type<Postgres> for Id {
+    fn type_info() -> PgTypeInfo {
+        <i64 as sqlx::Type<Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &PgTypeInfo) -> bool {
+        <i64 as sqlx::Type<Postgres>>::compatible(ty)
+    }
+}
+
+impl<'r> sqlx::Decode<'r, Postgres> for Id {
+    fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
+        let raw = <i64 as sqlx::Decode<Postgres>>::decode(value)?;
+        Ok(Id::parse(raw).map_err(|e| format!("id {raw} in the database: {e}"))?)
+    }
+}
+
+/// Enums stored by their wire name (`as_str`) in a TEXT column, read back
+/// with `parse`; `what` names the value in the error for an unknown name.
+macro_rules! decode_by_name {
+    ($($name:ty: $what:literal),+ $(,)?) => {$(
+        impl sqlx::Type<Postgres> for $name {
+            fn type_info() -> PgTypeInfo {
+                <&str as sqlx::Type<Postgres>>::type_info()
+            }
+
+            fn compatible(ty: &PgTypeInfo) -> bool {
+                <&str as sqlx::Type<Postgres>>::compatible(ty)
+            }
+        }
+
+        impl<'r> sqlx::Decode<'r, Postgres> for $name {
+            fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
+                let name = <&str as sqlx::Decode<Postgres>>::decode(value)?;
+                Ok(<$name>::parse(name).ok_or_else(|| {
+                    format!(concat!("unknown ", $what, " {:?} in the database"), name)
+                })?)
+            }
+        }
+    )+};
+}
+
+decode_by_name!(
+    UserStatus: "user status",
+    OrderStatus: "order status",
+    TeamRole: "team role",
+);
+
+/// The one value `sql` selects for the id bound to `$1`; `None` when no row
+/// matches.
+pub(crate) async fn scalar_for_id<T>(
+    conn: &mut PgConnection,
+    sql: &'static str,
+    id: Id,
+) -> Result<Option<T>>
+where
+    (T,): for<'r> sqlx::FromRow<'r, PgRow>,
+    T: Send + Unpin,
+{
+    Ok(sqlx::query_scalar(sql)
+        .bind(id.get())
+        .fetch_optional(conn)
+        .await?)
 }
 
 /// The raw values of `ids`, to bind as a `bigint[]`.

@@ -3,13 +3,12 @@
 
 use std::collections::HashMap;
 
-use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Postgres, QueryBuilder};
 
-use super::{push_created_window, raw_ids, row_id};
+use super::{push_created_window, raw_ids};
 
 use crate::{
-    error::{Error, Result},
+    error::Result,
     model::{
         Id,
         orders::{
@@ -26,62 +25,28 @@ macro_rules! order_columns {
     };
 }
 
-#[derive(sqlx::FromRow)]
-struct OrderRow {
-    id: i64,
-    order_number: String,
-    user_id: i64,
-    status: String,
-    total_cents: i64,
-    created_at: DateTime<Utc>,
-    updated_at: DateTime<Utc>,
-    version: i64,
-}
-
-impl TryFrom<OrderRow> for OrderHeader {
-    type Error = Error;
-
-    fn try_from(row: OrderRow) -> Result<Self> {
-        Ok(OrderHeader {
-            id: row_id("order", row.id)?,
-            order_number: row.order_number,
-            user_id: row_id("user", row.user_id)?,
-            status: OrderStatus::from_db(&row.status)?,
-            total_cents: row.total_cents,
-            created_at: row.created_at,
-            updated_at: row.updated_at,
-            version: row.version,
-        })
-    }
-}
-
-fn headers(rows: Vec<OrderRow>) -> Result<Vec<OrderHeader>> {
-    rows.into_iter().map(OrderHeader::try_from).collect()
-}
-
 // --- Creating and changing orders ---------------------------------------------
 
 pub async fn product_summaries(
     conn: &mut PgConnection,
     product_ids: &[Id],
 ) -> Result<Vec<ProductSummary>> {
-    let rows: Vec<(i64, String, String, String, i64)> = sqlx::query_as(
+    let rows: Vec<(Id, String, String, String, i64)> = sqlx::query_as(
         "SELECT id, sku, title, category, (price * 100)::bigint FROM products WHERE id = ANY($1)",
     )
     .bind(raw_ids(product_ids))
     .fetch_all(conn)
     .await?;
-    rows.into_iter()
-        .map(|(pid, sku, title, category, price_cents)| {
-            Ok(ProductSummary {
-                id: row_id("product", pid)?,
-                sku,
-                title,
-                category,
-                price_cents,
-            })
+    Ok(rows
+        .into_iter()
+        .map(|(id, sku, title, category, price_cents)| ProductSummary {
+            id,
+            sku,
+            title,
+            category,
+            price_cents,
         })
-        .collect()
+        .collect())
 }
 
 /// Locks the inventory rows of the products in product id order (the same
@@ -91,16 +56,14 @@ pub async fn lock_inventory(
     conn: &mut PgConnection,
     product_ids: &[Id],
 ) -> Result<HashMap<Id, i32>> {
-    let rows: Vec<(i64, i32)> = sqlx::query_as(
+    let rows: Vec<(Id, i32)> = sqlx::query_as(
         "SELECT product_id, quantity FROM inventory WHERE product_id = ANY($1) \
          ORDER BY product_id FOR UPDATE",
     )
     .bind(raw_ids(product_ids))
     .fetch_all(conn)
     .await?;
-    rows.into_iter()
-        .map(|(p, q)| Ok((row_id("product", p)?, q)))
-        .collect()
+    Ok(rows.into_iter().collect())
 }
 
 /// Decrements the stock of every line in one statement (rows already locked).
@@ -124,7 +87,7 @@ pub async fn insert_order(
     user_id: Id,
     total_cents: i64,
 ) -> Result<OrderHeader> {
-    let row: OrderRow = sqlx::query_as(concat!(
+    let order: OrderHeader = sqlx::query_as(concat!(
         "INSERT INTO orders (user_id, total) VALUES ($1, $2::bigint / 100.0) RETURNING ",
         order_columns!()
     ))
@@ -132,7 +95,7 @@ pub async fn insert_order(
     .bind(total_cents)
     .fetch_one(conn)
     .await?;
-    row.try_into()
+    Ok(order)
 }
 
 pub async fn insert_items(
@@ -162,13 +125,12 @@ pub async fn lock_order(
     conn: &mut PgConnection,
     order_id: Id,
 ) -> Result<Option<(OrderStatus, i64)>> {
-    let row: Option<(String, i64)> =
+    Ok(
         sqlx::query_as("SELECT status, version FROM orders WHERE id = $1 FOR UPDATE")
             .bind(order_id.get())
             .fetch_optional(conn)
-            .await?;
-    row.map(|(status, version)| Ok((OrderStatus::from_db(&status)?, version)))
-        .transpose()
+            .await?,
+    )
 }
 
 /// Puts a cancelled order's items back in stock, locking inventory rows in
@@ -182,15 +144,14 @@ pub async fn return_inventory(conn: &mut PgConnection, order_id: Id) -> Result<V
     .bind(order_id.get())
     .execute(&mut *conn)
     .await?;
-    let products: Vec<i64> = sqlx::query_scalar(
+    Ok(sqlx::query_scalar(
         "UPDATE inventory i SET quantity = i.quantity + oi.quantity, updated_at = now() \
          FROM order_items oi WHERE oi.order_id = $1 AND i.product_id = oi.product_id \
          RETURNING i.product_id",
     )
     .bind(order_id.get())
     .fetch_all(conn)
-    .await?;
-    products.into_iter().map(|p| row_id("product", p)).collect()
+    .await?)
 }
 
 pub async fn set_status(
@@ -198,7 +159,7 @@ pub async fn set_status(
     order_id: Id,
     status: OrderStatus,
 ) -> Result<OrderHeader> {
-    let row: OrderRow = sqlx::query_as(concat!(
+    let order: OrderHeader = sqlx::query_as(concat!(
         "UPDATE orders SET status = $2, updated_at = now(), version = version + 1 \
          WHERE id = $1 RETURNING ",
         order_columns!()
@@ -207,13 +168,13 @@ pub async fn set_status(
     .bind(status.as_str())
     .fetch_one(conn)
     .await?;
-    row.try_into()
+    Ok(order)
 }
 
 // --- Reading orders -----------------------------------------------------------
 
 pub async fn find(conn: &mut PgConnection, order_id: Id) -> Result<Option<OrderHeader>> {
-    let row: Option<OrderRow> = sqlx::query_as(concat!(
+    let order: Option<OrderHeader> = sqlx::query_as(concat!(
         "SELECT ",
         order_columns!(),
         " FROM orders WHERE id = $1"
@@ -221,7 +182,7 @@ pub async fn find(conn: &mut PgConnection, order_id: Id) -> Result<Option<OrderH
     .bind(order_id.get())
     .fetch_optional(conn)
     .await?;
-    row.map(OrderHeader::try_from).transpose()
+    Ok(order)
 }
 
 /// Orders matching `filter`, newest first, after the keyset position `after`.
@@ -251,7 +212,7 @@ pub async fn list(
     )?;
     q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
         .push_bind(limit);
-    headers(q.build_query_as().fetch_all(conn).await?)
+    Ok(q.build_query_as().fetch_all(conn).await?)
 }
 
 /// The `per_user` most recent orders of each user, in one query: a LATERAL
@@ -261,7 +222,7 @@ pub async fn recent_for_users(
     user_ids: &[Id],
     per_user: u32,
 ) -> Result<Vec<OrderHeader>> {
-    let rows: Vec<OrderRow> = sqlx::query_as(concat!(
+    let orders: Vec<OrderHeader> = sqlx::query_as(concat!(
         "SELECT o.* FROM unnest($1::bigint[]) AS u(id) \
          CROSS JOIN LATERAL ( \
            SELECT ",
@@ -273,7 +234,7 @@ pub async fn recent_for_users(
     .bind(i64::from(per_user))
     .fetch_all(conn)
     .await?;
-    headers(rows)
+    Ok(orders)
 }
 
 /// The items of the orders, each with its order id, in insertion order.
@@ -281,27 +242,26 @@ pub async fn items_for_orders(
     conn: &mut PgConnection,
     order_ids: &[Id],
 ) -> Result<Vec<(Id, OrderItem)>> {
-    let rows: Vec<(i64, i64, i32, i64, i64)> = sqlx::query_as(
+    let rows: Vec<(Id, Id, i32, i64, i64)> = sqlx::query_as(
         "SELECT order_id, product_id, quantity, (unit_price * 100)::bigint, (subtotal * 100)::bigint \
          FROM order_items WHERE order_id = ANY($1) ORDER BY order_id, id",
     )
     .bind(raw_ids(order_ids))
     .fetch_all(conn)
     .await?;
-    rows.into_iter()
+    Ok(rows
+        .into_iter()
         .map(
             |(order_id, product_id, quantity, unit_price_cents, subtotal_cents)| {
-                Ok((
-                    row_id("order", order_id)?,
-                    OrderItem {
-                        product_id: row_id("product", product_id)?,
-                        quantity,
-                        unit_price_cents,
-                        subtotal_cents,
-                        product: None,
-                    },
-                ))
+                let item = OrderItem {
+                    product_id,
+                    quantity,
+                    unit_price_cents,
+                    subtotal_cents,
+                    product: None,
+                };
+                (order_id, item)
             },
         )
-        .collect()
+        .collect())
 }

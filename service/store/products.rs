@@ -1,19 +1,18 @@
 //! SQL for `products` and `inventory`. Prices are NUMERIC in the database and
 //! integer cents everywhere else; the conversion happens in SQL.
 
-use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
-use super::{raw_ids, row_id};
+use super::{raw_ids, scalar_for_id};
 use crate::{
-    error::{Error, Result},
+    error::Result,
     model::{
         Id,
         catalog::{NewProduct, Product, ProductPatch},
     },
 };
 
-/// The columns of a [`ProductRow`], from `products p` and `inventory i`.
+/// The columns of a [`Product`], from `products p` and `inventory i`.
 macro_rules! product_columns {
     () => {
         "p.id, p.sku, p.title, p.description, p.category, \
@@ -35,46 +34,9 @@ macro_rules! select_products {
     };
 }
 
-#[derive(sqlx::FromRow)]
-pub(crate) struct ProductRow {
-    id: i64,
-    sku: String,
-    title: String,
-    description: String,
-    category: String,
-    price_cents: i64,
-    rating: f64,
-    review_count: i32,
-    inventory: i32,
-    created_at: DateTime<Utc>,
-    updated_at: DateTime<Utc>,
-    version: i64,
-}
-
-impl TryFrom<ProductRow> for Product {
-    type Error = Error;
-
-    fn try_from(row: ProductRow) -> Result<Self> {
-        Ok(Product {
-            id: row_id("product", row.id)?,
-            sku: row.sku,
-            title: row.title,
-            description: row.description,
-            category: row.category,
-            price_cents: row.price_cents,
-            rating: row.rating,
-            review_count: row.review_count,
-            inventory: row.inventory,
-            created_at: row.created_at,
-            updated_at: row.updated_at,
-            version: row.version,
-        })
-    }
-}
-
 /// Inserts the product and its inventory row in one statement.
 pub async fn insert(conn: &mut PgConnection, new: &NewProduct) -> Result<Product> {
-    let row: ProductRow = sqlx::query_as(
+    let product: Product = sqlx::query_as(
         "WITH p AS ( \
            INSERT INTO products (sku, title, description, category, price, rating, review_count) \
            VALUES ($1, $2, $3, $4, $5::bigint / 100.0, $6, $7) RETURNING *), \
@@ -94,16 +56,16 @@ pub async fn insert(conn: &mut PgConnection, new: &NewProduct) -> Result<Product
     .bind(new.inventory)
     .fetch_one(conn)
     .await?;
-    row.try_into()
+    Ok(product)
 }
 
 /// The products among `ids`, in no particular order.
 pub async fn find_many(conn: &mut PgConnection, ids: &[Id]) -> Result<Vec<Product>> {
-    let rows: Vec<ProductRow> = sqlx::query_as(select_products!("WHERE p.id = ANY($1)"))
+    let products: Vec<Product> = sqlx::query_as(select_products!("WHERE p.id = ANY($1)"))
         .bind(raw_ids(ids))
         .fetch_all(conn)
         .await?;
-    rows.into_iter().map(Product::try_from).collect()
+    Ok(products)
 }
 
 /// Applies the patch at `version`; the product and whether its price changed.
@@ -146,23 +108,14 @@ pub async fn update(
 }
 
 pub async fn current_version(conn: &mut PgConnection, id: Id) -> Result<Option<i64>> {
-    Ok(
-        sqlx::query_scalar("SELECT version FROM products WHERE id = $1")
-            .bind(id.get())
-            .fetch_optional(conn)
-            .await?,
-    )
+    scalar_for_id(conn, "SELECT version FROM products WHERE id = $1", id).await
 }
 
 /// The product's stock, its inventory row locked (`FOR UPDATE`) until the
 /// transaction ends; `None` for an unknown product.
 pub async fn lock_stock(conn: &mut PgConnection, id: Id) -> Result<Option<i32>> {
-    Ok(
-        sqlx::query_scalar("SELECT quantity FROM inventory WHERE product_id = $1 FOR UPDATE")
-            .bind(id.get())
-            .fetch_optional(conn)
-            .await?,
-    )
+    const SQL: &str = "SELECT quantity FROM inventory WHERE product_id = $1 FOR UPDATE";
+    scalar_for_id(conn, SQL, id).await
 }
 
 /// Adds `delta` to the product's stock; the new quantity. A result below

@@ -20,7 +20,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Postgres, QueryBuilder};
 
-use super::products::{ProductRow, product_columns};
+use super::products::product_columns;
 use crate::{
     error::Result,
     model::{
@@ -33,7 +33,7 @@ use crate::{
 #[derive(sqlx::FromRow)]
 struct SearchRow {
     #[sqlx(flatten)]
-    product: ProductRow,
+    product: Product,
     rank: f32,
     rating_hundredths: i32,
 }
@@ -56,7 +56,7 @@ pub async fn search(
         .await?;
     rows.into_iter()
         .map(|row| {
-            let product = Product::try_from(row.product)?;
+            let product = row.product;
             let id = product.id.get();
             let key = match sort {
                 SearchSort::Relevance => SortKey::Rank(row.rank, id),

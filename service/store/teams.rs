@@ -1,11 +1,9 @@
 //! SQL for `teams` and `user_teams`.
 
-use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
-use super::row_id;
 use crate::{
-    error::{Error, Result},
+    error::Result,
     model::{
         Id,
         paging::keyset_time,
@@ -13,68 +11,20 @@ use crate::{
     },
 };
 
-#[derive(sqlx::FromRow)]
-struct TeamRow {
-    id: i64,
-    name: String,
-    created_at: DateTime<Utc>,
-}
-
-impl TryFrom<TeamRow> for Team {
-    type Error = Error;
-
-    fn try_from(row: TeamRow) -> Result<Self> {
-        Ok(Team {
-            id: row_id("team", row.id)?,
-            name: row.name,
-            created_at: row.created_at,
-        })
-    }
-}
-
-/// The columns of a [`MembershipRow`], from memberships `m` joined to `teams t`.
+/// The columns of a [`Membership`], from memberships `m` joined to `teams t`.
 macro_rules! membership_columns {
     () => {
-        "m.team_id, t.name AS team_name, t.created_at AS team_created_at, \
-         m.user_id, m.role, m.joined_at"
+        "t.id, t.name, t.created_at, m.user_id, m.role, m.joined_at"
     };
 }
 
-#[derive(sqlx::FromRow)]
-struct MembershipRow {
-    team_id: i64,
-    team_name: String,
-    team_created_at: DateTime<Utc>,
-    user_id: i64,
-    role: String,
-    joined_at: DateTime<Utc>,
-}
-
-impl TryFrom<MembershipRow> for Membership {
-    type Error = Error;
-
-    fn try_from(row: MembershipRow) -> Result<Self> {
-        Ok(Membership {
-            team: TeamRow {
-                id: row.team_id,
-                name: row.team_name,
-                created_at: row.team_created_at,
-            }
-            .try_into()?,
-            user_id: row_id("user", row.user_id)?,
-            role: TeamRole::from_db(&row.role)?,
-            joined_at: row.joined_at,
-        })
-    }
-}
-
 pub async fn insert_team(conn: &mut PgConnection, name: &TeamName) -> Result<Team> {
-    let row: TeamRow =
+    Ok(
         sqlx::query_as("INSERT INTO teams (name) VALUES ($1) RETURNING id, name, created_at")
             .bind(name.as_str())
             .fetch_one(conn)
-            .await?;
-    row.try_into()
+            .await?,
+    )
 }
 
 pub async fn team_exists(conn: &mut PgConnection, id: Id) -> Result<bool> {
@@ -92,7 +42,7 @@ pub async fn insert_membership(
     user_id: Id,
     role: TeamRole,
 ) -> Result<Membership> {
-    let row: MembershipRow = sqlx::query_as(concat!(
+    let membership: Membership = sqlx::query_as(concat!(
         "WITH m AS ( \
            INSERT INTO user_teams (team_id, user_id, role) VALUES ($1, $2, $3) \
            RETURNING team_id, user_id, role, joined_at) \
@@ -105,7 +55,7 @@ pub async fn insert_membership(
     .bind(role.as_str())
     .fetch_one(conn)
     .await?;
-    row.try_into()
+    Ok(membership)
 }
 
 pub async fn delete_membership(conn: &mut PgConnection, team_id: Id, user_id: Id) -> Result<bool> {
@@ -136,7 +86,7 @@ pub async fn memberships_of(
         Some((micros, team)) => (Some(keyset_time(micros)?), team),
         None => (None, 0),
     };
-    let rows: Vec<MembershipRow> = sqlx::query_as(concat!(
+    let memberships: Vec<Membership> = sqlx::query_as(concat!(
         "SELECT ",
         membership_columns!(),
         " FROM user_teams m JOIN teams t ON t.id = m.team_id \
@@ -151,5 +101,5 @@ pub async fn memberships_of(
     .bind(limit)
     .fetch_all(conn)
     .await?;
-    rows.into_iter().map(Membership::try_from).collect()
+    Ok(memberships)
 }

@@ -2,12 +2,11 @@
 //! transactions and decides what a unique violation means (it knows the
 //! constraint names `users_email_live_key` and `users_username_live_key`).
 
-use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Postgres, QueryBuilder};
 
-use super::{push_created_window, raw_ids, row_id};
+use super::{push_created_window, raw_ids, scalar_for_id};
 use crate::{
-    error::{Error, Result},
+    error::Result,
     model::{
         Id,
         users::{NewUser, User, UserCursor, UserFilter, UserLookup, UserPatch, UserStatus},
@@ -44,47 +43,12 @@ macro_rules! user_columns {
     };
 }
 
-#[derive(sqlx::FromRow)]
-struct UserRow {
-    id: i64,
-    email: String,
-    username: String,
-    display_name: String,
-    status: String,
-    has_password: bool,
-    created_at: DateTime<Utc>,
-    updated_at: DateTime<Utc>,
-    version: i64,
-}
-
-impl TryFrom<UserRow> for User {
-    type Error = Error;
-
-    fn try_from(row: UserRow) -> Result<Self> {
-        Ok(User {
-            id: row_id("user", row.id)?,
-            email: row.email,
-            username: row.username,
-            display_name: row.display_name,
-            status: UserStatus::from_db(&row.status)?,
-            has_password: row.has_password,
-            created_at: row.created_at,
-            updated_at: row.updated_at,
-            version: row.version,
-        })
-    }
-}
-
-fn rows_to_users(rows: Vec<UserRow>) -> Result<Vec<User>> {
-    rows.into_iter().map(User::try_from).collect()
-}
-
 pub async fn insert(
     conn: &mut PgConnection,
     new: &NewUser,
     password_hash: Option<&str>,
 ) -> Result<User> {
-    let row: UserRow = sqlx::query_as(concat!(
+    let user: User = sqlx::query_as(concat!(
         "INSERT INTO users (email, username, display_name, status, password_hash) \
          VALUES ($1, $2, $3, $4, $5) RETURNING ",
         user_columns!()
@@ -96,26 +60,25 @@ pub async fn insert(
     .bind(password_hash)
     .fetch_one(conn)
     .await?;
-    row.try_into()
+    Ok(user)
 }
 
 pub async fn find(conn: &mut PgConnection, id: Id) -> Result<Option<User>> {
-    let row: Option<UserRow> =
-        sqlx::query_as(select_users!("WHERE id = $1 AND deleted_at IS NULL"))
-            .bind(id.get())
-            .fetch_optional(conn)
-            .await?;
-    row.map(User::try_from).transpose()
+    let user: Option<User> = sqlx::query_as(select_users!("WHERE id = $1 AND deleted_at IS NULL"))
+        .bind(id.get())
+        .fetch_optional(conn)
+        .await?;
+    Ok(user)
 }
 
 /// Live users among `ids`, in no particular order.
 pub async fn find_many(conn: &mut PgConnection, ids: &[Id]) -> Result<Vec<User>> {
-    let rows: Vec<UserRow> =
+    let users: Vec<User> =
         sqlx::query_as(select_users!("WHERE id = ANY($1) AND deleted_at IS NULL"))
             .bind(raw_ids(ids))
             .fetch_all(conn)
             .await?;
-    rows_to_users(rows)
+    Ok(users)
 }
 
 /// Live users matching `filter`, oldest first, after the keyset position
@@ -140,8 +103,8 @@ pub async fn list(
         false,
     )?;
     q.push(" ORDER BY created_at, id LIMIT ").push_bind(limit);
-    let rows: Vec<UserRow> = q.build_query_as().fetch_all(conn).await?;
-    rows_to_users(rows)
+    let users: Vec<User> = q.build_query_as().fetch_all(conn).await?;
+    Ok(users)
 }
 
 /// Applies the patch if the user is live and at `version`; `None` otherwise.
@@ -153,7 +116,7 @@ pub async fn update(
     patch: &UserPatch,
     password_hash: Option<Option<String>>,
 ) -> Result<Option<User>> {
-    let row: Option<UserRow> = sqlx::query_as(concat!(
+    let user: Option<User> = sqlx::query_as(concat!(
         "UPDATE users SET \
            email = COALESCE($3, email), \
            username = COALESCE($4, username), \
@@ -176,17 +139,13 @@ pub async fn update(
     .bind(password_hash.flatten())
     .fetch_optional(conn)
     .await?;
-    row.map(User::try_from).transpose()
+    Ok(user)
 }
 
 /// The version of a live user, to tell a stale version from a missing user.
 pub async fn current_version(conn: &mut PgConnection, id: Id) -> Result<Option<i64>> {
-    Ok(
-        sqlx::query_scalar("SELECT version FROM users WHERE id = $1 AND deleted_at IS NULL")
-            .bind(id.get())
-            .fetch_optional(conn)
-            .await?,
-    )
+    const SQL: &str = "SELECT version FROM users WHERE id = $1 AND deleted_at IS NULL";
+    scalar_for_id(conn, SQL, id).await
 }
 
 /// Marks a live user deleted (at `version`, if given). Whether it did.
@@ -210,7 +169,7 @@ pub async fn credentials(
     #[derive(sqlx::FromRow)]
     struct Row {
         #[sqlx(flatten)]
-        user: UserRow,
+        user: User,
         password_hash: Option<String>,
     }
     let query = match lookup {
@@ -224,15 +183,11 @@ pub async fn credentials(
         .bind(email.as_str().to_owned()),
     };
     let row = query.fetch_optional(conn).await?;
-    row.map(|r| Ok((User::try_from(r.user)?, r.password_hash)))
-        .transpose()
+    Ok(row.map(|r| (r.user, r.password_hash)))
 }
 /// Locks a live user against concurrent deletion; whether it exists.
 pub async fn lock_live_user(conn: &mut PgConnection, id: Id) -> Result<bool> {
-    let found: Option<i64> =
-        sqlx::query_scalar("SELECT id FROM users WHERE id = $1 AND deleted_at IS NULL FOR SHARE")
-            .bind(id.get())
-            .fetch_optional(conn)
-            .await?;
+    const SQL: &str = "SELECT id FROM users WHERE id = $1 AND deleted_at IS NULL FOR SHARE";
+    let found: Option<i64> = scalar_for_id(conn, SQL, id).await?;
     Ok(found.is_some())
 }

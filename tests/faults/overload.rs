@@ -90,6 +90,8 @@ struct Level {
     without_retry_info: usize,
     health: Vec<Option<ServingStatus>>,
     breaker: Vec<Option<ServingStatus>>,
+    /// The mean of `admission_in_flight` sampled after the warm-up.
+    in_flight: f64,
     /// `admission_limit` and `admission_retry_after_seconds` at the end.
     limit_and_pushback: (f64, f64),
     /// The bucket bound of the admitted calls' p99, server side, in ms.
@@ -140,12 +142,17 @@ async fn run_level(
     // Health, and the cache breaker's entry, throughout.
     let (mut health, mut breaker) = (Vec::new(), Vec::new());
     let mut before = None;
+    // The calls running, sampled with the health checks after the warm-up.
+    let mut in_flight = Vec::new();
     while load.now() < length {
         if before.is_none() && load.now() >= warm_up {
             before = Some(service.metrics().await);
         }
         health.push(service.health("").await);
         breaker.push(service.health(datagate::startup::REDIS_HEALTH).await);
+        if before.is_some() {
+            in_flight.push(series(&service.metrics().await, "admission_in_flight", &[]));
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let all = load.finish().await;
@@ -197,6 +204,7 @@ async fn run_level(
         rejections_server_side,
         admitted_p99_server_ms,
         limit_and_pushback,
+        in_flight: in_flight.iter().sum::<f64>() / in_flight.len().max(1) as f64,
     }
 }
 
@@ -259,8 +267,8 @@ async fn overload_at_4x_and_64x_the_limit_is_shed_with_retry_info() {
         );
         figure(
             SCENARIO,
-            &format!("{name} admission limit, RetryInfo s at the end"),
-            format!("{:?}", level.limit_and_pushback),
+            &format!("{name} admission limit, RetryInfo s at the end; mean in flight"),
+            format!("{:?}; {:.1}", level.limit_and_pushback, level.in_flight),
         );
         figure(
             SCENARIO,
