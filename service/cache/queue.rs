@@ -111,7 +111,23 @@ mod tests {
         ids.map(|id| (Entity::User, id)).collect()
     }
 
-    fn sorted(mut replay: Replay) -> Replay {
+    /// The replay a test expects.
+    fn expected(entries: Vec<(Entity, i64)>, families: Vec<Family>, flush: bool) -> Replay {
+        Replay {
+            entries,
+            families,
+            flush,
+        }
+    }
+
+    /// What a queue of `capacity` has to replay after one push of each of
+    /// `pushes`, its entries sorted.
+    fn replay_after(capacity: usize, pushes: &[std::ops::Range<i64>]) -> Replay {
+        let queue = Queue::new(capacity);
+        for ids in pushes {
+            queue.push(&users(ids.clone()));
+        }
+        let mut replay = queue.to_replay().unwrap();
         replay.entries.sort_by_key(|(_, id)| *id);
         replay
     }
@@ -123,40 +139,23 @@ mod tests {
 
     #[test]
     fn entries_queue_up_to_capacity_without_duplicates() {
-        let queue = Queue::new(4);
-        queue.push(&users(0..2));
-        queue.push(&users(1..3));
         assert_eq!(
-            sorted(queue.to_replay().unwrap()),
-            Replay {
-                entries: users(0..3),
-                families: vec![],
-                flush: false,
-            }
+            replay_after(4, &[0..2, 1..3]),
+            expected(users(0..3), vec![], false)
         );
     }
 
     #[test]
     fn an_overflow_drops_the_entries_and_asks_for_a_flush() {
-        let queue = Queue::new(4);
-        queue.push(&users(0..3));
-        queue.push(&users(3..5));
         assert_eq!(
-            queue.to_replay().unwrap(),
-            Replay {
-                entries: vec![],
-                families: vec![],
-                flush: true,
-            }
+            replay_after(4, &[0..3, 3..5]),
+            expected(vec![], vec![], true)
         );
     }
 
     #[test]
     fn once_overflowed_further_entries_wait_for_the_flush_instead() {
-        let queue = Queue::new(4);
-        queue.push(&users(0..5));
-        queue.push(&users(10..11));
-        assert_eq!(queue.to_replay().unwrap().entries, vec![]);
+        assert_eq!(replay_after(4, &[0..5, 10..11]).entries, vec![]);
     }
 
     #[test]
@@ -180,11 +179,7 @@ mod tests {
         queue.replayed(&replay);
         assert_eq!(
             queue.to_replay().unwrap(),
-            Replay {
-                entries: users(5..6),
-                families: vec![Family::Analytics],
-                flush: false,
-            }
+            expected(users(5..6), vec![Family::Analytics], false)
         );
     }
 
