@@ -131,22 +131,25 @@ mod tests {
     const PERIOD: Duration = Duration::from_secs(10);
     const TICK: Duration = Duration::from_millis(1);
 
-    /// A breaker that opens after three failures, opened at the returned time.
-    fn opened() -> (Breaker, Instant) {
+    /// A breaker that opens after three failures, with `failures` failures
+    /// in a row at the returned time.
+    fn failed(failures: usize) -> (Breaker, Instant) {
         let breaker = Breaker::new(3, PERIOD);
         let t0 = Instant::now();
-        for _ in 0..3 {
+        for _ in 0..failures {
             breaker.failure(t0);
         }
         (breaker, t0)
     }
 
+    /// A breaker that opens after three failures, opened at the returned time.
+    fn opened() -> (Breaker, Instant) {
+        failed(3)
+    }
+
     #[test]
     fn a_closed_breaker_opens_after_n_consecutive_failures() {
-        let breaker = Breaker::new(3, PERIOD);
-        let now = Instant::now();
-        breaker.failure(now);
-        breaker.failure(now);
+        let (breaker, now) = failed(2);
         assert!(breaker.is_closed());
         assert!(breaker.allow(now), "two failures of three: still closed");
 
@@ -157,10 +160,7 @@ mod tests {
 
     #[test]
     fn a_success_resets_the_count_of_consecutive_failures() {
-        let breaker = Breaker::new(3, PERIOD);
-        let now = Instant::now();
-        breaker.failure(now);
-        breaker.failure(now);
+        let (breaker, now) = failed(2);
         breaker.success();
         breaker.failure(now);
         breaker.failure(now);
