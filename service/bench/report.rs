@@ -183,6 +183,21 @@ fn plot_error(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow::anyhow!("drawing a plot: {e}")
 }
 
+/// The chart's legend at `position`, on white of `opacity`, framed in black.
+fn legend<'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, CT>,
+    position: SeriesLabelPosition,
+    opacity: f64,
+) -> anyhow::Result<()> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(opacity))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_error)
+}
+
 /// A percentile's name, how to read it, and its colour.
 type Percentile = (&'static str, fn(&Measurement) -> f64, RGBColor);
 
@@ -261,13 +276,7 @@ fn latency_plot(results: &[Measurement], path: &Path) -> anyhow::Result<()> {
                     Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled())
                 });
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(plot_error)?;
+        legend(&mut chart, SeriesLabelPosition::LowerRight, 0.8)?;
     }
     root.present().map_err(plot_error)?;
     Ok(())
@@ -351,13 +360,7 @@ fn throughput_plot(
             .label("bare tonic service (ceiling)")
             .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], BLACK.stroke_width(2)));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(plot_error)?;
+    legend(&mut chart, SeriesLabelPosition::UpperRight, 0.85)?;
     root.present().map_err(plot_error)?;
     Ok(())
 }
