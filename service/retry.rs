@@ -443,24 +443,24 @@ mod tests {
         assert_eq!(allowed, 10);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn deposits_pay_one_retry_per_ten_first_attempts() {
+    /// The retries `deposits` first attempts pay for, with no reserve: as
+    /// many withdrawals as deposits, counting those allowed.
+    fn paid_by(deposits: usize) -> usize {
         let budget = Budget::new(10, 0);
-        for _ in 0..1000 {
+        for _ in 0..deposits {
             budget.deposit();
         }
-        let allowed = (0..1000).filter(|_| budget.withdraw()).count();
-        assert_eq!(allowed, 100);
+        (0..deposits).filter(|_| budget.withdraw()).count()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deposits_pay_one_retry_per_ten_first_attempts() {
+        assert_eq!(paid_by(1000), 100);
     }
 
     #[tokio::test(start_paused = true)]
     async fn deposits_bank_at_most_the_maximum_balance() {
-        let budget = Budget::new(10, 0);
-        for _ in 0..100_000 {
-            budget.deposit();
-        }
-        let allowed = (0..100_000).filter(|_| budget.withdraw()).count();
-        assert_eq!(allowed, Budget::MAX_BALANCE as usize);
+        assert_eq!(paid_by(100_000), Budget::MAX_BALANCE as usize);
     }
 
     // --- the call policy ---
@@ -497,17 +497,23 @@ mod tests {
         assert_eq!(operations(&budget, 1, 2).await, (3, 1));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn after_the_last_attempt_the_failure_is_returned_and_final() {
+    /// Runs one operation that fails with `error()` every time; (attempts
+    /// made, the error returned).
+    async fn always_failing(error: fn() -> Error) -> (usize, Error) {
         let budget = Budget::new(10, 10);
         let attempts = AtomicUsize::new(0);
         let result: Result<()> = call(&budget, || async {
             attempts.fetch_add(1, Ordering::SeqCst);
-            Err(transient())
+            Err(error())
         })
         .await;
-        assert_eq!(attempts.load(Ordering::SeqCst), CALL_ATTEMPTS);
-        let error = result.unwrap_err();
+        (attempts.load(Ordering::SeqCst), result.unwrap_err())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_the_last_attempt_the_failure_is_returned_and_final() {
+        let (attempts, error) = always_failing(transient).await;
+        assert_eq!(attempts, CALL_ATTEMPTS);
         assert!(matches!(&error, Error::Aborted(d) if d.reason == reason::TRANSACTION_CONFLICT));
         assert!(
             !error.is_transient(),
@@ -517,15 +523,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn other_failures_are_not_retried() {
-        let budget = Budget::new(10, 10);
-        let attempts = AtomicUsize::new(0);
-        let result: Result<()> = call(&budget, || async {
-            attempts.fetch_add(1, Ordering::SeqCst);
-            Err(database("23505"))
-        })
-        .await;
-        assert!(result.is_err());
-        assert_eq!(attempts.load(Ordering::SeqCst), 1);
+        let (attempts, _) = always_failing(|| database("23505")).await;
+        assert_eq!(attempts, 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -11,7 +11,6 @@
 //!
 //! Times are epoch milliseconds (see `documents::price_history`).
 
-use futures_util::TryStreamExt as _;
 use mongodb::{
     bson::{Document, doc},
     options::ReturnDocument,
@@ -94,9 +93,8 @@ pub async fn list(
             ],
         );
     }
-    let cursor = mongo
-        .run(
-            "find",
+    mongo
+        .find_all(
             MARKET_ANALYSES,
             collection(mongo)
                 .find(filter)
@@ -104,9 +102,6 @@ pub async fn list(
                 .limit(limit)
                 .max_time(mongo.max_time()),
         )
-        .await?;
-    mongo
-        .run("find", MARKET_ANALYSES, cursor.try_collect::<Vec<_>>())
         .await
 }
 

@@ -39,8 +39,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures_util::TryStreamExt as _;
 use mongodb::{
-    Client, Collection, Database, IndexModel,
+    Client, Collection, Cursor, Database, IndexModel,
     bson::{Document, doc},
     error::ErrorKind,
     event::{EventHandler, sdam::SdamEvent},
@@ -213,6 +214,18 @@ impl Mongo {
             Err(_) if by_deadline => Err(Error::deadline_exceeded()),
             Err(_) => Err(unavailable(operation, "timed out")),
         }
+    }
+
+    /// Runs a `find` through [`Mongo::run`] and collects every document it
+    /// finds (the cursor's further batches through the wrapper too).
+    pub async fn find_all<T, F>(&self, collection: &str, find: F) -> Result<Vec<T>>
+    where
+        T: DeserializeOwned + Send + Sync,
+        F: IntoFuture<Output = mongodb::error::Result<Cursor<T>>>,
+    {
+        let cursor = self.run("find", collection, find).await?;
+        self.run("find", collection, cursor.try_collect::<Vec<_>>())
+            .await
     }
 
     /// The trial of a closed gate: a ping within [`TRIAL_WAIT`] (or the

@@ -12,7 +12,6 @@
 //! operators.)
 
 use chrono::{DateTime, NaiveDate, Utc};
-use futures_util::TryStreamExt as _;
 use mongodb::bson::{self, doc, oid::ObjectId};
 use serde::{Deserialize, Serialize};
 
@@ -118,9 +117,8 @@ pub async fn buckets(
     to: NaiveDate,
 ) -> Result<Vec<Bucket>> {
     let collection = mongo.collection::<Bucket>(PRICE_HISTORY);
-    let cursor = mongo
-        .run(
-            "find",
+    mongo
+        .find_all(
             PRICE_HISTORY,
             collection
                 .find(doc! {
@@ -130,8 +128,5 @@ pub async fn buckets(
                 .sort(doc! { "day": 1, "first_ms": 1 })
                 .max_time(mongo.max_time()),
         )
-        .await?;
-    mongo
-        .run("find", PRICE_HISTORY, cursor.try_collect::<Vec<_>>())
         .await
 }

@@ -31,6 +31,7 @@ use std::{collections::HashMap, hash::Hash, sync::Arc};
 
 use dataloader::{BatchFn, cached::Loader};
 use serde::{Serialize, de::DeserializeOwned};
+use sqlx::{PgConnection, PgPool};
 
 pub use orders::Loaders;
 pub use products::{ProductsById, cached_products};
@@ -40,6 +41,7 @@ use crate::{
     cache::{Cache, Entity},
     error::{Error, Result},
     model::Id,
+    retry, store,
 };
 
 /// Large enough that a page (100 users × 20 orders × 50 items) is one batch.
@@ -133,14 +135,16 @@ fn grouped<T>(rows: Vec<T>, key: impl Fn(&T) -> Id) -> HashMap<Id, Vec<T>> {
     groups
 }
 
-/// Entities by id through the cache: one MGET, then one `load` of the
-/// misses (one query), then one fenced fill. Ids not found are absent.
+/// Entities by id through the cache: one MGET, then one `find_many` of the
+/// misses (one query, retried), then one fenced fill. Ids not found are
+/// absent.
 async fn cached<T>(
+    db: &PgPool,
     cache: &Cache,
     entity: Entity,
     ids: &[Id],
     id_of: impl Fn(&T) -> Id + Copy,
-    load: impl AsyncFnOnce(&[Id]) -> Result<Vec<T>>,
+    find_many: impl AsyncFn(&mut PgConnection, &[Id]) -> Result<Vec<T>>,
 ) -> Result<HashMap<Id, T>>
 where
     T: Serialize + DeserializeOwned,
@@ -152,7 +156,11 @@ where
                 .into_iter()
                 .filter_map(|m| Id::parse(m).ok())
                 .collect();
-            let rows = load(&misses).await?;
+            let rows = retry::postgres(|| async {
+                let mut conn = store::postgres::acquire(db).await?;
+                find_many(&mut conn, &misses).await
+            })
+            .await?;
             Ok(rows
                 .into_iter()
                 .map(|row| (id_of(&row).get(), row))

@@ -11,7 +11,7 @@ use crate::{
     cache::{Cache, Entity},
     error::Result,
     model::{Id, catalog::Product, orders::ProductSummary},
-    retry, store,
+    store,
 };
 
 /// Products by id through the cache: one MGET, then one query for the misses.
@@ -22,17 +22,12 @@ pub async fn cached_products(
     ids: &[Id],
 ) -> Result<HashMap<Id, Product>> {
     cached(
+        db,
         cache,
         Entity::Product,
         ids,
         |p: &Product| p.id,
-        async |misses| {
-            retry::postgres(|| async {
-                let mut conn = store::postgres::acquire(db).await?;
-                store::products::find_many(&mut conn, misses).await
-            })
-            .await
-        },
+        store::products::find_many,
     )
     .await
 }

@@ -34,17 +34,12 @@ pub type UserLoader = BatchLoader<Id, Option<User>, UsersById>;
 /// Missing (or deleted) users are absent from the map.
 pub async fn cached_users(db: &PgPool, cache: &Cache, ids: &[Id]) -> Result<HashMap<Id, User>> {
     cached(
+        db,
         cache,
         Entity::User,
         ids,
         |u: &User| u.id,
-        async |misses| {
-            retry::postgres(|| async {
-                let mut conn = store::postgres::acquire(db).await?;
-                store::users::find_many(&mut conn, misses).await
-            })
-            .await
-        },
+        store::users::find_many,
     )
     .await
 }

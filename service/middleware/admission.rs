@@ -1224,28 +1224,78 @@ mod tests {
 
     const CALL: &str = "/datagate.v1.UserService/GetUser";
 
+    /// A call answered by the middleware or the handler.
+    type Call = tokio::task::JoinHandle<Result<http::Response<Body>, Infallible>>;
+
     /// The admission middleware in front of a handler that answers once
-    /// `open` is true.
-    fn stack(
-        admission: &Admission,
-        open: tokio::sync::watch::Receiver<bool>,
-    ) -> impl Inner<Error = Infallible> + Clone + use<> {
+    /// `open` is true, and the first call of a test, running there.
+    struct Held<S> {
+        admission: Admission,
+        open: tokio::sync::watch::Sender<bool>,
+        service: S,
+        running: Call,
+    }
+
+    /// The middleware with `settings`, holding a running call of `caller`.
+    async fn held(
+        settings: AdmissionSettings,
+        caller: &str,
+    ) -> Held<impl Inner<Error = Infallible> + Clone + use<>> {
+        let admission = Admission::new(&settings);
+        let (open, opened) = tokio::sync::watch::channel(false);
         let handler = service_fn(move |_: Request<Body>| {
-            let mut open = open.clone();
+            let mut opened = opened.clone();
             async move {
-                open.wait_for(|open| *open).await.unwrap();
+                opened.wait_for(|open| *open).await.unwrap();
                 Ok::<_, Infallible>(Response::new(Body::empty()))
             }
         });
-        admission.clone().into_layer().layer(handler)
+        let mut service = admission.clone().into_layer().layer(handler);
+        let running = start(&mut service, request(CALL, caller)).await;
+        Held {
+            admission,
+            open,
+            service,
+            running,
+        }
     }
 
-    async fn start<S: Inner<Error = Infallible>>(
-        service: &mut S,
-        request: Request<Body>,
-    ) -> tokio::task::JoinHandle<Result<http::Response<Body>, Infallible>> {
+    /// `request` on its way through `service`.
+    async fn start<S: Inner<Error = Infallible>>(service: &mut S, request: Request<Body>) -> Call {
         let future = service.ready().await.unwrap().call(request);
         tokio::spawn(future)
+    }
+
+    impl<S: Inner<Error = Infallible>> Held<S> {
+        async fn start(&mut self, request: Request<Body>) -> Call {
+            start(&mut self.service, request).await
+        }
+
+        fn gate(&self) -> std::sync::MutexGuard<'_, Gate<oneshot::Sender<Permit>>> {
+            self.admission.shared.gate.lock().unwrap()
+        }
+
+        /// Calls in flight and calls queued.
+        fn counts(&self) -> (usize, usize) {
+            let gate = self.gate();
+            (gate.in_flight, gate.queue.len())
+        }
+
+        /// Opens the handler and waits for the running call, which the
+        /// handler answers.
+        async fn finish(&mut self) {
+            self.open.send(true).unwrap();
+            let response = (&mut self.running).await.unwrap().unwrap();
+            assert!(status_of(&response).is_none(), "answered by the handler");
+        }
+
+        /// [`Held::finish`] when the running call is the only one in the
+        /// middleware: nothing is left in it after.
+        async fn finish_last(&mut self) {
+            assert_eq!(self.counts(), (1, 0), "only the running call");
+            self.finish().await;
+            assert_eq!(self.counts(), (0, 0), "nothing left");
+        }
     }
 
     fn status_of(response: &http::Response<Body>) -> Option<Status> {
@@ -1264,19 +1314,12 @@ mod tests {
         assert_eq!(retry.retry_delay, Some(ms(100)));
     }
 
-    fn counts(admission: &Admission) -> (usize, usize) {
-        let gate = admission.shared.gate.lock().unwrap();
-        (gate.in_flight, gate.queue.len())
-    }
-
     #[tokio::test]
     async fn calls_beyond_the_limit_and_the_queue_are_shed_at_once_and_the_queued_one_runs_later() {
-        let admission = Admission::new(&settings(1, 1));
-        let (open, opened) = tokio::sync::watch::channel(false);
-        let mut service = stack(&admission, opened);
-        let running = start(&mut service, request(CALL, "a")).await;
-        let queued = start(&mut service, request(CALL, "a")).await;
-        let shed = service
+        let mut held = held(settings(1, 1), "a").await;
+        let queued = held.start(request(CALL, "a")).await;
+        let shed = held
+            .service
             .ready()
             .await
             .unwrap()
@@ -1284,47 +1327,37 @@ mod tests {
             .await
             .unwrap();
         assert_shed(&shed, "queue_full");
-        assert_eq!(counts(&admission), (1, 1));
+        assert_eq!(held.counts(), (1, 1));
 
-        open.send(true).unwrap();
-        for call in [running, queued] {
-            let response = call.await.unwrap().unwrap();
-            assert!(status_of(&response).is_none(), "answered by the handler");
-        }
-        assert_eq!(counts(&admission), (0, 0));
-        assert!(admission.shared.gate.lock().unwrap().callers.is_empty());
+        held.finish().await;
+        let response = queued.await.unwrap().unwrap();
+        assert!(status_of(&response).is_none(), "answered by the handler");
+        assert_eq!(held.counts(), (0, 0));
+        assert!(held.gate().callers.is_empty());
     }
 
     #[tokio::test]
     async fn a_call_that_waits_past_max_queue_wait_is_shed() {
-        let admission = Admission::new(&AdmissionSettings {
+        let settings = AdmissionSettings {
             max_queue_wait: ms(1),
             ..settings(1, 1)
-        });
-        let (open, opened) = tokio::sync::watch::channel(false);
-        let mut service = stack(&admission, opened);
-        let running = start(&mut service, request(CALL, "a")).await;
-        let waited = start(&mut service, request(CALL, "a")).await;
+        };
+        let mut held = held(settings, "a").await;
+        let waited = held.start(request(CALL, "a")).await;
         // The running call never ends: the only possible answer is a shed.
         let response = waited.await.unwrap().unwrap();
         assert_shed(&response, "queue_timeout");
-        assert_eq!(counts(&admission), (1, 0));
-        open.send(true).unwrap();
-        running.await.unwrap().unwrap();
-        assert_eq!(counts(&admission), (0, 0));
+        held.finish_last().await;
     }
 
     #[tokio::test]
     async fn a_call_waits_in_the_queue_for_at_most_half_its_deadline() {
-        let admission = Admission::new(&settings(1, 1));
-        let (open, opened) = tokio::sync::watch::channel(false);
-        let mut service = stack(&admission, opened);
-        let running = start(&mut service, request(CALL, "a")).await;
+        let mut held = held(settings(1, 1), "a").await;
         let mut short = request(CALL, "a");
         short
             .extensions_mut()
             .insert(Deadline::after(Duration::from_millis(4)));
-        let queued = start(&mut service, short).await;
+        let queued = held.start(short).await;
         // Not the 60 s of max_queue_wait.
         let response = tokio::time::timeout(Duration::from_secs(10), queued)
             .await
@@ -1332,47 +1365,33 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_shed(&response, "queue_timeout");
-        open.send(true).unwrap();
-        running.await.unwrap().unwrap();
+        held.finish_last().await;
     }
 
     #[tokio::test]
     async fn a_queued_call_that_goes_away_leaves_the_queue() {
-        let admission = Admission::new(&settings(1, 1));
-        let (open, opened) = tokio::sync::watch::channel(false);
-        let mut service = stack(&admission, opened);
-        let running = start(&mut service, request(CALL, "a")).await;
-        let queued = service.ready().await.unwrap().call(request(CALL, "a"));
-        assert_eq!(counts(&admission), (1, 1));
+        let mut held = held(settings(1, 1), "a").await;
+        let queued = held.service.ready().await.unwrap().call(request(CALL, "a"));
+        assert_eq!(held.counts(), (1, 1));
         drop(queued);
-        assert_eq!(counts(&admission), (1, 0));
-        open.send(true).unwrap();
-        running.await.unwrap().unwrap();
-        assert_eq!(counts(&admission), (0, 0));
+        held.finish_last().await;
     }
 
     #[tokio::test]
     async fn a_displaced_waiter_is_shed_and_the_lighter_caller_runs_next() {
-        let admission = Admission::new(&settings(1, 1));
-        let (open, opened) = tokio::sync::watch::channel(false);
-        let mut service = stack(&admission, opened);
-        let running = start(&mut service, request(CALL, "flooder")).await;
-        let displaced = start(&mut service, request(CALL, "flooder")).await;
-        let other = start(&mut service, request(CALL, "other")).await;
+        let mut held = held(settings(1, 1), "flooder").await;
+        let displaced = held.start(request(CALL, "flooder")).await;
+        let other = held.start(request(CALL, "other")).await;
         assert_shed(&displaced.await.unwrap().unwrap(), "displaced");
-        open.send(true).unwrap();
-        running.await.unwrap().unwrap();
+        held.finish().await;
         let response = other.await.unwrap().unwrap();
         assert!(status_of(&response).is_none(), "the other caller ran");
     }
 
     #[tokio::test]
     async fn health_reflection_and_admin_calls_are_never_shed() {
-        let admission = Admission::new(&settings(1, 0));
-        let (open, opened) = tokio::sync::watch::channel(false);
-        let mut service = stack(&admission, opened);
-        let running = start(&mut service, request(CALL, "a")).await;
-        let shed = start(&mut service, request(CALL, "a")).await;
+        let mut held = held(settings(1, 0), "a").await;
+        let shed = held.start(request(CALL, "a")).await;
         assert_shed(&shed.await.unwrap().unwrap(), "queue_full");
         let exempt = [
             "/grpc.health.v1.Health/Check",
@@ -1382,16 +1401,15 @@ mod tests {
         .map(|path| {
             (
                 path,
-                tokio::spawn(service.clone().oneshot(request(path, "a"))),
+                tokio::spawn(held.service.clone().oneshot(request(path, "a"))),
             )
         });
         tokio::task::yield_now().await;
-        open.send(true).unwrap();
+        // The exempt calls take no slot.
+        held.finish_last().await;
         for (path, call) in exempt {
             let response = call.await.unwrap().unwrap();
             assert!(status_of(&response).is_none(), "{path} reached the handler");
         }
-        running.await.unwrap().unwrap();
-        assert_eq!(counts(&admission), (0, 0), "exempt calls take no slot");
     }
 }
