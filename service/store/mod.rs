@@ -102,6 +102,22 @@ where
 }
 
 /// The raw values of `ids`, to bind as a `bigint[]`.
+/// The rows `sql` selects for the ids bound to `$1` (as `= ANY($1)`), in
+/// the order `sql` gives them.
+pub(crate) async fn rows_for_ids<T>(
+    conn: &mut PgConnection,
+    sql: &str,
+    ids: &[Id],
+) -> Result<Vec<T>>
+where
+    T: for<'r> sqlx::FromRow<'r, PgRow> + Send + Unpin,
+{
+    Ok(sqlx::query_as(sql)
+        .bind(raw_ids(ids))
+        .fetch_all(conn)
+        .await?)
+}
+
 pub(crate) fn raw_ids(ids: &[Id]) -> Vec<i64> {
     ids.iter().map(|id| id.get()).collect()
 }

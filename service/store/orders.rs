@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use sqlx::{PgConnection, Postgres, QueryBuilder};
 
-use super::{push_created_window, raw_ids};
+use super::{push_created_window, raw_ids, rows_for_ids};
 
 use crate::{
     error::Result,
@@ -31,11 +31,11 @@ pub async fn product_summaries(
     conn: &mut PgConnection,
     product_ids: &[Id],
 ) -> Result<Vec<ProductSummary>> {
-    let rows: Vec<(Id, String, String, String, i64)> = sqlx::query_as(
+    let rows: Vec<(Id, String, String, String, i64)> = rows_for_ids(
+        conn,
         "SELECT id, sku, title, category, (price * 100)::bigint FROM products WHERE id = ANY($1)",
+        product_ids,
     )
-    .bind(raw_ids(product_ids))
-    .fetch_all(conn)
     .await?;
     Ok(rows
         .into_iter()
@@ -56,12 +56,12 @@ pub async fn lock_inventory(
     conn: &mut PgConnection,
     product_ids: &[Id],
 ) -> Result<HashMap<Id, i32>> {
-    let rows: Vec<(Id, i32)> = sqlx::query_as(
+    let rows: Vec<(Id, i32)> = rows_for_ids(
+        conn,
         "SELECT product_id, quantity FROM inventory WHERE product_id = ANY($1) \
          ORDER BY product_id FOR UPDATE",
+        product_ids,
     )
-    .bind(raw_ids(product_ids))
-    .fetch_all(conn)
     .await?;
     Ok(rows.into_iter().collect())
 }
@@ -242,12 +242,12 @@ pub async fn items_for_orders(
     conn: &mut PgConnection,
     order_ids: &[Id],
 ) -> Result<Vec<(Id, OrderItem)>> {
-    let rows: Vec<(Id, Id, i32, i64, i64)> = sqlx::query_as(
+    let rows: Vec<(Id, Id, i32, i64, i64)> = rows_for_ids(
+        conn,
         "SELECT order_id, product_id, quantity, (unit_price * 100)::bigint, (subtotal * 100)::bigint \
          FROM order_items WHERE order_id = ANY($1) ORDER BY order_id, id",
+        order_ids,
     )
-    .bind(raw_ids(order_ids))
-    .fetch_all(conn)
     .await?;
     Ok(rows
         .into_iter()

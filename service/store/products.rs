@@ -3,7 +3,7 @@
 
 use sqlx::PgConnection;
 
-use super::{raw_ids, scalar_for_id};
+use super::{rows_for_ids, scalar_for_id};
 use crate::{
     error::Result,
     model::{
@@ -61,11 +61,7 @@ pub async fn insert(conn: &mut PgConnection, new: &NewProduct) -> Result<Product
 
 /// The products among `ids`, in no particular order.
 pub async fn find_many(conn: &mut PgConnection, ids: &[Id]) -> Result<Vec<Product>> {
-    let products: Vec<Product> = sqlx::query_as(select_products!("WHERE p.id = ANY($1)"))
-        .bind(raw_ids(ids))
-        .fetch_all(conn)
-        .await?;
-    Ok(products)
+    rows_for_ids(conn, select_products!("WHERE p.id = ANY($1)"), ids).await
 }
 
 /// Applies the patch at `version`; the product and whether its price changed.

@@ -4,7 +4,7 @@
 
 use sqlx::{PgConnection, Postgres, QueryBuilder};
 
-use super::{push_created_window, raw_ids, scalar_for_id};
+use super::{push_created_window, rows_for_ids, scalar_for_id};
 use crate::{
     error::Result,
     model::{
@@ -73,12 +73,12 @@ pub async fn find(conn: &mut PgConnection, id: Id) -> Result<Option<User>> {
 
 /// Live users among `ids`, in no particular order.
 pub async fn find_many(conn: &mut PgConnection, ids: &[Id]) -> Result<Vec<User>> {
-    let users: Vec<User> =
-        sqlx::query_as(select_users!("WHERE id = ANY($1) AND deleted_at IS NULL"))
-            .bind(raw_ids(ids))
-            .fetch_all(conn)
-            .await?;
-    Ok(users)
+    rows_for_ids(
+        conn,
+        select_users!("WHERE id = ANY($1) AND deleted_at IS NULL"),
+        ids,
+    )
+    .await
 }
 
 /// Live users matching `filter`, oldest first, after the keyset position
