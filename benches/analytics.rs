@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use datagate::{
     cache::Cache,
     config::Settings,
-    domain::{analytics::Analytics, catalog::Catalog},
+    domain::{analytics::Analytics, catalog::Catalog, write::Writes},
     model::Id,
     store::postgres::Reads,
 };
@@ -65,7 +65,7 @@ async fn main() -> anyhow::Result<()> {
     redis.url = redis_url.into();
     redis.key_prefix = format!("dgbench-analytics-{}", std::process::id());
     let cached = Analytics::new(db.clone(), Reads::primary(&db), Cache::new(&redis)?);
-    let catalog = Catalog::new(db.clone(), Cache::disabled());
+    let catalog = Catalog::new(&Writes::new(db.clone(), Cache::disabled()));
     let today = chrono::Utc::now().date_naive();
 
     // Warm PostgreSQL's buffers and the cache.

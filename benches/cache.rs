@@ -20,7 +20,7 @@ use std::{
 use datagate::{
     cache::Cache,
     config::Settings,
-    domain::{passwords::PasswordHasher, users::Users},
+    domain::{passwords::PasswordHasher, users::Users, write::Writes},
     model::{Id, paging::PageTokens},
     statements::{self, RequestLog},
 };
@@ -144,12 +144,8 @@ async fn run(url: &str, redis_url: &str, namespace: &str) -> anyhow::Result<()> 
     let users_in = |prefix: String| -> anyhow::Result<Users> {
         let mut redis = settings.redis.clone();
         redis.key_prefix = prefix;
-        Ok(Users::new(
-            db.clone(),
-            pages.clone(),
-            PasswordHasher::new(2),
-            Cache::new(&redis)?,
-        ))
+        let writes = Writes::new(db.clone(), Cache::new(&redis)?);
+        Ok(Users::new(&writes, pages.clone(), PasswordHasher::new(2)))
     };
     let users = users_in(format!("{namespace}-hitmiss"))?;
 

@@ -15,7 +15,7 @@ use std::{
 
 use datagate::{
     cache::Cache,
-    domain::{orders::Orders, passwords::PasswordHasher, users::Users},
+    domain::{orders::Orders, passwords::PasswordHasher, users::Users, write::Writes},
     model::paging::{PageRequest, PageSize, PageTokens},
     statements::{self, RequestLog},
 };
@@ -127,13 +127,9 @@ async fn run(url: &str) -> anyhow::Result<()> {
         q.execute(&db).await?;
     }
     let pages = PageTokens::new(&SecretString::from("b".repeat(32)));
-    let users = Users::new(
-        db.clone(),
-        pages.clone(),
-        PasswordHasher::new(2),
-        Cache::disabled(),
-    );
-    let orders = Orders::new(db.clone(), pages, users.clone(), Cache::disabled());
+    let writes = Writes::new(db.clone(), Cache::disabled());
+    let users = Users::new(&writes, pages.clone(), PasswordHasher::new(2));
+    let orders = Orders::new(&writes, pages, users.clone());
     let page = || PageRequest {
         size: PageSize::parse(USERS as i32).unwrap(),
         token: None,

@@ -15,6 +15,7 @@ use datagate::{
     domain::{
         catalog::Catalog,
         search::{ProductSearch, parse_page_size},
+        write::Writes,
     },
     model::{
         Id,
@@ -234,7 +235,7 @@ async fn main() -> anyhow::Result<()> {
     redis.key_prefix = format!("dgbench-search-{}", std::process::id());
     let cache = Cache::new(&redis)?;
     let cached = ProductSearch::new(db.clone(), Reads::primary(&db), cache, pages, log);
-    let catalog = Catalog::new(db.clone(), Cache::disabled());
+    let catalog = Catalog::new(&Writes::new(db.clone(), Cache::disabled()));
 
     let requests = Arc::new(mix(&uncached, 2000).await?);
     println!(

@@ -6,7 +6,7 @@ use sqlx::PgPool;
 
 use crate::{
     cache::Cache,
-    domain::{passwords::PasswordHasher, teams::Teams, users::Users},
+    domain::{passwords::PasswordHasher, teams::Teams, users::Users, write::Writes},
     error::Error,
     model::{
         audit::Actor,
@@ -27,13 +27,9 @@ pub async fn demo(db: &PgPool, cache: Cache) -> anyhow::Result<()> {
     crate::store::postgres::migrate_up(db).await?;
     // Demo inserts create no page tokens; any key will do.
     let pages = PageTokens::new(&SecretString::from("seed".repeat(8)));
-    let users = Users::new(
-        db.clone(),
-        pages.clone(),
-        PasswordHasher::for_this_machine(),
-        cache,
-    );
-    let teams = Teams::new(db.clone(), pages);
+    let writes = Writes::new(db.clone(), cache);
+    let users = Users::new(&writes, pages.clone(), PasswordHasher::for_this_machine());
+    let teams = Teams::new(&writes, pages);
 
     let mut created = Vec::new();
     let actor = Actor::system("seed");

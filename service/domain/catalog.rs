@@ -69,17 +69,12 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    /// Writes through `writes` (the application's one write path, with its
-    /// one control pool) instead of a `Writes` of its own.
-    pub fn with_writes(self, writes: Writes) -> Self {
-        Self { writes, ..self }
-    }
-
-    pub fn new(db: PgPool, cache: Cache) -> Self {
+    /// The catalog on `writes`' pool and cache.
+    pub fn new(writes: &Writes) -> Self {
         Self {
-            writes: Writes::new(db.clone(), cache.clone()),
-            db,
-            cache,
+            db: writes.db().clone(),
+            cache: writes.cache().clone(),
+            writes: writes.clone(),
         }
     }
 

@@ -108,19 +108,14 @@ pub struct Orders {
 }
 
 impl Orders {
-    /// Writes through `writes` (the application's one write path, with its
-    /// one control pool) instead of a `Writes` of its own.
-    pub fn with_writes(self, writes: Writes) -> Self {
-        Self { writes, ..self }
-    }
-
-    pub fn new(db: PgPool, pages: PageTokens, users: Users, cache: Cache) -> Self {
+    /// Orders on `writes`' pool and cache.
+    pub fn new(writes: &Writes, pages: PageTokens, users: Users) -> Self {
         Self {
-            writes: Writes::new(db.clone(), cache.clone()),
-            db,
+            db: writes.db().clone(),
+            cache: writes.cache().clone(),
+            writes: writes.clone(),
             pages,
             users,
-            cache,
         }
     }
 

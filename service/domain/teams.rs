@@ -5,7 +5,6 @@ use sqlx::PgPool;
 
 use super::{users::user_not_found, write::Writes};
 use crate::{
-    cache::Cache,
     error::{Detail, Error, Result, reason},
     model::{
         Id,
@@ -31,17 +30,12 @@ pub struct Teams {
 }
 
 impl Teams {
-    /// Writes through `writes` (the application's one write path, with its
-    /// one control pool) instead of a `Writes` of its own.
-    pub fn with_writes(self, writes: Writes) -> Self {
-        Self { writes, ..self }
-    }
-
-    pub fn new(db: PgPool, pages: PageTokens) -> Self {
+    /// Teams on `writes`' pool. Nothing cached depends on teams: their
+    /// writes invalidate nothing.
+    pub fn new(writes: &Writes, pages: PageTokens) -> Self {
         Self {
-            // Nothing cached depends on teams: their writes invalidate nothing.
-            writes: Writes::new(db.clone(), Cache::disabled()),
-            db,
+            db: writes.db().clone(),
+            writes: writes.clone(),
             pages,
         }
     }

@@ -59,19 +59,15 @@ pub struct Users {
 }
 
 impl Users {
-    /// Writes through `writes` (the application's one write path, with its
-    /// one control pool) instead of a `Writes` of its own.
-    pub fn with_writes(self, writes: Writes) -> Self {
-        Self { writes, ..self }
-    }
-
-    pub fn new(db: PgPool, pages: PageTokens, passwords: PasswordHasher, cache: Cache) -> Self {
+    /// Users on `writes`' pool and cache (the application shares one
+    /// `Writes`, with its one control pool, between the services).
+    pub fn new(writes: &Writes, pages: PageTokens, passwords: PasswordHasher) -> Self {
         Self {
-            writes: Writes::new(db.clone(), cache.clone()),
-            db,
+            db: writes.db().clone(),
+            cache: writes.cache().clone(),
+            writes: writes.clone(),
             pages,
             passwords,
-            cache,
         }
     }
 

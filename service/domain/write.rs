@@ -82,6 +82,16 @@ impl Writes {
         }
     }
 
+    /// The pool the writes go to (the services read from it too).
+    pub fn db(&self) -> &PgPool {
+        &self.db
+    }
+
+    /// The cache the writes invalidate (the services read through it too).
+    pub fn cache(&self) -> &Cache {
+        &self.cache
+    }
+
     /// A write transaction on behalf of `actor`. A call begins it inside
     /// `retry::postgres`, commit included (see "Retries" above).
     pub async fn begin(&self, actor: &Actor) -> Result<WriteTx> {

@@ -85,16 +85,9 @@ impl Services {
         let pages = PageTokens::new(&settings.pagination.token_secret);
         // One write path for every context: one control pool for cancels.
         let writes = Writes::new(db.clone(), cache.clone());
-        let users = Users::new(
-            db.clone(),
-            pages.clone(),
-            PasswordHasher::for_this_machine(),
-            cache.clone(),
-        )
-        .with_writes(writes.clone());
-        let teams = Teams::new(db.clone(), pages.clone()).with_writes(writes.clone());
-        let orders = Orders::new(db.clone(), pages.clone(), users.clone(), cache.clone())
-            .with_writes(writes.clone());
+        let users = Users::new(&writes, pages.clone(), PasswordHasher::for_this_machine());
+        let teams = Teams::new(&writes, pages.clone());
+        let orders = Orders::new(&writes, pages.clone(), users.clone());
         let profiles = Profiles::new(users.clone(), mongo.clone());
         let (search_log, search_log_writer) = SearchLog::start(db.clone(), &settings.search_log);
         let search = ProductSearch::new(
@@ -105,7 +98,7 @@ impl Services {
             search_log,
         );
         let prices = PriceHistory::new(db.clone(), cache.clone(), mongo.clone());
-        let catalog = Catalog::new(db.clone(), cache.clone()).with_writes(writes.clone());
+        let catalog = Catalog::new(&writes);
         let partitions = Partitions::new(db.clone(), settings.partitions.clone());
         let analytics = Analytics::new(db.clone(), reads.clone(), cache.clone())
             .with_tasks(tasks.tracker.clone(), tasks.stopping.clone());

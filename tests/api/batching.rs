@@ -5,7 +5,7 @@ use std::{future::Future, pin::Pin, sync::Arc, task::Poll, time::Duration};
 
 use datagate::{
     cache::Cache,
-    domain::{orders::Orders, passwords::PasswordHasher, users::Users},
+    domain::{orders::Orders, passwords::PasswordHasher, users::Users, write::Writes},
     error::Error,
     loaders::{BatchLoader, ProductsById, UserLoader, UsersById},
     model::{
@@ -24,13 +24,9 @@ mod naive;
 
 fn services(db: &PgPool) -> (Users, Orders) {
     let pages = PageTokens::new(&SecretString::from("p".repeat(32)));
-    let users = Users::new(
-        db.clone(),
-        pages.clone(),
-        PasswordHasher::new(2),
-        Cache::disabled(),
-    );
-    let orders = Orders::new(db.clone(), pages, users.clone(), Cache::disabled());
+    let writes = Writes::new(db.clone(), Cache::disabled());
+    let users = Users::new(&writes, pages.clone(), PasswordHasher::new(2));
+    let orders = Orders::new(&writes, pages, users.clone());
     (users, orders)
 }
 
