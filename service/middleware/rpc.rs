@@ -198,7 +198,11 @@ impl Drop for CallRecord {
             );
         }
         let duration_ms = elapsed.as_secs_f64() * 1000.0;
-        if self.infrastructure {
+        // Shed calls (RESOURCE_EXHAUSTED) come by the thousand exactly when
+        // the instance is overloaded: they are counted (`rpc_requests_total`,
+        // `admission_rejected_total`), and a line each would be a log flood
+        // that costs the admitted calls their CPU.
+        if self.infrastructure || code == Code::ResourceExhausted {
             tracing::debug!(code = code_name, duration_ms, "rpc finished");
         } else if server_fault {
             tracing::warn!(code = code_name, duration_ms, "rpc finished");
