@@ -86,6 +86,13 @@ impl Pool {
         })
     }
 
+    /// Whether calls are queued for a connection with none free: every
+    /// pooled connection is busy with this process's commands.
+    pub(super) fn saturated(&self) -> bool {
+        let status = self.status();
+        status.available == 0 && status.waiting > 0
+    }
+
     pub(super) fn status(&self) -> deadpool_redis::Status {
         match self {
             Self::Single(pool) => pool.status(),
@@ -259,10 +266,14 @@ pub(super) enum Failure {
     /// Redis could not be reached: I/O errors, a closed pool, a cluster
     /// that is down or failing over. Counts against the breaker.
     Unavailable(String),
-    /// Redis did not answer in time: the command timeout, pool wait, create
+    /// Redis did not answer in time: the command timeout, the pool's create
     /// and recycle timeouts. Counts against the breaker, unless this
     /// process noticed it late (its workers were busy).
     TimedOut(String),
+    /// No pooled connection came free in time: every one is busy with this
+    /// process's own commands. A miss for this call; says nothing about
+    /// Redis (were Redis stuck, those commands would time out and count).
+    Saturated(String),
     /// Redis answered an error caused by the request. A miss for this call.
     Command(String),
 }
@@ -311,6 +322,9 @@ impl From<deadpool_redis::PoolError> for Failure {
         match error {
             deadpool_redis::PoolError::Backend(error) => error.into(),
             // Timed out waiting for, creating or recycling a connection.
+            wait @ deadpool_redis::PoolError::Timeout(deadpool_redis::TimeoutType::Wait) => {
+                Self::Saturated(wait.to_string())
+            }
             timeout @ deadpool_redis::PoolError::Timeout(_) => Self::TimedOut(timeout.to_string()),
             // The pool is closed: there is no connection to use.
             other => Self::Unavailable(other.to_string()),
@@ -371,10 +385,14 @@ mod tests {
 
     #[test]
     fn pool_timeouts_and_failed_connects_count_against_the_breaker() {
-        for timeout in [TimeoutType::Wait, TimeoutType::Create, TimeoutType::Recycle] {
+        for timeout in [TimeoutType::Create, TimeoutType::Recycle] {
             let failure = PoolError::Timeout(timeout).into();
             assert!(matches!(failure, Failure::TimedOut(_)), "{timeout:?}");
         }
+        // Waiting for a busy pool is this process's saturation, not Redis.
+        let wait = PoolError::Timeout(TimeoutType::Wait).into();
+        assert!(matches!(wait, Failure::Saturated(_)));
+        assert!(!counts(wait));
         assert!(counts(PoolError::Closed.into()));
         let refused = io::Error::new(io::ErrorKind::ConnectionRefused, "connect");
         assert!(counts(PoolError::Backend(refused.into()).into()));

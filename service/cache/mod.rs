@@ -499,8 +499,10 @@ impl Inner {
             return None;
         }
         let due = tokio::time::Instant::now() + timeout;
+        let mut connected = false;
         let outcome = match tokio::time::timeout(timeout, async {
             let mut conn = self.pool.get().await?;
+            connected = true;
             self.replay(&mut conn).await?;
             Ok::<_, Failure>(run(&mut conn).await?)
         })
@@ -516,6 +518,12 @@ impl Inner {
                 );
                 return None;
             }
+            // Still queued for a pooled connection while every one is busy:
+            // this process's own load, not Redis. (Without a connection but
+            // not queued, it was connecting or checking one: Redis's turn.)
+            Err(_elapsed) if !connected && self.pool.saturated() => Err(Failure::Saturated(
+                "no pooled connection came free in time".to_owned(),
+            )),
             Err(_elapsed) => Err(Failure::timed_out()),
         };
         match outcome {
@@ -571,6 +579,16 @@ impl Inner {
                     operation = op,
                     error,
                     "cache unavailable; using PostgreSQL"
+                );
+            }
+            Failure::Saturated(error) => {
+                // The pool is busy with this process's commands: nothing
+                // about Redis either way.
+                tracing::debug!(
+                    database_type = "redis",
+                    operation = op,
+                    error,
+                    "no Redis connection free in time; using PostgreSQL for this call"
                 );
             }
             Failure::Command(error) => {
