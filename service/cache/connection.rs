@@ -273,7 +273,7 @@ pub(super) enum Failure {
     /// No pooled connection came free in time: every one is busy with this
     /// process's own commands. A miss for this call; says nothing about
     /// Redis (were Redis stuck, those commands would time out and count).
-    Saturated(String),
+    Saturated,
     /// Redis answered an error caused by the request. A miss for this call.
     Command(String),
 }
@@ -322,8 +322,8 @@ impl From<deadpool_redis::PoolError> for Failure {
         match error {
             deadpool_redis::PoolError::Backend(error) => error.into(),
             // Timed out waiting for, creating or recycling a connection.
-            wait @ deadpool_redis::PoolError::Timeout(deadpool_redis::TimeoutType::Wait) => {
-                Self::Saturated(wait.to_string())
+            deadpool_redis::PoolError::Timeout(deadpool_redis::TimeoutType::Wait) => {
+                Self::Saturated
             }
             timeout @ deadpool_redis::PoolError::Timeout(_) => Self::TimedOut(timeout.to_string()),
             // The pool is closed: there is no connection to use.
@@ -391,7 +391,7 @@ mod tests {
         }
         // Waiting for a busy pool is this process's saturation, not Redis.
         let wait = PoolError::Timeout(TimeoutType::Wait).into();
-        assert!(matches!(wait, Failure::Saturated(_)));
+        assert!(matches!(wait, Failure::Saturated));
         assert!(!counts(wait));
         assert!(counts(PoolError::Closed.into()));
         let refused = io::Error::new(io::ErrorKind::ConnectionRefused, "connect");

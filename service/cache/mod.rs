@@ -445,6 +445,20 @@ impl Cache {
     }
 }
 
+/// A Redis operation given up because of this process's own load (`cause`:
+/// `noticed_late`, its timeout noticed late by busy workers; `pool_busy`,
+/// no pooled connection free in time): a miss for this call, nothing about
+/// Redis, so not a breaker failure either.
+fn own_load(op: &'static str, cause: &'static str) {
+    metrics::counter!("cache_own_load_misses_total", "op" => op, "cause" => cause).increment(1);
+    tracing::debug!(
+        database_type = "redis",
+        operation = op,
+        cause,
+        "cache skipped for this call: this process is busy"
+    );
+}
+
 enum Lookup<T> {
     Hit(T),
     Missing,
@@ -521,9 +535,7 @@ impl Inner {
             // Still queued for a pooled connection while every one is busy:
             // this process's own load, not Redis. (Without a connection but
             // not queued, it was connecting or checking one: Redis's turn.)
-            Err(_elapsed) if !connected && self.pool.saturated() => Err(Failure::Saturated(
-                "no pooled connection came free in time".to_owned(),
-            )),
+            Err(_elapsed) if !connected && self.pool.saturated() => Err(Failure::Saturated),
             Err(_elapsed) => Err(Failure::timed_out()),
         };
         match outcome {
@@ -531,16 +543,10 @@ impl Inner {
                 self.breaker.success();
                 Some(value)
             }
+            // This process's workers were busy, and the answer may be
+            // waiting in the socket for one of them.
             Err(Failure::TimedOut(_)) if self.noticed_late(due) => {
-                // This process's workers were busy, and the answer may be
-                // waiting in the socket for one of them: a miss for this
-                // call, not a failure for the breaker.
-                metrics::counter!("cache_timeouts_noticed_late_total", "op" => op).increment(1);
-                tracing::debug!(
-                    database_type = "redis",
-                    operation = op,
-                    "cache command timed out while this process ran late"
-                );
+                own_load(op, "noticed_late");
                 None
             }
             Err(failure) => {
@@ -570,7 +576,9 @@ impl Inner {
     }
 
     fn report_failure(&self, op: &'static str, failure: Failure) {
-        metrics::counter!("cache_errors_total", "op" => op).increment(1);
+        if !matches!(failure, Failure::Saturated) {
+            metrics::counter!("cache_errors_total", "op" => op).increment(1);
+        }
         match failure {
             Failure::Unavailable(error) | Failure::TimedOut(error) => {
                 self.breaker.failure(Instant::now());
@@ -581,16 +589,7 @@ impl Inner {
                     "cache unavailable; using PostgreSQL"
                 );
             }
-            Failure::Saturated(error) => {
-                // The pool is busy with this process's commands: nothing
-                // about Redis either way.
-                tracing::debug!(
-                    database_type = "redis",
-                    operation = op,
-                    error,
-                    "no Redis connection free in time; using PostgreSQL for this call"
-                );
-            }
+            Failure::Saturated => own_load(op, "pool_busy"),
             Failure::Command(error) => {
                 // Redis answered: it is up, whatever this request asked.
                 self.breaker.success();
