@@ -1,11 +1,9 @@
 //! Products and their inventory: operations and outcomes. Value types are
 //! in `model::catalog`; SQL in `store::products`.
 
-use sqlx::PgPool;
-
 use super::write::Writes;
 use crate::{
-    cache::{Cache, Entity, Family},
+    cache::{Entity, Family},
     error::{Detail, Error, Result, reason},
     loaders::cached_products,
     model::{
@@ -63,17 +61,13 @@ fn price_measurement(product: &Product) -> Change {
 
 #[derive(Clone)]
 pub struct Catalog {
-    db: PgPool,
     writes: Writes,
-    cache: Cache,
 }
 
 impl Catalog {
     /// The catalog on `writes`' pool and cache.
     pub fn new(writes: &Writes) -> Self {
         Self {
-            db: writes.db().clone(),
-            cache: writes.cache().clone(),
             writes: writes.clone(),
         }
     }
@@ -102,10 +96,11 @@ impl Catalog {
 
     #[tracing::instrument(skip_all, fields(product_id = %id), err(Debug))]
     pub async fn get(&self, id: Id) -> Result<Product> {
-        self.cache
+        self.writes
+            .cache()
             .get_or_load(Entity::Product, id.get(), || {
                 retry::postgres(|| async {
-                    let mut conn = store::postgres::acquire(&self.db).await?;
+                    let mut conn = store::postgres::acquire(self.writes.db()).await?;
                     Ok(store::products::find_many(&mut conn, &[id]).await?.pop())
                 })
             })
@@ -120,7 +115,7 @@ impl Catalog {
         ids: &[Id],
         skip_missing: bool,
     ) -> Result<(Vec<Product>, Vec<Id>)> {
-        let by_id = cached_products(&self.db, &self.cache, ids).await?;
+        let by_id = cached_products(self.writes.db(), self.writes.cache(), ids).await?;
         let (products, missing) = in_request_order(ids, |id| by_id.get(&id).cloned());
         if !missing.is_empty() && !skip_missing {
             return Err(products_not_found(

@@ -5,8 +5,6 @@
 
 use std::collections::{HashMap, HashSet};
 
-use sqlx::PgPool;
-
 use super::{
     catalog::{insufficient_inventory, products_not_found},
     idempotency::{Claim, Idempotency},
@@ -14,7 +12,7 @@ use super::{
     write::Writes,
 };
 use crate::{
-    cache::{Cache, Entity},
+    cache::Entity,
     error::{Detail, Error, Result, Violations, reason},
     loaders::Loaders,
     model::{
@@ -100,19 +98,15 @@ pub fn order_not_found(id: Id) -> Error {
 
 #[derive(Clone)]
 pub struct Orders {
-    db: PgPool,
     writes: Writes,
     pages: PageTokens,
     users: Users,
-    cache: Cache,
 }
 
 impl Orders {
     /// Orders on `writes`' pool and cache.
     pub fn new(writes: &Writes, pages: PageTokens, users: Users) -> Self {
         Self {
-            db: writes.db().clone(),
-            cache: writes.cache().clone(),
             writes: writes.clone(),
             pages,
             users,
@@ -120,7 +114,11 @@ impl Orders {
     }
 
     fn loaders(&self, orders_per_user: u32) -> Loaders {
-        Loaders::new(self.db.clone(), self.cache.clone(), orders_per_user)
+        Loaders::new(
+            self.writes.db().clone(),
+            self.writes.cache().clone(),
+            orders_per_user,
+        )
     }
 
     /// Creates the order in one transaction. With a request key, the key is
@@ -215,10 +213,11 @@ impl Orders {
     pub async fn get(&self, id: Id) -> Result<Order> {
         let loaders = self.loaders(ORDERS_PER_USER_DEFAULT);
         let order = self
-            .cache
+            .writes
+            .cache()
             .get_or_load(Entity::Order, id.get(), || async {
                 let found = retry::postgres(|| async {
-                    let mut conn = store::postgres::acquire(&self.db).await?;
+                    let mut conn = store::postgres::acquire(self.writes.db()).await?;
                     store::orders::find(&mut conn, id).await
                 })
                 .await?;
@@ -238,7 +237,7 @@ impl Orders {
         let listing = self.pages.listing("orders", &query);
         let after: Option<OrderCursor> = listing.after(&page)?;
         let headers = retry::postgres(|| async {
-            let mut conn = store::postgres::acquire(&self.db).await?;
+            let mut conn = store::postgres::acquire(self.writes.db()).await?;
             store::orders::list(&mut conn, &filter, after, page.size.fetch_limit()).await
         })
         .await?;

@@ -1,8 +1,6 @@
 //! Teams and team membership: operations and outcomes. Types are in
 //! `model::teams`; SQL in `store::teams`.
 
-use sqlx::PgPool;
-
 use super::{users::user_not_found, write::Writes};
 use crate::{
     error::{Detail, Error, Result, reason},
@@ -24,7 +22,6 @@ pub fn team_not_found(id: Id) -> Error {
 
 #[derive(Clone)]
 pub struct Teams {
-    db: PgPool,
     writes: Writes,
     pages: PageTokens,
 }
@@ -34,7 +31,6 @@ impl Teams {
     /// writes invalidate nothing.
     pub fn new(writes: &Writes, pages: PageTokens) -> Self {
         Self {
-            db: writes.db().clone(),
             writes: writes.clone(),
             pages,
         }
@@ -127,7 +123,7 @@ impl Teams {
         let listing = self.pages.listing("user_teams", &query);
         let after: Option<MembershipCursor> = listing.after(&page)?;
         let items = retry::postgres(|| async {
-            let mut conn = store::postgres::acquire(&self.db).await?;
+            let mut conn = store::postgres::acquire(self.writes.db()).await?;
             if store::users::current_version(&mut conn, user_id)
                 .await?
                 .is_none()

@@ -2,11 +2,9 @@
 //! `model::users`; SQL in `store::users`; every write goes through
 //! [`Writes`].
 
-use sqlx::PgPool;
-
 use super::{passwords::PasswordHasher, write::Writes};
 use crate::{
-    cache::{Cache, Entity},
+    cache::Entity,
     error::{Detail, Error, Result, reason},
     loaders::cached_users,
     model::{
@@ -51,11 +49,9 @@ fn unique_user_fields(e: Error) -> Error {
 
 #[derive(Clone)]
 pub struct Users {
-    db: PgPool,
     writes: Writes,
     pages: PageTokens,
     passwords: PasswordHasher,
-    cache: Cache,
 }
 
 impl Users {
@@ -63,8 +59,6 @@ impl Users {
     /// `Writes`, with its one control pool, between the services).
     pub fn new(writes: &Writes, pages: PageTokens, passwords: PasswordHasher) -> Self {
         Self {
-            db: writes.db().clone(),
-            cache: writes.cache().clone(),
             writes: writes.clone(),
             pages,
             passwords,
@@ -94,10 +88,11 @@ impl Users {
 
     #[tracing::instrument(skip_all, fields(user_id = %id), err(Debug))]
     pub async fn get(&self, id: Id) -> Result<User> {
-        self.cache
+        self.writes
+            .cache()
             .get_or_load(Entity::User, id.get(), || {
                 retry::postgres(|| async {
-                    let mut conn = store::postgres::acquire(&self.db).await?;
+                    let mut conn = store::postgres::acquire(self.writes.db()).await?;
                     store::users::find(&mut conn, id).await
                 })
             })
@@ -109,7 +104,7 @@ impl Users {
     /// id is "not found" for that id only.
     #[tracing::instrument(skip_all, fields(batch_size = ids.len()), err(Debug))]
     pub async fn batch_get(&self, ids: &[Id], skip_missing: bool) -> Result<BatchUsers> {
-        let found = cached_users(&self.db, &self.cache, ids).await?;
+        let found = cached_users(self.writes.db(), self.writes.cache(), ids).await?;
         let (users, missing) = in_request_order(ids, |id| found.get(&id).cloned());
         if !missing.is_empty() && !skip_missing {
             let list = missing
@@ -145,7 +140,7 @@ impl Users {
         let listing = self.pages.listing(scope, &query);
         let after: Option<UserCursor> = listing.after(&page)?;
         let users = retry::postgres(|| async {
-            let mut conn = store::postgres::acquire(&self.db).await?;
+            let mut conn = store::postgres::acquire(self.writes.db()).await?;
             store::users::list(&mut conn, &filter, after, page.size.fetch_limit()).await
         })
         .await?;
@@ -229,7 +224,7 @@ impl Users {
         password: Password,
     ) -> Result<Option<User>> {
         let found = retry::postgres(|| async {
-            let mut conn = store::postgres::acquire(&self.db).await?;
+            let mut conn = store::postgres::acquire(self.writes.db()).await?;
             store::users::credentials(&mut conn, &lookup).await
         })
         .await?;
