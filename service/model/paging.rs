@@ -341,4 +341,61 @@ mod tests {
         assert_eq!(PageSize::parse(10_000).unwrap().get(), PageSize::MAX);
         assert!(PageSize::parse(-1).is_err());
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        type Cursor = (i64, i64, String);
+
+        proptest! {
+            #[test]
+            fn a_token_decodes_to_its_cursor_for_its_scope_and_query(
+                scope in "[a-z_]{1,12}",
+                query in ".{0,64}",
+                cursor in (any::<i64>(), any::<i64>(), ".{0,32}"),
+            ) {
+                let token = tokens().encode(&scope, &query, &cursor);
+                let back: Cursor = tokens().decode(&scope, &query, &token).unwrap();
+                prop_assert_eq!(back, cursor);
+            }
+
+            #[test]
+            fn a_token_with_any_byte_changed_is_refused(
+                cursor in (any::<i64>(), any::<i64>(), ".{0,32}"),
+                at in any::<prop::sample::Index>(),
+                flip in 1u8..=255,
+            ) {
+                let token = tokens().encode("users", "q", &cursor);
+                let mut bytes = URL_SAFE_NO_PAD.decode(&token).unwrap();
+                let i = at.index(bytes.len());
+                bytes[i] ^= flip;
+                let tampered = URL_SAFE_NO_PAD.encode(&bytes);
+                let refused = tokens().decode::<Cursor>("users", "q", &tampered);
+                prop_assert!(refused.is_err());
+            }
+
+            #[test]
+            fn a_token_is_refused_for_another_scope_query_or_secret(
+                cursor in (any::<i64>(), any::<i64>(), ".{0,32}"),
+                other in "[a-z]{1,8}",
+            ) {
+                let token = tokens().encode("users", "q", &cursor);
+                let (scope, query) = (format!("{other}!"), format!("q{other}"));
+                let other_scope = tokens().decode::<Cursor>(&scope, "q", &token);
+                let other_query = tokens().decode::<Cursor>("users", &query, &token);
+                let elsewhere = PageTokens::new(&SecretString::from(other.repeat(8)));
+                let other_secret = elsewhere.decode::<Cursor>("users", "q", &token);
+                prop_assert!(other_scope.is_err());
+                prop_assert!(other_query.is_err());
+                prop_assert!(other_secret.is_err());
+            }
+
+            #[test]
+            fn any_string_as_a_token_is_an_error_never_a_panic(token in ".{0,200}") {
+                prop_assert!(tokens().decode::<Cursor>("users", "q", &token).is_err());
+            }
+        }
+    }
 }

@@ -166,4 +166,33 @@ mod tests {
         assert!(SearchText::parse(&"é".repeat(MAX_QUERY_CHARS)).is_ok());
         assert!(SearchText::parse("lamp\u{7}").is_err());
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            #[test]
+            fn parsed_text_is_normalized_and_parsing_it_again_changes_nothing(raw in "\\PC{0,250}") {
+                if let Ok(text) = SearchText::parse(&raw) {
+                    let s = text.as_str();
+                    prop_assert!(!s.is_empty() && s.chars().count() <= MAX_QUERY_CHARS);
+                    prop_assert_eq!(s, s.trim());
+                    prop_assert!(!s.contains("  ") && !s.contains(['\t', '\n', '\r']));
+                    prop_assert_eq!(s.to_lowercase(), s);
+                    let again = SearchText::parse(s).unwrap();
+                    prop_assert_eq!(again.as_str(), s);
+                }
+            }
+
+            #[test]
+            fn words_survive_parsing_in_order(words in prop::collection::vec("[a-zA-Z0-9]{1,10}", 1..8)) {
+                let raw = format!("  {}\t", words.join(" \n "));
+                let text = SearchText::parse(&raw).unwrap();
+                let expected = words.join(" ").to_lowercase();
+                prop_assert_eq!(text.as_str(), expected.as_str());
+            }
+        }
+    }
 }
