@@ -16,9 +16,7 @@ use std::{
 use datagate::proto::v1 as pb;
 use sqlx::Row as _;
 
-use crate::support::{
-    Deps, Load, Postgres, Redis, Service, figure, knob, service::arrange_catalog,
-};
+use crate::support::{Load, Postgres, Redis, Service, figure, knob, service::arrange_catalog};
 
 const SCENARIO: &str = "ledger";
 const CALLERS: usize = 4;
@@ -48,13 +46,7 @@ async fn acknowledged_orders_survive_kills_and_restarts_exactly_once() {
     let total = Duration::from_secs(seconds);
     let pg = Postgres::start().await;
     let mut redis = Redis::start().await;
-    let (url, redis_url) = (pg.url(), redis.url());
-    let mut service = Service::binary(Deps {
-        database_url: &url,
-        redis_url: Some(&redis_url),
-        overrides: &[],
-    })
-    .await;
+    let mut service = Service::binary_on(&pg, &redis, &[]).await;
     let (user, products) = arrange_catalog(&service, PRODUCTS, STOCK).await;
 
     // request id -> acknowledged order (id, lines).

@@ -22,7 +22,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_types::StatusExt as _;
 
 use crate::support::{
-    Deps, Load, Orders, Pacing, Postgres, Redis, Service, figure,
+    Load, Orders, Pacing, Postgres, Redis, Service, figure,
     load::Samples,
     service::{arrange_catalog, one_unit},
 };
@@ -213,13 +213,7 @@ async fn overload_at_4x_and_64x_the_limit_is_shed_with_retry_info() {
     let _serial = crate::support::serial().await;
     let pg = Postgres::start().await;
     let redis = Redis::start().await;
-    let (url, redis_url) = (pg.url(), redis.url());
-    let mut service = Service::binary(Deps {
-        database_url: &url,
-        redis_url: Some(&redis_url),
-        overrides: &[],
-    })
-    .await;
+    let mut service = Service::binary_on(&pg, &redis, &[]).await;
     // Twenty users with three orders each: a page of ListUsersWithOrders.
     let (_, products) = arrange_catalog(&service, 3, 100_000).await;
     for _ in 0..20 {

@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    Deps, Load, Postgres, Redis, Service, figure,
+    Load, Postgres, Redis, Service, figure,
     service::{arrange_catalog, read_or_order},
 };
 
@@ -19,13 +19,8 @@ async fn sigterm_under_load_fails_no_in_flight_call_and_exits_zero() {
     let _serial = crate::support::serial().await;
     let pg = Postgres::start().await;
     let redis = Redis::start().await;
-    let (url, redis_url) = (pg.url(), redis.url());
-    let mut service = Service::binary(Deps {
-        database_url: &url,
-        redis_url: Some(&redis_url),
-        overrides: &[("server.shutdown_readiness_delay", "500ms")],
-    })
-    .await;
+    let mut service =
+        Service::binary_on(&pg, &redis, &[("server.shutdown_readiness_delay", "500ms")]).await;
     let (user, products) = arrange_catalog(&service, 4, 1_000_000).await;
     let (users, orders) = (service.users(), service.orders());
     let load = Load::start(CALLERS, Duration::from_secs(60), move |caller, n| {

@@ -178,6 +178,25 @@ impl Samples {
         codes
     }
 
+    /// Asserts that these calls, made while a dependency was down (`what`),
+    /// failed only with UNAVAILABLE (never INTERNAL or a hang) and that at
+    /// least one failed: the outage was seen.
+    #[track_caller]
+    pub fn assert_failed_only_unavailable(&self, what: &str) {
+        let unexpected = self
+            .0
+            .iter()
+            .filter(|s| !s.ok() && s.code != "Unavailable")
+            .count();
+        assert_eq!(
+            unexpected,
+            0,
+            "{what} calls fail only with UNAVAILABLE (never INTERNAL or a hang): {}",
+            self.summary()
+        );
+        assert!(self.failed() > 0, "the outage was seen: {}", self.summary());
+    }
+
     pub fn failed(&self) -> usize {
         self.0.iter().filter(|s| !s.ok()).count()
     }

@@ -62,6 +62,22 @@ impl Service {
         .await
     }
 
+    /// `datagate serve` on `pg` and `redis` with `overrides`: how the
+    /// scenarios that kill, signal or measure the binary start it.
+    pub async fn binary_on(
+        pg: &super::Postgres,
+        redis: &super::Redis,
+        overrides: &[(&str, &str)],
+    ) -> Self {
+        let (url, redis_url) = (pg.url(), redis.url());
+        Self::binary(Deps {
+            database_url: &url,
+            redis_url: Some(&redis_url),
+            overrides,
+        })
+        .await
+    }
+
     /// The application in this process, on a free port.
     pub async fn in_process(deps: Deps<'_>) -> Self {
         let (token, entry) = auth::new_token("faults", &[auth::ADMIN_ROLE.to_owned()]).unwrap();
