@@ -1,7 +1,13 @@
 //! The circuit breaker in front of Redis.
 //!
 //! After `breaker_failures` consecutive failures the circuit opens for
-//! `breaker_open_for`: Redis is not called, reads go to PostgreSQL. Then one
+//! `breaker_open_for`: Redis is not called, reads go to PostgreSQL. A
+//! failure counts only if its command started after the last counted one was
+//! seen: the commands in flight together when Redis (or this machine) stalls
+//! once fail together, and that is one failure, not twenty. So a dead Redis,
+//! refusing at once, opens the circuit in a few round trips, a paused one in
+//! `breaker_failures` command timeouts, and one stall of the machine never
+//! opens it. Then one
 //! call (the probe) is let through and decides: success closes the circuit,
 //! failure opens it for another period. A probe that never reports (its
 //! caller was cancelled) cannot wedge the circuit: another is let through
@@ -19,6 +25,9 @@ use std::{
 enum State {
     Closed {
         failures: u32,
+        /// When the last counted failure was seen: a command started before
+        /// it was in flight during the same event.
+        last_seen: Option<Instant>,
     },
     Open {
         until: Instant,
@@ -40,7 +49,10 @@ impl Breaker {
     /// Opens after `failures_to_open` (at least one) consecutive failures.
     pub(super) fn new(failures_to_open: u32, open_for: Duration) -> Self {
         Self {
-            state: Mutex::new(State::Closed { failures: 0 }),
+            state: Mutex::new(State::Closed {
+                failures: 0,
+                last_seen: None,
+            }),
             failures_to_open: failures_to_open.max(1),
             open_for,
         }
@@ -72,16 +84,24 @@ impl Breaker {
         if !matches!(*state, State::Closed { .. }) {
             tracing::info!(dependency = "redis", "circuit closed: Redis answers again");
         }
-        *state = State::Closed { failures: 0 };
+        *state = State::Closed {
+            failures: 0,
+            last_seen: None,
+        };
     }
 
-    pub(super) fn failure(&self, now: Instant) {
+    /// A command started at `started` failed, seen at `now`.
+    pub(super) fn failure(&self, started: Instant, now: Instant) {
         let mut state = self.state();
         let open = State::Open {
             until: now + self.open_for,
         };
         match *state {
-            State::Closed { failures } if failures + 1 >= self.failures_to_open => {
+            State::Closed {
+                last_seen: Some(seen),
+                ..
+            } if started < seen => {}
+            State::Closed { failures, .. } if failures + 1 >= self.failures_to_open => {
                 tracing::warn!(
                     dependency = "redis",
                     failures = failures + 1,
@@ -89,9 +109,10 @@ impl Breaker {
                 );
                 *state = open;
             }
-            State::Closed { failures } => {
+            State::Closed { failures, .. } => {
                 *state = State::Closed {
                     failures: failures + 1,
+                    last_seen: Some(now),
                 }
             }
             State::HalfOpen { .. } => *state = open,
@@ -137,7 +158,7 @@ mod tests {
         let breaker = Breaker::new(3, PERIOD);
         let t0 = Instant::now();
         for _ in 0..n {
-            breaker.failure(t0);
+            breaker.failure(t0, t0);
         }
         (breaker, t0)
     }
@@ -153,17 +174,35 @@ mod tests {
         assert!(breaker.is_closed());
         assert!(breaker.allow(now), "two failures of three: still closed");
 
-        breaker.failure(now);
+        breaker.failure(now, now);
         assert!(!breaker.is_closed());
         assert!(!breaker.allow(now), "the third failure opens it");
+    }
+
+    #[test]
+    fn commands_that_fail_together_count_as_one_failure() {
+        let breaker = Breaker::new(3, PERIOD);
+        let t0 = Instant::now();
+        let stall = Duration::from_millis(100);
+        for _ in 0..20 {
+            breaker.failure(t0, t0 + stall);
+        }
+        assert!(breaker.is_closed(), "twenty in flight during one stall");
+
+        let after = t0 + stall + TICK;
+        breaker.failure(after, after + stall);
+        assert!(breaker.is_closed(), "a second event: two of three");
+        let later = after + stall + TICK;
+        breaker.failure(later, later + stall);
+        assert!(!breaker.is_closed(), "the third event in a row opens it");
     }
 
     #[test]
     fn a_success_resets_the_count_of_consecutive_failures() {
         let (breaker, now) = after_failures(2);
         breaker.success();
-        breaker.failure(now);
-        breaker.failure(now);
+        breaker.failure(now, now);
+        breaker.failure(now, now);
         assert!(breaker.is_closed(), "two, then two: never three in a row");
     }
 
@@ -172,7 +211,7 @@ mod tests {
         let breaker = Breaker::new(0, PERIOD);
         let now = Instant::now();
         assert!(breaker.allow(now));
-        breaker.failure(now);
+        breaker.failure(now, now);
         assert!(!breaker.allow(now));
     }
 
@@ -187,7 +226,7 @@ mod tests {
     #[test]
     fn failures_while_open_do_not_extend_the_period() {
         let (breaker, t0) = opened();
-        breaker.failure(t0 + PERIOD / 2);
+        breaker.failure(t0 + PERIOD / 2, t0 + PERIOD / 2);
         assert!(breaker.allow(t0 + PERIOD));
     }
 
@@ -216,7 +255,7 @@ mod tests {
         let (breaker, t0) = opened();
         let probed = t0 + PERIOD + Duration::from_secs(1);
         assert!(breaker.allow(probed));
-        breaker.failure(probed);
+        breaker.failure(probed, probed);
         assert!(!breaker.is_closed());
         assert!(!breaker.allow(probed + PERIOD - TICK));
         assert!(breaker.allow(probed + PERIOD), "the next probe");

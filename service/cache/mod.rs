@@ -512,6 +512,7 @@ impl Inner {
         if !self.breaker.allow(Instant::now()) {
             return None;
         }
+        let started = Instant::now();
         let due = tokio::time::Instant::now() + timeout;
         let mut connected = false;
         let outcome = match tokio::time::timeout(timeout, async {
@@ -550,7 +551,7 @@ impl Inner {
                 None
             }
             Err(failure) => {
-                self.report_failure(op, failure);
+                self.report_failure(op, started, failure);
                 None
             }
         }
@@ -575,13 +576,13 @@ impl Inner {
         .await
     }
 
-    fn report_failure(&self, op: &'static str, failure: Failure) {
+    fn report_failure(&self, op: &'static str, started: Instant, failure: Failure) {
         if !matches!(failure, Failure::Saturated) {
             metrics::counter!("cache_errors_total", "op" => op).increment(1);
         }
         match failure {
             Failure::Unavailable(error) | Failure::TimedOut(error) => {
-                self.breaker.failure(Instant::now());
+                self.breaker.failure(started, Instant::now());
                 tracing::warn!(
                     database_type = "redis",
                     operation = op,
