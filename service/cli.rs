@@ -92,8 +92,9 @@ pub enum TokenAction {
         /// The caller's name, recorded in logs and traces.
         #[arg(long)]
         caller: String,
-        /// A role (repeatable), e.g. `--role admin`.
-        #[arg(long = "role")]
+        /// A role (repeatable): `reader`, `writer` (includes reader) or
+        /// `admin` (includes writer).
+        #[arg(long = "role", value_parser = ["reader", "writer", "admin"])]
         roles: Vec<String>,
     },
 }

@@ -21,7 +21,12 @@ pub mod reason {
     // Callers.
     pub const MISSING_CREDENTIALS: &str = "MISSING_CREDENTIALS";
     pub const INVALID_CREDENTIALS: &str = "INVALID_CREDENTIALS";
+    pub const READER_ROLE_REQUIRED: &str = "READER_ROLE_REQUIRED";
+    pub const WRITER_ROLE_REQUIRED: &str = "WRITER_ROLE_REQUIRED";
     pub const ADMIN_ROLE_REQUIRED: &str = "ADMIN_ROLE_REQUIRED";
+    /// A method the authorization table does not list: open to no one.
+    pub const METHOD_NOT_AUTHORIZED: &str = "METHOD_NOT_AUTHORIZED";
+    pub const QUOTA_EXCEEDED: &str = "QUOTA_EXCEEDED";
     // Deadlines and dependencies.
     pub const DEADLINE_EXCEEDED: &str = "DEADLINE_EXCEEDED";
     pub const QUERY_TIMEOUT: &str = "QUERY_TIMEOUT";

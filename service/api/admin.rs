@@ -1,10 +1,11 @@
-//! `datagate.v1.AdminService`: callers need the `admin` role.
+//! `datagate.v1.AdminService`: callers need the `admin` role (the
+//! authorization matrix, `startup::services::RPC_ROLES`, checks it before
+//! a call gets here).
 
 use chrono::{Datelike as _, Utc};
 use tonic::{Request, Response, Status};
 
 use crate::{
-    auth::{ADMIN_ROLE, Caller},
     domain::{analytics::Analytics, partitions::Partitions},
     error::{Detail, Error, reason},
     proto::v1 as pb,
@@ -17,30 +18,12 @@ pub struct AdminApi {
     pub(crate) analytics: Analytics,
 }
 
-fn require_admin<T>(request: &Request<T>) -> Result<(), Status> {
-    match request.extensions().get::<Caller>() {
-        Some(caller) if caller.has_role(ADMIN_ROLE) => Ok(()),
-        caller => Err(Error::PermissionDenied(
-            Detail::new(
-                reason::ADMIN_ROLE_REQUIRED,
-                format!(
-                    "caller {} lacks the `{ADMIN_ROLE}` role that AdminService requires",
-                    caller.map_or("(unknown)", Caller::name)
-                ),
-            )
-            .with("role", ADMIN_ROLE),
-        )
-        .into()),
-    }
-}
-
 #[tonic::async_trait]
 impl pb::admin_service_server::AdminService for AdminApi {
     async fn list_partitions(
         &self,
-        request: Request<pb::ListPartitionsRequest>,
+        _request: Request<pb::ListPartitionsRequest>,
     ) -> Result<Response<pb::ListPartitionsResponse>, Status> {
-        require_admin(&request)?;
         let (partitions, default_rows) = self.partitions.list().await?;
         Ok(Response::new(pb::ListPartitionsResponse {
             partitions: partitions
@@ -69,27 +52,24 @@ impl pb::admin_service_server::AdminService for AdminApi {
 
     async fn ensure_partitions(
         &self,
-        request: Request<pb::EnsurePartitionsRequest>,
+        _request: Request<pb::EnsurePartitionsRequest>,
     ) -> Result<Response<pb::EnsurePartitionsResponse>, Status> {
-        require_admin(&request)?;
         let created = self.partitions.ensure(Utc::now().date_naive()).await?;
         Ok(Response::new(pb::EnsurePartitionsResponse { created }))
     }
 
     async fn retire_partitions(
         &self,
-        request: Request<pb::RetirePartitionsRequest>,
+        _request: Request<pb::RetirePartitionsRequest>,
     ) -> Result<Response<pb::RetirePartitionsResponse>, Status> {
-        require_admin(&request)?;
         let dropped = self.partitions.retire(Utc::now().date_naive()).await?;
         Ok(Response::new(pb::RetirePartitionsResponse { dropped }))
     }
 
     async fn refresh_analytics(
         &self,
-        request: Request<pb::RefreshAnalyticsRequest>,
+        _request: Request<pb::RefreshAnalyticsRequest>,
     ) -> Result<Response<pb::RefreshAnalyticsResponse>, Status> {
-        require_admin(&request)?;
         let started = std::time::Instant::now();
         if !self.analytics.refresh().await? {
             return Err(Error::Aborted(Detail::new(

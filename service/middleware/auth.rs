@@ -1,8 +1,10 @@
-//! Caller identity: the bearer token of every call is looked up in the
-//! configured [`TokenStore`]; the caller is recorded in the call's span and
-//! attached to the request (the handlers authorize by its roles). A call
-//! without a known token is answered UNAUTHENTICATED here, never reaching a
-//! handler. Health and reflection are open.
+//! Caller identity and authorization: the bearer token of every call is
+//! looked up in the configured [`TokenStore`]; the caller is recorded in the
+//! call's span and attached to the request, and the [`Policy`] decides
+//! whether its roles allow the method. A call without a known token is
+//! answered UNAUTHENTICATED here, one whose caller lacks the method's role
+//! PERMISSION_DENIED naming that role: neither reaches admission, a
+//! handler or a database. Health and reflection are open.
 
 use http::{HeaderMap, Request};
 use tonic::body::Body;
@@ -10,7 +12,7 @@ use tracing::Span;
 
 use super::{CallFuture, Inner, Middleware, status_response};
 use crate::{
-    auth::{Caller, TokenStore},
+    auth::{Caller, Policy, TokenStore},
     error::{Detail, Error, reason},
 };
 
@@ -18,11 +20,12 @@ use crate::{
 #[derive(Clone)]
 pub struct Auth {
     tokens: TokenStore,
+    policy: Policy,
 }
 
 impl Auth {
-    pub fn new(tokens: TokenStore) -> Self {
-        Self { tokens }
+    pub fn new(tokens: TokenStore, policy: Policy) -> Self {
+        Self { tokens, policy }
     }
 
     fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, Error> {
@@ -53,13 +56,15 @@ impl Middleware for Auth {
     const SKIPS_INFRASTRUCTURE: bool = true;
 
     fn handle<S: Inner>(&self, mut request: Request<Body>, inner: &mut S) -> CallFuture<S::Error> {
-        match self.authenticate(request.headers()) {
-            Ok(caller) => {
-                Span::current().record("caller", caller.name());
-                request.extensions_mut().insert(caller);
-                Box::pin(inner.call(request))
-            }
-            Err(error) => Box::pin(std::future::ready(Ok(status_response(error)))),
+        let caller = match self.authenticate(request.headers()) {
+            Ok(caller) => caller,
+            Err(error) => return Box::pin(std::future::ready(Ok(status_response(error)))),
+        };
+        Span::current().record("caller", caller.name());
+        if let Err(error) = self.policy.authorize(&caller, request.uri().path()) {
+            return Box::pin(std::future::ready(Ok(status_response(error))));
         }
+        request.extensions_mut().insert(caller);
+        Box::pin(inner.call(request))
     }
 }

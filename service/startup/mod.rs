@@ -26,13 +26,16 @@ use tokio_util::sync::CancellationToken;
 use tonic::{service::Routes, transport::Server};
 use tower::ServiceBuilder;
 
-pub use self::health::{LIVENESS_HEALTH, MONGODB_HEALTH, REDIS_HEALTH, REPLICA_HEALTH};
 use self::{
     background::{Background, Tasks},
     services::Services,
 };
+pub use self::{
+    health::{LIVENESS_HEALTH, MONGODB_HEALTH, REDIS_HEALTH, REPLICA_HEALTH},
+    services::RPC_ROLES,
+};
 use crate::{
-    auth::TokenStore,
+    auth::{Policy, TokenStore},
     cache::Cache,
     config::Settings,
     documents::Mongo,
@@ -165,7 +168,13 @@ fn serve(
     // Outermost first; see `middleware` for what each layer does.
     let stack = ServiceBuilder::new()
         .layer(Rpc::new(settings.telemetry.n_plus_one_threshold).into_layer())
-        .layer(Auth::new(TokenStore::from_settings(&settings.auth)).into_layer())
+        .layer(
+            Auth::new(
+                TokenStore::from_settings(&settings.auth),
+                Policy::new(RPC_ROLES),
+            )
+            .into_layer(),
+        )
         .layer(Deadlines::new(settings.server.request_timeout).into_layer())
         .option_layer(
             settings

@@ -19,6 +19,7 @@ use crate::{
         orders::{OrderApi, OrderServiceServer},
         users::{UserApi, UserServiceServer},
     },
+    auth::Role,
     config::Settings,
     domain::{
         analytics::Analytics, catalog::Catalog, idempotency::KeySweeper,
@@ -39,6 +40,75 @@ pub(super) const SERVICES: &[&str] = &[
     <OrderServiceServer<OrderApi> as NamedService>::NAME,
     <AdminServiceServer<AdminApi> as NamedService>::NAME,
     <AnalyticsServiceServer<AnalyticsApi> as NamedService>::NAME,
+];
+
+/// The authorization matrix: the role every RPC requires, one line per
+/// method (a writer may also read, an admin may do everything; see
+/// [`Role`]). A method missing here is refused to every caller, and
+/// `tests/api/authz.rs` fails: it checks this table against the descriptor
+/// set and every role against every method. Health and reflection are open.
+///
+/// `VerifyPassword` reads, but it is a password oracle: writers only, so a
+/// read-only token cannot guess passwords with it.
+pub const RPC_ROLES: &[(&str, Role)] = &[
+    ("/datagate.v1.UserService/CreateUser", Role::Writer),
+    ("/datagate.v1.UserService/GetUser", Role::Reader),
+    ("/datagate.v1.UserService/BatchGetUsers", Role::Reader),
+    ("/datagate.v1.UserService/ListUsers", Role::Reader),
+    ("/datagate.v1.UserService/UpdateUser", Role::Writer),
+    ("/datagate.v1.UserService/DeleteUser", Role::Writer),
+    ("/datagate.v1.UserService/VerifyPassword", Role::Writer),
+    ("/datagate.v1.UserService/CreateTeam", Role::Writer),
+    ("/datagate.v1.UserService/AddTeamMember", Role::Writer),
+    ("/datagate.v1.UserService/RemoveTeamMember", Role::Writer),
+    ("/datagate.v1.UserService/ListUserTeams", Role::Reader),
+    ("/datagate.v1.UserService/GetUserProfile", Role::Reader),
+    ("/datagate.v1.UserService/UpdateUserProfile", Role::Writer),
+    ("/datagate.v1.CatalogService/CreateProduct", Role::Writer),
+    ("/datagate.v1.CatalogService/GetProduct", Role::Reader),
+    ("/datagate.v1.CatalogService/BatchGetProducts", Role::Reader),
+    ("/datagate.v1.CatalogService/UpdateProduct", Role::Writer),
+    ("/datagate.v1.CatalogService/AdjustInventory", Role::Writer),
+    ("/datagate.v1.CatalogService/SearchProducts", Role::Reader),
+    ("/datagate.v1.CatalogService/GetPriceHistory", Role::Reader),
+    ("/datagate.v1.OrderService/CreateOrder", Role::Writer),
+    ("/datagate.v1.OrderService/GetOrder", Role::Reader),
+    ("/datagate.v1.OrderService/ListOrders", Role::Reader),
+    ("/datagate.v1.OrderService/UpdateOrderStatus", Role::Writer),
+    (
+        "/datagate.v1.OrderService/ListUsersWithOrders",
+        Role::Reader,
+    ),
+    // Market analyses are the caller's own: reads see only theirs (admins
+    // see all), see `domain::market_analyses`.
+    (
+        "/datagate.v1.AnalyticsService/GetSearchInsights",
+        Role::Reader,
+    ),
+    (
+        "/datagate.v1.AnalyticsService/GetCategoryMetrics",
+        Role::Reader,
+    ),
+    (
+        "/datagate.v1.AnalyticsService/GetRevenueTrend",
+        Role::Reader,
+    ),
+    (
+        "/datagate.v1.AnalyticsService/StartMarketAnalysis",
+        Role::Writer,
+    ),
+    (
+        "/datagate.v1.AnalyticsService/GetMarketAnalysis",
+        Role::Reader,
+    ),
+    (
+        "/datagate.v1.AnalyticsService/ListMarketAnalyses",
+        Role::Reader,
+    ),
+    ("/datagate.v1.AdminService/ListPartitions", Role::Admin),
+    ("/datagate.v1.AdminService/EnsurePartitions", Role::Admin),
+    ("/datagate.v1.AdminService/RetirePartitions", Role::Admin),
+    ("/datagate.v1.AdminService/RefreshAnalytics", Role::Admin),
 ];
 
 /// A generated gRPC server with the largest request and response message

@@ -109,7 +109,7 @@ async fn calls_beyond_the_limit_and_the_queue_are_shed_while_health_and_admin_ca
         .metric("admission_rejected_total", &[("reason", "queue_full")])
         .await;
     let lock = RowLock::on_user(&app.db, user.id).await;
-    let client = app.users_as(Some(&app.reader_token)).await;
+    let client = app.users_as(Some(&app.writer_token)).await;
 
     // Arrange: the limit's two calls in flight, held by the lock.
     let mut calls = JoinSet::new();
@@ -148,7 +148,7 @@ async fn calls_beyond_the_limit_and_the_queue_are_shed_while_health_and_admin_ca
     for answer in next_answers(&mut excess, 1, Duration::from_secs(10)).await {
         assert_handled(&answer);
     }
-    app.users_as(Some(&app.reader_token))
+    app.users_as(Some(&app.writer_token))
         .await
         .get_user(pb::GetUserRequest { id: user.id })
         .await
@@ -165,7 +165,7 @@ async fn a_caller_flooding_the_service_cannot_starve_another() {
 
     // The flooder, alone, takes the whole limit; one more call is queued,
     // the rest are shed.
-    let flooder = app.users_as(Some(&app.reader_token)).await;
+    let flooder = app.users_as(Some(&app.writer_token)).await;
     let mut flood = JoinSet::new();
     renames(&mut flood, &flooder, &held, 2);
     wait_for_lock_waiters(&app, 2).await;

@@ -6,6 +6,7 @@
 mod admission;
 mod analytics;
 mod audit;
+mod authz;
 mod batching;
 mod breaker;
 mod cache;

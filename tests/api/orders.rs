@@ -289,7 +289,7 @@ async fn a_request_id_reused_with_another_payload_is_refused() {
     // Keys are per caller: another caller may use the same one.
     let other = datagate::proto::v1::order_service_client::OrderServiceClient::with_interceptor(
         app.channel().await,
-        crate::support::Bearer(Some(app.reader_token.as_str().into())),
+        crate::support::Bearer(Some(app.writer_token.as_str().into())),
     )
     .create_order(request(2))
     .await;

@@ -192,7 +192,8 @@ async fn healthcheck_exits_zero_only_for_a_serving_entry() {
 #[api_test]
 async fn sigterm_lets_the_in_flight_call_finish_and_exits_zero() {
     let database = TestDatabase::create().await;
-    let (token, entry) = auth::new_token("sigterm-test", &[]).unwrap();
+    let (token, entry) =
+        auth::new_token("sigterm-test", &[auth::Role::Writer.as_str().to_owned()]).unwrap();
     let port = free_port();
     let mut child = serve(&database.url, &entry, port)
         .env("DATAGATE__TELEMETRY__LOG_FORMAT", "json")
@@ -378,7 +379,8 @@ async fn stop_and_collect_spans(
 async fn with_an_otlp_endpoint_every_call_is_exported_as_a_server_span() {
     let database = TestDatabase::create().await;
     let (collector, mut spans) = collector::start().await;
-    let (token, entry) = auth::new_token("traced-caller", &[]).unwrap();
+    let (token, entry) =
+        auth::new_token("traced-caller", &[auth::Role::Writer.as_str().to_owned()]).unwrap();
     let port = free_port();
     let mut child = serve(&database.url, &entry, port)
         .env(
@@ -435,7 +437,8 @@ async fn with_an_otlp_endpoint_every_call_is_exported_as_a_server_span() {
 async fn the_rpc_span_is_a_child_of_the_callers_traceparent() {
     let database = TestDatabase::create().await;
     let (collector, mut spans) = collector::start().await;
-    let (token, entry) = auth::new_token("traced-caller", &[]).unwrap();
+    let (token, entry) =
+        auth::new_token("traced-caller", &[auth::Role::Writer.as_str().to_owned()]).unwrap();
     let port = free_port();
     let mut child = serve(&database.url, &entry, port)
         .env(

@@ -40,7 +40,7 @@ async fn a_call_with_an_unknown_token_is_unauthenticated() {
 }
 
 #[api_test]
-async fn a_caller_without_roles_can_use_the_user_service() {
+async fn a_reader_can_read_the_user_service() {
     let app = TestApp::spawn().await;
     let status = app
         .users_as(Some(&app.reader_token))
@@ -51,7 +51,7 @@ async fn a_caller_without_roles_can_use_the_user_service() {
     assert_eq!(
         status.code(),
         Code::NotFound,
-        "authenticated, then not found"
+        "authenticated, authorized, then not found"
     );
 }
 

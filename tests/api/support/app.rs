@@ -42,7 +42,9 @@ pub struct TestApp {
     pub db: PgPool,
     /// A token with the `admin` role.
     pub token: String,
-    /// A token without roles.
+    /// A token with the `writer` role.
+    pub writer_token: String,
+    /// A token with the `reader` role.
     pub reader_token: String,
     /// The settings the app runs with.
     pub settings: Settings,
@@ -51,6 +53,13 @@ pub struct TestApp {
     // Last: the databases are dropped after the app has stopped using them
     // (replicas share their primary's and own none).
     _databases: Owned,
+}
+
+/// The app's bearer tokens, by role.
+struct Tokens {
+    admin: String,
+    writer: String,
+    reader: String,
 }
 
 /// The databases an app owns (a primary) or not (a replica).
@@ -82,7 +91,10 @@ impl TestApp {
         let database = TestDatabase::create().await;
         let (token, admin_entry) =
             auth::new_token("test-admin", &[auth::ADMIN_ROLE.to_owned()]).unwrap();
-        let (reader_token, reader_entry) = auth::new_token("test-reader", &[]).unwrap();
+        let (writer_token, writer_entry) =
+            auth::new_token("test-writer", &[auth::Role::Writer.as_str().to_owned()]).unwrap();
+        let (reader_token, reader_entry) =
+            auth::new_token("test-reader", &[auth::Role::Reader.as_str().to_owned()]).unwrap();
         let mut settings = Settings::load_with_overrides(
             None,
             &[
@@ -111,22 +123,29 @@ impl TestApp {
         // Tests that are not about overload must not be shed when they fire
         // bursts on a busy machine; `admission.rs` turns it on.
         settings.admission.enabled = false;
-        settings.auth.tokens = vec![admin_entry.parse().unwrap(), reader_entry.parse().unwrap()];
+        settings.auth.tokens = [admin_entry, writer_entry, reader_entry]
+            .iter()
+            .map(|entry| entry.parse().unwrap())
+            .collect();
         let mongo = with_mongo.then(|| use_test_mongo(&mut settings));
         customize(&mut settings);
         let databases = Owned {
             _postgres: Some(database),
             _mongo: mongo,
         };
-        Self::start(settings, token, reader_token, databases).await
+        Self::start(
+            settings,
+            Tokens {
+                admin: token,
+                writer: writer_token,
+                reader: reader_token,
+            },
+            databases,
+        )
+        .await
     }
 
-    async fn start(
-        settings: Settings,
-        token: String,
-        reader_token: String,
-        databases: Owned,
-    ) -> Self {
+    async fn start(settings: Settings, tokens: Tokens, databases: Owned) -> Self {
         let app = Application::build(settings.clone())
             .await
             .expect("app builds");
@@ -141,8 +160,9 @@ impl TestApp {
             addr,
             metrics_addr,
             db,
-            token,
-            reader_token,
+            token: tokens.admin,
+            writer_token: tokens.writer,
+            reader_token: tokens.reader,
             settings,
             shutdown,
             server: Some(server),
@@ -180,27 +200,23 @@ impl TestApp {
             .database(&self.settings.mongodb.database)
     }
 
+    fn tokens(&self) -> Tokens {
+        Tokens {
+            admin: self.token.clone(),
+            writer: self.writer_token.clone(),
+            reader: self.reader_token.clone(),
+        }
+    }
+
     /// A replica with other settings (on the same database).
     pub async fn spawn_replica_with(&self, settings: Settings) -> Self {
-        Self::start(
-            settings,
-            self.token.clone(),
-            self.reader_token.clone(),
-            Owned::default(),
-        )
-        .await
+        Self::start(settings, self.tokens(), Owned::default()).await
     }
 
     /// A second instance on the same database and the same Redis namespace,
     /// as another replica would be.
     pub async fn spawn_replica(&self) -> Self {
-        Self::start(
-            self.settings.clone(),
-            self.token.clone(),
-            self.reader_token.clone(),
-            Owned::default(),
-        )
-        .await
+        Self::start(self.settings.clone(), self.tokens(), Owned::default()).await
     }
 
     /// The Redis key of an entity in this app's namespace (hash-tagged on a
@@ -261,9 +277,9 @@ impl TestApp {
         AdminServiceClient::with_interceptor(self.channel().await, Bearer(Some(token.into())))
     }
 
-    /// AnalyticsService as the caller without roles.
+    /// AnalyticsService as the writer.
     pub async fn analytics(&self) -> AnalyticsClient {
-        self.analytics_as(&self.reader_token).await
+        self.analytics_as(&self.writer_token).await
     }
 
     pub async fn analytics_as(&self, token: &str) -> AnalyticsClient {
