@@ -22,6 +22,7 @@ const REQUIRED: &[&str] = &["database.url"];
 pub struct Settings {
     pub server: ServerSettings,
     pub admission: AdmissionSettings,
+    pub quotas: QuotaSettings,
     pub metrics: MetricsSettings,
     pub telemetry: TelemetrySettings,
     pub database: DatabaseSettings,
@@ -215,6 +216,21 @@ pub struct AdmissionSettings {
     pub retry_after: Duration,
     #[serde(with = "humantime_serde")]
     pub max_retry_after: Duration,
+}
+
+/// Per-caller quotas (see `middleware::quota`): requests per second, zero
+/// for unlimited.
+#[derive(Debug, Clone, Deserialize)]
+pub struct QuotaSettings {
+    pub reader: f64,
+    pub writer: f64,
+    pub admin: f64,
+    /// A caller may spend this many seconds of its rate at once.
+    #[serde(with = "humantime_serde")]
+    pub burst: Duration,
+    /// Rates of named callers, overriding their role's.
+    #[serde(default)]
+    pub callers: std::collections::HashMap<String, f64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

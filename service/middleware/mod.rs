@@ -7,11 +7,14 @@
 //!    is outermost so that rejected calls are counted and logged too.
 //! 2. [`Auth`] (`auth.rs`): the caller's identity from the bearer token,
 //!    recorded in the span and attached to the request.
-//! 3. [`Deadlines`] (`deadline.rs`): the shorter of the caller's
+//! 3. [`Quotas`] (`quota.rs`): each caller's requests per second;
+//!    RESOURCE_EXHAUSTED `QUOTA_EXCEEDED` with a RetryInfo past it, before
+//!    any other work.
+//! 4. [`Deadlines`] (`deadline.rs`): the shorter of the caller's
 //!    `grpc-timeout` and the server's bound, made the call's current
 //!    [`Deadline`](crate::model::deadline::Deadline); past it the call is dropped
 //!    (which cancels its queries) and answered with DEADLINE_EXCEEDED.
-//! 4. [`Admission`] (`admission.rs`): the adaptive concurrency limit, its
+//! 5. [`Admission`] (`admission.rs`): the adaptive concurrency limit, its
 //!    short fair queue, and RESOURCE_EXHAUSTED for calls beyond both
 //!    (after auth, for the caller; inside the deadline, which bounds the
 //!    wait). Health, reflection and AdminService calls are never shed.
@@ -43,6 +46,7 @@
 mod admission;
 mod auth;
 mod deadline;
+mod quota;
 mod rpc;
 
 use std::{
@@ -55,7 +59,7 @@ use http::{Request, Response};
 use tonic::{Status, body::Body};
 use tower::{Layer, Service};
 
-pub use self::{admission::Admission, auth::Auth, deadline::Deadlines, rpc::Rpc};
+pub use self::{admission::Admission, auth::Auth, deadline::Deadlines, quota::Quotas, rpc::Rpc};
 use crate::error::Error;
 
 /// The response future of a call through the stack.

@@ -39,7 +39,7 @@ use crate::{
     cache::Cache,
     config::Settings,
     documents::Mongo,
-    middleware::{Admission, Auth, Deadlines, Middleware as _, Rpc},
+    middleware::{Admission, Auth, Deadlines, Middleware as _, Quotas, Rpc},
     store::{self, postgres::Reads},
 };
 
@@ -172,6 +172,13 @@ fn serve(
             Auth::new(
                 TokenStore::from_settings(&settings.auth),
                 Policy::new(RPC_ROLES),
+            )
+            .into_layer(),
+        )
+        .layer(
+            Quotas::new(
+                &settings.quotas,
+                settings.auth.tokens.iter().map(|t| t.caller.clone()),
             )
             .into_layer(),
         )

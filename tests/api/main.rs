@@ -21,6 +21,7 @@ mod orders;
 mod partitions;
 mod process;
 mod promises;
+mod quotas;
 mod readiness;
 mod replica;
 mod retries;

@@ -123,6 +123,10 @@ impl TestApp {
         // Tests that are not about overload must not be shed when they fire
         // bursts on a busy machine; `admission.rs` turns it on.
         settings.admission.enabled = false;
+        // Nor held to a caller's quota (`quotas.rs` sets them).
+        settings.quotas.reader = 0.0;
+        settings.quotas.writer = 0.0;
+        settings.quotas.admin = 0.0;
         settings.auth.tokens = [admin_entry, writer_entry, reader_entry]
             .iter()
             .map(|entry| entry.parse().unwrap())

@@ -88,6 +88,8 @@ impl Service {
             ("server.port", "0"),
             ("metrics.host", "127.0.0.1"),
             ("metrics.port", "0"),
+            // The scenarios measure the instance, not one caller's quota.
+            ("quotas.admin", "0"),
         ];
         if let Some(redis) = deps.redis_url {
             overrides.push(("redis.url", redis));
@@ -124,6 +126,8 @@ impl Service {
                 PAGE_SECRET.into(),
             ),
             ("DATAGATE__AUTH__TOKENS".into(), entry),
+            // The scenarios measure the instance, not one caller's quota.
+            ("DATAGATE__QUOTAS__ADMIN".into(), "0".into()),
             ("DATAGATE__SERVER__HOST".into(), "127.0.0.1".into()),
             ("DATAGATE__SERVER__PORT".into(), port.to_string()),
             ("DATAGATE__METRICS__HOST".into(), "127.0.0.1".into()),

@@ -1,0 +1,292 @@
+//! Per-caller quotas: a token bucket per caller identity (the [`Caller`] the
+//! auth layer attached), refilled at the caller's requests per second and
+//! holding `burst` seconds of them. A call finding its bucket empty is
+//! answered RESOURCE_EXHAUSTED (`QUOTA_EXCEEDED`) at once, with a
+//! `RetryInfo` of when the next token arrives: before the deadline, the
+//! admission queue or any database work.
+//!
+//! Admission protects the instance from all callers together; a quota keeps
+//! one caller to its agreed rate whatever the instance's load, so one
+//! misbehaving client is refused at its own rate, not by shedding everyone.
+//!
+//! The rate of a caller is its own (`quotas.callers`), else its highest
+//! role's (`quotas.reader` / `writer` / `admin`); zero is unlimited. Buckets
+//! are kept per caller name; a bucket that has refilled is forgotten once
+//! there are many (callers from JWTs are not bounded by the configuration),
+//! which changes nothing, since a new bucket starts full.
+//!
+//! Metrics: `quota_requests_total{caller, outcome}` (`admitted`,
+//! `exceeded`); `caller` is a configured caller's name, or `other` for the
+//! rest, so the label's cardinality is bounded by the configuration.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use http::Request;
+use tonic::body::Body;
+
+use super::{CallFuture, Inner, Middleware, status_response};
+use crate::{
+    auth::{Caller, Role},
+    config::QuotaSettings,
+    error::{Detail, Error, reason},
+};
+
+/// Buckets kept before refilled ones are forgotten.
+const KEPT_BUCKETS: usize = 4096;
+
+/// The `caller` label of callers the configuration does not name.
+const OTHER_CALLER: &str = "other";
+
+/// Enforces each caller's requests per second.
+#[derive(Clone)]
+pub struct Quotas {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    settings: QuotaSettings,
+    /// Callers whose name is a metric label.
+    named: HashSet<String>,
+    buckets: Mutex<HashMap<Arc<str>, Bucket>>,
+}
+
+impl Quotas {
+    /// `named`: the callers the configuration names (their tokens,
+    /// certificates, quotas), the only `caller` labels besides `other`.
+    pub fn new(settings: &QuotaSettings, named: impl IntoIterator<Item = String>) -> Self {
+        let mut named: HashSet<String> = named.into_iter().collect();
+        named.extend(settings.callers.keys().cloned());
+        Self {
+            shared: Arc::new(Shared {
+                settings: settings.clone(),
+                named,
+                buckets: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The requests per second `caller` may make; `None` is unlimited.
+    fn rate_of(&self, caller: &Caller) -> Option<f64> {
+        let settings = &self.shared.settings;
+        let rate = match settings.callers.get(caller.name()) {
+            Some(rate) => *rate,
+            None => Role::ALL
+                .into_iter()
+                .rev()
+                .find(|role| caller.may(*role))
+                // A caller with no role never passes authorization; were
+                // it counted, the lowest rate would be its.
+                .map_or(settings.reader, |role| match role {
+                    Role::Reader => settings.reader,
+                    Role::Writer => settings.writer,
+                    Role::Admin => settings.admin,
+                }),
+        };
+        (rate > 0.0).then_some(rate)
+    }
+
+    /// Takes a token for `caller` at `now`: `Err` is how long until one
+    /// arrives.
+    fn take(&self, caller: &Caller, now: Instant) -> Result<(), Duration> {
+        let Some(rate) = self.rate_of(caller) else {
+            return Ok(());
+        };
+        let capacity = (rate * self.shared.settings.burst.as_secs_f64()).max(1.0);
+        let mut buckets = self
+            .shared
+            .buckets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if buckets.len() >= KEPT_BUCKETS && !buckets.contains_key(caller.name()) {
+            buckets.retain(|_, bucket| !bucket.is_full(rate, capacity, now));
+        }
+        match buckets.get_mut(caller.name()) {
+            Some(bucket) => bucket.take(rate, capacity, now),
+            None => {
+                let mut bucket = Bucket::full(capacity, now);
+                let taken = bucket.take(rate, capacity, now);
+                buckets.insert(caller.name().into(), bucket);
+                taken
+            }
+        }
+    }
+
+    fn label<'a>(&self, caller: &'a Caller) -> &'a str {
+        if self.shared.named.contains(caller.name()) {
+            caller.name()
+        } else {
+            OTHER_CALLER
+        }
+    }
+}
+
+impl Middleware for Quotas {
+    const SKIPS_INFRASTRUCTURE: bool = true;
+
+    fn handle<S: Inner>(&self, request: Request<Body>, inner: &mut S) -> CallFuture<S::Error> {
+        // Every service call passed the auth layer, which attaches the
+        // caller; without one there is nobody to count against.
+        let Some(caller) = request.extensions().get::<Caller>() else {
+            return Box::pin(inner.call(request));
+        };
+        let label = self.label(caller).to_owned();
+        match self.take(caller, Instant::now()) {
+            Ok(()) => {
+                metrics::counter!("quota_requests_total", "caller" => label, "outcome" => "admitted")
+                    .increment(1);
+                Box::pin(inner.call(request))
+            }
+            Err(retry_after) => {
+                metrics::counter!("quota_requests_total", "caller" => label, "outcome" => "exceeded")
+                    .increment(1);
+                let error = Error::ResourceExhausted {
+                    detail: Detail::new(
+                        reason::QUOTA_EXCEEDED,
+                        format!(
+                            "caller {} is over its quota of requests per second; retry after the RetryInfo delay",
+                            caller.name()
+                        ),
+                    )
+                    .with("caller", caller.name()),
+                    retry_after,
+                };
+                Box::pin(std::future::ready(Ok(status_response(error))))
+            }
+        }
+    }
+}
+
+/// A token bucket: `tokens` at `at`, refilled at the caller's rate.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn full(capacity: f64, now: Instant) -> Self {
+        Self {
+            tokens: capacity,
+            at: now,
+        }
+    }
+
+    fn refill(&mut self, rate: f64, capacity: f64, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(capacity);
+        self.at = now.max(self.at);
+    }
+
+    fn take(&mut self, rate: f64, capacity: f64, now: Instant) -> Result<(), Duration> {
+        self.refill(rate, capacity, now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            // At least a millisecond: RetryInfo of zero reads as "now".
+            let wait = (1.0 - self.tokens) / rate;
+            Err(Duration::from_secs_f64(wait).max(Duration::from_millis(1)))
+        }
+    }
+
+    fn is_full(&self, rate: f64, capacity: f64, now: Instant) -> bool {
+        let mut refilled = *self;
+        refilled.refill(rate, capacity, now);
+        refilled.tokens >= capacity
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(reader: f64, callers: &[(&str, f64)]) -> QuotaSettings {
+        QuotaSettings {
+            reader,
+            writer: 0.0,
+            admin: 0.0,
+            burst: Duration::from_secs(2),
+            callers: callers.iter().map(|(n, r)| ((*n).to_owned(), *r)).collect(),
+        }
+    }
+
+    fn caller(name: &str, role: &str) -> Caller {
+        Caller::new(name, &[role.to_owned()])
+    }
+
+    #[test]
+    fn a_full_bucket_admits_a_burst_then_refills_at_the_rate() {
+        let quotas = Quotas::new(&settings(5.0, &[]), []);
+        let reader = caller("dash", "reader");
+        let t0 = Instant::now();
+        for i in 0..10 {
+            assert_eq!(quotas.take(&reader, t0), Ok(()), "burst call {i}");
+        }
+        let wait = quotas.take(&reader, t0).expect_err("the burst is spent");
+        assert_eq!(wait, Duration::from_millis(200), "one token at 5/s");
+        assert!(quotas.take(&reader, t0 + wait).is_ok());
+        assert!(quotas.take(&reader, t0 + wait).is_err());
+    }
+
+    #[test]
+    fn callers_have_buckets_of_their_own() {
+        let quotas = Quotas::new(&settings(1.0, &[]), []);
+        let t0 = Instant::now();
+        let (a, b) = (caller("a", "reader"), caller("b", "reader"));
+        assert!(quotas.take(&a, t0).is_ok());
+        assert!(quotas.take(&a, t0).is_ok());
+        assert!(quotas.take(&a, t0).is_err());
+        assert!(
+            quotas.take(&b, t0).is_ok(),
+            "a's use leaves b's bucket full"
+        );
+    }
+
+    #[test]
+    fn a_callers_own_quota_overrides_its_roles_and_zero_is_unlimited() {
+        let quotas = Quotas::new(&settings(1.0, &[("batch", 0.5), ("free", 0.0)]), []);
+        let t0 = Instant::now();
+        let batch = caller("batch", "reader");
+        assert!(quotas.take(&batch, t0).is_ok());
+        assert_eq!(quotas.take(&batch, t0), Err(Duration::from_secs(2)));
+        let free = caller("free", "reader");
+        assert!((0..1000).all(|_| quotas.take(&free, t0).is_ok()));
+        let writer = caller("w", "writer");
+        assert!(
+            (0..1000).all(|_| quotas.take(&writer, t0).is_ok()),
+            "writer = 0"
+        );
+        let nobody = Caller::new("nobody", &[]);
+        assert!(quotas.take(&nobody, t0).is_ok());
+        assert!(quotas.take(&nobody, t0).is_ok());
+        assert!(
+            quotas.take(&nobody, t0).is_err(),
+            "no role: the reader rate"
+        );
+    }
+
+    #[test]
+    fn only_configured_callers_are_metric_labels() {
+        let quotas = Quotas::new(&settings(1.0, &[("batch", 1.0)]), ["orders-api".to_owned()]);
+        assert_eq!(quotas.label(&caller("orders-api", "reader")), "orders-api");
+        assert_eq!(quotas.label(&caller("batch", "reader")), "batch");
+        assert_eq!(quotas.label(&caller("jwt-sub-123", "reader")), OTHER_CALLER);
+    }
+
+    #[test]
+    fn refilled_buckets_are_forgotten_once_there_are_many() {
+        let quotas = Quotas::new(&settings(1.0, &[]), []);
+        let t0 = Instant::now();
+        for i in 0..KEPT_BUCKETS {
+            assert!(quotas.take(&caller(&format!("c{i}"), "reader"), t0).is_ok());
+        }
+        let later = t0 + Duration::from_secs(10);
+        assert!(quotas.take(&caller("new", "reader"), later).is_ok());
+        let kept = quotas.shared.buckets.lock().unwrap().len();
+        assert_eq!(kept, 1, "every old bucket had refilled");
+    }
+}
