@@ -1,6 +1,7 @@
 //! Idempotency keys expire: the sweep deletes keys older than the retention,
 //! in batches, and keeps the younger ones, whose replays still answer the
-//! first response.
+//! first response; keys are per caller, so two callers with one request id
+//! get an order each.
 
 use std::time::Duration;
 
@@ -111,4 +112,71 @@ async fn a_sweep_deletes_a_backlog_in_batches() {
     assert_eq!(deleted, 25, "three batches of at most 10");
     assert_eq!(keys(&app).await, ["fresh"]);
     assert_eq!(sweeper(&app, 10).sweep(Utc::now()).await.unwrap(), 0);
+}
+
+/// `CreateOrder` for one unit of `product_id` as the caller of `token`.
+async fn order_as(
+    app: &TestApp,
+    token: &str,
+    user_id: i64,
+    product_id: i64,
+    request_id: &str,
+) -> pb::Order {
+    pb::order_service_client::OrderServiceClient::with_interceptor(
+        app.channel().await,
+        crate::support::Bearer(Some(token.into())),
+    )
+    .create_order(pb::CreateOrderRequest {
+        user_id,
+        items: vec![pb::OrderLine {
+            product_id,
+            quantity: 1,
+        }],
+        request_id: request_id.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+#[api_test]
+async fn two_callers_with_one_request_id_do_not_share_a_response() {
+    let app = app().await;
+    let (email, username) = unique("twin");
+    let user = app.create_user(&email, &username).await;
+    let product = app.create_product(100, 10).await;
+    let request_id = "checkout-7f3a";
+
+    let admins = order(&app, user.id, product.id, request_id).await;
+    let writers = order_as(&app, &app.writer_token, user.id, product.id, request_id).await;
+    assert_ne!(
+        admins.id, writers.id,
+        "the writer's call made its own order"
+    );
+    assert_eq!(
+        app.inventory_of(product.id).await,
+        8,
+        "two orders, two units"
+    );
+
+    // Each caller's retry replays its own first response.
+    let admins_retry = order(&app, user.id, product.id, request_id).await;
+    let writers_retry = order_as(&app, &app.writer_token, user.id, product.id, request_id).await;
+    assert_eq!(admins_retry, admins);
+    assert_eq!(writers_retry, writers);
+    assert_eq!(
+        app.inventory_of(product.id).await,
+        8,
+        "replays take nothing"
+    );
+
+    // The audit log names each order's caller.
+    let actors: Vec<String> = sqlx::query_scalar(
+        "SELECT actor FROM audit_log \
+         WHERE table_name = 'orders' AND action = 'insert' ORDER BY record_id",
+    )
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(actors, ["test-admin", "test-writer"]);
 }
