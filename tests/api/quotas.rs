@@ -13,13 +13,17 @@ use crate::support::{TestApp, api_test, assert_error};
 #[api_test]
 async fn a_caller_past_its_quota_is_refused_with_retry_info_and_others_are_not() {
     // Readers: a bucket of two calls, refilled once a minute, so the test
-    // does not depend on how fast it runs. Writers: unlimited.
+    // does not depend on how fast it runs. Writers: unlimited. The reader
+    // is this test's own (metrics are per process, shared by the tests).
+    let name = format!("quota-reader-{}", uuid::Uuid::new_v4().simple());
+    let (token, entry) = datagate::auth::new_token(&name, &["reader".to_owned()]).unwrap();
     let app = TestApp::spawn_with(|settings| {
         settings.quotas.reader = 1.0 / 60.0;
         settings.quotas.burst = Duration::from_secs(120);
+        settings.auth.tokens.push(entry.parse().unwrap());
     })
     .await;
-    let reader = app.users_as(Some(&app.reader_token)).await;
+    let reader = app.users_as(Some(&token)).await;
     let get = |mut client: crate::support::clients::UserClient| async move {
         client.get_user(pb::GetUserRequest { id: 424_242 }).await
     };
@@ -30,7 +34,7 @@ async fn a_caller_past_its_quota_is_refused_with_retry_info_and_others_are_not()
 
     let refused = get(reader.clone()).await.unwrap_err();
     assert_error(&refused, Code::ResourceExhausted, "QUOTA_EXCEEDED");
-    assert!(refused.message().contains("test-reader"), "{refused:?}");
+    assert!(refused.message().contains(&name), "{refused:?}");
     let retry = refused
         .get_error_details()
         .retry_info()
@@ -49,11 +53,11 @@ async fn a_caller_past_its_quota_is_refused_with_retry_info_and_others_are_not()
     }
 
     let count = |outcome: &'static str| {
-        let app = &app;
+        let (app, name) = (&app, &name);
         async move {
             app.metric(
                 "quota_requests_total",
-                &[("caller", "test-reader"), ("outcome", outcome)],
+                &[("caller", name), ("outcome", outcome)],
             )
             .await
         }
