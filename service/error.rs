@@ -21,6 +21,7 @@ pub mod reason {
     // Callers.
     pub const MISSING_CREDENTIALS: &str = "MISSING_CREDENTIALS";
     pub const INVALID_CREDENTIALS: &str = "INVALID_CREDENTIALS";
+    pub const CERTIFICATE_IDENTITY_MISSING: &str = "CERTIFICATE_IDENTITY_MISSING";
     pub const ADMIN_ROLE_REQUIRED: &str = "ADMIN_ROLE_REQUIRED";
     // Deadlines and dependencies.
     pub const DEADLINE_EXCEEDED: &str = "DEADLINE_EXCEEDED";

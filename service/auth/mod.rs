@@ -1,4 +1,5 @@
-//! Caller identity from bearer tokens.
+//! Caller identity from bearer tokens (here) and from verified client
+//! certificates (`peer.rs`).
 //!
 //! Tokens are long random secrets, so a fast hash (SHA-256) is the right
 //! storage form: configuration holds only hashes, and a lookup hashes the
@@ -12,10 +13,15 @@ use sha2::{Digest, Sha256};
 
 use crate::config::AuthSettings;
 
+pub mod peer;
+
+pub use self::peer::PeerStore;
+
 /// The role that may call administrative RPCs.
 pub const ADMIN_ROLE: &str = "admin";
 
-/// Who is calling: resolved from the bearer token and attached to the request.
+/// Who is calling: resolved from the bearer token or the client certificate
+/// and attached to the request.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Caller {
     name: Arc<str>,
@@ -97,6 +103,7 @@ mod tests {
         let (token, entry) = new_token("billing", &["admin".into()]).unwrap();
         let settings = AuthSettings {
             tokens: vec![entry.parse().unwrap()],
+            peers: vec![],
         };
         let store = TokenStore::from_settings(&settings);
         let caller = store.authenticate(&token).expect("token is known");
