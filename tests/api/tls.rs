@@ -430,6 +430,30 @@ async fn certificate_identities_have_the_roles_mapped_to_them_and_others_none() 
 }
 
 #[api_test]
+async fn a_verified_certificate_naming_no_identity_is_unauthenticated() {
+    let ca = Ca::new("datagate test CA");
+    let mount = SecretMount::new(&ca.server(), &ca);
+    let app = spawn_tls(&mount, ClientAuth::Required, &[], |_| {}).await;
+    let mut nameless = CertificateParams::default();
+    nameless.distinguished_name = DistinguishedName::new();
+    nameless.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+
+    let channel = tls_channel(&app, &ca, Some(&ca.issue(nameless)))
+        .await
+        .unwrap();
+    let status = UserServiceClient::new(channel)
+        .get_user(pb::GetUserRequest { id: 1 })
+        .await
+        .unwrap_err();
+
+    assert_error(
+        &status,
+        Code::Unauthenticated,
+        "CERTIFICATE_IDENTITY_MISSING",
+    );
+}
+
+#[api_test]
 async fn with_optional_mtls_a_caller_without_a_certificate_needs_a_token() {
     let ca = Ca::new("datagate test CA");
     let mount = SecretMount::new(&ca.server(), &ca);
@@ -528,6 +552,38 @@ async fn an_expired_client_certificate_is_refused_at_the_handshake() {
         Some(&ca.expired_client(CHECKOUT)),
         AlertDescription::CertificateExpired,
         "client certificate expired",
+    )
+    .await;
+}
+
+#[api_test]
+async fn a_silent_client_delays_no_other_handshake_and_is_closed_at_the_handshake_timeout() {
+    let ca = Ca::new("datagate test CA");
+    let mount = SecretMount::new(&ca.server(), &ca);
+    let app = spawn_tls(&mount, ClientAuth::None, &[], |settings| {
+        settings.server.tls.handshake_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let logs = Logs::capture();
+    let mut silent = TcpStream::connect(app.addr).await.unwrap();
+    let silent_addr = silent.local_addr().unwrap().to_string();
+
+    // While the silent client holds its connection open, others connect.
+    let (other, _) = connect_tls(app.addr, &ca, None).await;
+    other.expect("another client's handshake completes");
+    let closed = silent.read(&mut [0u8; 1]).await;
+
+    assert!(matches!(closed, Ok(0)), "{closed:?}");
+    wait_until(
+        "the timeout is logged",
+        Duration::from_secs(10),
+        async || {
+            logs.text().iter().any(|line| {
+                line.contains("TLS handshake refused")
+                    && line.contains(&silent_addr)
+                    && line.contains("no handshake within")
+            })
+        },
     )
     .await;
 }
