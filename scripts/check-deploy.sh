@@ -86,7 +86,7 @@ done
 
 # --- 2. schemas --------------------------------------------------------------
 
-templates=(k8s/base/secret.example.yaml k8s/overlays/prod/secret.example.yaml k8s/migrate/secret.example.yaml)
+templates=(k8s/base/secret.example.yaml k8s/overlays/prod/secret.example.yaml k8s/overlays/prod/tls-secret.example.yaml k8s/migrate/secret.example.yaml)
 if [ ${#rendered[@]} -gt 0 ]; then
   for version in "$K8S_MIN_VERSION" "newest bundled"; do
     args=(--strict --quiet)

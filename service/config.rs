@@ -191,6 +191,41 @@ pub struct ServerSettings {
     /// callers reconnect and spread over new replicas; zero: never.
     #[serde(with = "humantime_serde")]
     pub max_connection_age: Duration,
+    /// A plaintext port serving only `grpc.health.v1.Health`, for the
+    /// kubelet's gRPC probes, which cannot speak TLS; zero: none.
+    pub health_port: u16,
+    pub tls: TlsSettings,
+}
+
+/// TLS on the gRPC port (see `startup::tls`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct TlsSettings {
+    pub enabled: bool,
+    /// PEM files: the certificate chain (leaf first) and its private key.
+    pub cert_file: String,
+    pub key_file: String,
+    /// PEM bundle of the CAs that sign client certificates (mTLS).
+    pub client_ca_file: String,
+    pub client_auth: ClientAuth,
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// How often the files are read again; changed contents are served to
+    /// new connections. Zero: never.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+/// Whether callers present a client certificate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// None is asked for.
+    #[default]
+    None,
+    /// One is asked for; a caller without one authenticates by token.
+    Optional,
+    /// The handshake fails without a valid one.
+    Required,
 }
 
 /// Admission control: the adaptive concurrency limit in front of the
@@ -280,6 +315,56 @@ pub struct DatabaseSettings {
 #[derive(Debug, Clone, Deserialize)]
 pub struct AuthSettings {
     pub tokens: Vec<TokenEntry>,
+    /// The roles of client certificate identities (mTLS).
+    #[serde(default)]
+    pub peers: Vec<PeerEntry>,
+}
+
+/// The roles of one client certificate identity (a SPIFFE ID or a subject
+/// CN): a table `{ identity = "...", roles = ["writer"] }`, or in an
+/// environment variable `identity=role+role`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "PeerEntryForm")]
+pub struct PeerEntry {
+    pub identity: String,
+    pub roles: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PeerEntryForm {
+    Table {
+        identity: String,
+        roles: Vec<String>,
+    },
+    Text(String),
+}
+
+impl TryFrom<PeerEntryForm> for PeerEntry {
+    type Error = String;
+
+    fn try_from(form: PeerEntryForm) -> Result<Self, Self::Error> {
+        let (identity, roles) = match form {
+            PeerEntryForm::Table { identity, roles } => (identity, roles),
+            PeerEntryForm::Text(text) => {
+                // SPIFFE IDs have no `=`; a CN might, so the last one splits.
+                let (identity, roles) = text
+                    .trim()
+                    .rsplit_once('=')
+                    .ok_or_else(|| format!("expected `identity=role+role`, got {text:?}"))?;
+                let roles = roles
+                    .split('+')
+                    .filter(|r| !r.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                (identity.to_owned(), roles)
+            }
+        };
+        if identity.trim().is_empty() {
+            return Err("a peer entry needs an identity".into());
+        }
+        Ok(Self { identity, roles })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -374,7 +459,8 @@ impl Settings {
                 .separator("__")
                 .try_parsing(true)
                 .list_separator(",")
-                .with_list_parse_key("auth.tokens"),
+                .with_list_parse_key("auth.tokens")
+                .with_list_parse_key("auth.peers"),
         );
         for (key, value) in overrides {
             builder = builder
@@ -479,6 +565,7 @@ impl Settings {
             bail!("invalid configuration: server.max_message_bytes must be at least 1024");
         }
         self.server.grpc_addr()?;
+        self.server.validate_tls()?;
         self.metrics.addr()?;
         Ok(())
     }
@@ -507,6 +594,45 @@ impl Settings {
 impl ServerSettings {
     pub fn grpc_addr(&self) -> anyhow::Result<SocketAddr> {
         socket_addr(&self.host, self.port).context("invalid configuration: server.host")
+    }
+
+    /// The plaintext health port's address, if there is one.
+    pub fn health_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
+        if self.health_port == 0 {
+            return Ok(None);
+        }
+        socket_addr(&self.host, self.health_port)
+            .context("invalid configuration: server.host")
+            .map(Some)
+    }
+
+    fn validate_tls(&self) -> anyhow::Result<()> {
+        if self.health_port != 0 && self.health_port == self.port {
+            bail!("invalid configuration: server.health_port must differ from server.port");
+        }
+        let tls = &self.tls;
+        if !tls.enabled {
+            return Ok(());
+        }
+        for (key, value) in [("cert_file", &tls.cert_file), ("key_file", &tls.key_file)] {
+            if value.trim().is_empty() {
+                bail!(
+                    "missing required setting `server.tls.{key}` (TLS is enabled): set {}",
+                    env_var_name(&format!("server.tls.{key}"))
+                );
+            }
+        }
+        if tls.client_auth != ClientAuth::None && tls.client_ca_file.trim().is_empty() {
+            bail!(
+                "missing required setting `server.tls.client_ca_file` (server.tls.client_auth is {:?}): set {}",
+                tls.client_auth,
+                env_var_name("server.tls.client_ca_file")
+            );
+        }
+        if tls.handshake_timeout.is_zero() {
+            bail!("invalid configuration: server.tls.handshake_timeout must be positive");
+        }
+        Ok(())
     }
 }
 
@@ -580,6 +706,54 @@ mod tests {
             let error = load(prefix).unwrap_err().to_string();
             assert!(error.contains("redis.key_prefix"), "{prefix}: {error}");
         }
+    }
+
+    #[test]
+    fn peer_entries_parse_from_a_table_or_text() {
+        let text: PeerEntry =
+            serde_json::from_str(r#""spiffe://cluster.local/ns/shop/sa/checkout=writer+reader""#)
+                .unwrap();
+        assert_eq!(text.identity, "spiffe://cluster.local/ns/shop/sa/checkout");
+        assert_eq!(text.roles, vec!["writer", "reader"]);
+        let table: PeerEntry =
+            serde_json::from_str(r#"{"identity": "billing", "roles": []}"#).unwrap();
+        assert_eq!(table.identity, "billing");
+        assert!(table.roles.is_empty());
+        assert!(serde_json::from_str::<PeerEntry>(r#""no-roles-part""#).is_err());
+        assert!(serde_json::from_str::<PeerEntry>(r#""=admin""#).is_err());
+    }
+
+    #[test]
+    fn tls_needs_its_files() {
+        let load = |overrides: &[(&str, &str)]| {
+            let mut all = vec![("database.url", "postgres://localhost/datagate")];
+            all.extend_from_slice(overrides);
+            Settings::load_with_overrides(None, &all)
+        };
+        let error = load(&[("server.tls.enabled", "true")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("DATAGATE__SERVER__TLS__CERT_FILE"),
+            "{error}"
+        );
+        let with_files = [
+            ("server.tls.enabled", "true"),
+            ("server.tls.cert_file", "/tls/tls.crt"),
+            ("server.tls.key_file", "/tls/tls.key"),
+        ];
+        assert!(load(&with_files).is_ok());
+        let mut mtls = with_files.to_vec();
+        mtls.push(("server.tls.client_auth", "required"));
+        let error = load(&mtls).unwrap_err().to_string();
+        assert!(
+            error.contains("DATAGATE__SERVER__TLS__CLIENT_CA_FILE"),
+            "{error}"
+        );
+        let error = load(&[("server.health_port", "50051")])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("server.health_port"), "{error}");
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub mod reason {
     pub const INVALID_CREDENTIALS: &str = "INVALID_CREDENTIALS";
     pub const READER_ROLE_REQUIRED: &str = "READER_ROLE_REQUIRED";
     pub const WRITER_ROLE_REQUIRED: &str = "WRITER_ROLE_REQUIRED";
+    pub const CERTIFICATE_IDENTITY_MISSING: &str = "CERTIFICATE_IDENTITY_MISSING";
     pub const ADMIN_ROLE_REQUIRED: &str = "ADMIN_ROLE_REQUIRED";
     /// A method the authorization table does not list: open to no one.
     pub const METHOD_NOT_AUTHORIZED: &str = "METHOD_NOT_AUTHORIZED";

@@ -6,7 +6,8 @@
 //!   `admin`, each including the ones below it) and the role each RPC
 //!   requires, from the one table beside the service registration
 //!   (`startup::services::RPC_ROLES`).
-//! - [`TokenStore`]: the static bearer tokens of the configuration.
+//! - [`TokenStore`]: the static bearer tokens of the configuration;
+//!   `peer.rs`: identities from verified client certificates.
 //!
 //! Tokens are long random secrets, so a fast hash (SHA-256) is the right
 //! storage form: configuration holds only hashes, and a lookup hashes the
@@ -22,6 +23,10 @@ use crate::{
     config::AuthSettings,
     error::{Detail, Error, reason},
 };
+
+pub mod peer;
+
+pub use self::peer::PeerStore;
 
 /// The role that may call administrative RPCs.
 pub const ADMIN_ROLE: &str = Role::Admin.as_str();
@@ -122,7 +127,8 @@ impl Policy {
     }
 }
 
-/// Who is calling: resolved from the bearer token and attached to the request.
+/// Who is calling: resolved from the bearer token or the client certificate
+/// and attached to the request.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Caller {
     name: Arc<str>,
@@ -307,6 +313,7 @@ mod tests {
         let (token, entry) = new_token("billing", &["admin".into()]).unwrap();
         let settings = AuthSettings {
             tokens: vec![entry.parse().unwrap()],
+            peers: vec![],
         };
         let store = TokenStore::from_settings(&settings);
         let caller = store.authenticate(&token).expect("token is known");

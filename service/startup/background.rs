@@ -14,6 +14,7 @@
 //! | outbox relay | applies the outbox (price history, profile deletes) to MongoDB | ends its pass |
 //! | replica catch-up | after an analytics refresh, waits for the read replica, then drops cached analytics | drops them at once |
 //! | metrics server | `/metrics` on its own port | stops accepting, ends open requests |
+//! | TLS reload | reads the certificate files every `server.tls.reload_interval` (`tls.rs`; spawned by `Application::run_until_stopped`) | ends at once |
 //!
 //! The search log writer is not here: it must outlive the drain, so it has
 //! its own close step (see `shutdown.rs`).

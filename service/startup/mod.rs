@@ -9,14 +9,19 @@
 //! - `background.rs`: every background task, on one task tracker stopped
 //!   by one token;
 //! - `shutdown.rs`: the graceful shutdown, step by step;
-//! - here: the server itself, its tower stack and connection settings.
+//! - `tls.rs`: TLS on the gRPC port, its certificate reloads and the
+//!   handshakes;
+//! - here: the server itself, its tower stack and connection settings, and
+//!   the plaintext health port (`server.health_port`: the kubelet's gRPC
+//!   probes cannot speak TLS).
 
 mod background;
 mod health;
 mod services;
 mod shutdown;
+pub mod tls;
 
-use std::{future::Future, net::SocketAddr};
+use std::{future::Future, net::SocketAddr, pin::Pin};
 
 use anyhow::Context as _;
 use sqlx::PgPool;
@@ -24,18 +29,20 @@ use tokio::net::TcpListener;
 use tokio_stream::{StreamExt as _, wrappers::TcpListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{service::Routes, transport::Server};
+use tonic_health::pb::health_server::{Health, HealthServer};
 use tower::ServiceBuilder;
 
 use self::{
     background::{Background, Tasks},
     services::Services,
+    tls::Tls,
 };
 pub use self::{
     health::{LIVENESS_HEALTH, MONGODB_HEALTH, REDIS_HEALTH, REPLICA_HEALTH},
     services::RPC_ROLES,
 };
 use crate::{
-    auth::{Policy, TokenStore},
+    auth::{PeerStore, Policy, TokenStore},
     cache::Cache,
     config::Settings,
     documents::Mongo,
@@ -47,6 +54,10 @@ pub struct Application {
     settings: Settings,
     grpc: TcpListener,
     metrics: TcpListener,
+    /// The plaintext health port, when configured.
+    health: Option<TcpListener>,
+    /// `None` when TLS is off.
+    tls: Option<Tls>,
     pools: Pools,
 }
 
@@ -69,8 +80,15 @@ impl Pools {
 }
 
 impl Application {
-    /// Binds the listeners and builds the pools. Nothing is served yet.
+    /// Binds the listeners, reads the TLS files and builds the pools.
+    /// Nothing is served yet.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let tls = settings
+            .server
+            .tls
+            .enabled
+            .then(|| Tls::load(&settings.server.tls))
+            .transpose()?;
         let db =
             store::postgres::pool_for_calls(&settings.database, settings.server.request_timeout)?;
         let reads = Reads::new(&settings.database, &db)?;
@@ -84,10 +102,20 @@ impl Application {
         let metrics = TcpListener::bind(metrics_addr)
             .await
             .with_context(|| format!("binding the metrics port {metrics_addr}"))?;
+        let health = match settings.server.health_addr()? {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding the health port {addr}"))?,
+            ),
+            None => None,
+        };
         Ok(Self {
             settings,
             grpc,
             metrics,
+            health,
+            tls,
             pools: Pools {
                 db,
                 reads,
@@ -109,6 +137,15 @@ impl Application {
             .expect("a bound listener has an address")
     }
 
+    /// The plaintext health port's address, when there is one.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health.as_ref().map(|listener| {
+            listener
+                .local_addr()
+                .expect("a bound listener has an address")
+        })
+    }
+
     pub fn db(&self) -> &PgPool {
         &self.pools.db
     }
@@ -125,10 +162,18 @@ impl Application {
             settings,
             grpc,
             metrics,
+            health: health_listener,
+            tls,
             pools,
         } = self;
         let (health, health_service) = health::start().await;
         let tasks = Tasks::new();
+        if let Some(tls) = &tls {
+            tasks
+                .tracker
+                .spawn(tls.clone().watch(tasks.stopping.clone()));
+        }
+        let health_server = health_listener.map(|listener| (listener, health_service.clone()));
         let services = Services::build(&settings, &pools, health_service, &tasks)?;
         let mut background =
             Background::start(tasks, &settings, &pools, &services, health.clone(), metrics);
@@ -138,9 +183,11 @@ impl Application {
 
         let stop_serving = CancellationToken::new();
         let addr = grpc.local_addr()?;
-        let server = serve(&settings, routes, grpc, stop_serving.clone());
+        let tls_on = tls.is_some();
+        let server = serve(&settings, routes, grpc, tls, stop_serving.clone());
+        let server = with_health_port(server, health_server);
         tokio::pin!(server);
-        tracing::info!(%addr, "serving gRPC");
+        tracing::info!(%addr, tls = tls_on, "serving gRPC");
 
         let served = tokio::select! {
             result = &mut server => {
@@ -157,28 +204,36 @@ impl Application {
     }
 }
 
-/// The gRPC server over `routes` behind the tower stack, until
-/// `stop_serving`: then it stops accepting and waits for its calls.
+type Served = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
+
+/// The gRPC server over `routes` behind the tower stack, over TLS when
+/// `tls` is given, until `stop_serving`: then it stops accepting and waits
+/// for its calls.
 fn serve(
     settings: &Settings,
     routes: Routes,
     listener: TcpListener,
+    tls: Option<Tls>,
     stop_serving: CancellationToken,
-) -> impl Future<Output = Result<(), tonic::transport::Error>> + Send {
+) -> Served {
     // Outermost first; see `middleware` for what each layer does.
+    let auth = Auth::new(
+        TokenStore::from_settings(&settings.auth),
+        Policy::new(RPC_ROLES),
+    )
+    .with_peers(PeerStore::from_settings(&settings.auth));
     let stack = ServiceBuilder::new()
         .layer(Rpc::new(settings.telemetry.n_plus_one_threshold).into_layer())
-        .layer(
-            Auth::new(
-                TokenStore::from_settings(&settings.auth),
-                Policy::new(RPC_ROLES),
-            )
-            .into_layer(),
-        )
+        .layer(auth.into_layer())
         .layer(
             Quotas::new(
                 &settings.quotas,
-                settings.auth.tokens.iter().map(|t| t.caller.clone()),
+                settings
+                    .auth
+                    .tokens
+                    .iter()
+                    .map(|t| t.caller.clone())
+                    .chain(settings.auth.peers.iter().map(|p| p.identity.clone())),
             )
             .into_layer(),
         )
@@ -196,10 +251,49 @@ fn serve(
         // in flight are bounded by the request timeout anyway.
         builder = builder.max_connection_age(settings.server.max_connection_age);
     }
-    builder
-        .layer(stack)
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming(listener), stop_serving.cancelled_owned())
+    let router = builder.layer(stack).add_routes(routes);
+    let stopped = stop_serving.cancelled_owned();
+    match tls {
+        Some(tls) => {
+            let handshakes = tls::accept(
+                incoming(listener),
+                tls,
+                settings.server.tls.handshake_timeout,
+            );
+            Box::pin(router.serve_with_incoming_shutdown(handshakes, stopped))
+        }
+        None => Box::pin(router.serve_with_incoming_shutdown(incoming(listener), stopped)),
+    }
+}
+
+/// `server`, and beside it the health service alone, in plaintext, on the
+/// health port when there is one. The health port serves until `server`
+/// has finished draining, so the probes see NOT_SERVING (readiness) and
+/// SERVING `liveness` throughout the shutdown instead of a closed port.
+fn with_health_port(
+    server: Served,
+    health: Option<(TcpListener, HealthServer<impl Health>)>,
+) -> Served {
+    let Some((listener, health)) = health else {
+        return server;
+    };
+    Box::pin(async move {
+        let addr = listener.local_addr();
+        let drained = CancellationToken::new();
+        let probes = Server::builder()
+            .add_service(health)
+            .serve_with_incoming_shutdown(incoming(listener), drained.clone().cancelled_owned());
+        if let Ok(addr) = addr {
+            tracing::info!(%addr, "serving health checks in plaintext");
+        }
+        let server = async move {
+            let served = server.await;
+            drained.cancel();
+            served
+        };
+        let (served, probed) = tokio::join!(server, probes);
+        served.and(probed)
+    })
 }
 
 /// The connections of `listener`, with `TCP_NODELAY` set: otherwise Nagle's

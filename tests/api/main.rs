@@ -30,4 +30,5 @@ mod seed;
 mod server;
 mod support;
 mod teams;
+mod tls;
 mod users;

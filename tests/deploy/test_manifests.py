@@ -34,8 +34,9 @@ import yaml
 ROOT = Path(os.environ.get("DATAGATE_DEPLOY_ROOT") or Path(__file__).resolve().parents[2])
 ENVIRONMENTS = {
     # namespace, HPA min (the replica count), HPA max
-    "dev": {"namespace": "datagate-dev", "min": 1, "max": 2, "redis_mode": "single"},
-    "prod": {"namespace": "datagate", "min": 3, "max": 12, "redis_mode": "cluster"},
+    # client_auth: None for TLS off, else the mTLS mode it must have.
+    "dev": {"namespace": "datagate-dev", "min": 1, "max": 2, "redis_mode": "single", "client_auth": None},
+    "prod": {"namespace": "datagate", "min": 3, "max": 12, "redis_mode": "cluster", "client_auth": "required"},
 }
 GRPC_PORT = 50051
 METRICS_PORT = 9090
@@ -168,10 +169,38 @@ def selects(selector: dict, labels: dict) -> bool:
 # --- checks of a rendered service overlay ------------------------------------
 
 
+def tls_enabled(docs: list[dict]) -> bool:
+    env = effective_env(docs, app_container(docs))
+    default = str(compiled_defaults()["server"]["tls"]["enabled"])
+    return env.get("DATAGATE__SERVER__TLS__ENABLED", default).lower() == "true"
+
+
+def health_port(docs: list[dict]) -> int:
+    env = effective_env(docs, app_container(docs))
+    return int(env.get("DATAGATE__SERVER__HEALTH_PORT", compiled_defaults()["server"]["health_port"]))
+
+
+def probe_port(docs: list[dict]) -> int:
+    """The port the kubelet's gRPC probes must ask: they cannot speak TLS,
+    so with TLS on, the plaintext health port."""
+    if not tls_enabled(docs):
+        return GRPC_PORT
+    port = health_port(docs)
+    assert port not in (0, GRPC_PORT), (
+        f"TLS is on but the health port is {port}: the kubelet's gRPC probes cannot speak TLS "
+        "(set DATAGATE__SERVER__HEALTH_PORT)"
+    )
+    return port
+
+
 def check_probes(docs: list[dict]) -> None:
     c = app_container(docs)
     grpc_ports = [p["containerPort"] for p in c.get("ports", []) if p.get("name") == "grpc"]
     assert grpc_ports == [GRPC_PORT], f"the container's grpc port is {grpc_ports}"
+    port = probe_port(docs)
+    if port != GRPC_PORT:
+        health = [p["containerPort"] for p in c.get("ports", []) if p.get("name") == "health"]
+        assert health == [port], f"the container's health port is {health}, the setting {port}"
     for kind, service in (
         ("readinessProbe", ""),
         ("livenessProbe", "liveness"),
@@ -182,8 +211,9 @@ def check_probes(docs: list[dict]) -> None:
         assert set(probe) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}, (
             f"{kind} must be a native grpc probe, is {sorted(probe)}"
         )
-        assert probe["grpc"].get("port") == GRPC_PORT, (
-            f"{kind} probes port {probe['grpc'].get('port')}, not the gRPC port {GRPC_PORT}"
+        assert probe["grpc"].get("port") == port, (
+            f"{kind} probes port {probe['grpc'].get('port')}, not {port} "
+            f"({'the plaintext health port: TLS is on' if port != GRPC_PORT else 'the gRPC port'})"
         )
         assert probe["grpc"].get("service", "") == service, (
             f"{kind} asks for health service {probe['grpc'].get('service', '')!r}, "
@@ -360,6 +390,42 @@ def check_services(docs: list[dict]) -> None:
         assert grpc and grpc[0]["port"] == GRPC_PORT, f"Service {name} has no grpc port {GRPC_PORT}"
         assert grpc[0].get("appProtocol") == "grpc", f"Service {name}: the grpc port lacks appProtocol: grpc"
     assert any(p["port"] == METRICS_PORT for p in regular["ports"]), "Service datagate has no metrics port"
+    health = health_port(docs)
+    if health:
+        for service in find(docs, "Service"):
+            exposed = [
+                p for p in service["spec"]["ports"]
+                if health in (p.get("port"), p.get("targetPort")) or p.get("targetPort") == "health"
+            ]
+            assert not exposed, (
+                f"Service {service['metadata']['name']} exposes the plaintext health port {health}: "
+                "only the kubelet may reach it"
+            )
+
+
+def check_tls(docs: list[dict], env: str) -> None:
+    """TLS as the environment wants it, its files from a Secret volume the
+    kubelet updates in place (read-only, no subPath)."""
+    want = ENVIRONMENTS[env]["client_auth"]
+    if want is None:
+        assert not tls_enabled(docs), f"{env} is meant to run without TLS"
+        return
+    assert tls_enabled(docs), f"TLS is off in {env}"
+    vars_ = effective_env(docs, app_container(docs))
+    mode = vars_.get("DATAGATE__SERVER__TLS__CLIENT_AUTH", compiled_defaults()["server"]["tls"]["client_auth"])
+    assert mode == want, f"{env}: server.tls.client_auth is {mode!r}, not {want!r}"
+    c = app_container(docs)
+    spec = the(docs, "Deployment", "datagate")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    for key in ("CERT_FILE", "KEY_FILE", "CLIENT_CA_FILE"):
+        path = vars_.get(f"DATAGATE__SERVER__TLS__{key}", "")
+        assert path, f"DATAGATE__SERVER__TLS__{key} is not set"
+        mounts = [m for m in c.get("volumeMounts", []) if path.startswith(m["mountPath"].rstrip("/") + "/")]
+        assert mounts, f"{path} is on no volume mount"
+        mount = mounts[0]
+        assert mount.get("readOnly") is True, f"the mount of {path} is writable"
+        assert not mount.get("subPath"), f"{path} is mounted with subPath: a rotated Secret never reaches it"
+        assert "secret" in volumes.get(mount["name"], {}), f"{path} does not come from a Secret volume"
 
 
 def check_config_and_image(docs: list[dict]) -> None:
@@ -608,6 +674,8 @@ class RenderedManifests(unittest.TestCase):
                 check_environment(docs, env)
             with self.subTest(env=env, check="check_redis_mode"):
                 check_redis_mode(docs, env)
+            with self.subTest(env=env, check="check_tls"):
+                check_tls(docs, env)
 
     def test_migration_overlays(self) -> None:
         for env in ENVIRONMENTS:
@@ -624,7 +692,7 @@ class RenderedManifests(unittest.TestCase):
                     run()
 
     def test_secret_templates(self) -> None:
-        templates = sorted(ROOT.glob("k8s/**/secret.example.yaml"))
+        templates = sorted(ROOT.glob("k8s/**/*secret.example.yaml"))
         self.assertGreaterEqual(len(templates), 3, "expected the base, prod and migration templates")
         for path in templates:
             with self.subTest(template=str(path.relative_to(ROOT))):
@@ -675,6 +743,17 @@ DELETE = object()
 C = "spec.containers.0"
 
 
+def _container_port(name: str, port: int) -> "callable":
+    """A mutation moving the app container's port `name` to `port`."""
+
+    def mutate(docs: list[dict]) -> None:
+        for p in app_container(docs)["ports"]:
+            if p.get("name") == name:
+                p["containerPort"] = port
+
+    return mutate
+
+
 def _on(kind: str, name: str, fn) -> "callable":
     def mutate(docs: list[dict]) -> None:
         fn(the(docs, kind, name))
@@ -712,9 +791,12 @@ SERVICE_MUTATIONS = {
         "liveness missing": _set(f"{C}.livenessProbe", DELETE),
         "liveness follows PostgreSQL": _set(f"{C}.livenessProbe.grpc.service", ""),
         "liveness grpc and tcp": _set(f"{C}.livenessProbe.tcpSocket", {"port": GRPC_PORT}),
-        "startup on the wrong port": _set(f"{C}.startupProbe.grpc.port", 50052),
-        "startup follows PostgreSQL": _set(f"{C}.startupProbe.grpc", {"port": GRPC_PORT}),
-        "no grpc container port": _set(f"{C}.ports.0.containerPort", 50052),
+        "startup on the wrong port": _set(f"{C}.startupProbe.grpc.port", 50053),
+        "startup follows PostgreSQL": _set(f"{C}.startupProbe.grpc", {"port": 50052}),
+        "no grpc container port": _container_port("grpc", 50053),
+        "readiness on the TLS port": _set(f"{C}.readinessProbe.grpc.port", GRPC_PORT),
+        "no health port with TLS": _config("DATAGATE__SERVER__HEALTH_PORT", "0"),
+        "health container port moved": _container_port("health", 50053),
     },
     check_termination_grace: {
         "grace too short": _set("spec.terminationGracePeriodSeconds", 30),
@@ -755,7 +837,7 @@ SERVICE_MUTATIONS = {
         "wrong port": _set("metadata.annotations", {"prometheus.io/scrape": "true", "prometheus.io/port": "8080", "prometheus.io/path": "/metrics"}),
         "wrong path": _set("metadata.annotations", {"prometheus.io/scrape": "true", "prometheus.io/port": "9090", "prometheus.io/path": "/"}),
         "scrape off": _set("metadata.annotations", {"prometheus.io/scrape": "false", "prometheus.io/port": "9090", "prometheus.io/path": "/metrics"}),
-        "metrics port moved": _set(f"{C}.ports.1.containerPort", 9091),
+        "metrics port moved": _container_port("metrics", 9091),
     },
     check_network_policy: {
         "ingress only": _netpol(lambda s: s.update(policyTypes=["Ingress"])),
@@ -792,6 +874,13 @@ SERVICE_MUTATIONS = {
         "no appProtocol": _on("Service", "datagate-headless", lambda d: d["spec"]["ports"][0].pop("appProtocol")),
         "grpc port moved": _on("Service", "datagate", lambda d: d["spec"]["ports"][0].update(port=80)),
         "no metrics port": _on("Service", "datagate", lambda d: d["spec"].update(ports=d["spec"]["ports"][:1])),
+        "health port in the Service": _on(
+            "Service", "datagate",
+            lambda d: d["spec"]["ports"].append({"name": "health", "port": 50052, "targetPort": "health"}),
+        ),
+        "health port in the headless Service": _on(
+            "Service", "datagate-headless", lambda d: d["spec"]["ports"].append({"name": "probes", "port": 50052})
+        ),
     },
     check_config_and_image: {
         "ConfigMap not rendered": _set(f"{C}.envFrom.0.configMapRef.name", "missing"),
@@ -960,6 +1049,34 @@ class ChecksCanFail(unittest.TestCase):
         broken = copy.deepcopy(prod)
         _config("DATAGATE__REDIS__MODE", "single")(broken)
         self.assert_fails(lambda docs: check_redis_mode(docs, "prod"), broken, "prod on a single Redis")
+
+    def test_tls_checks_fail(self) -> None:
+        prod = render("k8s/overlays/prod")
+        check_tls(copy.deepcopy(prod), "prod")
+        mount = lambda fn: lambda docs: [fn(m) for m in app_container(docs)["volumeMounts"] if m["name"] == "tls"]  # noqa: E731
+        for label, mutate in {
+            "TLS off": _config("DATAGATE__SERVER__TLS__ENABLED", "false"),
+            "mTLS optional": _config("DATAGATE__SERVER__TLS__CLIENT_AUTH", "optional"),
+            "no client CA": _config("DATAGATE__SERVER__TLS__CLIENT_CA_FILE", ""),
+            "key outside the mount": _config("DATAGATE__SERVER__TLS__KEY_FILE", "/tmp/tls.key"),
+            "writable mount": mount(lambda m: m.update(readOnly=False)),
+            "subPath mount": mount(lambda m: m.update(subPath="tls.crt")),
+            "not a Secret": _on(
+                "Deployment", "datagate",
+                lambda d: d["spec"]["template"]["spec"].update(
+                    volumes=[v if v["name"] != "tls" else {"name": "tls", "emptyDir": {}}
+                             for v in d["spec"]["template"]["spec"]["volumes"]]
+                ),
+            ),
+        }.items():
+            broken = copy.deepcopy(prod)
+            mutate(broken)
+            self.assert_fails(lambda docs: check_tls(docs, "prod"), broken, label)
+        dev = render("k8s/overlays/dev")
+        check_tls(copy.deepcopy(dev), "dev")
+        broken = copy.deepcopy(dev)
+        _config("DATAGATE__SERVER__TLS__ENABLED", "true")(broken)
+        self.assert_fails(lambda docs: check_tls(docs, "dev"), broken, "TLS in dev")
 
     def test_job_checks_fail(self) -> None:
         job_docs, app_docs = render("k8s/overlays/prod/migrate"), render("k8s/overlays/prod")

@@ -38,6 +38,8 @@ use super::{
 pub struct TestApp {
     pub addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    /// The plaintext health port, when `server.health_port` is set.
+    pub health_addr: Option<SocketAddr>,
     /// A pool on the app's database, for arranging and checking state.
     pub db: PgPool,
     /// A token with the `admin` role.
@@ -155,6 +157,7 @@ impl TestApp {
             .expect("app builds");
         let addr = app.grpc_addr();
         let metrics_addr = app.metrics_addr();
+        let health_addr = app.health_addr();
         let db = PgPool::connect(secrecy::ExposeSecret::expose_secret(&settings.database.url))
             .await
             .expect("test pool");
@@ -163,6 +166,7 @@ impl TestApp {
         let app = Self {
             addr,
             metrics_addr,
+            health_addr,
             db,
             token: tokens.admin,
             writer_token: tokens.writer,
@@ -179,10 +183,19 @@ impl TestApp {
     /// Waits until the app's readiness watcher has checked its dependencies
     /// once and registered a health entry per service (SERVING or not), as
     /// a load balancer waits for a new replica; until then a per-service
-    /// health check answers NOT_FOUND.
+    /// health check answers NOT_FOUND. With TLS on, it asks the plaintext
+    /// health port, which TLS tests set.
     async fn wait_for_first_readiness_check(&self) {
         use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-        let mut health = HealthClient::new(self.channel().await);
+        let channel = if self.settings.server.tls.enabled {
+            let addr = self
+                .health_addr
+                .expect("a TLS test app sets server.health_port (see tls.rs)");
+            plaintext_channel(addr).await
+        } else {
+            self.channel().await
+        };
+        let mut health = HealthClient::new(channel);
         for _ in 0..500 {
             let check = HealthCheckRequest {
                 service: "datagate.v1.UserService".into(),
@@ -254,12 +267,7 @@ impl TestApp {
     }
 
     pub async fn channel(&self) -> Channel {
-        Endpoint::from_shared(format!("http://{}", self.addr))
-            .unwrap()
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .expect("connect to the app")
+        plaintext_channel(self.addr).await
     }
 
     pub async fn users(&self) -> UserClient {
@@ -370,6 +378,16 @@ impl TestApp {
             .expect("create user")
             .into_inner()
     }
+}
+
+/// A plaintext HTTP/2 channel to `addr`.
+pub async fn plaintext_channel(addr: SocketAddr) -> Channel {
+    Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("connect to the app")
 }
 
 impl Drop for TestApp {
