@@ -21,6 +21,15 @@ pub mod reason {
     // Callers.
     pub const MISSING_CREDENTIALS: &str = "MISSING_CREDENTIALS";
     pub const INVALID_CREDENTIALS: &str = "INVALID_CREDENTIALS";
+    // Callers with a JWT (`auth::jwt`).
+    pub const TOKEN_EXPIRED: &str = "TOKEN_EXPIRED";
+    pub const TOKEN_NOT_YET_VALID: &str = "TOKEN_NOT_YET_VALID";
+    pub const TOKEN_AUDIENCE_MISMATCH: &str = "TOKEN_AUDIENCE_MISMATCH";
+    pub const TOKEN_ISSUER_MISMATCH: &str = "TOKEN_ISSUER_MISMATCH";
+    pub const TOKEN_SIGNATURE_INVALID: &str = "TOKEN_SIGNATURE_INVALID";
+    pub const TOKEN_ALGORITHM_REFUSED: &str = "TOKEN_ALGORITHM_REFUSED";
+    pub const TOKEN_KEY_UNKNOWN: &str = "TOKEN_KEY_UNKNOWN";
+    pub const TOKEN_MALFORMED: &str = "TOKEN_MALFORMED";
     pub const ADMIN_ROLE_REQUIRED: &str = "ADMIN_ROLE_REQUIRED";
     // Deadlines and dependencies.
     pub const DEADLINE_EXCEEDED: &str = "DEADLINE_EXCEEDED";

@@ -97,6 +97,7 @@ mod tests {
         let (token, entry) = new_token("billing", &["admin".into()]).unwrap();
         let settings = AuthSettings {
             tokens: vec![entry.parse().unwrap()],
+            jwt: None,
         };
         let store = TokenStore::from_settings(&settings);
         let caller = store.authenticate(&token).expect("token is known");
