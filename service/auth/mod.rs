@@ -1,9 +1,10 @@
-//! Caller identity from bearer tokens.
+//! Caller identity from bearer tokens: the static tokens here, and signed
+//! tokens (JWTs) of one issuer in `jwt.rs`, with its key sets in `jwks.rs`.
 //!
-//! Tokens are long random secrets, so a fast hash (SHA-256) is the right
-//! storage form: configuration holds only hashes, and a lookup hashes the
-//! presented token and finds it in a map. Timing reveals nothing useful, as
-//! an attacker controls the token, not its hash.
+//! Static tokens are long random secrets, so a fast hash (SHA-256) is the
+//! right storage form: configuration holds only hashes, and a lookup hashes
+//! the presented token and finds it in a map. Timing reveals nothing useful,
+//! as an attacker controls the token, not its hash.
 
 use std::{collections::HashMap, fmt, sync::Arc};
 
@@ -11,6 +12,9 @@ use base64::Engine as _;
 use sha2::{Digest, Sha256};
 
 use crate::config::AuthSettings;
+
+mod jwks;
+pub mod jwt;
 
 /// The role that may call administrative RPCs.
 pub const ADMIN_ROLE: &str = "admin";
