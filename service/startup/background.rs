@@ -14,6 +14,7 @@
 //! | outbox relay | applies the outbox (price history, profile deletes) to MongoDB | ends its pass |
 //! | replica catch-up | after an analytics refresh, waits for the read replica, then drops cached analytics | drops them at once |
 //! | metrics server | `/metrics` on its own port | stops accepting, ends open requests |
+//! | JWT key refresh | fetches the issuer's key set every interval (`auth::jwt`; spawned in `startup`) | ends at once |
 //!
 //! The search log writer is not here: it must outlive the drain, so it has
 //! its own close step (see `shutdown.rs`).

@@ -32,7 +32,7 @@ use self::{
     services::Services,
 };
 use crate::{
-    auth::TokenStore,
+    auth::{TokenStore, jwt::JwtVerifier},
     cache::Cache,
     config::Settings,
     documents::Mongo,
@@ -45,6 +45,8 @@ pub struct Application {
     grpc: TcpListener,
     metrics: TcpListener,
     pools: Pools,
+    /// Loaded at build, so that keys that cannot be loaded fail the start.
+    jwt: Option<JwtVerifier>,
 }
 
 /// The connections every part of the service shares (cheap handles).
@@ -73,6 +75,10 @@ impl Application {
         let reads = Reads::new(&settings.database, &db)?;
         let cache = Cache::new(&settings.redis)?;
         let mongo = Mongo::connect(&settings.mongodb).await?;
+        let jwt = match &settings.auth.jwt {
+            Some(jwt) => Some(JwtVerifier::load(jwt).await?),
+            None => None,
+        };
         let grpc_addr = settings.server.grpc_addr()?;
         let grpc = TcpListener::bind(grpc_addr)
             .await
@@ -91,6 +97,7 @@ impl Application {
                 cache,
                 mongo,
             },
+            jwt,
         })
     }
 
@@ -123,9 +130,15 @@ impl Application {
             grpc,
             metrics,
             pools,
+            jwt,
         } = self;
         let (health, health_service) = health::start().await;
         let tasks = Tasks::new();
+        if let Some(jwt) = &jwt {
+            tasks
+                .tracker
+                .spawn(jwt.clone().refresh_periodically(tasks.stopping.clone()));
+        }
         let services = Services::build(&settings, &pools, health_service, &tasks)?;
         let mut background =
             Background::start(tasks, &settings, &pools, &services, health.clone(), metrics);
@@ -135,7 +148,7 @@ impl Application {
 
         let stop_serving = CancellationToken::new();
         let addr = grpc.local_addr()?;
-        let server = serve(&settings, routes, grpc, stop_serving.clone());
+        let server = serve(&settings, jwt, routes, grpc, stop_serving.clone());
         tokio::pin!(server);
         tracing::info!(%addr, "serving gRPC");
 
@@ -158,6 +171,7 @@ impl Application {
 /// `stop_serving`: then it stops accepting and waits for its calls.
 fn serve(
     settings: &Settings,
+    jwt: Option<JwtVerifier>,
     routes: Routes,
     listener: TcpListener,
     stop_serving: CancellationToken,
@@ -165,7 +179,7 @@ fn serve(
     // Outermost first; see `middleware` for what each layer does.
     let stack = ServiceBuilder::new()
         .layer(Rpc::new(settings.telemetry.n_plus_one_threshold).into_layer())
-        .layer(Auth::new(TokenStore::from_settings(&settings.auth)).into_layer())
+        .layer(Auth::new(TokenStore::from_settings(&settings.auth), jwt).into_layer())
         .layer(Deadlines::new(settings.server.request_timeout).into_layer())
         .option_layer(
             settings
