@@ -15,6 +15,7 @@ mod detection;
 mod documents;
 mod idempotency;
 mod invalidation;
+mod jwt;
 mod market;
 mod orders;
 mod partitions;
