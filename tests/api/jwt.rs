@@ -20,7 +20,11 @@ use serde_json::json;
 use tonic::{Code, Status};
 use tonic_types::StatusExt as _;
 
-use crate::support::{TestApp, api_test, assert_error, unique};
+use crate::support::{
+    TestApp, api_test, assert_error,
+    observe::{Logs, with_request_id},
+    unique,
+};
 
 const AUDIENCE: &str = "datagate";
 
@@ -323,6 +327,45 @@ async fn a_token_signed_by_another_key_under_a_trusted_kid_is_refused() {
 }
 
 #[api_test]
+async fn a_refusal_is_logged_with_its_reason_and_kid_and_never_the_token() {
+    let trusted = SigningKey::es256("es-1");
+    let impostor = SigningKey::es256("es-1");
+    let issuer = Issuer::publishing(&[&trusted]);
+    let app = issuer.app().await;
+    let token = impostor.sign(&issuer.claims("svc"));
+    let logs = Logs::capture();
+
+    let (request, request_id) = with_request_id(pb::GetUserRequest { id: 1 });
+    let status = app
+        .users_as(Some(&token))
+        .await
+        .get_user(request)
+        .await
+        .expect_err("the token is refused");
+
+    assert_error(
+        &status,
+        Code::Unauthenticated,
+        reason::TOKEN_SIGNATURE_INVALID,
+    );
+    let lines = logs.of_finished_request(&request_id).await;
+    let refusal = lines
+        .iter()
+        .find(|l| l["message"] == "bearer token refused")
+        .unwrap_or_else(|| panic!("no refusal line in {lines:?}"));
+    assert_eq!(refusal["reason"], reason::TOKEN_SIGNATURE_INVALID);
+    assert_eq!(refusal["kid"], "es-1");
+    for line in logs.text() {
+        for segment in token.split('.') {
+            assert!(
+                !line.contains(segment),
+                "a log line quotes the token: {line}"
+            );
+        }
+    }
+}
+
+#[api_test]
 async fn alg_none_and_hmac_with_the_public_key_are_refused() {
     let key = SigningKey::es256("es-1");
     let issuer = Issuer::publishing(&[&key]);
@@ -407,6 +450,26 @@ async fn a_key_published_later_is_used_without_a_restart_and_fetches_are_rate_li
             .unwrap(),
         "d"
     );
+}
+
+#[api_test]
+async fn a_key_set_that_cannot_be_read_again_leaves_the_loaded_keys_in_use() {
+    let key = SigningKey::es256("es-1");
+    let stranger = SigningKey::es256("unknown-kid");
+    let issuer = Issuer::publishing(&[&key]);
+    let app = issuer.app().await;
+    std::fs::write(issuer.jwks_file(), b"{ not a key set").unwrap();
+
+    assert_refused(
+        &app,
+        &stranger.sign(&issuer.claims("svc")),
+        reason::TOKEN_KEY_UNKNOWN,
+    )
+    .await;
+
+    assert_eq!(issuer.refreshes(&app, "failed").await, 1.0);
+    let actor = create_user_as(&app, &key.sign(&issuer.claims("svc"))).await;
+    assert_eq!(actor.unwrap(), "svc");
 }
 
 #[api_test]
