@@ -199,7 +199,12 @@ impl JwtVerifier {
         let keys = fetch_keys(&source, &settings.algorithms)
             .await
             .map_err(|e| anyhow::anyhow!("loading the JWT keys (auth.jwt): {e:#}"))?;
-        tracing::info!(issuer = %settings.issuer, %source, keys = keys.count(), "loaded the JWT keys");
+        tracing::info!(
+            issuer = %settings.issuer,
+            %source,
+            keys = keys.count(),
+            "loaded the JWT keys"
+        );
         let validations = settings
             .algorithms
             .iter()
@@ -295,7 +300,9 @@ impl JwtVerifier {
         error
     }
 
-    async fn refresh_for_unknown_kid(&self) {
+    /// Fetches the key set for a call with an unknown `kid`, unless one
+    /// such fetch started within `min_refresh_interval`; whether it did.
+    async fn refresh_for_unknown_kid(&self) -> bool {
         let mut last = self.shared.last_on_demand.lock().await;
         let min = self.shared.settings.min_refresh_interval;
         if last.is_some_and(|at| at.elapsed() < min) {
@@ -304,10 +311,11 @@ impl JwtVerifier {
                 "issuer" => self.shared.settings.issuer.clone()
             )
             .increment(1);
-            return;
+            return false;
         }
         *last = Some(Instant::now());
         self.refresh(Trigger::UnknownKid).await;
+        true
     }
 
     async fn refresh(&self, trigger: Trigger) {
@@ -315,7 +323,12 @@ impl JwtVerifier {
         let outcome = match fetch_keys(&self.shared.source, &self.shared.settings.algorithms).await
         {
             Ok(keys) => {
-                tracing::debug!(%issuer, keys = keys.count(), trigger = trigger.label(), "refreshed the JWT keys");
+                tracing::debug!(
+                    %issuer,
+                    keys = keys.count(),
+                    trigger = trigger.label(),
+                    "refreshed the JWT keys"
+                );
                 *self
                     .shared
                     .keys
@@ -324,7 +337,13 @@ impl JwtVerifier {
                 "ok"
             }
             Err(e) => {
-                tracing::warn!(%issuer, source = %self.shared.source, error = format!("{e:#}"), trigger = trigger.label(), "could not refresh the JWT keys; keeping the ones loaded");
+                tracing::warn!(
+                    %issuer,
+                    source = %self.shared.source,
+                    error = format!("{e:#}"),
+                    trigger = trigger.label(),
+                    "could not refresh the JWT keys; keeping the ones loaded"
+                );
                 "failed"
             }
         };
@@ -562,6 +581,33 @@ mod tests {
             refresh_interval: Duration::ZERO,
             min_refresh_interval: Duration::from_secs(30),
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fetches_for_unknown_kids_are_at_most_one_per_min_refresh_interval() {
+        let dir = std::env::temp_dir().join(format!("datagate-jwt-unit-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("jwks.json");
+        // RFC 8037's example Ed25519 public key.
+        std::fs::write(
+            &file,
+            r#"{"keys":[{"kty":"OKP","crv":"Ed25519","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo","kid":"a"}]}"#,
+        )
+        .unwrap();
+        let mut settings = settings();
+        settings.jwks_file = Some(file);
+        let verifier = JwtVerifier::load(&settings).await.unwrap();
+
+        let first = verifier.refresh_for_unknown_kid().await;
+        tokio::time::advance(Duration::from_secs(29)).await;
+        let within = verifier.refresh_for_unknown_kid().await;
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let after = verifier.refresh_for_unknown_kid().await;
+
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(first, "the first unknown kid fetches");
+        assert!(!within, "29 s later: skipped");
+        assert!(after, "30 s later: fetches again");
     }
 
     fn claims(json: Value) -> HashMap<String, Value> {
