@@ -318,6 +318,10 @@ pub struct AuthSettings {
     /// The roles of client certificate identities (mTLS).
     #[serde(default)]
     pub peers: Vec<PeerEntry>,
+    /// Signed bearer tokens (JWTs) from one issuer; absent: JWT is off and
+    /// only the static `tokens` authenticate (see `auth::jwt`).
+    #[serde(default)]
+    pub jwt: Option<JwtSettings>,
 }
 
 /// The roles of one client certificate identity (a SPIFFE ID or a subject
@@ -364,6 +368,107 @@ impl TryFrom<PeerEntryForm> for PeerEntry {
             return Err("a peer entry needs an identity".into());
         }
         Ok(Self { identity, roles })
+    }
+}
+
+/// The JWTs one issuer signs for this service, and where its public keys
+/// are (a JWKS: exactly one of `jwks_file` and `jwks_url`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct JwtSettings {
+    /// The `iss` every token must carry.
+    pub issuer: String,
+    /// The `aud` every token must include (this service's name at the issuer).
+    pub audience: String,
+    #[serde(default)]
+    pub jwks_file: Option<std::path::PathBuf>,
+    /// `https://` only: the keys decide who may call.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// The signature algorithms accepted; HMAC and `none` never are.
+    #[serde(default = "JwtSettings::default_algorithms")]
+    pub algorithms: Vec<JwtAlgorithm>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(with = "humantime_serde", default = "JwtSettings::default_leeway")]
+    pub leeway: Duration,
+    /// The claim naming the caller.
+    #[serde(default = "JwtSettings::default_identity_claim")]
+    pub identity_claim: String,
+    /// The claim holding the caller's roles (an array of strings; absent:
+    /// no roles).
+    #[serde(default = "JwtSettings::default_roles_claim")]
+    pub roles_claim: String,
+    /// How often the key set is fetched again; zero: only on an unknown `kid`.
+    #[serde(
+        with = "humantime_serde",
+        default = "JwtSettings::default_refresh_interval"
+    )]
+    pub refresh_interval: Duration,
+    /// The least time between two fetches caused by tokens with an unknown
+    /// `kid` (anyone can send one).
+    #[serde(
+        with = "humantime_serde",
+        default = "JwtSettings::default_min_refresh_interval"
+    )]
+    pub min_refresh_interval: Duration,
+}
+
+/// The JWT signature algorithms datagate can accept (all asymmetric).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+pub enum JwtAlgorithm {
+    RS256,
+    ES256,
+    EdDSA,
+}
+
+impl JwtSettings {
+    fn default_algorithms() -> Vec<JwtAlgorithm> {
+        vec![
+            JwtAlgorithm::RS256,
+            JwtAlgorithm::ES256,
+            JwtAlgorithm::EdDSA,
+        ]
+    }
+    fn default_leeway() -> Duration {
+        Duration::from_secs(30)
+    }
+    fn default_identity_claim() -> String {
+        "sub".into()
+    }
+    fn default_roles_claim() -> String {
+        "roles".into()
+    }
+    fn default_refresh_interval() -> Duration {
+        Duration::from_secs(300)
+    }
+    fn default_min_refresh_interval() -> Duration {
+        Duration::from_secs(30)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.issuer.trim().is_empty() || self.audience.trim().is_empty() {
+            bail!("invalid configuration: auth.jwt.issuer and auth.jwt.audience must not be empty");
+        }
+        match (&self.jwks_file, &self.jwks_url) {
+            (Some(_), None) => {}
+            (None, Some(url)) if url.starts_with("https://") => {}
+            (None, Some(_)) => {
+                bail!("invalid configuration: auth.jwt.jwks_url must be an https:// URL")
+            }
+            _ => bail!(
+                "invalid configuration: set exactly one of auth.jwt.jwks_file and auth.jwt.jwks_url"
+            ),
+        }
+        if self.algorithms.is_empty() {
+            bail!(
+                "invalid configuration: auth.jwt.algorithms must name at least one of RS256, ES256, EdDSA"
+            );
+        }
+        if self.identity_claim.is_empty() || self.roles_claim.is_empty() {
+            bail!(
+                "invalid configuration: auth.jwt.identity_claim and auth.jwt.roles_claim must not be empty"
+            );
+        }
+        Ok(())
     }
 }
 
@@ -460,7 +565,8 @@ impl Settings {
                 .try_parsing(true)
                 .list_separator(",")
                 .with_list_parse_key("auth.tokens")
-                .with_list_parse_key("auth.peers"),
+                .with_list_parse_key("auth.peers")
+                .with_list_parse_key("auth.jwt.algorithms"),
         );
         for (key, value) in overrides {
             builder = builder
@@ -563,6 +669,9 @@ impl Settings {
         }
         if self.server.max_message_bytes < 1024 {
             bail!("invalid configuration: server.max_message_bytes must be at least 1024");
+        }
+        if let Some(jwt) = &self.auth.jwt {
+            jwt.validate()?;
         }
         self.server.grpc_addr()?;
         self.server.validate_tls()?;
@@ -754,6 +863,46 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("server.health_port"), "{error}");
+    }
+
+    #[test]
+    fn jwt_settings_take_their_defaults_and_refuse_hmac_or_two_key_sources() {
+        let load = |extra: &[(&str, &str)]| {
+            let mut overrides = vec![
+                ("database.url", "postgres://localhost/datagate"),
+                ("auth.jwt.issuer", "https://idp.example.com/"),
+                ("auth.jwt.audience", "datagate"),
+            ];
+            overrides.extend_from_slice(extra);
+            Settings::load_with_overrides(None, &overrides)
+        };
+        let settings = load(&[("auth.jwt.jwks_file", "/etc/datagate/jwks.json")]).unwrap();
+        let jwt = settings.auth.jwt.expect("the section is present");
+        assert_eq!(jwt.algorithms.len(), 3);
+        assert_eq!(jwt.leeway, Duration::from_secs(30));
+        assert_eq!(
+            (jwt.identity_claim.as_str(), jwt.roles_claim.as_str()),
+            ("sub", "roles")
+        );
+        assert_eq!(jwt.min_refresh_interval, Duration::from_secs(30));
+
+        let both = load(&[
+            ("auth.jwt.jwks_file", "/etc/datagate/jwks.json"),
+            ("auth.jwt.jwks_url", "https://idp.example.com/jwks.json"),
+        ]);
+        assert!(both.unwrap_err().to_string().contains("exactly one"));
+        let plain = load(&[("auth.jwt.jwks_url", "http://idp.example.com/jwks.json")]);
+        assert!(plain.unwrap_err().to_string().contains("https://"));
+        let algorithm = |name: &str| serde_json::from_value::<JwtAlgorithm>(name.into());
+        assert_eq!(algorithm("EdDSA").unwrap(), JwtAlgorithm::EdDSA);
+        assert!(algorithm("HS256").is_err() && algorithm("none").is_err());
+        assert!(
+            Settings::load_with_overrides(None, &[("database.url", "postgres://x/y")])
+                .unwrap()
+                .auth
+                .jwt
+                .is_none()
+        );
     }
 
     #[test]

@@ -24,6 +24,15 @@ pub mod reason {
     pub const READER_ROLE_REQUIRED: &str = "READER_ROLE_REQUIRED";
     pub const WRITER_ROLE_REQUIRED: &str = "WRITER_ROLE_REQUIRED";
     pub const CERTIFICATE_IDENTITY_MISSING: &str = "CERTIFICATE_IDENTITY_MISSING";
+    // Callers with a JWT (`auth::jwt`).
+    pub const TOKEN_EXPIRED: &str = "TOKEN_EXPIRED";
+    pub const TOKEN_NOT_YET_VALID: &str = "TOKEN_NOT_YET_VALID";
+    pub const TOKEN_AUDIENCE_MISMATCH: &str = "TOKEN_AUDIENCE_MISMATCH";
+    pub const TOKEN_ISSUER_MISMATCH: &str = "TOKEN_ISSUER_MISMATCH";
+    pub const TOKEN_SIGNATURE_INVALID: &str = "TOKEN_SIGNATURE_INVALID";
+    pub const TOKEN_ALGORITHM_REFUSED: &str = "TOKEN_ALGORITHM_REFUSED";
+    pub const TOKEN_KEY_UNKNOWN: &str = "TOKEN_KEY_UNKNOWN";
+    pub const TOKEN_MALFORMED: &str = "TOKEN_MALFORMED";
     pub const ADMIN_ROLE_REQUIRED: &str = "ADMIN_ROLE_REQUIRED";
     /// A method the authorization table does not list: open to no one.
     pub const METHOD_NOT_AUTHORIZED: &str = "METHOD_NOT_AUTHORIZED";

@@ -7,12 +7,13 @@
 //!   requires, from the one table beside the service registration
 //!   (`startup::services::RPC_ROLES`).
 //! - [`TokenStore`]: the static bearer tokens of the configuration;
+//!   `jwt.rs` (keys in `jwks.rs`): signed tokens (JWTs) of one issuer;
 //!   `peer.rs`: identities from verified client certificates.
 //!
-//! Tokens are long random secrets, so a fast hash (SHA-256) is the right
-//! storage form: configuration holds only hashes, and a lookup hashes the
-//! presented token and finds it in a map. Timing reveals nothing useful, as
-//! an attacker controls the token, not its hash.
+//! Static tokens are long random secrets, so a fast hash (SHA-256) is the
+//! right storage form: configuration holds only hashes, and a lookup hashes
+//! the presented token and finds it in a map. Timing reveals nothing useful,
+//! as an attacker controls the token, not its hash.
 
 use std::{collections::HashMap, fmt, sync::Arc};
 
@@ -27,6 +28,9 @@ use crate::{
 pub mod peer;
 
 pub use self::peer::PeerStore;
+
+mod jwks;
+pub mod jwt;
 
 /// The role that may call administrative RPCs.
 pub const ADMIN_ROLE: &str = Role::Admin.as_str();
@@ -314,6 +318,7 @@ mod tests {
         let settings = AuthSettings {
             tokens: vec![entry.parse().unwrap()],
             peers: vec![],
+            jwt: None,
         };
         let store = TokenStore::from_settings(&settings);
         let caller = store.authenticate(&token).expect("token is known");

@@ -136,6 +136,7 @@ mod tests {
                 identity: "spiffe://cluster.local/ns/shop/sa/checkout".into(),
                 roles: vec!["writer".into()],
             }],
+            jwt: None,
         };
         let peers = PeerStore::from_settings(&settings);
 

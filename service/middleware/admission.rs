@@ -1240,7 +1240,7 @@ mod tests {
     async fn held(
         settings: AdmissionSettings,
         caller: &str,
-    ) -> Held<impl Inner<Error = Infallible> + Clone + use<>> {
+    ) -> Held<impl Inner<Error = Infallible> + use<>> {
         let admission = Admission::new(&settings);
         let (open, opened) = tokio::sync::watch::channel(false);
         let handler = service_fn(move |_: Request<Body>| {

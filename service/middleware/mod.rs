@@ -66,9 +66,13 @@ use crate::error::Error;
 pub type CallFuture<E> = Pin<Box<dyn Future<Output = Result<Response<Body>, E>> + Send + 'static>>;
 
 /// The rest of the stack, as a middleware sees it: a gRPC service whose
-/// futures can be boxed.
+/// futures can be boxed, and which can be cloned into a future that calls
+/// it only after awaiting something (auth fetching a key set).
 pub trait Inner:
     Service<Request<Body>, Response = Response<Body>, Future: Send + 'static, Error: Send + 'static>
+    + Clone
+    + Send
+    + 'static
 {
 }
 
@@ -78,7 +82,9 @@ impl<S> Inner for S where
             Response = Response<Body>,
             Future: Send + 'static,
             Error: Send + 'static,
-        >
+        > + Clone
+        + Send
+        + 'static
 {
 }
 

@@ -42,7 +42,7 @@ pub use self::{
     services::RPC_ROLES,
 };
 use crate::{
-    auth::{PeerStore, Policy, TokenStore},
+    auth::{PeerStore, Policy, TokenStore, jwt::JwtVerifier},
     cache::Cache,
     config::Settings,
     documents::Mongo,
@@ -59,6 +59,8 @@ pub struct Application {
     /// `None` when TLS is off.
     tls: Option<Tls>,
     pools: Pools,
+    /// Loaded at build, so that keys that cannot be loaded fail the start.
+    jwt: Option<JwtVerifier>,
 }
 
 /// The connections every part of the service shares (cheap handles).
@@ -94,6 +96,10 @@ impl Application {
         let reads = Reads::new(&settings.database, &db)?;
         let cache = Cache::new(&settings.redis)?;
         let mongo = Mongo::connect(&settings.mongodb).await?;
+        let jwt = match &settings.auth.jwt {
+            Some(jwt) => Some(JwtVerifier::load(jwt).await?),
+            None => None,
+        };
         let grpc_addr = settings.server.grpc_addr()?;
         let grpc = TcpListener::bind(grpc_addr)
             .await
@@ -122,6 +128,7 @@ impl Application {
                 cache,
                 mongo,
             },
+            jwt,
         })
     }
 
@@ -165,9 +172,15 @@ impl Application {
             health: health_listener,
             tls,
             pools,
+            jwt,
         } = self;
         let (health, health_service) = health::start().await;
         let tasks = Tasks::new();
+        if let Some(jwt) = &jwt {
+            tasks
+                .tracker
+                .spawn(jwt.clone().refresh_periodically(tasks.stopping.clone()));
+        }
         if let Some(tls) = &tls {
             tasks
                 .tracker
@@ -184,7 +197,7 @@ impl Application {
         let stop_serving = CancellationToken::new();
         let addr = grpc.local_addr()?;
         let tls_on = tls.is_some();
-        let server = serve(&settings, routes, grpc, tls, stop_serving.clone());
+        let server = serve(&settings, jwt, routes, grpc, tls, stop_serving.clone());
         let server = with_health_port(server, health_server);
         tokio::pin!(server);
         tracing::info!(%addr, tls = tls_on, "serving gRPC");
@@ -211,6 +224,7 @@ type Served = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> +
 /// for its calls.
 fn serve(
     settings: &Settings,
+    jwt: Option<JwtVerifier>,
     routes: Routes,
     listener: TcpListener,
     tls: Option<Tls>,
@@ -219,6 +233,7 @@ fn serve(
     // Outermost first; see `middleware` for what each layer does.
     let auth = Auth::new(
         TokenStore::from_settings(&settings.auth),
+        jwt,
         Policy::new(RPC_ROLES),
     )
     .with_peers(PeerStore::from_settings(&settings.auth));

@@ -16,6 +16,7 @@ mod detection;
 mod documents;
 mod idempotency;
 mod invalidation;
+mod jwt;
 mod market;
 mod orders;
 mod partitions;
