@@ -9,9 +9,12 @@
 //! - `background.rs`: every background task, on one task tracker stopped
 //!   by one token;
 //! - `shutdown.rs`: the graceful shutdown, step by step;
-//! - here: the server itself, its tower stack and connection settings.
+//! - `connections.rs`: the connection limit, socket options and the idle
+//!   timeout, in the IO type every connection is served over;
+//! - here: the server itself, its tower stack and HTTP/2 settings.
 
 mod background;
+pub mod connections;
 mod health;
 mod services;
 mod shutdown;
@@ -21,7 +24,6 @@ use std::{future::Future, net::SocketAddr};
 use anyhow::Context as _;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
-use tokio_stream::{StreamExt as _, wrappers::TcpListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{service::Routes, transport::Server};
 use tower::ServiceBuilder;
@@ -29,12 +31,13 @@ use tower::ServiceBuilder;
 pub use self::health::{LIVENESS_HEALTH, MONGODB_HEALTH, REDIS_HEALTH, REPLICA_HEALTH};
 use self::{
     background::{Background, Tasks},
+    connections::{CallsInFlight, Limits},
     services::Services,
 };
 use crate::{
     auth::TokenStore,
     cache::Cache,
-    config::Settings,
+    config::{ServerSettings, Settings},
     documents::Mongo,
     middleware::{Admission, Auth, Deadlines, Middleware as _, Rpc},
     store::{self, postgres::Reads},
@@ -162,42 +165,56 @@ fn serve(
     listener: TcpListener,
     stop_serving: CancellationToken,
 ) -> impl Future<Output = Result<(), tonic::transport::Error>> + Send {
+    let server = &settings.server;
     // Outermost first; see `middleware` for what each layer does.
+    // `CallsInFlight` is outermost so that a call counts for its
+    // connection's idle timeout for as long as any layer holds it.
     let stack = ServiceBuilder::new()
+        .option_layer((!server.idle_timeout.is_zero()).then(|| CallsInFlight.into_layer()))
         .layer(Rpc::new(settings.telemetry.n_plus_one_threshold).into_layer())
         .layer(Auth::new(TokenStore::from_settings(&settings.auth)).into_layer())
-        .layer(Deadlines::new(settings.server.request_timeout).into_layer())
+        .layer(Deadlines::new(server.request_timeout).into_layer())
         .option_layer(
             settings
                 .admission
                 .enabled
                 .then(|| Admission::new(&settings.admission).into_layer()),
         );
-    let mut builder = Server::builder();
-    if !settings.server.max_connection_age.is_zero() {
+    http2_limits(Server::builder(), server)
+        .layer(stack)
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(
+            connections::incoming(listener, Limits::from_settings(server)),
+            stop_serving.cancelled_owned(),
+        )
+}
+
+/// h2's limit on streams a client resets before the server accepted them
+/// (CVE-2023-44487, "rapid reset"), past which the connection gets a GOAWAY;
+/// h2's own default, set so that an upgrade cannot quietly drop it.
+const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+/// hyper's limit on streams the server itself resets because of what the
+/// client sent (a flood of provoked stream errors, "MadeYouReset"), past
+/// which it sends a GOAWAY; hyper's own default, set for the same reason.
+const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+
+/// The HTTP/2 side of connection hardening (the TCP side is
+/// `connections.rs`): streams and header bytes per connection, keepalive
+/// PINGs, the reset-flood limits, and the connection age.
+fn http2_limits(builder: Server, server: &ServerSettings) -> Server {
+    let nonzero = |d: std::time::Duration| (!d.is_zero()).then_some(d);
+    let mut builder = builder
+        .max_concurrent_streams(server.max_concurrent_streams)
+        .http2_max_header_list_size(server.max_header_list_bytes)
+        .http2_keepalive_interval(nonzero(server.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(server.http2_keepalive_timeout))
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESET_STREAMS))
+        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS));
+    if !server.max_connection_age.is_zero() {
         // Graceful only: no `max_connection_age_grace`, with which tonic
         // skips the GOAWAY and cuts the connection at age + grace. Calls
         // in flight are bounded by the request timeout anyway.
-        builder = builder.max_connection_age(settings.server.max_connection_age);
+        builder = builder.max_connection_age(server.max_connection_age);
     }
     builder
-        .layer(stack)
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming(listener), stop_serving.cancelled_owned())
-}
-
-/// The connections of `listener`, with `TCP_NODELAY` set: otherwise Nagle's
-/// algorithm holds every response larger than a segment until the client's
-/// delayed ACK, ~40 ms a call.
-pub fn incoming(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    TcpListenerStream::new(listener).map(|stream| {
-        if let Ok(stream) = &stream
-            && let Err(e) = stream.set_nodelay(true)
-        {
-            tracing::warn!(error = %e, "could not set TCP_NODELAY");
-        }
-        stream
-    })
 }
