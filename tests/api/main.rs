@@ -10,6 +10,7 @@ mod batching;
 mod breaker;
 mod cache;
 mod catalog;
+mod connections;
 mod deadlines;
 mod detection;
 mod documents;
