@@ -2,8 +2,8 @@
 //! connection carried 1,000 concurrent streams and 3,000 connections that
 //! sent only the HTTP/2 preface were held forever (~13 KiB each). The HTTP/2
 //! limits (streams, header list, keepalive PINGs, reset floods) are tonic
-//! settings, set in `serve`; this module owns what tonic cannot do over
-//! `serve_with_incoming`:
+//! settings (`http2_limits` in `startup`); this module owns what tonic
+//! cannot do over `serve_with_incoming`:
 //!
 //! - the connection limit: [`Connections::admit`] closes a connection past
 //!   `server.max_connections` at once, counts it
@@ -157,11 +157,6 @@ impl Connections {
             _slot: slot,
         })
     }
-
-    /// Connections open now.
-    pub fn open(&self) -> usize {
-        self.0.open.load(Ordering::Acquire)
-    }
 }
 
 fn configure(stream: &TcpStream, limits: &Limits) {
@@ -288,7 +283,11 @@ impl Drop for CallGuard {
 }
 
 /// What tonic puts in each request's extensions for a [`Connection`]: its
-/// addresses and its calls in flight.
+/// addresses and its calls in flight. Under TLS it is inside
+/// `TlsConnectInfo<ConnectionInfo>` (with the peer certificates), so
+/// tonic's `Request::remote_addr` and `peer_certs`, which look for
+/// `TcpConnectInfo`, find nothing: use [`ConnectionInfo::of`] and
+/// `TlsConnectInfo::peer_certs`.
 #[derive(Debug, Clone)]
 pub struct ConnectionInfo {
     tcp: TcpConnectInfo,
@@ -311,11 +310,6 @@ impl ConnectionInfo {
 
     pub fn remote_addr(&self) -> Option<SocketAddr> {
         self.tcp.remote_addr()
-    }
-
-    /// Calls in flight on the connection.
-    pub fn calls_in_flight(&self) -> usize {
-        self.activity.in_flight.load(Ordering::Acquire)
     }
 }
 
