@@ -550,6 +550,121 @@ mod tests {
         assert!(activity.idle_at(timeout).is_some());
     }
 
+    mod under_tls {
+        use bytes::Bytes;
+        use h2::client::SendRequest;
+        use tokio_rustls::{
+            TlsAcceptor, TlsConnector,
+            rustls::{self, pki_types::PrivatePkcs8KeyDer},
+        };
+        use tonic::transport::Server;
+
+        use super::*;
+
+        const BOUND: Duration = Duration::from_secs(10);
+
+        fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+            Arc::new(rustls::crypto::ring::default_provider())
+        }
+
+        /// A health service served over TLS around [`Connection`]s with a
+        /// short idle timeout, and a connector that trusts it.
+        async fn tls_server() -> (SocketAddr, TlsConnector) {
+            let key = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+            let cert = key.cert.der().clone();
+            let server = rustls::ServerConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(
+                    vec![cert.clone()],
+                    PrivatePkcs8KeyDer::from(key.signing_key.serialize_der()).into(),
+                )
+                .unwrap();
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(cert).unwrap();
+            let client = rustls::ClientConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let limits = Limits {
+                idle_timeout: Some(Duration::from_millis(200)),
+                ..Limits::default()
+            };
+            let acceptor = TlsAcceptor::from(Arc::new(server));
+            let tls = incoming(listener, limits).then(move |connection| {
+                let acceptor = acceptor.clone();
+                async move { acceptor.accept(connection?).await }
+            });
+            let (_reporter, health) = tonic_health::server::health_reporter();
+            tokio::spawn(
+                Server::builder()
+                    .layer(CallsInFlight.into_layer())
+                    .add_service(health)
+                    .serve_with_incoming(tls),
+            );
+            (addr, TlsConnector::from(Arc::new(client)))
+        }
+
+        /// An HTTP/2 connection over TLS, and the task that ends when the
+        /// server closes it.
+        async fn connect(
+            addr: SocketAddr,
+            connector: &TlsConnector,
+        ) -> (SendRequest<Bytes>, tokio::task::JoinHandle<()>) {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let tls = connector.connect(name, tcp).await.unwrap();
+            let (client, connection) = h2::client::handshake(tls).await.unwrap();
+            (client, tokio::spawn(async { drop(connection.await) }))
+        }
+
+        /// Starts a health call and waits for its first message.
+        async fn call(client: &SendRequest<Bytes>, method: &str) -> h2::RecvStream {
+            let request =
+                http::Request::post(format!("https://localhost/grpc.health.v1.Health/{method}"))
+                    .header("content-type", "application/grpc")
+                    .header("te", "trailers")
+                    .body(())
+                    .unwrap();
+            let mut client = client.clone().ready().await.unwrap();
+            let (response, mut send) = client.send_request(request, false).unwrap();
+            send.send_data(Bytes::from_static(&[0; 5]), true).unwrap();
+            let mut body = tokio::time::timeout(BOUND, response)
+                .await
+                .unwrap()
+                .unwrap()
+                .into_body();
+            let first = tokio::time::timeout(BOUND, body.data()).await.unwrap();
+            assert!(first.is_some_and(|data| data.is_ok()), "{method} answers");
+            body
+        }
+
+        #[tokio::test]
+        async fn idle_connections_close_and_calls_keep_theirs_open() {
+            let (addr, connector) = tls_server().await;
+            let (watching, watching_task) = connect(addr, &connector).await;
+            let watch = call(&watching, "Watch").await;
+            let (idle, idle_task) = connect(addr, &connector).await;
+            drop(call(&idle, "Check").await);
+
+            tokio::time::timeout(BOUND, idle_task)
+                .await
+                .expect("the idle connection is closed under TLS")
+                .unwrap();
+            assert!(
+                !watching_task.is_finished(),
+                "the call in flight was found under TLS and kept its connection"
+            );
+            drop(call(&watching, "Check").await);
+            drop(watch);
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_idle_timer_counts_from_the_last_call() {
         let activity = Arc::new(Activity::new());
