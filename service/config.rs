@@ -191,6 +191,26 @@ pub struct ServerSettings {
     /// callers reconnect and spread over new replicas; zero: never.
     #[serde(with = "humantime_serde")]
     pub max_connection_age: Duration,
+    /// Connection hardening (`startup::connections`): open connections past
+    /// this are closed at once.
+    pub max_connections: usize,
+    /// HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`: calls at once per connection.
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 `SETTINGS_MAX_HEADER_LIST_SIZE`: a call's metadata, in bytes.
+    pub max_header_list_bytes: u32,
+    /// A connection with no call in flight for this long is closed; zero:
+    /// never.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// HTTP/2 PING interval, and how long an unanswered PING waits before the
+    /// connection is closed; zero interval: no pings.
+    #[serde(with = "humantime_serde")]
+    pub http2_keepalive_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub http2_keepalive_timeout: Duration,
+    /// Idle time before TCP keepalive probes; zero: none.
+    #[serde(with = "humantime_serde")]
+    pub tcp_keepalive: Duration,
     /// A plaintext port serving only `grpc.health.v1.Health`, for the
     /// kubelet's gRPC probes, which cannot speak TLS; zero: none.
     pub health_port: u16,
@@ -673,6 +693,20 @@ impl Settings {
         if let Some(jwt) = &self.auth.jwt {
             jwt.validate()?;
         }
+        let server = &self.server;
+        if server.max_connections == 0
+            || server.max_concurrent_streams == 0
+            || server.max_header_list_bytes < 1024
+        {
+            bail!(
+                "invalid configuration: server.max_connections and server.max_concurrent_streams must be positive and server.max_header_list_bytes at least 1024"
+            );
+        }
+        if !server.http2_keepalive_interval.is_zero() && server.http2_keepalive_timeout.is_zero() {
+            bail!(
+                "invalid configuration: server.http2_keepalive_timeout must be positive while server.http2_keepalive_interval is on"
+            );
+        }
         self.server.grpc_addr()?;
         self.server.validate_tls()?;
         self.metrics.addr()?;
@@ -903,6 +937,34 @@ mod tests {
                 .jwt
                 .is_none()
         );
+    }
+
+    #[test]
+    fn connection_limits_must_be_usable() {
+        let load = |key, value| {
+            Settings::load_with_overrides(
+                None,
+                &[
+                    ("database.url", "postgres://localhost/datagate"),
+                    (key, value),
+                ],
+            )
+        };
+        let defaults = load("server.idle_timeout", "5m").unwrap().server;
+        assert_eq!(defaults.max_concurrent_streams, 200);
+        assert!(
+            load("server.idle_timeout", "0s").is_ok(),
+            "zero turns it off"
+        );
+        for (key, value) in [
+            ("server.max_connections", "0"),
+            ("server.max_concurrent_streams", "0"),
+            ("server.max_header_list_bytes", "512"),
+            ("server.http2_keepalive_timeout", "0s"),
+        ] {
+            let error = load(key, value).unwrap_err().to_string();
+            assert!(error.contains(key), "{key} = {value}: {error}");
+        }
     }
 
     #[test]

@@ -69,6 +69,7 @@ pub mod reason {
     // Log events (the `event` field), not error reasons.
     pub const SLOW_QUERY: &str = "SLOW_QUERY";
     pub const N_PLUS_ONE_DETECTED: &str = "N_PLUS_ONE_DETECTED";
+    pub const CONNECTION_LIMIT_REACHED: &str = "CONNECTION_LIMIT_REACHED";
 }
 
 /// One problem with one request field, e.g. `email`: "must contain exactly one @".

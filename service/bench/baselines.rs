@@ -29,7 +29,10 @@ pub async fn bare_tonic_service() -> anyhow::Result<HealthClient<Channel>> {
         let _reporter = reporter;
         let _ = tonic::transport::Server::builder()
             .add_service(service)
-            .serve_with_incoming(datagate::startup::incoming(listener))
+            .serve_with_incoming(datagate::startup::connections::incoming(
+                listener,
+                datagate::startup::connections::Limits::default(),
+            ))
             .await;
     });
     let channel = Endpoint::from_shared(format!("http://{addr}"))?

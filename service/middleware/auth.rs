@@ -19,11 +19,11 @@
 //! fetch the set again, and only that call clones the rest of the stack
 //! into its future.
 
+use std::sync::Arc;
+
 use http::{Extensions, HeaderMap, Request};
-use tonic::{
-    body::Body,
-    transport::server::{TcpConnectInfo, TlsConnectInfo},
-};
+use rustls::pki_types::CertificateDer;
+use tonic::body::Body;
 use tracing::Span;
 
 use super::{CallFuture, Inner, Middleware, status_response};
@@ -43,8 +43,15 @@ pub struct Auth {
     /// `None`: JWT is not configured, every token is a static one.
     jwt: Option<JwtVerifier>,
     peers: PeerStore,
+    /// The client certificates the TLS handshake verified, leaf first, from
+    /// a call's extensions (where tonic puts the connection's info, whose
+    /// type the server assembly knows).
+    certificates_of: CertificatesOf,
     policy: Policy,
 }
+
+/// Finds the verified client certificates in a call's extensions.
+pub type CertificatesOf = fn(&Extensions) -> Option<Arc<Vec<CertificateDer<'static>>>>;
 
 /// How a call's credentials were judged without waiting.
 enum Checked {
@@ -59,13 +66,16 @@ impl Auth {
             tokens,
             jwt,
             peers: PeerStore::default(),
+            certificates_of: |_| None,
             policy,
         }
     }
 
-    /// With the roles of client certificate identities.
-    pub fn with_peers(mut self, peers: PeerStore) -> Self {
+    /// With the roles of client certificate identities, and where a call's
+    /// verified client certificates are.
+    pub fn with_peers(mut self, peers: PeerStore, certificates_of: CertificatesOf) -> Self {
         self.peers = peers;
+        self.certificates_of = certificates_of;
         self
     }
 
@@ -92,18 +102,14 @@ impl Auth {
 
     /// The identity of the connection's client certificate. tonic puts the
     /// certificates the handshake verified (leaf first) in every call's
-    /// extensions, keyed by the connection's info type: TLS over TCP here
-    /// (`startup::tls`).
+    /// extensions, keyed by the connection's info type (`startup::tls`).
     fn authenticate_peer(&self, extensions: &Extensions) -> Result<Caller, Error> {
-        let certificates = extensions
-            .get::<TlsConnectInfo<TcpConnectInfo>>()
-            .and_then(TlsConnectInfo::peer_certs)
-            .ok_or_else(|| {
-                Error::Unauthenticated(Detail::new(
-                    reason::MISSING_CREDENTIALS,
-                    "missing bearer token: send `authorization: Bearer <token>` metadata",
-                ))
-            })?;
+        let certificates = (self.certificates_of)(extensions).ok_or_else(|| {
+            Error::Unauthenticated(Detail::new(
+                reason::MISSING_CREDENTIALS,
+                "missing bearer token: send `authorization: Bearer <token>` metadata",
+            ))
+        })?;
         certificates
             .first()
             .and_then(|leaf| self.peers.authenticate(leaf))

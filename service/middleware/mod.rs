@@ -19,7 +19,10 @@
 //!    (after auth, for the caller; inside the deadline, which bounds the
 //!    wait). Health, reflection and AdminService calls are never shed.
 //!
-//! The stack is composed once, in the server assembly (`startup`).
+//! The stack is composed once, in the server assembly (`startup`). Around
+//! it, when the idle timeout is on, `startup::connections::CallsInFlight`
+//! counts each call in flight on its connection: it belongs with the
+//! connection type it marks, and uses the skeleton below.
 //!
 //! # One skeleton
 //!

@@ -11,11 +11,14 @@
 //! - `shutdown.rs`: the graceful shutdown, step by step;
 //! - `tls.rs`: TLS on the gRPC port, its certificate reloads and the
 //!   handshakes;
-//! - here: the server itself, its tower stack and connection settings, and
-//!   the plaintext health port (`server.health_port`: the kubelet's gRPC
-//!   probes cannot speak TLS).
+//! - `connections.rs`: the connection limit, socket options and the idle
+//!   timeout, in the IO type every connection is served over (below TLS);
+//! - here: the server itself, its tower stack and HTTP/2 settings, and the
+//!   plaintext health port (`server.health_port`: the kubelet's gRPC probes
+//!   cannot speak TLS).
 
 mod background;
+pub mod connections;
 mod health;
 mod services;
 mod shutdown;
@@ -26,7 +29,6 @@ use std::{future::Future, net::SocketAddr, pin::Pin};
 use anyhow::Context as _;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
-use tokio_stream::{StreamExt as _, wrappers::TcpListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{service::Routes, transport::Server};
 use tonic_health::pb::health_server::{Health, HealthServer};
@@ -34,6 +36,7 @@ use tower::ServiceBuilder;
 
 use self::{
     background::{Background, Tasks},
+    connections::{CallsInFlight, Limits},
     services::Services,
     tls::Tls,
 };
@@ -44,7 +47,7 @@ pub use self::{
 use crate::{
     auth::{PeerStore, Policy, TokenStore, jwt::JwtVerifier},
     cache::Cache,
-    config::Settings,
+    config::{ServerSettings, Settings},
     documents::Mongo,
     middleware::{Admission, Auth, Deadlines, Middleware as _, Quotas, Rpc},
     store::{self, postgres::Reads},
@@ -230,14 +233,21 @@ fn serve(
     tls: Option<Tls>,
     stop_serving: CancellationToken,
 ) -> Served {
+    let server = &settings.server;
     // Outermost first; see `middleware` for what each layer does.
+    // `CallsInFlight` is outermost so that a call counts for its
+    // connection's idle timeout for as long as any layer holds it.
     let auth = Auth::new(
         TokenStore::from_settings(&settings.auth),
         jwt,
         Policy::new(RPC_ROLES),
     )
-    .with_peers(PeerStore::from_settings(&settings.auth));
+    .with_peers(
+        PeerStore::from_settings(&settings.auth),
+        connections::peer_certificates,
+    );
     let stack = ServiceBuilder::new()
+        .option_layer((!server.idle_timeout.is_zero()).then(|| CallsInFlight.into_layer()))
         .layer(Rpc::new(settings.telemetry.n_plus_one_threshold).into_layer())
         .layer(auth.into_layer())
         .layer(
@@ -252,33 +262,55 @@ fn serve(
             )
             .into_layer(),
         )
-        .layer(Deadlines::new(settings.server.request_timeout).into_layer())
+        .layer(Deadlines::new(server.request_timeout).into_layer())
         .option_layer(
             settings
                 .admission
                 .enabled
                 .then(|| Admission::new(&settings.admission).into_layer()),
         );
-    let mut builder = Server::builder();
-    if !settings.server.max_connection_age.is_zero() {
-        // Graceful only: no `max_connection_age_grace`, with which tonic
-        // skips the GOAWAY and cuts the connection at age + grace. Calls
-        // in flight are bounded by the request timeout anyway.
-        builder = builder.max_connection_age(settings.server.max_connection_age);
-    }
-    let router = builder.layer(stack).add_routes(routes);
+    let router = http2_limits(Server::builder(), server)
+        .layer(stack)
+        .add_routes(routes);
+    let connections = connections::incoming(listener, Limits::from_settings(server));
     let stopped = stop_serving.cancelled_owned();
     match tls {
         Some(tls) => {
-            let handshakes = tls::accept(
-                incoming(listener),
-                tls,
-                settings.server.tls.handshake_timeout,
-            );
+            let handshakes = tls::accept(connections, tls, server.tls.handshake_timeout);
             Box::pin(router.serve_with_incoming_shutdown(handshakes, stopped))
         }
-        None => Box::pin(router.serve_with_incoming_shutdown(incoming(listener), stopped)),
+        None => Box::pin(router.serve_with_incoming_shutdown(connections, stopped)),
     }
+}
+
+/// h2's limit on streams a client resets before the server accepted them
+/// (CVE-2023-44487, "rapid reset"), past which the connection gets a GOAWAY;
+/// h2's own default, set so that an upgrade cannot quietly drop it.
+const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+/// hyper's limit on streams the server itself resets because of what the
+/// client sent (a flood of provoked stream errors, "MadeYouReset"), past
+/// which it sends a GOAWAY; hyper's own default, set for the same reason.
+const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+
+/// The HTTP/2 side of connection hardening (the TCP side is
+/// `connections.rs`): streams and header bytes per connection, keepalive
+/// PINGs, the reset-flood limits, and the connection age.
+fn http2_limits(builder: Server, server: &ServerSettings) -> Server {
+    let nonzero = |d: std::time::Duration| (!d.is_zero()).then_some(d);
+    let mut builder = builder
+        .max_concurrent_streams(server.max_concurrent_streams)
+        .http2_max_header_list_size(server.max_header_list_bytes)
+        .http2_keepalive_interval(nonzero(server.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(server.http2_keepalive_timeout))
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESET_STREAMS))
+        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS));
+    if !server.max_connection_age.is_zero() {
+        // Graceful only: no `max_connection_age_grace`, with which tonic
+        // skips the GOAWAY and cuts the connection at age + grace. Calls
+        // in flight are bounded by the request timeout anyway.
+        builder = builder.max_connection_age(server.max_connection_age);
+    }
+    builder
 }
 
 /// `server`, and beside it the health service alone, in plaintext, on the
@@ -297,7 +329,10 @@ fn with_health_port(
         let drained = CancellationToken::new();
         let probes = Server::builder()
             .add_service(health)
-            .serve_with_incoming_shutdown(incoming(listener), drained.clone().cancelled_owned());
+            .serve_with_incoming_shutdown(
+                connections::incoming(listener, Limits::default()),
+                drained.clone().cancelled_owned(),
+            );
         if let Ok(addr) = addr {
             tracing::info!(%addr, "serving health checks in plaintext");
         }
@@ -308,21 +343,5 @@ fn with_health_port(
         };
         let (served, probed) = tokio::join!(server, probes);
         served.and(probed)
-    })
-}
-
-/// The connections of `listener`, with `TCP_NODELAY` set: otherwise Nagle's
-/// algorithm holds every response larger than a segment until the client's
-/// delayed ACK, ~40 ms a call.
-pub fn incoming(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    TcpListenerStream::new(listener).map(|stream| {
-        if let Ok(stream) = &stream
-            && let Err(e) = stream.set_nodelay(true)
-        {
-            tracing::warn!(error = %e, "could not set TCP_NODELAY");
-        }
-        stream
     })
 }

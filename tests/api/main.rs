@@ -11,6 +11,7 @@ mod batching;
 mod breaker;
 mod cache;
 mod catalog;
+mod connections;
 mod deadlines;
 mod detection;
 mod documents;
