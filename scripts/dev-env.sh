@@ -224,27 +224,29 @@ TLS_USER=datagate
 
 # A private CA, a server certificate for 127.0.0.1 and localhost (no key
 # usage restriction: cluster nodes present it as clients too) and a client
-# certificate, made once; and the ACL user's password.
+# certificate, each made once; and the ACL user's password.
 ensure_tls_material() {
   local certs=$TLS_DIR/certs
-  if [ ! -s "$certs/client.crt" ]; then
+  mkdir -p "$certs"
+  if [ ! -s "$certs/ca.crt" ] || [ ! -s "$certs/server.crt" ] || [ ! -s "$certs/client.crt" ]; then
     command -v openssl >/dev/null || apt_install openssl
-    log "Redis TLS: making a private CA and certificates in $certs"
-    mkdir -p "$certs"
+    log "Redis TLS: making the missing CA and certificates in $certs"
     (
       cd "$certs"
-      # P-256 keys: quick to make, and every TLS stack takes them.
+      # P-256 keys: quick to make, and every TLS stack takes them. Leaf
+      # certificates are X.509 v3 (they carry extensions): rustls refuses v1.
       local key="-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
-      openssl req -x509 $key -days 3650 -subj "/CN=datagate dev Redis CA" \
+      sign() { # name extensions
+        openssl req $key -subj "/CN=$1" -keyout "$1.key" -out "$1.csr"
+        printf '%s\n' "$2" >"$1.ext"
+        openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial \
+          -days 3650 -extfile "$1.ext" -out "$1.crt"
+        rm -f "$1.csr" "$1.ext"
+      }
+      [ -s ca.crt ] || openssl req -x509 $key -days 3650 -subj "/CN=datagate dev Redis CA" \
         -keyout ca.key -out ca.crt
-      openssl req $key -subj /CN=localhost -keyout server.key -out server.csr
-      printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >server.ext
-      openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
-        -days 3650 -extfile server.ext -out server.crt
-      openssl req $key -subj /CN=datagate -keyout client.key -out client.csr
-      openssl x509 -req -in client.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
-        -days 3650 -out client.crt
-      rm -f ./*.csr server.ext
+      [ -s server.crt ] || sign server "subjectAltName=IP:127.0.0.1,DNS:localhost"
+      [ -s client.crt ] || sign client "extendedKeyUsage=clientAuth"
       chmod 600 ./*.key
     ) >/dev/null 2>&1 || die "cannot make the Redis TLS certificates (openssl)"
   fi

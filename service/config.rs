@@ -173,6 +173,18 @@ pub struct RedisSettings {
     /// breaker failure; zero counts every timeout.
     #[serde(with = "humantime_serde")]
     pub breaker_ignore_late_by: Duration,
+    /// The ACL user to log in as (empty: the URL's, or none). Wins over
+    /// the URL's, as `password` does.
+    pub username: String,
+    /// The ACL user's password (empty: the URL's, or none).
+    pub password: SecretString,
+    /// PEM bundle of the CA that signed the servers' certificates, for
+    /// `rediss://` (empty: the system roots); see `cache::tls`.
+    pub tls_ca_file: String,
+    /// A client certificate and its key (PEM), for servers that ask for one
+    /// (`tls-auth-clients`); both or neither.
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -442,6 +454,10 @@ impl Settings {
                 "invalid configuration: redis.key_prefix must be a non-empty word without glob characters"
             );
         }
+        // A user alone would be ignored: the AUTH command needs the password.
+        if !redis.username.trim().is_empty() && redis.password.expose_secret().is_empty() {
+            bail!("invalid configuration: redis.username needs redis.password");
+        }
         // A brace in the prefix would become every key's hash tag, putting
         // the whole cache in one cluster slot.
         if redis.mode == RedisMode::Cluster && redis.key_prefix.contains(['{', '}']) {
@@ -564,6 +580,29 @@ mod tests {
             let error = load(prefix).unwrap_err().to_string();
             assert!(error.contains("redis.key_prefix"), "{prefix}: {error}");
         }
+    }
+
+    #[test]
+    fn the_redis_password_stays_out_of_debug_output_and_needs_no_user() {
+        let load = |overrides: &[(&str, &str)]| {
+            let mut all = vec![("database.url", "postgres://localhost/datagate")];
+            all.extend_from_slice(overrides);
+            Settings::load_with_overrides(None, &all)
+        };
+        let settings = load(&[
+            ("redis.username", "datagate"),
+            ("redis.password", "hunter2-acl-password"),
+        ])
+        .unwrap();
+        assert!(!format!("{settings:?}").contains("hunter2"));
+        assert!(load(&[("redis.password", "requirepass-only")]).is_ok());
+        let error = load(&[("redis.username", "datagate")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("redis.username needs redis.password"),
+            "{error}"
+        );
     }
 
     #[test]

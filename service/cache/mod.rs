@@ -47,6 +47,7 @@ mod flight;
 mod keys;
 mod queue;
 mod scripts;
+mod tls;
 
 use std::{
     collections::{HashMap, HashSet},

@@ -21,6 +21,7 @@ mod partitions;
 mod process;
 mod promises;
 mod readiness;
+mod redis_tls;
 mod replica;
 mod retries;
 mod search;
