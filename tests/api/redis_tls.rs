@@ -1,7 +1,8 @@
 //! The cache over `rediss://` with an ACL user, against the TLS-only Redis
 //! servers of the development environment (`REDIS_TLS_*`): reads are cached
-//! on one node and on a cluster that also asks for a client certificate;
-//! with a wrong password, or a CA that did not sign the server's
+//! on one node and on a cluster that also asks for a client certificate,
+//! and with an ACL user allowed only the commands the README lists; with a
+//! wrong password, or a CA that did not sign the server's
 //! certificate, the cache fails open: reads answer from PostgreSQL, and the
 //! log says why without the password.
 
@@ -11,7 +12,7 @@ use crate::support::{
     TestApp, api_test,
     observe::{Logs, with_request_id},
     redis::{RedisTls, redis_tls},
-    unique,
+    rename, unique,
 };
 
 async fn get_user(app: &TestApp, id: i64) -> pb::User {
@@ -108,6 +109,72 @@ async fn over_tls_a_cluster_asking_for_a_client_certificate_caches_reads() {
         user.display_name,
         "the second read is a hit"
     );
+}
+
+/// The least-privileged ACL user the README documents, on this test's
+/// prefix: if the cache sent a command it does not list, the miss would
+/// not fill, or the write's invalidation would not reach Redis and the
+/// last read would be stale.
+#[api_test]
+async fn an_acl_user_with_only_the_documented_commands_caches_and_invalidates() {
+    let tls = redis_tls();
+    let user_name = format!("dgtest-{}", uuid::Uuid::new_v4().simple());
+    let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+    let prefix = user_name.clone();
+    let mut admin = tls.connection().await;
+    let mut setuser = vec![
+        "SETUSER".to_owned(),
+        user_name.clone(),
+        "on".into(),
+        format!(">{password}"),
+        "resetkeys".into(),
+        format!("~{prefix}:*"),
+        "resetchannels".into(),
+    ];
+    setuser.extend(
+        "-@all +get +mget +set +del +unlink +incr +pexpire +scan +ping +evalsha +script|load +cluster|slots"
+            .split(' ')
+            .map(str::to_owned),
+    );
+    let _: () = deadpool_redis::redis::cmd("ACL")
+        .arg(&setuser)
+        .query_async(&mut admin)
+        .await
+        .expect("ACL SETUSER");
+    let app = TestApp::spawn_with(|s| {
+        s.redis.url = tls.url.clone().into();
+        s.redis.tls_ca_file = tls.ca_file.clone();
+        s.redis.username = user_name.clone();
+        s.redis.password = password.clone().into();
+        s.redis.key_prefix = prefix;
+    })
+    .await;
+    let (email, username) = unique("acl");
+    let user = app.create_user(&email, &username).await;
+    assert_eq!(get_user(&app, user.id).await, user);
+    assert!(
+        tls.get(&app.cache_key("user", user.id)).await.is_some(),
+        "the miss filled"
+    );
+
+    let renamed = app
+        .users()
+        .await
+        .update_user(rename(&user, "renamed through the API"))
+        .await
+        .expect("UpdateUser")
+        .into_inner();
+    assert_eq!(get_user(&app, user.id).await, renamed, "invalidated");
+    rename_behind_the_cache(&app, user.id).await;
+    assert_eq!(get_user(&app, user.id).await, renamed, "refilled, a hit");
+
+    drop(app);
+    let _: u64 = deadpool_redis::redis::cmd("ACL")
+        .arg("DELUSER")
+        .arg(&user_name)
+        .query_async(&mut admin)
+        .await
+        .expect("ACL DELUSER");
 }
 
 /// Reads a user twice with a row change between them, and returns the

@@ -64,7 +64,14 @@ impl RedisTls {
 
     /// A value from the single TLS node (None if absent), as the ACL user.
     pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
-        use deadpool_redis::redis::{AsyncCommands as _, IntoConnectionInfo as _};
+        use deadpool_redis::redis::AsyncCommands as _;
+        self.connection().await.get(key).await.expect("GET")
+    }
+
+    /// A connection to the single TLS node, as the ACL user (who may do
+    /// anything, `ACL SETUSER` included).
+    pub async fn connection(&self) -> deadpool_redis::redis::aio::MultiplexedConnection {
+        use deadpool_redis::redis::IntoConnectionInfo as _;
         let info = self.url.as_str().into_connection_info().unwrap();
         let login = info
             .redis_settings()
@@ -76,11 +83,10 @@ impl RedisTls {
             self.certificates(),
         )
         .expect("a TLS client");
-        let mut conn = client
+        client
             .get_multiplexed_async_connection()
             .await
-            .expect("connect to the TLS Redis");
-        conn.get(key).await.expect("GET")
+            .expect("connect to the TLS Redis")
     }
 
     /// A value from the TLS cluster (None if absent), as the ACL user.
