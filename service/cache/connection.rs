@@ -61,9 +61,21 @@ impl Pool {
         };
         let invalid =
             |e: &dyn std::fmt::Display| anyhow::anyhow!("invalid configuration: redis.url: {e}");
+        tls::refuse_insecure(url)?;
         let certificates = tls::certificates(settings, url)?;
         let username = Some(settings.username.trim()).filter(|u| !u.is_empty());
         let password = Some(settings.password.expose_secret()).filter(|p| !p.is_empty());
+        // A user alone would be ignored: `AUTH` needs the password.
+        let url_has_password = url
+            .split(',')
+            .next()
+            .and_then(|first| first.trim().into_connection_info().ok())
+            .is_some_and(|info| info.redis_settings().password().is_some());
+        if username.is_some() && password.is_none() && !url_has_password {
+            anyhow::bail!(
+                "invalid configuration: redis.username needs redis.password (or a password in redis.url)"
+            );
+        }
         Ok(match settings.mode {
             RedisMode::Single => {
                 let mut info = url.into_connection_info().map_err(|e| invalid(&e))?;
@@ -417,6 +429,34 @@ mod tests {
     use deadpool_redis::{PoolError, TimeoutType, redis::Value};
 
     use super::*;
+
+    #[tokio::test]
+    async fn an_acl_user_needs_a_password_in_the_settings_or_the_url() {
+        let settings = |overrides: &[(&str, &str)]| {
+            let mut all = vec![("database.url", "postgres://localhost/datagate")];
+            all.extend_from_slice(overrides);
+            crate::config::Settings::load_with_overrides(None, &all)
+                .unwrap()
+                .redis
+        };
+        let user = settings(&[("redis.username", "datagate")]);
+        let error = Pool::new(&user, "redis://127.0.0.1:1")
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            error.contains("redis.username needs redis.password"),
+            "{error}"
+        );
+        assert!(Pool::new(&user, "redis://:in-the-url@127.0.0.1:1").is_ok());
+        let both = settings(&[
+            ("redis.username", "datagate"),
+            ("redis.password", "in-the-settings"),
+        ]);
+        assert!(Pool::new(&both, "redis://127.0.0.1:1").is_ok());
+        // Neither: no AUTH at all, as before.
+        assert!(Pool::new(&settings(&[]), "redis://127.0.0.1:1").is_ok());
+    }
 
     /// The error Redis answers with `reply` (RESP), as the client sees it.
     fn answered(reply: &[u8]) -> RedisError {

@@ -5,8 +5,7 @@
 //! is set (a private CA: the bundle replaces the system roots, it does not
 //! add to them), else to the system's roots. Hostname checks are always on:
 //! the redis crate's `#insecure` URL fragment needs a feature this build
-//! does not have, so such a URL fails every connect (and the cache fails
-//! open, loudly) rather than trust anyone.
+//! does not have, and such a URL is refused at start-up.
 //!
 //! **Client certificate.** `redis.tls_cert_file` and `redis.tls_key_file`
 //! (both or neither) answer a server with `tls-auth-clients yes`.
@@ -32,7 +31,7 @@
 use std::{path::Path, sync::Arc};
 
 use anyhow::{Context, bail};
-use deadpool_redis::redis::{ClientTlsConfig, TlsCertificates};
+use deadpool_redis::redis::{ClientTlsConfig, ConnectionAddr, IntoConnectionInfo, TlsCertificates};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
 use crate::config::RedisSettings;
@@ -42,6 +41,22 @@ use crate::config::RedisSettings;
 pub(super) fn is_tls(urls: &str) -> bool {
     let mut urls = urls.split(',').map(str::trim).filter(|u| !u.is_empty());
     urls.clone().next().is_some() && urls.all(|u| u.starts_with("rediss://"))
+}
+
+/// Refuses a `rediss://...#insecure` URL (certificates unchecked): this
+/// build could not honour it (no `tls-rustls-insecure`), so every connect
+/// would fail; better to say so at start-up.
+pub(super) fn refuse_insecure(urls: &str) -> anyhow::Result<()> {
+    for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        if let Ok(info) = url.into_connection_info()
+            && matches!(info.addr(), ConnectionAddr::TcpTls { insecure: true, .. })
+        {
+            bail!(
+                "invalid configuration: redis.url: #insecure (no certificate checks) is not supported; name the server's CA in redis.tls_ca_file instead"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The certificates to connect to `urls` with: `None` for plain `redis://`,
@@ -189,6 +204,16 @@ mod tests {
         assert!(!is_tls("redis://a:6379"));
         assert!(!is_tls("rediss://a:6380,redis://b:6379"));
         assert!(!is_tls(""));
+    }
+
+    #[test]
+    fn an_insecure_url_is_refused() {
+        let error = refuse_insecure("rediss://a:6380,rediss://b:6380/#insecure")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("#insecure"), "{error}");
+        assert!(refuse_insecure("rediss://a:6380,rediss://b:6380").is_ok());
+        assert!(refuse_insecure("redis://a:6379").is_ok());
     }
 
     #[test]
