@@ -13,7 +13,8 @@
 //! **Credentials.** `redis.username` / `redis.password` (an ACL user) win
 //! over those in the URL. They travel only in `AUTH` over the connection;
 //! the redis crate's `Debug` of a connection info redacts the password, and
-//! its errors (`WRONGPASS ...`) never carry it.
+//! its login error ("Password authentication failed") does not carry it
+//! (`tests/api/redis_tls.rs` checks the log).
 //!
 //! **Files are read once, at start-up**, and checked here: a CA file with no
 //! certificate in it would otherwise fail every handshake later, silently as
