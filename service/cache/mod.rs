@@ -11,6 +11,7 @@
 //!   read that loaded the old row before a write committed cannot put it
 //!   back after the write's delete;
 //! - `connection`: one Redis or a Redis Cluster behind one pool;
+//! - `tls`: `rediss://`: the CA, the client certificate and the ACL user;
 //! - `breaker`: the circuit breaker (**fail-open**);
 //! - `flight`: single flight within this process;
 //! - `queue`: the invalidation queue (**writes never fail because of
@@ -47,6 +48,7 @@ mod flight;
 mod keys;
 mod queue;
 mod scripts;
+mod tls;
 
 use std::{
     collections::{HashMap, HashSet},

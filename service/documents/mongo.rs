@@ -113,15 +113,7 @@ impl Mongo {
         if url.is_empty() {
             return Ok(None);
         }
-        let mut options = ClientOptions::parse(url)
-            .await
-            .map_err(|e| anyhow::anyhow!("invalid configuration: mongodb.url: {e}"))?;
-        options.app_name = Some("datagate".into());
-        options.min_pool_size = Some(settings.min_pool_size);
-        options.max_pool_size = Some(settings.max_pool_size);
-        options.connect_timeout = Some(settings.connect_timeout);
-        options.server_selection_timeout = Some(settings.server_selection_timeout);
-        options.heartbeat_freq.get_or_insert(HEARTBEAT);
+        let mut options = client_options(url, settings).await?;
         let gate = Arc::new(Gate::new("mongodb", "the document store"));
         let follower = gate.clone();
         options.sdam_event_handler = Some(EventHandler::callback(move |event| {
@@ -323,9 +315,60 @@ pub fn from_document<T: DeserializeOwned>(document: Document) -> Result<T> {
         .map_err(|e| Error::Internal(anyhow::anyhow!("decoding a document: {e}")))
 }
 
+/// The driver's options: `url`'s, with the pool and timeouts of
+/// `settings`. TLS is the URL's alone (`tls=true`, `tlsCAFile=`,
+/// `tlsCertificateKeyFile=`: the driver's rustls, with ring), so nothing
+/// here may set `options.tls`.
+async fn client_options(url: &str, settings: &MongoSettings) -> anyhow::Result<ClientOptions> {
+    let mut options = ClientOptions::parse(url)
+        .await
+        .map_err(|e| anyhow::anyhow!("invalid configuration: mongodb.url: {e}"))?;
+    options.app_name = Some("datagate".into());
+    options.min_pool_size = Some(settings.min_pool_size);
+    options.max_pool_size = Some(settings.max_pool_size);
+    options.connect_timeout = Some(settings.connect_timeout);
+    options.server_selection_timeout = Some(settings.server_selection_timeout);
+    options.heartbeat_freq.get_or_insert(HEARTBEAT);
+    Ok(options)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The development server (nx-27017) speaks no TLS, so the options are
+    /// checked where the driver takes them.
+    #[tokio::test]
+    async fn tls_options_in_the_url_reach_the_driver() {
+        let settings = crate::config::Settings::load_with_overrides(
+            None,
+            &[("database.url", "postgres://localhost/datagate")],
+        )
+        .unwrap()
+        .mongodb;
+        let url = "mongodb://db.internal:27017/?tls=true&tlsCAFile=/etc/datagate/mongo-ca.pem\
+                   &tlsCertificateKeyFile=/etc/datagate/mongo-client.pem";
+
+        let options = client_options(url, &settings).await.unwrap();
+
+        let Some(mongodb::options::Tls::Enabled(tls)) = options.tls else {
+            panic!("TLS is on: {:?}", options.tls);
+        };
+        assert_eq!(
+            tls.ca_file_path.as_deref(),
+            Some(std::path::Path::new("/etc/datagate/mongo-ca.pem"))
+        );
+        assert_eq!(
+            tls.cert_key_file_path.as_deref(),
+            Some(std::path::Path::new("/etc/datagate/mongo-client.pem"))
+        );
+        assert_eq!(tls.allow_invalid_certificates, None);
+        assert_eq!(options.max_pool_size, Some(settings.max_pool_size));
+        let plain = client_options("mongodb://db.internal:27017", &settings)
+            .await
+            .unwrap();
+        assert!(plain.tls.is_none(), "{:?}", plain.tls);
+    }
 
     const MS: Duration = Duration::from_millis(1);
 

@@ -25,6 +25,7 @@ mod process;
 mod promises;
 mod quotas;
 mod readiness;
+mod redis_tls;
 mod replica;
 mod retries;
 mod search;

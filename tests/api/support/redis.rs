@@ -1,6 +1,7 @@
 //! Redis for the tests: the shared servers `make test` starts (`REDIS_URL`,
-//! `REDIS_CLUSTER_URLS`), and servers and clusters of a test's own, to
-//! freeze and kill.
+//! `REDIS_CLUSTER_URLS`, and the TLS-only ones with an ACL user:
+//! `REDIS_TLS_*`), and servers and clusters of a test's own, to freeze and
+//! kill.
 
 use std::{process::Stdio, time::Duration};
 
@@ -15,6 +16,94 @@ pub fn redis_cluster_urls() -> String {
     std::env::var("REDIS_CLUSTER_URLS").expect(
         "set REDIS_CLUSTER_URLS to comma-separated seed URLs of a Redis Cluster the tests may use (`make test` starts one)",
     )
+}
+
+/// The TLS-only Redis servers `scripts/dev-env.sh up` starts: a single
+/// node and a cluster (which also asks for a client certificate), their
+/// private CA, and the ACL user to log in as.
+pub struct RedisTls {
+    pub url: String,
+    pub cluster_urls: String,
+    pub ca_file: String,
+    pub client_cert: String,
+    pub client_key: String,
+    pub username: String,
+    pub password: String,
+}
+
+pub fn redis_tls() -> RedisTls {
+    let var = |name: &str| {
+        std::env::var(name).unwrap_or_else(|_| {
+            panic!(
+                "set {name} (and the other REDIS_TLS_* variables) to the TLS Redis the tests may use: `eval \"$(scripts/dev-env.sh up)\"` starts it"
+            )
+        })
+    };
+    RedisTls {
+        url: var("REDIS_TLS_URL"),
+        cluster_urls: var("REDIS_TLS_CLUSTER_URLS"),
+        ca_file: var("REDIS_TLS_CA_FILE"),
+        client_cert: var("REDIS_TLS_CLIENT_CERT"),
+        client_key: var("REDIS_TLS_CLIENT_KEY"),
+        username: var("REDIS_TLS_USERNAME"),
+        password: var("REDIS_TLS_PASSWORD"),
+    }
+}
+
+impl RedisTls {
+    fn certificates(&self) -> deadpool_redis::redis::TlsCertificates {
+        let read = |path: &str| std::fs::read(path).expect("a dev-env TLS file");
+        deadpool_redis::redis::TlsCertificates {
+            client_tls: Some(deadpool_redis::redis::ClientTlsConfig {
+                client_cert: read(&self.client_cert),
+                client_key: read(&self.client_key),
+            }),
+            root_cert: Some(read(&self.ca_file)),
+        }
+    }
+
+    /// A value from the single TLS node (None if absent), as the ACL user.
+    pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
+        use deadpool_redis::redis::AsyncCommands as _;
+        self.connection().await.get(key).await.expect("GET")
+    }
+
+    /// A connection to the single TLS node, as the ACL user (who may do
+    /// anything, `ACL SETUSER` included).
+    pub async fn connection(&self) -> deadpool_redis::redis::aio::MultiplexedConnection {
+        use deadpool_redis::redis::IntoConnectionInfo as _;
+        let info = self.url.as_str().into_connection_info().unwrap();
+        let login = info
+            .redis_settings()
+            .clone()
+            .set_username(&self.username)
+            .set_password(&self.password);
+        let client = deadpool_redis::redis::Client::build_with_tls(
+            info.set_redis_settings(login),
+            self.certificates(),
+        )
+        .expect("a TLS client");
+        client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to the TLS Redis")
+    }
+
+    /// A value from the TLS cluster (None if absent), as the ACL user.
+    pub async fn cluster_get(&self, key: &str) -> Option<Vec<u8>> {
+        use deadpool_redis::redis::AsyncCommands as _;
+        let mut conn =
+            deadpool_redis::cluster::ClusterClientBuilder::new(self.cluster_urls.split(','))
+                .username(&self.username)
+                .password(&self.password)
+                .certs(self.certificates())
+                .build()
+                .expect("a TLS cluster client")
+                .get_async_connection()
+                .await
+                .expect("connect to the TLS Redis Cluster");
+        conn.get(key).await.expect("GET")
+    }
 }
 
 /// A connection to the Redis Cluster with these comma-separated seed URLs.
