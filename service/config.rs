@@ -507,6 +507,10 @@ impl JwtSettings {
 #[derive(Debug, Clone, Deserialize)]
 pub struct PaginationSettings {
     pub token_secret: SecretString,
+    /// Secrets whose tokens are still accepted (a rotation in progress);
+    /// tokens are signed with `token_secret` only.
+    #[serde(default)]
+    pub previous_token_secrets: Vec<SecretString>,
 }
 
 /// One configured bearer token: `caller:role+role:sha256-hex`. Only the hash
@@ -598,6 +602,7 @@ impl Settings {
                 .list_separator(",")
                 .with_list_parse_key("auth.tokens")
                 .with_list_parse_key("auth.peers")
+                .with_list_parse_key("pagination.previous_token_secrets")
                 .with_list_parse_key("auth.jwt.algorithms"),
         );
         for (key, value) in overrides {

@@ -125,21 +125,36 @@ struct Payload<C> {
     c: C,
 }
 
-/// Signs and checks page tokens with the configured secret.
+/// Signs page tokens with the configured secret, and checks them against it
+/// and the previous secrets, if any: so the secret is rotated without
+/// breaking the listings in progress (the new secret goes to every replica
+/// with the old one as previous; once no replica signs with the old one and
+/// its tokens have been used up, the old one is dropped).
 #[derive(Clone)]
 pub struct PageTokens {
     key: Arc<[u8]>,
+    previous: Arc<[Arc<[u8]>]>,
 }
 
 impl PageTokens {
     pub fn new(secret: &SecretString) -> Self {
         Self {
             key: secret.expose_secret().as_bytes().into(),
+            previous: Arc::new([]),
         }
     }
 
+    /// Also accepting the tokens signed with `previous` secrets.
+    pub fn with_previous(mut self, previous: &[SecretString]) -> Self {
+        self.previous = previous
+            .iter()
+            .map(|secret| Arc::from(secret.expose_secret().as_bytes()))
+            .collect();
+        self
+    }
+
     fn mac(&self) -> Hmac<Sha256> {
-        Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes keys of any length")
+        mac_with(&self.key)
     }
 
     /// Makes the token for the page after `cursor`. `query` is a canonical
@@ -177,9 +192,14 @@ impl PageTokens {
             return Err(invalid());
         }
         let (payload, tag) = bytes.split_at(bytes.len() - MAC_LEN);
-        let mut mac = self.mac();
-        mac.update(payload);
-        mac.verify_slice(tag).map_err(|_| invalid())?;
+        let signed_with = |key: &[u8]| {
+            let mut mac = mac_with(key);
+            mac.update(payload);
+            mac.verify_slice(tag).is_ok()
+        };
+        if !(signed_with(&self.key) || self.previous.iter().any(|key| signed_with(key))) {
+            return Err(invalid());
+        }
         let payload: Payload<C> = serde_json::from_slice(payload).map_err(|_| invalid())?;
         if payload.s != scope {
             return Err(invalid());
@@ -241,6 +261,10 @@ impl Listing<'_> {
     }
 }
 
+fn mac_with(key: &[u8]) -> Hmac<Sha256> {
+    Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length")
+}
+
 fn query_digest(query: &str) -> String {
     hex::encode(&Sha256::digest(query.as_bytes())[..12])
 }
@@ -251,6 +275,25 @@ mod tests {
 
     fn tokens() -> PageTokens {
         PageTokens::new(&SecretString::from("k".repeat(32)))
+    }
+
+    #[test]
+    fn after_a_rotation_tokens_of_the_previous_secret_still_decode() {
+        let old = tokens();
+        let token = old.encode("users", "q", &7_i64);
+        let rotated = PageTokens::new(&SecretString::from("n".repeat(32)))
+            .with_previous(&[SecretString::from("k".repeat(32))]);
+        assert_eq!(rotated.decode::<i64>("users", "q", &token).unwrap(), 7);
+        let fresh = rotated.encode("users", "q", &8_i64);
+        assert!(
+            old.decode::<i64>("users", "q", &fresh).is_err(),
+            "signed with the new one"
+        );
+        let dropped = PageTokens::new(&SecretString::from("n".repeat(32)));
+        assert!(
+            dropped.decode::<i64>("users", "q", &token).is_err(),
+            "old secret dropped"
+        );
     }
 
     #[test]

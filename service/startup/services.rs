@@ -152,7 +152,8 @@ impl Services {
         } = pools;
         let max_message = settings.server.max_message_bytes;
 
-        let pages = PageTokens::new(&settings.pagination.token_secret);
+        let pages = PageTokens::new(&settings.pagination.token_secret)
+            .with_previous(&settings.pagination.previous_token_secrets);
         // One write path for every context: one control pool for cancels.
         let writes = Writes::new(db.clone(), cache.clone());
         let users = Users::new(&writes, pages.clone(), PasswordHasher::for_this_machine());
