@@ -705,10 +705,12 @@ class RenderedManifests(unittest.TestCase):
         for key in SECRET_KEYS:
             if key != "DATAGATE__DATABASE__READ_URL":
                 self.assertIn(key, prod["stringData"])
-        # Redis Cluster: seed nodes, comma-separated.
+        # Redis Cluster: seed nodes, comma-separated, over TLS, with the ACL
+        # user's password beside them rather than in the URLs.
         seeds = prod["stringData"]["DATAGATE__REDIS__URL"].split(",")
         self.assertGreaterEqual(len(seeds), 2, "prod lists Redis Cluster seed nodes")
-        self.assertTrue(all(s.startswith("redis://") for s in seeds), seeds)
+        self.assertTrue(all(s.startswith("rediss://") and "@" not in s for s in seeds), seeds)
+        self.assertIn("DATAGATE__REDIS__PASSWORD", prod["stringData"])
 
 
 class Compose(unittest.TestCase):
