@@ -43,6 +43,8 @@
 mod admission;
 mod auth;
 mod deadline;
+#[cfg(fuzzing)]
+pub use deadline::parse_grpc_timeout;
 mod rpc;
 
 use std::{
