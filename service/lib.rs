@@ -24,7 +24,7 @@
 //!
 //! Public here is what the binaries, the tests and the benchmarks use; the
 //! fuzz targets (`fuzz/`) also reach the request parsers through
-//! [`fuzzing`], which exists only in their builds.
+//! `fuzzing`, which exists only in their builds.
 
 mod api;
 pub mod auth;
