@@ -4,7 +4,7 @@
 # failure there stops the target.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
-.PHONY: help run test test-faults lint smoke bench-n1 bench-cache bench-search bench-analytics bench bench-quick env-up env-down
+.PHONY: help run test test-faults lint smoke fuzz bench-n1 bench-cache bench-search bench-analytics bench bench-quick env-up env-down
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -26,6 +26,9 @@ lint: ## rustfmt, clippy (warnings are errors), the layering rule, and the deplo
 
 smoke: ## only the grpcurl smoke test
 	@. scripts/lib.sh && dev_env_up && scripts/smoke.sh
+
+fuzz: ## fuzz the request, page-token, grpc-timeout, search and token-entry parsers, FUZZ_SECONDS (60) each; fails on a crash
+	@scripts/fuzz.sh
 
 bench-n1: ## ListUsersWithOrders, batched loaders vs the naive per-user path (release build)
 	@. scripts/lib.sh && dev_env_up && cargo bench --bench list_users_with_orders

@@ -22,7 +22,9 @@
 //! and `search_log` are background writers, and `cli`, `seed` and `generate`
 //! serve the command line. `main` only parses the command line.
 //!
-//! Public here is what the binaries, the tests and the benchmarks use.
+//! Public here is what the binaries, the tests and the benchmarks use; the
+//! fuzz targets (`fuzz/`) also reach the request parsers through
+//! `fuzzing`, which exists only in their builds.
 
 mod api;
 pub mod auth;
@@ -46,3 +48,13 @@ pub mod startup;
 pub mod statements;
 pub mod store;
 mod telemetry;
+
+/// The parsers the fuzz targets (`fuzz/`) run on arbitrary input: each gRPC
+/// service's request parsers (`parse_<rpc>`, the very functions its handlers
+/// call) and the `grpc-timeout` parser. Only in fuzz builds (cargo-fuzz
+/// passes `--cfg fuzzing`), so the service's public surface stays as it is.
+#[cfg(fuzzing)]
+pub mod fuzzing {
+    pub use crate::api::{analytics, catalog, orders, users};
+    pub use crate::middleware::parse_grpc_timeout;
+}

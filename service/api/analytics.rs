@@ -1,6 +1,6 @@
 //! `datagate.v1.AnalyticsService`.
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tonic::{Request, Response, Status};
 
 use super::{caller, parse_page, parse_window, parsed, timestamp};
@@ -22,6 +22,7 @@ use crate::{
             Analysis, Kind, MAX_CATEGORIES as ANALYSIS_MAX_CATEGORIES,
             MAX_WINDOW_DAYS as ANALYSIS_MAX_WINDOW_DAYS,
         },
+        paging::PageRequest,
         search::QueryStats,
     },
     proto::v1 as pb,
@@ -154,18 +155,7 @@ impl pb::analytics_service_server::AnalyticsService for AnalyticsApi {
         &self,
         request: Request<pb::GetSearchInsightsRequest>,
     ) -> Result<Response<pb::GetSearchInsightsResponse>, Status> {
-        let r = request.into_inner();
-        let mut v = Violations::default();
-        let (start, end) = parse_window(&mut v, r.start_time, r.end_time, MAX_WINDOW_DAYS);
-        let limit = match r.limit {
-            0 => Some(DEFAULT_LIMIT),
-            n if n < 0 => {
-                v.add("limit", format!("must be between 0 and {MAX_LIMIT}"));
-                None
-            }
-            n => Some((n as u32).min(MAX_LIMIT)),
-        };
-        parsed!(v, start, end, limit);
+        let (start, end, limit) = parse_get_search_insights(request.into_inner())?;
         let insights = self.analytics.search_insights(start, end, limit).await?;
         Ok(Response::new(pb::GetSearchInsightsResponse {
             total_searches: insights.total_searches,
@@ -183,11 +173,7 @@ impl pb::analytics_service_server::AnalyticsService for AnalyticsApi {
         &self,
         request: Request<pb::GetCategoryMetricsRequest>,
     ) -> Result<Response<pb::GetCategoryMetricsResponse>, Status> {
-        let r = request.into_inner();
-        let mut v = Violations::default();
-        let window_days = parse_window_days(&mut v, r.window_days, MAX_METRICS_DAYS);
-        let categories = v.check("categories", parse_categories(&r.categories));
-        parsed!(v, window_days, categories);
+        let (window_days, categories) = parse_get_category_metrics(request.into_inner())?;
         let metrics = self
             .analytics
             .category_metrics(window_days, &categories, Utc::now().date_naive())
@@ -201,29 +187,7 @@ impl pb::analytics_service_server::AnalyticsService for AnalyticsApi {
         &self,
         request: Request<pb::GetRevenueTrendRequest>,
     ) -> Result<Response<pb::GetRevenueTrendResponse>, Status> {
-        let r = request.into_inner();
-        let mut v = Violations::default();
-        let months = match r.months {
-            0 => Some(DEFAULT_TREND_MONTHS),
-            n => match u32::try_from(n) {
-                Ok(n) if n <= MAX_TREND_MONTHS => Some(n),
-                _ => {
-                    v.add(
-                        "months",
-                        format!("must be between 0 and {MAX_TREND_MONTHS}"),
-                    );
-                    None
-                }
-            },
-        };
-        let category = match r.category.trim() {
-            "" => Some(None),
-            raw => v.check(
-                "category",
-                Text::category(raw).map(|c| Some(c.as_str().to_owned())),
-            ),
-        };
-        parsed!(v, months, category);
+        let (months, category) = parse_get_revenue_trend(request.into_inner())?;
         let trend = self
             .analytics
             .revenue_trend(months, category.as_deref(), Utc::now().date_naive())
@@ -245,37 +209,7 @@ impl pb::analytics_service_server::AnalyticsService for AnalyticsApi {
         request: Request<pb::StartMarketAnalysisRequest>,
     ) -> Result<Response<pb::MarketAnalysis>, Status> {
         let caller = caller(&request)?.clone();
-        let r = request.into_inner();
-        let mut v = Violations::default();
-        let kind = match pb::MarketAnalysisKind::try_from(r.kind) {
-            Ok(pb::MarketAnalysisKind::Overview) => Some(Kind::Overview),
-            Ok(pb::MarketAnalysisKind::Pricing) => Some(Kind::Pricing),
-            Ok(pb::MarketAnalysisKind::Demand) => Some(Kind::Demand),
-            Ok(pb::MarketAnalysisKind::Full) => Some(Kind::Full),
-            _ => {
-                v.add(
-                    "kind",
-                    "must be MARKET_ANALYSIS_KIND_OVERVIEW, _PRICING, _DEMAND or _FULL",
-                );
-                None
-            }
-        };
-        let categories = match parse_categories(&r.categories) {
-            Ok(c) if (1..=ANALYSIS_MAX_CATEGORIES).contains(&c.len()) => Some(c),
-            Ok(_) => {
-                v.add(
-                    "categories",
-                    format!("must name 1 to {ANALYSIS_MAX_CATEGORIES} categories"),
-                );
-                None
-            }
-            Err(e) => {
-                v.add("categories", e);
-                None
-            }
-        };
-        let window_days = parse_window_days(&mut v, r.window_days, ANALYSIS_MAX_WINDOW_DAYS);
-        parsed!(v, kind, categories, window_days);
+        let (kind, categories, window_days) = parse_start_market_analysis(request.into_inner())?;
         let analysis = self
             .analyses
             .start(caller.name(), kind, categories, window_days)
@@ -288,12 +222,7 @@ impl pb::analytics_service_server::AnalyticsService for AnalyticsApi {
         request: Request<pb::GetMarketAnalysisRequest>,
     ) -> Result<Response<pb::MarketAnalysis>, Status> {
         let caller = caller(&request)?.clone();
-        let id = request.into_inner().id;
-        if uuid::Uuid::parse_str(&id).is_err() {
-            return Err(
-                Error::invalid("id", "must be an analysis id from StartMarketAnalysis").into(),
-            );
-        }
+        let id = parse_get_market_analysis(request.into_inner())?;
         let analysis = self
             .analyses
             .get(caller.name(), &id, caller.has_role(ADMIN_ROLE))
@@ -306,24 +235,141 @@ impl pb::analytics_service_server::AnalyticsService for AnalyticsApi {
         request: Request<pb::ListMarketAnalysesRequest>,
     ) -> Result<Response<pb::ListMarketAnalysesResponse>, Status> {
         let caller = caller(&request)?.clone();
-        let r = request.into_inner();
-        let mut v = Violations::default();
-        let page = parse_page(&mut v, r.page_size, r.page_token);
-        let status = match pb::MarketAnalysisStatus::try_from(r.status) {
-            Ok(pb::MarketAnalysisStatus::Unspecified) => Some(None),
-            Ok(s) => Some(Some(status_name(s))),
-            Err(_) => {
-                v.add("status", format!("unknown status {}", r.status));
-                None
-            }
-        };
-        parsed!(v, page, status);
+        let (page, status) = parse_list_market_analyses(request.into_inner())?;
         let page = self.analyses.list(caller.name(), status, page).await?;
         Ok(Response::new(pb::ListMarketAnalysesResponse {
             analyses: page.items.into_iter().map(Into::into).collect(),
             next_page_token: page.next_page_token.unwrap_or_default(),
         }))
     }
+}
+
+// Each RPC's request, parsed: every field violation collected, or the domain
+// values the handler passes on. Public for the fuzz targets (`fuzz/`), which
+// run them on arbitrary messages.
+
+/// The `[start, end)` window and how many queries of each kind.
+pub fn parse_get_search_insights(
+    r: pb::GetSearchInsightsRequest,
+) -> Result<(DateTime<Utc>, DateTime<Utc>, u32), Error> {
+    let mut v = Violations::default();
+    let (start, end) = parse_window(&mut v, r.start_time, r.end_time, MAX_WINDOW_DAYS);
+    let limit = match r.limit {
+        0 => Some(DEFAULT_LIMIT),
+        n if n < 0 => {
+            v.add("limit", format!("must be between 0 and {MAX_LIMIT}"));
+            None
+        }
+        n => Some((n as u32).min(MAX_LIMIT)),
+    };
+    parsed!(v, start, end, limit);
+    Ok((start, end, limit))
+}
+
+/// The window in days and the categories (empty for every one).
+pub fn parse_get_category_metrics(
+    r: pb::GetCategoryMetricsRequest,
+) -> Result<(u32, Vec<String>), Error> {
+    let mut v = Violations::default();
+    let window_days = parse_window_days(&mut v, r.window_days, MAX_METRICS_DAYS);
+    let categories = v.check("categories", parse_categories(&r.categories));
+    parsed!(v, window_days, categories);
+    Ok((window_days, categories))
+}
+
+/// The number of months and the category, if one.
+pub fn parse_get_revenue_trend(
+    r: pb::GetRevenueTrendRequest,
+) -> Result<(u32, Option<String>), Error> {
+    let mut v = Violations::default();
+    let months = match r.months {
+        0 => Some(DEFAULT_TREND_MONTHS),
+        n => match u32::try_from(n) {
+            Ok(n) if n <= MAX_TREND_MONTHS => Some(n),
+            _ => {
+                v.add(
+                    "months",
+                    format!("must be between 0 and {MAX_TREND_MONTHS}"),
+                );
+                None
+            }
+        },
+    };
+    let category = match r.category.trim() {
+        "" => Some(None),
+        raw => v.check(
+            "category",
+            Text::category(raw).map(|c| Some(c.as_str().to_owned())),
+        ),
+    };
+    parsed!(v, months, category);
+    Ok((months, category))
+}
+
+/// The kind, the categories and the window in days.
+pub fn parse_start_market_analysis(
+    r: pb::StartMarketAnalysisRequest,
+) -> Result<(Kind, Vec<String>, u32), Error> {
+    let mut v = Violations::default();
+    let kind = match pb::MarketAnalysisKind::try_from(r.kind) {
+        Ok(pb::MarketAnalysisKind::Overview) => Some(Kind::Overview),
+        Ok(pb::MarketAnalysisKind::Pricing) => Some(Kind::Pricing),
+        Ok(pb::MarketAnalysisKind::Demand) => Some(Kind::Demand),
+        Ok(pb::MarketAnalysisKind::Full) => Some(Kind::Full),
+        _ => {
+            v.add(
+                "kind",
+                "must be MARKET_ANALYSIS_KIND_OVERVIEW, _PRICING, _DEMAND or _FULL",
+            );
+            None
+        }
+    };
+    let categories = match parse_categories(&r.categories) {
+        Ok(c) if (1..=ANALYSIS_MAX_CATEGORIES).contains(&c.len()) => Some(c),
+        Ok(_) => {
+            v.add(
+                "categories",
+                format!("must name 1 to {ANALYSIS_MAX_CATEGORIES} categories"),
+            );
+            None
+        }
+        Err(e) => {
+            v.add("categories", e);
+            None
+        }
+    };
+    let window_days = parse_window_days(&mut v, r.window_days, ANALYSIS_MAX_WINDOW_DAYS);
+    parsed!(v, kind, categories, window_days);
+    Ok((kind, categories, window_days))
+}
+
+/// The analysis id (a UUID, as StartMarketAnalysis made it).
+pub fn parse_get_market_analysis(r: pb::GetMarketAnalysisRequest) -> Result<String, Error> {
+    if uuid::Uuid::parse_str(&r.id).is_err() {
+        return Err(Error::invalid(
+            "id",
+            "must be an analysis id from StartMarketAnalysis",
+        ));
+    }
+    Ok(r.id)
+}
+
+/// The page and the status filter (`None` for any).
+pub fn parse_list_market_analyses(
+    r: pb::ListMarketAnalysesRequest,
+) -> Result<(PageRequest, Option<&'static str>), Error> {
+    let mut v = Violations::default();
+    let page = parse_page(&mut v, r.page_size, r.page_token);
+    let status = match pb::MarketAnalysisStatus::try_from(r.status) {
+        Ok(pb::MarketAnalysisStatus::Unspecified) => Some(None),
+        Ok(s) => Some(Some(status_name(s))),
+        Err(_) => {
+            v.add("status", format!("unknown status {}", r.status));
+            None
+        }
+    };
+    parsed!(v, page, status);
+    Ok((page, status))
 }
 
 impl From<QueryStats> for pb::QueryStats {

@@ -1,5 +1,6 @@
 //! `datagate.v1.CatalogService`.
 
+use chrono::{DateTime, Utc};
 use prost_types::FieldMask;
 use tonic::{Request, Response, Status};
 
@@ -13,7 +14,7 @@ use crate::{
         price_history::PriceHistory,
         search::{ProductSearch, parse_categories, parse_page_size},
     },
-    error::Violations,
+    error::{Error, Violations},
     model::{
         Id,
         catalog::{
@@ -42,43 +43,8 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
         request: Request<pb::CreateProductRequest>,
     ) -> Result<Response<pb::Product>, Status> {
         let actor = actor(&request)?;
-        let r = request.into_inner();
-        let mut v = Violations::default();
-        let sku = v.check("sku", Sku::parse(&r.sku));
-        let title = v.check("title", Text::title(&r.title));
-        let description = v.check("description", Text::description(&r.description));
-        let category = v.check("category", Text::category(&r.category));
-        let price_cents = v.check("price_cents", parse_price(r.price_cents));
-        let rating = v.check("rating", parse_rating(r.rating));
-        let review_count = v.check("review_count", parse_count(r.review_count));
-        let inventory = v.check("inventory", parse_count(r.inventory));
-        parsed!(
-            v,
-            sku,
-            title,
-            description,
-            category,
-            price_cents,
-            rating,
-            review_count,
-            inventory
-        );
-        let product = self
-            .catalog
-            .create(
-                &actor,
-                NewProduct {
-                    sku,
-                    title,
-                    description,
-                    category,
-                    price_cents,
-                    rating,
-                    review_count,
-                    inventory,
-                },
-            )
-            .await?;
+        let new = parse_create_product(request.into_inner())?;
+        let product = self.catalog.create(&actor, new).await?;
         Ok(Response::new(product.into()))
     }
 
@@ -86,7 +52,7 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
         &self,
         request: Request<pb::GetProductRequest>,
     ) -> Result<Response<pb::Product>, Status> {
-        let id = one_id("id", request.into_inner().id)?;
+        let id = parse_get_product(request.into_inner())?;
         Ok(Response::new(self.catalog.get(id).await?.into()))
     }
 
@@ -95,7 +61,7 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
         request: Request<pb::BatchGetProductsRequest>,
     ) -> Result<Response<pb::BatchGetProductsResponse>, Status> {
         let r = request.into_inner();
-        let ids = parse_ids(&r.ids, MAX_BATCH)?;
+        let ids = parse_batch_get_products(&r)?;
         let (products, missing) = self.catalog.batch_get(&ids, r.skip_missing).await?;
         Ok(Response::new(pb::BatchGetProductsResponse {
             products: products.into_iter().map(Into::into).collect(),
@@ -108,15 +74,10 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
         request: Request<pb::UpdateProductRequest>,
     ) -> Result<Response<pb::Product>, Status> {
         let actor = actor(&request)?;
-        let r = request.into_inner();
-        let mut v = Violations::default();
-        let id = parse_id(&mut v, "id", r.id);
-        required_version(&mut v, r.version, "product", "GetProduct");
-        let patch = parse_patch(&mut v, r.product.unwrap_or_default(), r.update_mask);
-        parsed!(v, id, patch);
+        let (id, version, patch) = parse_update_product(request.into_inner())?;
         Ok(Response::new(
             self.catalog
-                .update(&actor, id, r.version, patch)
+                .update(&actor, id, version, patch)
                 .await?
                 .into(),
         ))
@@ -127,19 +88,10 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
         request: Request<pb::AdjustInventoryRequest>,
     ) -> Result<Response<pb::Product>, Status> {
         let actor = actor(&request)?;
-        let r = request.into_inner();
-        let mut v = Violations::default();
-        let id = parse_id(&mut v, "product_id", r.product_id);
-        if r.delta == 0 || r.delta.unsigned_abs() > MAX_ADJUSTMENT.unsigned_abs() {
-            v.add(
-                "delta",
-                format!("must be non-zero and at most {MAX_ADJUSTMENT} either way"),
-            );
-        }
-        parsed!(v, id);
+        let (id, delta) = parse_adjust_inventory(request.into_inner())?;
         Ok(Response::new(
             self.catalog
-                .adjust_inventory(&actor, id, r.delta)
+                .adjust_inventory(&actor, id, delta)
                 .await?
                 .into(),
         ))
@@ -149,25 +101,7 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
         &self,
         request: Request<pb::GetPriceHistoryRequest>,
     ) -> Result<Response<pb::GetPriceHistoryResponse>, Status> {
-        let r = request.into_inner();
-        let mut v = Violations::default();
-        let id = parse_id(&mut v, "product_id", r.product_id);
-        let (start, end) = parse_window(&mut v, r.start_time, r.end_time, MAX_RANGE_DAYS);
-        let granularity = match pb::PriceHistoryGranularity::try_from(r.granularity) {
-            Ok(pb::PriceHistoryGranularity::Daily) => Some(Granularity::Daily),
-            Ok(_) => Some(Granularity::Measurements),
-            Err(_) => {
-                v.add(
-                    "granularity",
-                    format!(
-                        "unknown granularity {}; use PRICE_HISTORY_GRANULARITY_MEASUREMENTS or PRICE_HISTORY_GRANULARITY_DAILY",
-                        r.granularity
-                    ),
-                );
-                None
-            }
-        };
-        parsed!(v, id, start, end, granularity);
+        let (id, start, end, granularity) = parse_get_price_history(request.into_inner())?;
         let history = self.prices.get(id, start, end, granularity).await?;
         Ok(Response::new(pb::GetPriceHistoryResponse {
             measurements: history
@@ -198,7 +132,7 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
         &self,
         request: Request<pb::SearchProductsRequest>,
     ) -> Result<Response<pb::SearchProductsResponse>, Status> {
-        let search = Self::parse_search(request.into_inner())?;
+        let search = parse_search_products(request.into_inner())?;
         let page = self.search.search(search).await?;
         Ok(Response::new(pb::SearchProductsResponse {
             products: page.products.into_iter().map(Into::into).collect(),
@@ -209,55 +143,147 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
     }
 }
 
-impl CatalogApi {
-    fn parse_search(r: pb::SearchProductsRequest) -> Result<SearchRequest, Status> {
-        let mut v = Violations::default();
-        let text = v.check(
-            "query",
-            SearchText::parse(&r.query)
-                .map_err(|e| format!("{e}; send 1 to {MAX_QUERY_CHARS} characters of search text")),
+// Each RPC's request, parsed: every field violation collected, or the domain
+// values the handler passes on. Public for the fuzz targets (`fuzz/`), which
+// run them on arbitrary messages.
+
+pub fn parse_create_product(r: pb::CreateProductRequest) -> Result<NewProduct, Error> {
+    let mut v = Violations::default();
+    let sku = v.check("sku", Sku::parse(&r.sku));
+    let title = v.check("title", Text::title(&r.title));
+    let description = v.check("description", Text::description(&r.description));
+    let category = v.check("category", Text::category(&r.category));
+    let price_cents = v.check("price_cents", parse_price(r.price_cents));
+    let rating = v.check("rating", parse_rating(r.rating));
+    let review_count = v.check("review_count", parse_count(r.review_count));
+    let inventory = v.check("inventory", parse_count(r.inventory));
+    parsed!(
+        v,
+        sku,
+        title,
+        description,
+        category,
+        price_cents,
+        rating,
+        review_count,
+        inventory
+    );
+    Ok(NewProduct {
+        sku,
+        title,
+        description,
+        category,
+        price_cents,
+        rating,
+        review_count,
+        inventory,
+    })
+}
+
+pub fn parse_get_product(r: pb::GetProductRequest) -> Result<Id, Error> {
+    one_id("id", r.id)
+}
+
+pub fn parse_batch_get_products(r: &pb::BatchGetProductsRequest) -> Result<Vec<Id>, Error> {
+    parse_ids(&r.ids, MAX_BATCH)
+}
+
+/// The product, the version the update names, and the patch.
+pub fn parse_update_product(r: pb::UpdateProductRequest) -> Result<(Id, i64, ProductPatch), Error> {
+    let mut v = Violations::default();
+    let id = parse_id(&mut v, "id", r.id);
+    required_version(&mut v, r.version, "product", "GetProduct");
+    let patch = parse_patch(&mut v, r.product.unwrap_or_default(), r.update_mask);
+    parsed!(v, id, patch);
+    Ok((id, r.version, patch))
+}
+
+/// The product and the change of its inventory.
+pub fn parse_adjust_inventory(r: pb::AdjustInventoryRequest) -> Result<(Id, i32), Error> {
+    let mut v = Violations::default();
+    let id = parse_id(&mut v, "product_id", r.product_id);
+    if r.delta == 0 || r.delta.unsigned_abs() > MAX_ADJUSTMENT.unsigned_abs() {
+        v.add(
+            "delta",
+            format!("must be non-zero and at most {MAX_ADJUSTMENT} either way"),
         );
-        let categories = v.check("categories", parse_categories(&r.categories));
-        let min_price_cents = r
-            .min_price_cents
-            .and_then(|c| v.check("min_price_cents", parse_price(c)));
-        let max_price_cents = r
-            .max_price_cents
-            .and_then(|c| v.check("max_price_cents", parse_price(c)));
-        if let (Some(min), Some(max)) = (min_price_cents, max_price_cents)
-            && min > max
-        {
-            v.add(
-                "max_price_cents",
-                format!("must not be less than min_price_cents ({min})"),
-            );
-        }
-        let min_rating = r
-            .min_rating
-            .and_then(|x| v.check("min_rating", parse_rating(x)));
-        let sort = v.check("sort", parse_sort(r.sort));
-        let size = v.check("page_size", parse_page_size(r.page_size));
-        let user_id = match r.user_id {
-            0 => None,
-            raw => v.check(
-                "user_id",
-                Id::parse(raw).map_err(|e| format!("{e} (0 for an anonymous search)")),
-            ),
-        };
-        parsed!(v, text, categories, sort, size);
-        Ok(SearchRequest {
-            text,
-            filters: SearchFilters {
-                categories,
-                min_price_cents,
-                max_price_cents,
-                min_rating,
-            },
-            sort,
-            page: PageRequest::new(size, r.page_token),
-            user_id,
-        })
     }
+    parsed!(v, id);
+    Ok((id, r.delta))
+}
+
+/// The product, the `[start, end)` window and the granularity.
+pub fn parse_get_price_history(
+    r: pb::GetPriceHistoryRequest,
+) -> Result<(Id, DateTime<Utc>, DateTime<Utc>, Granularity), Error> {
+    let mut v = Violations::default();
+    let id = parse_id(&mut v, "product_id", r.product_id);
+    let (start, end) = parse_window(&mut v, r.start_time, r.end_time, MAX_RANGE_DAYS);
+    let granularity = match pb::PriceHistoryGranularity::try_from(r.granularity) {
+        Ok(pb::PriceHistoryGranularity::Daily) => Some(Granularity::Daily),
+        Ok(_) => Some(Granularity::Measurements),
+        Err(_) => {
+            v.add(
+                "granularity",
+                format!(
+                    "unknown granularity {}; use PRICE_HISTORY_GRANULARITY_MEASUREMENTS or PRICE_HISTORY_GRANULARITY_DAILY",
+                    r.granularity
+                ),
+            );
+            None
+        }
+    };
+    parsed!(v, id, start, end, granularity);
+    Ok((id, start, end, granularity))
+}
+
+pub fn parse_search_products(r: pb::SearchProductsRequest) -> Result<SearchRequest, Error> {
+    let mut v = Violations::default();
+    let text = v.check(
+        "query",
+        SearchText::parse(&r.query)
+            .map_err(|e| format!("{e}; send 1 to {MAX_QUERY_CHARS} characters of search text")),
+    );
+    let categories = v.check("categories", parse_categories(&r.categories));
+    let min_price_cents = r
+        .min_price_cents
+        .and_then(|c| v.check("min_price_cents", parse_price(c)));
+    let max_price_cents = r
+        .max_price_cents
+        .and_then(|c| v.check("max_price_cents", parse_price(c)));
+    if let (Some(min), Some(max)) = (min_price_cents, max_price_cents)
+        && min > max
+    {
+        v.add(
+            "max_price_cents",
+            format!("must not be less than min_price_cents ({min})"),
+        );
+    }
+    let min_rating = r
+        .min_rating
+        .and_then(|x| v.check("min_rating", parse_rating(x)));
+    let sort = v.check("sort", parse_sort(r.sort));
+    let size = v.check("page_size", parse_page_size(r.page_size));
+    let user_id = match r.user_id {
+        0 => None,
+        raw => v.check(
+            "user_id",
+            Id::parse(raw).map_err(|e| format!("{e} (0 for an anonymous search)")),
+        ),
+    };
+    parsed!(v, text, categories, sort, size);
+    Ok(SearchRequest {
+        text,
+        filters: SearchFilters {
+            categories,
+            min_price_cents,
+            max_price_cents,
+            min_rating,
+        },
+        sort,
+        page: PageRequest::new(size, r.page_token),
+        user_id,
+    })
 }
 
 fn parse_sort(raw: i32) -> Result<SearchSort, String> {

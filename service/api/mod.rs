@@ -1,6 +1,8 @@
 //! gRPC handlers: one file per service. Each RPC converts the request into
 //! domain values (collecting every field violation), calls the domain, and
-//! converts the result back. No SQL here.
+//! converts the result back. No SQL here. The conversion of each request is
+//! a `parse_<rpc>` function beside the handlers, so the fuzz targets
+//! (`fuzz/`, through `datagate::fuzzing`) run exactly what the handler runs.
 
 pub mod admin;
 pub mod analytics;

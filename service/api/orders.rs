@@ -7,9 +7,10 @@ use super::{
 };
 use crate::{
     domain::orders::{self, Orders, RawLine, parse_new_order},
-    error::Violations,
+    error::{Error, Violations},
     model::{
-        orders::{Order, OrderFilter, OrderStatus},
+        Id,
+        orders::{NewOrder, Order, OrderFilter, OrderStatus},
         paging::PageRequest,
     },
     proto::v1 as pb,
@@ -28,16 +29,7 @@ impl pb::order_service_server::OrderService for OrderApi {
         request: Request<pb::CreateOrderRequest>,
     ) -> Result<Response<pb::Order>, Status> {
         let actor = actor(&request)?;
-        let r = request.into_inner();
-        let lines: Vec<RawLine> = r
-            .items
-            .iter()
-            .map(|line| RawLine {
-                product_id: line.product_id,
-                quantity: line.quantity,
-            })
-            .collect();
-        let new = parse_new_order(r.user_id, &lines, &r.request_id)?;
+        let new = parse_create_order(request.into_inner())?;
         let order = self.orders.create(&actor, new).await?;
         Ok(Response::new(order.into()))
     }
@@ -46,7 +38,7 @@ impl pb::order_service_server::OrderService for OrderApi {
         &self,
         request: Request<pb::GetOrderRequest>,
     ) -> Result<Response<pb::Order>, Status> {
-        let id = one_id("id", request.into_inner().id)?;
+        let id = parse_get_order(request.into_inner())?;
         Ok(Response::new(self.orders.get(id).await?.into()))
     }
 
@@ -54,24 +46,7 @@ impl pb::order_service_server::OrderService for OrderApi {
         &self,
         request: Request<pb::ListOrdersRequest>,
     ) -> Result<Response<pb::ListOrdersResponse>, Status> {
-        let r = request.into_inner();
-        let mut v = Violations::default();
-        let user_id = if r.user_id == 0 {
-            Some(None)
-        } else {
-            parse_id(&mut v, "user_id", r.user_id).map(Some)
-        };
-        let status = v.check("status", parse_status(r.status));
-        let (created_after, created_before) =
-            parse_time_range(&mut v, r.created_after.as_ref(), r.created_before.as_ref());
-        let page = parse_page(&mut v, r.page_size, r.page_token);
-        parsed!(v, user_id, status, page);
-        let filter = OrderFilter {
-            user_id,
-            status,
-            created_after,
-            created_before,
-        };
+        let (filter, page) = parse_list_orders(request.into_inner())?;
         let page = self.orders.list(filter, page).await?;
         Ok(Response::new(pb::ListOrdersResponse {
             orders: page.items.into_iter().map(Into::into).collect(),
@@ -84,22 +59,7 @@ impl pb::order_service_server::OrderService for OrderApi {
         request: Request<pb::UpdateOrderStatusRequest>,
     ) -> Result<Response<pb::Order>, Status> {
         let actor = actor(&request)?;
-        let r = request.into_inner();
-        let mut v = Violations::default();
-        let id = parse_id(&mut v, "id", r.id);
-        let status = match parse_status(r.status) {
-            Ok(Some(status)) => Some(status),
-            Ok(None) => {
-                v.add("status", "must be set to the new status");
-                None
-            }
-            Err(e) => {
-                v.add("status", e);
-                None
-            }
-        };
-        let version = optional_version(&mut v, r.version, "order");
-        parsed!(v, id, status);
+        let (id, status, version) = parse_update_order_status(request.into_inner())?;
         Ok(Response::new(
             self.orders
                 .update_status(&actor, id, status, version)
@@ -112,15 +72,7 @@ impl pb::order_service_server::OrderService for OrderApi {
         &self,
         request: Request<pb::ListUsersWithOrdersRequest>,
     ) -> Result<Response<pb::ListUsersWithOrdersResponse>, Status> {
-        let r = request.into_inner();
-        let mut v = Violations::default();
-        let size = v.check("page_size", orders::users_page_size(r.page_size));
-        let per_user = v.check(
-            "orders_per_user",
-            orders::orders_per_user(r.orders_per_user),
-        );
-        parsed!(v, size, per_user);
-        let page = PageRequest::new(size, r.page_token);
+        let (page, per_user) = parse_list_users_with_orders(request.into_inner())?;
         let page = self.orders.list_users_with_orders(page, per_user).await?;
         Ok(Response::new(pb::ListUsersWithOrdersResponse {
             users: page
@@ -134,6 +86,83 @@ impl pb::order_service_server::OrderService for OrderApi {
             next_page_token: page.next_page_token.unwrap_or_default(),
         }))
     }
+}
+
+// Each RPC's request, parsed: every field violation collected, or the domain
+// values the handler passes on. Public for the fuzz targets (`fuzz/`), which
+// run them on arbitrary messages.
+
+pub fn parse_create_order(r: pb::CreateOrderRequest) -> Result<NewOrder, Error> {
+    let lines: Vec<RawLine> = r
+        .items
+        .iter()
+        .map(|line| RawLine {
+            product_id: line.product_id,
+            quantity: line.quantity,
+        })
+        .collect();
+    parse_new_order(r.user_id, &lines, &r.request_id)
+}
+
+pub fn parse_get_order(r: pb::GetOrderRequest) -> Result<Id, Error> {
+    one_id("id", r.id)
+}
+
+pub fn parse_list_orders(r: pb::ListOrdersRequest) -> Result<(OrderFilter, PageRequest), Error> {
+    let mut v = Violations::default();
+    let user_id = if r.user_id == 0 {
+        Some(None)
+    } else {
+        parse_id(&mut v, "user_id", r.user_id).map(Some)
+    };
+    let status = v.check("status", parse_status(r.status));
+    let (created_after, created_before) =
+        parse_time_range(&mut v, r.created_after.as_ref(), r.created_before.as_ref());
+    let page = parse_page(&mut v, r.page_size, r.page_token);
+    parsed!(v, user_id, status, page);
+    let filter = OrderFilter {
+        user_id,
+        status,
+        created_after,
+        created_before,
+    };
+    Ok((filter, page))
+}
+
+/// The order, its new status, and the version the change names, if any.
+pub fn parse_update_order_status(
+    r: pb::UpdateOrderStatusRequest,
+) -> Result<(Id, OrderStatus, Option<i64>), Error> {
+    let mut v = Violations::default();
+    let id = parse_id(&mut v, "id", r.id);
+    let status = match parse_status(r.status) {
+        Ok(Some(status)) => Some(status),
+        Ok(None) => {
+            v.add("status", "must be set to the new status");
+            None
+        }
+        Err(e) => {
+            v.add("status", e);
+            None
+        }
+    };
+    let version = optional_version(&mut v, r.version, "order");
+    parsed!(v, id, status);
+    Ok((id, status, version))
+}
+
+/// The page of users and how many recent orders each gets.
+pub fn parse_list_users_with_orders(
+    r: pb::ListUsersWithOrdersRequest,
+) -> Result<(PageRequest, u32), Error> {
+    let mut v = Violations::default();
+    let size = v.check("page_size", orders::users_page_size(r.page_size));
+    let per_user = v.check(
+        "orders_per_user",
+        orders::orders_per_user(r.orders_per_user),
+    );
+    parsed!(v, size, per_user);
+    Ok((PageRequest::new(size, r.page_token), per_user))
 }
 
 /// `UNSPECIFIED` means "any"; unknown numbers are invalid.

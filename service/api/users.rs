@@ -15,6 +15,8 @@ use crate::{
     },
     error::{Error, Violations},
     model::{
+        Id,
+        paging::PageRequest,
         passwords::Password,
         profiles::{Address, Preferences, Profile, ProfilePatch},
         teams::{Membership, Team, TeamName, TeamRole},
@@ -50,7 +52,7 @@ impl pb::user_service_server::UserService for UserApi {
         &self,
         request: Request<pb::GetUserRequest>,
     ) -> Result<Response<pb::User>, Status> {
-        let id = one_id("id", request.into_inner().id)?;
+        let id = parse_get_user(request.into_inner())?;
         Ok(Response::new(self.users.get(id).await?.into()))
     }
 
@@ -59,7 +61,7 @@ impl pb::user_service_server::UserService for UserApi {
         request: Request<pb::BatchGetUsersRequest>,
     ) -> Result<Response<pb::BatchGetUsersResponse>, Status> {
         let request = request.into_inner();
-        let ids = parse_ids(&request.ids, MAX_BATCH)?;
+        let ids = parse_batch_get_users(&request)?;
         let batch = self.users.batch_get(&ids, request.skip_missing).await?;
         Ok(Response::new(pb::BatchGetUsersResponse {
             users: batch.users.into_iter().map(Into::into).collect(),
@@ -71,21 +73,7 @@ impl pb::user_service_server::UserService for UserApi {
         &self,
         request: Request<pb::ListUsersRequest>,
     ) -> Result<Response<pb::ListUsersResponse>, Status> {
-        let request = request.into_inner();
-        let mut v = Violations::default();
-        let page = parse_page(&mut v, request.page_size, request.page_token);
-        let status = v.check("status", parse_status_filter(request.status));
-        let (created_after, created_before) = parse_time_range(
-            &mut v,
-            request.created_after.as_ref(),
-            request.created_before.as_ref(),
-        );
-        parsed!(v, page, status);
-        let filter = UserFilter {
-            status,
-            created_after,
-            created_before,
-        };
+        let (filter, page) = parse_list_users(request.into_inner())?;
         let page = self.users.list(filter, page).await?;
         Ok(Response::new(pb::ListUsersResponse {
             users: page.items.into_iter().map(Into::into).collect(),
@@ -98,20 +86,8 @@ impl pb::user_service_server::UserService for UserApi {
         request: Request<pb::UpdateUserRequest>,
     ) -> Result<Response<pb::User>, Status> {
         let actor = actor(&request)?;
-        let request = request.into_inner();
-        let mut v = Violations::default();
-        let id = parse_id(&mut v, "id", request.id);
-        required_version(&mut v, request.version, "user", "GetUser");
-        let patch = parse_patch(
-            &mut v,
-            request.user.unwrap_or_default(),
-            request.update_mask,
-        );
-        parsed!(v, id, patch);
-        let user = self
-            .users
-            .update(&actor, id, request.version, patch)
-            .await?;
+        let (id, version, patch) = parse_update_user(request.into_inner())?;
+        let user = self.users.update(&actor, id, version, patch).await?;
         Ok(Response::new(user.into()))
     }
 
@@ -120,11 +96,7 @@ impl pb::user_service_server::UserService for UserApi {
         request: Request<pb::DeleteUserRequest>,
     ) -> Result<Response<pb::DeleteUserResponse>, Status> {
         let actor = actor(&request)?;
-        let request = request.into_inner();
-        let mut v = Violations::default();
-        let id = parse_id(&mut v, "id", request.id);
-        let version = optional_version(&mut v, request.version, "user");
-        parsed!(v, id);
+        let (id, version) = parse_delete_user(request.into_inner())?;
         self.users.delete(&actor, id, version).await?;
         Ok(Response::new(pb::DeleteUserResponse {}))
     }
@@ -133,22 +105,7 @@ impl pb::user_service_server::UserService for UserApi {
         &self,
         request: Request<pb::VerifyPasswordRequest>,
     ) -> Result<Response<pb::VerifyPasswordResponse>, Status> {
-        let request = request.into_inner();
-        let mut v = Violations::default();
-        let lookup = match request.user {
-            Some(pb::verify_password_request::User::Id(raw)) => {
-                parse_id(&mut v, "id", raw).map(UserLookup::Id)
-            }
-            Some(pb::verify_password_request::User::Email(raw)) => {
-                v.check("email", Email::parse(&raw)).map(UserLookup::Email)
-            }
-            None => {
-                v.add("user", "set either id or email");
-                None
-            }
-        };
-        let password = v.check("password", Password::parse_candidate(request.password));
-        parsed!(v, lookup, password);
+        let (lookup, password) = parse_verify_password(request.into_inner())?;
         let user = self.users.verify_password(lookup, password).await?;
         Ok(Response::new(pb::VerifyPasswordResponse {
             valid: user.is_some(),
@@ -161,9 +118,7 @@ impl pb::user_service_server::UserService for UserApi {
         request: Request<pb::CreateTeamRequest>,
     ) -> Result<Response<pb::Team>, Status> {
         let actor = actor(&request)?;
-        let mut v = Violations::default();
-        let name = v.check("name", TeamName::parse(&request.into_inner().name));
-        parsed!(v, name);
+        let name = parse_create_team(request.into_inner())?;
         Ok(Response::new(self.teams.create(&actor, name).await?.into()))
     }
 
@@ -172,12 +127,7 @@ impl pb::user_service_server::UserService for UserApi {
         request: Request<pb::AddTeamMemberRequest>,
     ) -> Result<Response<pb::TeamMembership>, Status> {
         let actor = actor(&request)?;
-        let request = request.into_inner();
-        let mut v = Violations::default();
-        let team_id = parse_id(&mut v, "team_id", request.team_id);
-        let user_id = parse_id(&mut v, "user_id", request.user_id);
-        let role = v.check("role", parse_role(request.role));
-        parsed!(v, team_id, user_id, role);
+        let (team_id, user_id, role) = parse_add_team_member(request.into_inner())?;
         let membership = self
             .teams
             .add_member(&actor, team_id, user_id, role)
@@ -190,11 +140,7 @@ impl pb::user_service_server::UserService for UserApi {
         request: Request<pb::RemoveTeamMemberRequest>,
     ) -> Result<Response<pb::RemoveTeamMemberResponse>, Status> {
         let actor = actor(&request)?;
-        let request = request.into_inner();
-        let mut v = Violations::default();
-        let team_id = parse_id(&mut v, "team_id", request.team_id);
-        let user_id = parse_id(&mut v, "user_id", request.user_id);
-        parsed!(v, team_id, user_id);
+        let (team_id, user_id) = parse_remove_team_member(request.into_inner())?;
         self.teams.remove_member(&actor, team_id, user_id).await?;
         Ok(Response::new(pb::RemoveTeamMemberResponse {}))
     }
@@ -203,11 +149,7 @@ impl pb::user_service_server::UserService for UserApi {
         &self,
         request: Request<pb::ListUserTeamsRequest>,
     ) -> Result<Response<pb::ListUserTeamsResponse>, Status> {
-        let request = request.into_inner();
-        let mut v = Violations::default();
-        let user_id = parse_id(&mut v, "user_id", request.user_id);
-        let page = parse_page(&mut v, request.page_size, request.page_token);
-        parsed!(v, user_id, page);
+        let (user_id, page) = parse_list_user_teams(request.into_inner())?;
         let page = self.teams.list_for_user(user_id, page).await?;
         Ok(Response::new(pb::ListUserTeamsResponse {
             memberships: page.items.into_iter().map(Into::into).collect(),
@@ -219,7 +161,7 @@ impl pb::user_service_server::UserService for UserApi {
         &self,
         request: Request<pb::GetUserProfileRequest>,
     ) -> Result<Response<pb::UserProfile>, Status> {
-        let id = one_id("user_id", request.into_inner().user_id)?;
+        let id = parse_get_user_profile(request.into_inner())?;
         Ok(Response::new(self.profiles.get(id).await?.into()))
     }
 
@@ -227,16 +169,127 @@ impl pb::user_service_server::UserService for UserApi {
         &self,
         request: Request<pb::UpdateUserProfileRequest>,
     ) -> Result<Response<pb::UserProfile>, Status> {
-        let r = request.into_inner();
-        let mut v = Violations::default();
-        let id = parse_id(&mut v, "user_id", r.user_id);
-        let patch = parse_profile_patch(&mut v, r.profile.unwrap_or_default(), r.update_mask);
-        parsed!(v, id, patch);
+        let (id, patch) = parse_update_user_profile(request.into_inner())?;
         Ok(Response::new(self.profiles.update(id, patch).await?.into()))
     }
 }
 
-fn parse_new_user(request: pb::CreateUserRequest) -> Result<NewUser, Error> {
+// Each RPC's request, parsed: every field violation collected, or the domain
+// values the handler passes on. Public for the fuzz targets (`fuzz/`), which
+// run them on arbitrary messages.
+
+pub fn parse_get_user(r: pb::GetUserRequest) -> Result<Id, Error> {
+    one_id("id", r.id)
+}
+
+pub fn parse_batch_get_users(r: &pb::BatchGetUsersRequest) -> Result<Vec<Id>, Error> {
+    parse_ids(&r.ids, MAX_BATCH)
+}
+
+pub fn parse_list_users(r: pb::ListUsersRequest) -> Result<(UserFilter, PageRequest), Error> {
+    let mut v = Violations::default();
+    let page = parse_page(&mut v, r.page_size, r.page_token);
+    let status = v.check("status", parse_status_filter(r.status));
+    let (created_after, created_before) =
+        parse_time_range(&mut v, r.created_after.as_ref(), r.created_before.as_ref());
+    parsed!(v, page, status);
+    let filter = UserFilter {
+        status,
+        created_after,
+        created_before,
+    };
+    Ok((filter, page))
+}
+
+/// The user, the version the update names, and the patch.
+pub fn parse_update_user(r: pb::UpdateUserRequest) -> Result<(Id, i64, UserPatch), Error> {
+    let mut v = Violations::default();
+    let id = parse_id(&mut v, "id", r.id);
+    required_version(&mut v, r.version, "user", "GetUser");
+    let patch = parse_patch(&mut v, r.user.unwrap_or_default(), r.update_mask);
+    parsed!(v, id, patch);
+    Ok((id, r.version, patch))
+}
+
+/// The user and the version the delete names, if any.
+pub fn parse_delete_user(r: pb::DeleteUserRequest) -> Result<(Id, Option<i64>), Error> {
+    let mut v = Violations::default();
+    let id = parse_id(&mut v, "id", r.id);
+    let version = optional_version(&mut v, r.version, "user");
+    parsed!(v, id);
+    Ok((id, version))
+}
+
+pub fn parse_verify_password(
+    r: pb::VerifyPasswordRequest,
+) -> Result<(UserLookup, Password), Error> {
+    let mut v = Violations::default();
+    let lookup = match r.user {
+        Some(pb::verify_password_request::User::Id(raw)) => {
+            parse_id(&mut v, "id", raw).map(UserLookup::Id)
+        }
+        Some(pb::verify_password_request::User::Email(raw)) => {
+            v.check("email", Email::parse(&raw)).map(UserLookup::Email)
+        }
+        None => {
+            v.add("user", "set either id or email");
+            None
+        }
+    };
+    let password = v.check("password", Password::parse_candidate(r.password));
+    parsed!(v, lookup, password);
+    Ok((lookup, password))
+}
+
+pub fn parse_create_team(r: pb::CreateTeamRequest) -> Result<TeamName, Error> {
+    let mut v = Violations::default();
+    let name = v.check("name", TeamName::parse(&r.name));
+    parsed!(v, name);
+    Ok(name)
+}
+
+/// The team, the user and the role.
+pub fn parse_add_team_member(r: pb::AddTeamMemberRequest) -> Result<(Id, Id, TeamRole), Error> {
+    let mut v = Violations::default();
+    let team_id = parse_id(&mut v, "team_id", r.team_id);
+    let user_id = parse_id(&mut v, "user_id", r.user_id);
+    let role = v.check("role", parse_role(r.role));
+    parsed!(v, team_id, user_id, role);
+    Ok((team_id, user_id, role))
+}
+
+/// The team and the user.
+pub fn parse_remove_team_member(r: pb::RemoveTeamMemberRequest) -> Result<(Id, Id), Error> {
+    let mut v = Violations::default();
+    let team_id = parse_id(&mut v, "team_id", r.team_id);
+    let user_id = parse_id(&mut v, "user_id", r.user_id);
+    parsed!(v, team_id, user_id);
+    Ok((team_id, user_id))
+}
+
+pub fn parse_list_user_teams(r: pb::ListUserTeamsRequest) -> Result<(Id, PageRequest), Error> {
+    let mut v = Violations::default();
+    let user_id = parse_id(&mut v, "user_id", r.user_id);
+    let page = parse_page(&mut v, r.page_size, r.page_token);
+    parsed!(v, user_id, page);
+    Ok((user_id, page))
+}
+
+pub fn parse_get_user_profile(r: pb::GetUserProfileRequest) -> Result<Id, Error> {
+    one_id("user_id", r.user_id)
+}
+
+pub fn parse_update_user_profile(
+    r: pb::UpdateUserProfileRequest,
+) -> Result<(Id, ProfilePatch), Error> {
+    let mut v = Violations::default();
+    let id = parse_id(&mut v, "user_id", r.user_id);
+    let patch = parse_profile_patch(&mut v, r.profile.unwrap_or_default(), r.update_mask);
+    parsed!(v, id, patch);
+    Ok((id, patch))
+}
+
+pub fn parse_new_user(request: pb::CreateUserRequest) -> Result<NewUser, Error> {
     let mut v = Violations::default();
     let email = v.check("email", Email::parse(&request.email));
     let username = v.check("username", Username::parse(&request.username));

@@ -47,7 +47,7 @@ impl Middleware for Deadlines {
 
 /// Parses `grpc-timeout` (gRPC over HTTP/2: up to 8 digits and a unit).
 /// A malformed header is ignored, as other gRPC servers do.
-fn parse_grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+pub fn parse_grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get("grpc-timeout")?.to_str().ok()?;
     if value.len() < 2 || value.len() > 9 {
         return None;

@@ -50,6 +50,8 @@ mod admission;
 mod auth;
 mod deadline;
 mod quota;
+#[cfg(fuzzing)]
+pub use deadline::parse_grpc_timeout;
 mod rpc;
 
 use std::{
