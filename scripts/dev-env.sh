@@ -275,6 +275,14 @@ start_redis_tls() {
     --aclfile "$TLS_DIR/users.acl" "$@"
 }
 
+# A TLS port already open must be this checkout's server: another checkout's
+# has other certificates and another password, and would fail every TLS test.
+own_tls_port() { # port dir
+  port_open "$1" || return 1
+  [ -s "$2/redis.pid" ] && kill -0 "$(cat "$2/redis.pid")" 2>/dev/null \
+    || die "127.0.0.1:$1 is taken by a server this checkout did not start (another checkout's dev env?): stop it, or set DATAGATE_REDIS_TLS_PORT / DATAGATE_REDIS_TLS_CLUSTER_PORT, or REDIS_TLS_URL and REDIS_TLS_CLUSTER_URLS with their REDIS_TLS_* files"
+}
+
 # The variables a caller of `up` gets for the TLS servers it was given.
 echo_given() { local name; for name in "$@"; do
   [ -n "${!name:-}" ] && echo "export $name='${!name}'"; done; return 0; }
@@ -296,7 +304,7 @@ ensure_redis_tls() {
   fi
   need_redis_server >/dev/null
   ensure_tls_material
-  if ! port_open "$REDIS_TLS_PORT"; then
+  if ! own_tls_port "$REDIS_TLS_PORT" "$TLS_DIR/single"; then
     log "Redis TLS: starting on 127.0.0.1:$REDIS_TLS_PORT (TLS only, ACL user $TLS_USER)"
     # Client certificates are optional here (the cluster requires them).
     start_redis_tls "$REDIS_TLS_PORT" "$TLS_DIR/single" --tls-auth-clients optional
@@ -318,7 +326,7 @@ ensure_redis_tls_cluster() {
   local ports=("$first" $((first + 1)) $((first + 2)))
   for port in "${ports[@]}"; do
     dir=$TLS_DIR/cluster/$port
-    if ! port_open "$port"; then
+    if ! own_tls_port "$port" "$dir"; then
       log "Redis TLS Cluster: starting a node on 127.0.0.1:$port"
       start_redis_tls "$port" "$dir" --tls-auth-clients yes --tls-cluster yes \
         --tls-replication yes --cluster-enabled yes --cluster-port $((port + 10000)) \
