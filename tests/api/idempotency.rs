@@ -30,20 +30,9 @@ fn sweeper(app: &TestApp, batch: i64) -> KeySweeper {
     )
 }
 
+/// `CreateOrder` for one unit of `product_id` as the admin.
 async fn order(app: &TestApp, user_id: i64, product_id: i64, request_id: &str) -> pb::Order {
-    app.orders()
-        .await
-        .create_order(pb::CreateOrderRequest {
-            user_id,
-            items: vec![pb::OrderLine {
-                product_id,
-                quantity: 1,
-            }],
-            request_id: request_id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
+    order_as(app, &app.token, user_id, product_id, request_id).await
 }
 
 async fn keys(app: &TestApp) -> Vec<String> {
