@@ -57,6 +57,14 @@ impl SigningKey {
         Self::new(kid, Algorithm::EdDSA, EncodingKey::from_ed_der(&der))
     }
 
+    /// RS256 with a key made once and kept as a fixture (ring cannot make
+    /// RSA keys, and making one here would cost seconds in a debug build);
+    /// it signs only these tests' tokens.
+    fn rs256(kid: &str) -> Self {
+        let pkcs1 = include_bytes!("fixtures/jwt-rs256-test-key.der");
+        Self::new(kid, Algorithm::RS256, EncodingKey::from_rsa_der(pkcs1))
+    }
+
     fn new(kid: &str, algorithm: Algorithm, encoding: EncodingKey) -> Self {
         let mut jwk = Jwk::from_encoding_key(&encoding, algorithm).unwrap();
         jwk.common.key_id = Some(kid.to_owned());
@@ -235,14 +243,17 @@ async fn assert_refused(app: &TestApp, token: &str, reason: &str) {
 async fn a_valid_token_is_admitted_as_its_subject() {
     let es256 = SigningKey::es256("es-1");
     let ed25519 = SigningKey::ed25519("ed-1");
-    let issuer = Issuer::publishing(&[&es256, &ed25519]);
+    let rs256 = SigningKey::rs256("rs-1");
+    let issuer = Issuer::publishing(&[&es256, &ed25519, &rs256]);
     let app = issuer.app().await;
 
     let by_es256 = create_user_as(&app, &es256.sign(&issuer.claims("billing-service"))).await;
     let by_ed25519 = create_user_as(&app, &ed25519.sign(&issuer.claims("orders-service"))).await;
+    let by_rs256 = create_user_as(&app, &rs256.sign(&issuer.claims("checkout-service"))).await;
 
     assert_eq!(by_es256.unwrap(), "billing-service");
     assert_eq!(by_ed25519.unwrap(), "orders-service");
+    assert_eq!(by_rs256.unwrap(), "checkout-service");
 }
 
 #[api_test]
