@@ -416,6 +416,10 @@ pub struct JwtSettings {
     /// `https://` only: the keys decide who may call.
     #[serde(default)]
     pub jwks_url: Option<String>,
+    /// PEM CAs that sign the `jwks_url` server's certificate, instead of
+    /// the webpki roots (an issuer with a private CA).
+    #[serde(default)]
+    pub jwks_ca_file: Option<std::path::PathBuf>,
     /// The signature algorithms accepted; HMAC and `none` never are.
     #[serde(default = "JwtSettings::default_algorithms")]
     pub algorithms: Vec<JwtAlgorithm>,

@@ -174,7 +174,7 @@ impl Source {
                 }
                 Ok(Self::Url {
                     uri,
-                    client: Box::new(https_client()),
+                    client: Box::new(https_client(settings.jwks_ca_file.as_deref())?),
                 })
             }
             (None, None) => bail!("set auth.jwt.jwks_file or auth.jwt.jwks_url"),
@@ -230,8 +230,15 @@ async fn get(client: &HttpsClient, uri: &http::Uri) -> anyhow::Result<Vec<u8>> {
     Ok(body.to_bytes().to_vec())
 }
 
-fn https_client() -> HttpsClient {
-    let roots = rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+/// The HTTPS client of the key set URL: the server's certificate is
+/// verified against the webpki roots, or only against the CAs of
+/// `ca_file` (an issuer inside the cluster, with a private CA).
+fn https_client(ca_file: Option<&std::path::Path>) -> anyhow::Result<HttpsClient> {
+    let roots = match ca_file {
+        None => rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        Some(path) => private_roots(path)
+            .with_context(|| format!("auth.jwt.jwks_ca_file {}", path.display()))?,
+    };
     let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -244,7 +251,23 @@ fn https_client() -> HttpsClient {
         .https_only()
         .enable_http1()
         .build();
-    Client::builder(TokioExecutor::new()).build(connector)
+    Ok(Client::builder(TokioExecutor::new()).build(connector))
+}
+
+fn private_roots(path: &std::path::Path) -> anyhow::Result<rustls::RootCertStore> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+    let pem = std::fs::read(path).context("cannot read it")?;
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in CertificateDer::pem_slice_iter(&pem) {
+        let certificate = certificate.map_err(|e| anyhow!("not PEM certificates ({e})"))?;
+        roots
+            .add(certificate)
+            .context("a certificate is not a usable CA")?;
+    }
+    if roots.is_empty() {
+        bail!("no certificate in the file");
+    }
+    Ok(roots)
 }
 
 #[cfg(test)]
@@ -313,6 +336,7 @@ mod tests {
             audience: "a".into(),
             jwks_file: None,
             jwks_url: Some(url.into()),
+            jwks_ca_file: None,
             algorithms: ALL.to_vec(),
             leeway: Duration::ZERO,
             identity_claim: "sub".into(),
@@ -338,5 +362,105 @@ mod tests {
             error.contains("fetching https://127.0.0.1:1/jwks.json"),
             "{error}"
         );
+    }
+    /// An HTTPS server on loopback answering every request with `body`,
+    /// its certificate (for 127.0.0.1) signed by a CA of its own: the URL
+    /// and the CA's PEM file.
+    async fn https_server(body: &'static str) -> (String, temp_file::Temp) {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+        let mut ca = CertificateParams::default();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+        let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
+        leaf.subject_alt_names
+            .push(SanType::IpAddress([127, 0, 0, 1].into()));
+        let key = KeyPair::generate().unwrap();
+        let cert = leaf.signed_by(&key, &ca).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://{}/jwks.json", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tls.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => request.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = tls.write_all(response.as_bytes()).await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        (url, temp_file::Temp::with(ca.pem().as_bytes()))
+    }
+
+    /// A file removed when dropped.
+    mod temp_file {
+        pub struct Temp(pub std::path::PathBuf);
+
+        impl Temp {
+            pub fn with(contents: &[u8]) -> Self {
+                let path = std::env::temp_dir().join(format!(
+                    "datagate-jwks-ca-{}.pem",
+                    uuid::Uuid::new_v4().simple()
+                ));
+                std::fs::write(&path, contents).unwrap();
+                Self(path)
+            }
+        }
+
+        impl Drop for Temp {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_url_source_fetches_over_https_trusting_only_the_configured_ca() {
+        let (url, ca) = https_server(r#"{"keys": []}"#).await;
+        let mut settings = url_settings(&url);
+        settings.jwks_ca_file = Some(ca.0.clone());
+        let source = Source::from_settings(&settings).unwrap();
+        assert_eq!(source.fetch().await.unwrap(), br#"{"keys": []}"#);
+
+        // Without the CA, the webpki roots do not know the server.
+        let untrusted = Source::from_settings(&url_settings(&url)).unwrap();
+        let error = format!("{:#}", untrusted.fetch().await.unwrap_err());
+        assert!(error.contains("certificate"), "{error}");
+    }
+
+    #[test]
+    fn a_ca_file_without_certificates_is_refused_naming_the_setting() {
+        let empty = temp_file::Temp::with(b"not a certificate");
+        let mut settings = url_settings("https://127.0.0.1:1/jwks.json");
+        settings.jwks_ca_file = Some(empty.0.clone());
+        let error = format!("{:#}", Source::from_settings(&settings).err().unwrap());
+        assert!(error.contains("auth.jwt.jwks_ca_file"), "{error}");
     }
 }

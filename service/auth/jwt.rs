@@ -574,6 +574,7 @@ mod tests {
             audience: "datagate".into(),
             jwks_file: Some("/dev/null".into()),
             jwks_url: None,
+            jwks_ca_file: None,
             algorithms: ALL.to_vec(),
             leeway: Duration::from_secs(30),
             identity_claim: "sub".into(),

@@ -136,6 +136,7 @@ impl Issuer {
             audience: AUDIENCE.into(),
             jwks_file: Some(self.jwks_file()),
             jwks_url: None,
+            jwks_ca_file: None,
             algorithms: vec![
                 JwtAlgorithm::RS256,
                 JwtAlgorithm::ES256,
