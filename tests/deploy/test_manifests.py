@@ -35,7 +35,7 @@ ROOT = Path(os.environ.get("DATAGATE_DEPLOY_ROOT") or Path(__file__).resolve().p
 ENVIRONMENTS = {
     # namespace, HPA min (the replica count), HPA max
     # client_auth: None for TLS off, else the mTLS mode it must have.
-    "dev": {"namespace": "datagate-dev", "min": 1, "max": 2, "redis_mode": "single", "client_auth": None},
+    "dev": {"namespace": "datagate-dev", "min": 1, "max": 2, "redis_mode": "single", "client_auth": "none"},
     "prod": {"namespace": "datagate", "min": 3, "max": 12, "redis_mode": "cluster", "client_auth": "required"},
 }
 GRPC_PORT = 50051
@@ -417,7 +417,8 @@ def check_tls(docs: list[dict], env: str) -> None:
     c = app_container(docs)
     spec = the(docs, "Deployment", "datagate")["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
-    for key in ("CERT_FILE", "KEY_FILE", "CLIENT_CA_FILE"):
+    files = ("CERT_FILE", "KEY_FILE") + (("CLIENT_CA_FILE",) if want != "none" else ())
+    for key in files:
         path = vars_.get(f"DATAGATE__SERVER__TLS__{key}", "")
         assert path, f"DATAGATE__SERVER__TLS__{key} is not set"
         mounts = [m for m in c.get("volumeMounts", []) if path.startswith(m["mountPath"].rstrip("/") + "/")]
@@ -1076,9 +1077,13 @@ class ChecksCanFail(unittest.TestCase):
             self.assert_fails(lambda docs: check_tls(docs, "prod"), broken, label)
         dev = render("k8s/overlays/dev")
         check_tls(copy.deepcopy(dev), "dev")
-        broken = copy.deepcopy(dev)
-        _config("DATAGATE__SERVER__TLS__ENABLED", "true")(broken)
-        self.assert_fails(lambda docs: check_tls(docs, "dev"), broken, "TLS in dev")
+        for label, mutate in {
+            "TLS off in dev": _config("DATAGATE__SERVER__TLS__ENABLED", "false"),
+            "mTLS in dev": _config("DATAGATE__SERVER__TLS__CLIENT_AUTH", "required"),
+        }.items():
+            broken = copy.deepcopy(dev)
+            mutate(broken)
+            self.assert_fails(lambda docs: check_tls(docs, "dev"), broken, label)
 
     def test_job_checks_fail(self) -> None:
         job_docs, app_docs = render("k8s/overlays/prod/migrate"), render("k8s/overlays/prod")
