@@ -26,11 +26,18 @@ fuzz_target!(|input: (bool, &str)| {
             assert!(!header.kid.is_empty() && header.kid.len() <= 256);
         }
         Err(Error::Unauthenticated(detail)) => {
-            // The token is never echoed: no segment of it long enough to be
-            // a secret appears in the message.
-            for segment in token.split('.').filter(|s| s.len() >= 16) {
-                assert!(!detail.message.contains(segment), "{}", detail.message);
-            }
+            // The token is never echoed: a JWT's segments are long base64url
+            // runs, and no message holds a run longer than an echoed
+            // algorithm name (at most 16 letters and digits). (Checking
+            // for the input's own segments instead fails on inputs that
+            // quote the message itself.)
+            let longest = detail
+                .message
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+                .map(str::len)
+                .max()
+                .unwrap_or(0);
+            assert!(longest <= 16, "{}", detail.message);
         }
         Err(other) => panic!("not UNAUTHENTICATED: {other:?}"),
     }
