@@ -504,6 +504,11 @@ impl JwtSettings {
                 "invalid configuration: auth.jwt.identity_claim and auth.jwt.roles_claim must not be empty"
             );
         }
+        // Anyone can send a token naming an unknown `kid`: each may cause a
+        // fetch, so fetches need a floor.
+        if self.min_refresh_interval < Duration::from_secs(1) {
+            bail!("invalid configuration: auth.jwt.min_refresh_interval must be at least 1s");
+        }
         Ok(())
     }
 }
@@ -714,6 +719,19 @@ impl Settings {
         if let Some(jwt) = &self.auth.jwt {
             jwt.validate()?;
         }
+        let quotas = &self.quotas;
+        let rates = [quotas.reader, quotas.writer, quotas.admin]
+            .into_iter()
+            .chain(quotas.callers.values().copied());
+        if rates
+            .into_iter()
+            .any(|rate| !rate.is_finite() || rate < 0.0)
+            || quotas.burst.is_zero()
+        {
+            bail!(
+                "invalid configuration: quota rates must be finite and at least 0 (0: unlimited), and quotas.burst positive"
+            );
+        }
         let server = &self.server;
         if server.max_connections == 0
             || server.max_concurrent_streams == 0
@@ -776,6 +794,14 @@ impl ServerSettings {
         }
         let tls = &self.tls;
         if !tls.enabled {
+            // Required client certificates cannot be silently dropped.
+            if tls.client_auth != ClientAuth::None {
+                bail!(
+                    "invalid configuration: server.tls.client_auth is {:?} but TLS is off: set {}=true",
+                    tls.client_auth,
+                    env_var_name("server.tls.enabled")
+                );
+            }
             return Ok(());
         }
         for (key, value) in [("cert_file", &tls.cert_file), ("key_file", &tls.key_file)] {

@@ -35,15 +35,24 @@ pub fn identity(certificate_der: &[u8]) -> Option<String> {
                 _ => None,
             })
         });
-    spiffe.or_else(|| {
-        certificate
-            .subject()
-            .iter_common_name()
-            .find_map(|cn| cn.as_str().ok())
-            .filter(|cn| !cn.trim().is_empty())
-            .map(str::to_owned)
-    })
+    spiffe
+        .or_else(|| {
+            certificate
+                .subject()
+                .iter_common_name()
+                .find_map(|cn| cn.as_str().ok())
+                .filter(|cn| !cn.trim().is_empty())
+                // A CN is free text its requester may choose: one that
+                // looks like a SPIFFE ID must not pass for one.
+                .filter(|cn| !cn.starts_with(SPIFFE_SCHEME))
+                .map(str::to_owned)
+        })
+        // A name that goes into logs, spans and ownership columns.
+        .filter(|name| name.len() <= MAX_IDENTITY_BYTES && !name.contains(char::is_control))
 }
+
+/// The longest identity a certificate may name.
+const MAX_IDENTITY_BYTES: usize = 256;
 
 /// The configured roles of certificate identities.
 #[derive(Clone, Default)]
@@ -94,6 +103,16 @@ mod tests {
         params.subject_alt_names = sans;
         let key = KeyPair::generate().unwrap();
         params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn a_cn_posing_as_a_spiffe_id_or_holding_control_characters_names_no_one() {
+        let posing = certificate(Some("spiffe://cluster.local/ns/x/sa/admin"), vec![]);
+        assert_eq!(identity(&posing), None);
+        let control = certificate(Some("billing\nadmin"), vec![]);
+        assert_eq!(identity(&control), None);
+        let long = certificate(Some(&"a".repeat(300)), vec![]);
+        assert_eq!(identity(&long), None);
     }
 
     fn uri(value: &str) -> SanType {

@@ -81,6 +81,16 @@ impl Auth {
 
     fn check(&self, headers: &HeaderMap, extensions: &Extensions) -> Checked {
         let Some(token) = bearer(headers) else {
+            // Only a call without the header is the certificate's: one
+            // with a header that is not a bearer token (e.g. a user's,
+            // forwarded by a gateway over its mTLS connection) must not
+            // become the gateway.
+            if headers.contains_key(http::header::AUTHORIZATION) {
+                return Checked::Done(Err(Error::Unauthenticated(Detail::new(
+                    reason::INVALID_CREDENTIALS,
+                    "the authorization metadata is not `Bearer <token>`",
+                ))));
+            }
             return Checked::Done(self.authenticate_peer(extensions));
         };
         if let Some(verifier) = &self.jwt

@@ -102,17 +102,25 @@ impl Quotas {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         if buckets.len() >= KEPT_BUCKETS && !buckets.contains_key(caller.name()) {
-            buckets.retain(|_, bucket| !bucket.is_full(rate, capacity, now));
-        }
-        match buckets.get_mut(caller.name()) {
-            Some(bucket) => bucket.take(rate, capacity, now),
-            None => {
-                let mut bucket = Bucket::full(capacity, now);
-                let taken = bucket.take(rate, capacity, now);
-                buckets.insert(caller.name().into(), bucket);
-                taken
+            buckets.retain(|_, bucket| !bucket.is_full(now));
+            if buckets.len() >= KEPT_BUCKETS {
+                // None has refilled: the one used longest ago goes.
+                let oldest = buckets
+                    .iter()
+                    .min_by_key(|(_, bucket)| bucket.at)
+                    .map(|(name, _)| name.clone());
+                if let Some(oldest) = oldest {
+                    buckets.remove(&oldest);
+                }
             }
         }
+        let bucket = buckets
+            .entry(caller.name().into())
+            .or_insert_with(|| Bucket::full(rate, capacity, now));
+        // A rate changed by a reload of the configuration applies at once.
+        bucket.rate = rate;
+        bucket.capacity = capacity;
+        bucket.take(now)
     }
 
     fn label<'a>(&self, caller: &'a Caller) -> &'a str {
@@ -160,43 +168,54 @@ impl Middleware for Quotas {
     }
 }
 
-/// A token bucket: `tokens` at `at`, refilled at the caller's rate.
+/// A token bucket: `tokens` at `at`, refilled at `rate` per second up to
+/// `capacity`.
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
     tokens: f64,
     at: Instant,
+    rate: f64,
+    capacity: f64,
 }
 
+/// The longest RetryInfo delay a quota answers (a bucket refilling more
+/// slowly still answers this: the caller asks again then).
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
 impl Bucket {
-    fn full(capacity: f64, now: Instant) -> Self {
+    fn full(rate: f64, capacity: f64, now: Instant) -> Self {
         Self {
             tokens: capacity,
             at: now,
+            rate,
+            capacity,
         }
     }
 
-    fn refill(&mut self, rate: f64, capacity: f64, now: Instant) {
+    fn refill(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * rate).min(capacity);
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.capacity);
         self.at = now.max(self.at);
     }
 
-    fn take(&mut self, rate: f64, capacity: f64, now: Instant) -> Result<(), Duration> {
-        self.refill(rate, capacity, now);
+    fn take(&mut self, now: Instant) -> Result<(), Duration> {
+        self.refill(now);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             Ok(())
         } else {
             // At least a millisecond: RetryInfo of zero reads as "now".
-            let wait = (1.0 - self.tokens) / rate;
-            Err(Duration::from_secs_f64(wait).max(Duration::from_millis(1)))
+            let wait = Duration::try_from_secs_f64((1.0 - self.tokens) / self.rate)
+                .unwrap_or(MAX_RETRY_AFTER)
+                .min(MAX_RETRY_AFTER);
+            Err(wait.max(Duration::from_millis(1)))
         }
     }
 
-    fn is_full(&self, rate: f64, capacity: f64, now: Instant) -> bool {
+    fn is_full(&self, now: Instant) -> bool {
         let mut refilled = *self;
-        refilled.refill(rate, capacity, now);
-        refilled.tokens >= capacity
+        refilled.refill(now);
+        refilled.tokens >= self.capacity
     }
 }
 
@@ -275,6 +294,30 @@ mod tests {
         assert_eq!(quotas.label(&caller("orders-api", "reader")), "orders-api");
         assert_eq!(quotas.label(&caller("batch", "reader")), "batch");
         assert_eq!(quotas.label(&caller("jwt-sub-123", "reader")), OTHER_CALLER);
+    }
+
+    #[test]
+    fn a_tiny_rate_answers_a_bounded_retry_delay() {
+        let quotas = Quotas::new(&settings(1e-300, &[]), []);
+        let reader = caller("slow", "reader");
+        let t0 = Instant::now();
+        assert!(quotas.take(&reader, t0).is_ok());
+        assert_eq!(quotas.take(&reader, t0), Err(MAX_RETRY_AFTER));
+    }
+
+    #[test]
+    fn with_many_callers_and_none_refilled_the_one_idle_longest_goes() {
+        let quotas = Quotas::new(&settings(1e-3, &[]), []);
+        let t0 = Instant::now();
+        for i in 0..KEPT_BUCKETS {
+            let at = t0 + Duration::from_millis(i as u64);
+            assert!(quotas.take(&caller(&format!("c{i}"), "reader"), at).is_ok());
+        }
+        let later = t0 + Duration::from_secs(10);
+        assert!(quotas.take(&caller("new", "reader"), later).is_ok());
+        let buckets = quotas.shared.buckets.lock().unwrap();
+        assert_eq!(buckets.len(), KEPT_BUCKETS);
+        assert!(!buckets.contains_key("c0") && buckets.contains_key("c1"));
     }
 
     #[test]

@@ -401,6 +401,36 @@ async fn with_mtls_required_a_call_without_token_is_the_certificates_spiffe_iden
 }
 
 #[api_test]
+async fn an_authorization_header_that_is_not_a_bearer_token_is_refused_not_the_certificates() {
+    // A gateway with a writer's certificate forwards a user's header: the
+    // call must not run as the gateway.
+    let ca = Ca::new("datagate test CA");
+    let mount = SecretMount::new(&ca.server(), &ca);
+    let app = spawn_tls(
+        &mount,
+        ClientAuth::Required,
+        &[(CHECKOUT, &["writer"])],
+        |_| {},
+    )
+    .await;
+    let channel = tls_channel(&app, &ca, Some(&ca.client(CHECKOUT)))
+        .await
+        .unwrap();
+
+    for header in ["Basic dXNlcjpwYXNz", "Bearer", "Bearer   "] {
+        let mut request = tonic::Request::new(create_user_request("forwarded"));
+        request
+            .metadata_mut()
+            .insert("authorization", header.parse().unwrap());
+        let status = UserServiceClient::new(channel.clone())
+            .create_user(request)
+            .await
+            .unwrap_err();
+        assert_error(&status, Code::Unauthenticated, "INVALID_CREDENTIALS");
+    }
+}
+
+#[api_test]
 async fn certificate_identities_have_the_roles_mapped_to_them_and_others_none() {
     let ca = Ca::new("datagate test CA");
     let mount = SecretMount::new(&ca.server(), &ca);
