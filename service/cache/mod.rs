@@ -144,6 +144,8 @@ struct Inner {
     analytics_ttl: Duration,
     lock_ttl: Duration,
     breaker: Breaker,
+    /// When Redis last answered anything (see [`Answers`]).
+    answers: Answers,
     flights: Flights,
     pending: Queue,
     counters: HashMap<&'static str, Counters>,
@@ -173,6 +175,7 @@ impl Cache {
                 analytics_ttl: settings.analytics_ttl,
                 lock_ttl: settings.lock_ttl,
                 breaker: Breaker::new(settings.breaker_failures, settings.breaker_open_for),
+                answers: Answers::new(),
                 flights: Flights::default(),
                 pending: Queue::new(MAX_PENDING),
                 counters: COUNTED
@@ -447,6 +450,40 @@ impl Cache {
     }
 }
 
+/// When Redis last answered a command (a reply or an error it sent), as
+/// microseconds since `epoch`, plus one (zero: never). A pool wait that
+/// times out is this process's own load only if Redis answered someone
+/// after the waiting command started.
+struct Answers {
+    epoch: Instant,
+    last: std::sync::atomic::AtomicU64,
+}
+
+impl Answers {
+    fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            last: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn micros(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_micros()).unwrap_or(u64::MAX - 1)
+            + 1
+    }
+
+    fn note(&self) {
+        let now = self.micros(Instant::now());
+        self.last
+            .fetch_max(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether Redis answered at or after `started`.
+    fn since(&self, started: Instant) -> bool {
+        self.last.load(std::sync::atomic::Ordering::Relaxed) >= self.micros(started)
+    }
+}
+
 /// A Redis operation given up because of this process's own load (`cause`:
 /// `noticed_late`, its timeout noticed late by busy workers; `pool_busy`,
 /// no pooled connection free in time): a miss for this call, nothing about
@@ -538,11 +575,17 @@ impl Inner {
             // Still queued for a pooled connection while every one is busy:
             // this process's own load, not Redis. (Without a connection but
             // not queued, it was connecting or checking one: Redis's turn.)
-            Err(_elapsed) if !connected && self.pool.saturated() => Err(Failure::Saturated),
+            // Only while Redis answers others: were it stuck, the pool
+            // would be full of commands waiting on it, and this wait its
+            // symptom, not this process's load.
+            Err(_elapsed) if !connected && self.pool.saturated() && self.answers.since(started) => {
+                Err(Failure::Saturated)
+            }
             Err(_elapsed) => Err(Failure::timed_out()),
         };
         match outcome {
             Ok(value) => {
+                self.answers.note();
                 self.breaker.success();
                 Some(value)
             }
@@ -595,6 +638,7 @@ impl Inner {
             Failure::Saturated => own_load(op, "pool_busy"),
             Failure::Command(error) => {
                 // Redis answered: it is up, whatever this request asked.
+                self.answers.note();
                 self.breaker.success();
                 tracing::warn!(
                     database_type = "redis",
@@ -861,5 +905,21 @@ impl Inner {
             "queued cache invalidations applied"
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wait_is_own_load_only_if_redis_answered_after_it_started() {
+        let answers = Answers::new();
+        let before = Instant::now();
+        assert!(!answers.since(before), "never answered");
+        answers.note();
+        assert!(answers.since(before), "answered after the wait started");
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(!answers.since(Instant::now()), "nothing since");
     }
 }

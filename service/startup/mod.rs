@@ -317,6 +317,15 @@ fn http2_limits(builder: Server, server: &ServerSettings) -> Server {
 /// health port when there is one. The health port serves until `server`
 /// has finished draining, so the probes see NOT_SERVING (readiness) and
 /// SERVING `liveness` throughout the shutdown instead of a closed port.
+/// The health port is the kubelet's, which opens a connection per probe
+/// and sends `Check`: a few connections, each closed once idle, so that
+/// nothing else reaching the pod can hold it open (it has no auth).
+const HEALTH_PORT_LIMITS: Limits = Limits {
+    max_connections: Some(64),
+    idle_timeout: Some(std::time::Duration::from_secs(60)),
+    tcp_keepalive: Some(std::time::Duration::from_secs(60)),
+};
+
 fn with_health_port(
     server: Served,
     health: Option<(TcpListener, HealthServer<impl Health>)>,
@@ -330,7 +339,7 @@ fn with_health_port(
         let probes = Server::builder()
             .add_service(health)
             .serve_with_incoming_shutdown(
-                connections::incoming(listener, Limits::default()),
+                connections::incoming(listener, HEALTH_PORT_LIMITS),
                 drained.clone().cancelled_owned(),
             );
         if let Ok(addr) = addr {
