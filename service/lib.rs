@@ -18,7 +18,8 @@
 //!
 //! Beside the layers: `startup` assembles the application (the one place
 //! that builds every layer), `config` and `telemetry` are read by all,
-//! `statements` counts each request's statements (N+1 detection), `outbox`
+//! `statements` counts each request's statements (N+1 detection), `pem`
+//! reads the certificate files of the TLS settings, `outbox`
 //! and `search_log` are background writers, and `cli`, `seed` and `generate`
 //! serve the command line. `main` only parses the command line.
 //!
@@ -40,6 +41,7 @@ pub mod metrics;
 mod middleware;
 pub mod model;
 mod outbox;
+mod pem;
 pub mod proto;
 mod retry;
 pub mod search_log;

@@ -236,7 +236,9 @@ async fn get(client: &HttpsClient, uri: &http::Uri) -> anyhow::Result<Vec<u8>> {
 fn https_client(ca_file: Option<&std::path::Path>) -> anyhow::Result<HttpsClient> {
     let roots = match ca_file {
         None => rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-        Some(path) => private_roots(path)
+        Some(path) => std::fs::read(path)
+            .context("cannot read it")
+            .and_then(|bundle| crate::pem::roots(&bundle))
             .with_context(|| format!("auth.jwt.jwks_ca_file {}", path.display()))?,
     };
     let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -252,22 +254,6 @@ fn https_client(ca_file: Option<&std::path::Path>) -> anyhow::Result<HttpsClient
         .enable_http1()
         .build();
     Ok(Client::builder(TokioExecutor::new()).build(connector))
-}
-
-fn private_roots(path: &std::path::Path) -> anyhow::Result<rustls::RootCertStore> {
-    use rustls::pki_types::{CertificateDer, pem::PemObject as _};
-    let pem = std::fs::read(path).context("cannot read it")?;
-    let mut roots = rustls::RootCertStore::empty();
-    for certificate in CertificateDer::pem_slice_iter(&pem) {
-        let certificate = certificate.map_err(|e| anyhow!("not PEM certificates ({e})"))?;
-        roots
-            .add(certificate)
-            .context("a certificate is not a usable CA")?;
-    }
-    if roots.is_empty() {
-        bail!("no certificate in the file");
-    }
-    Ok(roots)
 }
 
 #[cfg(test)]

@@ -38,9 +38,9 @@ use std::{
 
 use anyhow::{Context as _, anyhow};
 use rustls::{
-    CertificateError, RootCertStore, ServerConfig,
+    CertificateError, ServerConfig,
     crypto::CryptoProvider,
-    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
+    pki_types::{PrivateKeyDer, pem::PemObject as _},
     server::{WebPkiClientVerifier, danger::ClientCertVerifier},
 };
 use tokio::{
@@ -53,7 +53,10 @@ use tokio_stream::{Stream, StreamExt as _, wrappers::ReceiverStream};
 use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-use crate::config::{ClientAuth, TlsSettings};
+use crate::{
+    config::{ClientAuth, TlsSettings},
+    pem,
+};
 
 /// Connections whose handshake finished, waiting for the server to take them.
 const HANDSHAKEN_BACKLOG: usize = 64;
@@ -179,7 +182,7 @@ impl Files {
 /// the client CAs when `client_auth` asks for them.
 fn server_config(files: &Files, client_auth: ClientAuth) -> anyhow::Result<Arc<ServerConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let certs = certificates(&files.cert).context("server.tls.cert_file")?;
+    let certs = pem::certificates(&files.cert).context("server.tls.cert_file")?;
     let key = PrivateKeyDer::from_pem_slice(&files.key)
         .map_err(|e| anyhow!("server.tls.key_file: no private key in PEM form ({e})"))?;
     let builder = ServerConfig::builder_with_provider(provider.clone())
@@ -203,12 +206,7 @@ fn client_verifier(
     client_auth: ClientAuth,
     provider: Arc<CryptoProvider>,
 ) -> anyhow::Result<Arc<dyn ClientCertVerifier>> {
-    let mut roots = RootCertStore::empty();
-    for ca in certificates(bundle).context("server.tls.client_ca_file")? {
-        roots
-            .add(ca)
-            .context("server.tls.client_ca_file: a certificate is not a usable CA")?;
-    }
+    let roots = pem::roots(bundle).context("server.tls.client_ca_file")?;
     let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
     let builder = if client_auth == ClientAuth::Optional {
         builder.allow_unauthenticated()
@@ -218,16 +216,6 @@ fn client_verifier(
     builder
         .build()
         .context("server.tls.client_ca_file: cannot verify client certificates")
-}
-
-fn certificates(pem: &[u8]) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let certs = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| anyhow!("not PEM certificates ({e})"))?;
-    if certs.is_empty() {
-        anyhow::bail!("no certificate in the file");
-    }
-    Ok(certs)
 }
 
 /// The peer address a connection's info names, for the refusal log.
