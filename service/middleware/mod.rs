@@ -60,7 +60,9 @@ use std::{
     task::{Context, Poll},
 };
 
+use bytes::Bytes;
 use http::{Request, Response};
+use http_body::Frame;
 use tonic::{Status, body::Body};
 use tower::{Layer, Service};
 
@@ -143,6 +145,64 @@ impl<M: Middleware, S: Inner> Service<Request<Body>> for MiddlewareService<M, S>
             return Box::pin(self.inner.call(request));
         }
         self.middleware.handle(request, &mut self.inner)
+    }
+}
+
+/// What a response body holds until the body ends (or is dropped): a
+/// call's record, a connection's count of calls in flight. It sees each
+/// frame on the way.
+pub trait HeldUntilEnd: Send + Unpin + 'static {
+    /// A frame of the body, or its error, before it is passed on.
+    fn frame(&mut self, _frame: &Result<Frame<Bytes>, Status>) {}
+}
+
+/// A response body that passes `inner` through and drops what it `held`
+/// when the body ends or is dropped.
+pub struct HeldBody<H> {
+    inner: Body,
+    held: Option<H>,
+}
+
+impl<H: HeldUntilEnd> HeldBody<H> {
+    /// `response` with its body holding `held`.
+    pub fn wrap(response: Response<Body>, held: H) -> Response<Body> {
+        response.map(|inner| {
+            Body::new(Self {
+                inner,
+                held: Some(held),
+            })
+        })
+    }
+}
+
+impl<H: HeldUntilEnd> http_body::Body for HeldBody<H> {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(frame)) => {
+                if let Some(held) = this.held.as_mut() {
+                    held.frame(frame);
+                }
+            }
+            Poll::Ready(None) => this.held = None,
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -12,12 +12,7 @@
 //!
 //! Health and reflection calls pass through it too (counted, logged at debug).
 
-use std::{
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
-    time::Instant,
-};
+use std::{sync::Arc, time::Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request};
@@ -26,7 +21,7 @@ use tonic::{Code, Status, body::Body};
 use tracing::{Instrument as _, Span, field::Empty};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
-use super::{CallFuture, Inner, Middleware, is_infrastructure};
+use super::{CallFuture, HeldBody, HeldUntilEnd, Inner, Middleware, is_infrastructure};
 use crate::{
     statements::{self, RequestLog},
     telemetry::HeaderExtractor,
@@ -114,12 +109,7 @@ impl Middleware for Rpc {
                 // A trailers-only response (an error) has its status in the
                 // headers; otherwise it comes in the trailers.
                 call.code = grpc_status(response.headers());
-                Ok(response.map(|inner| {
-                    Body::new(ObservedBody {
-                        inner,
-                        call: Some(call),
-                    })
-                }))
+                Ok(HeldBody::wrap(response, call))
             }
             .instrument(span),
         )
@@ -247,51 +237,18 @@ fn code_name(code: Code) -> &'static str {
     }
 }
 
-pin_project_lite::pin_project! {
-    /// Passes the response body through and reads the final status from the
-    /// trailers.
-    struct ObservedBody {
-        #[pin]
-        inner: Body,
-        call: Option<CallRecord>,
-    }
-}
-
-impl http_body::Body for ObservedBody {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(trailers), Some(call)) = (frame.trailers_ref(), this.call.as_mut())
-                    && let Some(code) = grpc_status(trailers)
-                {
-                    call.code = Some(code);
+/// The response body holds the call's record, reading the final status from
+/// the trailers (or the error), and finishes it when the body ends.
+impl HeldUntilEnd for CallRecord {
+    fn frame(&mut self, frame: &Result<Frame<Bytes>, Status>) {
+        match frame {
+            Ok(frame) => {
+                if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
+                    self.code = Some(code);
                 }
             }
-            Poll::Ready(Some(Err(status))) => {
-                if let Some(call) = this.call.as_mut() {
-                    call.code = Some(status.code());
-                }
-            }
-            Poll::Ready(None) => drop(this.call.take()),
-            Poll::Pending => {}
+            Err(status) => self.code = Some(status.code()),
         }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }
 

@@ -51,9 +51,7 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
 use http::{Extensions, Request};
-use http_body::Frame;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
@@ -61,7 +59,6 @@ use tokio::{
 };
 use tokio_stream::{Stream, StreamExt as _, wrappers::TcpListenerStream};
 use tonic::{
-    Status,
     body::Body,
     transport::server::{Connected, TcpConnectInfo, TlsConnectInfo},
 };
@@ -69,7 +66,7 @@ use tonic::{
 use crate::{
     config::ServerSettings,
     error::reason,
-    middleware::{CallFuture, Inner, Middleware},
+    middleware::{CallFuture, HeldBody, HeldUntilEnd, Inner, Middleware},
 };
 
 /// The longest run of refused connections logged as one line.
@@ -488,47 +485,12 @@ impl Middleware for CallsInFlight {
             return Box::pin(inner.call(request));
         };
         let response = inner.call(request);
-        Box::pin(async move {
-            let response = response.await?;
-            Ok(response.map(|body| {
-                Body::new(GuardedBody {
-                    inner: body,
-                    guard: Some(guard),
-                })
-            }))
-        })
+        Box::pin(async move { Ok(HeldBody::wrap(response.await?, guard)) })
     }
 }
 
-/// A response body that holds its call's [`CallGuard`] until it ends.
-struct GuardedBody {
-    inner: Body,
-    guard: Option<CallGuard>,
-}
-
-impl http_body::Body for GuardedBody {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(None) = polled {
-            self.guard = None;
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
+/// A call is in flight until its response body ends or is dropped.
+impl HeldUntilEnd for CallGuard {}
 
 #[cfg(test)]
 mod tests {
