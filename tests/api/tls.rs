@@ -212,6 +212,20 @@ async fn spawn_tls(
     .await
 }
 
+/// The app with mTLS required and `CHECKOUT` a writer, serving `ca`'s
+/// server certificate from a mount that lives as long as the app's binding.
+async fn checkout_app(ca: &Ca) -> (SecretMount, TestApp) {
+    let mount = SecretMount::new(&ca.server(), ca);
+    let app = spawn_tls(
+        &mount,
+        ClientAuth::Required,
+        &[(CHECKOUT, &["writer"])],
+        |_| {},
+    )
+    .await;
+    (mount, app)
+}
+
 /// A tonic channel over TLS, trusting `ca`, with a client certificate if
 /// given.
 async fn tls_channel(
@@ -379,14 +393,7 @@ async fn a_tls_client_completes_a_call_authenticated_by_its_token() {
 #[api_test]
 async fn with_mtls_required_a_call_without_token_is_the_certificates_spiffe_identity() {
     let ca = Ca::new("datagate test CA");
-    let mount = SecretMount::new(&ca.server(), &ca);
-    let app = spawn_tls(
-        &mount,
-        ClientAuth::Required,
-        &[(CHECKOUT, &["writer"])],
-        |_| {},
-    )
-    .await;
+    let (_mount, app) = checkout_app(&ca).await;
 
     let channel = tls_channel(&app, &ca, Some(&ca.client(CHECKOUT)))
         .await
@@ -405,14 +412,7 @@ async fn an_authorization_header_that_is_not_a_bearer_token_is_refused_not_the_c
     // A gateway with a writer's certificate forwards a user's header: the
     // call must not run as the gateway.
     let ca = Ca::new("datagate test CA");
-    let mount = SecretMount::new(&ca.server(), &ca);
-    let app = spawn_tls(
-        &mount,
-        ClientAuth::Required,
-        &[(CHECKOUT, &["writer"])],
-        |_| {},
-    )
-    .await;
+    let (_mount, app) = checkout_app(&ca).await;
     let channel = tls_channel(&app, &ca, Some(&ca.client(CHECKOUT)))
         .await
         .unwrap();
@@ -545,14 +545,7 @@ async fn with_mtls_required_a_client_without_a_certificate_is_refused_at_the_han
 async fn a_client_certificate_from_another_ca_is_refused_at_the_handshake() {
     let ca = Ca::new("datagate test CA");
     let other = Ca::new("someone else's CA");
-    let mount = SecretMount::new(&ca.server(), &ca);
-    let app = spawn_tls(
-        &mount,
-        ClientAuth::Required,
-        &[(CHECKOUT, &["writer"])],
-        |_| {},
-    )
-    .await;
+    let (_mount, app) = checkout_app(&ca).await;
 
     assert_refused(
         &app,
@@ -567,14 +560,7 @@ async fn a_client_certificate_from_another_ca_is_refused_at_the_handshake() {
 #[api_test]
 async fn an_expired_client_certificate_is_refused_at_the_handshake() {
     let ca = Ca::new("datagate test CA");
-    let mount = SecretMount::new(&ca.server(), &ca);
-    let app = spawn_tls(
-        &mount,
-        ClientAuth::Required,
-        &[(CHECKOUT, &["writer"])],
-        |_| {},
-    )
-    .await;
+    let (_mount, app) = checkout_app(&ca).await;
 
     assert_refused(
         &app,
