@@ -58,23 +58,36 @@ async fn spawn_on_tls(customize: impl FnOnce(&mut RedisTls)) -> (TestApp, RedisT
 #[api_test]
 async fn over_tls_with_an_acl_user_a_second_read_is_a_cache_hit() {
     let (app, tls) = spawn_on_tls(|_| {}).await;
-    let (email, username) = unique("tls");
+    assert_a_second_read_is_a_hit(&app, "tls", async |key| tls.get(&key).await).await;
+}
+
+/// A user read twice through `app`: the miss fills the TLS Redis
+/// (`stored` reads the key there) and the second read is a hit (a change
+/// made behind the cache is not seen). The key read.
+async fn assert_a_second_read_is_a_hit(
+    app: &TestApp,
+    tag: &str,
+    stored: impl AsyncFnOnce(String) -> Option<Vec<u8>>,
+) -> String {
+    let (email, username) = unique(tag);
     let user = app.create_user(&email, &username).await;
 
-    assert_eq!(get_user(&app, user.id).await, user);
-    let stored = tls.get(&app.cache_key("user", user.id)).await;
+    assert_eq!(get_user(app, user.id).await, user);
+    let key = app.cache_key("user", user.id);
+    let value = stored(key.clone()).await;
     assert_eq!(
-        stored.as_deref().and_then(|v| v.first()),
+        value.as_deref().and_then(|v| v.first()),
         Some(&b'V'),
         "the miss filled the TLS Redis"
     );
-    rename_behind_the_cache(&app, user.id).await;
+    rename_behind_the_cache(app, user.id).await;
 
     assert_eq!(
-        get_user(&app, user.id).await.display_name,
+        get_user(app, user.id).await.display_name,
         user.display_name,
         "the second read is a hit"
     );
+    key
 }
 
 #[api_test]
@@ -90,25 +103,10 @@ async fn over_tls_a_cluster_asking_for_a_client_certificate_caches_reads() {
         s.redis.password = tls.password.clone().into();
     })
     .await;
-    let (email, username) = unique("tlscluster");
-    let user = app.create_user(&email, &username).await;
-
-    assert_eq!(get_user(&app, user.id).await, user);
-    let key = app.cache_key("user", user.id);
+    let key =
+        assert_a_second_read_is_a_hit(&app, "tlscluster", async |key| tls.cluster_get(&key).await)
+            .await;
     assert!(key.contains('{'), "a hash-tagged cluster key: {key}");
-    let stored = tls.cluster_get(&key).await;
-    assert_eq!(
-        stored.as_deref().and_then(|v| v.first()),
-        Some(&b'V'),
-        "the miss filled the TLS cluster"
-    );
-    rename_behind_the_cache(&app, user.id).await;
-
-    assert_eq!(
-        get_user(&app, user.id).await.display_name,
-        user.display_name,
-        "the second read is a hit"
-    );
 }
 
 /// The least-privileged ACL user the README documents, on this test's
