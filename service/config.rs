@@ -224,8 +224,9 @@ pub struct ServerSettings {
     #[serde(with = "humantime_serde")]
     pub tcp_keepalive: Duration,
     /// A plaintext port serving only `grpc.health.v1.Health`, for the
-    /// kubelet's gRPC probes, which cannot speak TLS; zero: none.
-    pub health_port: u16,
+    /// kubelet's gRPC probes, which cannot speak TLS; unset: none; zero: any
+    /// free port (as for `port`).
+    pub health_port: Option<u16>,
     pub tls: TlsSettings,
 }
 
@@ -780,16 +781,13 @@ impl ServerSettings {
 
     /// The plaintext health port's address, if there is one.
     pub fn health_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
-        if self.health_port == 0 {
-            return Ok(None);
-        }
-        socket_addr(&self.host, self.health_port)
-            .context("invalid configuration: server.host")
-            .map(Some)
+        self.health_port
+            .map(|port| socket_addr(&self.host, port).context("invalid configuration: server.host"))
+            .transpose()
     }
 
     fn validate_tls(&self) -> anyhow::Result<()> {
-        if self.health_port != 0 && self.health_port == self.port {
+        if self.port != 0 && self.health_port == Some(self.port) {
             bail!("invalid configuration: server.health_port must differ from server.port");
         }
         let tls = &self.tls;
@@ -944,6 +942,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("server.health_port"), "{error}");
+        // Unset: no health port; 0: any free one, as for the gRPC port.
+        assert_eq!(load(&[]).unwrap().server.health_port, None);
+        let ephemeral = load(&[("server.port", "0"), ("server.health_port", "0")]).unwrap();
+        assert_eq!(ephemeral.server.health_port, Some(0));
     }
 
     #[test]

@@ -174,16 +174,6 @@ impl Drop for SecretMount {
 
 // --- The app -----------------------------------------------------------------
 
-/// A port nothing listens on now (the health port must be a fixed number:
-/// 0 turns it off).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The app with TLS from `mount`, `client_auth`, the peers `(identity,
 /// roles)` and the plaintext health port.
 async fn spawn_tls(
@@ -199,7 +189,7 @@ async fn spawn_tls(
         tls.key_file = mount.file("tls.key");
         tls.client_ca_file = mount.file("ca.crt");
         tls.client_auth = client_auth;
-        settings.server.health_port = free_port();
+        settings.server.health_port = Some(0);
         settings.auth.peers = peers
             .iter()
             .map(|(identity, roles)| PeerEntry {
