@@ -1,14 +1,38 @@
 //! Logs and traces: one `tracing` subscriber with a JSON or human-readable
 //! formatter, an env-filter, and an OpenTelemetry layer exporting spans over
 //! OTLP/gRPC when an endpoint is configured.
+//!
+//! The log and the export have a filter each (`telemetry.log_filter`,
+//! `telemetry.trace_filter`), so spans below the log level (the loader
+//! batches, DEBUG) are still exported.
+//!
+//! **Database spans.** Every SQL statement, Redis command (or pipeline,
+//! script) and MongoDB operation is a client span ([`DbSpan`]) with the
+//! OpenTelemetry semantic conventions (`db.system.name`, and the older
+//! `db.system`; `db.operation.name`, `db.collection.name`, `db.query.text`
+//! sanitized, `server.address`, `server.port`), a child of the span that
+//! runs it (a loader batch, a domain operation). They are made on the
+//! OpenTelemetry tracer directly, not as `tracing` spans: one that would
+//! not be exported (no exporter configured, or the trace not sampled) costs
+//! a check of the current context and nothing else, no span in the
+//! registry, no attribute built.
+
+use std::{
+    sync::{Arc, OnceLock},
+    time::{Duration, SystemTime},
+};
 
 use anyhow::Context as _;
-use opentelemetry::{propagation::Extractor, trace::TracerProvider as _};
+use opentelemetry::{
+    KeyValue,
+    propagation::Extractor,
+    trace::{Span as _, SpanKind, Status, TraceContextExt as _, Tracer as _, TracerProvider as _},
+};
 use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::{
     Resource,
     propagation::TraceContextPropagator,
-    trace::{Sampler, SdkTracerProvider},
+    trace::{Sampler, SdkTracer, SdkTracerProvider},
 };
 use tracing_subscriber::{
     EnvFilter, Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _,
@@ -38,10 +62,10 @@ impl TelemetryGuard {
 /// Installs the global subscriber. Call once, before anything logs.
 pub fn init(settings: &TelemetrySettings) -> anyhow::Result<TelemetryGuard> {
     // Filters are per layer: the statement layer needs sqlx's DEBUG events
-    // whatever the log filter lets through.
-    let filter = || {
-        EnvFilter::try_new(&settings.log_filter)
-            .with_context(|| format!("invalid telemetry.log_filter {:?}", settings.log_filter))
+    // whatever the log filter lets through, and the export has its own.
+    let filter = |key: &str, directives: &str| {
+        EnvFilter::try_new(directives)
+            .with_context(|| format!("invalid telemetry.{key} {directives:?}"))
     };
     let fmt = match settings.log_format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
@@ -52,7 +76,7 @@ pub fn init(settings: &TelemetrySettings) -> anyhow::Result<TelemetryGuard> {
             .boxed(),
         LogFormat::Pretty => tracing_subscriber::fmt::layer().boxed(),
     }
-    .with_filter(filter()?);
+    .with_filter(filter("log_filter", &settings.log_filter)?);
 
     let (otel, provider) = if settings.otlp_endpoint.trim().is_empty() {
         (None, None)
@@ -74,12 +98,15 @@ pub fn init(settings: &TelemetrySettings) -> anyhow::Result<TelemetryGuard> {
             )
             .build();
         let tracer = provider.tracer("datagate");
+        let trace_filter = filter("trace_filter", &settings.trace_filter)?;
+        // The first tracer installed wins (one per process).
+        let _ = TRACER.set(tracer.clone());
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
         (
             Some(
                 tracing_opentelemetry::layer()
                     .with_tracer(tracer)
-                    .with_filter(filter()?),
+                    .with_filter(trace_filter),
             ),
             Some(provider),
         )
@@ -104,5 +131,204 @@ impl Extractor for HeaderExtractor<'_> {
 
     fn keys(&self) -> Vec<&str> {
         self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+/// The tracer of the database spans, once `init` has built an exporter.
+static TRACER: OnceLock<SdkTracer> = OnceLock::new();
+
+/// The database systems, as `db.system.name` names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DbSystem {
+    Postgres,
+    Redis,
+    MongoDb,
+}
+
+impl DbSystem {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Postgres => "postgresql",
+            Self::Redis => "redis",
+            Self::MongoDb => "mongodb",
+        }
+    }
+
+    fn default_port(self) -> u16 {
+        match self {
+            Self::Postgres => 5432,
+            Self::Redis => 6379,
+            Self::MongoDb => 27017,
+        }
+    }
+}
+
+/// The server a client talks to (`server.address`, `server.port`), read
+/// once from its URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub system: DbSystem,
+    pub address: Arc<str>,
+    pub port: u16,
+}
+
+impl Peer {
+    /// The first host of `url` (`scheme://[user[:password]@]host[:port][,host…][/…]`,
+    /// IPv6 in brackets), with the system's default port when it names
+    /// none. `None` for a URL without a host (a Unix socket).
+    pub fn from_url(system: DbSystem, url: &str) -> Option<Self> {
+        let rest = url.trim().split_once("://").map_or(url, |(_, rest)| rest);
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        let hosts = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        let first = hosts.split(',').next().unwrap_or_default();
+        let (host, port) = match first.strip_prefix('[') {
+            Some(v6) => {
+                let (host, after) = v6.split_once(']')?;
+                (host, after.strip_prefix(':'))
+            }
+            None => match first.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (first, None),
+            },
+        };
+        if host.is_empty() {
+            return None;
+        }
+        let port = match port {
+            Some(port) => port.parse().ok()?,
+            None => system.default_port(),
+        };
+        Some(Self {
+            system,
+            address: host.into(),
+            port,
+        })
+    }
+}
+
+/// What a database span says about its operation, built only for a span
+/// that is exported.
+pub struct DbOperation {
+    /// `db.operation.name`: the SQL keyword, the Redis command, the MongoDB
+    /// operation.
+    pub operation: &'static str,
+    /// `db.collection.name`: the table or collection, when known.
+    pub collection: Option<Arc<str>>,
+    /// `db.query.text`: normalized, never a parameter value.
+    pub query: Option<Arc<str>>,
+}
+
+/// One database client span, or nothing when it would not be exported (see
+/// the module doc). Ends when dropped.
+pub struct DbSpan(Option<opentelemetry_sdk::trace::Span>);
+
+impl DbSpan {
+    /// Starts a span now (or `started_ago`, for an operation that has
+    /// already run), as a child of the current span, if a trace is being
+    /// exported and the current one is sampled. `describe` runs only then.
+    pub fn start(
+        peer: Option<&Peer>,
+        started_ago: Option<Duration>,
+        describe: impl FnOnce() -> DbOperation,
+    ) -> Self {
+        let Some(tracer) = TRACER.get() else {
+            return Self(None);
+        };
+        let span = opentelemetry::Context::map_current(|cx| {
+            if !cx.span().span_context().is_sampled() {
+                return None;
+            }
+            let op = describe();
+            let mut attributes = Vec::with_capacity(8);
+            let name = match &op.collection {
+                Some(collection) => format!("{} {collection}", op.operation),
+                None => op.operation.to_owned(),
+            };
+            if let Some(peer) = peer {
+                attributes.push(KeyValue::new("db.system.name", peer.system.as_str()));
+                attributes.push(KeyValue::new("db.system", peer.system.as_str()));
+                attributes.push(KeyValue::new("server.address", peer.address.clone()));
+                attributes.push(KeyValue::new("server.port", i64::from(peer.port)));
+            }
+            attributes.push(KeyValue::new("db.operation.name", op.operation));
+            if let Some(collection) = op.collection {
+                attributes.push(KeyValue::new("db.collection.name", collection));
+            }
+            if let Some(query) = op.query {
+                attributes.push(KeyValue::new("db.query.text", query));
+            }
+            let mut builder = tracer
+                .span_builder(name)
+                .with_kind(SpanKind::Client)
+                .with_attributes(attributes);
+            if let Some(ago) = started_ago {
+                let now = SystemTime::now();
+                builder = builder.with_start_time(now.checked_sub(ago).unwrap_or(now));
+            }
+            Some(builder.start_with_context(tracer, cx))
+        });
+        Self(span)
+    }
+
+    /// Marks the operation failed (`error.type`, status ERROR).
+    pub fn fail(&mut self, error_type: &'static str) {
+        if let Some(span) = &mut self.0 {
+            span.set_attribute(KeyValue::new("error.type", error_type));
+            span.set_status(Status::error(error_type));
+        }
+    }
+}
+
+impl Drop for DbSpan {
+    fn drop(&mut self) {
+        if let Some(mut span) = self.0.take() {
+            span.end();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(system: DbSystem, address: &str, port: u16) -> Option<Peer> {
+        Some(Peer {
+            system,
+            address: address.into(),
+            port,
+        })
+    }
+
+    #[test]
+    fn a_peer_is_the_first_host_of_the_url_without_its_credentials() {
+        use DbSystem::*;
+        assert_eq!(
+            Peer::from_url(
+                Postgres,
+                "postgres://u:p@db.internal:6432/app?sslmode=require"
+            ),
+            peer(Postgres, "db.internal", 6432)
+        );
+        assert_eq!(
+            Peer::from_url(Postgres, "postgres://u@db/app"),
+            peer(Postgres, "db", 5432),
+            "the default port"
+        );
+        assert_eq!(
+            Peer::from_url(Redis, "rediss://user:pw@[::1]:6380/0"),
+            peer(Redis, "::1", 6380)
+        );
+        assert_eq!(
+            Peer::from_url(MongoDb, "mongodb://a:27018,b:27019/?replicaSet=rs"),
+            peer(MongoDb, "a", 27018)
+        );
+        assert_eq!(Peer::from_url(Postgres, "postgres:///app"), None);
+        assert_eq!(Peer::from_url(Redis, "redis://h:notaport"), None);
+    }
+
+    #[test]
+    fn without_an_exporter_a_db_span_is_nothing_and_describes_nothing() {
+        let span = DbSpan::start(None, None, || unreachable!("not described"));
+        assert!(span.0.is_none());
     }
 }

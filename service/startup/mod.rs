@@ -96,6 +96,9 @@ impl Application {
             .transpose()?;
         let db =
             store::postgres::pool_for_calls(&settings.database, settings.server.request_timeout)?;
+        crate::statements::set_postgres_server(secrecy::ExposeSecret::expose_secret(
+            &settings.database.url,
+        ));
         let reads = Reads::new(&settings.database, &db)?;
         let cache = Cache::new(&settings.redis)?;
         let mongo = Mongo::connect(&settings.mongodb).await?;
