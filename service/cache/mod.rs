@@ -78,6 +78,7 @@ use crate::{
     error::{Error, Result},
     model::deadline::{Deadline, wait_bound},
     statements,
+    telemetry::{DbOperation, DbSpan, DbSystem, Peer},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -150,6 +151,8 @@ struct Inner {
     pending: Queue,
     counters: HashMap<&'static str, Counters>,
     scripts: Scripts,
+    /// The server the command spans name (a cluster's first seed).
+    peer: Option<Peer>,
 }
 
 impl Cache {
@@ -183,6 +186,7 @@ impl Cache {
                     .map(|name| (*name, Counters::default()))
                     .collect(),
                 scripts: Scripts::new(),
+                peer: Peer::from_url(DbSystem::Redis, url),
             })),
         })
     }
@@ -372,7 +376,7 @@ impl Cache {
             .forget_prefix(&inner.keys.query_prefix(family));
         let generation_key = inner.keys.family_generation(family);
         let bumped = inner
-            .guarded("invalidate", async |conn| {
+            .guarded_as("invalidate", "INCR", async |conn| {
                 redis::cmd("INCR")
                     .arg(&generation_key)
                     .query_async::<u64>(conn)
@@ -484,6 +488,18 @@ impl Answers {
     }
 }
 
+/// The Redis command behind each operation label of [`Inner::guarded`]
+/// (`EVALSHA`: a script, pipelined over many keys).
+fn command_of(op: &'static str) -> &'static str {
+    match op {
+        "mget" | "poll" => "MGET",
+        "lock" => "SET",
+        "fill" | "invalidate" | "unlock" => "EVALSHA",
+        "ping" => "PING",
+        other => other,
+    }
+}
+
 /// A Redis operation given up because of this process's own load (`cause`:
 /// `noticed_late`, its timeout noticed late by busy workers; `pool_busy`,
 /// no pooled connection free in time): a miss for this call, nothing about
@@ -534,9 +550,21 @@ impl Inner {
 
     /// Runs one Redis operation under the breaker and the command timeout,
     /// after replaying queued invalidations. `None` when Redis is not usable.
-    async fn guarded<T>(
+    fn guarded<T>(
         &self,
         op: &'static str,
+        run: impl AsyncFnOnce(&mut Conn) -> redis::RedisResult<T>,
+    ) -> impl Future<Output = Option<T>> {
+        self.guarded_as(op, command_of(op), run)
+    }
+
+    /// [`guarded`](Self::guarded), its span naming `command` (the Redis
+    /// command, or `EVALSHA` for a script, run in a pipeline when it has
+    /// many keys).
+    async fn guarded_as<T>(
+        &self,
+        op: &'static str,
+        command: &'static str,
         run: impl AsyncFnOnce(&mut Conn) -> redis::RedisResult<T>,
     ) -> Option<T> {
         let (timeout, by_deadline) = wait_bound(
@@ -554,6 +582,11 @@ impl Inner {
         let started = Instant::now();
         let due = tokio::time::Instant::now() + timeout;
         let mut connected = false;
+        let mut span = DbSpan::start(self.peer.as_ref(), None, || DbOperation {
+            operation: command,
+            collection: None,
+            query: None,
+        });
         let outcome = match tokio::time::timeout(timeout, async {
             let mut conn = self.pool.get().await?;
             connected = true;
@@ -564,6 +597,7 @@ impl Inner {
         {
             Ok(outcome) => outcome,
             Err(_elapsed) if by_deadline => {
+                span.fail("deadline_exceeded");
                 metrics::counter!("cache_deadline_cutoffs_total", "op" => op).increment(1);
                 tracing::debug!(
                     database_type = "redis",
@@ -583,6 +617,10 @@ impl Inner {
             }
             Err(_elapsed) => Err(Failure::timed_out()),
         };
+        if outcome.is_err() {
+            span.fail("redis_error");
+        }
+        drop(span);
         match outcome {
             Ok(value) => {
                 self.answers.note();

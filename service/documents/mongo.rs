@@ -49,7 +49,6 @@ use mongodb::{
 };
 use secrecy::ExposeSecret as _;
 use serde::{Serialize, de::DeserializeOwned};
-use tracing::Instrument as _;
 
 use crate::{
     config::MongoSettings,
@@ -58,6 +57,7 @@ use crate::{
         availability::{Admit, FIRST_BACKOFF, Gate, TRIAL_WAIT},
         deadline::{Deadline, wait_bound},
     },
+    telemetry::{DbOperation, DbSpan, DbSystem, Peer},
 };
 
 /// Taken off the call's remaining time for `maxTimeMS`, so the server's
@@ -103,6 +103,8 @@ pub struct Mongo {
     timeout: std::time::Duration,
     /// Whether MongoDB answers: operations fail fast while it does not.
     gate: Arc<Gate>,
+    /// The server the operation spans name (the URL's first host).
+    peer: Option<Arc<Peer>>,
 }
 
 impl Mongo {
@@ -124,6 +126,7 @@ impl Mongo {
             db: client.database(&settings.database),
             timeout: settings.operation_timeout,
             gate,
+            peer: Peer::from_url(DbSystem::MongoDb, url).map(Arc::new),
         }))
     }
 
@@ -171,19 +174,21 @@ impl Mongo {
             Admit::Trial => self.trial().await?,
             Admit::Refuse(retry_after) => return Err(self.gate.refused(retry_after)),
         }
-        let span = tracing::debug_span!(
-            "mongodb",
-            otel.name = format!("{operation} {collection}"),
-            db.system = "mongodb",
-            db.operation = operation,
-            db.collection = collection,
-        );
+        let mut span = DbSpan::start(self.peer.as_deref(), None, || DbOperation {
+            operation,
+            collection: Some(collection.into()),
+            query: None,
+        });
         let (timeout, by_deadline) =
             wait_bound(self.timeout, Deadline::current().map(Deadline::remaining));
         let started = Instant::now();
-        let result = tokio::time::timeout(timeout, op.into_future())
-            .instrument(span)
-            .await;
+        let result = tokio::time::timeout(timeout, op.into_future()).await;
+        match &result {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => span.fail("mongodb_error"),
+            Err(_) => span.fail("timeout"),
+        }
+        drop(span);
         metrics::histogram!(
             "query_latency_seconds",
             "database_type" => "mongodb",
