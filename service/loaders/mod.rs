@@ -32,6 +32,7 @@ use std::{collections::HashMap, hash::Hash, sync::Arc};
 use dataloader::{BatchFn, cached::Loader};
 use serde::{Serialize, de::DeserializeOwned};
 use sqlx::{PgConnection, PgPool};
+use tracing::Instrument as _;
 
 pub use orders::Loaders;
 pub use products::{ProductsById, cached_products};
@@ -58,7 +59,41 @@ where
     V: Clone,
     F: BatchFn<K, Shared<V>>,
 {
-    inner: Loader<K, Shared<V>, F>,
+    inner: Loader<K, Shared<V>, Traced<F>>,
+}
+
+/// A batch function whose every batch runs in a `loader.batch` span (DEBUG:
+/// exported under the trace filter, not logged at INFO), named after the
+/// batch function's type, so the statements and Redis commands of a batch
+/// are its children.
+pub struct Traced<F> {
+    name: &'static str,
+    batch: F,
+}
+
+impl<F> Traced<F> {
+    fn new(batch: F) -> Self {
+        let path = std::any::type_name::<F>();
+        Self {
+            name: path.rsplit("::").next().unwrap_or(path),
+            batch,
+        }
+    }
+}
+
+impl<K, V, F> BatchFn<K, V> for Traced<F>
+where
+    F: BatchFn<K, V>,
+{
+    fn load(&mut self, keys: &[K]) -> impl Future<Output = HashMap<K, V>> {
+        let span = tracing::debug_span!(
+            "loader.batch",
+            otel.name = self.name,
+            loader = self.name,
+            batch_size = keys.len(),
+        );
+        self.batch.load(keys).instrument(span)
+    }
 }
 
 impl<K, V, F> BatchLoader<K, V, F>
@@ -69,7 +104,7 @@ where
 {
     pub fn new(batch: F) -> Self {
         Self {
-            inner: Loader::new(batch).with_max_batch_size(MAX_BATCH),
+            inner: Loader::new(Traced::new(batch)).with_max_batch_size(MAX_BATCH),
         }
     }
 

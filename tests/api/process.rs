@@ -478,6 +478,193 @@ async fn the_rpc_span_is_a_child_of_the_callers_traceparent() {
     assert_ne!(hex::encode(&rpc.span_id), caller_span_id);
 }
 
+/// The attribute `key` of `span` as text ("" when absent).
+fn span_attribute(span: &opentelemetry_proto::tonic::trace::v1::Span, key: &str) -> String {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    span.attributes
+        .iter()
+        .find(|a| a.key == key)
+        .and_then(|a| a.value.as_ref()?.value.as_ref())
+        .map(|v| match v {
+            Value::StringValue(s) => s.clone(),
+            Value::IntValue(i) => i.to_string(),
+            other => format!("{other:?}"),
+        })
+        .unwrap_or_default()
+}
+
+#[api_test]
+async fn a_list_users_with_orders_trace_has_its_loader_batches_and_their_statements_and_redis_commands()
+ {
+    let database = TestDatabase::create().await;
+    let db = PgPool::connect(&database.url).await.unwrap();
+    // 3 users with 2 orders of 2 items each, over 4 products.
+    for sql in [
+        "INSERT INTO users (email, username) \
+         SELECT 'u' || g || '@example.com', 'user' || g FROM generate_series(1, 3) g",
+        "INSERT INTO products (sku, title, category, price) \
+         SELECT 'P' || g, 'Product ' || g, 'tools', 10 FROM generate_series(1, 4) g",
+        "INSERT INTO inventory (product_id, quantity) SELECT id, 1000 FROM products",
+        "INSERT INTO orders (user_id, total) SELECT u.id, 20 FROM users u, generate_series(1, 2)",
+        "INSERT INTO order_items (order_id, product_id, quantity, unit_price) \
+         SELECT o.id, 1 + (o.id + k) % 4, 1, 10 FROM orders o, generate_series(0, 1) k",
+    ] {
+        sqlx::query(sql).execute(&db).await.unwrap();
+    }
+    let (collector, mut spans) = collector::start().await;
+    let (token, entry) =
+        auth::new_token("traced-caller", &[auth::Role::Reader.as_str().to_owned()]).unwrap();
+    let port = free_port();
+    let mut child = serve(&database.url, &entry, port)
+        .env(
+            "DATAGATE__TELEMETRY__OTLP_ENDPOINT",
+            format!("http://{collector}"),
+        )
+        .env("DATAGATE__REDIS__URL", redis_url())
+        .env(
+            "DATAGATE__REDIS__KEY_PREFIX",
+            format!("dgtest-{}", uuid::Uuid::new_v4().simple()),
+        )
+        // Production's log level: the DEBUG spans are exported all the same.
+        .env("DATAGATE__TELEMETRY__LOG_FILTER", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    let mut orders =
+        datagate::proto::v1::order_service_client::OrderServiceClient::with_interceptor(
+            connect(port).await,
+            Bearer(Some(token.into())),
+        );
+    let listed = orders
+        .list_users_with_orders(pb::ListUsersWithOrdersRequest {
+            page_size: 3,
+            page_token: String::new(),
+            orders_per_user: 5,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.users.len(), 3);
+
+    let exported = stop_and_collect_spans(&mut child, &mut spans).await;
+    let rpc = exported
+        .iter()
+        .find(|s| s.name == "datagate.v1.OrderService/ListUsersWithOrders")
+        .unwrap_or_else(|| {
+            let names: Vec<&str> = exported.iter().map(|s| s.name.as_str()).collect();
+            panic!("no ListUsersWithOrders server span among {names:?}")
+        });
+    let trace: Vec<_> = exported
+        .iter()
+        .filter(|s| s.trace_id == rpc.trace_id)
+        .collect();
+    let parent_of = |span: &opentelemetry_proto::tonic::trace::v1::Span| {
+        trace
+            .iter()
+            .find(|p| p.span_id == span.parent_span_id)
+            .copied()
+    };
+    let descends_from_rpc = |span: &opentelemetry_proto::tonic::trace::v1::Span| {
+        let mut at = parent_of(span);
+        while let Some(p) = at {
+            if p.span_id == rpc.span_id {
+                return true;
+            }
+            at = parent_of(p);
+        }
+        false
+    };
+    let names: Vec<&str> = trace.iter().map(|s| s.name.as_str()).collect();
+    let batch = |loader: &str| {
+        *trace
+            .iter()
+            .find(|s| s.name == loader)
+            .unwrap_or_else(|| panic!("no {loader} batch span in {names:?}"))
+    };
+    let children = |parent: &opentelemetry_proto::tonic::trace::v1::Span| -> Vec<_> {
+        trace
+            .iter()
+            .filter(|s| s.parent_span_id == parent.span_id)
+            .copied()
+            .collect()
+    };
+    let client_kind = opentelemetry_proto::tonic::trace::v1::span::SpanKind::Client as i32;
+    let db_host = database
+        .url
+        .split_once('@')
+        .map_or(database.url.as_str(), |(_, h)| h)
+        .split(['/', ':'])
+        .next()
+        .unwrap()
+        .trim_start_matches("postgres://")
+        .to_owned();
+
+    // One batch per level, each below the call's span.
+    for loader in ["RecentOrdersByUser", "ItemsByOrder", "ProductsById"] {
+        let span = batch(loader);
+        assert!(
+            descends_from_rpc(span),
+            "{loader} is not below the RPC span"
+        );
+        assert_eq!(span_attribute(span, "loader"), loader);
+    }
+    // Each batch's SELECT is its child, with the semantic conventions.
+    for (loader, table) in [
+        ("RecentOrdersByUser", "orders"),
+        ("ItemsByOrder", "order_items"),
+        ("ProductsById", "products"),
+    ] {
+        let selects: Vec<_> = children(batch(loader))
+            .into_iter()
+            .filter(|s| {
+                span_attribute(s, "db.system.name") == "postgresql"
+                    && span_attribute(s, "db.operation.name") == "SELECT"
+            })
+            .collect();
+        assert_eq!(selects.len(), 1, "{loader}: {selects:?}");
+        let sql = selects[0];
+        assert_eq!(sql.kind, client_kind);
+        assert_eq!(span_attribute(sql, "db.system"), "postgresql");
+        assert_eq!(span_attribute(sql, "db.operation.name"), "SELECT");
+        assert_eq!(span_attribute(sql, "db.collection.name"), table, "{sql:?}");
+        let text = span_attribute(sql, "db.query.text");
+        assert!(text.contains("$1") && text.contains(table), "{text}");
+        assert!(
+            !text.contains('\n') && !text.contains("  "),
+            "normalized: {text}"
+        );
+        assert_eq!(span_attribute(sql, "server.address"), db_host);
+        assert!(span_attribute(sql, "server.port").parse::<u16>().is_ok());
+        assert!(sql.end_time_unix_nano >= sql.start_time_unix_nano);
+    }
+    // The page of users is the domain operation's own statement.
+    let page_query = trace
+        .iter()
+        .find(|s| {
+            span_attribute(s, "db.system.name") == "postgresql"
+                && span_attribute(s, "db.collection.name") == "users"
+        })
+        .unwrap_or_else(|| panic!("no users statement in {names:?}"));
+    assert!(descends_from_rpc(page_query));
+    // The product batch reads Redis first (a miss: nothing is cached yet),
+    // then fills it.
+    let redis: Vec<String> = children(batch("ProductsById"))
+        .into_iter()
+        .filter(|s| span_attribute(s, "db.system.name") == "redis")
+        .map(|s| {
+            assert_eq!(s.kind, client_kind);
+            assert!(!span_attribute(s, "server.address").is_empty(), "{s:?}");
+            span_attribute(s, "db.operation.name")
+        })
+        .collect();
+    assert!(redis.contains(&"MGET".to_owned()), "{redis:?}");
+    assert!(redis.contains(&"EVALSHA".to_owned()), "{redis:?}");
+    db.close().await;
+}
+
 #[api_test]
 async fn the_load_generator_drives_the_service_and_writes_its_results() {
     let app = TestApp::spawn().await;
