@@ -89,6 +89,11 @@ pub struct AnalysisSettings {
     pub dedupe_period: Duration,
     /// Runs (takeovers included) before an analysis is failed.
     pub max_attempts: i32,
+    /// How long a finished (completed or failed) analysis is kept: MongoDB
+    /// deletes it after this (a TTL index on `finished_at`). Whole seconds,
+    /// at least one.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -679,6 +684,13 @@ impl Settings {
                 "invalid configuration: mongodb.database must be a plain name and mongodb.min_pool_size must not exceed mongodb.max_pool_size, which must be positive"
             );
         }
+        let retention = self.analysis.retention.as_secs();
+        if retention == 0 || retention > i32::MAX as u64 {
+            bail!(
+                "invalid configuration: analysis.retention must be at least 1s and at most {} s",
+                i32::MAX
+            );
+        }
         let log = &self.search_log;
         if log.buffer == 0 || log.batch_size == 0 || log.flush_interval.is_zero() {
             bail!(
@@ -880,6 +892,27 @@ mod tests {
     fn token_entry_debug_hides_the_hash() {
         let entry: TokenEntry = format!("svc:admin:{}", "ab".repeat(32)).parse().unwrap();
         assert!(!format!("{entry:?}").contains("abab"));
+    }
+
+    #[test]
+    fn analyses_are_kept_30_days_by_default_and_a_retention_under_a_second_is_refused() {
+        let load = |retention: Option<&str>| {
+            let mut overrides = vec![("database.url", "postgres://localhost/datagate")];
+            overrides.extend(retention.map(|r| ("analysis.retention", r)));
+            Settings::load_with_overrides(None, &overrides)
+        };
+        assert_eq!(
+            load(None).unwrap().analysis.retention,
+            Duration::from_secs(30 * 86_400)
+        );
+        assert_eq!(
+            load(Some("12h")).unwrap().analysis.retention,
+            Duration::from_secs(12 * 3600)
+        );
+        for retention in ["0s", "500ms"] {
+            let error = load(Some(retention)).unwrap_err().to_string();
+            assert!(error.contains("analysis.retention"), "{retention}: {error}");
+        }
     }
 
     #[test]

@@ -9,17 +9,70 @@
 //! lease, storing the result) is conditional on still owning the lease, so a
 //! worker that lost it cannot overwrite its successor's work.
 //!
-//! Times are epoch milliseconds (see `documents::price_history`).
+//! Times are epoch milliseconds (see `documents::price_history`), but for
+//! `finished_at`, a BSON date set when an analysis finishes: MongoDB's TTL
+//! monitor deletes finished analyses `analysis.retention` after it (TTL
+//! indexes expire only dates).
+//!
+//! **Indexes** ([`indexes`]), one per query:
+//! - the claim (`status` pending, or running with an expired lease, oldest
+//!   first): `{status, created_ms}`, each branch of the `$or` an index range
+//!   already in `created_ms` order;
+//! - the list (a caller's analyses, optionally of one status, newest first
+//!   by `(created_ms, _id)`): `{caller, created_ms, _id}` and
+//!   `{caller, status, created_ms, _id}`;
+//! - the dedupe (`params_hash`, created since, not failed, newest first):
+//!   `{params_hash, created_ms}`;
+//! - the retention: a TTL index on `finished_at`.
+
+use std::time::Duration;
 
 use mongodb::{
-    bson::{Document, doc},
-    options::ReturnDocument,
+    IndexModel,
+    bson::{DateTime, Document, doc},
+    options::{IndexOptions, ReturnDocument},
 };
 
 use super::mongo::Mongo;
 use crate::{error::Result, model::market_analyses::AnalysisDoc};
 
 pub const MARKET_ANALYSES: &str = "market_analyses";
+
+/// The name of the TTL index (its `expireAfterSeconds` is changed in place
+/// when `analysis.retention` changes).
+pub const RETENTION_INDEX: &str = "finished_at_ttl";
+
+/// The indexes of `market_analyses` (see the module doc), finished analyses
+/// kept for `retention` (whole seconds, at least one).
+pub fn indexes(retention: Duration) -> Vec<IndexModel> {
+    let named = |keys: Document, name: &str| {
+        IndexModel::builder()
+            .keys(keys)
+            .options(IndexOptions::builder().name(name.to_owned()).build())
+            .build()
+    };
+    vec![
+        named(doc! { "status": 1, "created_ms": 1 }, "claim"),
+        named(
+            doc! { "caller": 1, "created_ms": -1, "_id": -1 },
+            "list_by_caller",
+        ),
+        named(
+            doc! { "caller": 1, "status": 1, "created_ms": -1, "_id": -1 },
+            "list_by_caller_and_status",
+        ),
+        named(doc! { "params_hash": 1, "created_ms": -1 }, "dedupe"),
+        IndexModel::builder()
+            .keys(doc! { "finished_at": 1 })
+            .options(
+                IndexOptions::builder()
+                    .name(RETENTION_INDEX.to_owned())
+                    .expire_after(Duration::from_secs(retention.as_secs().max(1)))
+                    .build(),
+            )
+            .build(),
+    ]
+}
 
 fn collection(mongo: &Mongo) -> mongodb::Collection<AnalysisDoc> {
     mongo.collection(MARKET_ANALYSES)
@@ -159,11 +212,15 @@ pub async fn finish(
     now_ms: i64,
     outcome: Result<(Document, Document), String>,
 ) -> Result<bool> {
+    let finished_at = DateTime::from_millis(now_ms);
     let set = match outcome {
         Ok((results, timings)) => doc! {
-            "status": "completed", "results": results, "timings_ms": timings, "finished_ms": now_ms,
+            "status": "completed", "results": results, "timings_ms": timings,
+            "finished_ms": now_ms, "finished_at": finished_at,
         },
-        Err(reason) => doc! { "status": "failed", "error": reason, "finished_ms": now_ms },
+        Err(reason) => doc! {
+            "status": "failed", "error": reason, "finished_ms": now_ms, "finished_at": finished_at,
+        },
     };
     update_leased(
         mongo,

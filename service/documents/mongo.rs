@@ -50,6 +50,7 @@ use mongodb::{
 use secrecy::ExposeSecret as _;
 use serde::{Serialize, de::DeserializeOwned};
 
+use super::market_analyses;
 use crate::{
     config::MongoSettings,
     error::{Detail, Error, Result, reason},
@@ -87,15 +88,26 @@ pub const USER_PROFILES: &str = "user_profiles";
 pub const PRICE_HISTORY: &str = "price_history";
 
 /// The indexes of each collection, created at start-up (creating an index
-/// that exists with the same definition does nothing).
-fn indexes() -> Vec<(&'static str, IndexModel)> {
+/// that exists with the same definition does nothing); finished analyses
+/// are kept for `analysis_retention`.
+fn indexes(analysis_retention: Duration) -> Vec<(&'static str, IndexModel)> {
     let index = |keys: Document| IndexModel::builder().keys(keys).build();
-    vec![
+    let mut indexes = vec![
         // A product's buckets by day; and the idempotency check of the relay.
         (PRICE_HISTORY, index(doc! { "product_id": 1, "day": 1 })),
         (PRICE_HISTORY, index(doc! { "product_id": 1, "seqs": 1 })),
-    ]
+    ];
+    indexes.extend(
+        market_analyses::indexes(analysis_retention)
+            .into_iter()
+            .map(|model| (market_analyses::MARKET_ANALYSES, model)),
+    );
+    indexes
 }
+
+/// MongoDB's `IndexOptionsConflict`: an index of that name exists with
+/// other options (a TTL index with another `expireAfterSeconds`).
+const INDEX_OPTIONS_CONFLICT: i32 = 85;
 
 #[derive(Clone)]
 pub struct Mongo {
@@ -134,16 +146,55 @@ impl Mongo {
         self.db.collection(name)
     }
 
-    /// Creates every declared index.
-    pub async fn ensure_indexes(&self) -> Result<()> {
-        for (collection, model) in indexes() {
-            let collection_handle = self.collection::<Document>(collection);
+    /// Creates every declared index; a TTL index whose retention changed is
+    /// updated in place (`collMod`). One that fails does not hold the
+    /// others up: each is tried, and the first failure returned.
+    pub async fn ensure_indexes(&self, analysis_retention: Duration) -> Result<()> {
+        let mut first_failure = None;
+        for (collection, model) in indexes(analysis_retention) {
+            if let Err(e) = self.ensure_index(collection, model).await {
+                first_failure.get_or_insert(e);
+            }
+        }
+        first_failure.map_or(Ok(()), Err)
+    }
+
+    /// Creates one index (see [`Mongo::ensure_indexes`]).
+    async fn ensure_index(&self, collection: &'static str, model: IndexModel) -> Result<()> {
+        let collection_handle = self.collection::<Document>(collection);
+        let ttl = model
+            .options
+            .as_ref()
+            .and_then(|o| Some((o.name.clone()?, o.expire_after?)));
+        // false: the index exists with other options.
+        let created = self
+            .run("create_index", collection, async {
+                match collection_handle.create_index(model).await {
+                    Ok(_) => Ok(true),
+                    Err(e) if ttl.is_some() && error_code(&e) == Some(INDEX_OPTIONS_CONFLICT) => {
+                        Ok(false)
+                    }
+                    Err(e) => Err(e),
+                }
+            })
+            .await?;
+        if let (false, Some((name, expire_after))) = (created, ttl) {
+            let seconds = i64::try_from(expire_after.as_secs()).unwrap_or(i64::MAX);
             self.run(
-                "create_index",
+                "coll_mod",
                 collection,
-                collection_handle.create_index(model),
+                self.db.run_command(doc! {
+                    "collMod": collection,
+                    "index": { "name": &name, "expireAfterSeconds": seconds },
+                }),
             )
             .await?;
+            tracing::info!(
+                collection,
+                index = name,
+                seconds,
+                "TTL index retention changed"
+            );
         }
         Ok(())
     }
@@ -291,6 +342,14 @@ fn unavailable(operation: &str, why: &str) -> Error {
         )
         .with("dependency", "mongodb"),
         retry_after: std::time::Duration::from_secs(1),
+    }
+}
+
+/// The server's error code of a failed command.
+fn error_code(error: &mongodb::error::Error) -> Option<i32> {
+    match *error.kind {
+        ErrorKind::Command(ref command) => Some(command.code),
+        _ => None,
     }
 }
 

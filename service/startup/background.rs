@@ -84,7 +84,11 @@ impl Background {
             },
         ));
         if let Some(mongo) = pools.mongo.clone() {
-            tracker.spawn(ensure_indexes(mongo, stopping.clone()));
+            tracker.spawn(ensure_indexes(
+                mongo,
+                settings.analysis.retention,
+                stopping.clone(),
+            ));
         }
         services
             .analyses
@@ -164,13 +168,13 @@ impl Background {
 /// at 30 s, without a limit on attempts. Shutdown abandons an attempt in
 /// flight: creating an index is idempotent, and a MongoDB that is down must
 /// not hold it up.
-async fn ensure_indexes(mongo: Mongo, stopping: CancellationToken) {
+async fn ensure_indexes(mongo: Mongo, analysis_retention: Duration, stopping: CancellationToken) {
     let until_created = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(500))
         .with_max_delay(Duration::from_secs(30))
         .without_max_times()
         .with_jitter();
-    let created = (|| mongo.ensure_indexes())
+    let created = (|| mongo.ensure_indexes(analysis_retention))
         .retry(until_created)
         .sleep(tokio::time::sleep)
         .notify(|e, _| tracing::warn!(error = ?e, "creating MongoDB indexes failed; retrying"));

@@ -323,4 +323,131 @@ async fn the_service_workers_complete_a_full_analysis() {
     let results = done.results.unwrap();
     assert_eq!(results.search_demand.len(), 1);
     assert_eq!(results.search_demand[0].category, "tools");
+    // The date the retention's TTL index expires it by.
+    let stored = app
+        .mongo()
+        .await
+        .collection::<mongodb::bson::Document>(store::MARKET_ANALYSES)
+        .find_one(mongodb::bson::doc! { "_id": &started.id })
+        .await
+        .unwrap()
+        .unwrap();
+    let finished_ms = stored.get_i64("finished_ms").unwrap();
+    match stored.get("finished_at") {
+        Some(mongodb::bson::Bson::DateTime(at)) => assert_eq!(at.timestamp_millis(), finished_ms),
+        // The test server (nx-27017) hands dates back as text.
+        Some(mongodb::bson::Bson::String(at)) => assert_eq!(
+            at,
+            &chrono::DateTime::from_timestamp_millis(finished_ms)
+                .unwrap()
+                .format("%Y-%m-%d %H:%M:%S%.6f")
+                .to_string()
+        ),
+        other => panic!("finished_at is {other:?} in {stored}"),
+    }
+}
+
+#[api_test]
+async fn market_analyses_has_an_index_per_query_and_a_ttl_for_finished_ones_created_idempotently() {
+    let retention = Duration::from_secs(2 * 86_400);
+    let app = TestApp::spawn_with_mongo(|s| {
+        s.analysis.workers = 0;
+        s.analysis.retention = retention;
+    })
+    .await;
+    let (_, mongo) = analyses(&app).await;
+    // As at start-up (where it runs in the background), twice: the second
+    // finds every index in place.
+    mongo.ensure_indexes(retention).await.unwrap();
+    mongo.ensure_indexes(retention).await.unwrap();
+
+    use futures_util::TryStreamExt as _;
+    let listed: Vec<mongodb::IndexModel> = app
+        .mongo()
+        .await
+        .collection::<mongodb::bson::Document>(store::MARKET_ANALYSES)
+        .list_indexes()
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let indexes: Vec<(String, mongodb::bson::Document, Option<u64>)> = listed
+        .into_iter()
+        .map(|index| {
+            let options = index.options.unwrap_or_default();
+            (
+                options.name.unwrap_or_default(),
+                index.keys,
+                options.expire_after.map(|d| d.as_secs()),
+            )
+        })
+        .collect();
+    // The declaration: one index per query, and the TTL.
+    let declared: Vec<(String, mongodb::bson::Document, Option<u64>)> = store::indexes(retention)
+        .into_iter()
+        .map(|index| {
+            let options = index.options.unwrap_or_default();
+            (
+                options.name.unwrap_or_default(),
+                index.keys,
+                options.expire_after.map(|d| d.as_secs()),
+            )
+        })
+        .collect();
+    use mongodb::bson::doc;
+    assert_eq!(
+        declared,
+        [
+            // The claim: pending, or running with an expired lease, oldest first.
+            (
+                "claim".to_owned(),
+                doc! { "status": 1, "created_ms": 1 },
+                None
+            ),
+            // A caller's list, newest first, by (created_ms, _id) ...
+            (
+                "list_by_caller".to_owned(),
+                doc! { "caller": 1, "created_ms": -1, "_id": -1 },
+                None
+            ),
+            // ... and of one status.
+            (
+                "list_by_caller_and_status".to_owned(),
+                doc! { "caller": 1, "status": 1, "created_ms": -1, "_id": -1 },
+                None
+            ),
+            // Deduplication: the newest analysis with the same parameters.
+            (
+                "dedupe".to_owned(),
+                doc! { "params_hash": 1, "created_ms": -1 },
+                None
+            ),
+            // Finished analyses expire after the retention.
+            (
+                "finished_at_ttl".to_owned(),
+                doc! { "finished_at": 1 },
+                Some(retention.as_secs())
+            ),
+        ]
+    );
+    // What the server holds: each declared index (and `_id_`), by its key
+    // fields and TTL. The test server (nx-27017) keeps neither the names
+    // nor the directions, and drops `_id` from a compound key, so those are
+    // not compared here.
+    let fields = |keys: &mongodb::bson::Document| -> Vec<String> {
+        keys.keys().filter(|k| *k != "_id").cloned().collect()
+    };
+    let mut held: Vec<(Vec<String>, Option<u64>)> = indexes
+        .iter()
+        .filter(|(name, _, _)| name != "_id_")
+        .map(|(_, keys, ttl)| (fields(keys), *ttl))
+        .collect();
+    let mut wanted: Vec<(Vec<String>, Option<u64>)> = declared
+        .iter()
+        .map(|(_, keys, ttl)| (fields(keys), *ttl))
+        .collect();
+    held.sort();
+    wanted.sort();
+    assert_eq!(held, wanted, "{indexes:?}");
 }
