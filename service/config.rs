@@ -324,8 +324,8 @@ pub struct TelemetrySettings {
     pub log_format: LogFormat,
     pub log_filter: String,
     /// The filter of what is exported as spans (an EnvFilter, like
-    /// `log_filter` but separate): the database and loader spans are
-    /// DEBUG, below the usual log level, and still exported.
+    /// `log_filter` but separate): the loader spans are DEBUG, below the
+    /// usual log level, and still exported.
     pub trace_filter: String,
     pub otlp_endpoint: String,
     pub service_name: String,
