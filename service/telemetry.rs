@@ -1,6 +1,18 @@
 //! Logs and traces: one `tracing` subscriber with a JSON or human-readable
 //! formatter, an env-filter, and an OpenTelemetry layer exporting spans over
 //! OTLP/gRPC when an endpoint is configured.
+//!
+//! **Levels.** ERROR is for what the operators must look at: internal errors
+//! (logged once, with their chain, by the status mapping in `api/error.rs`)
+//! and failed background work. A caller's mistake (NOT_FOUND,
+//! INVALID_ARGUMENT, ALREADY_EXISTS, FAILED_PRECONDITION, ...) is not the
+//! service's: domain spans record their errors at INFO
+//! (`err(level = "info")`) and the call's `rpc finished` line is INFO.
+//!
+//! **Context.** Every JSON line carries the fields of all the spans it is in
+//! (`spans`), so the `rpc` span's `request_id` and `caller` are on every line
+//! of a call, however deep the span that logs it; that span is enabled at
+//! every level (see `middleware/rpc.rs`).
 
 use anyhow::Context as _;
 use opentelemetry::{propagation::Extractor, trace::TracerProvider as _};
@@ -48,7 +60,7 @@ pub fn init(settings: &TelemetrySettings) -> anyhow::Result<TelemetryGuard> {
             .json()
             .flatten_event(true)
             .with_current_span(true)
-            .with_span_list(false)
+            .with_span_list(true)
             .boxed(),
         LogFormat::Pretty => tracing_subscriber::fmt::layer().boxed(),
     }
