@@ -18,11 +18,13 @@ test: lint ## lint, then unit + integration tests and the grpcurl smoke test
 test-faults: ## the fault suite: private PostgreSQL, Redis and MongoDB killed, paused and restarted under load (about 2.5 min; figures in RELIABILITY.md)
 	@. scripts/lib.sh && dev_env_up && cargo test --test faults -- --test-threads=1 --nocapture
 
-lint: ## rustfmt, clippy (warnings are errors), the layering rule, and the deployment files (kustomize, schemas, hadolint)
+lint: ## rustfmt, clippy (warnings are errors), the layering rule, the deployment files (kustomize, schemas, hadolint), the alert rules and their tests (promtool), the API contract (buf lint, buf breaking)
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
 	cargo test --quiet --test layers
 	scripts/check-deploy.sh
+	scripts/check-monitoring.sh
+	scripts/check-contract.sh
 
 smoke: ## only the grpcurl smoke test
 	@. scripts/lib.sh && dev_env_up && scripts/smoke.sh

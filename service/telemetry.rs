@@ -16,6 +16,18 @@
 //! not be exported (no exporter configured, or the trace not sampled) costs
 //! a check of the current context and nothing else, no span in the
 //! registry, no attribute built.
+//!
+//! **Levels.** ERROR is for what the operators must look at: internal errors
+//! (logged once, with their chain, by the status mapping in `api/error.rs`)
+//! and failed background work. A caller's mistake (NOT_FOUND,
+//! INVALID_ARGUMENT, ALREADY_EXISTS, FAILED_PRECONDITION, ...) is not the
+//! service's: domain spans record their errors at INFO
+//! (`err(level = "info")`) and the call's `rpc finished` line is INFO.
+//!
+//! **Context.** Every JSON line carries the fields of all the spans it is in
+//! (`spans`), so the `rpc` span's `request_id` and `caller` are on every line
+//! of a call, however deep the span that logs it; that span is enabled at
+//! every level (see `middleware/rpc.rs`).
 
 use std::{
     sync::{Arc, OnceLock},
@@ -72,7 +84,7 @@ pub fn init(settings: &TelemetrySettings) -> anyhow::Result<TelemetryGuard> {
             .json()
             .flatten_event(true)
             .with_current_span(true)
-            .with_span_list(false)
+            .with_span_list(true)
             .boxed(),
         LogFormat::Pretty => tracing_subscriber::fmt::layer().boxed(),
     }

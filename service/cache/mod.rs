@@ -116,8 +116,9 @@ impl Family {
     }
 }
 
-/// The names hit and miss counters are kept under.
-const COUNTED: [&str; 5] = ["user", "product", "order", "search", "analytics"];
+/// The names hit and miss counters are kept under (the `entity` label of
+/// the `cache_*_total` counters).
+pub const COUNTED: [&str; 5] = ["user", "product", "order", "search", "analytics"];
 
 #[derive(Default)]
 struct Counters {

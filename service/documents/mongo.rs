@@ -35,7 +35,10 @@
 
 use std::{
     future::IntoFuture,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -44,7 +47,7 @@ use mongodb::{
     Client, Collection, Cursor, Database, IndexModel,
     bson::{Document, doc},
     error::ErrorKind,
-    event::{EventHandler, sdam::SdamEvent},
+    event::{EventHandler, cmap::CmapEvent, sdam::SdamEvent},
     options::ClientOptions,
 };
 use secrecy::ExposeSecret as _;
@@ -117,6 +120,32 @@ pub struct Mongo {
     gate: Arc<Gate>,
     /// The server the operation spans name (the URL's first host).
     peer: Option<Arc<Peer>>,
+    /// The driver's connection pool, as its CMAP events tell it.
+    pool: Arc<PoolUsage>,
+    max_pool_size: u32,
+}
+
+/// Connections of the driver's pools (one per server), counted from the
+/// connection monitoring (CMAP) events, since the driver exposes no pool
+/// statistics: open (created, not yet closed) and checked out (in use by an
+/// operation).
+#[derive(Default)]
+struct PoolUsage {
+    open: AtomicI64,
+    checked_out: AtomicI64,
+}
+
+impl PoolUsage {
+    fn follow(&self, event: &CmapEvent) {
+        let (counter, delta) = match event {
+            CmapEvent::ConnectionCreated(_) => (&self.open, 1),
+            CmapEvent::ConnectionClosed(_) => (&self.open, -1),
+            CmapEvent::ConnectionCheckedOut(_) => (&self.checked_out, 1),
+            CmapEvent::ConnectionCheckedIn(_) => (&self.checked_out, -1),
+            _ => return,
+        };
+        counter.fetch_add(delta, Ordering::Relaxed);
+    }
 }
 
 impl Mongo {
@@ -133,13 +162,42 @@ impl Mongo {
         options.sdam_event_handler = Some(EventHandler::callback(move |event| {
             follow_topology(&follower, &event);
         }));
+        let pool = Arc::new(PoolUsage::default());
+        let counter = pool.clone();
+        options.cmap_event_handler = Some(EventHandler::callback(move |event| {
+            counter.follow(&event);
+        }));
         let client = Client::with_options(options)?;
         Ok(Some(Self {
             db: client.database(&settings.database),
             timeout: settings.operation_timeout,
             gate,
             peer: Peer::from_url(DbSystem::MongoDb, url).map(Arc::new),
+            pool,
+            max_pool_size: settings.max_pool_size,
         }))
+    }
+
+    /// `connection_pool_connections{pool="mongodb",state}`,
+    /// `connection_pool_max` and `connection_pool_usage` (checked out / max,
+    /// 0 to 1), as for the PostgreSQL and Redis pools. Every operation needs
+    /// the primary, so one server's pool is the one that saturates:
+    /// `mongodb.max_pool_size` is its maximum.
+    pub fn record_pool_usage(&self) {
+        let open = self.pool.open.load(Ordering::Relaxed).max(0) as f64;
+        let in_use = self.pool.checked_out.load(Ordering::Relaxed).max(0) as f64;
+        let max = f64::from(self.max_pool_size);
+        let idle = (open - in_use).max(0.0);
+        metrics::gauge!("connection_pool_connections", "pool" => "mongodb", "state" => "idle")
+            .set(idle);
+        metrics::gauge!("connection_pool_connections", "pool" => "mongodb", "state" => "in_use")
+            .set(in_use);
+        metrics::gauge!("connection_pool_max", "pool" => "mongodb").set(max);
+        metrics::gauge!("connection_pool_usage", "pool" => "mongodb").set(if max > 0.0 {
+            in_use / max
+        } else {
+            0.0
+        });
     }
 
     pub fn collection<T: Send + Sync>(&self, name: &str) -> Collection<T> {

@@ -67,7 +67,7 @@ impl Analytics {
     }
 
     /// Top and zero-result queries over [start, end).
-    #[tracing::instrument(skip_all, fields(%start, %end, limit), err(Debug))]
+    #[tracing::instrument(skip_all, fields(%start, %end, limit), err(level = "info", Debug))]
     pub async fn search_insights(
         &self,
         start: DateTime<Utc>,
@@ -82,7 +82,7 @@ impl Analytics {
     }
 
     /// Per category over the last `window_days` UTC days, today included.
-    #[tracing::instrument(skip_all, fields(window_days), err(Debug))]
+    #[tracing::instrument(skip_all, fields(window_days), err(level = "info", Debug))]
     pub async fn category_metrics(
         &self,
         window_days: u32,
@@ -102,7 +102,7 @@ impl Analytics {
     }
 
     /// Monthly revenue over the last `months` months, this one included.
-    #[tracing::instrument(skip_all, fields(months), err(Debug))]
+    #[tracing::instrument(skip_all, fields(months), err(level = "info", Debug))]
     pub async fn revenue_trend(
         &self,
         months: u32,
@@ -134,7 +134,7 @@ impl Analytics {
     /// has replayed the refresh (at most `REPLICA_CATCH_UP` later, in the
     /// background): dropped earlier, they would be filled again from the
     /// replica's old views and kept for the whole analytics TTL.
-    #[tracing::instrument(skip_all, err(Debug))]
+    #[tracing::instrument(skip_all, err(level = "info", Debug))]
     pub async fn refresh(&self) -> Result<bool> {
         let refreshed = store::analytics::refresh(&self.db).await?;
         if !refreshed {

@@ -72,7 +72,7 @@ impl Catalog {
         }
     }
 
-    #[tracing::instrument(skip_all, err(Debug))]
+    #[tracing::instrument(skip_all, err(level = "info", Debug))]
     pub async fn create(&self, actor: &Actor, new: NewProduct) -> Result<Product> {
         let product = retry::postgres(|| async {
             let mut tx = self.writes.begin(actor).await?;
@@ -94,7 +94,7 @@ impl Catalog {
         Ok(product)
     }
 
-    #[tracing::instrument(skip_all, fields(product_id = %id), err(Debug))]
+    #[tracing::instrument(skip_all, fields(product_id = %id), err(level = "info", Debug))]
     pub async fn get(&self, id: Id) -> Result<Product> {
         self.writes
             .cache()
@@ -109,7 +109,7 @@ impl Catalog {
     }
 
     /// Products in request order; one cache MGET and one query for the misses.
-    #[tracing::instrument(skip_all, fields(batch_size = ids.len()), err(Debug))]
+    #[tracing::instrument(skip_all, fields(batch_size = ids.len()), err(level = "info", Debug))]
     pub async fn batch_get(
         &self,
         ids: &[Id],
@@ -126,7 +126,7 @@ impl Catalog {
         Ok((products, missing))
     }
 
-    #[tracing::instrument(skip_all, fields(product_id = %id, version), err(Debug))]
+    #[tracing::instrument(skip_all, fields(product_id = %id, version), err(level = "info", Debug))]
     pub async fn update(
         &self,
         actor: &Actor,
@@ -163,7 +163,7 @@ impl Catalog {
 
     /// Stock is not searchable: cached search pages stay valid (they hold
     /// product ids, and products come from the product cache).
-    #[tracing::instrument(skip_all, fields(product_id = %id, delta), err(Debug))]
+    #[tracing::instrument(skip_all, fields(product_id = %id, delta), err(level = "info", Debug))]
     pub async fn adjust_inventory(&self, actor: &Actor, id: Id, delta: i32) -> Result<Product> {
         retry::postgres(|| async {
             let mut tx = self.writes.begin(actor).await?;

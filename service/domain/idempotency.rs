@@ -112,7 +112,7 @@ impl KeySweeper {
     /// Deletes the keys created before `now - retention`, a batch per short
     /// transaction under an advisory lock (one replica sweeps at a time);
     /// how many it deleted.
-    #[tracing::instrument(skip_all, err(Debug))]
+    #[tracing::instrument(skip_all, err(level = "info", Debug))]
     pub async fn sweep(&self, now: DateTime<Utc>) -> Result<u64> {
         let retention = chrono::Duration::from_std(self.settings.retention)
             .map_err(|e| anyhow::anyhow!("idempotency.retention is out of range: {e}"))?;

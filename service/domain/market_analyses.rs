@@ -75,7 +75,7 @@ impl MarketAnalyses {
     }
 
     /// Starts an analysis, or returns the recent one with the same parameters.
-    #[tracing::instrument(skip_all, fields(kind = kind.as_str(), window_days), err(Debug))]
+    #[tracing::instrument(skip_all, fields(kind = kind.as_str(), window_days), err(level = "info", Debug))]
     pub async fn start(
         &self,
         caller: &str,
@@ -153,7 +153,7 @@ impl MarketAnalyses {
 
     /// Claims one analysis as `worker` and runs it to the end. False when
     /// there was nothing to claim.
-    #[tracing::instrument(skip(self), fields(analysis_id, attempt), err(Debug))]
+    #[tracing::instrument(skip(self), fields(analysis_id, attempt), err(level = "info", Debug))]
     pub async fn run_once(&self, worker: &str) -> Result<bool> {
         let mongo = self.mongo()?;
         let lease_ms = self.settings.lease.as_millis() as i64;

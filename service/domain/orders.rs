@@ -125,7 +125,7 @@ impl Orders {
     /// claimed first (see [`Idempotency`]): a retry replays the first
     /// response. Inventory rows are locked in product id order, so concurrent
     /// orders never deadlock.
-    #[tracing::instrument(skip_all, fields(user_id = %new.user_id, lines = new.lines.len()), err(Debug))]
+    #[tracing::instrument(skip_all, fields(user_id = %new.user_id, lines = new.lines.len()), err(level = "info", Debug))]
     pub async fn create(&self, actor: &Actor, new: NewOrder) -> Result<Order> {
         let idempotency = new
             .request_key
@@ -207,7 +207,7 @@ impl Orders {
         .await
     }
 
-    #[tracing::instrument(skip_all, fields(order_id = %id), err(Debug))]
+    #[tracing::instrument(skip_all, fields(order_id = %id), err(level = "info", Debug))]
     /// The order and its items come from the cache; the product summaries
     /// from the product cache, so a price change invalidates only products.
     pub async fn get(&self, id: Id) -> Result<Order> {
@@ -231,7 +231,7 @@ impl Orders {
         Ok(attach_products(&loaders, vec![order]).await?.remove(0))
     }
 
-    #[tracing::instrument(skip_all, fields(page_size = page.size.get()), err(Debug))]
+    #[tracing::instrument(skip_all, fields(page_size = page.size.get()), err(level = "info", Debug))]
     pub async fn list(&self, filter: OrderFilter, page: PageRequest) -> Result<Page<Order>> {
         let query = filter.canonical();
         let listing = self.pages.listing("orders", &query);
@@ -252,7 +252,7 @@ impl Orders {
     }
 
     /// Moves an order along its lifecycle; cancelling returns the stock.
-    #[tracing::instrument(skip_all, fields(order_id = %id, to = to.as_str()), err(Debug))]
+    #[tracing::instrument(skip_all, fields(order_id = %id, to = to.as_str()), err(level = "info", Debug))]
     pub async fn update_status(
         &self,
         actor: &Actor,
@@ -311,7 +311,7 @@ impl Orders {
 
     /// A page of users, each with their most recent orders, items and
     /// products: the page query plus one batched query per level.
-    #[tracing::instrument(skip_all, fields(page_size = page.size.get(), orders_per_user), err(Debug))]
+    #[tracing::instrument(skip_all, fields(page_size = page.size.get(), orders_per_user), err(level = "info", Debug))]
     pub async fn list_users_with_orders(
         &self,
         page: PageRequest,

@@ -38,12 +38,12 @@ impl Partitions {
         .await
     }
 
-    #[tracing::instrument(skip_all, fields(%today), err(Debug))]
+    #[tracing::instrument(skip_all, fields(%today), err(level = "info", Debug))]
     pub async fn ensure(&self, today: NaiveDate) -> Result<Vec<String>> {
         partitions::ensure(&self.db, today, self.settings.months_ahead).await
     }
 
-    #[tracing::instrument(skip_all, fields(%today), err(Debug))]
+    #[tracing::instrument(skip_all, fields(%today), err(level = "info", Debug))]
     pub async fn retire(&self, today: NaiveDate) -> Result<Vec<String>> {
         let mut dropped = partitions::retire(
             &self.db,

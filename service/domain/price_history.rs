@@ -31,7 +31,7 @@ impl PriceHistory {
     }
 
     /// The product's prices over [start, end).
-    #[tracing::instrument(skip_all, fields(product_id = %id), err(Debug))]
+    #[tracing::instrument(skip_all, fields(product_id = %id), err(level = "info", Debug))]
     pub async fn get(
         &self,
         id: Id,

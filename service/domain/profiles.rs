@@ -124,7 +124,7 @@ impl Profiles {
     }
 
     /// The profile of a live user (empty if never written).
-    #[tracing::instrument(skip_all, fields(user_id = %id), err(Debug))]
+    #[tracing::instrument(skip_all, fields(user_id = %id), err(level = "info", Debug))]
     pub async fn get(&self, id: Id) -> Result<Profile> {
         let mongo = self.mongo()?;
         self.users.get(id).await?;
@@ -134,7 +134,7 @@ impl Profiles {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(user_id = %id), err(Debug))]
+    #[tracing::instrument(skip_all, fields(user_id = %id), err(level = "info", Debug))]
     pub async fn update(&self, id: Id, patch: ProfilePatch) -> Result<Profile> {
         let mongo = self.mongo()?;
         if patch.is_empty() {

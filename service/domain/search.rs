@@ -101,7 +101,7 @@ impl ProductSearch {
         }
     }
 
-    #[tracing::instrument(skip_all, fields(query = request.text.as_str(), sort = request.sort.as_str()), err(Debug))]
+    #[tracing::instrument(skip_all, fields(query = request.text.as_str(), sort = request.sort.as_str()), err(level = "info", Debug))]
     pub async fn search(&self, request: SearchRequest) -> Result<SearchPage> {
         let started = Instant::now();
         let canonical = request.canonical();

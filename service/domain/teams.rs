@@ -36,7 +36,7 @@ impl Teams {
         }
     }
 
-    #[tracing::instrument(skip_all, err(Debug))]
+    #[tracing::instrument(skip_all, err(level = "info", Debug))]
     pub async fn create(&self, actor: &Actor, name: TeamName) -> Result<Team> {
         let team = retry::postgres(|| async {
             let mut tx = self.writes.begin(actor).await?;
@@ -59,7 +59,7 @@ impl Teams {
 
     /// The user row is locked (FOR SHARE) while the membership is inserted,
     /// so a concurrent delete cannot leave a deleted user in a team.
-    #[tracing::instrument(skip_all, fields(team_id = %team_id, user_id = %user_id), err(Debug))]
+    #[tracing::instrument(skip_all, fields(team_id = %team_id, user_id = %user_id), err(level = "info", Debug))]
     pub async fn add_member(
         &self,
         actor: &Actor,
@@ -94,7 +94,7 @@ impl Teams {
         .await
     }
 
-    #[tracing::instrument(skip_all, fields(team_id = %team_id, user_id = %user_id), err(Debug))]
+    #[tracing::instrument(skip_all, fields(team_id = %team_id, user_id = %user_id), err(level = "info", Debug))]
     pub async fn remove_member(&self, actor: &Actor, team_id: Id, user_id: Id) -> Result<()> {
         retry::postgres(|| async {
             let mut tx = self.writes.begin(actor).await?;
@@ -117,7 +117,7 @@ impl Teams {
         .await
     }
 
-    #[tracing::instrument(skip_all, fields(user_id = %user_id), err(Debug))]
+    #[tracing::instrument(skip_all, fields(user_id = %user_id), err(level = "info", Debug))]
     pub async fn list_for_user(&self, user_id: Id, page: PageRequest) -> Result<Page<Membership>> {
         let query = format!("user={user_id}");
         let listing = self.pages.listing("user_teams", &query);

@@ -65,7 +65,7 @@ impl Users {
         }
     }
 
-    #[tracing::instrument(skip_all, err(Debug))]
+    #[tracing::instrument(skip_all, err(level = "info", Debug))]
     pub async fn create(&self, actor: &Actor, new: NewUser) -> Result<User> {
         let password_hash = match new.password.clone() {
             Some(p) => Some(self.passwords.hash(p).await?),
@@ -86,7 +86,7 @@ impl Users {
         Ok(user)
     }
 
-    #[tracing::instrument(skip_all, fields(user_id = %id), err(Debug))]
+    #[tracing::instrument(skip_all, fields(user_id = %id), err(level = "info", Debug))]
     pub async fn get(&self, id: Id) -> Result<User> {
         self.writes
             .cache()
@@ -102,7 +102,7 @@ impl Users {
 
     /// One cache MGET for the batch, then one query for the misses: a missing
     /// id is "not found" for that id only.
-    #[tracing::instrument(skip_all, fields(batch_size = ids.len()), err(Debug))]
+    #[tracing::instrument(skip_all, fields(batch_size = ids.len()), err(level = "info", Debug))]
     pub async fn batch_get(&self, ids: &[Id], skip_missing: bool) -> Result<BatchUsers> {
         let found = cached_users(self.writes.db(), self.writes.cache(), ids).await?;
         let (users, missing) = in_request_order(ids, |id| found.get(&id).cloned());
@@ -123,7 +123,7 @@ impl Users {
         Ok(BatchUsers { users, missing })
     }
 
-    #[tracing::instrument(skip_all, fields(page_size = page.size.get()), err(Debug))]
+    #[tracing::instrument(skip_all, fields(page_size = page.size.get()), err(level = "info", Debug))]
     pub async fn list(&self, filter: UserFilter, page: PageRequest) -> Result<Page<User>> {
         self.list_scoped("users", filter, page).await
     }
@@ -149,7 +149,7 @@ impl Users {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(user_id = %id, version), err(Debug))]
+    #[tracing::instrument(skip_all, fields(user_id = %id, version), err(level = "info", Debug))]
     pub async fn update(
         &self,
         actor: &Actor,
@@ -193,7 +193,7 @@ impl Users {
 
     /// Soft delete: the row stays, the user disappears from every read, and
     /// its team memberships go, all in one transaction.
-    #[tracing::instrument(skip_all, fields(user_id = %id), err(Debug))]
+    #[tracing::instrument(skip_all, fields(user_id = %id), err(level = "info", Debug))]
     pub async fn delete(&self, actor: &Actor, id: Id, version: Option<i64>) -> Result<()> {
         retry::postgres(|| async {
             let mut tx = self.writes.begin(actor).await?;
@@ -217,7 +217,7 @@ impl Users {
 
     /// The user if the password matches, `None` otherwise (including unknown
     /// users and users without a password, in the same time).
-    #[tracing::instrument(skip_all, err(Debug))]
+    #[tracing::instrument(skip_all, err(level = "info", Debug))]
     pub async fn verify_password(
         &self,
         lookup: UserLookup,

@@ -60,6 +60,15 @@ impl Quotas {
     pub fn new(settings: &QuotaSettings, named: impl IntoIterator<Item = String>) -> Self {
         let mut named: HashSet<String> = named.into_iter().collect();
         named.extend(settings.callers.keys().cloned());
+        // Exported from start-up for every caller label there can be: the
+        // recorder must exist before the first values are set.
+        crate::metrics::handle();
+        for caller in named.iter().map(String::as_str).chain([OTHER_CALLER]) {
+            for outcome in ["admitted", "exceeded"] {
+                metrics::counter!("quota_requests_total", "caller" => caller.to_owned(), "outcome" => outcome)
+                    .increment(0);
+            }
+        }
         Self {
             shared: Arc::new(Shared {
                 settings: settings.clone(),

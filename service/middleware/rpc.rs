@@ -68,7 +68,11 @@ impl Middleware for Rpc {
 
         let path = request.uri().path().to_owned();
         let (service, method) = split_path(&path);
-        let span = tracing::info_span!(
+        // ERROR, the most severe level, so that the span is enabled whatever
+        // the log filter lets through: a WARN line under a `warn` filter
+        // still carries the call's request id and caller. Its own events
+        // have their own levels.
+        let span = tracing::error_span!(
             "rpc",
             otel.name = %path.trim_start_matches('/'),
             otel.kind = "server",

@@ -130,6 +130,7 @@ impl Background {
             pools.db.clone(),
             pools.reads.clone(),
             pools.cache.clone(),
+            pools.mongo.clone(),
             stopping.clone().cancelled_owned(),
         );
         tracker.spawn(async move {

@@ -49,6 +49,7 @@ use crate::{
     cache::Cache,
     config::{ServerSettings, Settings},
     documents::Mongo,
+    metrics,
     middleware::{Admission, Auth, Deadlines, Middleware as _, Quotas, Rpc},
     store::{self, postgres::Reads},
 };
@@ -88,6 +89,7 @@ impl Application {
     /// Binds the listeners, reads the TLS files and builds the pools.
     /// Nothing is served yet.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        metrics::export_known_series();
         let tls = settings
             .server
             .tls

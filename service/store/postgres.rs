@@ -464,6 +464,27 @@ impl Reads {
         self.replica.then_some(&self.pool)
     }
 
+    /// How far behind the primary the replica's replay is, in seconds:
+    /// `None` without a replica; 0 when the read server is not in recovery
+    /// or has replayed all it received (an idle primary sends nothing, and
+    /// the age of the last replayed transaction is not lag then); otherwise
+    /// the age of the last transaction it replayed.
+    pub async fn replication_lag(&self) -> sqlx::Result<Option<f64>> {
+        if !self.replica {
+            return Ok(None);
+        }
+        sqlx::query_scalar(
+            "SELECT CASE \
+                 WHEN NOT pg_is_in_recovery() \
+                   OR pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 \
+                 ELSE COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()), 0) \
+             END::float8",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map(Some)
+    }
+
     /// Waits, up to `timeout`, until the replica has replayed everything
     /// the primary had written when called, so that what is read next
     /// includes it (after a view refresh, before cached answers are made

@@ -528,3 +528,38 @@ async fn without_mongodb_the_document_features_say_so() {
         .unwrap_err();
     assert_error(&status, Code::FailedPrecondition, "MONGODB_NOT_CONFIGURED");
 }
+
+#[api_test]
+async fn the_mongodb_pool_is_exported_like_the_other_pools() {
+    let app = TestApp::spawn_with_mongo(|_| {}).await;
+    let user = user(&app).await;
+    app.users()
+        .await
+        .get_user_profile(pb::GetUserProfileRequest { user_id: user.id })
+        .await
+        .unwrap();
+
+    // Counted from the driver's connection events: the profile read opened
+    // a connection and gave it back.
+    let metrics = app.metrics().await;
+    let of = |name: &str, labels: &[(&str, &str)]| {
+        crate::support::observe::sample(&metrics, name, labels)
+            .unwrap_or_else(|| panic!("{name}{labels:?} absent from:\n{metrics}"))
+    };
+    let max = f64::from(app.settings.mongodb.max_pool_size);
+    assert_eq!(of("connection_pool_max", &[("pool", "mongodb")]), max);
+    let idle = of(
+        "connection_pool_connections",
+        &[("pool", "mongodb"), ("state", "idle")],
+    );
+    let in_use = of(
+        "connection_pool_connections",
+        &[("pool", "mongodb"), ("state", "in_use")],
+    );
+    assert!(idle + in_use >= 1.0, "idle {idle}, in use {in_use}");
+    assert!(in_use <= max);
+    assert_eq!(
+        of("connection_pool_usage", &[("pool", "mongodb")]),
+        in_use / max
+    );
+}

@@ -18,6 +18,7 @@ mod documents;
 mod idempotency;
 mod invalidation;
 mod jwt;
+mod limits;
 mod market;
 mod orders;
 mod partitions;

@@ -9,8 +9,10 @@ use tokio::{io::AsyncReadExt as _, process::Command};
 use tonic::transport::Endpoint;
 
 use crate::support::{
-    Bearer, RowLock, TestApp, TestDatabase, api_test, redis::redis_url, rename,
-    wait_for_lock_waiter,
+    Bearer, RowLock, TestApp, TestDatabase, api_test,
+    observe::{sample, with_request_id},
+    redis::redis_url,
+    rename, wait_for_lock_waiter,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_datagate");
@@ -187,6 +189,302 @@ async fn healthcheck_exits_zero_only_for_a_serving_entry() {
     assert_eq!(refused.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("connecting to"), "{stderr}");
+}
+
+/// GET /metrics on `port`, as text.
+async fn scrape(port: u16) -> String {
+    use tokio::io::AsyncWriteExt as _;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
+
+#[api_test]
+async fn a_fresh_process_exports_its_counters_and_gauges_at_zero_before_any_call() {
+    // A process of its own: in the test process other tests move the
+    // counters.
+    let database = TestDatabase::create().await;
+    let (_token, entry) =
+        auth::new_token("metrics-test", &[auth::Role::Reader.as_str().to_owned()]).unwrap();
+    let (port, metrics_port) = (free_port(), free_port());
+    let _child = serve(&database.url, &entry, port)
+        .env("DATAGATE__METRICS__PORT", metrics_port.to_string())
+        .env("DATAGATE__REDIS__URL", redis_url())
+        .env(
+            "DATAGATE__REDIS__KEY_PREFIX",
+            format!("dgtest-{}", uuid::Uuid::new_v4().simple()),
+        )
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    connect(port).await;
+    // The first partition maintenance round measures the DEFAULT partitions.
+    let mut metrics = String::new();
+    crate::support::observe::wait_until(
+        "the first partition maintenance round",
+        Duration::from_secs(10),
+        async || {
+            metrics = scrape(metrics_port).await;
+            sample(
+                &metrics,
+                "partition_default_rows",
+                &[("table", "audit_log")],
+            )
+            .is_some()
+        },
+    )
+    .await;
+
+    let get_user = [
+        ("service", "datagate.v1.UserService"),
+        ("method", "GetUser"),
+    ];
+    let at_zero: &[(&str, Vec<(&str, &str)>)] = &[
+        (
+            "n_plus_one_detected_total",
+            vec![("operation", "datagate.v1.OrderService/ListUsersWithOrders")],
+        ),
+        (
+            "rpc_requests_total",
+            [&get_user[..], &[("code", "OK")]].concat(),
+        ),
+        (
+            "rpc_requests_total",
+            [&get_user[..], &[("code", "INTERNAL")]].concat(),
+        ),
+        (
+            "rpc_requests_total",
+            [&get_user[..], &[("code", "UNAVAILABLE")]].concat(),
+        ),
+        (
+            "rpc_requests_total",
+            vec![
+                ("service", "datagate.v1.CatalogService"),
+                ("method", "SearchProducts"),
+                ("code", "DEADLINE_EXCEEDED"),
+            ],
+        ),
+        // A bucket at each latency objective: 100, 200 and 500 ms.
+        (
+            "rpc_latency_seconds_bucket",
+            [&get_user[..], &[("code", "OK"), ("le", "0.1")]].concat(),
+        ),
+        (
+            "rpc_latency_seconds_bucket",
+            [&get_user[..], &[("code", "OK"), ("le", "0.2")]].concat(),
+        ),
+        (
+            "rpc_latency_seconds_bucket",
+            [&get_user[..], &[("code", "OK"), ("le", "0.5")]].concat(),
+        ),
+        (
+            "rpc_latency_seconds_count",
+            [&get_user[..], &[("code", "OK")]].concat(),
+        ),
+        ("cache_hits_total", vec![("entity", "user")]),
+        ("cache_misses_total", vec![("entity", "product")]),
+        ("cache_bypassed_total", vec![("entity", "user")]),
+        ("cache_errors_total", vec![("op", "mget")]),
+        ("cache_breaker_state", vec![]),
+        (
+            "background_task_failures_total",
+            vec![("task", "partition maintenance")],
+        ),
+        ("call_retries_total", vec![("outcome", "retried")]),
+        (
+            "quota_requests_total",
+            vec![("caller", "metrics-test"), ("outcome", "exceeded")],
+        ),
+        (
+            "quota_requests_total",
+            vec![("caller", "other"), ("outcome", "admitted")],
+        ),
+        ("admission_rejected_total", vec![("reason", "queue_full")]),
+        ("grpc_connections_refused_total", vec![]),
+        ("mongo_outbox_failures_total", vec![]),
+        ("search_log_dropped_total", vec![("reason", "buffer_full")]),
+        ("partition_default_rows", vec![("table", "audit_log")]),
+        (
+            "partition_default_rows",
+            vec![("table", "product_searches")],
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (name, labels) in at_zero {
+        let value = sample(&metrics, name, labels);
+        if value != Some(0.0) {
+            wrong.push(format!("{name}{labels:?} = {value:?}"));
+        }
+    }
+    // Present; their values are the process's own.
+    for (name, labels) in [
+        (
+            "slow_query_count",
+            vec![("database_type", "postgres"), ("operation", "SELECT")],
+        ),
+        ("connection_pool_usage", vec![("pool", "postgres")]),
+        ("connection_pool_usage", vec![("pool", "redis")]),
+        ("admission_limit", vec![]),
+    ] {
+        if sample(&metrics, name, &labels).is_none() {
+            wrong.push(format!("{name}{labels:?} is absent"));
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}\nin:\n{metrics}");
+}
+
+#[api_test]
+async fn ordinary_bad_requests_log_no_error_and_every_line_of_a_call_names_its_request_and_caller()
+{
+    let database = TestDatabase::create().await;
+    let (token, entry) =
+        auth::new_token("log-test", &[auth::Role::Writer.as_str().to_owned()]).unwrap();
+    let port = free_port();
+    let mut child = serve(&database.url, &entry, port)
+        .env("DATAGATE__TELEMETRY__LOG_FORMAT", "json")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let channel = connect(port).await;
+    // A writer: AdminService is PERMISSION_DENIED to it.
+    let mut admin = datagate::proto::v1::admin_service_client::AdminServiceClient::with_interceptor(
+        channel.clone(),
+        Bearer(Some(token.clone().into())),
+    );
+    let mut users =
+        UserServiceClient::with_interceptor(channel.clone(), Bearer(Some(token.into())));
+    let mut strangers =
+        UserServiceClient::with_interceptor(channel, Bearer(Some("no-such-token".into())));
+    let user = users
+        .create_user(pb::CreateUserRequest {
+            email: "logs@example.com".into(),
+            username: "logs".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let mut calls: Vec<(String, tonic::Code)> = Vec::new();
+    let mut record = |id: String, result: Result<(), tonic::Status>| {
+        calls.push((id, result.err().map_or(tonic::Code::Ok, |s| s.code())));
+    };
+    let (request, id) = with_request_id(pb::GetUserRequest { id: 0 });
+    record(id, users.get_user(request).await.map(drop));
+    let (request, id) = with_request_id(pb::GetUserRequest { id: user.id + 1000 });
+    record(id, users.get_user(request).await.map(drop));
+    let (request, id) = with_request_id(pb::CreateUserRequest {
+        email: "LOGS@example.com".into(),
+        username: "logs2".into(),
+        ..Default::default()
+    });
+    record(id, users.create_user(request).await.map(drop));
+    let (request, id) = with_request_id(pb::CreateUserRequest {
+        email: "not an email".into(),
+        username: "x".into(),
+        ..Default::default()
+    });
+    record(id, users.create_user(request).await.map(drop));
+    let mut stale = rename(&user, "stale");
+    stale.version = user.version + 7;
+    let (request, id) = with_request_id(stale);
+    record(id, users.update_user(request).await.map(drop));
+    let (request, id) = with_request_id(pb::ListUsersRequest {
+        page_size: -1,
+        ..Default::default()
+    });
+    record(id, users.list_users(request).await.map(drop));
+    let (request, id) = with_request_id(pb::DeleteUserRequest {
+        id: user.id + 1000,
+        ..Default::default()
+    });
+    record(id, users.delete_user(request).await.map(drop));
+    let (request, id) = with_request_id(pb::GetUserRequest { id: user.id });
+    let unauthenticated_id = id.clone();
+    record(id, strangers.get_user(request).await.map(drop));
+    let (request, id) = with_request_id(pb::ListPartitionsRequest {});
+    record(id, admin.list_partitions(request).await.map(drop));
+    let codes: Vec<tonic::Code> = calls.iter().map(|(_, code)| *code).collect();
+    use tonic::Code::*;
+    assert_eq!(
+        codes,
+        [
+            InvalidArgument,
+            NotFound,
+            AlreadyExists,
+            InvalidArgument,
+            Aborted,
+            InvalidArgument,
+            NotFound,
+            Unauthenticated,
+            PermissionDenied
+        ]
+    );
+
+    child.start_kill().unwrap();
+    let mut logs = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .await
+        .unwrap();
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let errors: Vec<&serde_json::Value> = lines.iter().filter(|l| l["level"] == "ERROR").collect();
+    assert!(
+        errors.is_empty(),
+        "ERROR lines for callers' mistakes: {errors:#?}"
+    );
+
+    for (id, code) in &calls {
+        let of_call: Vec<&serde_json::Value> = lines
+            .iter()
+            .filter(|l| {
+                l["spans"]
+                    .as_array()
+                    .is_some_and(|spans| spans.iter().any(|s| s["request_id"] == id.as_str()))
+            })
+            .collect();
+        assert!(
+            of_call.iter().any(|l| l["message"] == "rpc finished"),
+            "{code:?}: no rpc finished line with request id {id} in:\n{logs}"
+        );
+        if id == &unauthenticated_id {
+            continue;
+        }
+        for line in &of_call {
+            assert_eq!(line["spans"][0]["caller"], "log-test", "{line}");
+        }
+    }
+    // A line logged in a span below the call's (the domain operation's
+    // error) carries the call's request id and caller too.
+    let (not_found, _) = &calls[1];
+    let nested = lines
+        .iter()
+        .find(|l| {
+            l["span"]["name"] != "rpc"
+                && l["spans"].as_array().is_some_and(|spans| {
+                    spans.iter().any(|s| s["request_id"] == not_found.as_str())
+                })
+        })
+        .unwrap_or_else(|| panic!("no nested line for {not_found} in:\n{logs}"));
+    assert_eq!(nested["level"], "INFO", "{nested}");
+    assert_eq!(nested["spans"][0]["name"], "rpc", "{nested}");
+    assert_eq!(nested["spans"][0]["caller"], "log-test", "{nested}");
 }
 
 #[api_test]

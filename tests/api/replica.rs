@@ -255,3 +255,18 @@ async fn an_unreachable_replica_fails_only_the_reads_it_serves_and_shows_in_heal
         .await
         .expect("entity reads use the primary, whose gate is open");
 }
+
+#[api_test]
+async fn the_replicas_replication_lag_is_asked_of_it_at_each_scrape() {
+    let replica = TestDatabase::create().await;
+    let app = TestApp::spawn_with(|s| s.database.read_url = replica.url.clone().into()).await;
+    // The stand-in replica is not in recovery: it is not behind.
+    assert_eq!(
+        crate::support::observe::sample(
+            &app.metrics().await,
+            "replication_lag_seconds",
+            &[("pool", "postgres_replica")]
+        ),
+        Some(0.0)
+    );
+}

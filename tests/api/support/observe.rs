@@ -40,19 +40,22 @@ pub async fn wait_until(what: &str, within: Duration, mut check: impl AsyncFnMut
 /// absent: a counter nothing has incremented yet). Labels must be given in
 /// the order the exporter prints them (the order the code records them in).
 pub fn series(scrape: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    sample(scrape, name, labels).unwrap_or(0.0)
+}
+
+/// The value of the series `name{labels}` in a scrape, `None` when absent
+/// (labels in the exporter's order, as for [`series`]).
+pub fn sample(scrape: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let selector = if labels.is_empty() {
         name.to_owned()
     } else {
         let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
         format!("{name}{{{}}}", labels.join(","))
     };
-    scrape
-        .lines()
-        .find_map(|line| {
-            let value = line.strip_prefix(&selector)?.strip_prefix(' ')?;
-            Some(value.trim().parse().expect("a numeric sample"))
-        })
-        .unwrap_or(0.0)
+    scrape.lines().find_map(|line| {
+        let value = line.strip_prefix(&selector)?.strip_prefix(' ')?;
+        Some(value.trim().parse().expect("a numeric sample"))
+    })
 }
 
 impl TestApp {
