@@ -488,11 +488,26 @@ async fn advice_and_index_creation_refuse_bad_input_without_running_it() {
     }
     let status = admin.advise_indexes(advise("", 12345)).await.unwrap_err();
     assert_error(&status, Code::NotFound, "STATEMENT_NOT_FOUND");
+    // A write is planned, never run.
+    let planned = admin
+        .advise_indexes(advise("DELETE FROM planted_orders WHERE amount = $1", 0))
+        .await
+        .expect("a DELETE is planned")
+        .into_inner();
+    let keys: Vec<Vec<String>> = planned.candidates.into_iter().map(|c| c.columns).collect();
+    assert_eq!(keys, [["amount"]]);
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM planted_orders")
         .fetch_one(&app.db)
         .await
         .unwrap();
-    assert_eq!(rows, 10, "the table is still there");
+    assert_eq!(rows, 10, "the table and its rows are still there");
+    let status = admin
+        .list_active_statements(pb::ListActiveStatementsRequest {
+            min_duration_ms: -1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&status), ["min_duration_ms"]);
 
     let create = |table: &str, columns: &[&str]| pb::CreateIndexRequest {
         table: table.into(),
