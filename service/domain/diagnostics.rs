@@ -227,6 +227,9 @@ impl Diagnostics {
                     })?
             }
         };
+        // A statement run through SQL's PREPARE / EXECUTE (psql, some
+        // drivers) is kept as its PREPARE: plan what it prepares.
+        let statement = prepared_body(&statement).to_owned();
         diagnostics::begin_planning(conn).await?;
         let params = diagnostics::prepare(conn, &statement).await.map_err(|e| {
             match (sqlstate(&e), database_message(&e)) {
@@ -440,6 +443,35 @@ fn pg_pool(name: &'static str, pool: &PgPool) -> PoolStats {
     }
 }
 
+/// The statement a `PREPARE name [(types)] AS statement` prepares; any
+/// other text as it is.
+fn prepared_body(text: &str) -> &str {
+    let trimmed = text.trim_start();
+    let Some(rest) = trimmed
+        .get(..8)
+        .filter(|p| p.eq_ignore_ascii_case("PREPARE "))
+        .map(|_| &trimmed[8..])
+    else {
+        return text;
+    };
+    // The first `AS` word after the name and its parameter types (neither
+    // can contain one as a word of its own).
+    let bytes = rest.as_bytes();
+    let boundary = |i: usize| {
+        bytes
+            .get(i)
+            .is_none_or(|b| b.is_ascii_whitespace() || *b == b')')
+    };
+    (1..rest.len().saturating_sub(2))
+        .find(|&i| {
+            rest.get(i..i + 2)
+                .is_some_and(|w| w.eq_ignore_ascii_case("as"))
+                && boundary(i - 1)
+                && bytes.get(i + 2).is_some_and(u8::is_ascii_whitespace)
+        })
+        .map_or(text, |i| rest[i + 2..].trim_start())
+}
+
 /// The top plan node's total cost, from EXPLAIN's JSON.
 fn total_cost(plan: &serde_json::Value) -> Option<f64> {
     plan.get(0)?.get("Plan")?.get("Total Cost")?.as_f64()
@@ -585,6 +617,20 @@ mod tests {
             filter_columns("(\"code\" = 'it''s n')", &columns),
             cols(&["code"])
         );
+    }
+
+    #[test]
+    fn a_prepare_is_planned_as_the_statement_it_prepares() {
+        assert_eq!(
+            prepared_body("PREPARE q(text, int) AS SELECT * FROM t WHERE a = $1"),
+            "SELECT * FROM t WHERE a = $1"
+        );
+        assert_eq!(prepared_body("prepare alias_q as\n  SELECT 1"), "SELECT 1");
+        assert_eq!(
+            prepared_body("SELECT a AS b FROM t"),
+            "SELECT a AS b FROM t"
+        );
+        assert_eq!(prepared_body("PREPARE q"), "PREPARE q");
     }
 
     #[test]

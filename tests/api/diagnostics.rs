@@ -486,6 +486,27 @@ async fn advice_and_index_creation_refuse_bad_input_without_running_it() {
         let status = admin.advise_indexes(request).await.unwrap_err();
         assert_eq!(violated_fields(&status), [field]);
     }
+    // A statement run through SQL's PREPARE is listed as its PREPARE, and
+    // advised as the statement it prepares.
+    sqlx::raw_sql("PREPARE by_amount(int) AS SELECT id FROM planted_orders WHERE amount = $1; EXECUTE by_amount(3)")
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let prepared = slow_statements(&app)
+        .await
+        .by_total_time
+        .into_iter()
+        .find(|s| s.query.starts_with("PREPARE by_amount"))
+        .expect("the PREPARE is listed");
+    let planned = admin
+        .advise_indexes(advise("", prepared.query_id))
+        .await
+        .expect("the prepared statement is planned")
+        .into_inner();
+    assert_eq!(
+        planned.statement,
+        "SELECT id FROM planted_orders WHERE amount = $1"
+    );
     let status = admin.advise_indexes(advise("", 12345)).await.unwrap_err();
     assert_error(&status, Code::NotFound, "STATEMENT_NOT_FOUND");
     // A write is planned, never run.
