@@ -91,6 +91,12 @@ ensure_postgres() {
   fi
   local major; major=$("$bindir/postgres" --version | sed -E 's/[^0-9]*([0-9]+).*/\1/')
   [ "$major" -ge 15 ] || die "PostgreSQL $major found; 15 or newer is required"
+  # hypopg (hypothetical indexes, for AdminService.AdviseIndexes) for this
+  # major; the migrations create it (and pg_stat_statements, preloaded
+  # below) in each database. No preload needed, so a running server picks
+  # it up as it is.
+  [ -f "/usr/share/postgresql/$major/extension/hypopg.control" ] \
+    || apt_install "postgresql-$major-hypopg"
 
   local base; base=$(pg_data_dir)
   local data=$base/data

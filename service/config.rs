@@ -29,6 +29,7 @@ pub struct Settings {
     pub redis: RedisSettings,
     pub mongodb: MongoSettings,
     pub partitions: PartitionSettings,
+    pub diagnostics: DiagnosticsSettings,
     pub search_log: SearchLogSettings,
     pub analytics: AnalyticsSettings,
     pub analysis: AnalysisSettings,
@@ -45,6 +46,17 @@ pub struct PartitionSettings {
     /// Zero turns the schedule off.
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
+}
+
+/// AdminService's diagnostics: how often table sizes are sampled (their
+/// growth is computed from the samples) and how long samples are kept.
+#[derive(Debug, Clone, Deserialize)]
+pub struct DiagnosticsSettings {
+    /// Zero turns the sampler off.
+    #[serde(with = "humantime_serde")]
+    pub size_sample_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub size_sample_retention: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -66,6 +66,19 @@ pub mod reason {
     pub const ORDER_STATE_CONFLICT: &str = "ORDER_STATE_CONFLICT";
     // Analyses.
     pub const MARKET_ANALYSIS_NOT_FOUND: &str = "MARKET_ANALYSIS_NOT_FOUND";
+    // Diagnostics (AdminService).
+    /// A PostgreSQL extension the RPC needs is not installed in the database
+    /// (metadata `extension`).
+    pub const EXTENSION_MISSING: &str = "EXTENSION_MISSING";
+    pub const STATEMENT_NOT_FOUND: &str = "STATEMENT_NOT_FOUND";
+    pub const BACKEND_NOT_FOUND: &str = "BACKEND_NOT_FOUND";
+    /// A backend that is not one of the service's own: not cancelled.
+    pub const BACKEND_NOT_OWNED: &str = "BACKEND_NOT_OWNED";
+    pub const TABLE_NOT_FOUND: &str = "TABLE_NOT_FOUND";
+    pub const INDEX_ALREADY_EXISTS: &str = "INDEX_ALREADY_EXISTS";
+    /// The service's database user lacks a privilege the RPC needs (e.g.
+    /// owning a table to index it).
+    pub const DATABASE_PRIVILEGE_MISSING: &str = "DATABASE_PRIVILEGE_MISSING";
     // Log events (the `event` field), not error reasons.
     pub const SLOW_QUERY: &str = "SLOW_QUERY";
     pub const N_PLUS_ONE_DETECTED: &str = "N_PLUS_ONE_DETECTED";

@@ -2,12 +2,16 @@
 //! authorization matrix, `startup::services::RPC_ROLES`, checks it before
 //! a call gets here).
 
+use std::time::Duration;
+
 use chrono::{Datelike as _, Utc};
 use tonic::{Request, Response, Status};
 
+use super::{parsed, timestamp};
 use crate::{
-    domain::{analytics::Analytics, partitions::Partitions},
-    error::{Detail, Error, reason},
+    domain::{analytics::Analytics, diagnostics::Diagnostics, partitions::Partitions},
+    error::{Detail, Error, Violations, reason},
+    model::diagnostics::{self as model, AdviceTarget, Identifier, IndexSpec, MAX_INDEX_COLUMNS},
     proto::v1 as pb,
 };
 
@@ -16,6 +20,7 @@ pub use pb::admin_service_server::AdminServiceServer;
 pub struct AdminApi {
     pub(crate) partitions: Partitions,
     pub(crate) analytics: Analytics,
+    pub(crate) diagnostics: Diagnostics,
 }
 
 #[tonic::async_trait]
@@ -82,4 +87,286 @@ impl pb::admin_service_server::AdminService for AdminApi {
             duration_ms: started.elapsed().as_secs_f64() * 1000.0,
         }))
     }
+
+    async fn list_slow_statements(
+        &self,
+        request: Request<pb::ListSlowStatementsRequest>,
+    ) -> Result<Response<pb::ListSlowStatementsResponse>, Status> {
+        let limit = parse_list_slow_statements(request.into_inner())?;
+        let (by_total, by_mean) = self.diagnostics.slow_statements(limit).await?;
+        let convert = |list: Vec<model::SlowStatement>| {
+            list.into_iter()
+                .map(|s| pb::SlowStatement {
+                    query_id: s.query_id,
+                    query: s.query,
+                    calls: s.calls,
+                    rows: s.rows,
+                    total_time_ms: s.total_time_ms,
+                    mean_time_ms: s.mean_time_ms,
+                    shared_buffer_hit_ratio: s.shared_buffer_hit_ratio,
+                })
+                .collect()
+        };
+        Ok(Response::new(pb::ListSlowStatementsResponse {
+            by_total_time: convert(by_total),
+            by_mean_time: convert(by_mean),
+        }))
+    }
+
+    async fn list_active_statements(
+        &self,
+        request: Request<pb::ListActiveStatementsRequest>,
+    ) -> Result<Response<pb::ListActiveStatementsResponse>, Status> {
+        let min_duration = parse_list_active_statements(request.into_inner())?;
+        let statements = self.diagnostics.active_statements(min_duration).await?;
+        Ok(Response::new(pb::ListActiveStatementsResponse {
+            statements: statements
+                .into_iter()
+                .map(|s| pb::ActiveStatement {
+                    pid: s.pid,
+                    user: s.user,
+                    application_name: s.application_name,
+                    state: s.state,
+                    wait_event_type: s.wait_event_type,
+                    wait_event: s.wait_event,
+                    duration_ms: s.duration_ms,
+                    query: s.query,
+                    blocked_by: s.blocked_by,
+                    own: s.own,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn cancel_statement(
+        &self,
+        request: Request<pb::CancelStatementRequest>,
+    ) -> Result<Response<pb::CancelStatementResponse>, Status> {
+        let pid = parse_cancel_statement(request.into_inner())?;
+        let cancelled = self.diagnostics.cancel(pid).await?;
+        Ok(Response::new(pb::CancelStatementResponse { cancelled }))
+    }
+
+    async fn get_index_health(
+        &self,
+        _request: Request<pb::GetIndexHealthRequest>,
+    ) -> Result<Response<pb::GetIndexHealthResponse>, Status> {
+        let health = self.diagnostics.index_health().await?;
+        Ok(Response::new(pb::GetIndexHealthResponse {
+            unused_indexes: health
+                .unused
+                .into_iter()
+                .map(|i| pb::UnusedIndex {
+                    table: i.table,
+                    index: i.index,
+                    size_bytes: i.size_bytes,
+                })
+                .collect(),
+            sequential_scan_tables: health
+                .sequential_scans
+                .into_iter()
+                .map(|t| pb::SequentialScanTable {
+                    table: t.table,
+                    seq_scan: t.seq_scan,
+                    idx_scan: t.idx_scan,
+                    seq_tup_read: t.seq_tup_read,
+                    live_rows: t.live_rows,
+                })
+                .collect(),
+            redundant_indexes: health
+                .redundant
+                .into_iter()
+                .map(|i| pb::RedundantIndex {
+                    table: i.table,
+                    index: i.index,
+                    covered_by: i.covered_by,
+                    duplicate: i.duplicate,
+                })
+                .collect(),
+            invalid_indexes: health
+                .invalid
+                .into_iter()
+                .map(|i| pb::InvalidIndex {
+                    table: i.table,
+                    index: i.index,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn advise_indexes(
+        &self,
+        request: Request<pb::AdviseIndexesRequest>,
+    ) -> Result<Response<pb::AdviseIndexesResponse>, Status> {
+        let target = parse_advise_indexes(request.into_inner())?;
+        let advice = self.diagnostics.advise(target).await?;
+        Ok(Response::new(pb::AdviseIndexesResponse {
+            statement: advice.statement,
+            cost_before: advice.cost_before,
+            candidates: advice
+                .candidates
+                .into_iter()
+                .map(|c| pb::IndexCandidate {
+                    table: c.table,
+                    columns: c.columns,
+                    definition: c.definition,
+                    cost_after: c.cost_after,
+                    improvement: c.improvement,
+                    used: c.used,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn create_index(
+        &self,
+        request: Request<pb::CreateIndexRequest>,
+    ) -> Result<Response<pb::CreateIndexResponse>, Status> {
+        let spec = parse_create_index(request.into_inner())?;
+        let (index, definition, took) = self.diagnostics.create_index(spec).await?;
+        Ok(Response::new(pb::CreateIndexResponse {
+            index,
+            definition,
+            duration_ms: took.as_secs_f64() * 1000.0,
+        }))
+    }
+
+    async fn get_table_sizes(
+        &self,
+        request: Request<pb::GetTableSizesRequest>,
+    ) -> Result<Response<pb::GetTableSizesResponse>, Status> {
+        let window = parse_get_table_sizes(request.into_inner())?;
+        let tables = self.diagnostics.table_sizes(window).await?;
+        Ok(Response::new(pb::GetTableSizesResponse {
+            tables: tables
+                .into_iter()
+                .map(|t| pb::TableSize {
+                    table: t.table,
+                    parent: t.parent.unwrap_or_default(),
+                    total_bytes: t.total_bytes,
+                    estimated_rows: t.estimated_rows,
+                    growth_bytes: t.growth.map(|(bytes, _)| bytes),
+                    sampled_since: t.growth.map(|(_, at)| timestamp(at)),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn get_database_health(
+        &self,
+        _request: Request<pb::GetDatabaseHealthRequest>,
+    ) -> Result<Response<pb::GetDatabaseHealthResponse>, Status> {
+        let health = self.diagnostics.database_health().await?;
+        let redis = match health.redis {
+            Some(info) => pb::RedisInfo {
+                available: true,
+                hit_ratio: info.hit_ratio(),
+                used_memory_bytes: info.used_memory_bytes,
+                max_memory_bytes: info.max_memory_bytes,
+                evicted_keys: info.evicted_keys,
+                connected_clients: info.connected_clients,
+                nodes: info.nodes,
+            },
+            None => pb::RedisInfo::default(),
+        };
+        Ok(Response::new(pb::GetDatabaseHealthResponse {
+            buffer_cache_hit_ratio: health.buffer_cache_hit_ratio,
+            connections: health
+                .connections
+                .into_iter()
+                .map(|(state, count)| pb::ConnectionCount { state, count })
+                .collect(),
+            replication_lag_seconds: health.replication_lag_seconds,
+            redis: Some(redis),
+            pools: health
+                .pools
+                .into_iter()
+                .map(|p| pb::PoolStats {
+                    pool: p.pool.to_owned(),
+                    size: p.size,
+                    idle: p.idle,
+                    max: p.max,
+                })
+                .collect(),
+        }))
+    }
+}
+
+// Each diagnostics request, parsed: every field violation collected, or the
+// domain values the handler passes on.
+
+const DEFAULT_STATEMENTS: i64 = 10;
+const MAX_STATEMENTS: i64 = 100;
+const DEFAULT_MIN_DURATION: Duration = Duration::from_secs(1);
+const DEFAULT_GROWTH_HOURS: u64 = 24;
+const MAX_GROWTH_HOURS: i32 = 90 * 24;
+
+/// How many statements per list (0: the default; capped at the maximum).
+pub fn parse_list_slow_statements(r: pb::ListSlowStatementsRequest) -> Result<i64, Error> {
+    match i64::from(r.limit) {
+        0 => Ok(DEFAULT_STATEMENTS),
+        n if n < 0 => Err(Error::invalid(
+            "limit",
+            format!("must be between 0 and {MAX_STATEMENTS}"),
+        )),
+        n => Ok(n.min(MAX_STATEMENTS)),
+    }
+}
+
+/// The threshold a statement must have run for.
+pub fn parse_list_active_statements(r: pb::ListActiveStatementsRequest) -> Result<Duration, Error> {
+    match r.min_duration_ms {
+        0 => Ok(DEFAULT_MIN_DURATION),
+        n if n < 0 => Err(Error::invalid("min_duration_ms", "must not be negative")),
+        n => Ok(Duration::from_millis(n.unsigned_abs())),
+    }
+}
+
+pub fn parse_cancel_statement(r: pb::CancelStatementRequest) -> Result<i32, Error> {
+    if r.pid > 0 {
+        Ok(r.pid)
+    } else {
+        Err(Error::invalid("pid", "must be a positive process id"))
+    }
+}
+
+pub fn parse_advise_indexes(r: pb::AdviseIndexesRequest) -> Result<AdviceTarget, Error> {
+    AdviceTarget::parse(r.query_id, &r.statement)
+        .map_err(|(field, description)| Error::invalid(field, description))
+}
+
+pub fn parse_create_index(r: pb::CreateIndexRequest) -> Result<IndexSpec, Error> {
+    let mut v = Violations::default();
+    let table = v.check("table", Identifier::parse(&r.table));
+    if r.columns.is_empty() || r.columns.len() > MAX_INDEX_COLUMNS {
+        v.add(
+            "columns",
+            format!("must name 1 to {MAX_INDEX_COLUMNS} columns"),
+        );
+    }
+    let columns: Vec<Option<Identifier>> = r
+        .columns
+        .iter()
+        .take(MAX_INDEX_COLUMNS)
+        .enumerate()
+        .map(|(i, c)| v.check(&format!("columns[{i}]"), Identifier::parse(c)))
+        .collect();
+    let columns: Option<Vec<Identifier>> = columns.into_iter().collect();
+    parsed!(v, table, columns);
+    Ok(IndexSpec { table, columns })
+}
+
+/// The growth window.
+pub fn parse_get_table_sizes(r: pb::GetTableSizesRequest) -> Result<Duration, Error> {
+    let hours = match r.growth_window_hours {
+        0 => DEFAULT_GROWTH_HOURS,
+        n if (1..=MAX_GROWTH_HOURS).contains(&n) => n.unsigned_abs().into(),
+        _ => {
+            return Err(Error::invalid(
+                "growth_window_hours",
+                format!("must be between 0 and {MAX_GROWTH_HOURS}"),
+            ));
+        }
+    };
+    Ok(Duration::from_secs(hours * 3600))
 }

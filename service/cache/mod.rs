@@ -76,7 +76,10 @@ use self::{
 use crate::{
     config::{RedisMode, RedisSettings},
     error::{Error, Result},
-    model::deadline::{Deadline, wait_bound},
+    model::{
+        deadline::{Deadline, wait_bound},
+        diagnostics::{PoolStats, RedisInfo},
+    },
     statements,
     telemetry::{DbOperation, DbSpan, DbSystem, Peer},
 };
@@ -424,6 +427,34 @@ impl Cache {
         Some(ok && inner.breaker.is_closed())
     }
 
+    /// Redis `INFO`, summed over the servers that answered (every primary
+    /// of a cluster); `None` when caching is off or Redis did not answer.
+    pub async fn info(&self) -> Option<RedisInfo> {
+        let inner = self.inner.as_ref()?;
+        let reply = inner
+            .guarded("info", async |conn| {
+                redis::cmd("INFO").query_async::<redis::Value>(conn).await
+            })
+            .await?;
+        let mut info = RedisInfo::default();
+        for text in info_replies(reply) {
+            info.add_reply(&text);
+        }
+        (info.nodes > 0).then_some(info)
+    }
+
+    /// The connection pool's size, idle connections and maximum; `None`
+    /// when caching is off.
+    pub fn pool_stats(&self) -> Option<PoolStats> {
+        let status = self.inner.as_ref()?.pool.status();
+        Some(PoolStats {
+            pool: "redis",
+            size: status.size as i64,
+            idle: status.available as i64,
+            max: status.max_size as i64,
+        })
+    }
+
     /// Pool usage and the hit rate per entity, for the metrics endpoint.
     pub fn record_gauges(&self) {
         let Some(inner) = &self.inner else { return };
@@ -452,6 +483,22 @@ impl Cache {
                 metrics::gauge!("cache_hit_rate", "entity" => *name).set(hits / total);
             }
         }
+    }
+}
+
+/// The text of each server's `INFO` reply: one string from a single Redis,
+/// a map of node to string from a cluster.
+fn info_replies(reply: redis::Value) -> Vec<String> {
+    match reply {
+        redis::Value::BulkString(bytes) => vec![String::from_utf8_lossy(&bytes).into_owned()],
+        redis::Value::SimpleString(text) => vec![text],
+        redis::Value::VerbatimString { text, .. } => vec![text],
+        redis::Value::Map(nodes) => nodes
+            .into_iter()
+            .flat_map(|(_, reply)| info_replies(reply))
+            .collect(),
+        redis::Value::Array(replies) => replies.into_iter().flat_map(info_replies).collect(),
+        _ => Vec::new(),
     }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod analytics;
 pub mod catalog;
+pub mod diagnostics;
 pub mod idempotency;
 pub mod market_analyses;
 pub mod orders;

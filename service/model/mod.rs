@@ -62,6 +62,7 @@ pub mod audit;
 pub mod availability;
 pub mod catalog;
 pub mod deadline;
+pub mod diagnostics;
 pub mod idempotency;
 pub mod market_analyses;
 pub mod orders;

@@ -7,6 +7,7 @@
 //! |---|---|---|
 //! | readiness watcher | sets the health entries (`health.rs`) | ends its round |
 //! | partition maintenance | creates partitions ahead and retires old ones, at start-up and every interval | ends its round |
+//! | table-size sampler | samples table and partition sizes (for AdminService's growth), at start-up and every interval | ends its round |
 //! | MongoDB indexes | created at start-up, retried until they are | gives up at once |
 //! | analysis workers | run pending market analyses | end the analysis they run |
 //! | analytics refresher | refreshes the sales view every interval | ends its refresh |
@@ -81,6 +82,17 @@ impl Background {
             move || {
                 let partitions = partitions.clone();
                 async move { partitions.maintain(chrono::Utc::now().date_naive()).await }
+            },
+        ));
+        let diagnostics = services.diagnostics.clone();
+        tracker.spawn(every(
+            "sampling table sizes",
+            diagnostics.size_sample_interval(),
+            true,
+            stopping.clone(),
+            move || {
+                let diagnostics = diagnostics.clone();
+                async move { diagnostics.sample_sizes().await }
             },
         ));
         if let Some(mongo) = pools.mongo.clone() {

@@ -22,7 +22,7 @@ use crate::{
     auth::Role,
     config::Settings,
     domain::{
-        analytics::Analytics, catalog::Catalog, idempotency::KeySweeper,
+        analytics::Analytics, catalog::Catalog, diagnostics::Diagnostics, idempotency::KeySweeper,
         market_analyses::MarketAnalyses, orders::Orders, partitions::Partitions,
         passwords::PasswordHasher, price_history::PriceHistory, profiles::Profiles,
         search::ProductSearch, teams::Teams, users::Users, write::Writes,
@@ -109,6 +109,17 @@ pub const RPC_ROLES: &[(&str, Role)] = &[
     ("/datagate.v1.AdminService/EnsurePartitions", Role::Admin),
     ("/datagate.v1.AdminService/RetirePartitions", Role::Admin),
     ("/datagate.v1.AdminService/RefreshAnalytics", Role::Admin),
+    ("/datagate.v1.AdminService/ListSlowStatements", Role::Admin),
+    (
+        "/datagate.v1.AdminService/ListActiveStatements",
+        Role::Admin,
+    ),
+    ("/datagate.v1.AdminService/CancelStatement", Role::Admin),
+    ("/datagate.v1.AdminService/GetIndexHealth", Role::Admin),
+    ("/datagate.v1.AdminService/AdviseIndexes", Role::Admin),
+    ("/datagate.v1.AdminService/CreateIndex", Role::Admin),
+    ("/datagate.v1.AdminService/GetTableSizes", Role::Admin),
+    ("/datagate.v1.AdminService/GetDatabaseHealth", Role::Admin),
 ];
 
 /// A generated gRPC server with the largest request and response message
@@ -128,6 +139,8 @@ pub(super) struct Services {
     /// For partition maintenance and the analytics refresher.
     pub partitions: Partitions,
     pub analytics: Analytics,
+    /// For the table-size sampler.
+    pub diagnostics: Diagnostics,
     /// Run by the analysis workers.
     pub analyses: MarketAnalyses,
     /// Deletes idempotency keys past their retention.
@@ -171,6 +184,12 @@ impl Services {
         let prices = PriceHistory::new(db.clone(), cache.clone(), mongo.clone());
         let catalog = Catalog::new(&writes);
         let partitions = Partitions::new(db.clone(), settings.partitions.clone());
+        let diagnostics = Diagnostics::new(
+            db.clone(),
+            reads.clone(),
+            cache.clone(),
+            settings.diagnostics.clone(),
+        );
         let analytics = Analytics::new(db.clone(), reads.clone(), cache.clone())
             .with_tasks(tasks.tracker.clone(), tasks.stopping.clone());
         // Market analyses only read PostgreSQL.
@@ -206,6 +225,7 @@ impl Services {
                 AdminServiceServer::new(AdminApi {
                     partitions: partitions.clone(),
                     analytics: analytics.clone(),
+                    diagnostics: diagnostics.clone(),
                 }),
                 max_message
             ))
@@ -221,6 +241,7 @@ impl Services {
             routes,
             partitions,
             analytics,
+            diagnostics,
             analyses,
             key_sweeper,
             search_log: search_log_writer,

@@ -10,6 +10,7 @@
 pub mod analytics;
 pub mod audit;
 pub mod availability;
+pub mod diagnostics;
 pub mod idempotency;
 pub mod orders;
 pub mod outbox;

@@ -323,7 +323,7 @@ impl Control {
     pub fn for_pool(main: &PgPool) -> Self {
         let options = (*main.connect_options())
             .clone()
-            .application_name("datagate-control");
+            .application_name(APPLICATION_NAMES[2]);
         Self {
             pool: PgPoolOptions::new()
                 .min_connections(0)
@@ -358,6 +358,11 @@ impl Control {
     }
 }
 
+/// The `application_name` of the serving pool's connections, the read
+/// replica's and the control pool's: how `pg_stat_activity` tells the
+/// service's own backends (AdminService cancels only those).
+pub const APPLICATION_NAMES: [&str; 3] = ["datagate", "datagate-reads", "datagate-control"];
+
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
@@ -368,7 +373,13 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 /// Its statements have no time limit: this is the pool of the command line
 /// (migrations, seeding). The server uses [`pool_for_calls`].
 pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
-    pool_at(settings, &settings.url, "database.url", "datagate", None)
+    pool_at(
+        settings,
+        &settings.url,
+        "database.url",
+        APPLICATION_NAMES[0],
+        None,
+    )
 }
 
 /// The serving pool: like [`pool`], and every connection starts with
@@ -383,7 +394,7 @@ pub fn pool_for_calls(
         settings,
         &settings.url,
         "database.url",
-        "datagate",
+        APPLICATION_NAMES[0],
         Some(longest_call),
     )
 }
@@ -440,7 +451,7 @@ impl Reads {
                 settings,
                 &settings.read_url,
                 "database.read_url",
-                "datagate-reads",
+                APPLICATION_NAMES[1],
                 connection_default(primary.connect_options().get_options()),
             )?,
             replica: true,

@@ -14,6 +14,7 @@ mod catalog;
 mod connections;
 mod deadlines;
 mod detection;
+mod diagnostics;
 mod documents;
 mod idempotency;
 mod invalidation;
