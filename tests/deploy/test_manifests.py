@@ -176,8 +176,11 @@ def tls_enabled(docs: list[dict]) -> bool:
 
 
 def health_port(docs: list[dict]) -> int:
+    """The plaintext health port the pod serves; 0 where it serves none
+    (unset in the defaults means none)."""
     env = effective_env(docs, app_container(docs))
-    return int(env.get("DATAGATE__SERVER__HEALTH_PORT", compiled_defaults()["server"]["health_port"]))
+    default = compiled_defaults()["server"].get("health_port", 0)
+    return int(env.get("DATAGATE__SERVER__HEALTH_PORT", default))
 
 
 def probe_port(docs: list[dict]) -> int:
