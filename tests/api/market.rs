@@ -408,13 +408,13 @@ async fn market_analyses_has_an_index_per_query_and_a_ttl_for_finished_ones_crea
             // A caller's list, newest first, by (created_ms, _id) ...
             (
                 "list_by_caller".to_owned(),
-                doc! { "caller": 1, "created_ms": -1, "_id": -1 },
+                doc! { "caller": 1, "created_ms": -1 },
                 None
             ),
             // ... and of one status.
             (
                 "list_by_caller_and_status".to_owned(),
-                doc! { "caller": 1, "status": 1, "created_ms": -1, "_id": -1 },
+                doc! { "caller": 1, "status": 1, "created_ms": -1 },
                 None
             ),
             // Deduplication: the newest analysis with the same parameters.
@@ -433,11 +433,8 @@ async fn market_analyses_has_an_index_per_query_and_a_ttl_for_finished_ones_crea
     );
     // What the server holds: each declared index (and `_id_`), by its key
     // fields and TTL. The test server (nx-27017) keeps neither the names
-    // nor the directions, and drops `_id` from a compound key, so those are
-    // not compared here.
-    let fields = |keys: &mongodb::bson::Document| -> Vec<String> {
-        keys.keys().filter(|k| *k != "_id").cloned().collect()
-    };
+    // nor the directions, so those are not compared here.
+    let fields = |keys: &mongodb::bson::Document| -> Vec<String> { keys.keys().cloned().collect() };
     let mut held: Vec<(Vec<String>, Option<u64>)> = indexes
         .iter()
         .filter(|(name, _, _)| name != "_id_")
