@@ -10,8 +10,8 @@
 //! start-up (the RPC methods, the cache's entities and operations, the
 //! background tasks, ...); series whose labels come from traffic (a
 //! statement's operation, a caller's quota bucket) are registered by their
-//! module for the values its configuration names. `tests/api/metrics.rs`
-//! scrapes a fresh application for them.
+//! module for the values its configuration names. `tests/api/process.rs`
+//! scrapes a fresh process for them.
 
 use std::{future::Future, sync::OnceLock};
 
