@@ -505,6 +505,12 @@ pub async fn table_sizes(conn: &mut PgConnection, since: DateTime<Utc>) -> Resul
         .collect())
 }
 
+/// How long the sampler waits for a table's lock (sizing a table takes
+/// ACCESS SHARE on it: a migration or partition maintenance holding ACCESS
+/// EXCLUSIVE must not keep a pooled connection waiting for long). The round
+/// is retried.
+const SAMPLE_LOCK_TIMEOUT: &str = "SELECT set_config('lock_timeout', '5s', true)";
+
 /// Samples every table's size, unless a sample was taken within `skip_within`
 /// (another replica's round), and deletes samples older than `retention`.
 /// Returns how many rows were sampled.
@@ -513,6 +519,8 @@ pub async fn sample_sizes(
     skip_within: Duration,
     retention: Duration,
 ) -> Result<u64> {
+    let mut tx = conn.begin().await?;
+    sqlx::query(SAMPLE_LOCK_TIMEOUT).execute(&mut *tx).await?;
     let sampled = sqlx::query(&format!(
         "WITH {SIZES} \
          INSERT INTO table_size_samples (table_name, sampled_at, total_bytes) \
@@ -522,15 +530,16 @@ pub async fn sample_sizes(
          ON CONFLICT DO NOTHING"
     ))
     .bind(skip_within.as_secs_f64())
-    .execute(&mut *conn)
+    .execute(&mut *tx)
     .await?
     .rows_affected();
     sqlx::query(
         "DELETE FROM table_size_samples WHERE sampled_at < now() - make_interval(secs => $1)",
     )
     .bind(retention.as_secs_f64())
-    .execute(conn)
+    .execute(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(sampled)
 }
 

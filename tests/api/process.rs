@@ -140,16 +140,16 @@ async fn migrate_status_down_and_up_round_trip() {
 
     run(&["migrate", "down"]).await;
     assert_eq!(
-        table("category_daily_listings").await,
+        table("table_size_samples").await,
         None,
         "one step reverts the newest migration"
     );
     assert_eq!(
-        table("category_daily_sales").await.as_deref(),
-        Some("category_daily_sales"),
+        table("category_daily_listings").await.as_deref(),
+        Some("category_daily_listings"),
         "and only that one"
     );
-    run(&["migrate", "down", "--steps", "7"]).await;
+    run(&["migrate", "down", "--steps", "8"]).await;
     assert_eq!(table("users").await, None, "down removed the tables");
     assert!(!run(&["migrate", "status"]).await.contains("applied"));
 
