@@ -14,7 +14,7 @@ use super::{
 use crate::{
     cache::Entity,
     error::{Detail, Error, Result, Violations, reason},
-    loaders::Loaders,
+    loaders::{Loaders, OrderHeaders, PointReads},
     model::{
         Id,
         audit::Actor,
@@ -101,6 +101,8 @@ pub struct Orders {
     writes: Writes,
     pages: PageTokens,
     users: Users,
+    /// GetOrder's reads of the order's row, batched across calls.
+    reads: PointReads<OrderHeaders>,
 }
 
 impl Orders {
@@ -110,6 +112,7 @@ impl Orders {
             writes: writes.clone(),
             pages,
             users,
+            reads: PointReads::new(writes.db().clone()),
         }
     }
 
@@ -216,12 +219,7 @@ impl Orders {
             .writes
             .cache()
             .get_or_load(Entity::Order, id.get(), || async {
-                let found = retry::postgres(|| async {
-                    let mut conn = store::postgres::acquire(self.writes.db()).await?;
-                    store::orders::find(&mut conn, id).await
-                })
-                .await?;
-                let Some(header) = found else {
+                let Some(header) = self.reads.load(id).await? else {
                     return Ok(None);
                 };
                 Ok(attach_items(&loaders, vec![header]).await?.pop())

@@ -173,16 +173,18 @@ pub async fn set_status(
 
 // --- Reading orders -----------------------------------------------------------
 
-pub async fn find(conn: &mut PgConnection, order_id: Id) -> Result<Option<OrderHeader>> {
-    let order: Option<OrderHeader> = sqlx::query_as(concat!(
-        "SELECT ",
-        order_columns!(),
-        " FROM orders WHERE id = $1"
-    ))
-    .bind(order_id.get())
-    .fetch_optional(conn)
-    .await?;
-    Ok(order)
+/// The orders among `ids`, in no particular order.
+pub async fn find_many(conn: &mut PgConnection, order_ids: &[Id]) -> Result<Vec<OrderHeader>> {
+    rows_for_ids(
+        conn,
+        concat!(
+            "SELECT ",
+            order_columns!(),
+            " FROM orders WHERE id = ANY($1)"
+        ),
+        order_ids,
+    )
+    .await
 }
 
 /// Orders matching `filter`, newest first, after the keyset position `after`.
