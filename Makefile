@@ -4,7 +4,7 @@
 # failure there stops the target.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
-.PHONY: help run test test-faults lint smoke fuzz bench-n1 bench-cache bench-search bench-analytics bench bench-quick env-up env-down
+.PHONY: help run test test-faults lint smoke fuzz bench-n1 bench-cache bench-search bench-analytics bench bench-quick bench-writes env-up env-down
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -44,8 +44,12 @@ bench-search: ## SearchProducts over one million products, uncached and cached (
 bench-analytics: ## GetCategoryMetrics and GetRevenueTrend over two million orders (release build)
 	@. scripts/lib.sh && dev_env_up && cargo bench --bench analytics
 
-bench: ## The standard suite: the release service on a generated dataset, driven by datagate-bench (under 15 min, a cold release build included)
+bench: ## The standard suite: the release service on a generated dataset, driven by datagate-bench (under 15 min, a cold release build included), then bench-writes
 	@scripts/bench-load.sh full
+	@scripts/bench-writes.sh
+
+bench-writes: ## CreateOrder against pgbench TPC-B (-M prepared) at 16 clients, back to back on the same server; prints the ratio (release build)
+	@scripts/bench-writes.sh
 
 bench-quick: ## The same on an empty database, 1 s per scenario, 1 and 4 callers (under 3 min)
 	@scripts/bench-load.sh quick

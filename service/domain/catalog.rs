@@ -5,7 +5,7 @@ use super::write::Writes;
 use crate::{
     cache::{Entity, Family},
     error::{Detail, Error, Result, reason},
-    loaders::cached_products,
+    loaders::{PointReads, Products, cached_products},
     model::{
         Id,
         audit::Actor,
@@ -62,6 +62,8 @@ fn price_measurement(product: &Product) -> Change {
 #[derive(Clone)]
 pub struct Catalog {
     writes: Writes,
+    /// GetProduct's reads, batched across calls.
+    reads: PointReads<Products>,
 }
 
 impl Catalog {
@@ -69,6 +71,7 @@ impl Catalog {
     pub fn new(writes: &Writes) -> Self {
         Self {
             writes: writes.clone(),
+            reads: PointReads::new(writes.db().clone()),
         }
     }
 
@@ -98,12 +101,7 @@ impl Catalog {
     pub async fn get(&self, id: Id) -> Result<Product> {
         self.writes
             .cache()
-            .get_or_load(Entity::Product, id.get(), || {
-                retry::postgres(|| async {
-                    let mut conn = store::postgres::acquire(self.writes.db()).await?;
-                    Ok(store::products::find_many(&mut conn, &[id]).await?.pop())
-                })
-            })
+            .get_or_load(Entity::Product, id.get(), || self.reads.load(id))
             .await?
             .ok_or_else(|| product_not_found(id))
     }

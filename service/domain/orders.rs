@@ -14,7 +14,7 @@ use super::{
 use crate::{
     cache::Entity,
     error::{Detail, Error, Result, Violations, reason},
-    loaders::Loaders,
+    loaders::{Loaders, OrderHeaders, PointReads},
     model::{
         Id,
         audit::Actor,
@@ -22,7 +22,7 @@ use crate::{
         orders::{
             MAX_LINES, MAX_QUANTITY, NewOrder, ORDERS_PER_USER_DEFAULT, ORDERS_PER_USER_MAX, Order,
             OrderCursor, OrderFilter, OrderHeader, OrderItem, OrderLine, OrderStatus,
-            ProductSummary, USERS_PAGE_DEFAULT, USERS_PAGE_MAX, UserWithOrders,
+            USERS_PAGE_DEFAULT, USERS_PAGE_MAX, UserWithOrders,
         },
         paging::{Page, PageRequest, PageSize, PageTokens},
         users::UserFilter,
@@ -101,6 +101,8 @@ pub struct Orders {
     writes: Writes,
     pages: PageTokens,
     users: Users,
+    /// GetOrder's reads of the order's row, batched across calls.
+    reads: PointReads<OrderHeaders>,
 }
 
 impl Orders {
@@ -110,6 +112,7 @@ impl Orders {
             writes: writes.clone(),
             pages,
             users,
+            reads: PointReads::new(writes.db().clone()),
         }
     }
 
@@ -140,57 +143,33 @@ impl Orders {
                 return Ok(order);
             }
 
-            if !store::users::lock_live_user(&mut tx, new.user_id).await? {
-                return Err(user_not_found(new.user_id));
-            }
-            let product_ids: Vec<Id> = new.lines.iter().map(|l| l.product_id).collect();
-            let products = store::orders::product_summaries(&mut tx, &product_ids).await?;
-            let by_id: HashMap<Id, &ProductSummary> = products.iter().map(|p| (p.id, p)).collect();
-            let missing: Vec<Id> = product_ids
-                .iter()
-                .copied()
-                .filter(|id| !by_id.contains_key(id))
-                .collect();
-            if !missing.is_empty() {
-                return Err(products_not_found(&missing, ""));
-            }
-
-            let stock = store::orders::lock_inventory(&mut tx, &product_ids).await?;
+            // Lines in product id order: the order of the inventory locks
+            // and of the items.
             let mut lines = new.lines.clone();
             lines.sort_by_key(|l| l.product_id);
-            for line in &lines {
-                let available = stock.get(&line.product_id).copied().unwrap_or(0);
-                if available < line.quantity {
-                    return Err(insufficient_inventory(
-                        line.product_id,
-                        available.into(),
-                        line.quantity.into(),
-                    ));
-                }
-            }
-            store::orders::take_inventory(&mut tx, &lines).await?;
-
-            let mut items = Vec::with_capacity(lines.len());
-            let mut total: i64 = 0;
-            for line in &lines {
-                let product = by_id[&line.product_id];
+            let placed = store::orders::place(&mut tx, new.user_id, &lines).await?;
+            let Some(header) = placed.first().and_then(|line| line.order()) else {
+                return Err(why_not_placed(&new, &placed));
+            };
+            let mut items = Vec::with_capacity(placed.len());
+            for (line, found) in lines.iter().zip(&placed) {
+                let product = found
+                    .product()
+                    .filter(|p| p.id == line.product_id)
+                    .ok_or_else(|| anyhow::anyhow!("an order was placed without its product"))?;
                 let subtotal = product
                     .price_cents
                     .checked_mul(line.quantity.into())
                     .ok_or_else(|| anyhow::anyhow!("order subtotal overflows"))?;
-                total = total
-                    .checked_add(subtotal)
-                    .ok_or_else(|| anyhow::anyhow!("order total overflows"))?;
                 items.push(OrderItem {
                     product_id: line.product_id,
                     quantity: line.quantity,
                     unit_price_cents: product.price_cents,
                     subtotal_cents: subtotal,
-                    product: Some(product.clone()),
+                    product: Some(product),
                 });
             }
-            let header = store::orders::insert_order(&mut tx, new.user_id, total).await?;
-            store::orders::insert_items(&mut tx, header.id, &items).await?;
+            let total = header.total_cents;
             let order = Order { header, items };
             if let Some(idempotency) = &idempotency {
                 idempotency.save(&mut tx, &order).await?;
@@ -216,12 +195,7 @@ impl Orders {
             .writes
             .cache()
             .get_or_load(Entity::Order, id.get(), || async {
-                let found = retry::postgres(|| async {
-                    let mut conn = store::postgres::acquire(self.writes.db()).await?;
-                    store::orders::find(&mut conn, id).await
-                })
-                .await?;
-                let Some(header) = found else {
+                let Some(header) = self.reads.load(id).await? else {
                     return Ok(None);
                 };
                 Ok(attach_items(&loaders, vec![header]).await?.pop())
@@ -345,6 +319,39 @@ impl Orders {
             next_page_token: users.next_page_token,
         })
     }
+}
+
+/// Why [`store::orders::place`] created no order, from what it found, in
+/// the order the checks are documented: the user, then unknown products (in
+/// request order), then the first line short of stock (in product id order).
+fn why_not_placed(new: &NewOrder, placed: &[store::orders::PlacedLine]) -> Error {
+    if !placed.first().is_some_and(|line| line.user_live) {
+        return user_not_found(new.user_id);
+    }
+    let by_id: HashMap<Id, &store::orders::PlacedLine> =
+        placed.iter().map(|line| (line.product_id, line)).collect();
+    let missing: Vec<Id> = new
+        .lines
+        .iter()
+        .map(|l| l.product_id)
+        .filter(|id| by_id.get(id).is_none_or(|line| line.sku.is_none()))
+        .collect();
+    if !missing.is_empty() {
+        return products_not_found(&missing, "");
+    }
+    for line in placed {
+        let wanted = new
+            .lines
+            .iter()
+            .find(|l| l.product_id == line.product_id)
+            .map_or(0, |l| l.quantity);
+        let available = line.available.unwrap_or(0);
+        if available < wanted {
+            return insufficient_inventory(line.product_id, available.into(), wanted.into());
+        }
+    }
+    anyhow::anyhow!("an order with a live user, known products and enough stock was not placed")
+        .into()
 }
 
 /// Attaches items and product summaries to orders: two batched loads for any

@@ -6,7 +6,7 @@ use super::{passwords::PasswordHasher, write::Writes};
 use crate::{
     cache::Entity,
     error::{Detail, Error, Result, reason},
-    loaders::cached_users,
+    loaders::{LiveUsers, PointReads, cached_users},
     model::{
         Id,
         audit::Actor,
@@ -52,6 +52,8 @@ pub struct Users {
     writes: Writes,
     pages: PageTokens,
     passwords: PasswordHasher,
+    /// GetUser's reads, batched across calls.
+    reads: PointReads<LiveUsers>,
 }
 
 impl Users {
@@ -62,6 +64,7 @@ impl Users {
             writes: writes.clone(),
             pages,
             passwords,
+            reads: PointReads::new(writes.db().clone()),
         }
     }
 
@@ -90,12 +93,7 @@ impl Users {
     pub async fn get(&self, id: Id) -> Result<User> {
         self.writes
             .cache()
-            .get_or_load(Entity::User, id.get(), || {
-                retry::postgres(|| async {
-                    let mut conn = store::postgres::acquire(self.writes.db()).await?;
-                    store::users::find(&mut conn, id).await
-                })
-            })
+            .get_or_load(Entity::User, id.get(), || self.reads.load(id))
             .await?
             .ok_or_else(|| user_not_found(id))
     }

@@ -19,11 +19,16 @@
 //!   complete), so the waiter loads again: the survivors pay one more query
 //!   and never see the cancellation.
 //!
+//! Point reads (GetUser, GetProduct, GetOrder) are batched **across**
+//! requests instead, by [`PointReads`] (see `point`): concurrent reads of
+//! one entity from different calls share one query.
+//!
 //! The loaders sit below the domain and beside the cache: they read the store
 //! (and the cache, for entities read far more often than they change) and
 //! return model types; they never import the domain.
 
 pub mod orders;
+pub mod point;
 pub mod products;
 pub mod users;
 
@@ -34,9 +39,10 @@ use serde::{Serialize, de::DeserializeOwned};
 use sqlx::{PgConnection, PgPool};
 use tracing::Instrument as _;
 
-pub use orders::Loaders;
-pub use products::{ProductsById, cached_products};
-pub use users::{UserLoader, UsersById, cached_users};
+pub use orders::{Loaders, OrderHeaders};
+pub use point::{PointRead, PointReads};
+pub use products::{Products, ProductsById, cached_products};
+pub use users::{LiveUsers, UserLoader, UsersById, cached_users};
 
 use crate::{
     cache::{Cache, Entity},

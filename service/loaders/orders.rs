@@ -4,11 +4,12 @@
 use std::collections::HashMap;
 
 use dataloader::BatchFn;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
-use super::{BatchLoader, Shared, grouped, per_key, products::ProductsById};
+use super::{BatchLoader, PointRead, Shared, grouped, per_key, products::ProductsById};
 use crate::{
     cache::Cache,
+    error::Result,
     model::{
         Id,
         orders::{OrderHeader, OrderItem, ProductSummary},
@@ -67,5 +68,24 @@ impl Loaders {
             items: BatchLoader::new(ItemsByOrder(db.clone())),
             products: BatchLoader::new(ProductsById { db, cache }),
         }
+    }
+}
+
+/// Order headers by id, batched across calls ([`super::PointReads`]).
+pub struct OrderHeaders;
+
+impl PointRead for OrderHeaders {
+    type Row = OrderHeader;
+    const NAME: &'static str = "order";
+
+    fn id(row: &OrderHeader) -> Id {
+        row.id
+    }
+
+    fn find_many(
+        conn: &mut PgConnection,
+        ids: &[Id],
+    ) -> impl Future<Output = Result<Vec<OrderHeader>>> + Send {
+        store::orders::find_many(conn, ids)
     }
 }

@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 
 use dataloader::BatchFn;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
-use super::{Shared, cached, per_key};
+use super::{PointRead, Shared, cached, per_key};
 use crate::{
     cache::{Cache, Entity},
     error::Result,
@@ -60,5 +60,24 @@ impl BatchFn<Id, Shared<Option<ProductSummary>>> for ProductsById {
                     .collect()
             });
         per_key(keys, found, None)
+    }
+}
+
+/// Products by id, batched across calls ([`super::PointReads`]).
+pub struct Products;
+
+impl PointRead for Products {
+    type Row = Product;
+    const NAME: &'static str = "product";
+
+    fn id(row: &Product) -> Id {
+        row.id
+    }
+
+    fn find_many(
+        conn: &mut PgConnection,
+        ids: &[Id],
+    ) -> impl Future<Output = Result<Vec<Product>>> + Send {
+        store::products::find_many(conn, ids)
     }
 }

@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 
 use dataloader::BatchFn;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
-use super::{BatchLoader, Shared, cached, per_key};
+use super::{BatchLoader, PointRead, Shared, cached, per_key};
 use crate::{
     cache::{Cache, Entity},
     error::Result,
@@ -42,4 +42,23 @@ pub async fn cached_users(db: &PgPool, cache: &Cache, ids: &[Id]) -> Result<Hash
         store::users::find_many,
     )
     .await
+}
+
+/// Live users by id, batched across calls ([`super::PointReads`]).
+pub struct LiveUsers;
+
+impl PointRead for LiveUsers {
+    type Row = User;
+    const NAME: &'static str = "user";
+
+    fn id(row: &User) -> Id {
+        row.id
+    }
+
+    fn find_many(
+        conn: &mut PgConnection,
+        ids: &[Id],
+    ) -> impl Future<Output = Result<Vec<User>>> + Send {
+        store::users::find_many(conn, ids)
+    }
 }

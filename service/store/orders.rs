@@ -1,8 +1,6 @@
 //! SQL for `orders`, `order_items`, `inventory` reservations and
 //! `idempotency_keys`.
 
-use std::collections::HashMap;
-
 use sqlx::{PgConnection, Postgres, QueryBuilder};
 
 use super::{push_created_window, raw_ids, rows_for_ids};
@@ -49,75 +47,132 @@ pub async fn product_summaries(
         .collect())
 }
 
-/// Locks the inventory rows of the products in product id order (the same
-/// order in every transaction, so concurrent orders cannot deadlock) and
-/// returns their quantities.
-pub async fn lock_inventory(
-    conn: &mut PgConnection,
-    product_ids: &[Id],
-) -> Result<HashMap<Id, i32>> {
-    let rows: Vec<(Id, i32)> = rows_for_ids(
-        conn,
-        "SELECT product_id, quantity FROM inventory WHERE product_id = ANY($1) \
-         ORDER BY product_id FOR UPDATE",
-        product_ids,
-    )
-    .await?;
-    Ok(rows.into_iter().collect())
+/// One line of [`place`]'s answer: what the statement found for it, and the
+/// order it created, if it did (the same on every line).
+#[derive(Debug, sqlx::FromRow)]
+pub struct PlacedLine {
+    pub user_live: bool,
+    pub product_id: Id,
+    /// `None`: no such product.
+    pub sku: Option<String>,
+    pub title: Option<String>,
+    pub category: Option<String>,
+    pub price_cents: Option<i64>,
+    /// The stock, locked; `None` when it was not locked (the user or a
+    /// product is missing) or the product has no inventory row.
+    pub available: Option<i32>,
+    pub order_id: Option<Id>,
+    pub order_user_id: Option<Id>,
+    pub order_number: Option<String>,
+    pub status: Option<OrderStatus>,
+    pub total_cents: Option<i64>,
+    pub created_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub updated_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub version: Option<i64>,
 }
 
-/// Decrements the stock of every line in one statement (rows already locked).
-pub async fn take_inventory(conn: &mut PgConnection, lines: &[OrderLine]) -> Result<()> {
-    let products: Vec<i64> = lines.iter().map(|l| l.product_id.get()).collect();
-    let quantities: Vec<i32> = lines.iter().map(|l| l.quantity).collect();
-    sqlx::query(
-        "UPDATE inventory i SET quantity = i.quantity - d.quantity, updated_at = now() \
-         FROM unnest($1::bigint[], $2::int[]) AS d(product_id, quantity) \
-         WHERE i.product_id = d.product_id",
-    )
-    .bind(products)
-    .bind(quantities)
-    .execute(conn)
-    .await?;
-    Ok(())
+impl PlacedLine {
+    /// The line's product, if it exists.
+    pub fn product(&self) -> Option<ProductSummary> {
+        Some(ProductSummary {
+            id: self.product_id,
+            sku: self.sku.clone()?,
+            title: self.title.clone()?,
+            category: self.category.clone()?,
+            price_cents: self.price_cents?,
+        })
+    }
+
+    /// The order the statement created, if it did.
+    pub fn order(&self) -> Option<OrderHeader> {
+        Some(OrderHeader {
+            id: self.order_id?,
+            order_number: self.order_number.clone()?,
+            user_id: self.order_user_id?,
+            status: self.status?,
+            total_cents: self.total_cents?,
+            created_at: self.created_at?,
+            updated_at: self.updated_at?,
+            version: self.version?,
+        })
+    }
 }
 
-pub async fn insert_order(
+/// Places an order in one statement (one round trip): locks the live user
+/// (`FOR SHARE`, against a concurrent deletion), reads the products, locks
+/// their inventory rows in product id order (the same order in every
+/// transaction, so concurrent orders cannot deadlock), and only if the user
+/// is live, every product exists and every line is in stock, takes the
+/// stock and inserts the order and its items (in product id order). One
+/// row per line, in product id order, says what was found and, on every
+/// row, the order if it was created; when it was not, nothing was written.
+///
+/// The order of the steps is the data flow's, as it was in separate
+/// statements: the inventory scan is gated by one-time filters on the user
+/// and product CTEs (evaluated before it starts); the stock update by
+/// `enough`, which reads the locked stock, so nothing is written before
+/// every lock is held; the order insert by the stock update's rows, and the
+/// items insert by the order's, so the rows (and their audit entries) are
+/// written stock, order, items. The writes see
+/// the locked rows' latest versions (READ COMMITTED follows the update
+/// chain of a row it locked), and `inventory_quantity_check` stays the last
+/// word on stock. `lines` must hold each product once.
+pub async fn place(
     conn: &mut PgConnection,
     user_id: Id,
-    total_cents: i64,
-) -> Result<OrderHeader> {
-    let order: OrderHeader = sqlx::query_as(concat!(
-        "INSERT INTO orders (user_id, total) VALUES ($1, $2::bigint / 100.0) RETURNING ",
-        order_columns!()
+    lines: &[OrderLine],
+) -> Result<Vec<PlacedLine>> {
+    let products: Vec<i64> = lines.iter().map(|l| l.product_id.get()).collect();
+    let quantities: Vec<i32> = lines.iter().map(|l| l.quantity).collect();
+    let placed: Vec<PlacedLine> = sqlx::query_as(concat!(
+        "WITH lines AS ( \
+           SELECT product_id, quantity FROM unnest($2::bigint[], $3::int[]) AS l(product_id, quantity)), \
+         live_user AS MATERIALIZED ( \
+           SELECT id FROM users WHERE id = $1::bigint AND deleted_at IS NULL FOR SHARE), \
+         found AS MATERIALIZED ( \
+           SELECT id, sku, title, category, price FROM products WHERE id = ANY($2::bigint[])), \
+         stock AS MATERIALIZED ( \
+           SELECT product_id, quantity FROM inventory \
+           WHERE product_id = ANY($2::bigint[]) \
+             AND (SELECT count(*) FROM live_user) = 1 \
+             AND (SELECT count(*) FROM found) = cardinality($2::bigint[]) \
+           ORDER BY product_id FOR UPDATE), \
+         enough AS MATERIALIZED ( \
+           SELECT (SELECT count(*) FROM stock s JOIN lines l USING (product_id) \
+                   WHERE s.quantity >= l.quantity) = cardinality($2::bigint[]) AS ok), \
+         taken AS ( \
+           UPDATE inventory i SET quantity = i.quantity - l.quantity, updated_at = now() \
+           FROM lines l WHERE (SELECT ok FROM enough) AND i.product_id = l.product_id \
+           RETURNING i.product_id), \
+         new_order AS ( \
+           INSERT INTO orders (user_id, total) \
+           SELECT $1::bigint, sum(f.price * l.quantity) FROM lines l JOIN found f ON f.id = l.product_id \
+           HAVING (SELECT count(*) FROM taken) = cardinality($2::bigint[]) \
+           RETURNING ",
+        order_columns!(),
+        "), \
+         new_items AS ( \
+           INSERT INTO order_items (order_id, product_id, quantity, unit_price) \
+           SELECT o.id, l.product_id, l.quantity, f.price \
+           FROM new_order o CROSS JOIN lines l JOIN found f ON f.id = l.product_id \
+           ORDER BY l.product_id) \
+         SELECT EXISTS (SELECT 1 FROM live_user) AS user_live, l.product_id, \
+                f.sku, f.title, f.category, (f.price * 100)::bigint AS price_cents, \
+                s.quantity AS available, \
+                o.id AS order_id, o.user_id AS order_user_id, o.order_number, o.status, o.total_cents, \
+                o.created_at, o.updated_at, o.version \
+         FROM lines l \
+         LEFT JOIN found f ON f.id = l.product_id \
+         LEFT JOIN stock s ON s.product_id = l.product_id \
+         LEFT JOIN new_order o ON true \
+         ORDER BY l.product_id"
     ))
     .bind(user_id.get())
-    .bind(total_cents)
-    .fetch_one(conn)
-    .await?;
-    Ok(order)
-}
-
-pub async fn insert_items(
-    conn: &mut PgConnection,
-    order_id: Id,
-    items: &[OrderItem],
-) -> Result<()> {
-    let products: Vec<i64> = items.iter().map(|i| i.product_id.get()).collect();
-    let quantities: Vec<i32> = items.iter().map(|i| i.quantity).collect();
-    let prices: Vec<i64> = items.iter().map(|i| i.unit_price_cents).collect();
-    sqlx::query(
-        "INSERT INTO order_items (order_id, product_id, quantity, unit_price) \
-         SELECT $1, d.product_id, d.quantity, d.price / 100.0 \
-         FROM unnest($2::bigint[], $3::int[], $4::bigint[]) AS d(product_id, quantity, price)",
-    )
-    .bind(order_id.get())
     .bind(products)
     .bind(quantities)
-    .bind(prices)
-    .execute(conn)
+    .fetch_all(conn)
     .await?;
-    Ok(())
+    Ok(placed)
 }
 
 /// Locks an order; its status and version.
@@ -173,16 +228,18 @@ pub async fn set_status(
 
 // --- Reading orders -----------------------------------------------------------
 
-pub async fn find(conn: &mut PgConnection, order_id: Id) -> Result<Option<OrderHeader>> {
-    let order: Option<OrderHeader> = sqlx::query_as(concat!(
-        "SELECT ",
-        order_columns!(),
-        " FROM orders WHERE id = $1"
-    ))
-    .bind(order_id.get())
-    .fetch_optional(conn)
-    .await?;
-    Ok(order)
+/// The orders among `ids`, in no particular order.
+pub async fn find_many(conn: &mut PgConnection, order_ids: &[Id]) -> Result<Vec<OrderHeader>> {
+    rows_for_ids(
+        conn,
+        concat!(
+            "SELECT ",
+            order_columns!(),
+            " FROM orders WHERE id = ANY($1)"
+        ),
+        order_ids,
+    )
+    .await
 }
 
 /// Orders matching `filter`, newest first, after the keyset position `after`.

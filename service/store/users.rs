@@ -63,14 +63,6 @@ pub async fn insert(
     Ok(user)
 }
 
-pub async fn find(conn: &mut PgConnection, id: Id) -> Result<Option<User>> {
-    let user: Option<User> = sqlx::query_as(select_users!("WHERE id = $1 AND deleted_at IS NULL"))
-        .bind(id.get())
-        .fetch_optional(conn)
-        .await?;
-    Ok(user)
-}
-
 /// Live users among `ids`, in no particular order.
 pub async fn find_many(conn: &mut PgConnection, ids: &[Id]) -> Result<Vec<User>> {
     rows_for_ids(

@@ -1,5 +1,6 @@
-//! Batched loading: constant statement counts, the N+1 detector, and the
-//! loaders' per-key, error and cancellation semantics.
+//! Batched loading: constant statement counts, the N+1 detector, the
+//! loaders' per-key, error and cancellation semantics, and the same for
+//! point reads batched across calls (with their deadlines).
 
 use std::{future::Future, pin::Pin, sync::Arc, task::Poll, time::Duration};
 
@@ -7,9 +8,10 @@ use datagate::{
     cache::Cache,
     domain::{orders::Orders, passwords::PasswordHasher, users::Users, write::Writes},
     error::Error,
-    loaders::{BatchLoader, ProductsById, UserLoader, UsersById},
+    loaders::{BatchLoader, LiveUsers, PointReads, ProductsById, UserLoader, UsersById},
     model::{
         Id,
+        deadline::Deadline,
         paging::{PageRequest, PageSize, PageTokens},
     },
     statements::{self, RequestLog},
@@ -237,4 +239,204 @@ async fn a_caller_cancelled_mid_batch_does_not_break_the_other_waiters() {
         .expect("B is answered")
         .expect("B is not failed by A's cancellation");
     assert_eq!(product.map(|p| p.id.get()), Some(second.id));
+}
+
+// --- Point reads batched across calls -----------------------------------------
+
+type Read = tokio::task::JoinHandle<datagate::error::Result<Option<datagate::model::users::User>>>;
+
+/// A read of `id` on its own task, as from a call of its own with a
+/// deadline `timeout` from now.
+fn read_user(reads: &PointReads<LiveUsers>, id: i64, timeout: Duration) -> Read {
+    let reads = reads.clone();
+    let id = Id::parse(id).unwrap();
+    tokio::spawn(Deadline::after(timeout).scope(async move { reads.load(id).await }))
+}
+
+const LONG: Duration = Duration::from_secs(30);
+
+/// Holds `users` so that every read of it waits in the database.
+async fn lock_users(db: &PgPool) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut blocker = db.begin().await.unwrap();
+    sqlx::query("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    blocker
+}
+
+/// Waits until `n` reads are queued (not yet in a batch).
+async fn until_queued(reads: &PointReads<LiveUsers>, n: usize) {
+    for _ in 0..400 {
+        if reads.queued() == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("{} reads queued, not {n}", reads.queued());
+}
+
+async fn lock_waiters(db: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .fetch_one(db)
+    .await
+    .unwrap()
+}
+
+#[api_test]
+async fn point_reads_queued_while_a_batch_runs_share_the_next_query_with_per_key_results() {
+    let app = TestApp::spawn().await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            app.create_user(&format!("point{i}@example.com"), &format!("point{i}"))
+                .await
+                .id,
+        );
+    }
+    let missing = 987_654;
+    let reads = PointReads::<LiveUsers>::with_in_flight(app.db.clone(), 1);
+    let blocker = lock_users(&app.db).await;
+
+    // The first read's batch waits in the database; the others, from other
+    // callers, queue meanwhile.
+    let first = read_user(&reads, ids[0], LONG);
+    wait_for_lock_waiter(&app.db).await;
+    let rest: Vec<(i64, Read)> = ids[1..]
+        .iter()
+        .chain([&missing])
+        .map(|id| (*id, read_user(&reads, *id, LONG)))
+        .collect();
+    until_queued(&reads, 5).await;
+    assert_eq!(
+        lock_waiters(&app.db).await,
+        1,
+        "one statement for six reads so far"
+    );
+
+    blocker.rollback().await.unwrap();
+    let found = first.await.unwrap().unwrap().expect("the first user");
+    assert_eq!(found.id.get(), ids[0]);
+    for (id, read) in rest {
+        let found = read.await.unwrap().unwrap();
+        if id == missing {
+            assert!(
+                found.is_none(),
+                "a missing row is not found for its id only"
+            );
+        } else {
+            assert_eq!(found.map(|u| u.id.get()), Some(id));
+        }
+    }
+    assert_eq!(reads.batches(), 2, "the five queued reads shared one query");
+}
+
+#[api_test]
+async fn a_failed_point_read_batch_fails_each_of_its_waiters() {
+    let app = TestApp::spawn().await;
+    // A closed pool: every acquire fails, as with a database that is down.
+    let pool = app.db.clone();
+    pool.close().await;
+    let reads = PointReads::<LiveUsers>::with_in_flight(pool, 1);
+    let blocked = read_user(&reads, 1, LONG);
+    let (a, b) = (read_user(&reads, 2, LONG), read_user(&reads, 3, LONG));
+    for result in [blocked.await.unwrap(), a.await.unwrap(), b.await.unwrap()] {
+        assert!(
+            matches!(result, Err(Error::Unavailable { .. })),
+            "{result:?}"
+        );
+    }
+}
+
+#[api_test]
+async fn a_point_read_caller_that_goes_away_does_not_cancel_the_batch_for_the_others() {
+    let app = TestApp::spawn().await;
+    let a = app.create_user("gone@example.com", "gone").await;
+    let b = app.create_user("stays@example.com", "stays").await;
+    let reads = PointReads::<LiveUsers>::with_in_flight(app.db.clone(), 1);
+    let blocker = lock_users(&app.db).await;
+
+    // A and B queue behind a first read, then share the next batch, which
+    // waits in the database once the first read's caller has gone.
+    let first = read_user(&reads, a.id, LONG);
+    wait_for_lock_waiter(&app.db).await;
+    let (gone, stays) = (read_user(&reads, a.id, LONG), read_user(&reads, b.id, LONG));
+    until_queued(&reads, 2).await;
+    first.abort();
+    until_queued(&reads, 0).await;
+    assert_eq!(reads.batches(), 2);
+    wait_for_lock_waiter(&app.db).await;
+
+    gone.abort();
+    blocker.rollback().await.unwrap();
+    let found = tokio::time::timeout(Duration::from_secs(10), stays)
+        .await
+        .expect("B is answered")
+        .unwrap()
+        .expect("B is not failed by A going away");
+    assert_eq!(found.map(|u| u.id.get()), Some(b.id));
+}
+
+#[api_test]
+async fn a_point_read_batch_whose_callers_all_left_stops_its_statement() {
+    let app = TestApp::spawn().await;
+    let user = app.create_user("left@example.com", "left").await;
+    // The service's own pool: its connections ask PostgreSQL to check the
+    // client while a statement runs.
+    let pool = datagate::store::postgres::pool_for_calls(
+        &app.settings.database,
+        app.settings.server.request_timeout,
+    )
+    .unwrap();
+    let reads = PointReads::<LiveUsers>::with_in_flight(pool, 1);
+    let blocker = lock_users(&app.db).await;
+
+    let read = read_user(&reads, user.id, LONG);
+    wait_for_lock_waiter(&app.db).await;
+    read.abort();
+    // Its connection is closed: PostgreSQL ends the statement while the
+    // lock is still held.
+    let mut waiting = lock_waiters(&app.db).await;
+    for _ in 0..400 {
+        if waiting == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        waiting = lock_waiters(&app.db).await;
+    }
+    assert_eq!(waiting, 0, "the abandoned batch's statement still waits");
+    blocker.rollback().await.unwrap();
+}
+
+#[api_test]
+async fn a_shared_point_read_batch_runs_to_its_longest_deadline_and_each_waiter_to_its_own() {
+    let app = TestApp::spawn().await;
+    let user = app.create_user("deadline@example.com", "deadline").await;
+    let reads = PointReads::<LiveUsers>::with_in_flight(app.db.clone(), 1);
+    let blocker = lock_users(&app.db).await;
+
+    // Both queue behind a first read, whose caller then goes away: they
+    // share the next batch, which waits for the lock.
+    let first = read_user(&reads, user.id, LONG);
+    wait_for_lock_waiter(&app.db).await;
+    let short = read_user(&reads, user.id, Duration::from_millis(300));
+    let long = read_user(&reads, user.id, Duration::from_millis(1500));
+    until_queued(&reads, 2).await;
+    first.abort();
+
+    let short = short.await.unwrap();
+    assert!(
+        matches!(&short, Err(Error::DeadlineExceeded(d)) if d.reason == "DEADLINE_EXCEEDED"),
+        "the short waiter ends at its own deadline: {short:?}"
+    );
+    let long = long.await.unwrap();
+    assert!(
+        matches!(&long, Err(Error::DeadlineExceeded(d)) if d.reason == "QUERY_TIMEOUT"),
+        "the statement ran on for the longer waiter, then timed out in PostgreSQL: {long:?}"
+    );
+    assert_eq!(reads.batches(), 2);
+    blocker.rollback().await.unwrap();
 }

@@ -541,3 +541,76 @@ async fn list_users_with_orders_nests_recent_orders_items_and_products() {
         .unwrap_err();
     assert_eq!(violated_fields(&status), ["orders_per_user", "page_size"]);
 }
+
+/// The round trips of a CreateOrder, counted by the statement log (which
+/// counts every statement sqlx sends, COMMIT included, but not BEGIN).
+#[api_test]
+async fn an_order_is_placed_in_one_statement_between_the_audit_statement_and_commit() {
+    use std::sync::Arc;
+
+    use datagate::{
+        cache::Cache,
+        domain::{
+            orders::{Orders, RawLine, parse_new_order},
+            passwords::PasswordHasher,
+            users::Users,
+            write::Writes,
+        },
+        model::{audit::Actor, paging::PageTokens},
+        statements::{self, RequestLog},
+    };
+    use secrecy::SecretString;
+
+    let app = TestApp::spawn().await;
+    let user = customer(&app).await;
+    let first = app.create_product(500, 10).await;
+    let second = app.create_product(700, 10).await;
+    let writes = Writes::new(app.db.clone(), Cache::disabled());
+    let pages = PageTokens::new(&SecretString::from("p".repeat(32)));
+    let users = Users::new(&writes, pages.clone(), PasswordHasher::new(2));
+    let orders = Orders::new(&writes, pages, users);
+    let lines = [
+        RawLine {
+            product_id: second.id,
+            quantity: 2,
+        },
+        RawLine {
+            product_id: first.id,
+            quantity: 1,
+        },
+    ];
+    let actor = Actor::new("test-orders", None);
+
+    for (request_id, statements) in [("", 3), ("count-round-trips", 5)] {
+        let new = parse_new_order(user.id, &lines, request_id).unwrap();
+        let log = Arc::new(RequestLog::default());
+        let order = statements::scope(log.clone(), orders.create(&actor, new))
+            .await
+            .unwrap();
+        assert_eq!(
+            log.total(),
+            statements,
+            "request id {request_id:?}: {:?}",
+            log.shapes()
+        );
+        assert_eq!(order.header.total_cents, 2 * 700 + 500);
+        let items: Vec<(i64, i32)> = order
+            .items
+            .iter()
+            .map(|i| (i.product_id.get(), i.quantity))
+            .collect();
+        assert_eq!(
+            items,
+            [(first.id, 1), (second.id, 2)],
+            "in product id order"
+        );
+    }
+    let stock: Vec<i32> = sqlx::query_scalar(
+        "SELECT quantity FROM inventory WHERE product_id = ANY($1) ORDER BY product_id",
+    )
+    .bind(vec![first.id, second.id])
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(stock, [8, 6], "two orders took their lines' stock");
+}
