@@ -71,7 +71,7 @@ use self::{
     flight::{Fetched, Flights},
     keys::Keys,
     queue::{MAX_PENDING, Queue},
-    scripts::{Fill, Scripts},
+    scripts::{Fill, Looked, Scripts},
 };
 use crate::{
     config::{RedisMode, RedisSettings},
@@ -150,6 +150,10 @@ struct Inner {
     pending: Queue,
     counters: HashMap<&'static str, Counters>,
     scripts: Scripts,
+    /// This process's fill-lock token: a lock holding it was taken by one of
+    /// this process's calls, whose single flight the others join, so any of
+    /// them may load (see `Inner::load_once`).
+    token: String,
 }
 
 impl Cache {
@@ -183,6 +187,7 @@ impl Cache {
                     .map(|name| (*name, Counters::default()))
                     .collect(),
                 scripts: Scripts::new(),
+                token: uuid::Uuid::new_v4().to_string(),
             })),
         })
     }
@@ -192,7 +197,8 @@ impl Cache {
     }
 
     /// Cache-aside read of one entity: a hit, or one load per key across
-    /// concurrent callers (and replicas), then a fenced fill.
+    /// concurrent callers (and replicas), then a fenced fill. Two round trips
+    /// on a miss (the lookup script, the fill script), one on a hit.
     pub async fn get_or_load<T, F, Fut>(
         &self,
         entity: Entity,
@@ -208,22 +214,15 @@ impl Cache {
             return load().await;
         };
         let key = inner.keys.entity(entity, id);
-        let generation = match inner
-            .lookup(entity.name(), std::slice::from_ref(&key))
-            .await
-        {
-            Some(mut found) => match found.pop() {
-                Some(Lookup::Hit(value)) => return Ok(Some(value)),
-                Some(Lookup::Missing) => return Ok(None),
-                Some(Lookup::Miss(generation)) => Some(generation),
-                None => None,
-            },
+        let missed = match inner.lookup_one(entity.name(), &key).await {
+            Some(One::Hit(value)) => return Ok(Some(value)),
+            Some(One::Missing) => return Ok(None),
+            Some(One::Miss(missed)) => Some(missed),
             None => None,
         };
-
         let fetched = inner
             .flights
-            .run(&key, || inner.load_once(entity, &key, generation, load))
+            .run(&key, || inner.load_once(entity, &key, missed, load))
             .await?;
         // What a flight shares was encoded by its leader, or checked by it
         // (`wait_for_fill`): failing to decode it is a programming error.
@@ -498,6 +497,20 @@ fn own_load(op: &'static str, cause: &'static str) {
     );
 }
 
+/// What the lookup of one key found (see [`Inner::lookup_one`]).
+enum One<T> {
+    Hit(T),
+    Missing,
+    Miss(Missed),
+}
+
+/// A key found absent: its generation when looked up, and whether this
+/// process holds its fill lock (else another replica does).
+struct Missed {
+    generation: String,
+    locked: bool,
+}
+
 enum Lookup<T> {
     Hit(T),
     Missing,
@@ -702,6 +715,57 @@ impl Inner {
         Some(lookups)
     }
 
+    /// Looks one key up with [`LOOKUP`](scripts): its value, or its
+    /// generation and its fill lock (taken when free), in one round trip. A
+    /// value that no longer decodes is a miss (counted in
+    /// `cache_decode_failures_total`): the script runs again past it for the
+    /// generation and the lock, so the caller reads PostgreSQL and refills.
+    /// (Its `op` label stays `mget`, the lookup's, as before the script.)
+    async fn lookup_one<T: DeserializeOwned>(
+        &self,
+        name: &'static str,
+        key: &str,
+    ) -> Option<One<T>> {
+        let lock_ms = self.lock_ttl.as_millis() as u64;
+        let look = async |skip_value| {
+            self.guarded("mget", async |conn| {
+                self.scripts
+                    .lookup(conn, key, &self.token, lock_ms, skip_value)
+                    .await
+            })
+            .await
+        };
+        let mut looked = look(false).await;
+        if let Some(Looked::Stored(bytes)) = &looked {
+            match codec::read::<T>(Some(bytes)) {
+                Stored::Value(value) => {
+                    self.count_lookups(name, 1, 0);
+                    return Some(One::Hit(value));
+                }
+                Stored::NotFound => {
+                    self.count_lookups(name, 1, 0);
+                    return Some(One::Missing);
+                }
+                Stored::Undecodable => {
+                    self.count_decode_failures(name, 1);
+                    looked = look(true).await;
+                }
+                Stored::Absent => looked = look(true).await,
+            }
+        }
+        match looked {
+            Some(Looked::Absent { generation, locked }) => {
+                self.count_lookups(name, 0, 1);
+                Some(One::Miss(Missed { generation, locked }))
+            }
+            // Unreachable: skipping the value, the script never returns one.
+            Some(Looked::Stored(_)) | None => {
+                self.count_bypass(name, 1);
+                None
+            }
+        }
+    }
+
     /// Looks a query entry up with its family's generation, in one MGET. A
     /// current entry that no longer decodes is a miss (counted in
     /// `cache_decode_failures_total`), recomputed and refilled.
@@ -783,13 +847,14 @@ impl Inner {
         }
     }
 
-    /// The leader of a single flight: take the cross-replica lock (or wait
-    /// for the replica holding it to fill the key), load, fill, unlock.
+    /// The leader of a single flight: unless this process holds the
+    /// cross-replica lock its lookup took, wait for the replica holding it
+    /// to fill the key; else load, then fill and unlock in one script.
     async fn load_once<T, F, Fut>(
         &self,
         entity: Entity,
         key: &str,
-        generation: Option<String>,
+        missed: Option<Missed>,
         load: F,
     ) -> Result<Fetched>
     where
@@ -797,28 +862,9 @@ impl Inner {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<T>>>,
     {
-        let lock_key = keys::lock_of(key);
-        let token = uuid::Uuid::new_v4().to_string();
-        let lock_ms = self.lock_ttl.as_millis() as u64;
-        // Without a generation the lookup failed: Redis is not usable now.
-        let locked: Option<Option<String>> = match generation {
-            Some(_) => {
-                self.guarded("lock", async |conn| {
-                    redis::cmd("SET")
-                        .arg(&lock_key)
-                        .arg(&token)
-                        .arg("NX")
-                        .arg("PX")
-                        .arg(lock_ms)
-                        .query_async(conn)
-                        .await
-                })
-                .await
-            }
-            None => None,
-        };
-        if let Some(None) = locked
-            && let Some(fetched) = self.wait_for_fill::<T>(entity, key, &lock_key).await
+        // Without a lookup Redis is not usable now: load, and fill nothing.
+        if let Some(Missed { locked: false, .. }) = missed
+            && let Some(fetched) = self.wait_for_fill::<T>(entity, key).await
         {
             return Ok(fetched);
         }
@@ -830,35 +876,37 @@ impl Inner {
         } else {
             Fetched::Missing
         };
-        if let Some(generation) = generation {
+        if let Some(Missed { generation, .. }) = missed {
             let fill = Fill::entity(key.to_owned(), generation, payload, ttl_ms);
-            self.fill(entity.name(), vec![fill]).await;
-        }
-        if let Some(Some(_)) = locked {
-            let _: Option<u64> = self
-                .guarded("unlock", async |conn| {
-                    self.scripts.unlock(conn, &lock_key, &token).await
+            let filled: Option<u64> = self
+                .guarded("fill", async |conn| {
+                    self.scripts.fill_one(conn, &fill, &self.token).await
                 })
                 .await;
+            if let Some(filled) = filled {
+                metrics::counter!("cache_fills_total", "entity" => entity.name()).increment(filled);
+            }
         }
         Ok(fetched)
     }
 
     /// Another replica holds the fill lock: poll until it fills the key, or
-    /// until its lock is gone or expires, or it filled a value this build
-    /// cannot decode (then the caller loads itself).
+    /// until its lock is gone, expires or is this process's (one of its
+    /// calls took it since), or it filled a value this build cannot decode
+    /// (then the caller loads itself).
     async fn wait_for_fill<T: DeserializeOwned>(
         &self,
         entity: Entity,
         key: &str,
-        lock_key: &str,
     ) -> Option<Fetched> {
+        let lock_key = keys::lock_of(key);
         let deadline = Instant::now() + self.lock_ttl;
         let mut pause = Duration::from_millis(5);
         while Instant::now() < deadline {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(100));
-            let values: Vec<Option<Vec<u8>>> = self.mget("poll", &[key, lock_key][..]).await?;
+            let values: Vec<Option<Vec<u8>>> =
+                self.mget("poll", &[key, lock_key.as_str()][..]).await?;
             let mut values = values.into_iter();
             let (value, lock) = (values.next().flatten(), values.next().flatten());
             let stored = codec::read::<T>(value.as_deref());
@@ -869,7 +917,12 @@ impl Inner {
                     self.count_decode_failures(entity.name(), 1);
                     return None;
                 }
-                Stored::Absent if value.is_none() && lock.is_none() => return None,
+                Stored::Absent
+                    if value.is_none()
+                        && lock.as_deref().is_none_or(|l| l == self.token.as_bytes()) =>
+                {
+                    return None;
+                }
                 Stored::Absent => {}
             }
         }

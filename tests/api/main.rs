@@ -28,6 +28,7 @@ mod readiness;
 mod redis_tls;
 mod replica;
 mod retries;
+mod round_trips;
 mod search;
 mod seed;
 mod server;
