@@ -15,7 +15,9 @@
 //! - `breaker`: the circuit breaker (**fail-open**);
 //! - `flight`: single flight within this process;
 //! - `queue`: the invalidation queue (**writes never fail because of
-//!   Redis**).
+//!   Redis**);
+//! - `near`: the in-process tier for bounded-staleness reads, kept coherent
+//!   by the invalidation messages the invalidation script publishes.
 //!
 //! **Query results** (search pages) depend on many rows, so no row's write
 //! can name their keys. They belong to a [`Family`] with one generation
@@ -46,6 +48,7 @@ mod codec;
 mod connection;
 mod flight;
 mod keys;
+mod near;
 mod queue;
 mod scripts;
 mod tls;
@@ -70,6 +73,7 @@ use self::{
     connection::{Conn, Failure, Pool},
     flight::{Fetched, Flights},
     keys::Keys,
+    near::Near,
     queue::{MAX_PENDING, Queue},
     scripts::{Fill, Looked, Scripts},
 };
@@ -150,6 +154,10 @@ struct Inner {
     pending: Queue,
     counters: HashMap<&'static str, Counters>,
     scripts: Scripts,
+    /// The near cache (`redis.near_max_bytes` zero: none), and how to reach
+    /// the nodes its subscriber may listen on.
+    near: Option<Arc<Near>>,
+    subscriber: Vec<deadpool_redis::redis::ConnectionInfo>,
     /// This process's fill-lock token: a lock holding it was taken by one of
     /// this process's calls, whose single flight the others join, so any of
     /// them may load (see `Inner::load_once`).
@@ -166,10 +174,23 @@ impl Cache {
         if url.is_empty() {
             return Ok(Self::disabled());
         }
+        let keys = Keys::new(&settings.key_prefix, settings.mode == RedisMode::Cluster);
+        let near = (settings.near_max_bytes > 0).then(|| {
+            Arc::new(Near::new(
+                settings.near_max_bytes,
+                settings.near_max_staleness,
+                keys.clone(),
+            ))
+        });
         Ok(Self {
             inner: Some(Arc::new(Inner {
                 pool: Pool::new(settings, url)?,
-                keys: Keys::new(&settings.key_prefix, settings.mode == RedisMode::Cluster),
+                subscriber: match near {
+                    Some(_) => connection::subscriber_infos(settings, url)?,
+                    None => Vec::new(),
+                },
+                near,
+                keys,
                 command_timeout: settings.command_timeout,
                 ignore_late_by: settings.breaker_ignore_late_by,
                 ttl: settings.ttl,
@@ -194,6 +215,77 @@ impl Cache {
 
     pub fn is_enabled(&self) -> bool {
         self.inner.is_some()
+    }
+
+    /// The near cache's invalidation subscriber, to run until `stopping`
+    /// (`None` without a near cache). Until it has subscribed, bounded
+    /// reads are served as strong ones.
+    pub fn near_subscriber(
+        &self,
+        stopping: tokio_util::sync::CancellationToken,
+    ) -> anyhow::Result<Option<impl Future<Output = ()> + Send + 'static>> {
+        let Some(inner) = &self.inner else {
+            return Ok(None);
+        };
+        let Some(near) = inner.near.clone() else {
+            return Ok(None);
+        };
+        let clients = inner
+            .subscriber
+            .iter()
+            .cloned()
+            .map(near::subscriber_client)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("invalid configuration: redis.url: {e}"))?;
+        // Named after the namespace, so that operators can tell replicas'
+        // subscribers apart from other clients in `CLIENT LIST`.
+        let name = format!(
+            "{}:near:{}",
+            inner.keys.prefix(),
+            uuid::Uuid::new_v4().simple()
+        );
+        Ok(Some(near.subscribe(clients, name, stopping)))
+    }
+
+    /// [`get_or_load`](Self::get_or_load) for a call that accepts an answer
+    /// current at most `max_staleness` ago (zero: strong, as
+    /// `get_or_load`). The near cache answers if it holds an entry filled
+    /// within the bound and its invalidation channel is up; else the strong
+    /// read's answer is kept there, stamped with the time it started.
+    pub async fn get_or_load_within<T, F, Fut>(
+        &self,
+        entity: Entity,
+        id: i64,
+        max_staleness: Duration,
+        load: F,
+    ) -> Result<Option<T>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<T>>>,
+    {
+        let near = self.inner.as_ref().and_then(|inner| inner.near.as_ref());
+        let Some(near) = near.filter(|_| !max_staleness.is_zero()) else {
+            return self.get_or_load(entity, id, load).await;
+        };
+        let ticket = match near.read(entity, id, max_staleness) {
+            near::Read::Hit(None) => return Ok(None),
+            near::Read::Hit(Some(bytes)) => match codec::decode(&bytes) {
+                Some(value) => return Ok(Some(value)),
+                // Encoded by this process: cannot happen; read strongly.
+                None => None,
+            },
+            near::Read::Miss(ticket) => ticket,
+        };
+        let value = self.get_or_load(entity, id, load).await?;
+        if let Some(ticket) = ticket {
+            let bytes = match &value {
+                Some(value) => Some(Arc::from(codec::encode(Some(value))?)),
+                None => None,
+            };
+            near.fill(ticket, entity, id, bytes);
+        }
+        Ok(value)
     }
 
     /// Cache-aside read of one entity: a hit, or one load per key across
@@ -395,9 +487,19 @@ impl Cache {
         for key in &keys {
             inner.flights.forget(key);
         }
+        // This replica's near cache at once; the others when the script's
+        // message reaches them.
+        if let Some(near) = &inner.near {
+            for (entity, id) in entries {
+                near.invalidate(*entity, *id);
+            }
+        }
         let applied = inner
             .guarded("invalidate", async |conn| {
-                inner.scripts.invalidate(conn, &keys).await
+                inner
+                    .scripts
+                    .invalidate(conn, &keys, &inner.keys.invalidation_channel())
+                    .await
             })
             .await;
         if applied.is_none() {
@@ -944,10 +1046,21 @@ impl Inner {
             // Generations stay, so in-flight fills stay fenced.
             conn.unlink_matching(&self.keys.namespace_pattern(), keys::is_generation)
                 .await?;
+            // Every replica's near cache goes too: the queued keys are lost.
+            // (An ACL user without PUBLISH has no near cache to flush.)
+            let flushed = redis::cmd("PUBLISH")
+                .arg(self.keys.invalidation_channel())
+                .arg(near::FLUSH_ALL)
+                .query_async::<u64>(&mut *conn)
+                .await;
+            if let Err(error) = flushed {
+                tracing::warn!(error = %error, "near caches not told of the flush");
+            }
         } else {
             for chunk in replay.entries.chunks(500) {
+                let channel = self.keys.invalidation_channel();
                 self.scripts
-                    .invalidate(conn, &self.entity_keys(chunk))
+                    .invalidate(conn, &self.entity_keys(chunk), &channel)
                     .await?;
             }
         }

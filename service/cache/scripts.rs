@@ -43,14 +43,20 @@ for i = 1, #KEYS, 2 do
 end
 return filled";
 
-/// Bumps each key's generation and deletes its value. KEYS: value,
-/// generation (per key); ARGV[1]: generation ttl in ms.
+/// Bumps each key's generation and deletes its value, then publishes the
+/// deleted keys (space-separated) for the replicas' near caches. KEYS:
+/// value, generation (per key); ARGV[1]: generation ttl in ms, ARGV[2]: the
+/// invalidation channel. A failed publish (an ACL user without PUBLISH)
+/// fails nothing: the near caches' bound still holds.
 const INVALIDATE: &str = r"
+local names = {}
 for i = 1, #KEYS, 2 do
   redis.call('INCR', KEYS[i + 1])
   redis.call('PEXPIRE', KEYS[i + 1], ARGV[1])
   redis.call('DEL', KEYS[i])
+  names[#names + 1] = KEYS[i]
 end
+redis.pcall('PUBLISH', ARGV[2], table.concat(names, ' '))
 return #KEYS / 2";
 
 /// Looks one key up. KEYS: value, generation, fill lock; ARGV: this
@@ -196,16 +202,22 @@ impl Scripts {
                 .arg(&fill.payload)
                 .arg(fill.ttl_ms);
         };
-        conn.invoke_each(&self.fill, fills, add, None).await
+        conn.invoke_each(&self.fill, fills, add, &[]).await
     }
 
-    /// Runs [`INVALIDATE`] over entity keys; the number invalidated.
-    pub(super) async fn invalidate(&self, conn: &mut Conn, keys: &[String]) -> RedisResult<u64> {
+    /// Runs [`INVALIDATE`] over entity keys, announcing them on `channel`;
+    /// the number invalidated.
+    pub(super) async fn invalidate(
+        &self,
+        conn: &mut Conn,
+        keys: &[String],
+        channel: &str,
+    ) -> RedisResult<u64> {
         let add = |invocation: &mut ScriptInvocation<'_>, key: &String| {
             invocation.key(key).key(keys::generation_of(key));
         };
-        let ttl = GENERATION_TTL.as_millis() as u64;
-        conn.invoke_each(&self.invalidate, keys, add, Some(ttl))
+        let ttl = GENERATION_TTL.as_millis().to_string();
+        conn.invoke_each(&self.invalidate, keys, add, &[ttl.as_str(), channel])
             .await
     }
 }

@@ -10,6 +10,7 @@ use crate::{
         Id,
         audit::Actor,
         catalog::{NewProduct, Product, ProductPatch},
+        consistency::Consistency,
         in_request_order,
         outbox::Change,
     },
@@ -95,15 +96,20 @@ impl Catalog {
     }
 
     #[tracing::instrument(skip_all, fields(product_id = %id), err(Debug))]
-    pub async fn get(&self, id: Id) -> Result<Product> {
+    pub async fn get(&self, id: Id, consistency: Consistency) -> Result<Product> {
         self.writes
             .cache()
-            .get_or_load(Entity::Product, id.get(), || {
-                retry::postgres(|| async {
-                    let mut conn = store::postgres::acquire(self.writes.db()).await?;
-                    Ok(store::products::find_many(&mut conn, &[id]).await?.pop())
-                })
-            })
+            .get_or_load_within(
+                Entity::Product,
+                id.get(),
+                consistency.max_staleness(),
+                || {
+                    retry::postgres(|| async {
+                        let mut conn = store::postgres::acquire(self.writes.db()).await?;
+                        Ok(store::products::find_many(&mut conn, &[id]).await?.pop())
+                    })
+                },
+            )
             .await?
             .ok_or_else(|| product_not_found(id))
     }

@@ -10,6 +10,7 @@ use crate::{
     model::{
         Id,
         audit::Actor,
+        consistency::Consistency,
         in_request_order,
         outbox::Change,
         paging::{Page, PageRequest, PageTokens},
@@ -86,11 +87,13 @@ impl Users {
         Ok(user)
     }
 
+    /// A live user, read as `consistency` asks (strong: see every
+    /// acknowledged write; bounded: maybe from the near cache).
     #[tracing::instrument(skip_all, fields(user_id = %id), err(Debug))]
-    pub async fn get(&self, id: Id) -> Result<User> {
+    pub async fn get(&self, id: Id, consistency: Consistency) -> Result<User> {
         self.writes
             .cache()
-            .get_or_load(Entity::User, id.get(), || {
+            .get_or_load_within(Entity::User, id.get(), consistency.max_staleness(), || {
                 retry::postgres(|| async {
                     let mut conn = store::postgres::acquire(self.writes.db()).await?;
                     store::users::find(&mut conn, id).await

@@ -187,6 +187,7 @@ impl Services {
                     users,
                     teams,
                     profiles,
+                    max_staleness: settings.redis.near_max_staleness,
                 }),
                 max_message
             ))
@@ -195,6 +196,7 @@ impl Services {
                     catalog,
                     search,
                     prices,
+                    max_staleness: settings.redis.near_max_staleness,
                 }),
                 max_message
             ))

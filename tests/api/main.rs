@@ -19,6 +19,7 @@ mod idempotency;
 mod invalidation;
 mod jwt;
 mod market;
+mod near;
 mod orders;
 mod partitions;
 mod process;

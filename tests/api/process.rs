@@ -222,7 +222,10 @@ async fn sigterm_lets_the_in_flight_call_finish_and_exits_zero() {
 
     for _ in 0..2 {
         users
-            .get_user(pb::GetUserRequest { id: user.id })
+            .get_user(pb::GetUserRequest {
+                id: user.id,
+                ..Default::default()
+            })
             .await
             .unwrap();
     }
@@ -395,7 +398,10 @@ async fn with_an_otlp_endpoint_every_call_is_exported_as_a_server_span() {
 
     let mut users =
         UserServiceClient::with_interceptor(connect(port).await, Bearer(Some(token.into())));
-    let mut request = tonic::Request::new(pb::GetUserRequest { id: 77 });
+    let mut request = tonic::Request::new(pb::GetUserRequest {
+        id: 77,
+        ..Default::default()
+    });
     request
         .metadata_mut()
         .insert("x-request-id", "trace-me-1".parse().unwrap());
@@ -455,7 +461,10 @@ async fn the_rpc_span_is_a_child_of_the_callers_traceparent() {
     let caller_span_id = "00f067aa0ba902b7";
     let mut users =
         UserServiceClient::with_interceptor(connect(port).await, Bearer(Some(token.into())));
-    let mut request = tonic::Request::new(pb::GetUserRequest { id: 77 });
+    let mut request = tonic::Request::new(pb::GetUserRequest {
+        id: 77,
+        ..Default::default()
+    });
     request.metadata_mut().insert(
         "traceparent",
         format!("00-{trace_id}-{caller_span_id}-01")
