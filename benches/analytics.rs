@@ -16,7 +16,7 @@ use datagate::{
     cache::Cache,
     config::Settings,
     domain::{analytics::Analytics, catalog::Catalog, write::Writes},
-    model::Id,
+    model::{Id, consistency::Consistency},
     store::postgres::Reads,
 };
 use sqlx::PgPool;
@@ -118,7 +118,7 @@ async fn main() -> anyhow::Result<()> {
                 let c = c.clone();
                 async move {
                     let id = Id::parse(1 + (i as i64 * 7919) % PRODUCTS).unwrap();
-                    c.get(id).await.expect("product");
+                    c.get(id, Consistency::Strong).await.expect("product");
                 }
             })
             .await;

@@ -21,7 +21,7 @@ use datagate::{
     cache::Cache,
     config::Settings,
     domain::{passwords::PasswordHasher, users::Users, write::Writes},
-    model::{Id, paging::PageTokens},
+    model::{Id, consistency::Consistency, paging::PageTokens},
     statements::{self, RequestLog},
 };
 use secrecy::SecretString;
@@ -83,7 +83,10 @@ async fn drive(
             while started.elapsed() < duration {
                 let id = Id::parse(next_id()).unwrap();
                 let t = Instant::now();
-                users.get(id).await.expect("user exists");
+                users
+                    .get(id, Consistency::Strong)
+                    .await
+                    .expect("user exists");
                 latencies.push(t.elapsed());
             }
             latencies
@@ -152,7 +155,10 @@ async fn run(url: &str, redis_url: &str, namespace: &str) -> anyhow::Result<()> 
     // Warm the hot keys; misses take fresh keys above them, never reused.
     for id in 1..=HOT_KEYS {
         users
-            .get(Id::parse(id).map_err(anyhow::Error::msg)?)
+            .get(
+                Id::parse(id).map_err(anyhow::Error::msg)?,
+                Consistency::Strong,
+            )
             .await?;
     }
     let cold = Arc::new(AtomicUsize::new(HOT_KEYS as usize + 1));
@@ -220,9 +226,12 @@ async fn run(url: &str, redis_url: &str, namespace: &str) -> anyhow::Result<()> 
                     return;
                 };
                 let log = Arc::new(RequestLog::default());
-                statements::scope(log.clone(), users.get(Id::parse(id).unwrap()))
-                    .await
-                    .unwrap();
+                statements::scope(
+                    log.clone(),
+                    users.get(Id::parse(id).unwrap(), Consistency::Strong),
+                )
+                .await
+                .unwrap();
                 total.fetch_add(1, Ordering::Relaxed);
                 if log.cache_hit() == Some(true) {
                     hit_count.fetch_add(1, Ordering::Relaxed);

@@ -19,6 +19,7 @@ use datagate::{
     },
     model::{
         Id,
+        consistency::Consistency,
         paging::{PageRequest, PageTokens},
         search::{SearchFilters, SearchQuery, SearchRequest, SearchSort, SearchText},
     },
@@ -287,7 +288,7 @@ async fn main() -> anyhow::Result<()> {
                     let c = c.clone();
                     async move {
                         let id = Id::parse(1 + (i as i64 * 7919) % PRODUCTS).unwrap();
-                        c.get(id).await.expect("product");
+                        c.get(id, Consistency::Strong).await.expect("product");
                     }
                 },
             )

@@ -203,6 +203,13 @@ pub struct RedisSettings {
     /// (`tls-auth-clients`); both or neither.
     pub tls_cert_file: String,
     pub tls_key_file: String,
+    /// The largest `max_staleness` a read may ask for; near-cache entries
+    /// expire after it (`cache::near`).
+    #[serde(with = "humantime_serde")]
+    pub near_max_staleness: Duration,
+    /// The near cache's memory bound, in bytes of stored values; zero turns
+    /// it off (bounded reads are then served as strong ones).
+    pub near_max_bytes: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -15,6 +15,9 @@ use datagate::{
 };
 use libfuzzer_sys::fuzz_target;
 
+/// The default `redis.near_max_staleness`, for the point reads' parsers.
+const MAX_STALENESS: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Decodes `bytes` as `M` and parses it; what it parses to is dropped.
 fn run<M: prost::Message + Default, T, E>(bytes: &[u8], parse: fn(M) -> Result<T, E>) {
     if let Ok(message) = M::decode(bytes) {
@@ -33,7 +36,7 @@ fn run_ref<M: prost::Message + Default, T, E>(bytes: &[u8], parse: fn(&M) -> Res
 const PARSERS: &[fn(&[u8])] = &[
     // 0..=12: UserService
     |b| run::<pb::CreateUserRequest, _, _>(b, users::parse_new_user),
-    |b| run::<pb::GetUserRequest, _, _>(b, users::parse_get_user),
+    |b| run::<pb::GetUserRequest, _, _>(b, |r| users::parse_get_user(r, MAX_STALENESS)),
     |b| run_ref::<pb::BatchGetUsersRequest, _, _>(b, users::parse_batch_get_users),
     |b| run::<pb::ListUsersRequest, _, _>(b, users::parse_list_users),
     |b| run::<pb::UpdateUserRequest, _, _>(b, users::parse_update_user),
@@ -47,7 +50,7 @@ const PARSERS: &[fn(&[u8])] = &[
     |b| run::<pb::UpdateUserProfileRequest, _, _>(b, users::parse_update_user_profile),
     // 13..=19: CatalogService
     |b| run::<pb::CreateProductRequest, _, _>(b, catalog::parse_create_product),
-    |b| run::<pb::GetProductRequest, _, _>(b, catalog::parse_get_product),
+    |b| run::<pb::GetProductRequest, _, _>(b, |r| catalog::parse_get_product(r, MAX_STALENESS)),
     |b| run_ref::<pb::BatchGetProductsRequest, _, _>(b, catalog::parse_batch_get_products),
     |b| run::<pb::UpdateProductRequest, _, _>(b, catalog::parse_update_product),
     |b| run::<pb::AdjustInventoryRequest, _, _>(b, catalog::parse_adjust_inventory),

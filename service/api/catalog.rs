@@ -1,12 +1,14 @@
 //! `datagate.v1.CatalogService`.
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 use prost_types::FieldMask;
 use tonic::{Request, Response, Status};
 
 use super::{
-    actor, apply_mask, one_id, parse_id, parse_ids, parse_window, parsed, required_version,
-    timestamp,
+    actor, apply_mask, parse_consistency, parse_id, parse_ids, parse_window, parsed,
+    required_version, timestamp,
 };
 use crate::{
     domain::{
@@ -21,6 +23,7 @@ use crate::{
             MAX_ADJUSTMENT, MAX_BATCH, NewProduct, Product, ProductPatch, Sku, Text, parse_count,
             parse_price, parse_rating,
         },
+        consistency::Consistency,
         paging::PageRequest,
         price_history::{Granularity, MAX_RANGE_DAYS},
         search::{MAX_QUERY_CHARS, SearchFilters, SearchRequest, SearchSort, SearchText},
@@ -34,6 +37,8 @@ pub struct CatalogApi {
     pub(crate) catalog: Catalog,
     pub(crate) search: ProductSearch,
     pub(crate) prices: PriceHistory,
+    /// The largest `max_staleness` a GetProduct may ask for.
+    pub(crate) max_staleness: Duration,
 }
 
 #[tonic::async_trait]
@@ -52,8 +57,10 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
         &self,
         request: Request<pb::GetProductRequest>,
     ) -> Result<Response<pb::Product>, Status> {
-        let id = parse_get_product(request.into_inner())?;
-        Ok(Response::new(self.catalog.get(id).await?.into()))
+        let (id, consistency) = parse_get_product(request.into_inner(), self.max_staleness)?;
+        Ok(Response::new(
+            self.catalog.get(id, consistency).await?.into(),
+        ))
     }
 
     async fn batch_get_products(
@@ -180,8 +187,16 @@ pub fn parse_create_product(r: pb::CreateProductRequest) -> Result<NewProduct, E
     })
 }
 
-pub fn parse_get_product(r: pb::GetProductRequest) -> Result<Id, Error> {
-    one_id("id", r.id)
+/// The id, and the consistency asked for (`max_staleness`, at most `max`).
+pub fn parse_get_product(
+    r: pb::GetProductRequest,
+    max: Duration,
+) -> Result<(Id, Consistency), Error> {
+    let mut v = Violations::default();
+    let id = parse_id(&mut v, "id", r.id);
+    let consistency = v.check("max_staleness", parse_consistency(r.max_staleness, max));
+    parsed!(v, id, consistency);
+    Ok((id, consistency))
 }
 
 pub fn parse_batch_get_products(r: &pb::BatchGetProductsRequest) -> Result<Vec<Id>, Error> {

@@ -58,6 +58,14 @@ pub(crate) fn parse_id(v: &mut Violations, field: &str, raw: i64) -> Option<Id> 
     v.check(field, Id::parse(raw))
 }
 
+/// A point read's `max_staleness` (unset or zero: strong), at most `max`.
+pub(crate) fn parse_consistency(
+    max_staleness: Option<prost_types::Duration>,
+    max: std::time::Duration,
+) -> Result<crate::model::consistency::Consistency, String> {
+    crate::model::consistency::Consistency::parse(max_staleness.map(|d| (d.seconds, d.nanos)), max)
+}
+
 /// The id of a request that carries nothing else to parse (violation on `field`).
 pub(crate) fn one_id(field: &str, raw: i64) -> Result<Id, Error> {
     Id::parse(raw).map_err(|e| Error::invalid(field, e))

@@ -1,11 +1,13 @@
 //! `datagate.v1.UserService`.
 
+use std::time::Duration;
+
 use prost_types::FieldMask;
 use tonic::{Request, Response, Status};
 
 use super::{
-    actor, apply_mask, one_id, optional_version, parse_id, parse_ids, parse_page, parse_time_range,
-    parsed, required_version, timestamp,
+    actor, apply_mask, one_id, optional_version, parse_consistency, parse_id, parse_ids,
+    parse_page, parse_time_range, parsed, required_version, timestamp,
 };
 use crate::{
     domain::{
@@ -16,6 +18,7 @@ use crate::{
     error::{Error, Violations},
     model::{
         Id,
+        consistency::Consistency,
         paging::PageRequest,
         passwords::Password,
         profiles::{Address, Preferences, Profile, ProfilePatch},
@@ -34,6 +37,8 @@ pub struct UserApi {
     pub(crate) users: Users,
     pub(crate) teams: Teams,
     pub(crate) profiles: Profiles,
+    /// The largest `max_staleness` a GetUser may ask for.
+    pub(crate) max_staleness: Duration,
 }
 
 #[tonic::async_trait]
@@ -52,8 +57,8 @@ impl pb::user_service_server::UserService for UserApi {
         &self,
         request: Request<pb::GetUserRequest>,
     ) -> Result<Response<pb::User>, Status> {
-        let id = parse_get_user(request.into_inner())?;
-        Ok(Response::new(self.users.get(id).await?.into()))
+        let (id, consistency) = parse_get_user(request.into_inner(), self.max_staleness)?;
+        Ok(Response::new(self.users.get(id, consistency).await?.into()))
     }
 
     async fn batch_get_users(
@@ -178,8 +183,13 @@ impl pb::user_service_server::UserService for UserApi {
 // values the handler passes on. Public for the fuzz targets (`fuzz/`), which
 // run them on arbitrary messages.
 
-pub fn parse_get_user(r: pb::GetUserRequest) -> Result<Id, Error> {
-    one_id("id", r.id)
+/// The id, and the consistency asked for (`max_staleness`, at most `max`).
+pub fn parse_get_user(r: pb::GetUserRequest, max: Duration) -> Result<(Id, Consistency), Error> {
+    let mut v = Violations::default();
+    let id = parse_id(&mut v, "id", r.id);
+    let consistency = v.check("max_staleness", parse_consistency(r.max_staleness, max));
+    parsed!(v, id, consistency);
+    Ok((id, consistency))
 }
 
 pub fn parse_batch_get_users(r: &pb::BatchGetUsersRequest) -> Result<Vec<Id>, Error> {

@@ -96,8 +96,9 @@ struct Args {
     redraw: bool,
 }
 
-const SCENARIOS: [&str; 10] = [
+const SCENARIOS: [&str; 11] = [
     "get_user_hit",
+    "get_user_near",
     "get_user_miss",
     "batch_get_users",
     "list_users_with_orders",
@@ -427,10 +428,26 @@ async fn call(world: &mut World, scenario: &str, i: u64) -> Result<(), Status> {
             };
             world
                 .users
-                .get_user(pb::GetUserRequest { id })
+                .get_user(pb::GetUserRequest {
+                    id,
+                    ..Default::default()
+                })
                 .await
                 .map(drop)
         }
+        // The warm keys of `get_user_hit`, read with a bounded staleness
+        // of one second: served by the near cache (no Redis round trip).
+        "get_user_near" => world
+            .users
+            .get_user(pb::GetUserRequest {
+                id: users[(i % 100) as usize],
+                max_staleness: Some(prost_types::Duration {
+                    seconds: 1,
+                    nanos: 0,
+                }),
+            })
+            .await
+            .map(drop),
         "batch_get_users" => {
             let ids = (0..100).map(|k| pick(i * 100 + k)).collect();
             world
@@ -519,7 +536,10 @@ async fn call(world: &mut World, scenario: &str, i: u64) -> Result<(), Status> {
             let id = products[(i as usize) % products.len()];
             world
                 .catalog
-                .get_product(pb::GetProductRequest { id })
+                .get_product(pb::GetProductRequest {
+                    id,
+                    ..Default::default()
+                })
                 .await
                 .map(drop)
         }

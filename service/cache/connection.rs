@@ -33,7 +33,8 @@ use deadpool_redis::{
     Runtime, Timeouts,
     cluster::{ClusterClient, ClusterClientBuilder, ClusterConnection},
     redis::{
-        self, ErrorKind, IntoConnectionInfo, RedisError, Script, ScriptInvocation, ServerErrorKind,
+        self, ConnectionInfo, ErrorKind, IntoConnectionInfo, RedisError, Script, ScriptInvocation,
+        ServerErrorKind,
         aio::ConnectionLike,
         cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo},
     },
@@ -78,21 +79,7 @@ impl Pool {
         }
         Ok(match settings.mode {
             RedisMode::Single => {
-                let mut info = url.into_connection_info().map_err(|e| invalid(&e))?;
-                let mut login = info.redis_settings().clone();
-                if let Some(username) = username {
-                    login = login.set_username(username);
-                }
-                if let Some(password) = password {
-                    login = login.set_password(password);
-                }
-                info = info.set_redis_settings(login);
-                if let Some(certificates) = certificates {
-                    info = redis::Client::build_with_tls(info, certificates)
-                        .map_err(|e| invalid(&e))?
-                        .get_connection_info()
-                        .clone();
-                }
+                let info = node_info(url, username, password, certificates)?;
                 let manager = deadpool_redis::Manager::new(info).map_err(|e| invalid(&e))?;
                 Self::Single(
                     deadpool_redis::Pool::builder(manager)
@@ -156,6 +143,49 @@ impl Pool {
             Self::Cluster(pool) => pool.status(),
         }
     }
+}
+
+/// How to reach one node (`url`) as the settings' user, over their TLS.
+fn node_info(
+    url: &str,
+    username: Option<&str>,
+    password: Option<&str>,
+    certificates: Option<redis::TlsCertificates>,
+) -> anyhow::Result<ConnectionInfo> {
+    let invalid =
+        |e: &dyn std::fmt::Display| anyhow::anyhow!("invalid configuration: redis.url: {e}");
+    let mut info = url.into_connection_info().map_err(|e| invalid(&e))?;
+    let mut login = info.redis_settings().clone();
+    if let Some(username) = username {
+        login = login.set_username(username);
+    }
+    if let Some(password) = password {
+        login = login.set_password(password);
+    }
+    info = info.set_redis_settings(login);
+    if let Some(certificates) = certificates {
+        info = redis::Client::build_with_tls(info, certificates)
+            .map_err(|e| invalid(&e))?
+            .get_connection_info()
+            .clone();
+    }
+    Ok(info)
+}
+
+/// How to reach each node the near cache may subscribe on: the URL, or
+/// every seed of a cluster (a message published on any node reaches all).
+pub(super) fn subscriber_infos(
+    settings: &RedisSettings,
+    url: &str,
+) -> anyhow::Result<Vec<ConnectionInfo>> {
+    let certificates = tls::certificates(settings, url)?;
+    let username = Some(settings.username.trim()).filter(|u| !u.is_empty());
+    let password = Some(settings.password.expose_secret()).filter(|p| !p.is_empty());
+    url.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|node| node_info(node, username, password, certificates.clone()))
+        .collect()
 }
 
 /// A pooled connection. On a cluster each command goes to the primary of
@@ -240,7 +270,7 @@ impl Conn {
         script: &Script,
         items: &[T],
         add: impl Fn(&mut ScriptInvocation<'_>, &T),
-        tail: Option<u64>,
+        tail: &[&str],
     ) -> redis::RedisResult<u64> {
         if items.is_empty() {
             return Ok(0);
@@ -250,8 +280,8 @@ impl Conn {
             for item in items {
                 add(&mut invocation, item);
             }
-            if let Some(arg) = tail {
-                invocation.arg(arg);
+            for arg in tail {
+                invocation.arg(*arg);
             }
             invocation
         };

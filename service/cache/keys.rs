@@ -35,6 +35,11 @@ impl Keys {
         }
     }
 
+    /// `<key_prefix>:v1`.
+    pub(super) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     pub(super) fn entity(&self, entity: Entity, id: i64) -> String {
         if self.cluster {
             format!("{}:{{{}:{id}}}", self.prefix, entity.name())
@@ -64,6 +69,28 @@ impl Keys {
     /// The one generation counter of `family`.
     pub(super) fn family_generation(&self, family: Family) -> String {
         format!("{}gen", self.query_prefix(family))
+    }
+
+    /// The pub/sub channel of invalidated entity keys (see `near`). Not a
+    /// key: on a cluster, a message published on any node reaches all.
+    pub(super) fn invalidation_channel(&self) -> String {
+        format!("{}:invalidations", self.prefix)
+    }
+
+    /// The entity and id an entity key of this namespace names (the inverse
+    /// of [`entity`](Self::entity)); `None` for any other string.
+    pub(super) fn parse_entity(&self, key: &str) -> Option<(Entity, i64)> {
+        let rest = key.strip_prefix(&self.prefix)?.strip_prefix(':')?;
+        let rest = if self.cluster {
+            rest.strip_prefix('{')?.strip_suffix('}')?
+        } else {
+            rest
+        };
+        let (name, id) = rest.split_once(':')?;
+        let entity = [Entity::User, Entity::Product, Entity::Order]
+            .into_iter()
+            .find(|e| e.name() == name)?;
+        Some((entity, id.parse().ok()?))
     }
 
     /// A `SCAN MATCH` pattern for every key of this namespace.
@@ -178,6 +205,31 @@ mod tests {
         assert!(is_generation(&cluster().family_generation(Family::Search)));
         assert!(!is_generation(&single().entity(Entity::User, 1)));
         assert!(!is_generation(&single().query(Family::Search, "gen")));
+    }
+
+    #[test]
+    fn entity_keys_parse_back_to_their_entity_and_id_and_nothing_else_does() {
+        for keys in [single(), cluster()] {
+            for (entity, id) in [(Entity::User, 42), (Entity::Order, -3)] {
+                assert_eq!(
+                    keys.parse_entity(&keys.entity(entity, id)),
+                    Some((entity, id))
+                );
+            }
+            let user = keys.entity(Entity::User, 42);
+            for other in [
+                generation_of(&user),
+                lock_of(&user),
+                keys.query(Family::Search, "q"),
+                keys.family_generation(Family::Search),
+                Keys::new("other", keys.cluster).entity(Entity::User, 42),
+                "dg:v1:team:1".to_owned(),
+                String::new(),
+            ] {
+                assert_eq!(keys.parse_entity(&other), None, "{other}");
+            }
+        }
+        assert_eq!(single().invalidation_channel(), "dg:v1:invalidations");
     }
 
     #[test]

@@ -15,7 +15,9 @@
 //! - `breaker`: the circuit breaker (**fail-open**);
 //! - `flight`: single flight within this process;
 //! - `queue`: the invalidation queue (**writes never fail because of
-//!   Redis**).
+//!   Redis**);
+//! - `near`: the in-process tier for bounded-staleness reads, kept coherent
+//!   by the invalidation messages the invalidation script publishes.
 //!
 //! **Query results** (search pages) depend on many rows, so no row's write
 //! can name their keys. They belong to a [`Family`] with one generation
@@ -46,6 +48,7 @@ mod codec;
 mod connection;
 mod flight;
 mod keys;
+mod near;
 mod queue;
 mod scripts;
 mod tls;
@@ -70,8 +73,9 @@ use self::{
     connection::{Conn, Failure, Pool},
     flight::{Fetched, Flights},
     keys::Keys,
+    near::Near,
     queue::{MAX_PENDING, Queue},
-    scripts::{Fill, Scripts},
+    scripts::{Fill, Looked, Scripts},
 };
 use crate::{
     config::{RedisMode, RedisSettings},
@@ -157,6 +161,14 @@ struct Inner {
     scripts: Scripts,
     /// The server the command spans name (a cluster's first seed).
     peer: Option<Peer>,
+    /// The near cache (`redis.near_max_bytes` zero: none), and how to reach
+    /// the nodes its subscriber may listen on.
+    near: Option<Arc<Near>>,
+    subscriber: Vec<deadpool_redis::redis::ConnectionInfo>,
+    /// This process's fill-lock token: a lock holding it was taken by one of
+    /// this process's calls, whose single flight the others join, so any of
+    /// them may load (see `Inner::load_once`).
+    token: String,
 }
 
 impl Cache {
@@ -169,10 +181,23 @@ impl Cache {
         if url.is_empty() {
             return Ok(Self::disabled());
         }
+        let keys = Keys::new(&settings.key_prefix, settings.mode == RedisMode::Cluster);
+        let near = (settings.near_max_bytes > 0).then(|| {
+            Arc::new(Near::new(
+                settings.near_max_bytes,
+                settings.near_max_staleness,
+                keys.clone(),
+            ))
+        });
         Ok(Self {
             inner: Some(Arc::new(Inner {
                 pool: Pool::new(settings, url)?,
-                keys: Keys::new(&settings.key_prefix, settings.mode == RedisMode::Cluster),
+                subscriber: match near {
+                    Some(_) => connection::subscriber_infos(settings, url)?,
+                    None => Vec::new(),
+                },
+                near,
+                keys,
                 command_timeout: settings.command_timeout,
                 ignore_late_by: settings.breaker_ignore_late_by,
                 ttl: settings.ttl,
@@ -191,6 +216,7 @@ impl Cache {
                     .collect(),
                 scripts: Scripts::new(),
                 peer: Peer::from_url(DbSystem::Redis, url),
+                token: uuid::Uuid::new_v4().to_string(),
             })),
         })
     }
@@ -199,8 +225,80 @@ impl Cache {
         self.inner.is_some()
     }
 
+    /// The near cache's invalidation subscriber, to run until `stopping`
+    /// (`None` without a near cache). Until it has subscribed, bounded
+    /// reads are served as strong ones.
+    pub fn near_subscriber(
+        &self,
+        stopping: tokio_util::sync::CancellationToken,
+    ) -> anyhow::Result<Option<impl Future<Output = ()> + Send + 'static>> {
+        let Some(inner) = &self.inner else {
+            return Ok(None);
+        };
+        let Some(near) = inner.near.clone() else {
+            return Ok(None);
+        };
+        let clients = inner
+            .subscriber
+            .iter()
+            .cloned()
+            .map(near::subscriber_client)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("invalid configuration: redis.url: {e}"))?;
+        // Named after the namespace, so that operators can tell replicas'
+        // subscribers apart from other clients in `CLIENT LIST`.
+        let name = format!(
+            "{}:near:{}",
+            inner.keys.prefix(),
+            uuid::Uuid::new_v4().simple()
+        );
+        Ok(Some(near.subscribe(clients, name, stopping)))
+    }
+
+    /// [`get_or_load`](Self::get_or_load) for a call that accepts an answer
+    /// current at most `max_staleness` ago (zero: strong, as
+    /// `get_or_load`). The near cache answers if it holds an entry filled
+    /// within the bound and its invalidation channel is up; else the strong
+    /// read's answer is kept there, stamped with the time it started.
+    pub async fn get_or_load_within<T, F, Fut>(
+        &self,
+        entity: Entity,
+        id: i64,
+        max_staleness: Duration,
+        load: F,
+    ) -> Result<Option<T>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<T>>>,
+    {
+        let near = self.inner.as_ref().and_then(|inner| inner.near.as_ref());
+        let Some(near) = near.filter(|_| !max_staleness.is_zero()) else {
+            return self.get_or_load(entity, id, load).await;
+        };
+        let ticket = match near.read(entity, id, max_staleness) {
+            near::Read::Hit(None) => return Ok(None),
+            near::Read::Hit(Some(bytes)) => match codec::decode(&bytes) {
+                Some(value) => return Ok(Some(value)),
+                // Encoded by this process: cannot happen; read strongly.
+                None => None,
+            },
+            near::Read::Miss(ticket) => ticket,
+        };
+        let value = self.get_or_load(entity, id, load).await?;
+        if let Some(ticket) = ticket {
+            let bytes = match &value {
+                Some(value) => Some(Arc::from(codec::encode(Some(value))?)),
+                None => None,
+            };
+            near.fill(ticket, entity, id, bytes);
+        }
+        Ok(value)
+    }
+
     /// Cache-aside read of one entity: a hit, or one load per key across
-    /// concurrent callers (and replicas), then a fenced fill.
+    /// concurrent callers (and replicas), then a fenced fill. Two round trips
+    /// on a miss (the lookup script, the fill script), one on a hit.
     pub async fn get_or_load<T, F, Fut>(
         &self,
         entity: Entity,
@@ -216,22 +314,15 @@ impl Cache {
             return load().await;
         };
         let key = inner.keys.entity(entity, id);
-        let generation = match inner
-            .lookup(entity.name(), std::slice::from_ref(&key))
-            .await
-        {
-            Some(mut found) => match found.pop() {
-                Some(Lookup::Hit(value)) => return Ok(Some(value)),
-                Some(Lookup::Missing) => return Ok(None),
-                Some(Lookup::Miss(generation)) => Some(generation),
-                None => None,
-            },
+        let missed = match inner.lookup_one(entity.name(), &key).await {
+            Some(One::Hit(value)) => return Ok(Some(value)),
+            Some(One::Missing) => return Ok(None),
+            Some(One::Miss(missed)) => Some(missed),
             None => None,
         };
-
         let fetched = inner
             .flights
-            .run(&key, || inner.load_once(entity, &key, generation, load))
+            .run(&key, || inner.load_once(entity, &key, missed, load))
             .await?;
         // What a flight shares was encoded by its leader, or checked by it
         // (`wait_for_fill`): failing to decode it is a programming error.
@@ -404,9 +495,19 @@ impl Cache {
         for key in &keys {
             inner.flights.forget(key);
         }
+        // This replica's near cache at once; the others when the script's
+        // message reaches them.
+        if let Some(near) = &inner.near {
+            for (entity, id) in entries {
+                near.invalidate(*entity, *id);
+            }
+        }
         let applied = inner
             .guarded("invalidate", async |conn| {
-                inner.scripts.invalidate(conn, &keys).await
+                inner
+                    .scripts
+                    .invalidate(conn, &keys, &inner.keys.invalidation_channel())
+                    .await
             })
             .await;
         if applied.is_none() {
@@ -560,6 +661,20 @@ fn own_load(op: &'static str, cause: &'static str) {
         cause,
         "cache skipped for this call: this process is busy"
     );
+}
+
+/// What the lookup of one key found (see [`Inner::lookup_one`]).
+enum One<T> {
+    Hit(T),
+    Missing,
+    Miss(Missed),
+}
+
+/// A key found absent: its generation when looked up, and whether this
+/// process holds its fill lock (else another replica does).
+struct Missed {
+    generation: String,
+    locked: bool,
 }
 
 enum Lookup<T> {
@@ -788,6 +903,57 @@ impl Inner {
         Some(lookups)
     }
 
+    /// Looks one key up with [`LOOKUP`](scripts): its value, or its
+    /// generation and its fill lock (taken when free), in one round trip. A
+    /// value that no longer decodes is a miss (counted in
+    /// `cache_decode_failures_total`): the script runs again past it for the
+    /// generation and the lock, so the caller reads PostgreSQL and refills.
+    /// (Its `op` label stays `mget`, the lookup's, as before the script.)
+    async fn lookup_one<T: DeserializeOwned>(
+        &self,
+        name: &'static str,
+        key: &str,
+    ) -> Option<One<T>> {
+        let lock_ms = self.lock_ttl.as_millis() as u64;
+        let look = async |skip_value| {
+            self.guarded("mget", async |conn| {
+                self.scripts
+                    .lookup(conn, key, &self.token, lock_ms, skip_value)
+                    .await
+            })
+            .await
+        };
+        let mut looked = look(false).await;
+        if let Some(Looked::Stored(bytes)) = &looked {
+            match codec::read::<T>(Some(bytes)) {
+                Stored::Value(value) => {
+                    self.count_lookups(name, 1, 0);
+                    return Some(One::Hit(value));
+                }
+                Stored::NotFound => {
+                    self.count_lookups(name, 1, 0);
+                    return Some(One::Missing);
+                }
+                Stored::Undecodable => {
+                    self.count_decode_failures(name, 1);
+                    looked = look(true).await;
+                }
+                Stored::Absent => looked = look(true).await,
+            }
+        }
+        match looked {
+            Some(Looked::Absent { generation, locked }) => {
+                self.count_lookups(name, 0, 1);
+                Some(One::Miss(Missed { generation, locked }))
+            }
+            // Unreachable: skipping the value, the script never returns one.
+            Some(Looked::Stored(_)) | None => {
+                self.count_bypass(name, 1);
+                None
+            }
+        }
+    }
+
     /// Looks a query entry up with its family's generation, in one MGET. A
     /// current entry that no longer decodes is a miss (counted in
     /// `cache_decode_failures_total`), recomputed and refilled.
@@ -869,13 +1035,14 @@ impl Inner {
         }
     }
 
-    /// The leader of a single flight: take the cross-replica lock (or wait
-    /// for the replica holding it to fill the key), load, fill, unlock.
+    /// The leader of a single flight: unless this process holds the
+    /// cross-replica lock its lookup took, wait for the replica holding it
+    /// to fill the key; else load, then fill and unlock in one script.
     async fn load_once<T, F, Fut>(
         &self,
         entity: Entity,
         key: &str,
-        generation: Option<String>,
+        missed: Option<Missed>,
         load: F,
     ) -> Result<Fetched>
     where
@@ -883,28 +1050,9 @@ impl Inner {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<T>>>,
     {
-        let lock_key = keys::lock_of(key);
-        let token = uuid::Uuid::new_v4().to_string();
-        let lock_ms = self.lock_ttl.as_millis() as u64;
-        // Without a generation the lookup failed: Redis is not usable now.
-        let locked: Option<Option<String>> = match generation {
-            Some(_) => {
-                self.guarded("lock", async |conn| {
-                    redis::cmd("SET")
-                        .arg(&lock_key)
-                        .arg(&token)
-                        .arg("NX")
-                        .arg("PX")
-                        .arg(lock_ms)
-                        .query_async(conn)
-                        .await
-                })
-                .await
-            }
-            None => None,
-        };
-        if let Some(None) = locked
-            && let Some(fetched) = self.wait_for_fill::<T>(entity, key, &lock_key).await
+        // Without a lookup Redis is not usable now: load, and fill nothing.
+        if let Some(Missed { locked: false, .. }) = missed
+            && let Some(fetched) = self.wait_for_fill::<T>(entity, key).await
         {
             return Ok(fetched);
         }
@@ -916,35 +1064,37 @@ impl Inner {
         } else {
             Fetched::Missing
         };
-        if let Some(generation) = generation {
+        if let Some(Missed { generation, .. }) = missed {
             let fill = Fill::entity(key.to_owned(), generation, payload, ttl_ms);
-            self.fill(entity.name(), vec![fill]).await;
-        }
-        if let Some(Some(_)) = locked {
-            let _: Option<u64> = self
-                .guarded("unlock", async |conn| {
-                    self.scripts.unlock(conn, &lock_key, &token).await
+            let filled: Option<u64> = self
+                .guarded("fill", async |conn| {
+                    self.scripts.fill_one(conn, &fill, &self.token).await
                 })
                 .await;
+            if let Some(filled) = filled {
+                metrics::counter!("cache_fills_total", "entity" => entity.name()).increment(filled);
+            }
         }
         Ok(fetched)
     }
 
     /// Another replica holds the fill lock: poll until it fills the key, or
-    /// until its lock is gone or expires, or it filled a value this build
-    /// cannot decode (then the caller loads itself).
+    /// until its lock is gone, expires or is this process's (one of its
+    /// calls took it since), or it filled a value this build cannot decode
+    /// (then the caller loads itself).
     async fn wait_for_fill<T: DeserializeOwned>(
         &self,
         entity: Entity,
         key: &str,
-        lock_key: &str,
     ) -> Option<Fetched> {
+        let lock_key = keys::lock_of(key);
         let deadline = Instant::now() + self.lock_ttl;
         let mut pause = Duration::from_millis(5);
         while Instant::now() < deadline {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(100));
-            let values: Vec<Option<Vec<u8>>> = self.mget("poll", &[key, lock_key][..]).await?;
+            let values: Vec<Option<Vec<u8>>> =
+                self.mget("poll", &[key, lock_key.as_str()][..]).await?;
             let mut values = values.into_iter();
             let (value, lock) = (values.next().flatten(), values.next().flatten());
             let stored = codec::read::<T>(value.as_deref());
@@ -955,7 +1105,12 @@ impl Inner {
                     self.count_decode_failures(entity.name(), 1);
                     return None;
                 }
-                Stored::Absent if value.is_none() && lock.is_none() => return None,
+                Stored::Absent
+                    if value.is_none()
+                        && lock.as_deref().is_none_or(|l| l == self.token.as_bytes()) =>
+                {
+                    return None;
+                }
                 Stored::Absent => {}
             }
         }
@@ -977,10 +1132,21 @@ impl Inner {
             // Generations stay, so in-flight fills stay fenced.
             conn.unlink_matching(&self.keys.namespace_pattern(), keys::is_generation)
                 .await?;
+            // Every replica's near cache goes too: the queued keys are lost.
+            // (An ACL user without PUBLISH has no near cache to flush.)
+            let flushed = redis::cmd("PUBLISH")
+                .arg(self.keys.invalidation_channel())
+                .arg(near::FLUSH_ALL)
+                .query_async::<u64>(&mut *conn)
+                .await;
+            if let Err(error) = flushed {
+                tracing::warn!(error = %error, "near caches not told of the flush");
+            }
         } else {
             for chunk in replay.entries.chunks(500) {
+                let channel = self.keys.invalidation_channel();
                 self.scripts
-                    .invalidate(conn, &self.entity_keys(chunk))
+                    .invalidate(conn, &self.entity_keys(chunk), &channel)
                     .await?;
             }
         }

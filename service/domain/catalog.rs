@@ -10,6 +10,7 @@ use crate::{
         Id,
         audit::Actor,
         catalog::{NewProduct, Product, ProductPatch},
+        consistency::Consistency,
         in_request_order,
         outbox::Change,
     },
@@ -98,10 +99,15 @@ impl Catalog {
     }
 
     #[tracing::instrument(skip_all, fields(product_id = %id), err(level = "info", Debug))]
-    pub async fn get(&self, id: Id) -> Result<Product> {
+    pub async fn get(&self, id: Id, consistency: Consistency) -> Result<Product> {
         self.writes
             .cache()
-            .get_or_load(Entity::Product, id.get(), || self.reads.load(id))
+            .get_or_load_within(
+                Entity::Product,
+                id.get(),
+                consistency.max_staleness(),
+                || self.reads.load(id),
+            )
             .await?
             .ok_or_else(|| product_not_found(id))
     }

@@ -9,6 +9,7 @@ use crate::{
     error::{Detail, Error, Result, Violations, reason},
     model::{
         Id, bounded_text,
+        consistency::Consistency,
         profiles::{Address, MAX_ADDRESSES, Preferences, Profile, ProfilePatch},
     },
 };
@@ -127,7 +128,7 @@ impl Profiles {
     #[tracing::instrument(skip_all, fields(user_id = %id), err(level = "info", Debug))]
     pub async fn get(&self, id: Id) -> Result<Profile> {
         let mongo = self.mongo()?;
-        self.users.get(id).await?;
+        self.users.get(id, Consistency::Strong).await?;
         Ok(store::find(mongo, id.get()).await?.unwrap_or(Profile {
             user_id: id.get(),
             ..Profile::default()
@@ -143,7 +144,7 @@ impl Profiles {
                 "must name at least one of: given_name, family_name, preferences, addresses",
             ));
         }
-        self.users.get(id).await?;
+        self.users.get(id, Consistency::Strong).await?;
         store::update(mongo, id.get(), &patch).await
     }
 }

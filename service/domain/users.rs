@@ -10,6 +10,7 @@ use crate::{
     model::{
         Id,
         audit::Actor,
+        consistency::Consistency,
         in_request_order,
         outbox::Change,
         paging::{Page, PageRequest, PageTokens},
@@ -89,11 +90,15 @@ impl Users {
         Ok(user)
     }
 
+    /// A live user, read as `consistency` asks (strong: see every
+    /// acknowledged write; bounded: maybe from the near cache).
     #[tracing::instrument(skip_all, fields(user_id = %id), err(level = "info", Debug))]
-    pub async fn get(&self, id: Id) -> Result<User> {
+    pub async fn get(&self, id: Id, consistency: Consistency) -> Result<User> {
         self.writes
             .cache()
-            .get_or_load(Entity::User, id.get(), || self.reads.load(id))
+            .get_or_load_within(Entity::User, id.get(), consistency.max_staleness(), || {
+                self.reads.load(id)
+            })
             .await?
             .ok_or_else(|| user_not_found(id))
     }

@@ -61,6 +61,7 @@ pub mod analytics;
 pub mod audit;
 pub mod availability;
 pub mod catalog;
+pub mod consistency;
 pub mod deadline;
 pub mod diagnostics;
 pub mod idempotency;

@@ -16,6 +16,7 @@
 //! | replica catch-up | after an analytics refresh, waits for the read replica, then drops cached analytics | drops them at once |
 //! | metrics server | `/metrics` on its own port | stops accepting, ends open requests |
 //! | TLS reload | reads the certificate files every `server.tls.reload_interval` (`tls.rs`; spawned by `Application::run_until_stopped`) | ends at once |
+//! | near cache subscriber | keeps the near cache's invalidation subscription up (`cache::near`) | unsubscribes, ends at once |
 //! | JWT key refresh | fetches the issuer's key set every interval (`auth::jwt`; spawned in `startup`) | ends at once |
 //!
 //! The search log writer is not here: it must outlive the drain, so it has
@@ -73,6 +74,13 @@ impl Background {
             health,
             stopping.clone(),
         ));
+        match pools.cache.near_subscriber(stopping.clone()) {
+            Ok(Some(subscriber)) => {
+                tracker.spawn(subscriber);
+            }
+            Ok(None) => {}
+            Err(error) => tracing::warn!(error = %error, "no near cache subscriber"),
+        }
         let partitions = services.partitions.clone();
         tracker.spawn(every(
             "partition maintenance",

@@ -206,6 +206,7 @@ impl Services {
                     users,
                     teams,
                     profiles,
+                    max_staleness: settings.redis.near_max_staleness,
                 }),
                 max_message
             ))
@@ -214,6 +215,7 @@ impl Services {
                     catalog,
                     search,
                     prices,
+                    max_staleness: settings.redis.near_max_staleness,
                 }),
                 max_message
             ))

@@ -150,7 +150,10 @@ async fn calls_beyond_the_limit_and_the_queue_are_shed_while_health_and_admin_ca
     }
     app.users_as(Some(&app.writer_token))
         .await
-        .get_user(pb::GetUserRequest { id: user.id })
+        .get_user(pb::GetUserRequest {
+            id: user.id,
+            ..Default::default()
+        })
         .await
         .expect("admitted again");
 }
@@ -178,9 +181,10 @@ async fn a_caller_flooding_the_service_cannot_starve_another() {
     // holds more than its share.
     let answered = tokio::time::timeout(
         Duration::from_secs(5),
-        app.users()
-            .await
-            .get_user(pb::GetUserRequest { id: other.id }),
+        app.users().await.get_user(pb::GetUserRequest {
+            id: other.id,
+            ..Default::default()
+        }),
     )
     .await
     .expect("the other caller is not queued behind the flood")
@@ -195,7 +199,10 @@ async fn a_caller_flooding_the_service_cannot_starve_another() {
     }
     flooder
         .clone()
-        .get_user(pb::GetUserRequest { id: held.id })
+        .get_user(pb::GetUserRequest {
+            id: held.id,
+            ..Default::default()
+        })
         .await
         .expect("admitted again");
 }

@@ -105,7 +105,10 @@ async fn through_the_front_door_a_frozen_redis_turns_the_redis_entry_not_serving
     let (email, username) = unique("breaker");
     let user = app.create_user(&email, &username).await;
     let mut users = app.users().await;
-    let get = pb::GetUserRequest { id: user.id };
+    let get = pb::GetUserRequest {
+        id: user.id,
+        ..Default::default()
+    };
     users.get_user(get).await.unwrap();
     assert!(
         app.redis_get(&app.cache_key("user", user.id))

@@ -38,7 +38,10 @@ fn mask(path: &str) -> Option<FieldMask> {
 async fn get_user(app: &TestApp, id: i64) -> Result<pb::User, tonic::Status> {
     app.users()
         .await
-        .get_user(pb::GetUserRequest { id })
+        .get_user(pb::GetUserRequest {
+            id,
+            ..Default::default()
+        })
         .await
         .map(|r| r.into_inner())
 }
@@ -46,7 +49,10 @@ async fn get_user(app: &TestApp, id: i64) -> Result<pb::User, tonic::Status> {
 async fn get_product(app: &TestApp, id: i64) -> pb::Product {
     app.catalog()
         .await
-        .get_product(pb::GetProductRequest { id })
+        .get_product(pb::GetProductRequest {
+            id,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()

@@ -32,7 +32,10 @@ async fn a_created_product_is_read_back_with_its_inventory() {
     let fetched = app
         .catalog()
         .await
-        .get_product(pb::GetProductRequest { id: created.id })
+        .get_product(pb::GetProductRequest {
+            id: created.id,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

@@ -155,7 +155,10 @@ async fn a_locked_row_under_short_deadlines_leaves_no_backend_waiting_and_the_re
     app.users()
         .await
         .get_user(with_timeout(
-            pb::GetUserRequest { id: user.id },
+            pb::GetUserRequest {
+                id: user.id,
+                ..Default::default()
+            },
             Duration::from_secs(2),
         ))
         .await
@@ -249,6 +252,7 @@ async fn a_read_under_a_short_deadline_times_out_in_postgres_as_query_timeout() 
         .get_user(with_timeout(
             pb::GetUserRequest {
                 id: user.id + 1_000,
+                ..Default::default()
             },
             Duration::from_millis(500),
         ))
@@ -301,6 +305,7 @@ async fn a_pool_wait_ends_at_the_deadline_and_a_saturated_pool_within_it_is_unav
         .get_user(with_timeout(
             pb::GetUserRequest {
                 id: user.id + 1_000,
+                ..Default::default()
             },
             Duration::from_millis(100),
         ))
@@ -316,6 +321,7 @@ async fn a_pool_wait_ends_at_the_deadline_and_a_saturated_pool_within_it_is_unav
         .get_user(with_timeout(
             pb::GetUserRequest {
                 id: user.id + 1_001,
+                ..Default::default()
             },
             Duration::from_secs(3),
         ))

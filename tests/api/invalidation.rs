@@ -40,7 +40,10 @@ async fn next_id(app: &TestApp, table: &str) -> i64 {
 async fn get_user(app: &TestApp, id: i64) -> Result<pb::User, tonic::Status> {
     let mut users = app.users().await;
     users
-        .get_user(pb::GetUserRequest { id })
+        .get_user(pb::GetUserRequest {
+            id,
+            ..Default::default()
+        })
         .await
         .map(|r| r.into_inner())
 }
@@ -48,7 +51,10 @@ async fn get_user(app: &TestApp, id: i64) -> Result<pb::User, tonic::Status> {
 async fn get_product(app: &TestApp, id: i64) -> Result<pb::Product, tonic::Status> {
     let mut catalog = app.catalog().await;
     catalog
-        .get_product(pb::GetProductRequest { id })
+        .get_product(pb::GetProductRequest {
+            id,
+            ..Default::default()
+        })
         .await
         .map(|r| r.into_inner())
 }

@@ -221,7 +221,10 @@ async fn assert_refused(app: &TestApp, token: &str, reason: &str) {
     let status = app
         .users_as(Some(token))
         .await
-        .get_user(pb::GetUserRequest { id: 1 })
+        .get_user(pb::GetUserRequest {
+            id: 1,
+            ..Default::default()
+        })
         .await
         .expect_err("the token is refused");
     assert_error(&status, Code::Unauthenticated, reason);
@@ -347,7 +350,10 @@ async fn a_refusal_is_logged_with_its_reason_and_kid_and_never_the_token() {
     let token = impostor.sign(&issuer.claims("svc"));
     let logs = Logs::capture();
 
-    let (request, request_id) = with_request_id(pb::GetUserRequest { id: 1 });
+    let (request, request_id) = with_request_id(pb::GetUserRequest {
+        id: 1,
+        ..Default::default()
+    });
     let status = app
         .users_as(Some(&token))
         .await

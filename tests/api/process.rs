@@ -379,9 +379,15 @@ async fn ordinary_bad_requests_log_no_error_and_every_line_of_a_call_names_its_r
     let mut record = |id: String, result: Result<(), tonic::Status>| {
         calls.push((id, result.err().map_or(tonic::Code::Ok, |s| s.code())));
     };
-    let (request, id) = with_request_id(pb::GetUserRequest { id: 0 });
+    let (request, id) = with_request_id(pb::GetUserRequest {
+        id: 0,
+        ..Default::default()
+    });
     record(id, users.get_user(request).await.map(drop));
-    let (request, id) = with_request_id(pb::GetUserRequest { id: user.id + 1000 });
+    let (request, id) = with_request_id(pb::GetUserRequest {
+        id: user.id + 1000,
+        ..Default::default()
+    });
     record(id, users.get_user(request).await.map(drop));
     let (request, id) = with_request_id(pb::CreateUserRequest {
         email: "LOGS@example.com".into(),
@@ -409,7 +415,10 @@ async fn ordinary_bad_requests_log_no_error_and_every_line_of_a_call_names_its_r
         ..Default::default()
     });
     record(id, users.delete_user(request).await.map(drop));
-    let (request, id) = with_request_id(pb::GetUserRequest { id: user.id });
+    let (request, id) = with_request_id(pb::GetUserRequest {
+        id: user.id,
+        ..Default::default()
+    });
     let unauthenticated_id = id.clone();
     record(id, strangers.get_user(request).await.map(drop));
     let (request, id) = with_request_id(pb::ListPartitionsRequest {});
@@ -520,7 +529,10 @@ async fn sigterm_lets_the_in_flight_call_finish_and_exits_zero() {
 
     for _ in 0..2 {
         users
-            .get_user(pb::GetUserRequest { id: user.id })
+            .get_user(pb::GetUserRequest {
+                id: user.id,
+                ..Default::default()
+            })
             .await
             .unwrap();
     }
@@ -693,7 +705,10 @@ async fn with_an_otlp_endpoint_every_call_is_exported_as_a_server_span() {
 
     let mut users =
         UserServiceClient::with_interceptor(connect(port).await, Bearer(Some(token.into())));
-    let mut request = tonic::Request::new(pb::GetUserRequest { id: 77 });
+    let mut request = tonic::Request::new(pb::GetUserRequest {
+        id: 77,
+        ..Default::default()
+    });
     request
         .metadata_mut()
         .insert("x-request-id", "trace-me-1".parse().unwrap());
@@ -753,7 +768,10 @@ async fn the_rpc_span_is_a_child_of_the_callers_traceparent() {
     let caller_span_id = "00f067aa0ba902b7";
     let mut users =
         UserServiceClient::with_interceptor(connect(port).await, Bearer(Some(token.into())));
-    let mut request = tonic::Request::new(pb::GetUserRequest { id: 77 });
+    let mut request = tonic::Request::new(pb::GetUserRequest {
+        id: 77,
+        ..Default::default()
+    });
     request.metadata_mut().insert(
         "traceparent",
         format!("00-{trace_id}-{caller_span_id}-01")

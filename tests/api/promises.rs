@@ -250,7 +250,10 @@ async fn an_internal_error_reaches_the_caller_as_a_generic_message_and_is_logged
         .await;
     let logs = Logs::capture();
 
-    let (request, request_id) = with_request_id(pb::GetUserRequest { id: user.id });
+    let (request, request_id) = with_request_id(pb::GetUserRequest {
+        id: user.id,
+        ..Default::default()
+    });
     let status = app.users().await.get_user(request).await.unwrap_err();
 
     assert_error(&status, Code::Internal, "INTERNAL");
@@ -306,7 +309,10 @@ async fn an_empty_redis_url_turns_the_cache_off_and_calls_still_work() {
     for _ in 0..2 {
         assert_eq!(
             users
-                .get_user(pb::GetUserRequest { id: user.id })
+                .get_user(pb::GetUserRequest {
+                    id: user.id,
+                    ..Default::default()
+                })
                 .await
                 .unwrap()
                 .into_inner(),
@@ -314,7 +320,10 @@ async fn an_empty_redis_url_turns_the_cache_off_and_calls_still_work() {
         );
     }
     let missing = users
-        .get_user(pb::GetUserRequest { id: 987_654 })
+        .get_user(pb::GetUserRequest {
+            id: 987_654,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_error(&missing, Code::NotFound, "USER_NOT_FOUND");
@@ -325,7 +334,10 @@ async fn an_empty_redis_url_turns_the_cache_off_and_calls_still_work() {
         .unwrap();
     assert_eq!(
         users
-            .get_user(pb::GetUserRequest { id: user.id })
+            .get_user(pb::GetUserRequest {
+                id: user.id,
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner()
@@ -336,7 +348,10 @@ async fn an_empty_redis_url_turns_the_cache_off_and_calls_still_work() {
     let product = app.create_product(100, 3).await;
     let mut catalog = app.catalog().await;
     catalog
-        .get_product(pb::GetProductRequest { id: product.id })
+        .get_product(pb::GetProductRequest {
+            id: product.id,
+            ..Default::default()
+        })
         .await
         .unwrap();
     for _ in 0..2 {

@@ -25,7 +25,12 @@ async fn a_caller_past_its_quota_is_refused_with_retry_info_and_others_are_not()
     .await;
     let reader = app.users_as(Some(&token)).await;
     let get = |mut client: crate::support::clients::UserClient| async move {
-        client.get_user(pb::GetUserRequest { id: 424_242 }).await
+        client
+            .get_user(pb::GetUserRequest {
+                id: 424_242,
+                ..Default::default()
+            })
+            .await
     };
     for _ in 0..2 {
         let status = get(reader.clone()).await.unwrap_err();
@@ -77,7 +82,10 @@ async fn a_callers_own_quota_overrides_its_roles() {
     })
     .await;
     let mut writer = app.users_as(Some(&app.writer_token)).await;
-    let request = || pb::GetUserRequest { id: 424_242 };
+    let request = || pb::GetUserRequest {
+        id: 424_242,
+        ..Default::default()
+    };
     assert_eq!(
         writer.get_user(request()).await.unwrap_err().code(),
         Code::NotFound

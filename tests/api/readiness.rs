@@ -62,7 +62,10 @@ async fn readiness_stays_serving_while_slow_calls_hold_every_pooled_connection()
     let exhausted = app
         .users()
         .await
-        .get_user(pb::GetUserRequest { id: users[3].id })
+        .get_user(pb::GetUserRequest {
+            id: users[3].id,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(exhausted.code(), Code::Unavailable, "{exhausted:?}");

@@ -18,7 +18,10 @@ use crate::support::{
 async fn get_user(app: &TestApp, id: i64) -> pb::User {
     app.users()
         .await
-        .get_user(pb::GetUserRequest { id })
+        .get_user(pb::GetUserRequest {
+            id,
+            ..Default::default()
+        })
         .await
         .expect("GetUser answers")
         .into_inner()
@@ -184,7 +187,10 @@ async fn reads_fail_open(app: &TestApp, logs: &Logs) -> Vec<serde_json::Value> {
     assert_eq!(get_user(app, user.id).await, user);
     let renamed = rename_behind_the_cache(app, user.id).await;
 
-    let (request, request_id) = with_request_id(pb::GetUserRequest { id: user.id });
+    let (request, request_id) = with_request_id(pb::GetUserRequest {
+        id: user.id,
+        ..Default::default()
+    });
     let read = app
         .users()
         .await

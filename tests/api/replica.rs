@@ -40,7 +40,10 @@ async fn lag_tolerant_reads_use_the_read_replica_and_the_rest_the_primary() {
     let read = app
         .catalog()
         .await
-        .get_product(pb::GetProductRequest { id: product.id })
+        .get_product(pb::GetProductRequest {
+            id: product.id,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -205,7 +208,10 @@ async fn an_unreachable_replica_fails_only_the_reads_it_serves_and_shows_in_heal
     let user = app.create_user("primary@example.com", "primary").await;
     app.users()
         .await
-        .get_user(pb::GetUserRequest { id: user.id })
+        .get_user(pb::GetUserRequest {
+            id: user.id,
+            ..Default::default()
+        })
         .await
         .expect("entity reads use the primary");
 
@@ -251,7 +257,10 @@ async fn an_unreachable_replica_fails_only_the_reads_it_serves_and_shows_in_heal
     // ... while the primary's calls go on.
     app.users()
         .await
-        .get_user(pb::GetUserRequest { id: user.id })
+        .get_user(pb::GetUserRequest {
+            id: user.id,
+            ..Default::default()
+        })
         .await
         .expect("entity reads use the primary, whose gate is open");
 }

@@ -23,7 +23,10 @@ async fn assert_unauthenticated(token: Option<&str>, reason: &str) {
     let status = app
         .users_as(token)
         .await
-        .get_user(pb::GetUserRequest { id: 1 })
+        .get_user(pb::GetUserRequest {
+            id: 1,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_error(&status, Code::Unauthenticated, reason);
@@ -45,7 +48,10 @@ async fn a_reader_can_read_the_user_service() {
     let status = app
         .users_as(Some(&app.reader_token))
         .await
-        .get_user(pb::GetUserRequest { id: 1 })
+        .get_user(pb::GetUserRequest {
+            id: 1,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(
@@ -139,7 +145,10 @@ async fn the_callers_request_id_is_returned_and_one_is_generated_otherwise() {
     let app = TestApp::spawn().await;
     let mut users = app.users().await;
 
-    let mut request = Request::new(pb::GetUserRequest { id: 1 });
+    let mut request = Request::new(pb::GetUserRequest {
+        id: 1,
+        ..Default::default()
+    });
     request
         .metadata_mut()
         .insert("x-request-id", "caller-chosen-id-42".parse().unwrap());
@@ -151,7 +160,10 @@ async fn the_callers_request_id_is_returned_and_one_is_generated_otherwise() {
 
     let user = app.create_user("rid@example.com", "rider").await;
     let response = users
-        .get_user(pb::GetUserRequest { id: user.id })
+        .get_user(pb::GetUserRequest {
+            id: user.id,
+            ..Default::default()
+        })
         .await
         .unwrap();
     let generated = response
@@ -224,7 +236,10 @@ async fn a_call_past_the_callers_deadline_is_deadline_exceeded() {
     let unchanged = app
         .users()
         .await
-        .get_user(pb::GetUserRequest { id: user.id })
+        .get_user(pb::GetUserRequest {
+            id: user.id,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -306,11 +321,19 @@ async fn metrics_count_calls_by_method_and_code_and_show_pool_usage() {
     };
     let before = counted().await;
     let mut users = app.users().await;
-    let _ = users.get_user(pb::GetUserRequest { id: 123_456 }).await;
+    let _ = users
+        .get_user(pb::GetUserRequest {
+            id: 123_456,
+            ..Default::default()
+        })
+        .await;
     let _ = app
         .users_as(None)
         .await
-        .get_user(pb::GetUserRequest { id: 1 })
+        .get_user(pb::GetUserRequest {
+            id: 1,
+            ..Default::default()
+        })
         .await;
 
     let after = counted().await;
@@ -479,7 +502,10 @@ async fn with_sslmode_require_every_database_connection_is_encrypted() {
     let user = app.create_user("tls@example.com", "tls").await;
     app.users()
         .await
-        .get_user(pb::GetUserRequest { id: user.id })
+        .get_user(pb::GetUserRequest {
+            id: user.id,
+            ..Default::default()
+        })
         .await
         .unwrap();
 
@@ -526,7 +552,10 @@ async fn connections_past_max_connection_age_are_closed_and_callers_reconnect() 
     let mut users = app.users().await;
     for _ in 0..3 {
         users
-            .get_user(pb::GetUserRequest { id: user.id })
+            .get_user(pb::GetUserRequest {
+                id: user.id,
+                ..Default::default()
+            })
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(400)).await;

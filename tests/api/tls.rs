@@ -462,7 +462,10 @@ async fn a_verified_certificate_naming_no_identity_is_unauthenticated() {
         .await
         .unwrap();
     let status = UserServiceClient::new(channel)
-        .get_user(pb::GetUserRequest { id: 1 })
+        .get_user(pb::GetUserRequest {
+            id: 1,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
 
@@ -487,7 +490,10 @@ async fn with_optional_mtls_a_caller_without_a_certificate_needs_a_token() {
 
     let channel = tls_channel(&app, &ca, None).await.unwrap();
     let without_token = UserServiceClient::new(channel.clone())
-        .get_user(pb::GetUserRequest { id: 1 })
+        .get_user(pb::GetUserRequest {
+            id: 1,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     let with_token =
@@ -644,7 +650,10 @@ async fn the_health_port_answers_in_plaintext_while_the_grpc_port_requires_tls()
         plaintext_channel(health_addr).await,
         Bearer(Some(app.token.as_str().into())),
     )
-    .get_user(pb::GetUserRequest { id: 1 })
+    .get_user(pb::GetUserRequest {
+        id: 1,
+        ..Default::default()
+    })
     .await
     .unwrap_err();
     // The gRPC port speaks TLS only.

@@ -31,7 +31,10 @@ async fn create_user_returns_the_stored_user_without_any_password_material() {
     assert!(created.has_password);
     assert_eq!(created.version, 1);
     let fetched = users
-        .get_user(pb::GetUserRequest { id: created.id })
+        .get_user(pb::GetUserRequest {
+            id: created.id,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -51,7 +54,10 @@ async fn get_user_of_an_unknown_id_is_not_found() {
     let status = app
         .users()
         .await
-        .get_user(pb::GetUserRequest { id: 987_654 })
+        .get_user(pb::GetUserRequest {
+            id: 987_654,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_error(&status, Code::NotFound, "USER_NOT_FOUND");
@@ -64,7 +70,10 @@ async fn get_user_with_a_non_positive_id_is_invalid() {
     let status = app
         .users()
         .await
-        .get_user(pb::GetUserRequest { id: 0 })
+        .get_user(pb::GetUserRequest {
+            id: 0,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(violated_fields(&status), ["id"]);
@@ -514,7 +523,10 @@ async fn a_deleted_user_is_not_found_everywhere_and_its_email_can_be_reused() {
         .unwrap();
 
     let status = users
-        .get_user(pb::GetUserRequest { id: user.id })
+        .get_user(pb::GetUserRequest {
+            id: user.id,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_error(&status, Code::NotFound, "USER_NOT_FOUND");

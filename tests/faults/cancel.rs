@@ -100,7 +100,14 @@ async fn a_cancelled_read_stops_its_statement_in_postgres() {
         .unwrap();
 
     let mut users = service.users();
-    let call = tokio::spawn(async move { users.get_user(pb::GetUserRequest { id: user }).await });
+    let call = tokio::spawn(async move {
+        users
+            .get_user(pb::GetUserRequest {
+                id: user,
+                ..Default::default()
+            })
+            .await
+    });
     let waiting = cancel_when_waiting(&pg, &db, call, "read").await;
     holder.rollback().await.unwrap();
 
@@ -109,7 +116,10 @@ async fn a_cancelled_read_stops_its_statement_in_postgres() {
     let mut users = service.users();
     for _ in 0..3 {
         users
-            .get_user(pb::GetUserRequest { id: user })
+            .get_user(pb::GetUserRequest {
+                id: user,
+                ..Default::default()
+            })
             .await
             .expect("reads succeed after the cancel");
     }

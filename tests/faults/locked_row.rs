@@ -81,7 +81,10 @@ async fn a_locked_row_and_short_deadlines_leave_no_backend_waiting_and_readiness
     let started = std::time::Instant::now();
     let read = service
         .users()
-        .get_user(pb::GetUserRequest { id: user })
+        .get_user(pb::GetUserRequest {
+            id: user,
+            ..Default::default()
+        })
         .await
         .map(|_| ())
         .map_err(|s| s.code());

@@ -99,7 +99,10 @@ async fn calls_that_need_mongodb_fail_fast_while_it_is_down_and_the_rest_serve()
             let mut users = users.clone();
             async move {
                 users
-                    .get_user(pb::GetUserRequest { id: user })
+                    .get_user(pb::GetUserRequest {
+                        id: user,
+                        ..Default::default()
+                    })
                     .await
                     .map(|_| ())
             }
@@ -173,7 +176,10 @@ async fn calls_that_need_mongodb_fail_fast_while_it_is_down_and_the_rest_serve()
         tokio::time::sleep(PAUSE).await;
     }
     users
-        .get_user(pb::GetUserRequest { id: user })
+        .get_user(pb::GetUserRequest {
+            id: user,
+            ..Default::default()
+        })
         .await
         .expect("a PostgreSQL-only call serves while MongoDB is down");
     health(ServingStatus::NotServing).await;

@@ -25,12 +25,18 @@ async fn redis_paused_and_killed_under_load_fails_no_read() {
         async move {
             if n % 2 == 0 {
                 users
-                    .get_user(pb::GetUserRequest { id: user })
+                    .get_user(pb::GetUserRequest {
+                        id: user,
+                        ..Default::default()
+                    })
                     .await
                     .map(|_| ())
             } else {
                 catalog
-                    .get_product(pb::GetProductRequest { id: product })
+                    .get_product(pb::GetProductRequest {
+                        id: product,
+                        ..Default::default()
+                    })
                     .await
                     .map(|_| ())
             }

@@ -416,7 +416,10 @@ pub async fn read_or_order(
 ) -> Result<(), tonic::Status> {
     if n.is_multiple_of(2) {
         users
-            .get_user(pb::GetUserRequest { id: user })
+            .get_user(pb::GetUserRequest {
+                id: user,
+                ..Default::default()
+            })
             .await
             .map(|_| ())
     } else {
