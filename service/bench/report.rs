@@ -27,6 +27,15 @@ pub struct Measurement {
     /// over the bare service's, at the same concurrency.
     pub rps_vs_tonic: Option<f64>,
     pub p50_vs_tonic: Option<f64>,
+    /// The reference server measured right before this, at the same
+    /// concurrency (`references`), and this scenario's throughput and p50
+    /// over its.
+    #[serde(default)]
+    pub reference: Option<String>,
+    #[serde(default)]
+    pub rps_vs_reference: Option<f64>,
+    #[serde(default)]
+    pub p50_vs_reference: Option<f64>,
     /// The service's largest resident set seen while this ran, in MiB.
     pub service_rss_mib: Option<f64>,
 }
@@ -83,9 +92,9 @@ impl Report {
             self.settings.concurrency
         );
         md.push_str(
-            "| scenario | callers | rps | p50 ms | p95 ms | p99 ms | max ms | rps vs tonic | p50 vs tonic | service RSS | errors |\n",
+            "| scenario | callers | rps | p50 ms | p95 ms | p99 ms | max ms | rps vs tonic | p50 vs tonic | rps vs reference | p50 vs reference | service RSS | errors |\n",
         );
-        md.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+        md.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
         for r in &self.results {
             let errors = if r.errors.is_empty() {
                 String::new()
@@ -98,7 +107,7 @@ impl Report {
             };
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} |",
+                "| {} | {} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} | {} | {} |",
                 r.scenario,
                 r.concurrency,
                 r.rps,
@@ -108,9 +117,31 @@ impl Report {
                 r.max_ms,
                 ratio(r.rps_vs_tonic),
                 ratio(r.p50_vs_tonic),
+                ratio(r.rps_vs_reference),
+                ratio(r.p50_vs_reference),
                 mib(r.service_rss_mib),
                 errors
             );
+        }
+        let paired: Vec<_> = self
+            .results
+            .iter()
+            .filter_map(|r| Some((r, r.reference.as_deref()?)))
+            .collect();
+        if !paired.is_empty() {
+            md.push_str(
+                "\n| scenario | callers | against | rps vs reference | p50 vs reference |\n|---|---:|---|---:|---:|\n",
+            );
+            for (r, reference) in paired {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {reference} | {} | {} |",
+                    r.scenario,
+                    r.concurrency,
+                    ratio(r.rps_vs_reference),
+                    ratio(r.p50_vs_reference)
+                );
+            }
         }
         if !self.baselines.is_empty() {
             md.push_str("\n| baseline | callers | rps | p50 ms |\n|---|---:|---:|---:|\n");
