@@ -414,6 +414,9 @@ mod tests {
             errors: BTreeMap::from([("Unavailable".to_owned(), 2)]),
             rps_vs_tonic: Some(0.5),
             p50_vs_tonic: None,
+            reference: (scenario == "get_user_hit").then(|| "reference_redis_get".into()),
+            rps_vs_reference: (scenario == "get_user_hit").then_some(0.8),
+            p50_vs_reference: (scenario == "get_user_hit").then_some(1.2),
             service_rss_mib: Some(42.0),
         }
     }
@@ -455,7 +458,12 @@ mod tests {
         assert_eq!(json["results"][1]["concurrency"], 4);
         assert_eq!(json["service_memory"]["peak_rss_mib"], 60.5);
         let md = std::fs::read_to_string(dir.join("latest.md")).unwrap();
-        assert!(md.contains("| search_uncached | 4 | 800 | 5.000 | 10.000 | 15.000 | 20.000 | 0.50x |  | 42.0 MiB | Unavailable: 2 |"), "{md}");
+        assert!(md.contains("| search_uncached | 4 | 800 | 5.000 | 10.000 | 15.000 | 20.000 | 0.50x |  |  |  | 42.0 MiB | Unavailable: 2 |"), "{md}");
+        assert!(
+            md.contains("| get_user_hit | 4 | reference_redis_get | 0.80x | 1.20x |"),
+            "{md}"
+        );
+        assert!(!md.contains("| search_uncached | 1 | reference"), "{md}");
         assert!(md.contains("| tonic_bare | 1 | 6000 | 0.150 |"), "{md}");
         assert!(
             md.contains("20.0 MiB idle, 60.5 MiB at peak under load, n/a after the run"),
