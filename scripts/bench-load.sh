@@ -2,8 +2,13 @@
 # `make bench` / `make bench-quick`: the service in release mode on a
 # database of its own (with the development Redis and MongoDB), driven over
 # gRPC by datagate-bench, with baselines measured in the same run (a bare
-# tonic service, pgbench -S, redis-benchmark GET). Writes latest.json,
-# latest.md, latency.svg and throughput.svg.
+# tonic service, pgbench -S, redis-benchmark GET) and reference servers
+# (`datagate-bench --serve-reference`: one Redis GET, one primary-key
+# SELECT, one json_agg statement per call), each in its own process beside
+# a second service with its cache off. Writes latest.json, latest.md,
+# latency.svg and throughput.svg; then h2load (an independent HTTP/2 client)
+# drives GetUser against the service and the matching reference, and the
+# ratios go to h2load.md.
 #
 #   scripts/bench-load.sh full     1, 4 and 16 callers, 6 s per scenario, on a
 #                                  copy of a generated dataset (200k products,
@@ -20,11 +25,12 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 MODE=${1:-quick}
 case "$MODE" in
-  quick) CONCURRENCY=1,4; DURATION=1s; WARMUP=300ms; USERS=6000; OUT=bench/results/quick; QUERY=widget ;;
-  full) CONCURRENCY=1,4,16; DURATION=6s; WARMUP=1s; USERS=3000; OUT=bench/results; QUERY="wireless speaker" ;;
+  quick) CONCURRENCY=1,4; DURATION=1s; WARMUP=300ms; USERS=6000; OUT=bench/results/quick; QUERY=widget; H2LOAD_N=5000 ;;
+  full) CONCURRENCY=1,4,16; DURATION=6s; WARMUP=1s; USERS=3000; OUT=bench/results; QUERY="wireless speaker"; H2LOAD_N=40000 ;;
   *) echo "usage: $0 quick|full" >&2; exit 2 ;;
 esac
 dev_env_up
+need_tool h2load nghttp2-client
 
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}/release
 echo "bench: building the release binaries" >&2
@@ -35,8 +41,10 @@ DB=datagate_load_$$
 DB_URL=$(db_url "$DB")
 LOG=$(mktemp)
 SERVER_PID=
+PIDS=()
 cleanup() {
   [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null || true
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true; done
   "$PSQL" "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 || true
   "$PSQL" "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS ${DB}_pgbench WITH (FORCE)" >/dev/null 2>&1 || true
   [ -z "${MONGODB_URL:-}" ] || drop_mongo_database "$MONGODB_URL" "$DB"
@@ -88,9 +96,34 @@ DATAGATE__SERVER__HOST=127.0.0.1 DATAGATE__SERVER__PORT=$PORT \
 DATAGATE__METRICS__HOST=127.0.0.1 DATAGATE__METRICS__PORT=$(free_port) \
   "$TARGET/datagate" serve >"$LOG" 2>&1 &
 SERVER_PID=$!
-for _ in $(seq 1 100); do
-  (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
-  sleep 0.2
+# The same service with its cache off (and no MongoDB, which GetUser does
+# not use), for get_user_uncached.
+UNCACHED_PORT=$(free_port)
+DATAGATE__DATABASE__URL=$DB_URL \
+DATAGATE__PAGINATION__TOKEN_SECRET=load-test-page-token-secret-0123456789 \
+DATAGATE__AUTH__TOKENS=$ENTRY DATAGATE__QUOTAS__ADMIN=0 \
+DATAGATE__REDIS__URL= DATAGATE__MONGODB__URL= \
+DATAGATE__TELEMETRY__LOG_FILTER=warn \
+DATAGATE__SERVER__HOST=127.0.0.1 DATAGATE__SERVER__PORT=$UNCACHED_PORT \
+DATAGATE__METRICS__HOST=127.0.0.1 DATAGATE__METRICS__PORT=$(free_port) \
+  "$TARGET/datagate" serve >>"$LOG" 2>&1 &
+PIDS+=($!)
+# The reference servers, each in a process of its own, with the service's
+# pool sizes.
+GET_PORT=$(free_port); SELECT_PORT=$(free_port); JSON_PORT=$(free_port)
+reference() { # kind port
+  "$TARGET/datagate-bench" --serve-reference "$1" --listen "127.0.0.1:$2" \
+    --database-url "$DB_URL" --redis-url "$REDIS_URL" --redis-key-prefix "$DB" >>"$LOG" 2>&1 &
+  PIDS+=($!)
+}
+reference redis-get "$GET_PORT"
+reference primary-key-select "$SELECT_PORT"
+reference json-agg "$JSON_PORT"
+for port in "$PORT" "$UNCACHED_PORT" "$GET_PORT" "$SELECT_PORT" "$JSON_PORT"; do
+  for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+    sleep 0.2
+  done
 done
 
 # Baselines where the tools are installed (they are with the dev servers).
@@ -100,4 +133,44 @@ export DATAGATE_BENCH_REDIS=$REDIS_HOSTPORT
 command -v pgbench >/dev/null && export DATAGATE_BENCH_PGBENCH_URL=$(db_url "${DB}_pgbench")
 "$TARGET/datagate-bench" --addr "http://127.0.0.1:$PORT" --token "$TOKEN" \
   --concurrency "$CONCURRENCY" --duration "$DURATION" --warmup "$WARMUP" \
-  --users "$USERS" --query "$QUERY" --service-pid "$SERVER_PID" --out "$OUT"
+  --users "$USERS" --query "$QUERY" --service-pid "$SERVER_PID" --out "$OUT" \
+  --uncached-addr "http://127.0.0.1:$UNCACHED_PORT" \
+  --reference-get "http://127.0.0.1:$GET_PORT" \
+  --reference-select "http://127.0.0.1:$SELECT_PORT" \
+  --reference-json-agg "http://127.0.0.1:$JSON_PORT"
+
+# h2load: GetUser of one user (a Redis hit after the first call; with the
+# cache off, a primary-key read every call), 16 streams on one connection,
+# against the service and the matching reference, alternately.
+USER_ID=$("$PSQL" "$DB_URL" -tAc "SELECT min(id) FROM users WHERE deleted_at IS NULL")
+BODY=$(mktemp)
+"$TARGET/datagate-bench" --grpc-body-get-user "$USER_ID" >"$BODY"
+h2load_rps() { # port
+  local out data
+  out=$(h2load -n "$H2LOAD_N" -c 1 -m 16 --header 'content-type: application/grpc' \
+    --header 'te: trailers' --header "authorization: Bearer $TOKEN" -d "$BODY" \
+    "http://127.0.0.1:$1/datagate.v1.UserService/GetUser")
+  # gRPC errors are HTTP 200 too, trailers-only without a DATA frame: a run
+  # whose responses carry no messages measured errors, not reads.
+  data=$(sed -n 's/^traffic:.* (\([0-9]*\)) data.*/\1/p' <<<"$out")
+  if [ -z "$data" ] || [ "$data" -lt "$H2LOAD_N" ]; then
+    echo "h2load against port $1 got no messages back:" >&2
+    echo "$out" >&2
+    return 1
+  fi
+  sed -n 's/^finished in [^,]*, \([0-9.]*\) req\/s.*/\1/p' <<<"$out"
+}
+{
+  echo "h2load -n $H2LOAD_N -c 1 -m 16, GetUser of user $USER_ID; service and reference alternately."
+  echo
+  echo "| call | service req/s | reference | reference req/s | ratio |"
+  echo "|---|---:|---|---:|---:|"
+  for pair in "hit $PORT redis_get $GET_PORT" "uncached $UNCACHED_PORT select $SELECT_PORT"; do
+    read -r call service_port ref ref_port <<<"$pair"
+    h2load_rps "$service_port" >/dev/null # warm-up: fills the cache, opens the pools
+    ref_rps=$(h2load_rps "$ref_port")
+    service_rps=$(h2load_rps "$service_port")
+    echo "| GetUser $call | $service_rps | $ref | $ref_rps | $(awk -v a="$service_rps" -v b="$ref_rps" 'BEGIN { printf "%.2fx", a / b }') |"
+  done
+} | tee "$OUT/h2load.md"
+rm -f "$BODY"

@@ -10,6 +10,7 @@
 #   db_url NAME                 DATABASE_URL with its database replaced by NAME
 #   free_port                   a free TCP port on loopback
 #   drop_mongo_database URL NAME
+#   need_tool COMMAND PACKAGE   install the Debian PACKAGE when COMMAND is missing
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 STATE=${DATAGATE_DEV_DIR:-$ROOT/.dev}
@@ -35,6 +36,16 @@ need_psql() {
 db_url() {
   local base=${DATABASE_URL%%\?*}
   echo "${base%/*}/$1${DATABASE_URL#"$base"}"
+}
+
+need_tool() {
+  command -v "$1" >/dev/null && return
+  command -v apt-get >/dev/null || { echo "$1 is missing: install $2" >&2; return 1; }
+  echo "installing $2 (for $1)" >&2
+  local sudo=
+  [ "$(id -u)" -eq 0 ] || sudo=sudo
+  $sudo apt-get install -y -qq "$2" >&2 2>/dev/null ||
+    { $sudo apt-get update -qq >&2 && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >&2; }
 }
 
 free_port() {

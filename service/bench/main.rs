@@ -14,6 +14,7 @@
 //! also records the service's resident memory, idle and under load.
 
 mod baselines;
+mod references;
 mod report;
 
 use std::{
@@ -94,12 +95,50 @@ struct Args {
     /// `latest.json`.
     #[arg(long)]
     redraw: bool,
+    /// The same service with its cache off, for `get_user_uncached`.
+    #[arg(long)]
+    uncached_addr: Option<String>,
+    /// A reference server doing one Redis GET per GetUser
+    /// (`--serve-reference redis-get`): `get_user_hit` reads as a ratio to it.
+    #[arg(long)]
+    reference_get: Option<String>,
+    /// A reference server doing one primary-key SELECT per GetUser:
+    /// `get_user_miss` and `get_user_uncached` read as a ratio to it.
+    #[arg(long)]
+    reference_select: Option<String>,
+    /// A reference server answering ListUsersWithOrders with one nested
+    /// json_agg statement: `list_users_with_orders` reads as a ratio to it.
+    #[arg(long)]
+    reference_json_agg: Option<String>,
+    /// Run nothing else: serve this reference on `--listen` (see
+    /// `references`).
+    #[arg(long, value_enum)]
+    serve_reference: Option<references::Kind>,
+    /// Where `--serve-reference` listens.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: String,
+    /// The PostgreSQL database of `--serve-reference primary-key-select` and
+    /// `json-agg` (the service's).
+    #[arg(long, env = "DATAGATE_BENCH_DATABASE_URL")]
+    database_url: Option<String>,
+    /// The Redis of `--serve-reference redis-get` (the service's).
+    #[arg(long, env = "DATAGATE_BENCH_REDIS_URL")]
+    redis_url: Option<String>,
+    /// The service's `redis.key_prefix`, whose user keys `redis-get` reads.
+    #[arg(long, default_value = "dg")]
+    redis_key_prefix: String,
+    /// Run nothing else: write a GetUser request body for this id (the
+    /// 5-byte gRPC frame header and the protobuf message) to stdout, for
+    /// h2load's `-d`.
+    #[arg(long)]
+    grpc_body_get_user: Option<i64>,
 }
 
-const SCENARIOS: [&str; 11] = [
+const SCENARIOS: [&str; 12] = [
     "get_user_hit",
     "get_user_near",
     "get_user_miss",
+    "get_user_uncached",
     "batch_get_users",
     "list_users_with_orders",
     "list_users_with_orders_naive",
@@ -124,6 +163,17 @@ impl Interceptor for Bearer {
 
 type Svc = InterceptedService<Channel, Bearer>;
 
+/// The reference server a scenario is read against, if any (see
+/// `references`): the pseudo-scenario that calls it.
+fn reference_of(scenario: &str) -> Option<&'static str> {
+    match scenario {
+        "get_user_hit" => Some("reference_redis_get"),
+        "get_user_miss" | "get_user_uncached" => Some("reference_select"),
+        "list_users_with_orders" => Some("reference_json_agg"),
+        _ => None,
+    }
+}
+
 /// The clients and the fixtures every scenario draws on.
 #[derive(Clone)]
 struct World {
@@ -133,6 +183,12 @@ struct World {
     analytics: AnalyticsServiceClient<Svc>,
     /// The bare tonic service of the baseline, when measuring it.
     health: Option<HealthClient<Channel>>,
+    /// The service with its cache off (`--uncached-addr`).
+    uncached: Option<UserServiceClient<Svc>>,
+    /// The reference servers given (`--reference-*`).
+    reference_get: Option<UserServiceClient<Svc>>,
+    reference_select: Option<UserServiceClient<Svc>>,
+    reference_json_agg: Option<OrderServiceClient<Svc>>,
     user_ids: Arc<Vec<i64>>,
     /// The first `fixtures` of `user_ids` were made by this run.
     fixtures: usize,
@@ -147,6 +203,29 @@ struct World {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(id) = args.grpc_body_get_user {
+        use std::io::Write as _;
+        let message = prost::Message::encode_to_vec(&pb::GetUserRequest {
+            id,
+            ..Default::default()
+        });
+        let mut body = vec![0u8];
+        body.extend_from_slice(&u32::try_from(message.len())?.to_be_bytes());
+        body.extend_from_slice(&message);
+        std::io::stdout().write_all(&body)?;
+        return Ok(());
+    }
+    if let Some(kind) = args.serve_reference {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("binding {}", args.listen))?;
+        let sources = references::Sources {
+            database_url: args.database_url.as_deref(),
+            redis_url: args.redis_url.as_deref(),
+            redis_key_prefix: &args.redis_key_prefix,
+        };
+        return references::serve(kind, sources, listener).await;
+    }
     if args.redraw {
         let json = std::fs::read(args.out.join("latest.json"))
             .with_context(|| format!("reading latest.json in {}", args.out.display()))?;
@@ -159,7 +238,11 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("connecting to {}", args.addr))?;
     let scenarios: Vec<String> = if args.scenarios.is_empty() {
-        SCENARIOS.iter().map(|s| (*s).to_owned()).collect()
+        SCENARIOS
+            .iter()
+            .filter(|s| **s != "get_user_uncached" || args.uncached_addr.is_some())
+            .map(|s| (*s).to_owned())
+            .collect()
     } else {
         args.scenarios.clone()
     };
@@ -179,9 +262,41 @@ async fn main() -> anyhow::Result<()> {
         .as_deref()
         .context("--token (or DATAGATE_BENCH_TOKEN) is required")?;
     let bearer = Bearer(token.into());
-    let world = setup(&channel, &bearer, &args).await?;
+    let mut world = setup(&channel, &bearer, &args).await?;
+    let connect = |addr: Option<&String>| {
+        let bearer = bearer.clone();
+        let addr = addr.cloned();
+        async move {
+            let Some(addr) = addr else {
+                return anyhow::Ok(None);
+            };
+            let channel = Endpoint::from_shared(addr.clone())?
+                .connect_timeout(Duration::from_secs(5))
+                .connect()
+                .await
+                .with_context(|| format!("connecting to {addr}"))?;
+            Ok(Some(InterceptedService::new(channel, bearer)))
+        }
+    };
+    world.uncached = connect(args.uncached_addr.as_ref())
+        .await?
+        .map(UserServiceClient::new);
+    world.reference_get = connect(args.reference_get.as_ref())
+        .await?
+        .map(UserServiceClient::new);
+    world.reference_select = connect(args.reference_select.as_ref())
+        .await?
+        .map(UserServiceClient::new);
+    world.reference_json_agg = connect(args.reference_json_agg.as_ref())
+        .await?
+        .map(OrderServiceClient::new);
 
-    let runs = (scenarios.len() + usize::from(!args.no_baselines)) * args.concurrency.len();
+    let references = scenarios
+        .iter()
+        .filter(|s| reference_of(s).is_some_and(|r| world.has(r)))
+        .count();
+    let runs =
+        (scenarios.len() + references + usize::from(!args.no_baselines)) * args.concurrency.len();
     let progress = ProgressBar::new(runs as u64).with_style(
         ProgressStyle::with_template(
             "{elapsed_precise} [{bar:30}] {pos}/{len} runs, about {eta} left  {msg}",
@@ -239,10 +354,42 @@ async fn main() -> anyhow::Result<()> {
         for &concurrency in &args.concurrency {
             progress.set_message(format!("{scenario} x{concurrency}"));
             run(&world, scenario, concurrency, args.warmup, &rss).await; // warm-up, discarded
+            // The matching reference right before the scenario's measured
+            // run, after its warm-up (which fills the keys a Redis reference
+            // reads), so both see the machine in the same state.
+            let reference = match reference_of(scenario).filter(|r| world.has(r)) {
+                Some(name) => {
+                    progress.set_message(format!("{name} x{concurrency}"));
+                    run(&world, name, concurrency, args.warmup, &Rss(None)).await;
+                    let r = run(&world, name, concurrency, args.duration, &Rss(None)).await;
+                    say(
+                        &progress,
+                        format!(
+                            "{name:>30} x{concurrency:<3} {:>9.0} rps  p50 {:>8.3} ms  errors {:?}",
+                            r.rps, r.p50_ms, r.errors
+                        ),
+                    );
+                    baselines.push(Baseline {
+                        name: name.into(),
+                        concurrency,
+                        rps: r.rps,
+                        p50_ms: Some(r.p50_ms),
+                    });
+                    progress.inc(1);
+                    Some((name, r))
+                }
+                None => None,
+            };
+            progress.set_message(format!("{scenario} x{concurrency}"));
             let mut result = run(&world, scenario, concurrency, args.duration, &rss).await;
             if let Some((rps, p50)) = tonic.get(&concurrency) {
                 result.rps_vs_tonic = Some(result.rps / rps);
                 result.p50_vs_tonic = Some(result.p50_ms / p50);
+            }
+            if let Some((name, r)) = reference {
+                result.reference = Some(name.into());
+                result.rps_vs_reference = Some(result.rps / r.rps);
+                result.p50_vs_reference = Some(result.p50_ms / r.p50_ms);
             }
             memory.peak_rss_mib = larger(memory.peak_rss_mib, result.service_rss_mib);
             say(
@@ -400,6 +547,10 @@ async fn setup(channel: &Channel, bearer: &Bearer, args: &Args) -> anyhow::Resul
         orders,
         analytics: AnalyticsServiceClient::new(svc(channel)),
         health: None,
+        uncached: None,
+        reference_get: None,
+        reference_select: None,
+        reference_json_agg: None,
         // The first 100 users are the warm keys of `get_user_hit`; the rest
         // are cold until `get_user_miss` reads them.
         cold: Arc::new(AtomicU64::new(100)),
@@ -411,12 +562,59 @@ async fn setup(channel: &Channel, bearer: &Bearer, args: &Args) -> anyhow::Resul
     })
 }
 
+impl World {
+    /// Whether the reference pseudo-scenario `name` has its server.
+    fn has(&self, name: &str) -> bool {
+        match name {
+            "reference_redis_get" => self.reference_get.is_some(),
+            "reference_select" => self.reference_select.is_some(),
+            "reference_json_agg" => self.reference_json_agg.is_some(),
+            _ => false,
+        }
+    }
+}
+
 /// One call of `scenario`; `i` is the call's sequence number.
 async fn call(world: &mut World, scenario: &str, i: u64) -> Result<(), Status> {
     let users = &world.user_ids;
     // Batches and orders draw on the fixtures only, whatever else exists.
     let pick = |n: u64| users[(n as usize * 7919) % world.fixtures];
     match scenario {
+        "get_user_uncached" | "reference_select" => {
+            let client = if scenario == "get_user_uncached" {
+                world.uncached.as_mut()
+            } else {
+                world.reference_select.as_mut()
+            };
+            client
+                .ok_or_else(|| Status::failed_precondition("no such server"))?
+                .get_user(pb::GetUserRequest {
+                    id: pick(i),
+                    ..Default::default()
+                })
+                .await
+                .map(drop)
+        }
+        "reference_redis_get" => world
+            .reference_get
+            .as_mut()
+            .ok_or_else(|| Status::failed_precondition("no such server"))?
+            .get_user(pb::GetUserRequest {
+                id: users[(i % 100) as usize],
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        "reference_json_agg" => world
+            .reference_json_agg
+            .as_mut()
+            .ok_or_else(|| Status::failed_precondition("no such server"))?
+            .list_users_with_orders(pb::ListUsersWithOrdersRequest {
+                page_size: 20,
+                ..Default::default()
+            })
+            .await
+            .map(drop),
         "get_user_hit" | "get_user_miss" => {
             let id = if scenario == "get_user_hit" {
                 users[(i % 100) as usize]
@@ -636,5 +834,8 @@ async fn run(
         errors,
         rps_vs_tonic: None,
         p50_vs_tonic: None,
+        reference: None,
+        rps_vs_reference: None,
+        p50_vs_reference: None,
     }
 }

@@ -27,6 +27,15 @@ pub struct Measurement {
     /// over the bare service's, at the same concurrency.
     pub rps_vs_tonic: Option<f64>,
     pub p50_vs_tonic: Option<f64>,
+    /// The reference server measured right before this, at the same
+    /// concurrency (`references`), and this scenario's throughput and p50
+    /// over its.
+    #[serde(default)]
+    pub reference: Option<String>,
+    #[serde(default)]
+    pub rps_vs_reference: Option<f64>,
+    #[serde(default)]
+    pub p50_vs_reference: Option<f64>,
     /// The service's largest resident set seen while this ran, in MiB.
     pub service_rss_mib: Option<f64>,
 }
@@ -83,9 +92,9 @@ impl Report {
             self.settings.concurrency
         );
         md.push_str(
-            "| scenario | callers | rps | p50 ms | p95 ms | p99 ms | max ms | rps vs tonic | p50 vs tonic | service RSS | errors |\n",
+            "| scenario | callers | rps | p50 ms | p95 ms | p99 ms | max ms | rps vs tonic | p50 vs tonic | rps vs reference | p50 vs reference | service RSS | errors |\n",
         );
-        md.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+        md.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
         for r in &self.results {
             let errors = if r.errors.is_empty() {
                 String::new()
@@ -98,7 +107,7 @@ impl Report {
             };
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} |",
+                "| {} | {} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} | {} | {} |",
                 r.scenario,
                 r.concurrency,
                 r.rps,
@@ -108,9 +117,31 @@ impl Report {
                 r.max_ms,
                 ratio(r.rps_vs_tonic),
                 ratio(r.p50_vs_tonic),
+                ratio(r.rps_vs_reference),
+                ratio(r.p50_vs_reference),
                 mib(r.service_rss_mib),
                 errors
             );
+        }
+        let paired: Vec<_> = self
+            .results
+            .iter()
+            .filter_map(|r| Some((r, r.reference.as_deref()?)))
+            .collect();
+        if !paired.is_empty() {
+            md.push_str(
+                "\n| scenario | callers | against | rps vs reference | p50 vs reference |\n|---|---:|---|---:|---:|\n",
+            );
+            for (r, reference) in paired {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {reference} | {} | {} |",
+                    r.scenario,
+                    r.concurrency,
+                    ratio(r.rps_vs_reference),
+                    ratio(r.p50_vs_reference)
+                );
+            }
         }
         if !self.baselines.is_empty() {
             md.push_str("\n| baseline | callers | rps | p50 ms |\n|---|---:|---:|---:|\n");
@@ -383,6 +414,9 @@ mod tests {
             errors: BTreeMap::from([("Unavailable".to_owned(), 2)]),
             rps_vs_tonic: Some(0.5),
             p50_vs_tonic: None,
+            reference: (scenario == "get_user_hit").then(|| "reference_redis_get".into()),
+            rps_vs_reference: (scenario == "get_user_hit").then_some(0.8),
+            p50_vs_reference: (scenario == "get_user_hit").then_some(1.2),
             service_rss_mib: Some(42.0),
         }
     }
@@ -424,7 +458,12 @@ mod tests {
         assert_eq!(json["results"][1]["concurrency"], 4);
         assert_eq!(json["service_memory"]["peak_rss_mib"], 60.5);
         let md = std::fs::read_to_string(dir.join("latest.md")).unwrap();
-        assert!(md.contains("| search_uncached | 4 | 800 | 5.000 | 10.000 | 15.000 | 20.000 | 0.50x |  | 42.0 MiB | Unavailable: 2 |"), "{md}");
+        assert!(md.contains("| search_uncached | 4 | 800 | 5.000 | 10.000 | 15.000 | 20.000 | 0.50x |  |  |  | 42.0 MiB | Unavailable: 2 |"), "{md}");
+        assert!(
+            md.contains("| get_user_hit | 4 | reference_redis_get | 0.80x | 1.20x |"),
+            "{md}"
+        );
+        assert!(!md.contains("| search_uncached | 1 | reference"), "{md}");
         assert!(md.contains("| tonic_bare | 1 | 6000 | 0.150 |"), "{md}");
         assert!(
             md.contains("20.0 MiB idle, 60.5 MiB at peak under load, n/a after the run"),
