@@ -191,20 +191,9 @@ async fn healthcheck_exits_zero_only_for_a_serving_entry() {
     assert!(stderr.contains("connecting to"), "{stderr}");
 }
 
-/// GET /metrics on `port`, as text.
+/// GET /metrics of the child's metrics listener on `port`, as text.
 async fn scrape(port: u16) -> String {
-    use tokio::io::AsyncWriteExt as _;
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response
+    crate::support::app::scrape(("127.0.0.1", port)).await
 }
 
 #[api_test]

@@ -317,18 +317,7 @@ impl TestApp {
 
     /// GET /metrics, as text.
     pub async fn metrics(&self) -> String {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let mut stream = tokio::net::TcpStream::connect(self.metrics_addr)
-            .await
-            .unwrap();
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.unwrap();
-        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-        response
+        scrape(self.metrics_addr).await
     }
 
     // --- Typed shortcuts -------------------------------------------------
@@ -399,4 +388,19 @@ impl Drop for TestApp {
         // Then the fields: the test pool, and the databases this app owns,
         // whose teardowns come after the server's.
     }
+}
+
+/// GET /metrics of the metrics listener at `addr` (a test app's or a
+/// `datagate serve` child's), as text; the response must be 200.
+pub async fn scrape(addr: impl tokio::net::ToSocketAddrs) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
 }
