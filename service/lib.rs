@@ -57,6 +57,6 @@ mod telemetry;
 /// passes `--cfg fuzzing`), so the service's public surface stays as it is.
 #[cfg(fuzzing)]
 pub mod fuzzing {
-    pub use crate::api::{analytics, catalog, orders, users};
+    pub use crate::api::{admin, analytics, catalog, orders, users};
     pub use crate::middleware::parse_grpc_timeout;
 }

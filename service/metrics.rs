@@ -167,9 +167,14 @@ pub fn export_known_series() {
                 .increment(0);
         }
     }
-    for operation in ["SELECT", "INSERT", "UPDATE", "DELETE", "WITH"] {
+    for &operation in crate::statements::OPERATIONS.iter().chain(&["OTHER"]) {
         metrics::counter!("slow_query_count", "database_type" => "postgres", "operation" => operation)
             .increment(0);
+        let _ = metrics::histogram!(
+            "query_latency_seconds",
+            "database_type" => "postgres",
+            "operation" => operation
+        );
     }
     for task in BACKGROUND_TASKS {
         metrics::counter!("background_task_failures_total", "task" => task).increment(0);

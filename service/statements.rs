@@ -244,7 +244,7 @@ fn shape_of(sql: &str) -> Arc<Shape> {
 
 /// The statement keywords the metrics and spans name; anything else is
 /// `OTHER` (a label from a fixed set).
-const OPERATIONS: &[&str] = &[
+pub const OPERATIONS: &[&str] = &[
     "SELECT",
     "INSERT",
     "UPDATE",

@@ -3,14 +3,14 @@
 //! tonic does) and run through the `parse_<rpc>` function its handler calls.
 //! Errors are the expected answer to most inputs; a panic is a bug.
 //!
-//! AdminService is absent: its requests have no fields, so nothing parses them.
-//! A new RPC's parser goes in `PARSERS` (its index is its first byte, modulo
+//! AdminService's diagnostics requests are here; its other requests have no
+//! fields, so nothing parses them. A new RPC's parser goes in `PARSERS` (its index is its first byte, modulo
 //! the table's length; corpus seeds start with it).
 
 #![no_main]
 
 use datagate::{
-    fuzzing::{analytics, catalog, orders, users},
+    fuzzing::{admin, analytics, catalog, orders, users},
     proto::v1 as pb,
 };
 use libfuzzer_sys::fuzz_target;
@@ -69,6 +69,13 @@ const PARSERS: &[fn(&[u8])] = &[
     |b| run::<pb::StartMarketAnalysisRequest, _, _>(b, analytics::parse_start_market_analysis),
     |b| run::<pb::GetMarketAnalysisRequest, _, _>(b, analytics::parse_get_market_analysis),
     |b| run::<pb::ListMarketAnalysesRequest, _, _>(b, analytics::parse_list_market_analyses),
+    // 31..=36: AdminService (diagnostics)
+    |b| run::<pb::ListSlowStatementsRequest, _, _>(b, admin::parse_list_slow_statements),
+    |b| run::<pb::ListActiveStatementsRequest, _, _>(b, admin::parse_list_active_statements),
+    |b| run::<pb::CancelStatementRequest, _, _>(b, admin::parse_cancel_statement),
+    |b| run::<pb::AdviseIndexesRequest, _, _>(b, admin::parse_advise_indexes),
+    |b| run::<pb::CreateIndexRequest, _, _>(b, admin::parse_create_index),
+    |b| run::<pb::GetTableSizesRequest, _, _>(b, admin::parse_get_table_sizes),
 ];
 
 fuzz_target!(|data: &[u8]| {

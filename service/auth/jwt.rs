@@ -173,6 +173,23 @@ impl Trigger {
     }
 }
 
+/// Registers this issuer's key-refresh counters at zero, so an alert on the
+/// first failed refresh sees it (`crate::metrics::export_known_series`).
+fn export_refresh_series(issuer: &str) {
+    for trigger in [Trigger::Schedule, Trigger::UnknownKid] {
+        for outcome in ["ok", "failed"] {
+            metrics::counter!(
+                "jwks_refreshes_total",
+                "issuer" => issuer.to_owned(),
+                "trigger" => trigger.label(),
+                "outcome" => outcome
+            )
+            .increment(0);
+        }
+    }
+    metrics::counter!("jwks_refreshes_skipped_total", "issuer" => issuer.to_owned()).increment(0);
+}
+
 /// Verifies the JWTs of the configured issuer (cheap to clone: shared).
 #[derive(Clone)]
 pub struct JwtVerifier {
@@ -210,6 +227,7 @@ impl JwtVerifier {
             .iter()
             .map(|&algorithm| (algorithm, validation(settings, algorithm)))
             .collect();
+        export_refresh_series(&settings.issuer);
         Ok(Self {
             shared: Arc::new(Shared {
                 settings: settings.clone(),

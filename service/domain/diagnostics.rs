@@ -405,20 +405,11 @@ impl Diagnostics {
             ))
         })
         .await?;
-        let replication_lag_seconds = match self.reads.replica() {
-            None => None,
-            Some(replica) => {
-                let lag = async {
-                    let mut conn = store::postgres::acquire(replica).await?;
-                    diagnostics::replay_lag_seconds(&mut conn).await
-                }
-                .await;
-                lag.unwrap_or_else(|e| {
-                    tracing::warn!(error = ?e, "the read replica's lag could not be read");
-                    None
-                })
-            }
-        };
+        // The definition the `replication_lag_seconds` gauge uses.
+        let replication_lag_seconds = self.reads.replication_lag().await.unwrap_or_else(|e| {
+            tracing::warn!(error = ?e, "the read replica's lag could not be read");
+            None
+        });
         let mut pools = vec![pg_pool("postgres", &self.db)];
         if let Some(replica) = self.reads.replica() {
             pools.push(pg_pool("postgres-reads", replica));

@@ -566,14 +566,3 @@ pub async fn connections_by_state(conn: &mut PgConnection) -> Result<Vec<(String
     .await?)
 }
 
-/// On a streaming replica, seconds since the last transaction it replayed
-/// was committed on the primary; `None` on a server not in recovery or
-/// before it replayed any.
-pub async fn replay_lag_seconds(conn: &mut PgConnection) -> Result<Option<f64>> {
-    Ok(sqlx::query_scalar(
-        "SELECT CASE WHEN pg_is_in_recovery() \
-                THEN extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8 END",
-    )
-    .fetch_one(conn)
-    .await?)
-}

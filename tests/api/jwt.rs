@@ -22,7 +22,7 @@ use tonic_types::StatusExt as _;
 
 use crate::support::{
     TestApp, api_test, assert_error,
-    observe::{Logs, with_request_id},
+    observe::{Logs, sample, with_request_id},
     unique,
 };
 
@@ -411,6 +411,37 @@ async fn alg_none_and_hmac_with_the_public_key_are_refused() {
 
     assert_refused(&app, &unsigned, reason::TOKEN_ALGORITHM_REFUSED).await;
     assert_refused(&app, &hmac, reason::TOKEN_ALGORITHM_REFUSED).await;
+}
+
+#[api_test]
+async fn the_key_refresh_counters_are_exported_at_zero_from_the_start() {
+    let key = SigningKey::es256("es-zero");
+    let issuer = Issuer::publishing(&[&key]);
+    let app = issuer.app().await;
+
+    let metrics = app.metrics().await;
+    let mut absent = Vec::new();
+    for trigger in ["schedule", "unknown_kid"] {
+        for outcome in ["ok", "failed"] {
+            let labels = [
+                ("issuer", issuer.name.as_str()),
+                ("trigger", trigger),
+                ("outcome", outcome),
+            ];
+            if sample(&metrics, "jwks_refreshes_total", &labels) != Some(0.0) {
+                absent.push(format!("jwks_refreshes_total{labels:?}"));
+            }
+        }
+    }
+    if sample(
+        &metrics,
+        "jwks_refreshes_skipped_total",
+        &[("issuer", issuer.name.as_str())],
+    ) != Some(0.0)
+    {
+        absent.push("jwks_refreshes_skipped_total".to_owned());
+    }
+    assert!(absent.is_empty(), "not at zero: {absent:?}");
 }
 
 #[api_test]

@@ -2,8 +2,9 @@
 //! limit is accepted, one beyond is INVALID_ARGUMENT naming the field.
 //! (Page sizes and `limit` are coerced down to their maximum, not refused:
 //! `users.rs` and `search.rs` test that.) The MongoDB-backed limits
-//! (profile fields, price history ranges, market analyses) are left to
-//! their own modules: the test server is slow.
+//! (profile fields, addresses, price history ranges) cost one document
+//! operation per accepted boundary: refusals are decided before the
+//! document store is reached.
 
 use datagate::proto::v1 as pb;
 use prost_types::Timestamp;
@@ -543,5 +544,147 @@ async fn analytics_limits_hold_at_their_boundaries() {
     assert!(
         !violated_fields(&status).is_empty(),
         "a violation names the range: {status:?}"
+    );
+}
+
+/// An address whose every field is `at_limit` (its maximum length) or the
+/// shortest the field allows.
+fn address(label: &str, at_limit: bool, primary: bool) -> pb::Address {
+    let text = |min: &str, len: usize| {
+        if at_limit {
+            "x".repeat(len)
+        } else {
+            min.to_owned()
+        }
+    };
+    pb::Address {
+        label: if at_limit {
+            format!("{label}{}", "l".repeat(40 - label.len()))
+        } else {
+            label.to_owned()
+        },
+        line1: text("1 Main St", 200),
+        line2: text("", 200),
+        city: text("Berlin", 100),
+        region: text("", 100),
+        postal_code: text("10115", 20),
+        country: "DE".into(),
+        primary,
+    }
+}
+
+#[api_test]
+async fn profile_and_price_history_limits_hold_at_their_boundaries() {
+    let app = TestApp::spawn_with_mongo(|_| {}).await;
+    let (email, username) = unique("doclimit");
+    let user = app.create_user(&email, &username).await;
+    let mut users = app.users().await;
+    let update = |profile: pb::UserProfile, paths: &[&str]| pb::UpdateUserProfileRequest {
+        user_id: user.id,
+        profile: Some(profile),
+        update_mask: Some(prost_types::FieldMask {
+            paths: paths.iter().map(|p| (*p).to_owned()).collect(),
+        }),
+    };
+    let all = ["given_name", "family_name", "addresses"];
+
+    // Names: at most 100 characters; addresses: at most 5, each field at
+    // its documented maximum. One write holds every boundary.
+    let at_limit = pb::UserProfile {
+        given_name: "g".repeat(100),
+        family_name: "f".repeat(100),
+        addresses: (0..5)
+            .map(|i| address(&format!("a{i}"), true, i == 0))
+            .collect(),
+        ..Default::default()
+    };
+    let stored = users
+        .update_user_profile(update(at_limit.clone(), &all))
+        .await
+        .expect("every field at its limit")
+        .into_inner();
+    assert_eq!(stored.given_name.chars().count(), 100);
+    assert_eq!(stored.addresses, at_limit.addresses, "stored as given");
+
+    for (field, profile) in [
+        (
+            "profile.given_name",
+            pb::UserProfile {
+                given_name: "g".repeat(101),
+                ..at_limit.clone()
+            },
+        ),
+        (
+            "profile.family_name",
+            pb::UserProfile {
+                family_name: "f".repeat(101),
+                ..at_limit.clone()
+            },
+        ),
+        (
+            "profile.addresses",
+            pb::UserProfile {
+                addresses: (0..6)
+                    .map(|i| address(&format!("a{i}"), false, i == 0))
+                    .collect(),
+                ..at_limit.clone()
+            },
+        ),
+    ] {
+        refused(users.update_user_profile(update(profile, &all)).await, field);
+    }
+    let beyond: [(&str, fn(&mut pb::Address)); 7] = [
+        ("label", |a| a.label = "l".repeat(41)),
+        ("label", |a| a.label = String::new()),
+        ("line1", |a| a.line1 = "x".repeat(201)),
+        ("line2", |a| a.line2 = "x".repeat(201)),
+        ("city", |a| a.city = "x".repeat(101)),
+        ("region", |a| a.region = "x".repeat(101)),
+        ("postal_code", |a| a.postal_code = "x".repeat(21)),
+    ];
+    for (name, spoil) in beyond {
+        let mut one = address("home", true, true);
+        spoil(&mut one);
+        let profile = pb::UserProfile {
+            addresses: vec![one],
+            ..Default::default()
+        };
+        refused(
+            users
+                .update_user_profile(update(profile, &["addresses"]))
+                .await,
+            &format!("profile.addresses[0].{name}"),
+        );
+    }
+    let kept = users
+        .get_user_profile(pb::GetUserProfileRequest { user_id: user.id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(kept.addresses, at_limit.addresses, "refusals change nothing");
+
+    // GetPriceHistory: a window of at most 366 days.
+    let product = app.create_product(1_000, 1).await;
+    let mut catalog = app.catalog().await;
+    let end = Timestamp {
+        seconds: 1_790_000_000,
+        nanos: 0,
+    };
+    let history = |span_seconds: i64| pb::GetPriceHistoryRequest {
+        product_id: product.id,
+        start_time: Some(Timestamp {
+            seconds: end.seconds - span_seconds,
+            nanos: 0,
+        }),
+        end_time: Some(end),
+        granularity: pb::PriceHistoryGranularity::Daily.into(),
+    };
+    catalog
+        .get_price_history(history(366 * 86_400))
+        .await
+        .expect("a 366-day window");
+    refused(
+        catalog.get_price_history(history(366 * 86_400 + 1)).await,
+        "end_time",
     );
 }

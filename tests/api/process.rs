@@ -320,6 +320,19 @@ async fn a_fresh_process_exports_its_counters_and_gauges_at_zero_before_any_call
             "slow_query_count",
             vec![("database_type", "postgres"), ("operation", "SELECT")],
         ),
+        (
+            "slow_query_count",
+            vec![("database_type", "postgres"), ("operation", "MERGE")],
+        ),
+        // Latency for every statement kind, not only those run so far.
+        (
+            "query_latency_seconds_count",
+            vec![("database_type", "postgres"), ("operation", "DELETE")],
+        ),
+        (
+            "query_latency_seconds_count",
+            vec![("database_type", "postgres"), ("operation", "OTHER")],
+        ),
         ("connection_pool_usage", vec![("pool", "postgres")]),
         ("connection_pool_usage", vec![("pool", "redis")]),
         ("admission_limit", vec![]),

@@ -18,4 +18,5 @@ mod mongo_outage;
 mod overload;
 mod postgres_restart;
 mod redis_faults;
+mod replica_lag;
 mod sigterm;

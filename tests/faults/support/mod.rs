@@ -32,6 +32,7 @@ pub use self::{
 pub type Users = pb::user_service_client::UserServiceClient<InterceptedService<Channel, Bearer>>;
 pub type Catalog =
     pb::catalog_service_client::CatalogServiceClient<InterceptedService<Channel, Bearer>>;
+pub type Admin = pb::admin_service_client::AdminServiceClient<InterceptedService<Channel, Bearer>>;
 pub type Orders = pb::order_service_client::OrderServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// Adds `authorization: Bearer <token>` to every call.

@@ -109,6 +109,43 @@ impl Postgres {
         pg
     }
 
+    /// A streaming replica of `primary` (`pg_basebackup -R`: a hot standby
+    /// that follows it), started on a port of its own. The primary's trust
+    /// authentication admits replication from loopback.
+    pub async fn replica_of(primary: &Self) -> Self {
+        let base = std::env::temp_dir().join(format!(
+            "datagate-faults-pg-replica-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&base).unwrap();
+        if is_root() {
+            let mut chown = Command::new("chown");
+            chown.arg("postgres:postgres").arg(&base);
+            run(chown, "chown").await;
+        }
+        let replica = Self {
+            port: super::free_port(),
+            base,
+            bindir: primary.bindir.clone(),
+        };
+        let mut backup = as_owner(&replica.bindir.join("pg_basebackup"));
+        backup.arg("-D").arg(replica.data()).args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &primary.port.to_string(),
+            "-U",
+            "postgres",
+            "-R",
+            "-X",
+            "stream",
+            "--no-sync",
+        ]);
+        run(backup, "pg_basebackup").await;
+        replica.start_again().await;
+        replica
+    }
+
     fn data(&self) -> PathBuf {
         self.base.join("data")
     }

@@ -14,7 +14,7 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use super::{Bearer, Catalog, Orders, Users, channel};
+use super::{Admin, Bearer, Catalog, Orders, Users, channel};
 
 const BIN: &str = env!("CARGO_BIN_EXE_datagate");
 const PAGE_SECRET: &str = "faults-page-token-secret-0123456789abcdef";
@@ -320,6 +320,13 @@ impl Service {
 
     pub fn orders(&self) -> Orders {
         pb::order_service_client::OrderServiceClient::with_interceptor(
+            channel(self.port),
+            self.bearer(),
+        )
+    }
+
+    pub fn admin(&self) -> Admin {
+        pb::admin_service_client::AdminServiceClient::with_interceptor(
             channel(self.port),
             self.bearer(),
         )
