@@ -53,6 +53,9 @@ use crate::{
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 /// The longest `kid` accepted.
 const MAX_KID_BYTES: usize = 256;
+/// Verified tokens remembered (see [`Verified`]); the set is cleared whole
+/// when full.
+const VERIFIED_CAPACITY: usize = 4096;
 /// The longest caller name a token may carry.
 const MAX_NAME_BYTES: usize = 256;
 
@@ -206,6 +209,49 @@ struct Shared {
     /// When the last fetch for an unknown `kid` started; held during that
     /// fetch, so concurrent calls with a new `kid` cause one fetch.
     last_on_demand: Mutex<Option<Instant>>,
+    verified: Verified,
+}
+
+/// Tokens this verifier admitted, so that a caller sending the same token
+/// on every call pays for one signature check, not one per call. Keyed by
+/// the token's SHA-256 (the token itself is not kept). An entry holds only
+/// while both are true: the key set is the one it was verified with (a
+/// fetch that drops or replaces its key sends the token through the full
+/// check again), and now is inside the window its `nbf` and `exp` allow,
+/// leeway included (outside it the full check answers with the reason).
+/// Refusals are never remembered.
+#[derive(Default)]
+struct Verified(RwLock<HashMap<[u8; 32], VerifiedToken>>);
+
+struct VerifiedToken {
+    caller: Caller,
+    keys: Arc<KeySet>,
+    /// Unix seconds, inclusive.
+    from: u64,
+    until: u64,
+}
+
+impl Verified {
+    fn get(&self, digest: &[u8; 32], keys: &Arc<KeySet>, now: u64) -> Option<Caller> {
+        let entries = self
+            .0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = entries.get(digest)?;
+        (Arc::ptr_eq(&entry.keys, keys) && (entry.from..=entry.until).contains(&now))
+            .then(|| entry.caller.clone())
+    }
+
+    fn insert(&self, digest: [u8; 32], token: VerifiedToken) {
+        let mut entries = self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if entries.len() >= VERIFIED_CAPACITY {
+            entries.clear();
+        }
+        entries.insert(digest, token);
+    }
 }
 
 impl JwtVerifier {
@@ -235,22 +281,41 @@ impl JwtVerifier {
                 validations,
                 keys: RwLock::new(Arc::new(keys)),
                 last_on_demand: Mutex::new(None),
+                verified: Verified::default(),
             }),
         })
     }
 
-    /// Checks `token` with the keys at hand.
+    /// Checks `token` with the keys at hand (a token admitted before with
+    /// the same keys and still inside its validity window is not checked
+    /// again: [`Verified`]).
     pub fn verify(&self, token: &str) -> Verdict {
+        let keys = self.keys();
+        let digest = super::hash_token(token);
+        let now = jsonwebtoken::get_current_timestamp();
+        if let Some(caller) = self.shared.verified.get(&digest, &keys, now) {
+            return Verdict::Admit(caller);
+        }
         let header = match parse_header(token, &self.shared.settings.algorithms) {
             Ok(header) => header,
             Err(error) => return Verdict::Refuse(self.refused(error, None)),
         };
-        let keys = self.keys();
         let Some(key) = keys.get(&header.kid) else {
             return Verdict::UnknownKey(header.kid);
         };
         match self.check(token, &header, key) {
-            Ok(caller) => Verdict::Admit(caller),
+            Ok((caller, (from, until))) => {
+                self.shared.verified.insert(
+                    digest,
+                    VerifiedToken {
+                        caller: caller.clone(),
+                        keys: keys.clone(),
+                        from,
+                        until,
+                    },
+                );
+                Verdict::Admit(caller)
+            }
             Err(error) => Verdict::Refuse(self.refused(error, Some(&header.kid))),
         }
     }
@@ -374,8 +439,15 @@ impl JwtVerifier {
         .increment(1);
     }
 
-    /// The signature, then the claims, then the caller they name.
-    fn check(&self, token: &str, header: &TokenHeader, key: &Key) -> Result<Caller, Error> {
+    /// The signature, then the claims, then the caller they name, with the
+    /// Unix seconds from and until which its time claims admit it (leeway
+    /// included).
+    fn check(
+        &self,
+        token: &str,
+        header: &TokenHeader,
+        key: &Key,
+    ) -> Result<(Caller, (u64, u64)), Error> {
         let settings = &self.shared.settings;
         if key.algorithm != header.algorithm {
             return Err(unauthenticated(
@@ -391,7 +463,13 @@ impl JwtVerifier {
             jsonwebtoken::decode::<HashMap<String, Value>>(token, &key.decoding, validation)
                 .map_err(|e| claims_error(e.kind(), settings))?
                 .claims;
-        caller_from(&claims, settings)
+        let caller = caller_from(&claims, settings)?;
+        // `exp` is required and was checked; `nbf` is optional.
+        let seconds = |claim: &str| claims.get(claim).and_then(Value::as_f64);
+        let leeway = settings.leeway.as_secs();
+        let from = seconds("nbf").map_or(0, |nbf| (nbf.ceil() as u64).saturating_sub(leeway));
+        let until = seconds("exp").map_or(0, |exp| (exp.floor() as u64).saturating_add(leeway));
+        Ok((caller, (from, until)))
     }
 }
 

@@ -127,10 +127,28 @@ impl Family {
 /// the `cache_*_total` counters).
 pub const COUNTED: [&str; 5] = ["user", "product", "order", "search", "analytics"];
 
-#[derive(Default)]
+/// One entity's lookups: the totals behind the hit rate gauge, and its
+/// Prometheus counters, resolved once.
 struct Counters {
     hits: AtomicU64,
     misses: AtomicU64,
+    hits_total: metrics::Counter,
+    misses_total: metrics::Counter,
+    bypassed_total: metrics::Counter,
+    fills_total: metrics::Counter,
+}
+
+impl Counters {
+    fn of(entity: &'static str) -> Self {
+        Self {
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            hits_total: metrics::counter!("cache_hits_total", "entity" => entity),
+            misses_total: metrics::counter!("cache_misses_total", "entity" => entity),
+            bypassed_total: metrics::counter!("cache_bypassed_total", "entity" => entity),
+            fills_total: metrics::counter!("cache_fills_total", "entity" => entity),
+        }
+    }
 }
 
 /// The cache; cheap to clone. Built without a URL it is off, and every read
@@ -212,7 +230,7 @@ impl Cache {
                 pending: Queue::new(MAX_PENDING),
                 counters: COUNTED
                     .iter()
-                    .map(|name| (*name, Counters::default()))
+                    .map(|name| (*name, Counters::of(name)))
                     .collect(),
                 scripts: Scripts::new(),
                 peer: Peer::from_url(DbSystem::Redis, url),
@@ -989,10 +1007,9 @@ impl Inner {
     /// gauge, so that it drops while the cache is not serving, and
     /// `cache_bypassed_total`.
     fn count_bypass(&self, name: &'static str, keys: u64) {
-        self.counters[name]
-            .misses
-            .fetch_add(keys, Ordering::Relaxed);
-        metrics::counter!("cache_bypassed_total", "entity" => name).increment(keys);
+        let counters = &self.counters[name];
+        counters.misses.fetch_add(keys, Ordering::Relaxed);
+        counters.bypassed_total.increment(keys);
         statements::record_cache_lookup(false);
     }
 
@@ -1002,8 +1019,8 @@ impl Inner {
         let counters = &self.counters[name];
         counters.hits.fetch_add(hits, Ordering::Relaxed);
         counters.misses.fetch_add(misses, Ordering::Relaxed);
-        metrics::counter!("cache_hits_total", "entity" => name).increment(hits);
-        metrics::counter!("cache_misses_total", "entity" => name).increment(misses);
+        counters.hits_total.increment(hits);
+        counters.misses_total.increment(misses);
         statements::record_cache_lookup(misses == 0);
     }
 
@@ -1031,7 +1048,7 @@ impl Inner {
             .guarded("fill", async |conn| self.scripts.fill(conn, &fills).await)
             .await;
         if let Some(filled) = filled {
-            metrics::counter!("cache_fills_total", "entity" => name).increment(filled);
+            self.counters[name].fills_total.increment(filled);
         }
     }
 
@@ -1072,7 +1089,7 @@ impl Inner {
                 })
                 .await;
             if let Some(filled) = filled {
-                metrics::counter!("cache_fills_total", "entity" => entity.name()).increment(filled);
+                self.counters[entity.name()].fills_total.increment(filled);
             }
         }
         Ok(fetched)

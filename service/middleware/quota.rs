@@ -49,8 +49,11 @@ pub struct Quotas {
 
 struct Shared {
     settings: QuotaSettings,
-    /// Callers whose name is a metric label.
-    named: HashSet<String>,
+    /// `quota_requests_total` (admitted, exceeded) of each caller whose name
+    /// is a metric label, resolved once.
+    named: HashMap<String, Outcomes>,
+    /// The same for every other caller (`other`).
+    other: Outcomes,
     buckets: Mutex<HashMap<Arc<str>, Bucket>>,
 }
 
@@ -63,16 +66,19 @@ impl Quotas {
         // Exported from start-up for every caller label there can be: the
         // recorder must exist before the first values are set.
         crate::metrics::handle();
-        for caller in named.iter().map(String::as_str).chain([OTHER_CALLER]) {
-            for outcome in ["admitted", "exceeded"] {
-                metrics::counter!("quota_requests_total", "caller" => caller.to_owned(), "outcome" => outcome)
-                    .increment(0);
-            }
-        }
+        let other = Outcomes::of(OTHER_CALLER);
+        let named = named
+            .into_iter()
+            .map(|caller| {
+                let outcomes = Outcomes::of(&caller);
+                (caller, outcomes)
+            })
+            .collect();
         Self {
             shared: Arc::new(Shared {
                 settings: settings.clone(),
                 named,
+                other,
                 buckets: Mutex::new(HashMap::new()),
             }),
         }
@@ -132,11 +138,34 @@ impl Quotas {
         bucket.take(now)
     }
 
-    fn label<'a>(&self, caller: &'a Caller) -> &'a str {
-        if self.shared.named.contains(caller.name()) {
-            caller.name()
-        } else {
-            OTHER_CALLER
+    fn outcomes(&self, caller: &Caller) -> &Outcomes {
+        self.shared
+            .named
+            .get(caller.name())
+            .unwrap_or(&self.shared.other)
+    }
+}
+
+/// One caller label's `quota_requests_total` counters, registered at zero.
+struct Outcomes {
+    admitted: metrics::Counter,
+    exceeded: metrics::Counter,
+}
+
+impl Outcomes {
+    fn of(caller: &str) -> Self {
+        let counter = |outcome: &'static str| {
+            let counter = metrics::counter!(
+                "quota_requests_total",
+                "caller" => caller.to_owned(),
+                "outcome" => outcome
+            );
+            counter.increment(0);
+            counter
+        };
+        Self {
+            admitted: counter("admitted"),
+            exceeded: counter("exceeded"),
         }
     }
 }
@@ -150,16 +179,13 @@ impl Middleware for Quotas {
         let Some(caller) = request.extensions().get::<Caller>() else {
             return Box::pin(inner.call(request));
         };
-        let label = self.label(caller).to_owned();
         match self.take(caller, Instant::now()) {
             Ok(()) => {
-                metrics::counter!("quota_requests_total", "caller" => label, "outcome" => "admitted")
-                    .increment(1);
+                self.outcomes(caller).admitted.increment(1);
                 Box::pin(inner.call(request))
             }
             Err(retry_after) => {
-                metrics::counter!("quota_requests_total", "caller" => label, "outcome" => "exceeded")
-                    .increment(1);
+                self.outcomes(caller).exceeded.increment(1);
                 let error = Error::ResourceExhausted {
                     detail: Detail::new(
                         reason::QUOTA_EXCEEDED,
@@ -300,9 +326,20 @@ mod tests {
     #[test]
     fn only_configured_callers_are_metric_labels() {
         let quotas = Quotas::new(&settings(1.0, &[("batch", 1.0)]), ["orders-api".to_owned()]);
-        assert_eq!(quotas.label(&caller("orders-api", "reader")), "orders-api");
-        assert_eq!(quotas.label(&caller("batch", "reader")), "batch");
-        assert_eq!(quotas.label(&caller("jwt-sub-123", "reader")), OTHER_CALLER);
+        let mut labels: Vec<&str> = quotas.shared.named.keys().map(String::as_str).collect();
+        labels.sort_unstable();
+        assert_eq!(labels, ["batch", "orders-api"]);
+        let other = &quotas.shared.other;
+        for named in ["orders-api", "batch"] {
+            assert!(!std::ptr::eq(
+                quotas.outcomes(&caller(named, "reader")),
+                other
+            ));
+        }
+        assert!(
+            std::ptr::eq(quotas.outcomes(&caller("jwt-sub-123", "reader")), other),
+            "anyone else is counted as {OTHER_CALLER}"
+        );
     }
 
     #[test]

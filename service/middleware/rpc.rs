@@ -12,7 +12,11 @@
 //!
 //! Health and reflection calls pass through it too (counted, logged at debug).
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    collections::HashMap,
+    sync::{Arc, LazyLock, OnceLock},
+    time::Instant,
+};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request};
@@ -94,9 +98,9 @@ impl Middleware for Rpc {
 
         let mut call = CallRecord {
             span: span.clone(),
-            service: service.to_owned(),
-            method: method.to_owned(),
+            series: KNOWN_METHODS.get(path.as_str()),
             infrastructure: is_infrastructure(&path),
+            path,
             start: Instant::now(),
             code: None,
             statements: Arc::new(RequestLog::default()),
@@ -139,12 +143,61 @@ fn grpc_status(headers: &HeaderMap) -> Option<Code> {
         .map(Code::from_i32)
 }
 
+/// The `rpc_requests_total` and `rpc_latency_seconds` handles of one
+/// method, one pair per status code, resolved by the recorder on the first
+/// call that ends with that code and kept: a call's end costs no label
+/// lookup.
+struct MethodSeries {
+    service: &'static str,
+    method: &'static str,
+    by_code: [OnceLock<(metrics::Counter, metrics::Histogram)>; 17],
+}
+
+impl MethodSeries {
+    fn of(&self, code: Code) -> &(metrics::Counter, metrics::Histogram) {
+        self.by_code[code as usize].get_or_init(|| series(self.service, self.method, code))
+    }
+}
+
+fn series(service: &str, method: &str, code: Code) -> (metrics::Counter, metrics::Histogram) {
+    let labels = [
+        ("service", service.to_owned()),
+        ("method", method.to_owned()),
+        ("code", code_name(code).to_owned()),
+    ];
+    (
+        metrics::counter!("rpc_requests_total", &labels),
+        metrics::histogram!("rpc_latency_seconds", &labels),
+    )
+}
+
+/// The datagate services' methods by path (`/datagate.v1.UserService/GetUser`).
+/// Other paths (health, reflection, unknown methods) resolve their series
+/// per call.
+static KNOWN_METHODS: LazyLock<HashMap<String, MethodSeries>> = LazyLock::new(|| {
+    // Handles taken before the recorder is installed would go nowhere.
+    crate::metrics::handle();
+    crate::metrics::rpc_methods()
+        .into_iter()
+        .map(|(service, method)| {
+            let path = format!("/{service}/{method}");
+            let series = MethodSeries {
+                service: Box::leak(service.into_boxed_str()),
+                method: Box::leak(method.into_boxed_str()),
+                by_code: Default::default(),
+            };
+            (path, series)
+        })
+        .collect()
+});
+
 /// Records a call's outcome exactly once: when its response body ends, or
 /// when the body is dropped early (the caller went away: CANCELLED).
 struct CallRecord {
     span: Span,
-    service: String,
-    method: String,
+    /// `/service/method`.
+    path: String,
+    series: Option<&'static MethodSeries>,
     infrastructure: bool,
     start: Instant,
     code: Option<Code>,
@@ -158,19 +211,25 @@ impl Drop for CallRecord {
         let code = self.code.unwrap_or(Code::Cancelled);
         let elapsed = self.start.elapsed();
         let code_name = code_name(code);
-        // Unknown methods must not mint new label values.
-        let method = if code == Code::Unimplemented {
-            "unknown".to_owned()
-        } else {
-            self.method.clone()
-        };
-        let labels = [
-            ("service", self.service.clone()),
-            ("method", method),
-            ("code", code_name.to_owned()),
-        ];
-        metrics::counter!("rpc_requests_total", &labels).increment(1);
-        metrics::histogram!("rpc_latency_seconds", &labels).record(elapsed.as_secs_f64());
+        let (service, method) = split_path(&self.path);
+        match self.series {
+            Some(known) if code != Code::Unimplemented => {
+                let (calls, latency) = known.of(code);
+                calls.increment(1);
+                latency.record(elapsed.as_secs_f64());
+            }
+            _ => {
+                // Unknown methods must not mint new label values.
+                let method = if code == Code::Unimplemented {
+                    "unknown"
+                } else {
+                    method
+                };
+                let (calls, latency) = series(service, method, code);
+                calls.increment(1);
+                latency.record(elapsed.as_secs_f64());
+            }
+        }
 
         self.span.record("rpc.grpc.status_code", code as i32);
         self.span.record("db.statements", self.statements.total());
@@ -188,7 +247,7 @@ impl Drop for CallRecord {
             statements::report_n_plus_one(
                 &self.statements,
                 self.n_plus_one_threshold,
-                &format!("{}/{}", self.service, self.method),
+                self.path.trim_start_matches('/'),
             );
         }
         let duration_ms = elapsed.as_secs_f64() * 1000.0;

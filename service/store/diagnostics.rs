@@ -565,4 +565,3 @@ pub async fn connections_by_state(conn: &mut PgConnection) -> Result<Vec<(String
     .fetch_all(conn)
     .await?)
 }
-

@@ -445,6 +445,43 @@ async fn the_key_refresh_counters_are_exported_at_zero_from_the_start() {
 }
 
 #[api_test]
+async fn a_token_admitted_before_is_refused_once_it_expires_or_its_key_is_withdrawn() {
+    let first = SigningKey::es256("es-first");
+    let second = SigningKey::es256("es-second");
+    let issuer = Issuer::publishing(&[&first]);
+    let jwt = JwtSettings {
+        leeway: std::time::Duration::ZERO,
+        ..issuer.settings()
+    };
+    let app = TestApp::spawn_with(move |settings| settings.auth.jwt = Some(jwt)).await;
+
+    // Expiry: admitted on every call up to its `exp`, refused after it,
+    // though it verified before.
+    let mut short = issuer.claims("short-lived");
+    short["exp"] = json!(now() + 2);
+    let short = first.sign(&short);
+    for _ in 0..3 {
+        assert_eq!(create_user_as(&app, &short).await.unwrap(), "short-lived");
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_refused(&app, &short, reason::TOKEN_EXPIRED).await;
+
+    // Withdrawal: a token admitted with the first key is refused once the
+    // issuer publishes a set without it and the service fetches that set.
+    let kept = first.sign(&issuer.claims("kept"));
+    assert_eq!(create_user_as(&app, &kept).await.unwrap(), "kept");
+    assert_eq!(create_user_as(&app, &kept).await.unwrap(), "kept");
+    issuer.publish(&[&second]);
+    let by_second = create_user_as(&app, &second.sign(&issuer.claims("new"))).await;
+    assert_eq!(
+        by_second.unwrap(),
+        "new",
+        "the unknown kid fetched the new set"
+    );
+    assert_refused(&app, &kept, reason::TOKEN_KEY_UNKNOWN).await;
+}
+
+#[api_test]
 async fn a_token_with_an_unknown_kid_is_refused_after_one_fetch_of_the_keys() {
     let key = SigningKey::es256("es-1");
     let stranger = SigningKey::es256("unknown-kid");

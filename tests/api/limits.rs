@@ -631,9 +631,13 @@ async fn profile_and_price_history_limits_hold_at_their_boundaries() {
             },
         ),
     ] {
-        refused(users.update_user_profile(update(profile, &all)).await, field);
+        refused(
+            users.update_user_profile(update(profile, &all)).await,
+            field,
+        );
     }
-    let beyond: [(&str, fn(&mut pb::Address)); 7] = [
+    type Spoil = fn(&mut pb::Address);
+    let beyond: [(&str, Spoil); 7] = [
         ("label", |a| a.label = "l".repeat(41)),
         ("label", |a| a.label = String::new()),
         ("line1", |a| a.line1 = "x".repeat(201)),
@@ -661,7 +665,10 @@ async fn profile_and_price_history_limits_hold_at_their_boundaries() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(kept.addresses, at_limit.addresses, "refusals change nothing");
+    assert_eq!(
+        kept.addresses, at_limit.addresses,
+        "refusals change nothing"
+    );
 
     // GetPriceHistory: a window of at most 366 days.
     let product = app.create_product(1_000, 1).await;

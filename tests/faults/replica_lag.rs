@@ -27,7 +27,10 @@ async fn write(service: &Service, tag: &str) -> i64 {
     service
         .catalog()
         .create_product(pb::CreateProductRequest {
-            sku: format!("LAG-{tag}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+            sku: format!(
+                "LAG-{tag}-{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            ),
             title: format!("Lag probe {tag}"),
             category: "tools".into(),
             price_cents: 100,
@@ -50,7 +53,7 @@ async fn replicated(replica: &sqlx::PgPool, product: i64) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_replay_lag_of_a_real_replica_is_reported_while_it_falls_behind_and_after_it_catches_up()
-{
+ {
     let _serial = crate::support::serial().await;
     let primary = Postgres::start().await;
     let replica = Postgres::replica_of(&primary).await;
@@ -70,9 +73,11 @@ async fn the_replay_lag_of_a_real_replica_is_reported_while_it_falls_behind_and_
 
     // Keeping up: what the primary wrote is replayed, and the lag is 0.
     let first = write(&service, "first").await;
-    wait_until("the first write is replayed", Duration::from_secs(20), async || {
-        replicated(&standby, first).await
-    })
+    wait_until(
+        "the first write is replayed",
+        Duration::from_secs(20),
+        async || replicated(&standby, first).await,
+    )
     .await;
     assert_eq!(lag(&service).await, Some(0.0), "a replica that keeps up");
 
@@ -84,10 +89,14 @@ async fn the_replay_lag_of_a_real_replica_is_reported_while_it_falls_behind_and_
     let paused = Instant::now();
     let second = write(&service, "second").await;
     let mut behind = None;
-    wait_until("the replica has received the second write", Duration::from_secs(20), async || {
-        behind = lag(&service).await;
-        behind.is_some_and(|l| l > 0.0)
-    })
+    wait_until(
+        "the replica has received the second write",
+        Duration::from_secs(20),
+        async || {
+            behind = lag(&service).await;
+            behind.is_some_and(|l| l > 0.0)
+        },
+    )
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let behind = lag(&service).await.expect("a replica is configured");
@@ -108,15 +117,21 @@ async fn the_replay_lag_of_a_real_replica_is_reported_while_it_falls_behind_and_
         .execute(&standby)
         .await
         .unwrap();
-    wait_until("the second write is replayed", Duration::from_secs(20), async || {
-        replicated(&standby, second).await
-    })
+    wait_until(
+        "the second write is replayed",
+        Duration::from_secs(20),
+        async || replicated(&standby, second).await,
+    )
     .await;
     let mut after = None;
-    wait_until("the lag is back to 0", Duration::from_secs(20), async || {
-        after = lag(&service).await;
-        after == Some(0.0)
-    })
+    wait_until(
+        "the lag is back to 0",
+        Duration::from_secs(20),
+        async || {
+            after = lag(&service).await;
+            after == Some(0.0)
+        },
+    )
     .await;
     standby.close().await;
     service.stop().await;
