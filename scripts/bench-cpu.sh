@@ -63,13 +63,16 @@ calls() { # port n
   fi
 }
 
-# measure NAME COMMAND...: runs COMMAND (listening on $port) under
-# callgrind, drives it, prints the instructions per call.
+# measure NAME LAUNCHER ARGS...: runs LAUNCHER ARGS (a function below that
+# execs its server under "${CALLGRIND[@]}", listening on $port), drives it,
+# prints the instructions per call. The launcher execs, so $! is
+# valgrind's pid, which callgrind_control needs.
 measure() {
   local name=$1
   shift
   local file="$WORK/$name.callgrind"
-  valgrind --tool=callgrind --callgrind-out-file="$file" "$@" >"$WORK/$name.log" 2>&1 &
+  CALLGRIND=(valgrind --tool=callgrind --callgrind-out-file="$file")
+  "$@" >"$WORK/$name.log" 2>&1 &
   PID=$!
   for _ in $(seq 1 600); do
     (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
@@ -91,17 +94,17 @@ measure() {
 }
 
 service() { # port redis-url
-  env DATAGATE__DATABASE__URL="$DB_URL" \
+  exec env DATAGATE__DATABASE__URL="$DB_URL" \
     DATAGATE__PAGINATION__TOKEN_SECRET=cpu-bench-page-token-secret-0123456789 \
     DATAGATE__AUTH__TOKENS="$ENTRY" DATAGATE__QUOTAS__ADMIN=0 \
     DATAGATE__REDIS__URL="$2" DATAGATE__REDIS__KEY_PREFIX="$DB" DATAGATE__MONGODB__URL= \
     DATAGATE__TELEMETRY__LOG_FILTER="${DATAGATE__TELEMETRY__LOG_FILTER:-warn}" \
     DATAGATE__SERVER__HOST=127.0.0.1 DATAGATE__SERVER__PORT="$1" \
     DATAGATE__METRICS__HOST=127.0.0.1 DATAGATE__METRICS__PORT="$(free_port)" \
-    "$TARGET/datagate" serve
+    "${CALLGRIND[@]}" "$TARGET/datagate" serve
 }
 reference() { # kind port
-  "$TARGET/datagate-bench" --serve-reference "$1" --listen "127.0.0.1:$2" \
+  exec "${CALLGRIND[@]}" "$TARGET/datagate-bench" --serve-reference "$1" --listen "127.0.0.1:$2" \
     --database-url "$DB_URL" --redis-url "$REDIS_URL" --redis-key-prefix "$DB"
 }
 

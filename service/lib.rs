@@ -51,6 +51,9 @@ pub mod statements;
 pub mod store;
 mod telemetry;
 
+/// The JSON log format's span fields, for the tests' log capture.
+pub use telemetry::AppendJsonFields;
+
 /// The parsers the fuzz targets (`fuzz/`) run on arbitrary input: each gRPC
 /// service's request parsers (`parse_<rpc>`, the very functions its handlers
 /// call) and the `grpc-timeout` parser. Only in fuzz builds (cargo-fuzz

@@ -84,6 +84,7 @@ where
         .flatten_event(true)
         .with_current_span(true)
         .with_span_list(true)
+        .fmt_fields(datagate::AppendJsonFields)
         .with_writer(CaptureWriter)
         .with_filter(filter_fn(|meta| {
             LIVE.load(Ordering::Relaxed) > 0
