@@ -27,6 +27,11 @@
 //! fuzz targets (`fuzz/`) also reach the request parsers through
 //! `fuzzing`, which exists only in their builds.
 
+// The service's call futures nest deeply (middleware, loaders, the cache's
+// pooled connections); the default limit (128) is too small to prove them
+// `Send`.
+#![recursion_limit = "256"]
+
 mod api;
 pub mod auth;
 pub mod cache;

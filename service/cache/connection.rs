@@ -44,9 +44,13 @@ use secrecy::ExposeSecret;
 use super::tls;
 use crate::config::{RedisMode, RedisSettings};
 
+/// A pooled connection used this recently is handed out without a `PING`
+/// (see [`SingleManager`]).
+const RECENTLY_USED: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Connections to one Redis, or to a Redis Cluster.
 pub(super) enum Pool {
-    Single(deadpool_redis::Pool),
+    Single(managed::Pool<SingleManager>),
     Cluster(managed::Pool<ClusterManager>),
 }
 
@@ -80,9 +84,12 @@ impl Pool {
         Ok(match settings.mode {
             RedisMode::Single => {
                 let info = node_info(url, username, password, certificates)?;
-                let manager = deadpool_redis::Manager::new(info).map_err(|e| invalid(&e))?;
+                let manager = SingleManager {
+                    client: redis::Client::open(info).map_err(|e| invalid(&e))?,
+                    pings: AtomicUsize::new(0),
+                };
                 Self::Single(
-                    deadpool_redis::Pool::builder(manager)
+                    managed::Pool::builder(manager)
                         .config(pool_config)
                         .runtime(Runtime::Tokio1)
                         .build()
@@ -191,8 +198,59 @@ pub(super) fn subscriber_infos(
 /// A pooled connection. On a cluster each command goes to the primary of
 /// its keys' slot (split per slot for `MGET` and `UNLINK`).
 pub(super) enum Conn {
-    Single(deadpool_redis::Connection),
+    Single(managed::Object<SingleManager>),
     Cluster(managed::Object<ClusterManager>),
+}
+
+impl Conn {
+    /// Takes the connection out of the pool, to be closed: after a
+    /// connection-level failure ([`Failure::Unavailable`]) it is not handed
+    /// out again, whether or not its check would have run.
+    pub(super) fn discard(self) {
+        match self {
+            Self::Single(conn) => drop(managed::Object::take(conn)),
+            Self::Cluster(conn) => drop(managed::Object::take(conn)),
+        }
+    }
+}
+
+/// Opens single-node connections as deadpool-redis's manager does
+/// (multiplexed, TLS and credentials from the connection info), but checks
+/// a pooled connection with a `PING` only when it was last handed out
+/// [`RECENTLY_USED`] ago or longer. deadpool-redis's manager pings on every
+/// checkout: a second round trip on every cache hit, for a connection that
+/// answered a moment ago. A connection that fails in use is discarded
+/// ([`Conn::discard`]), so a dead one costs one failed command (a miss,
+/// which fails open), not one per call.
+pub(super) struct SingleManager {
+    client: redis::Client,
+    pings: AtomicUsize,
+}
+
+impl managed::Manager for SingleManager {
+    type Type = redis::aio::MultiplexedConnection;
+    type Error = RedisError;
+
+    async fn create(&self) -> Result<Self::Type, RedisError> {
+        self.client.get_multiplexed_async_connection().await
+    }
+
+    async fn recycle(
+        &self,
+        conn: &mut Self::Type,
+        metrics: &managed::Metrics,
+    ) -> managed::RecycleResult<RedisError> {
+        if metrics.last_used() < RECENTLY_USED {
+            return Ok(());
+        }
+        let ping = self.pings.fetch_add(1, Ordering::Relaxed).to_string();
+        let pong: String = redis::cmd("PING").arg(&ping).query_async(conn).await?;
+        if pong == ping {
+            Ok(())
+        } else {
+            Err(managed::RecycleError::message("unexpected PING reply"))
+        }
+    }
 }
 
 /// Opens and checks the cluster pool's connections (as deadpool-redis's
@@ -286,7 +344,7 @@ impl Conn {
             invocation
         };
         match self {
-            Self::Single(conn) => invocation(items).invoke_async(conn).await,
+            Self::Single(conn) => invocation(items).invoke_async(&mut **conn).await,
             Self::Cluster(conn) => {
                 let cluster: &ClusterConnection = conn;
                 let calls = items.chunks(1).map(|item| {

@@ -771,8 +771,15 @@ impl Inner {
         let outcome = match tokio::time::timeout(timeout, async {
             let mut conn = self.pool.get().await?;
             connected = true;
-            self.replay(&mut conn).await?;
-            Ok::<_, Failure>(run(&mut conn).await?)
+            let outcome = async {
+                self.replay(&mut conn).await?;
+                Ok::<_, Failure>(run(&mut conn).await?)
+            }
+            .await;
+            if matches!(outcome, Err(Failure::Unavailable(_))) {
+                conn.discard();
+            }
+            outcome
         })
         .await
         {
