@@ -427,8 +427,24 @@ fn pool_at(
         .acquire_timeout(settings.acquire_timeout)
         .idle_timeout(Some(settings.idle_timeout))
         .max_lifetime(Some(settings.max_lifetime))
+        // sqlx pings every connection it hands out (and again when it is
+        // released): a round trip before every statement. A connection
+        // released within the last second has just answered that release
+        // ping; only one idle longer is pinged first.
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= RECENTLY_USED {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_lazy_with(options.application_name(application)))
 }
+
+/// A pooled connection idle for less than this is handed out unchecked.
+const RECENTLY_USED: Duration = Duration::from_secs(1);
 
 /// Where lag-tolerant reads go: the read replica when `database.read_url` is
 /// set, else the primary.
