@@ -4,7 +4,7 @@
 # failure there stops the target.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
-.PHONY: help run test test-faults lint smoke fuzz bench-n1 bench-cache bench-search bench-analytics bench bench-quick bench-writes bench-cpu env-up env-down
+.PHONY: help run test test-faults lint smoke fuzz bench-n1 bench-cache bench-search bench-analytics bench bench-quick bench-points bench-writes bench-cpu env-up env-down
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -53,6 +53,9 @@ bench-writes: ## CreateOrder against pgbench TPC-B (-M prepared) at 16 clients, 
 
 bench-quick: ## The same on an empty database, 1 s per scenario, 1 and 4 callers (under 3 min)
 	@scripts/bench-load.sh quick
+
+bench-points: ## GetUser (hit, near, uncached) and its references at 1, 16 and 64 callers, then h2load (a few minutes; run 3 times for the spread)
+	@scripts/bench-load.sh points
 
 bench-cpu: ## Instructions per GetUser (callgrind) of the release service and of the reference servers, and their ratios
 	@scripts/bench-cpu.sh

@@ -42,7 +42,7 @@ cleanup() {
 trap cleanup EXIT
 "$PSQL" "$DATABASE_URL" -qc "CREATE DATABASE $DB" >/dev/null
 DATAGATE__DATABASE__URL=$DB_URL "$TARGET/datagate" migrate up >/dev/null
-USER_ID=$("$PSQL" "$DB_URL" -tAc "INSERT INTO users (email, username, display_name, status) VALUES ('cpu@example.com', 'cpu', 'CPU bench', 'active') RETURNING id" | head -n 1)
+USER_ID=$("$PSQL" "$DB_URL" -tAc "INSERT INTO users (email, username, display_name, status) VALUES ('cpu@example.com', 'cpu', 'CPU bench', 'active') RETURNING id" | sed -n 1p)
 "$TARGET/datagate-bench" --grpc-body-get-user "$USER_ID" >"$WORK/body.bin"
 token_out=$("$TARGET/datagate" token new --caller bench --role admin)
 TOKEN=$(sed -n 's/^token: *//p' <<<"$token_out")

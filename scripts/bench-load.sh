@@ -16,6 +16,12 @@
 #                                  results in bench/results/ (committed)
 #   scripts/bench-load.sh quick    1 and 4 callers, 1 s per scenario, on an
 #                                  empty database; results in bench/results/quick/
+#   scripts/bench-load.sh points   the point reads and their references only
+#                                  (GetUser hit, near, uncached) at 1, 16 and 64
+#                                  callers, 4 s each, on an empty database, then
+#                                  h2load; results in bench/results/points/ (a
+#                                  few minutes: `make bench-points`, run it 3
+#                                  times for the spread)
 #
 # The full suite generates its dataset into the template database
 # datagate_bench_seed (again when it is over a week old) and copies it for
@@ -27,7 +33,9 @@ MODE=${1:-quick}
 case "$MODE" in
   quick) CONCURRENCY=1,4; DURATION=1s; WARMUP=300ms; USERS=6000; OUT=bench/results/quick; QUERY=widget; H2LOAD_N=5000 ;;
   full) CONCURRENCY=1,4,16; DURATION=6s; WARMUP=1s; USERS=3000; OUT=bench/results; QUERY="wireless speaker"; H2LOAD_N=40000 ;;
-  *) echo "usage: $0 quick|full" >&2; exit 2 ;;
+  points) CONCURRENCY=1,16,64; DURATION=4s; WARMUP=1s; USERS=3000; OUT=bench/results/points; QUERY=widget; H2LOAD_N=40000
+    SCENARIOS=get_user_hit,get_user_near,get_user_uncached ;;
+  *) echo "usage: $0 quick|full|points" >&2; exit 2 ;;
 esac
 dev_env_up
 need_tool h2load nghttp2-client
@@ -137,7 +145,8 @@ command -v pgbench >/dev/null && export DATAGATE_BENCH_PGBENCH_URL=$(db_url "${D
   --uncached-addr "http://127.0.0.1:$UNCACHED_PORT" \
   --reference-get "http://127.0.0.1:$GET_PORT" \
   --reference-select "http://127.0.0.1:$SELECT_PORT" \
-  --reference-json-agg "http://127.0.0.1:$JSON_PORT"
+  --reference-json-agg "http://127.0.0.1:$JSON_PORT" \
+  ${SCENARIOS:+--scenarios "$SCENARIOS"}
 
 # h2load: GetUser of one user (a Redis hit after the first call; with the
 # cache off, a primary-key read every call), 16 streams on one connection,
