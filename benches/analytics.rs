@@ -10,6 +10,10 @@
 //! (`datagate::generate`: 80 % completed; 1 to 5 lines each, products drawn
 //! with a heavy skew toward popular ones) and refreshes the views.
 
+// The service's futures nest deeper than the default limit (128) lets
+// the compiler prove `Send` (the service's own crate raises it too).
+#![recursion_limit = "256"]
+
 use std::time::{Duration, Instant};
 
 use datagate::{

@@ -9,6 +9,10 @@
 //! miss is a cold key: MGET, fill lock, the PostgreSQL read, fenced fill.
 //! Creates and drops its own database and Redis namespace.
 
+// The service's futures nest deeper than the default limit (128) lets
+// the compiler prove `Send` (the service's own crate raises it too).
+#![recursion_limit = "256"]
+
 use std::{
     sync::{
         Arc,

@@ -8,6 +8,10 @@
 //!
 //! Creates and drops its own database (`datagate_bench_<pid>`).
 
+// The service's futures nest deeper than the default limit (128) lets
+// the compiler prove `Send` (the service's own crate raises it too).
+#![recursion_limit = "256"]
+
 use std::{
     sync::Arc,
     time::{Duration, Instant},

@@ -7,6 +7,10 @@
 //!
 //! The catalog is `benches/support/catalog.rs`'s million products.
 
+// The service's futures nest deeper than the default limit (128) lets
+// the compiler prove `Send` (the service's own crate raises it too).
+#![recursion_limit = "256"]
+
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use datagate::{

@@ -3,6 +3,10 @@
 //! Every test is an `#[api_test]` (a time limit and teardown around
 //! `#[tokio::test]`); the modules share only `support`.
 
+// The service's futures nest deeper than the default limit (128) lets
+// the compiler prove `Send` (the service's own crate raises it too).
+#![recursion_limit = "256"]
+
 mod admission;
 mod analytics;
 mod audit;

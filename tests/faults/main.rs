@@ -9,6 +9,10 @@
 //! 2-core machine on purpose. `make test-faults` runs them with
 //! `--test-threads=1 --nocapture`; `make test` runs them inside `cargo test`.
 
+// The service's futures nest deeper than the default limit (128) lets
+// the compiler prove `Send` (the service's own crate raises it too).
+#![recursion_limit = "256"]
+
 mod support;
 
 mod cancel;
