@@ -111,12 +111,9 @@ impl<'writer> tracing_subscriber::fmt::FormatFields<'writer> for AppendJsonField
         // Reopen the object: drop its closing brace, append, close again.
         text.pop();
         let mut object = JsonObject {
+            members: usize::from(text.len() > 1),
             text: std::mem::take(text),
-            members: 1,
         };
-        if object.text.len() == 1 {
-            object.members = 0;
-        }
         fields.record(&mut object);
         object.close();
         *text = object.text;

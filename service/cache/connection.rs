@@ -243,13 +243,7 @@ impl managed::Manager for SingleManager {
         if metrics.last_used() < RECENTLY_USED {
             return Ok(());
         }
-        let ping = self.pings.fetch_add(1, Ordering::Relaxed).to_string();
-        let pong: String = redis::cmd("PING").arg(&ping).query_async(conn).await?;
-        if pong == ping {
-            Ok(())
-        } else {
-            Err(managed::RecycleError::message("unexpected PING reply"))
-        }
+        check_with_ping(conn, &self.pings).await
     }
 }
 
@@ -269,20 +263,28 @@ impl managed::Manager for ClusterManager {
         self.client.get_async_connection().await
     }
 
-    /// A pooled connection is reused if it answers a `PING` with its own
-    /// number (a reply meant for an earlier command would not match).
     async fn recycle(
         &self,
         conn: &mut ClusterConnection,
         _: &managed::Metrics,
     ) -> managed::RecycleResult<RedisError> {
-        let ping = self.pings.fetch_add(1, Ordering::Relaxed).to_string();
-        let pong: String = redis::cmd("PING").arg(&ping).query_async(conn).await?;
-        if pong == ping {
-            Ok(())
-        } else {
-            Err(managed::RecycleError::message("unexpected PING reply"))
-        }
+        check_with_ping(conn, &self.pings).await
+    }
+}
+
+/// A pooled connection is reused if it answers a `PING` with its own
+/// number, the next of `pings` (a reply meant for an earlier command would
+/// not match).
+async fn check_with_ping(
+    conn: &mut impl ConnectionLike,
+    pings: &AtomicUsize,
+) -> managed::RecycleResult<RedisError> {
+    let ping = pings.fetch_add(1, Ordering::Relaxed).to_string();
+    let pong: String = redis::cmd("PING").arg(&ping).query_async(conn).await?;
+    if pong == ping {
+        Ok(())
+    } else {
+        Err(managed::RecycleError::message("unexpected PING reply"))
     }
 }
 

@@ -62,28 +62,25 @@ async fn run(mut command: Command, what: &str) {
     );
 }
 
+/// A new directory `<prefix>-<uuid>` under the temporary directory, owned
+/// by the user the cluster runs as.
+async fn owned_dir(prefix: &str) -> PathBuf {
+    let base = std::env::temp_dir().join(format!("{prefix}-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&base).unwrap();
+    if is_root() {
+        let mut chown = Command::new("chown");
+        chown.arg("postgres:postgres").arg(&base);
+        run(chown, "chown").await;
+    }
+    base
+}
+
 impl Postgres {
     /// A new cluster, started, with the schema migrated.
     pub async fn start() -> Self {
-        let base = std::env::temp_dir().join(format!(
-            "datagate-faults-pg-{}",
-            uuid::Uuid::new_v4().simple()
-        ));
-        std::fs::create_dir_all(&base).unwrap();
-        if is_root() {
-            run(
-                {
-                    let mut c = Command::new("chown");
-                    c.arg("postgres:postgres").arg(&base);
-                    c
-                },
-                "chown",
-            )
-            .await;
-        }
         let pg = Self {
             port: super::free_port(),
-            base,
+            base: owned_dir("datagate-faults-pg").await,
             bindir: bindir(),
         };
         // --no-sync only skips initdb's final flush of the fresh files (the
@@ -113,19 +110,9 @@ impl Postgres {
     /// that follows it), started on a port of its own. The primary's trust
     /// authentication admits replication from loopback.
     pub async fn replica_of(primary: &Self) -> Self {
-        let base = std::env::temp_dir().join(format!(
-            "datagate-faults-pg-replica-{}",
-            uuid::Uuid::new_v4().simple()
-        ));
-        std::fs::create_dir_all(&base).unwrap();
-        if is_root() {
-            let mut chown = Command::new("chown");
-            chown.arg("postgres:postgres").arg(&base);
-            run(chown, "chown").await;
-        }
         let replica = Self {
             port: super::free_port(),
-            base,
+            base: owned_dir("datagate-faults-pg-replica").await,
             bindir: primary.bindir.clone(),
         };
         let mut backup = as_owner(&replica.bindir.join("pg_basebackup"));
