@@ -485,13 +485,14 @@ pub enum JwtAlgorithm {
     EdDSA,
 }
 
+impl JwtAlgorithm {
+    /// Every algorithm datagate can accept: the default of `jwt.algorithms`.
+    pub const ALL: [Self; 3] = [Self::RS256, Self::ES256, Self::EdDSA];
+}
+
 impl JwtSettings {
     fn default_algorithms() -> Vec<JwtAlgorithm> {
-        vec![
-            JwtAlgorithm::RS256,
-            JwtAlgorithm::ES256,
-            JwtAlgorithm::EdDSA,
-        ]
+        JwtAlgorithm::ALL.to_vec()
     }
     fn default_leeway() -> Duration {
         Duration::from_secs(30)

@@ -20,7 +20,14 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 
-use crate::{cache, cache::Cache, documents::Mongo, proto, store::postgres::Reads};
+use crate::{
+    cache,
+    cache::Cache,
+    documents::Mongo,
+    model::diagnostics::PoolStats,
+    proto,
+    store::postgres::{Reads, pool_stats},
+};
 
 /// Latency buckets in seconds, from a cache hit to a slow analytic query.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -228,14 +235,17 @@ pub async fn serve(
 }
 
 async fn render(State(state): State<MetricsState>) -> String {
-    record_pool_usage("postgres", &state.db);
+    record_pool_usage(&pool_stats("postgres", &state.db));
     if let Some(replica) = state.reads.replica() {
-        record_pool_usage("postgres_replica", replica);
+        record_pool_usage(&pool_stats("postgres_replica", replica));
     }
     record_replication_lag(&state.reads).await;
+    if let Some(redis) = state.cache.pool_stats() {
+        record_pool_usage(&redis);
+    }
     state.cache.record_gauges();
     if let Some(mongo) = &state.mongo {
-        mongo.record_pool_usage();
+        record_pool_usage(&mongo.pool_stats());
     }
     state.handle.run_upkeep();
     state.handle.render()
@@ -243,10 +253,9 @@ async fn render(State(state): State<MetricsState>) -> String {
 
 /// `connection_pool_connections{pool,state}`, `connection_pool_max{pool}` and
 /// `connection_pool_usage{pool}` (in use / max, 0 to 1).
-fn record_pool_usage(pool: &'static str, db: &PgPool) {
-    let size = db.size() as f64;
-    let idle = db.num_idle() as f64;
-    let max = f64::from(db.options().get_max_connections());
+fn record_pool_usage(stats: &PoolStats) {
+    let pool = stats.pool;
+    let (max, size, idle) = (stats.max as f64, stats.size as f64, stats.idle as f64);
     let in_use = (size - idle).max(0.0);
     metrics::gauge!("connection_pool_connections", "pool" => pool, "state" => "idle").set(idle);
     metrics::gauge!("connection_pool_connections", "pool" => pool, "state" => "in_use").set(in_use);

@@ -260,11 +260,7 @@ fn https_client(ca_file: Option<&std::path::Path>) -> anyhow::Result<HttpsClient
 mod tests {
     use super::*;
 
-    const ALL: &[JwtAlgorithm] = &[
-        JwtAlgorithm::RS256,
-        JwtAlgorithm::ES256,
-        JwtAlgorithm::EdDSA,
-    ];
+    const ALL: &[JwtAlgorithm] = &JwtAlgorithm::ALL;
 
     /// An Ed25519 public key (RFC 8037's example).
     const OKP_X: &str = "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo";

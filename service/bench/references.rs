@@ -115,13 +115,19 @@ pub async fn serve(
     match kind {
         Kind::RedisGet | Kind::PrimaryKeySelect => {
             server
-                .add_service(UserReference { kind, backend })
+                .add_service(Reference {
+                    method: GetUser(kind),
+                    backend,
+                })
                 .serve_with_incoming(incoming)
                 .await?;
         }
         Kind::JsonAgg => {
             server
-                .add_service(OrderReference { backend })
+                .add_service(Reference {
+                    method: ListUsersWithOrders,
+                    backend,
+                })
                 .serve_with_incoming(incoming)
                 .await?;
         }
@@ -155,7 +161,7 @@ where
 fn unary<Req, Resp>(
     request: http::Request<Body>,
     handler: impl FnOnce(Req) -> BoxFuture<Result<Resp, Status>> + Send + 'static,
-) -> BoxFuture<Result<http::Response<Body>, Infallible>>
+) -> ReferenceFuture
 where
     Req: prost::Message + Default + Send + 'static,
     Resp: prost::Message + Send + 'static,
@@ -166,36 +172,61 @@ where
     })
 }
 
-fn unimplemented() -> BoxFuture<Result<http::Response<Body>, Infallible>> {
+fn unimplemented() -> ReferenceFuture {
     Box::pin(async { Ok(Status::unimplemented("not a reference method").into_http()) })
 }
 
-/// `datagate.v1.UserService`, only `GetUser`.
+/// A reference server: one method of one service; every other path is
+/// UNIMPLEMENTED.
 #[derive(Clone)]
-struct UserReference {
-    kind: Kind,
+struct Reference<M> {
+    method: M,
     backend: Backend,
 }
 
-impl NamedService for UserReference {
-    const NAME: &'static str = "datagate.v1.UserService";
+/// The one method a [`Reference`] answers.
+trait Method: Clone + Send + 'static {
+    /// The gRPC service's full name.
+    const SERVICE: &'static str;
+    /// The method's request path, `/<service>/<method>`.
+    const PATH: &'static str;
+
+    fn answer(&self, backend: Backend, request: http::Request<Body>) -> ReferenceFuture;
 }
 
-impl tower::Service<http::Request<Body>> for UserReference {
+type ReferenceFuture = BoxFuture<Result<http::Response<Body>, Infallible>>;
+
+impl<M: Method> NamedService for Reference<M> {
+    const NAME: &'static str = M::SERVICE;
+}
+
+impl<M: Method> tower::Service<http::Request<Body>> for Reference<M> {
     type Response = http::Response<Body>;
     type Error = Infallible;
-    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+    type Future = ReferenceFuture;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        if request.uri().path() != "/datagate.v1.UserService/GetUser" {
+        if request.uri().path() != M::PATH {
             return unimplemented();
         }
-        let backend = self.backend.clone();
-        match self.kind {
+        self.method.answer(self.backend.clone(), request)
+    }
+}
+
+/// `datagate.v1.UserService/GetUser`, from Redis or PostgreSQL.
+#[derive(Clone)]
+struct GetUser(Kind);
+
+impl Method for GetUser {
+    const SERVICE: &'static str = "datagate.v1.UserService";
+    const PATH: &'static str = "/datagate.v1.UserService/GetUser";
+
+    fn answer(&self, backend: Backend, request: http::Request<Body>) -> ReferenceFuture {
+        match self.0 {
             Kind::RedisGet => unary(request, move |r: pb::GetUserRequest| {
                 Box::pin(async move { backend.get_user_from_redis(r.id).await })
             }),
@@ -206,30 +237,15 @@ impl tower::Service<http::Request<Body>> for UserReference {
     }
 }
 
-/// `datagate.v1.OrderService`, only `ListUsersWithOrders`.
+/// `datagate.v1.OrderService/ListUsersWithOrders`, as one statement.
 #[derive(Clone)]
-struct OrderReference {
-    backend: Backend,
-}
+struct ListUsersWithOrders;
 
-impl NamedService for OrderReference {
-    const NAME: &'static str = "datagate.v1.OrderService";
-}
+impl Method for ListUsersWithOrders {
+    const SERVICE: &'static str = "datagate.v1.OrderService";
+    const PATH: &'static str = "/datagate.v1.OrderService/ListUsersWithOrders";
 
-impl tower::Service<http::Request<Body>> for OrderReference {
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Result<Self::Response, Infallible>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        if request.uri().path() != "/datagate.v1.OrderService/ListUsersWithOrders" {
-            return unimplemented();
-        }
-        let backend = self.backend.clone();
+    fn answer(&self, backend: Backend, request: http::Request<Body>) -> ReferenceFuture {
         unary(request, move |r: pb::ListUsersWithOrdersRequest| {
             Box::pin(async move { backend.list_users_with_orders(r).await })
         })

@@ -88,13 +88,7 @@ impl Pool {
                     client: redis::Client::open(info).map_err(|e| invalid(&e))?,
                     pings: AtomicUsize::new(0),
                 };
-                Self::Single(
-                    managed::Pool::builder(manager)
-                        .config(pool_config)
-                        .runtime(Runtime::Tokio1)
-                        .build()
-                        .map_err(|e| invalid(&e))?,
-                )
+                Self::Single(pool(manager, pool_config).map_err(|e| invalid(&e))?)
             }
             RedisMode::Cluster => {
                 let urls: Vec<&str> = url
@@ -119,13 +113,7 @@ impl Pool {
                     client: client.build().map_err(|e| invalid(&e))?,
                     pings: AtomicUsize::new(0),
                 };
-                Self::Cluster(
-                    managed::Pool::builder(manager)
-                        .config(pool_config)
-                        .runtime(Runtime::Tokio1)
-                        .build()
-                        .map_err(|e| invalid(&e))?,
-                )
+                Self::Cluster(pool(manager, pool_config).map_err(|e| invalid(&e))?)
             }
         })
     }
@@ -150,6 +138,17 @@ impl Pool {
             Self::Cluster(pool) => pool.status(),
         }
     }
+}
+
+/// A pool of `manager`'s connections, sized and timed by `config`.
+fn pool<M: managed::Manager>(
+    manager: M,
+    config: deadpool_redis::PoolConfig,
+) -> Result<managed::Pool<M>, managed::BuildError> {
+    managed::Pool::builder(manager)
+        .config(config)
+        .runtime(Runtime::Tokio1)
+        .build()
 }
 
 /// How to reach one node (`url`) as the settings' user, over their TLS.

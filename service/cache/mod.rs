@@ -151,6 +151,20 @@ impl Counters {
     }
 }
 
+/// What a cache-aside read runs on a miss: one load of the value from its
+/// source of truth (`None`: there is none), e.g. `|| async { ... }`.
+pub trait Load<T>: FnOnce() -> Self::Loading {
+    type Loading: Future<Output = Result<Option<T>>>;
+}
+
+impl<T, F, Fut> Load<T> for F
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<Option<T>>>,
+{
+    type Loading = Fut;
+}
+
 /// The cache; cheap to clone. Built without a URL it is off, and every read
 /// goes straight to its loader.
 #[derive(Clone)]
@@ -278,18 +292,13 @@ impl Cache {
     /// `get_or_load`). The near cache answers if it holds an entry filled
     /// within the bound and its invalidation channel is up; else the strong
     /// read's answer is kept there, stamped with the time it started.
-    pub async fn get_or_load_within<T, F, Fut>(
+    pub async fn get_or_load_within<T: Serialize + DeserializeOwned>(
         &self,
         entity: Entity,
         id: i64,
         max_staleness: Duration,
-        load: F,
-    ) -> Result<Option<T>>
-    where
-        T: Serialize + DeserializeOwned,
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Option<T>>>,
-    {
+        load: impl Load<T>,
+    ) -> Result<Option<T>> {
         let near = self.inner.as_ref().and_then(|inner| inner.near.as_ref());
         let Some(near) = near.filter(|_| !max_staleness.is_zero()) else {
             return self.get_or_load(entity, id, load).await;
@@ -317,17 +326,12 @@ impl Cache {
     /// Cache-aside read of one entity: a hit, or one load per key across
     /// concurrent callers (and replicas), then a fenced fill. Two round trips
     /// on a miss (the lookup script, the fill script), one on a hit.
-    pub async fn get_or_load<T, F, Fut>(
+    pub async fn get_or_load<T: Serialize + DeserializeOwned>(
         &self,
         entity: Entity,
         id: i64,
-        load: F,
-    ) -> Result<Option<T>>
-    where
-        T: Serialize + DeserializeOwned,
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Option<T>>>,
-    {
+        load: impl Load<T>,
+    ) -> Result<Option<T>> {
         let Some(inner) = &self.inner else {
             return load().await;
         };
@@ -574,27 +578,11 @@ impl Cache {
         })
     }
 
-    /// Pool usage and the hit rate per entity, for the metrics endpoint.
+    /// The breaker's state and the hit rate per entity, for the metrics
+    /// endpoint (the pool's gauges are [`pool_stats`](Self::pool_stats)).
     pub fn record_gauges(&self) {
         let Some(inner) = &self.inner else { return };
-        let status = inner.pool.status();
-        let (max, size, available) = (
-            status.max_size as f64,
-            status.size as f64,
-            status.available as f64,
-        );
-        let in_use = (size - available).max(0.0);
-        metrics::gauge!("connection_pool_connections", "pool" => "redis", "state" => "idle")
-            .set(available);
-        metrics::gauge!("connection_pool_connections", "pool" => "redis", "state" => "in_use")
-            .set(in_use);
-        metrics::gauge!("connection_pool_max", "pool" => "redis").set(max);
         metrics::gauge!("cache_breaker_state").set(inner.breaker.gauge_value());
-        metrics::gauge!("connection_pool_usage", "pool" => "redis").set(if max > 0.0 {
-            in_use / max
-        } else {
-            0.0
-        });
         for (name, counters) in &inner.counters {
             let hits = counters.hits.load(Ordering::Relaxed) as f64;
             let total = hits + counters.misses.load(Ordering::Relaxed) as f64;
@@ -1062,18 +1050,13 @@ impl Inner {
     /// The leader of a single flight: unless this process holds the
     /// cross-replica lock its lookup took, wait for the replica holding it
     /// to fill the key; else load, then fill and unlock in one script.
-    async fn load_once<T, F, Fut>(
+    async fn load_once<T: Serialize + DeserializeOwned>(
         &self,
         entity: Entity,
         key: &str,
         missed: Option<Missed>,
-        load: F,
-    ) -> Result<Fetched>
-    where
-        T: Serialize + DeserializeOwned,
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Option<T>>>,
-    {
+        load: impl Load<T>,
+    ) -> Result<Fetched> {
         // Without a lookup Redis is not usable now: load, and fill nothing.
         if let Some(Missed { locked: false, .. }) = missed
             && let Some(fetched) = self.wait_for_fill::<T>(entity, key).await

@@ -192,6 +192,13 @@ mod tests {
         }
     }
 
+    /// Why `certificates` refuses `overrides` with `url`.
+    fn refusal(overrides: &[(&str, &str)], url: &str) -> String {
+        certificates(&settings(overrides), url)
+            .unwrap_err()
+            .to_string()
+    }
+
     fn file(contents: &str) -> TempFile {
         let path = std::env::temp_dir().join(format!("dg-tls-{}.pem", uuid::Uuid::new_v4()));
         std::fs::write(&path, contents).unwrap();
@@ -227,33 +234,23 @@ mod tests {
     #[test]
     fn tls_files_with_a_plain_url_are_refused() {
         let ca = file("not read");
-        let error = certificates(
-            &settings(&[("redis.tls_ca_file", ca.path())]),
-            "redis://a:6379",
-        )
-        .unwrap_err()
-        .to_string();
+        let error = refusal(&[("redis.tls_ca_file", ca.path())], "redis://a:6379");
         assert!(error.contains("rediss://"), "{error}");
     }
 
     #[test]
     fn a_ca_file_without_certificates_is_refused_naming_the_setting() {
-        let missing = settings(&[("redis.tls_ca_file", "/nonexistent/ca.pem")]);
-        let error = certificates(&missing, "rediss://a:6380")
-            .unwrap_err()
-            .to_string();
+        let error = refusal(
+            &[("redis.tls_ca_file", "/nonexistent/ca.pem")],
+            "rediss://a:6380",
+        );
         assert!(
             error.contains("redis.tls_ca_file") && error.contains("/nonexistent/ca.pem"),
             "{error}"
         );
 
         let empty = file("no certificates here\n");
-        let error = certificates(
-            &settings(&[("redis.tls_ca_file", empty.path())]),
-            "rediss://a:6380",
-        )
-        .unwrap_err()
-        .to_string();
+        let error = refusal(&[("redis.tls_ca_file", empty.path())], "rediss://a:6380");
         assert!(error.contains("holds no PEM certificate"), "{error}");
     }
 
@@ -262,24 +259,19 @@ mod tests {
         let cert = file(
             "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUU2VjcmV0\n-----END CERTIFICATE-----\n",
         );
-        let alone = settings(&[("redis.tls_cert_file", cert.path())]);
-        let error = certificates(&alone, "rediss://a:6380")
-            .unwrap_err()
-            .to_string();
+        let error = refusal(&[("redis.tls_cert_file", cert.path())], "rediss://a:6380");
         assert!(error.contains("go together"), "{error}");
 
         let mut secret = String::from("-----BEGIN PRIVATE KEY-----\n");
         secret.push_str("c2VjcmV0LWtleS1tYXRlcmlhbA==!!\n-----END PRIVATE KEY-----\n");
         let key = file(&secret);
-        let error = certificates(
-            &settings(&[
+        let error = refusal(
+            &[
                 ("redis.tls_cert_file", cert.path()),
                 ("redis.tls_key_file", key.path()),
-            ]),
+            ],
             "rediss://a:6380",
-        )
-        .unwrap_err()
-        .to_string();
+        );
         assert!(error.contains("redis.tls_key_file"), "{error}");
         assert!(!error.contains("c2VjcmV0"), "{error}");
     }

@@ -60,6 +60,7 @@ use crate::{
     model::{
         availability::{Admit, FIRST_BACKOFF, Gate, TRIAL_WAIT},
         deadline::{Deadline, wait_bound},
+        diagnostics::PoolStats,
     },
     telemetry::{DbOperation, DbSpan, DbSystem, Peer},
 };
@@ -178,26 +179,18 @@ impl Mongo {
         }))
     }
 
-    /// `connection_pool_connections{pool="mongodb",state}`,
-    /// `connection_pool_max` and `connection_pool_usage` (checked out / max,
-    /// 0 to 1), as for the PostgreSQL and Redis pools. Every operation needs
-    /// the primary, so one server's pool is the one that saturates:
-    /// `mongodb.max_pool_size` is its maximum.
-    pub fn record_pool_usage(&self) {
-        let open = self.pool.open.load(Ordering::Relaxed).max(0) as f64;
-        let in_use = self.pool.checked_out.load(Ordering::Relaxed).max(0) as f64;
-        let max = f64::from(self.max_pool_size);
-        let idle = (open - in_use).max(0.0);
-        metrics::gauge!("connection_pool_connections", "pool" => "mongodb", "state" => "idle")
-            .set(idle);
-        metrics::gauge!("connection_pool_connections", "pool" => "mongodb", "state" => "in_use")
-            .set(in_use);
-        metrics::gauge!("connection_pool_max", "pool" => "mongodb").set(max);
-        metrics::gauge!("connection_pool_usage", "pool" => "mongodb").set(if max > 0.0 {
-            in_use / max
-        } else {
-            0.0
-        });
+    /// The connection pool's open and idle connections and its maximum.
+    /// Every operation needs the primary, so one server's pool is the one
+    /// that saturates: `mongodb.max_pool_size` is its maximum.
+    pub fn pool_stats(&self) -> PoolStats {
+        let open = self.pool.open.load(Ordering::Relaxed).max(0);
+        let in_use = self.pool.checked_out.load(Ordering::Relaxed).max(0);
+        PoolStats {
+            pool: "mongodb",
+            size: open,
+            idle: (open - in_use).max(0),
+            max: i64::from(self.max_pool_size),
+        }
     }
 
     pub fn collection<T: Send + Sync>(&self, name: &str) -> Collection<T> {

@@ -19,7 +19,7 @@ use crate::{
     error::{Detail, Error, Result, reason},
     model::diagnostics::{
         ActiveStatement, Advice, AdviceTarget, DatabaseHealth, IndexCandidate, IndexHealth,
-        IndexSpec, PoolStats, SlowStatement, TableSize,
+        IndexSpec, SlowStatement, TableSize,
     },
     retry, statements,
     store::{
@@ -410,9 +410,9 @@ impl Diagnostics {
             tracing::warn!(error = ?e, "the read replica's lag could not be read");
             None
         });
-        let mut pools = vec![pg_pool("postgres", &self.db)];
+        let mut pools = vec![store::postgres::pool_stats("postgres", &self.db)];
         if let Some(replica) = self.reads.replica() {
-            pools.push(pg_pool("postgres-reads", replica));
+            pools.push(store::postgres::pool_stats("postgres-reads", replica));
         }
         pools.extend(self.cache.pool_stats());
         Ok(DatabaseHealth {
@@ -422,15 +422,6 @@ impl Diagnostics {
             redis: self.cache.info().await,
             pools,
         })
-    }
-}
-
-fn pg_pool(name: &'static str, pool: &PgPool) -> PoolStats {
-    PoolStats {
-        pool: name,
-        size: i64::from(pool.size()),
-        idle: pool.num_idle() as i64,
-        max: i64::from(pool.options().get_max_connections()),
     }
 }
 

@@ -36,7 +36,7 @@ use std::{collections::HashMap, hash::Hash, sync::Arc};
 
 use dataloader::{BatchFn, cached::Loader};
 use serde::{Serialize, de::DeserializeOwned};
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgPool;
 use tracing::Instrument as _;
 
 pub use orders::{Loaders, OrderHeaders};
@@ -176,19 +176,27 @@ fn grouped<T>(rows: Vec<T>, key: impl Fn(&T) -> Id) -> HashMap<Id, Vec<T>> {
     groups
 }
 
-/// Entities by id through the cache: one MGET, then one `find_many` of the
-/// misses (one query, retried), then one fenced fill. Ids not found are
+/// `R`'s rows among `ids`, read in one query (retried), by id.
+async fn find_by_id<R: PointRead>(db: &PgPool, ids: &[Id]) -> Result<HashMap<Id, R::Row>> {
+    let rows = retry::postgres(|| async {
+        let mut conn = store::postgres::acquire(db).await?;
+        R::find_many(&mut conn, ids).await
+    })
+    .await?;
+    Ok(rows.into_iter().map(|row| (R::id(&row), row)).collect())
+}
+
+/// `R`'s rows by id through the cache: one MGET, then one `find_many` of
+/// the misses (one query, retried), then one fenced fill. Ids not found are
 /// absent.
-async fn cached<T>(
+async fn cached<R: PointRead>(
     db: &PgPool,
     cache: &Cache,
     entity: Entity,
     ids: &[Id],
-    id_of: impl Fn(&T) -> Id + Copy,
-    find_many: impl AsyncFn(&mut PgConnection, &[Id]) -> Result<Vec<T>>,
-) -> Result<HashMap<Id, T>>
+) -> Result<HashMap<Id, R::Row>>
 where
-    T: Serialize + DeserializeOwned,
+    R::Row: Serialize + DeserializeOwned,
 {
     let raw: Vec<i64> = ids.iter().map(|id| id.get()).collect();
     let found = cache
@@ -197,20 +205,13 @@ where
                 .into_iter()
                 .filter_map(|m| Id::parse(m).ok())
                 .collect();
-            let rows = retry::postgres(|| async {
-                let mut conn = store::postgres::acquire(db).await?;
-                find_many(&mut conn, &misses).await
-            })
-            .await?;
-            Ok(rows
-                .into_iter()
-                .map(|row| (id_of(&row).get(), row))
-                .collect())
+            let rows = find_by_id::<R>(db, &misses).await?;
+            Ok(rows.into_iter().map(|(id, row)| (id.get(), row)).collect())
         })
         .await?;
     Ok(found
         .into_values()
         .flatten()
-        .map(|row| (id_of(&row), row))
+        .map(|row| (R::id(&row), row))
         .collect())
 }

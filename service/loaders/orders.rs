@@ -4,12 +4,11 @@
 use std::collections::HashMap;
 
 use dataloader::BatchFn;
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgPool;
 
-use super::{BatchLoader, PointRead, Shared, grouped, per_key, products::ProductsById};
+use super::{BatchLoader, Shared, grouped, per_key, point::point_read, products::ProductsById};
 use crate::{
     cache::Cache,
-    error::Result,
     model::{
         Id,
         orders::{OrderHeader, OrderItem, ProductSummary},
@@ -71,21 +70,9 @@ impl Loaders {
     }
 }
 
-/// Order headers by id, batched across calls ([`super::PointReads`]).
-pub struct OrderHeaders;
-
-impl PointRead for OrderHeaders {
-    type Row = OrderHeader;
-    const NAME: &'static str = "order";
-
-    fn id(row: &OrderHeader) -> Id {
-        row.id
-    }
-
-    fn find_many(
-        conn: &mut PgConnection,
-        ids: &[Id],
-    ) -> impl Future<Output = Result<Vec<OrderHeader>>> + Send {
-        store::orders::find_many(conn, ids)
-    }
-}
+point_read!(
+    /// Order headers by id, batched across calls ([`super::PointReads`]).
+    OrderHeaders: OrderHeader,
+    "order",
+    store::orders::find_many
+);

@@ -78,6 +78,33 @@ pub trait PointRead: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<Self::Row>>> + Send;
 }
 
+/// Declares a [`PointRead`] whose rows carry their `id`: the marker type,
+/// the row type, the entity's name and the store function reading rows by
+/// id, e.g. `point_read!(Products: Product, "product", store::products::find_many);`.
+macro_rules! point_read {
+    ($(#[$doc:meta])* $marker:ident: $row:ty, $name:literal, $find_many:path) => {
+        $(#[$doc])*
+        pub struct $marker;
+
+        impl $crate::loaders::PointRead for $marker {
+            type Row = $row;
+            const NAME: &'static str = $name;
+
+            fn id(row: &$row) -> $crate::model::Id {
+                row.id
+            }
+
+            fn find_many(
+                conn: &mut ::sqlx::PgConnection,
+                ids: &[$crate::model::Id],
+            ) -> impl Future<Output = $crate::error::Result<Vec<$row>>> + Send {
+                $find_many(conn, ids)
+            }
+        }
+    };
+}
+pub(crate) use point_read;
+
 struct Waiter<V> {
     id: Id,
     deadline: Option<Deadline>,

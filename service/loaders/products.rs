@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 
 use dataloader::BatchFn;
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgPool;
 
-use super::{PointRead, Shared, cached, per_key};
+use super::{Shared, cached, per_key, point::point_read};
 use crate::{
     cache::{Cache, Entity},
     error::Result,
@@ -21,15 +21,7 @@ pub async fn cached_products(
     cache: &Cache,
     ids: &[Id],
 ) -> Result<HashMap<Id, Product>> {
-    cached(
-        db,
-        cache,
-        Entity::Product,
-        ids,
-        |p: &Product| p.id,
-        store::products::find_many,
-    )
-    .await
+    cached::<Products>(db, cache, Entity::Product, ids).await
 }
 
 /// Product summaries, through the product cache: products are shared by
@@ -63,21 +55,9 @@ impl BatchFn<Id, Shared<Option<ProductSummary>>> for ProductsById {
     }
 }
 
-/// Products by id, batched across calls ([`super::PointReads`]).
-pub struct Products;
-
-impl PointRead for Products {
-    type Row = Product;
-    const NAME: &'static str = "product";
-
-    fn id(row: &Product) -> Id {
-        row.id
-    }
-
-    fn find_many(
-        conn: &mut PgConnection,
-        ids: &[Id],
-    ) -> impl Future<Output = Result<Vec<Product>>> + Send {
-        store::products::find_many(conn, ids)
-    }
-}
+point_read!(
+    /// Products by id, batched across calls ([`super::PointReads`]).
+    Products: Product,
+    "product",
+    store::products::find_many
+);

@@ -272,6 +272,11 @@ mod tests {
         Caller::new(name, &[role.to_owned()])
     }
 
+    /// Whether each of `calls` calls by `who` at `at` is admitted, in order.
+    fn admitted(quotas: &Quotas, who: &Caller, at: Instant, calls: usize) -> Vec<bool> {
+        (0..calls).map(|_| quotas.take(who, at).is_ok()).collect()
+    }
+
     #[test]
     fn a_full_bucket_admits_a_burst_then_refills_at_the_rate() {
         let quotas = Quotas::new(&settings(5.0, &[]), []);
@@ -291,11 +296,10 @@ mod tests {
         let quotas = Quotas::new(&settings(1.0, &[]), []);
         let t0 = Instant::now();
         let (a, b) = (caller("a", "reader"), caller("b", "reader"));
-        assert!(quotas.take(&a, t0).is_ok());
-        assert!(quotas.take(&a, t0).is_ok());
-        assert!(quotas.take(&a, t0).is_err());
-        assert!(
-            quotas.take(&b, t0).is_ok(),
+        assert_eq!(admitted(&quotas, &a, t0, 3), [true, true, false]);
+        assert_eq!(
+            admitted(&quotas, &b, t0, 1),
+            [true],
             "a's use leaves b's bucket full"
         );
     }
@@ -315,10 +319,9 @@ mod tests {
             "writer = 0"
         );
         let nobody = Caller::new("nobody", &[]);
-        assert!(quotas.take(&nobody, t0).is_ok());
-        assert!(quotas.take(&nobody, t0).is_ok());
-        assert!(
-            quotas.take(&nobody, t0).is_err(),
+        assert_eq!(
+            admitted(&quotas, &nobody, t0, 3),
+            [true, true, false],
             "no role: the reader rate"
         );
     }

@@ -33,14 +33,14 @@ pub struct ActiveStatement {
     pub own: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct UnusedIndex {
     pub table: String,
     pub index: String,
     pub size_bytes: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct SequentialScanTable {
     pub table: String,
     pub seq_scan: i64,
@@ -49,7 +49,7 @@ pub struct SequentialScanTable {
     pub live_rows: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct RedundantIndex {
     pub table: String,
     pub index: String,
@@ -58,7 +58,7 @@ pub struct RedundantIndex {
     pub duplicate: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct InvalidIndex {
     pub table: String,
     pub index: String,

@@ -392,6 +392,20 @@ impl Connection {
     }
 
     /// `polled` unless it waits and the connection is idle-closed.
+    /// Polls the stream with `io` unless the connection was closed as idle,
+    /// then [`unless_idle`](Self::unless_idle).
+    fn poll_open<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        io: impl FnOnce(Pin<&mut TcpStream>, &mut Context<'_>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if self.idle_closed {
+            return Poll::Ready(Err(Self::idle_error()));
+        }
+        let polled = io(Pin::new(&mut self.stream), cx);
+        self.unless_idle(cx, polled)
+    }
+
     fn unless_idle<T>(
         &mut self,
         cx: &mut Context<'_>,
@@ -418,12 +432,8 @@ impl AsyncRead for Connection {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.idle_closed {
-            return Poll::Ready(Err(Self::idle_error()));
-        }
-        let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
-        this.unless_idle(cx, polled)
+        self.get_mut()
+            .poll_open(cx, |stream, cx| stream.poll_read(cx, buf))
     }
 }
 
@@ -433,12 +443,8 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if this.idle_closed {
-            return Poll::Ready(Err(Self::idle_error()));
-        }
-        let polled = Pin::new(&mut this.stream).poll_write(cx, buf);
-        this.unless_idle(cx, polled)
+        self.get_mut()
+            .poll_open(cx, |stream, cx| stream.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -446,12 +452,8 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if this.idle_closed {
-            return Poll::Ready(Err(Self::idle_error()));
-        }
-        let polled = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
-        this.unless_idle(cx, polled)
+        self.get_mut()
+            .poll_open(cx, |stream, cx| stream.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::{Connection as _, Executor as _, PgConnection, PgPool, Row as _};
+use sqlx::{Connection as _, Executor as _, PgConnection, PgPool, Row as _, postgres::PgRow};
 
 use crate::{
     error::Result,
@@ -171,53 +171,33 @@ pub async fn cancel_backend(conn: &mut PgConnection, pid: i32) -> Result<bool> {
 }
 
 pub async fn unused_indexes(conn: &mut PgConnection) -> Result<Vec<UnusedIndex>> {
-    let rows: Vec<(String, String, i64)> = sqlx::query_as(
-        "SELECT s.relname::text, s.indexrelname::text, pg_relation_size(s.indexrelid) \
+    first_rows(
+        conn,
+        "SELECT s.relname::text AS \"table\", s.indexrelname::text AS \"index\", \
+                pg_relation_size(s.indexrelid) AS size_bytes \
          FROM pg_stat_user_indexes s JOIN pg_index i ON i.indexrelid = s.indexrelid \
          WHERE s.schemaname = current_schema() AND s.idx_scan = 0 \
            AND NOT i.indisunique AND NOT i.indisprimary \
          ORDER BY 3 DESC, 2 \
          LIMIT $1",
     )
-    .bind(MAX_ROWS)
-    .fetch_all(conn)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(table, index, size_bytes)| UnusedIndex {
-            table,
-            index,
-            size_bytes,
-        })
-        .collect())
+    .await
 }
 
 /// Tables with sequential scans and more than one for every ten index scans
 /// (or no index scan at all).
 pub async fn sequential_scan_tables(conn: &mut PgConnection) -> Result<Vec<SequentialScanTable>> {
-    let rows: Vec<(String, i64, i64, i64, i64)> = sqlx::query_as(
-        "SELECT relname::text, seq_scan, coalesce(idx_scan, 0), seq_tup_read, n_live_tup \
+    first_rows(
+        conn,
+        "SELECT relname::text AS \"table\", seq_scan, coalesce(idx_scan, 0) AS idx_scan, \
+                seq_tup_read, n_live_tup AS live_rows \
          FROM pg_stat_user_tables \
          WHERE schemaname = current_schema() AND seq_scan > 0 \
            AND (coalesce(idx_scan, 0) = 0 OR seq_scan::float8 / idx_scan > 0.1) \
          ORDER BY seq_tup_read DESC, relname \
          LIMIT $1",
     )
-    .bind(MAX_ROWS)
-    .fetch_all(conn)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(table, seq_scan, idx_scan, seq_tup_read, live_rows)| SequentialScanTable {
-                table,
-                seq_scan,
-                idx_scan,
-                seq_tup_read,
-                live_rows,
-            },
-        )
-        .collect())
+    .await
 }
 
 /// Plain B-tree indexes (no expression, no predicate) whose key, operator
@@ -225,9 +205,10 @@ pub async fn sequential_scan_tables(conn: &mut PgConnection) -> Result<Vec<Seque
 /// A unique index is never the redundant one (it enforces a constraint); of
 /// two equal non-unique ones, the newer is.
 pub async fn redundant_indexes(conn: &mut PgConnection) -> Result<Vec<RedundantIndex>> {
-    let rows: Vec<(String, String, String, bool)> = sqlx::query_as(
-        "SELECT t.relname::text, ca.relname::text, cb.relname::text, \
-                a.indkey::text = b.indkey::text \
+    first_rows(
+        conn,
+        "SELECT t.relname::text AS \"table\", ca.relname::text AS \"index\", \
+                cb.relname::text AS covered_by, a.indkey::text = b.indkey::text AS duplicate \
          FROM pg_index a \
          JOIN pg_index b ON b.indrelid = a.indrelid AND b.indexrelid <> a.indexrelid \
          JOIN pg_class ca ON ca.oid = a.indexrelid \
@@ -247,23 +228,13 @@ pub async fn redundant_indexes(conn: &mut PgConnection) -> Result<Vec<RedundantI
          ORDER BY 1, 2, 3 \
          LIMIT $1",
     )
-    .bind(MAX_ROWS)
-    .fetch_all(conn)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(table, index, covered_by, duplicate)| RedundantIndex {
-            table,
-            index,
-            covered_by,
-            duplicate,
-        })
-        .collect())
+    .await
 }
 
 pub async fn invalid_indexes(conn: &mut PgConnection) -> Result<Vec<InvalidIndex>> {
-    let rows: Vec<(String, String)> = sqlx::query_as(
-        "SELECT t.relname::text, c.relname::text \
+    first_rows(
+        conn,
+        "SELECT t.relname::text AS \"table\", c.relname::text AS \"index\" \
          FROM pg_index i \
          JOIN pg_class c ON c.oid = i.indexrelid \
          JOIN pg_class t ON t.oid = i.indrelid \
@@ -271,13 +242,16 @@ pub async fn invalid_indexes(conn: &mut PgConnection) -> Result<Vec<InvalidIndex
          ORDER BY 1, 2 \
          LIMIT $1",
     )
-    .bind(MAX_ROWS)
-    .fetch_all(conn)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(table, index)| InvalidIndex { table, index })
-        .collect())
+    .await
+}
+
+/// The first [`MAX_ROWS`] rows of a catalog query whose `$1` is the limit,
+/// its columns named as `T`'s fields.
+async fn first_rows<T>(conn: &mut PgConnection, sql: &'static str) -> Result<Vec<T>>
+where
+    T: for<'r> sqlx::FromRow<'r, PgRow> + Send + Unpin,
+{
+    Ok(sqlx::query_as(sql).bind(MAX_ROWS).fetch_all(conn).await?)
 }
 
 /// A connection of its own on `pool`'s database, outside the pool: for the

@@ -123,16 +123,21 @@ pub(crate) fn raw_ids(ids: &[Id]) -> Vec<i64> {
     ids.iter().map(|id| id.get()).collect()
 }
 
-/// Appends the `[after, before)` window on `created_at` and the keyset
+/// Appends a list's predicates: the `status` asked for, the
+/// `[after, before)` window on `created_at` and the keyset
 /// condition past `cursor` (created_at µs, id): after it in ascending order,
 /// before it when listing newest first.
-pub(crate) fn push_created_window(
+pub(crate) fn push_list_predicates(
     q: &mut QueryBuilder<'_, Postgres>,
+    status: Option<&'static str>,
     after: Option<DateTime<Utc>>,
     before: Option<DateTime<Utc>>,
     cursor: Option<(i64, i64)>,
     newest_first: bool,
 ) -> Result<()> {
+    if let Some(status) = status {
+        q.push(" AND status = ").push_bind(status);
+    }
     if let Some(t) = after {
         q.push(" AND created_at >= ").push_bind(t);
     }

@@ -3,7 +3,7 @@
 
 use sqlx::{PgConnection, Postgres, QueryBuilder};
 
-use super::{push_created_window, raw_ids, rows_for_ids};
+use super::{push_list_predicates, raw_ids, rows_for_ids};
 
 use crate::{
     error::Result,
@@ -257,11 +257,9 @@ pub async fn list(
     if let Some(user) = filter.user_id {
         q.push(" AND user_id = ").push_bind(user.get());
     }
-    if let Some(status) = filter.status {
-        q.push(" AND status = ").push_bind(status.as_str());
-    }
-    push_created_window(
+    push_list_predicates(
         &mut q,
+        filter.status.map(|s| s.as_str()),
         filter.created_after,
         filter.created_before,
         after,

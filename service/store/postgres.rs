@@ -80,6 +80,7 @@ use crate::{
     model::{
         availability::{Admit, FIRST_BACKOFF, TRIAL_WAIT},
         deadline::{Abandoned, Deadline},
+        diagnostics::PoolStats,
     },
 };
 
@@ -98,6 +99,16 @@ pub const FLOOR: Duration = Duration::from_millis(1);
 /// the read sets its own: the default-deadline call is not charged a round
 /// trip for the milliseconds it has already spent.
 pub const TOLERANCE: Duration = Duration::from_millis(250);
+
+/// `pool`'s size, idle connections and maximum, named `name`.
+pub fn pool_stats(name: &'static str, pool: &PgPool) -> PoolStats {
+    PoolStats {
+        pool: name,
+        size: i64::from(pool.size()),
+        idle: pool.num_idle() as i64,
+        max: i64::from(pool.options().get_max_connections()),
+    }
+}
 
 /// The time a statement of a call with `remaining` time left may take, or
 /// `None` when there is too little left to start one.

@@ -4,7 +4,7 @@
 
 use sqlx::{PgConnection, Postgres, QueryBuilder};
 
-use super::{push_created_window, rows_for_ids, scalar_for_id};
+use super::{push_list_predicates, rows_for_ids, scalar_for_id};
 use crate::{
     error::Result,
     model::{
@@ -84,11 +84,9 @@ pub async fn list(
 ) -> Result<Vec<User>> {
     let mut q: QueryBuilder<Postgres> =
         QueryBuilder::new(select_users!("WHERE deleted_at IS NULL"));
-    if let Some(status) = filter.status {
-        q.push(" AND status = ").push_bind(status.as_str());
-    }
-    push_created_window(
+    push_list_predicates(
         &mut q,
+        filter.status.map(|s| s.as_str()),
         filter.created_after,
         filter.created_before,
         after,
