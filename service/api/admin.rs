@@ -5,9 +5,8 @@
 use std::time::Duration;
 
 use chrono::{Datelike as _, Utc};
-use tonic::{Request, Response, Status};
 
-use super::{parsed, timestamp};
+use super::{Answer, Call, parsed, reply, timestamp};
 use crate::{
     domain::{analytics::Analytics, diagnostics::Diagnostics, partitions::Partitions},
     error::{Detail, Error, Violations, reason},
@@ -27,10 +26,10 @@ pub struct AdminApi {
 impl pb::admin_service_server::AdminService for AdminApi {
     async fn list_partitions(
         &self,
-        _request: Request<pb::ListPartitionsRequest>,
-    ) -> Result<Response<pb::ListPartitionsResponse>, Status> {
+        _call: Call<pb::ListPartitionsRequest>,
+    ) -> Answer<pb::ListPartitionsResponse> {
         let (partitions, default_rows) = self.partitions.list().await?;
-        Ok(Response::new(pb::ListPartitionsResponse {
+        reply(pb::ListPartitionsResponse {
             partitions: partitions
                 .into_iter()
                 .map(|p| pb::Partition {
@@ -52,29 +51,29 @@ impl pb::admin_service_server::AdminService for AdminApi {
                     rows,
                 })
                 .collect(),
-        }))
+        })
     }
 
     async fn ensure_partitions(
         &self,
-        _request: Request<pb::EnsurePartitionsRequest>,
-    ) -> Result<Response<pb::EnsurePartitionsResponse>, Status> {
+        _call: Call<pb::EnsurePartitionsRequest>,
+    ) -> Answer<pb::EnsurePartitionsResponse> {
         let created = self.partitions.ensure(Utc::now().date_naive()).await?;
-        Ok(Response::new(pb::EnsurePartitionsResponse { created }))
+        reply(pb::EnsurePartitionsResponse { created })
     }
 
     async fn retire_partitions(
         &self,
-        _request: Request<pb::RetirePartitionsRequest>,
-    ) -> Result<Response<pb::RetirePartitionsResponse>, Status> {
+        _call: Call<pb::RetirePartitionsRequest>,
+    ) -> Answer<pb::RetirePartitionsResponse> {
         let dropped = self.partitions.retire(Utc::now().date_naive()).await?;
-        Ok(Response::new(pb::RetirePartitionsResponse { dropped }))
+        reply(pb::RetirePartitionsResponse { dropped })
     }
 
     async fn refresh_analytics(
         &self,
-        _request: Request<pb::RefreshAnalyticsRequest>,
-    ) -> Result<Response<pb::RefreshAnalyticsResponse>, Status> {
+        _call: Call<pb::RefreshAnalyticsRequest>,
+    ) -> Answer<pb::RefreshAnalyticsResponse> {
         let started = std::time::Instant::now();
         if !self.analytics.refresh().await? {
             return Err(Error::Aborted(Detail::new(
@@ -83,16 +82,16 @@ impl pb::admin_service_server::AdminService for AdminApi {
             ))
             .into());
         }
-        Ok(Response::new(pb::RefreshAnalyticsResponse {
+        reply(pb::RefreshAnalyticsResponse {
             duration_ms: started.elapsed().as_secs_f64() * 1000.0,
-        }))
+        })
     }
 
     async fn list_slow_statements(
         &self,
-        request: Request<pb::ListSlowStatementsRequest>,
-    ) -> Result<Response<pb::ListSlowStatementsResponse>, Status> {
-        let limit = parse_list_slow_statements(request.into_inner())?;
+        call: Call<pb::ListSlowStatementsRequest>,
+    ) -> Answer<pb::ListSlowStatementsResponse> {
+        let limit = parse_list_slow_statements(call.into_inner())?;
         let (by_total, by_mean) = self.diagnostics.slow_statements(limit).await?;
         let convert = |list: Vec<model::SlowStatement>| {
             list.into_iter()
@@ -107,19 +106,19 @@ impl pb::admin_service_server::AdminService for AdminApi {
                 })
                 .collect()
         };
-        Ok(Response::new(pb::ListSlowStatementsResponse {
+        reply(pb::ListSlowStatementsResponse {
             by_total_time: convert(by_total),
             by_mean_time: convert(by_mean),
-        }))
+        })
     }
 
     async fn list_active_statements(
         &self,
-        request: Request<pb::ListActiveStatementsRequest>,
-    ) -> Result<Response<pb::ListActiveStatementsResponse>, Status> {
-        let min_duration = parse_list_active_statements(request.into_inner())?;
+        call: Call<pb::ListActiveStatementsRequest>,
+    ) -> Answer<pb::ListActiveStatementsResponse> {
+        let min_duration = parse_list_active_statements(call.into_inner())?;
         let statements = self.diagnostics.active_statements(min_duration).await?;
-        Ok(Response::new(pb::ListActiveStatementsResponse {
+        reply(pb::ListActiveStatementsResponse {
             statements: statements
                 .into_iter()
                 .map(|s| pb::ActiveStatement {
@@ -135,24 +134,24 @@ impl pb::admin_service_server::AdminService for AdminApi {
                     own: s.own,
                 })
                 .collect(),
-        }))
+        })
     }
 
     async fn cancel_statement(
         &self,
-        request: Request<pb::CancelStatementRequest>,
-    ) -> Result<Response<pb::CancelStatementResponse>, Status> {
-        let pid = parse_cancel_statement(request.into_inner())?;
+        call: Call<pb::CancelStatementRequest>,
+    ) -> Answer<pb::CancelStatementResponse> {
+        let pid = parse_cancel_statement(call.into_inner())?;
         let cancelled = self.diagnostics.cancel(pid).await?;
-        Ok(Response::new(pb::CancelStatementResponse { cancelled }))
+        reply(pb::CancelStatementResponse { cancelled })
     }
 
     async fn get_index_health(
         &self,
-        _request: Request<pb::GetIndexHealthRequest>,
-    ) -> Result<Response<pb::GetIndexHealthResponse>, Status> {
+        _call: Call<pb::GetIndexHealthRequest>,
+    ) -> Answer<pb::GetIndexHealthResponse> {
         let health = self.diagnostics.index_health().await?;
-        Ok(Response::new(pb::GetIndexHealthResponse {
+        reply(pb::GetIndexHealthResponse {
             unused_indexes: health
                 .unused
                 .into_iter()
@@ -191,16 +190,16 @@ impl pb::admin_service_server::AdminService for AdminApi {
                     index: i.index,
                 })
                 .collect(),
-        }))
+        })
     }
 
     async fn advise_indexes(
         &self,
-        request: Request<pb::AdviseIndexesRequest>,
-    ) -> Result<Response<pb::AdviseIndexesResponse>, Status> {
-        let target = parse_advise_indexes(request.into_inner())?;
+        call: Call<pb::AdviseIndexesRequest>,
+    ) -> Answer<pb::AdviseIndexesResponse> {
+        let target = parse_advise_indexes(call.into_inner())?;
         let advice = self.diagnostics.advise(target).await?;
-        Ok(Response::new(pb::AdviseIndexesResponse {
+        reply(pb::AdviseIndexesResponse {
             statement: advice.statement,
             cost_before: advice.cost_before,
             candidates: advice
@@ -215,29 +214,29 @@ impl pb::admin_service_server::AdminService for AdminApi {
                     used: c.used,
                 })
                 .collect(),
-        }))
+        })
     }
 
     async fn create_index(
         &self,
-        request: Request<pb::CreateIndexRequest>,
-    ) -> Result<Response<pb::CreateIndexResponse>, Status> {
-        let spec = parse_create_index(request.into_inner())?;
+        call: Call<pb::CreateIndexRequest>,
+    ) -> Answer<pb::CreateIndexResponse> {
+        let spec = parse_create_index(call.into_inner())?;
         let (index, definition, took) = self.diagnostics.create_index(spec).await?;
-        Ok(Response::new(pb::CreateIndexResponse {
+        reply(pb::CreateIndexResponse {
             index,
             definition,
             duration_ms: took.as_secs_f64() * 1000.0,
-        }))
+        })
     }
 
     async fn get_table_sizes(
         &self,
-        request: Request<pb::GetTableSizesRequest>,
-    ) -> Result<Response<pb::GetTableSizesResponse>, Status> {
-        let window = parse_get_table_sizes(request.into_inner())?;
+        call: Call<pb::GetTableSizesRequest>,
+    ) -> Answer<pb::GetTableSizesResponse> {
+        let window = parse_get_table_sizes(call.into_inner())?;
         let tables = self.diagnostics.table_sizes(window).await?;
-        Ok(Response::new(pb::GetTableSizesResponse {
+        reply(pb::GetTableSizesResponse {
             tables: tables
                 .into_iter()
                 .map(|t| pb::TableSize {
@@ -249,13 +248,13 @@ impl pb::admin_service_server::AdminService for AdminApi {
                     sampled_since: t.growth.map(|(_, at)| timestamp(at)),
                 })
                 .collect(),
-        }))
+        })
     }
 
     async fn get_database_health(
         &self,
-        _request: Request<pb::GetDatabaseHealthRequest>,
-    ) -> Result<Response<pb::GetDatabaseHealthResponse>, Status> {
+        _call: Call<pb::GetDatabaseHealthRequest>,
+    ) -> Answer<pb::GetDatabaseHealthResponse> {
         let health = self.diagnostics.database_health().await?;
         let redis = match health.redis {
             Some(info) => pb::RedisInfo {
@@ -269,7 +268,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
             },
             None => pb::RedisInfo::default(),
         };
-        Ok(Response::new(pb::GetDatabaseHealthResponse {
+        reply(pb::GetDatabaseHealthResponse {
             buffer_cache_hit_ratio: health.buffer_cache_hit_ratio,
             connections: health
                 .connections
@@ -288,7 +287,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
                     max: p.max,
                 })
                 .collect(),
-        }))
+        })
     }
 }
 
@@ -352,8 +351,7 @@ pub fn parse_create_index(r: pb::CreateIndexRequest) -> Result<IndexSpec, Error>
         .map(|(i, c)| v.check(&format!("columns[{i}]"), Identifier::parse(c)))
         .collect();
     let columns: Option<Vec<Identifier>> = columns.into_iter().collect();
-    parsed!(v, table, columns);
-    Ok(IndexSpec { table, columns })
+    Ok(parsed!(v, IndexSpec { table, columns }))
 }
 
 /// The growth window.

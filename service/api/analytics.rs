@@ -1,9 +1,8 @@
 //! `datagate.v1.AnalyticsService`.
 
 use chrono::{DateTime, Utc};
-use tonic::{Request, Response, Status};
 
-use super::{caller, parse_page, parse_window, parsed, timestamp};
+use super::{Answer, Call, caller, paged, parse_page, parse_window, parsed, reply, timestamp};
 use crate::{
     auth::ADMIN_ROLE,
     domain::{
@@ -153,11 +152,11 @@ impl From<CategoryMetrics> for pb::CategoryMetrics {
 impl pb::analytics_service_server::AnalyticsService for AnalyticsApi {
     async fn get_search_insights(
         &self,
-        request: Request<pb::GetSearchInsightsRequest>,
-    ) -> Result<Response<pb::GetSearchInsightsResponse>, Status> {
-        let (start, end, limit) = parse_get_search_insights(request.into_inner())?;
+        call: Call<pb::GetSearchInsightsRequest>,
+    ) -> Answer<pb::GetSearchInsightsResponse> {
+        let (start, end, limit) = parse_get_search_insights(call.into_inner())?;
         let insights = self.analytics.search_insights(start, end, limit).await?;
-        Ok(Response::new(pb::GetSearchInsightsResponse {
+        reply(pb::GetSearchInsightsResponse {
             total_searches: insights.total_searches,
             zero_result_searches: insights.zero_result_searches,
             top_queries: insights.top_queries.into_iter().map(Into::into).collect(),
@@ -166,33 +165,33 @@ impl pb::analytics_service_server::AnalyticsService for AnalyticsApi {
                 .into_iter()
                 .map(Into::into)
                 .collect(),
-        }))
+        })
     }
 
     async fn get_category_metrics(
         &self,
-        request: Request<pb::GetCategoryMetricsRequest>,
-    ) -> Result<Response<pb::GetCategoryMetricsResponse>, Status> {
-        let (window_days, categories) = parse_get_category_metrics(request.into_inner())?;
+        call: Call<pb::GetCategoryMetricsRequest>,
+    ) -> Answer<pb::GetCategoryMetricsResponse> {
+        let (window_days, categories) = parse_get_category_metrics(call.into_inner())?;
         let metrics = self
             .analytics
             .category_metrics(window_days, &categories, Utc::now().date_naive())
             .await?;
-        Ok(Response::new(pb::GetCategoryMetricsResponse {
+        reply(pb::GetCategoryMetricsResponse {
             categories: metrics.into_iter().map(Into::into).collect(),
-        }))
+        })
     }
 
     async fn get_revenue_trend(
         &self,
-        request: Request<pb::GetRevenueTrendRequest>,
-    ) -> Result<Response<pb::GetRevenueTrendResponse>, Status> {
-        let (months, category) = parse_get_revenue_trend(request.into_inner())?;
+        call: Call<pb::GetRevenueTrendRequest>,
+    ) -> Answer<pb::GetRevenueTrendResponse> {
+        let (months, category) = parse_get_revenue_trend(call.into_inner())?;
         let trend = self
             .analytics
             .revenue_trend(months, category.as_deref(), Utc::now().date_naive())
             .await?;
-        Ok(Response::new(pb::GetRevenueTrendResponse {
+        reply(pb::GetRevenueTrendResponse {
             months: trend
                 .into_iter()
                 .map(|m| pb::MonthlyRevenue {
@@ -201,46 +200,47 @@ impl pb::analytics_service_server::AnalyticsService for AnalyticsApi {
                     growth_rate: m.growth_rate,
                 })
                 .collect(),
-        }))
+        })
     }
 
     async fn start_market_analysis(
         &self,
-        request: Request<pb::StartMarketAnalysisRequest>,
-    ) -> Result<Response<pb::MarketAnalysis>, Status> {
-        let caller = caller(&request)?.clone();
-        let (kind, categories, window_days) = parse_start_market_analysis(request.into_inner())?;
+        call: Call<pb::StartMarketAnalysisRequest>,
+    ) -> Answer<pb::MarketAnalysis> {
+        let caller = caller(&call)?.clone();
+        let (kind, categories, window_days) = parse_start_market_analysis(call.into_inner())?;
         let analysis = self
             .analyses
             .start(caller.name(), kind, categories, window_days)
             .await?;
-        Ok(Response::new(analysis.into()))
+        reply(analysis)
     }
 
     async fn get_market_analysis(
         &self,
-        request: Request<pb::GetMarketAnalysisRequest>,
-    ) -> Result<Response<pb::MarketAnalysis>, Status> {
-        let caller = caller(&request)?.clone();
-        let id = parse_get_market_analysis(request.into_inner())?;
+        call: Call<pb::GetMarketAnalysisRequest>,
+    ) -> Answer<pb::MarketAnalysis> {
+        let caller = caller(&call)?.clone();
+        let id = parse_get_market_analysis(call.into_inner())?;
         let analysis = self
             .analyses
             .get(caller.name(), &id, caller.has_role(ADMIN_ROLE))
             .await?;
-        Ok(Response::new(analysis.into()))
+        reply(analysis)
     }
 
     async fn list_market_analyses(
         &self,
-        request: Request<pb::ListMarketAnalysesRequest>,
-    ) -> Result<Response<pb::ListMarketAnalysesResponse>, Status> {
-        let caller = caller(&request)?.clone();
-        let (page, status) = parse_list_market_analyses(request.into_inner())?;
-        let page = self.analyses.list(caller.name(), status, page).await?;
-        Ok(Response::new(pb::ListMarketAnalysesResponse {
-            analyses: page.items.into_iter().map(Into::into).collect(),
-            next_page_token: page.next_page_token.unwrap_or_default(),
-        }))
+        call: Call<pb::ListMarketAnalysesRequest>,
+    ) -> Answer<pb::ListMarketAnalysesResponse> {
+        let caller = caller(&call)?.clone();
+        let (page, status) = parse_list_market_analyses(call.into_inner())?;
+        let (analyses, next_page_token) =
+            paged(self.analyses.list(caller.name(), status, page).await?);
+        reply(pb::ListMarketAnalysesResponse {
+            analyses,
+            next_page_token,
+        })
     }
 }
 

@@ -4,11 +4,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use prost_types::FieldMask;
-use tonic::{Request, Response, Status};
 
 use super::{
-    actor, apply_mask, parse_consistency, parse_id, parse_ids, parse_window, parsed,
-    required_version, timestamp,
+    Answer, Call, actor, apply_mask, parse_consistency, parse_id, parse_ids, parse_window, parsed,
+    reply, required_version, timestamp,
 };
 use crate::{
     domain::{
@@ -43,74 +42,53 @@ pub struct CatalogApi {
 
 #[tonic::async_trait]
 impl pb::catalog_service_server::CatalogService for CatalogApi {
-    async fn create_product(
-        &self,
-        request: Request<pb::CreateProductRequest>,
-    ) -> Result<Response<pb::Product>, Status> {
-        let actor = actor(&request)?;
-        let new = parse_create_product(request.into_inner())?;
+    async fn create_product(&self, call: Call<pb::CreateProductRequest>) -> Answer<pb::Product> {
+        let actor = actor(&call)?;
+        let new = parse_create_product(call.into_inner())?;
         let product = self.catalog.create(&actor, new).await?;
-        Ok(Response::new(product.into()))
+        reply(product)
     }
 
-    async fn get_product(
-        &self,
-        request: Request<pb::GetProductRequest>,
-    ) -> Result<Response<pb::Product>, Status> {
-        let (id, consistency) = parse_get_product(request.into_inner(), self.max_staleness)?;
-        Ok(Response::new(
-            self.catalog.get(id, consistency).await?.into(),
-        ))
+    async fn get_product(&self, call: Call<pb::GetProductRequest>) -> Answer<pb::Product> {
+        let (id, consistency) = parse_get_product(call.into_inner(), self.max_staleness)?;
+        reply(self.catalog.get(id, consistency).await?)
     }
 
     async fn batch_get_products(
         &self,
-        request: Request<pb::BatchGetProductsRequest>,
-    ) -> Result<Response<pb::BatchGetProductsResponse>, Status> {
-        let r = request.into_inner();
+        call: Call<pb::BatchGetProductsRequest>,
+    ) -> Answer<pb::BatchGetProductsResponse> {
+        let r = call.into_inner();
         let ids = parse_batch_get_products(&r)?;
         let (products, missing) = self.catalog.batch_get(&ids, r.skip_missing).await?;
-        Ok(Response::new(pb::BatchGetProductsResponse {
+        reply(pb::BatchGetProductsResponse {
             products: products.into_iter().map(Into::into).collect(),
             missing_ids: missing.into_iter().map(|id| id.get()).collect(),
-        }))
+        })
     }
 
-    async fn update_product(
-        &self,
-        request: Request<pb::UpdateProductRequest>,
-    ) -> Result<Response<pb::Product>, Status> {
-        let actor = actor(&request)?;
-        let (id, version, patch) = parse_update_product(request.into_inner())?;
-        Ok(Response::new(
-            self.catalog
-                .update(&actor, id, version, patch)
-                .await?
-                .into(),
-        ))
+    async fn update_product(&self, call: Call<pb::UpdateProductRequest>) -> Answer<pb::Product> {
+        let actor = actor(&call)?;
+        let (id, version, patch) = parse_update_product(call.into_inner())?;
+        reply(self.catalog.update(&actor, id, version, patch).await?)
     }
 
     async fn adjust_inventory(
         &self,
-        request: Request<pb::AdjustInventoryRequest>,
-    ) -> Result<Response<pb::Product>, Status> {
-        let actor = actor(&request)?;
-        let (id, delta) = parse_adjust_inventory(request.into_inner())?;
-        Ok(Response::new(
-            self.catalog
-                .adjust_inventory(&actor, id, delta)
-                .await?
-                .into(),
-        ))
+        call: Call<pb::AdjustInventoryRequest>,
+    ) -> Answer<pb::Product> {
+        let actor = actor(&call)?;
+        let (id, delta) = parse_adjust_inventory(call.into_inner())?;
+        reply(self.catalog.adjust_inventory(&actor, id, delta).await?)
     }
 
     async fn get_price_history(
         &self,
-        request: Request<pb::GetPriceHistoryRequest>,
-    ) -> Result<Response<pb::GetPriceHistoryResponse>, Status> {
-        let (id, start, end, granularity) = parse_get_price_history(request.into_inner())?;
+        call: Call<pb::GetPriceHistoryRequest>,
+    ) -> Answer<pb::GetPriceHistoryResponse> {
+        let (id, start, end, granularity) = parse_get_price_history(call.into_inner())?;
         let history = self.prices.get(id, start, end, granularity).await?;
-        Ok(Response::new(pb::GetPriceHistoryResponse {
+        reply(pb::GetPriceHistoryResponse {
             measurements: history
                 .measurements
                 .into_iter()
@@ -132,21 +110,21 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
                     close_cents: d.close_cents,
                 })
                 .collect(),
-        }))
+        })
     }
 
     async fn search_products(
         &self,
-        request: Request<pb::SearchProductsRequest>,
-    ) -> Result<Response<pb::SearchProductsResponse>, Status> {
-        let search = parse_search_products(request.into_inner())?;
+        call: Call<pb::SearchProductsRequest>,
+    ) -> Answer<pb::SearchProductsResponse> {
+        let search = parse_search_products(call.into_inner())?;
         let page = self.search.search(search).await?;
-        Ok(Response::new(pb::SearchProductsResponse {
+        reply(pb::SearchProductsResponse {
             products: page.products.into_iter().map(Into::into).collect(),
             next_page_token: page.next_page_token.unwrap_or_default(),
             fuzzy: page.corrected_query.is_some(),
             corrected_query: page.corrected_query.unwrap_or_default(),
-        }))
+        })
     }
 }
 
@@ -164,27 +142,19 @@ pub fn parse_create_product(r: pb::CreateProductRequest) -> Result<NewProduct, E
     let rating = v.check("rating", parse_rating(r.rating));
     let review_count = v.check("review_count", parse_count(r.review_count));
     let inventory = v.check("inventory", parse_count(r.inventory));
-    parsed!(
+    Ok(parsed!(
         v,
-        sku,
-        title,
-        description,
-        category,
-        price_cents,
-        rating,
-        review_count,
-        inventory
-    );
-    Ok(NewProduct {
-        sku,
-        title,
-        description,
-        category,
-        price_cents,
-        rating,
-        review_count,
-        inventory,
-    })
+        NewProduct {
+            sku,
+            title,
+            description,
+            category,
+            price_cents,
+            rating,
+            review_count,
+            inventory,
+        }
+    ))
 }
 
 /// The id, and the consistency asked for (`max_staleness`, at most `max`).

@@ -20,23 +20,42 @@ use crate::{
     model::{
         Id,
         audit::{Actor, RequestId},
-        paging::{PageRequest, PageSize},
+        paging::{Page, PageRequest, PageSize},
     },
 };
 
+/// What a handler takes: the call's request, metadata and extensions
+/// (caller, request id, deadline) included.
+pub(crate) type Call<T> = tonic::Request<T>;
+
+/// What a handler answers: the response message, or the call's status
+/// (every domain [`Error`] converts into one).
+pub(crate) type Answer<T> = Result<tonic::Response<T>, tonic::Status>;
+
+/// A handler's successful answer: `value` as the response message.
+pub(crate) fn reply<T>(value: impl Into<T>) -> Answer<T> {
+    Ok(tonic::Response::new(value.into()))
+}
+
+/// A page's items as response messages, and its next page token (empty on
+/// the last page).
+pub(crate) fn paged<T, M: From<T>>(page: Page<T>) -> (Vec<M>, String) {
+    let items = page.items.into_iter().map(M::from).collect();
+    (items, page.next_page_token.unwrap_or_default())
+}
+
 /// The caller of a call. Every service call passed the auth layer, so a
 /// missing caller is a bug.
-pub(crate) fn caller<T>(request: &tonic::Request<T>) -> Result<&Caller, Error> {
-    request
-        .extensions()
+pub(crate) fn caller<T>(call: &Call<T>) -> Result<&Caller, Error> {
+    call.extensions()
         .get::<Caller>()
         .ok_or_else(|| Error::Internal(anyhow::anyhow!("no caller on an authenticated call")))
 }
 
 /// The caller and request id of a call, for the writes it makes.
-pub(crate) fn actor<T>(request: &tonic::Request<T>) -> Result<Actor, Error> {
-    let caller = caller(request)?;
-    let request_id = request.extensions().get::<RequestId>().map(|r| r.0.clone());
+pub(crate) fn actor<T>(call: &Call<T>) -> Result<Actor, Error> {
+    let caller = caller(call)?;
+    let request_id = call.extensions().get::<RequestId>().map(|r| r.0.clone());
     Ok(Actor::new(caller.name(), request_id))
 }
 
@@ -198,8 +217,13 @@ pub(crate) fn parse_page(
 
 /// Fails with every collected violation, or unwraps the parsed values (each
 /// present once there is no violation; a missing one is a bug, reported as
-/// an internal error rather than a panic).
+/// an internal error rather than a panic). `parsed!(v, Struct { a, b })` is
+/// the struct of the unwrapped values.
 macro_rules! parsed {
+    ($violations:expr, $ty:ident { $($value:ident),+ $(,)? }) => {{
+        parsed!($violations, $($value),+);
+        $ty { $($value),+ }
+    }};
     ($violations:expr, $($value:ident),+ $(,)?) => {
         $violations.into_result()?;
         $(let Some($value) = $value else {

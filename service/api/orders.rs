@@ -1,9 +1,8 @@
 //! `datagate.v1.OrderService`.
 
-use tonic::{Request, Response, Status};
-
 use super::{
-    actor, one_id, optional_version, parse_id, parse_page, parse_time_range, parsed, timestamp,
+    Answer, Call, actor, one_id, optional_version, paged, parse_id, parse_page, parse_time_range,
+    parsed, reply, timestamp,
 };
 use crate::{
     domain::orders::{self, Orders, RawLine, parse_new_order},
@@ -24,57 +23,50 @@ pub struct OrderApi {
 
 #[tonic::async_trait]
 impl pb::order_service_server::OrderService for OrderApi {
-    async fn create_order(
-        &self,
-        request: Request<pb::CreateOrderRequest>,
-    ) -> Result<Response<pb::Order>, Status> {
-        let actor = actor(&request)?;
-        let new = parse_create_order(request.into_inner())?;
+    async fn create_order(&self, call: Call<pb::CreateOrderRequest>) -> Answer<pb::Order> {
+        let actor = actor(&call)?;
+        let new = parse_create_order(call.into_inner())?;
         let order = self.orders.create(&actor, new).await?;
-        Ok(Response::new(order.into()))
+        reply(order)
     }
 
-    async fn get_order(
-        &self,
-        request: Request<pb::GetOrderRequest>,
-    ) -> Result<Response<pb::Order>, Status> {
-        let id = parse_get_order(request.into_inner())?;
-        Ok(Response::new(self.orders.get(id).await?.into()))
+    async fn get_order(&self, call: Call<pb::GetOrderRequest>) -> Answer<pb::Order> {
+        let id = parse_get_order(call.into_inner())?;
+        reply(self.orders.get(id).await?)
     }
 
     async fn list_orders(
         &self,
-        request: Request<pb::ListOrdersRequest>,
-    ) -> Result<Response<pb::ListOrdersResponse>, Status> {
-        let (filter, page) = parse_list_orders(request.into_inner())?;
-        let page = self.orders.list(filter, page).await?;
-        Ok(Response::new(pb::ListOrdersResponse {
-            orders: page.items.into_iter().map(Into::into).collect(),
-            next_page_token: page.next_page_token.unwrap_or_default(),
-        }))
+        call: Call<pb::ListOrdersRequest>,
+    ) -> Answer<pb::ListOrdersResponse> {
+        let (filter, page) = parse_list_orders(call.into_inner())?;
+        let (orders, next_page_token) = paged(self.orders.list(filter, page).await?);
+        reply(pb::ListOrdersResponse {
+            orders,
+            next_page_token,
+        })
     }
 
     async fn update_order_status(
         &self,
-        request: Request<pb::UpdateOrderStatusRequest>,
-    ) -> Result<Response<pb::Order>, Status> {
-        let actor = actor(&request)?;
-        let (id, status, version) = parse_update_order_status(request.into_inner())?;
-        Ok(Response::new(
+        call: Call<pb::UpdateOrderStatusRequest>,
+    ) -> Answer<pb::Order> {
+        let actor = actor(&call)?;
+        let (id, status, version) = parse_update_order_status(call.into_inner())?;
+        reply(
             self.orders
                 .update_status(&actor, id, status, version)
-                .await?
-                .into(),
-        ))
+                .await?,
+        )
     }
 
     async fn list_users_with_orders(
         &self,
-        request: Request<pb::ListUsersWithOrdersRequest>,
-    ) -> Result<Response<pb::ListUsersWithOrdersResponse>, Status> {
-        let (page, per_user) = parse_list_users_with_orders(request.into_inner())?;
+        call: Call<pb::ListUsersWithOrdersRequest>,
+    ) -> Answer<pb::ListUsersWithOrdersResponse> {
+        let (page, per_user) = parse_list_users_with_orders(call.into_inner())?;
         let page = self.orders.list_users_with_orders(page, per_user).await?;
-        Ok(Response::new(pb::ListUsersWithOrdersResponse {
+        reply(pb::ListUsersWithOrdersResponse {
             users: page
                 .items
                 .into_iter()
@@ -84,7 +76,7 @@ impl pb::order_service_server::OrderService for OrderApi {
                 })
                 .collect(),
             next_page_token: page.next_page_token.unwrap_or_default(),
-        }))
+        })
     }
 }
 

@@ -3,11 +3,10 @@
 use std::time::Duration;
 
 use prost_types::FieldMask;
-use tonic::{Request, Response, Status};
 
 use super::{
-    actor, apply_mask, one_id, optional_version, parse_consistency, parse_id, parse_ids,
-    parse_page, parse_time_range, parsed, required_version, timestamp,
+    Answer, Call, actor, apply_mask, one_id, optional_version, paged, parse_consistency, parse_id,
+    parse_ids, parse_page, parse_time_range, parsed, reply, required_version, timestamp,
 };
 use crate::{
     domain::{
@@ -43,139 +42,124 @@ pub struct UserApi {
 
 #[tonic::async_trait]
 impl pb::user_service_server::UserService for UserApi {
-    async fn create_user(
-        &self,
-        request: Request<pb::CreateUserRequest>,
-    ) -> Result<Response<pb::User>, Status> {
-        let actor = actor(&request)?;
-        let new = parse_new_user(request.into_inner())?;
+    async fn create_user(&self, call: Call<pb::CreateUserRequest>) -> Answer<pb::User> {
+        let actor = actor(&call)?;
+        let new = parse_new_user(call.into_inner())?;
         let user = self.users.create(&actor, new).await?;
-        Ok(Response::new(user.into()))
+        reply(user)
     }
 
-    async fn get_user(
-        &self,
-        request: Request<pb::GetUserRequest>,
-    ) -> Result<Response<pb::User>, Status> {
-        let (id, consistency) = parse_get_user(request.into_inner(), self.max_staleness)?;
-        Ok(Response::new(self.users.get(id, consistency).await?.into()))
+    async fn get_user(&self, call: Call<pb::GetUserRequest>) -> Answer<pb::User> {
+        let (id, consistency) = parse_get_user(call.into_inner(), self.max_staleness)?;
+        reply(self.users.get(id, consistency).await?)
     }
 
     async fn batch_get_users(
         &self,
-        request: Request<pb::BatchGetUsersRequest>,
-    ) -> Result<Response<pb::BatchGetUsersResponse>, Status> {
-        let request = request.into_inner();
+        call: Call<pb::BatchGetUsersRequest>,
+    ) -> Answer<pb::BatchGetUsersResponse> {
+        let request = call.into_inner();
         let ids = parse_batch_get_users(&request)?;
         let batch = self.users.batch_get(&ids, request.skip_missing).await?;
-        Ok(Response::new(pb::BatchGetUsersResponse {
+        reply(pb::BatchGetUsersResponse {
             users: batch.users.into_iter().map(Into::into).collect(),
             missing_ids: batch.missing.into_iter().map(|id| id.get()).collect(),
-        }))
+        })
     }
 
-    async fn list_users(
-        &self,
-        request: Request<pb::ListUsersRequest>,
-    ) -> Result<Response<pb::ListUsersResponse>, Status> {
-        let (filter, page) = parse_list_users(request.into_inner())?;
-        let page = self.users.list(filter, page).await?;
-        Ok(Response::new(pb::ListUsersResponse {
-            users: page.items.into_iter().map(Into::into).collect(),
-            next_page_token: page.next_page_token.unwrap_or_default(),
-        }))
+    async fn list_users(&self, call: Call<pb::ListUsersRequest>) -> Answer<pb::ListUsersResponse> {
+        let (filter, page) = parse_list_users(call.into_inner())?;
+        let (users, next_page_token) = paged(self.users.list(filter, page).await?);
+        reply(pb::ListUsersResponse {
+            users,
+            next_page_token,
+        })
     }
 
-    async fn update_user(
-        &self,
-        request: Request<pb::UpdateUserRequest>,
-    ) -> Result<Response<pb::User>, Status> {
-        let actor = actor(&request)?;
-        let (id, version, patch) = parse_update_user(request.into_inner())?;
+    async fn update_user(&self, call: Call<pb::UpdateUserRequest>) -> Answer<pb::User> {
+        let actor = actor(&call)?;
+        let (id, version, patch) = parse_update_user(call.into_inner())?;
         let user = self.users.update(&actor, id, version, patch).await?;
-        Ok(Response::new(user.into()))
+        reply(user)
     }
 
     async fn delete_user(
         &self,
-        request: Request<pb::DeleteUserRequest>,
-    ) -> Result<Response<pb::DeleteUserResponse>, Status> {
-        let actor = actor(&request)?;
-        let (id, version) = parse_delete_user(request.into_inner())?;
+        call: Call<pb::DeleteUserRequest>,
+    ) -> Answer<pb::DeleteUserResponse> {
+        let actor = actor(&call)?;
+        let (id, version) = parse_delete_user(call.into_inner())?;
         self.users.delete(&actor, id, version).await?;
-        Ok(Response::new(pb::DeleteUserResponse {}))
+        reply(pb::DeleteUserResponse {})
     }
 
     async fn verify_password(
         &self,
-        request: Request<pb::VerifyPasswordRequest>,
-    ) -> Result<Response<pb::VerifyPasswordResponse>, Status> {
-        let (lookup, password) = parse_verify_password(request.into_inner())?;
+        call: Call<pb::VerifyPasswordRequest>,
+    ) -> Answer<pb::VerifyPasswordResponse> {
+        let (lookup, password) = parse_verify_password(call.into_inner())?;
         let user = self.users.verify_password(lookup, password).await?;
-        Ok(Response::new(pb::VerifyPasswordResponse {
+        reply(pb::VerifyPasswordResponse {
             valid: user.is_some(),
             user: user.map(Into::into),
-        }))
+        })
     }
 
-    async fn create_team(
-        &self,
-        request: Request<pb::CreateTeamRequest>,
-    ) -> Result<Response<pb::Team>, Status> {
-        let actor = actor(&request)?;
-        let name = parse_create_team(request.into_inner())?;
-        Ok(Response::new(self.teams.create(&actor, name).await?.into()))
+    async fn create_team(&self, call: Call<pb::CreateTeamRequest>) -> Answer<pb::Team> {
+        let actor = actor(&call)?;
+        let name = parse_create_team(call.into_inner())?;
+        reply(self.teams.create(&actor, name).await?)
     }
 
     async fn add_team_member(
         &self,
-        request: Request<pb::AddTeamMemberRequest>,
-    ) -> Result<Response<pb::TeamMembership>, Status> {
-        let actor = actor(&request)?;
-        let (team_id, user_id, role) = parse_add_team_member(request.into_inner())?;
+        call: Call<pb::AddTeamMemberRequest>,
+    ) -> Answer<pb::TeamMembership> {
+        let actor = actor(&call)?;
+        let (team_id, user_id, role) = parse_add_team_member(call.into_inner())?;
         let membership = self
             .teams
             .add_member(&actor, team_id, user_id, role)
             .await?;
-        Ok(Response::new(membership.into()))
+        reply(membership)
     }
 
     async fn remove_team_member(
         &self,
-        request: Request<pb::RemoveTeamMemberRequest>,
-    ) -> Result<Response<pb::RemoveTeamMemberResponse>, Status> {
-        let actor = actor(&request)?;
-        let (team_id, user_id) = parse_remove_team_member(request.into_inner())?;
+        call: Call<pb::RemoveTeamMemberRequest>,
+    ) -> Answer<pb::RemoveTeamMemberResponse> {
+        let actor = actor(&call)?;
+        let (team_id, user_id) = parse_remove_team_member(call.into_inner())?;
         self.teams.remove_member(&actor, team_id, user_id).await?;
-        Ok(Response::new(pb::RemoveTeamMemberResponse {}))
+        reply(pb::RemoveTeamMemberResponse {})
     }
 
     async fn list_user_teams(
         &self,
-        request: Request<pb::ListUserTeamsRequest>,
-    ) -> Result<Response<pb::ListUserTeamsResponse>, Status> {
-        let (user_id, page) = parse_list_user_teams(request.into_inner())?;
-        let page = self.teams.list_for_user(user_id, page).await?;
-        Ok(Response::new(pb::ListUserTeamsResponse {
-            memberships: page.items.into_iter().map(Into::into).collect(),
-            next_page_token: page.next_page_token.unwrap_or_default(),
-        }))
+        call: Call<pb::ListUserTeamsRequest>,
+    ) -> Answer<pb::ListUserTeamsResponse> {
+        let (user_id, page) = parse_list_user_teams(call.into_inner())?;
+        let (memberships, next_page_token) = paged(self.teams.list_for_user(user_id, page).await?);
+        reply(pb::ListUserTeamsResponse {
+            memberships,
+            next_page_token,
+        })
     }
 
     async fn get_user_profile(
         &self,
-        request: Request<pb::GetUserProfileRequest>,
-    ) -> Result<Response<pb::UserProfile>, Status> {
-        let id = parse_get_user_profile(request.into_inner())?;
-        Ok(Response::new(self.profiles.get(id).await?.into()))
+        call: Call<pb::GetUserProfileRequest>,
+    ) -> Answer<pb::UserProfile> {
+        let id = parse_get_user_profile(call.into_inner())?;
+        reply(self.profiles.get(id).await?)
     }
 
     async fn update_user_profile(
         &self,
-        request: Request<pb::UpdateUserProfileRequest>,
-    ) -> Result<Response<pb::UserProfile>, Status> {
-        let (id, patch) = parse_update_user_profile(request.into_inner())?;
-        Ok(Response::new(self.profiles.update(id, patch).await?.into()))
+        call: Call<pb::UpdateUserProfileRequest>,
+    ) -> Answer<pb::UserProfile> {
+        let (id, patch) = parse_update_user_profile(call.into_inner())?;
+        reply(self.profiles.update(id, patch).await?)
     }
 }
 
@@ -313,14 +297,16 @@ pub fn parse_new_user(request: pb::CreateUserRequest) -> Result<NewUser, Error> 
         v.check("password", Password::parse(request.password))
             .map(Some)
     };
-    parsed!(v, email, username, display_name, status, password);
-    Ok(NewUser {
-        email,
-        username,
-        display_name,
-        status,
-        password,
-    })
+    Ok(parsed!(
+        v,
+        NewUser {
+            email,
+            username,
+            display_name,
+            status,
+            password,
+        }
+    ))
 }
 
 const PATCHABLE: &str = "email, username, display_name, status, password";

@@ -123,17 +123,24 @@ pub(crate) fn raw_ids(ids: &[Id]) -> Vec<i64> {
     ids.iter().map(|id| id.get()).collect()
 }
 
+/// The order a list walks `(created_at, id)` in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ListOrder {
+    OldestFirst,
+    NewestFirst,
+}
+
 /// Appends a list's predicates: the `status` asked for, the
 /// `[after, before)` window on `created_at` and the keyset
 /// condition past `cursor` (created_at µs, id): after it in ascending order,
 /// before it when listing newest first.
 pub(crate) fn push_list_predicates(
     q: &mut QueryBuilder<'_, Postgres>,
+    order: ListOrder,
     status: Option<&'static str>,
     after: Option<DateTime<Utc>>,
     before: Option<DateTime<Utc>>,
     cursor: Option<(i64, i64)>,
-    newest_first: bool,
 ) -> Result<()> {
     if let Some(status) = status {
         q.push(" AND status = ").push_bind(status);
@@ -145,7 +152,10 @@ pub(crate) fn push_list_predicates(
         q.push(" AND created_at < ").push_bind(t);
     }
     if let Some((micros, id)) = cursor {
-        let op = if newest_first { "<" } else { ">" };
+        let op = match order {
+            ListOrder::OldestFirst => ">",
+            ListOrder::NewestFirst => "<",
+        };
         q.push(format!(" AND (created_at, id) {op} ("))
             .push_bind(keyset_time(micros)?)
             .push(", ")

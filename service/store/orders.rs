@@ -3,7 +3,7 @@
 
 use sqlx::{PgConnection, Postgres, QueryBuilder};
 
-use super::{push_list_predicates, raw_ids, rows_for_ids};
+use super::{ListOrder, push_list_predicates, raw_ids, rows_for_ids};
 
 use crate::{
     error::Result,
@@ -259,11 +259,11 @@ pub async fn list(
     }
     push_list_predicates(
         &mut q,
+        ListOrder::NewestFirst,
         filter.status.map(|s| s.as_str()),
         filter.created_after,
         filter.created_before,
         after,
-        true,
     )?;
     q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
         .push_bind(limit);

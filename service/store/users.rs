@@ -4,7 +4,7 @@
 
 use sqlx::{PgConnection, Postgres, QueryBuilder};
 
-use super::{push_list_predicates, rows_for_ids, scalar_for_id};
+use super::{ListOrder, push_list_predicates, rows_for_ids, scalar_for_id};
 use crate::{
     error::Result,
     model::{
@@ -86,11 +86,11 @@ pub async fn list(
         QueryBuilder::new(select_users!("WHERE deleted_at IS NULL"));
     push_list_predicates(
         &mut q,
+        ListOrder::OldestFirst,
         filter.status.map(|s| s.as_str()),
         filter.created_after,
         filter.created_before,
         after,
-        false,
     )?;
     q.push(" ORDER BY created_at, id LIMIT ").push_bind(limit);
     let users: Vec<User> = q.build_query_as().fetch_all(conn).await?;
