@@ -654,10 +654,14 @@ mod tests {
 
     #[test]
     fn jwt_shaped_tokens_have_exactly_two_dots() {
-        assert!(is_jwt_shaped("a.b.c"));
-        assert!(is_jwt_shaped("a.b."));
-        assert!(!is_jwt_shaped("dg_abcdef"));
-        assert!(!is_jwt_shaped("a.b.c.d"));
+        for (token, shaped) in [
+            ("a.b.c", true),
+            ("a.b.", true),
+            ("dg_abcdef", false),
+            ("a.b.c.d", false),
+        ] {
+            assert_eq!(is_jwt_shaped(token), shaped, "{token}");
+        }
     }
 
     fn settings() -> JwtSettings {
