@@ -33,6 +33,7 @@ mod promises;
 mod quotas;
 mod readiness;
 mod redis_tls;
+mod references;
 mod replica;
 mod retries;
 mod round_trips;
