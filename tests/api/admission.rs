@@ -316,23 +316,12 @@ async fn overload_measurement() {
     })
     .await;
     let product = app.create_product(500, 100_000).await;
-    let mut orders = app.orders().await;
     for i in 0..20 {
         let user = app
             .create_user(&format!("load{i}@example.com"), &format!("load{i}"))
             .await;
         for _ in 0..2 {
-            orders
-                .create_order(pb::CreateOrderRequest {
-                    user_id: user.id,
-                    items: vec![pb::OrderLine {
-                        product_id: product.id,
-                        quantity: 1,
-                    }],
-                    request_id: String::new(),
-                })
-                .await
-                .unwrap();
+            app.create_order(user.id, product.id, 1).await;
         }
     }
     let seconds = 5.0;

@@ -366,18 +366,7 @@ async fn product_and_order_writes_invalidate_prices_stock_and_status() {
         "inventory change"
     );
 
-    let order = orders
-        .create_order(pb::CreateOrderRequest {
-            user_id: user.id,
-            items: vec![pb::OrderLine {
-                product_id: product.id,
-                quantity: 3,
-            }],
-            request_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let order = app.create_order(user.id, product.id, 3).await;
     assert_eq!(
         get_product(&app, product.id).await.inventory,
         12,

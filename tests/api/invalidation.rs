@@ -376,18 +376,7 @@ async fn update_order_status_removes_the_cached_order_and_a_cancel_its_cached_pr
     let user = app.create_user(&email, &username).await;
     let product = app.create_product(100, 10).await;
     let mut orders = app.orders().await;
-    let order = orders
-        .create_order(pb::CreateOrderRequest {
-            user_id: user.id,
-            items: vec![pb::OrderLine {
-                product_id: product.id,
-                quantity: 3,
-            }],
-            request_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let order = app.create_order(user.id, product.id, 3).await;
 
     for to in [pb::OrderStatus::Processing, pb::OrderStatus::Cancelled] {
         assert_ne!(get_order(&app, order.id).await.unwrap().status(), to);

@@ -178,20 +178,7 @@ async fn a_worker_that_dies_mid_run_is_replaced_once_its_lease_expires() {
     let (email, username) = crate::support::unique("market");
     let user = app.create_user(&email, &username).await;
     let product = app.create_product(1500, 10).await;
-    let order = app
-        .orders()
-        .await
-        .create_order(pb::CreateOrderRequest {
-            user_id: user.id,
-            items: vec![pb::OrderLine {
-                product_id: product.id,
-                quantity: 2,
-            }],
-            request_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let order = app.create_order(user.id, product.id, 2).await;
     let mut orders = app.orders().await;
     for status in [pb::OrderStatus::Processing, pb::OrderStatus::Completed] {
         orders

@@ -99,18 +99,7 @@ async fn the_json_agg_reference_answers_the_page_the_service_does() {
         let (email, username) = unique(&format!("page{n}"));
         let user = app.create_user(&email, &username).await;
         for _ in 0..n {
-            app.orders()
-                .await
-                .create_order(pb::CreateOrderRequest {
-                    user_id: user.id,
-                    items: vec![pb::OrderLine {
-                        product_id: product.id,
-                        quantity: 1,
-                    }],
-                    request_id: String::new(),
-                })
-                .await
-                .unwrap();
+            app.create_order(user.id, product.id, 1).await;
         }
     }
     let request = pb::ListUsersWithOrdersRequest {

@@ -351,6 +351,23 @@ impl TestApp {
             .into_inner()
     }
 
+    /// An order of `quantity` units of one product, as the admin.
+    pub async fn create_order(&self, user_id: i64, product_id: i64, quantity: i32) -> pb::Order {
+        self.orders()
+            .await
+            .create_order(pb::CreateOrderRequest {
+                user_id,
+                items: vec![pb::OrderLine {
+                    product_id,
+                    quantity,
+                }],
+                request_id: String::new(),
+            })
+            .await
+            .expect("create order")
+            .into_inner()
+    }
+
     pub async fn inventory_of(&self, product_id: i64) -> i32 {
         sqlx::query_scalar("SELECT quantity FROM inventory WHERE product_id = $1")
             .bind(product_id)
