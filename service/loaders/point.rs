@@ -34,7 +34,6 @@
 //! counted in `point_read_batches_total` and `point_read_batch_size`).
 
 use std::{
-    collections::HashMap,
     future::Future,
     sync::{
         Arc, OnceLock,
@@ -49,11 +48,10 @@ use tokio::{
 };
 use tracing::Instrument as _;
 
-use super::Shared;
+use super::{Shared, find_by_id};
 use crate::{
     error::{Error, Result},
     model::{Id, deadline::Deadline},
-    retry, store,
 };
 
 /// How many batches of one entity run at once: enough to keep a few
@@ -253,10 +251,7 @@ async fn run_batch<R: PointRead>(db: &PgPool, mut waiters: Vec<Waiter<R::Row>>) 
     metrics::histogram!("point_read_batch_size", "entity" => R::NAME).record(ids.len() as f64);
     let span = tracing::debug_span!("point_read_batch", entity = R::NAME, batch_size = ids.len());
 
-    let load = retry::postgres(|| async {
-        let mut conn = store::postgres::acquire(db).await?;
-        R::find_many(&mut conn, &ids).await
-    });
+    let load = find_by_id::<R>(db, &ids);
     // Dropped once no one waits for it any more. In the deadline's scope,
     // its read connection is then closed rather than returned with the
     // statement still running (see `store::postgres::Conn`); outside a call
@@ -275,8 +270,7 @@ async fn run_batch<R: PointRead>(db: &PgPool, mut waiters: Vec<Waiter<R::Row>>) 
     };
 
     match found {
-        Ok(rows) => {
-            let by_id: HashMap<Id, R::Row> = rows.into_iter().map(|r| (R::id(&r), r)).collect();
+        Ok(by_id) => {
             for w in waiters {
                 let _ = w.reply.send(Ok(by_id.get(&w.id).cloned()));
             }
