@@ -24,15 +24,8 @@ if [ -z "$BUF" ]; then
     command -v npm >/dev/null || { say "neither buf nor npm found (apt-get install npm)"; exit 1; }
     say "installing @bufbuild/buf@$BUF_VERSION into $STATE/npm (npm)"
     mkdir -p "$STATE/npm"
-    # The registry answers now and then with a transient failure: three
-    # attempts, 5 s and 15 s apart, each saying why it failed.
-    for wait in 5 15 0; do
-      npm install --prefix "$STATE/npm" --no-audit --no-fund --loglevel=error \
-        "@bufbuild/buf@$BUF_VERSION" >&2 && break
-      [ "$wait" -eq 0 ] && { say "npm install failed three times"; exit 1; }
-      say "npm install failed; again in ${wait}s"
-      sleep "$wait"
-    done
+    npm install --prefix "$STATE/npm" --no-audit --no-fund --loglevel=error \
+      "@bufbuild/buf@$BUF_VERSION" >&2
   fi
 fi
 
