@@ -230,8 +230,11 @@ impl managed::Manager for SingleManager {
     type Type = redis::aio::MultiplexedConnection;
     type Error = RedisError;
 
+    // Connecting (TCP, TLS, AUTH, HELLO) is boxed, here and below: it is
+    // rare, and its large future would otherwise be part of every
+    // `Pool::get` future, which each command moves about.
     async fn create(&self) -> Result<Self::Type, RedisError> {
-        self.client.get_multiplexed_async_connection().await
+        Box::pin(self.client.get_multiplexed_async_connection()).await
     }
 
     async fn recycle(
@@ -242,7 +245,7 @@ impl managed::Manager for SingleManager {
         if metrics.last_used() < RECENTLY_USED {
             return Ok(());
         }
-        check_with_ping(conn, &self.pings).await
+        Box::pin(check_with_ping(conn, &self.pings)).await
     }
 }
 
@@ -259,7 +262,7 @@ impl managed::Manager for ClusterManager {
     type Error = RedisError;
 
     async fn create(&self) -> Result<ClusterConnection, RedisError> {
-        self.client.get_async_connection().await
+        Box::pin(self.client.get_async_connection()).await
     }
 
     async fn recycle(

@@ -74,7 +74,7 @@ use self::{
     flight::{Fetched, Flights},
     keys::Keys,
     near::Near,
-    queue::{MAX_PENDING, Queue},
+    queue::{MAX_PENDING, Queue, Replay},
     scripts::{Fill, Looked, Scripts},
 };
 use crate::{
@@ -342,10 +342,15 @@ impl Cache {
             Some(One::Miss(missed)) => Some(missed),
             None => None,
         };
-        let fetched = inner
-            .flights
-            .run(&key, || inner.load_once(entity, &key, missed, load))
-            .await?;
+        // The miss path is boxed: its futures (the flight, the load, the
+        // fill) would otherwise make every hit's future as large as theirs,
+        // and a future is moved (copied) at each level it is awaited from.
+        let fetched = Box::pin(
+            inner
+                .flights
+                .run(&key, || inner.load_once(entity, &key, missed, load)),
+        )
+        .await?;
         // What a flight shares was encoded by its leader, or checked by it
         // (`wait_for_fill`): failing to decode it is a programming error.
         match fetched {
@@ -1129,6 +1134,13 @@ impl Inner {
         let Some(replay) = self.pending.to_replay() else {
             return Ok(());
         };
+        // Boxed: rare, and its commands' futures would otherwise be part of
+        // every guarded command's future.
+        Box::pin(self.apply(conn, replay)).await
+    }
+
+    /// Applies `replay` on `conn`, then takes it off the queue.
+    async fn apply(&self, conn: &mut Conn, replay: Replay) -> redis::RedisResult<()> {
         for family in &replay.families {
             redis::cmd("INCR")
                 .arg(self.keys.family_generation(*family))
