@@ -151,6 +151,11 @@ impl Caller {
         &self.name
     }
 
+    /// The name, shared (a reference count, not a copy).
+    pub fn shared_name(&self) -> Arc<str> {
+        self.name.clone()
+    }
+
     pub fn has_role(&self, role: &str) -> bool {
         self.roles.iter().any(|r| r == role)
     }

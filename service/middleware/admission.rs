@@ -95,6 +95,9 @@ struct Shared {
 
 impl Admission {
     pub fn new(settings: &AdmissionSettings) -> Self {
+        // Exported from start-up: the recorder must exist before the gate
+        // takes its gauges and the first values are set.
+        crate::metrics::handle();
         let gate = Gate::new(
             Gradient2::new(
                 settings.min_limit,
@@ -104,9 +107,6 @@ impl Admission {
             settings.queue_length,
             settings.caller_share,
         );
-        // Exported from start-up: the recorder must exist before the first
-        // values are set.
-        crate::metrics::handle();
         for cause in [Cause::QueueFull, Cause::QueueTimeout, Cause::Displaced] {
             metrics::counter!("admission_rejected_total", "reason" => cause.label()).increment(0);
         }
@@ -133,7 +133,7 @@ impl Middleware for Admission {
         let caller: Arc<str> = request
             .extensions()
             .get::<Caller>()
-            .map_or_else(|| Arc::from(""), |c| Arc::from(c.name()));
+            .map_or_else(|| Arc::from(""), Caller::shared_name);
         let wait = request
             .extensions()
             .get::<Deadline>()
@@ -435,6 +435,15 @@ struct Gate<W> {
     callers: HashMap<Arc<str>, Load>,
     queue: VecDeque<Queued<W>>,
     next_ticket: u64,
+    gauges: Gauges,
+}
+
+/// The gate's gauges, resolved once: they are set on every admission and
+/// release.
+struct Gauges {
+    limit: metrics::Gauge,
+    in_flight: metrics::Gauge,
+    queued: metrics::Gauge,
 }
 
 /// One caller's calls, while it has any.
@@ -466,6 +475,11 @@ impl<W> Gate<W> {
             callers: HashMap::new(),
             queue: VecDeque::new(),
             next_ticket: 0,
+            gauges: Gauges {
+                limit: metrics::gauge!("admission_limit"),
+                in_flight: metrics::gauge!("admission_in_flight"),
+                queued: metrics::gauge!("admission_queued"),
+            },
         }
     }
 
@@ -614,9 +628,9 @@ impl<W> Gate<W> {
     }
 
     fn record_gauges(&self) {
-        metrics::gauge!("admission_limit").set(self.limit() as f64);
-        metrics::gauge!("admission_in_flight").set(self.in_flight as f64);
-        metrics::gauge!("admission_queued").set(self.queue.len() as f64);
+        self.gauges.limit.set(self.limit() as f64);
+        self.gauges.in_flight.set(self.in_flight as f64);
+        self.gauges.queued.set(self.queue.len() as f64);
     }
 }
 
