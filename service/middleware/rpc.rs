@@ -76,16 +76,18 @@ impl Middleware for Rpc {
         // the log filter lets through: a WARN line under a `warn` filter
         // still carries the call's request id and caller. Its own events
         // have their own levels.
+        // The values are `&str`, not `%` (Display): a string is recorded as
+        // it is, where a Display value is formatted into a new String first.
         let span = tracing::error_span!(
             "rpc",
-            otel.name = %path.trim_start_matches('/'),
+            otel.name = path.trim_start_matches('/'),
             otel.kind = "server",
             otel.status_code = Empty,
             rpc.system = "grpc",
-            rpc.service = %service,
-            rpc.method = %method,
+            rpc.service = service,
+            rpc.method = method,
             rpc.grpc.status_code = Empty,
-            request_id = %request_id,
+            request_id = request_id.as_str(),
             caller = Empty,
             db.statements = Empty,
             db.max_repeats = Empty,
