@@ -218,6 +218,13 @@ async fn batcher<R: PointRead>(
 ) {
     let slots = Arc::new(Semaphore::new(in_flight));
     let mut running = JoinSet::new();
+    // Resolved once (after the recorder is installed: handles taken before
+    // go nowhere); a batch only bumps them.
+    crate::metrics::handle();
+    let series = BatchSeries {
+        batches: metrics::counter!("point_read_batches_total", "entity" => R::NAME),
+        sizes: metrics::histogram!("point_read_batch_size", "entity" => R::NAME),
+    };
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             break;
@@ -230,15 +237,27 @@ async fn batcher<R: PointRead>(
         stats.queued.fetch_sub(batch.len(), Ordering::Relaxed);
         stats.batches.fetch_add(1, Ordering::Relaxed);
         let db = db.clone();
+        let series = series.clone();
         running.spawn(async move {
-            run_batch::<R>(&db, batch).await;
+            run_batch::<R>(&db, batch, &series).await;
             drop(slot);
         });
     }
     while running.join_next().await.is_some() {}
 }
 
-async fn run_batch<R: PointRead>(db: &PgPool, mut waiters: Vec<Waiter<R::Row>>) {
+/// One entity's batch metrics.
+#[derive(Clone)]
+struct BatchSeries {
+    batches: metrics::Counter,
+    sizes: metrics::Histogram,
+}
+
+async fn run_batch<R: PointRead>(
+    db: &PgPool,
+    mut waiters: Vec<Waiter<R::Row>>,
+    series: &BatchSeries,
+) {
     waiters.retain(|w| !w.reply.is_closed());
     if waiters.is_empty() {
         return;
@@ -247,8 +266,8 @@ async fn run_batch<R: PointRead>(db: &PgPool, mut waiters: Vec<Waiter<R::Row>>) 
     let mut ids: Vec<Id> = waiters.iter().map(|w| w.id).collect();
     ids.sort_unstable();
     ids.dedup();
-    metrics::counter!("point_read_batches_total", "entity" => R::NAME).increment(1);
-    metrics::histogram!("point_read_batch_size", "entity" => R::NAME).record(ids.len() as f64);
+    series.batches.increment(1);
+    series.sizes.record(ids.len() as f64);
     let span = tracing::debug_span!("point_read_batch", entity = R::NAME, batch_size = ids.len());
 
     let load = find_by_id::<R>(db, &ids);
