@@ -71,7 +71,10 @@ measure() {
   local name=$1
   shift
   local file="$WORK/$name.callgrind"
-  CALLGRIND=(valgrind --tool=callgrind --callgrind-out-file="$file")
+  # Names uncompressed: the second dump, kept alone, then names its
+  # functions itself (compressed, it would refer to names in the first).
+  CALLGRIND=(valgrind --tool=callgrind --compress-strings=no --compress-pos=no
+    --callgrind-out-file="$file")
   "$@" >"$WORK/$name.log" 2>&1 &
   PID=$!
   for _ in $(seq 1 600); do
