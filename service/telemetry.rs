@@ -222,6 +222,28 @@ fn push_json_string(out: &mut String, value: &str) {
 
 /// Installs the global subscriber. Call once, before anything logs.
 pub fn init(settings: &TelemetrySettings) -> anyhow::Result<TelemetryGuard> {
+    let (subscriber, provider) = subscriber(settings)?;
+    subscriber
+        .try_init()
+        .context("installing the tracing subscriber")?;
+    Ok(TelemetryGuard { provider })
+}
+
+/// The subscriber [`init`] installs, and the tracer provider it exports
+/// spans with (if an OTLP endpoint is set).
+///
+/// Every layer has a filter of its own and there is no layer without one,
+/// so a callsite that no filter enables is disabled: a span nobody wants
+/// (h2's DEBUG `Connection` span, entered on every poll of a connection;
+/// sqlx's own spans) costs nothing. The export layer is added only when
+/// there is one, not as an `Option` layer: a `None` layer counts as a layer
+/// without a filter, which enables every callsite.
+fn subscriber(
+    settings: &TelemetrySettings,
+) -> anyhow::Result<(
+    Box<dyn tracing::Subscriber + Send + Sync>,
+    Option<SdkTracerProvider>,
+)> {
     // Filters are per layer: the statement layer needs sqlx's DEBUG events
     // whatever the log filter lets through, and the export has its own.
     let filter = |key: &str, directives: &str| {
@@ -274,13 +296,14 @@ pub fn init(settings: &TelemetrySettings) -> anyhow::Result<TelemetryGuard> {
         )
     };
 
-    tracing_subscriber::registry()
+    let logs = tracing_subscriber::registry()
         .with(StatementLayer::filtered(settings.slow_statement_threshold))
-        .with(fmt)
-        .with(otel)
-        .try_init()
-        .context("installing the tracing subscriber")?;
-    Ok(TelemetryGuard { provider })
+        .with(fmt);
+    let subscriber: Box<dyn tracing::Subscriber + Send + Sync> = match otel {
+        Some(otel) => Box::new(logs.with(otel)),
+        None => Box::new(logs),
+    };
+    Ok((subscriber, provider))
 }
 
 /// Reads W3C trace context (`traceparent`) from gRPC request metadata.
@@ -492,6 +515,55 @@ mod tests {
     fn without_an_exporter_a_db_span_is_nothing_and_describes_nothing() {
         let span = DbSpan::start(None, None, || unreachable!("not described"));
         assert!(span.0.is_none());
+    }
+
+    /// The metadata of one of the callsites below, to ask a subscriber about
+    /// directly: a callsite's cached interest also counts the other tests'
+    /// subscribers in this process.
+    fn callsite(kind: &str) -> &'static tracing::Metadata<'static> {
+        // A subscriber without filters enables everything, so the span is
+        // real and has its metadata.
+        tracing::subscriber::with_default(tracing_subscriber::registry(), || match kind {
+            "h2 DEBUG span" => {
+                tracing::debug_span!(target: "h2::proto::connection", "Connection").metadata()
+            }
+            "rpc ERROR span" => tracing::error_span!("rpc").metadata(),
+            _ => tracing::debug_span!(target: "sqlx::query", "query").metadata(),
+        })
+        .expect("an enabled span has metadata")
+    }
+
+    #[tokio::test]
+    async fn a_span_no_filter_wants_is_disabled_with_or_without_an_exporter() {
+        // The exporter connects lazily: an unreachable endpoint is fine.
+        for otlp_endpoint in ["", "http://127.0.0.1:9"] {
+            let settings = TelemetrySettings {
+                log_format: crate::config::LogFormat::Json,
+                log_filter: "warn".into(),
+                trace_filter: "info,datagate::loaders=debug".into(),
+                otlp_endpoint: otlp_endpoint.into(),
+                service_name: "datagate".into(),
+                trace_sample_ratio: 1.0,
+                slow_statement_threshold: Duration::from_millis(200),
+                n_plus_one_threshold: 5,
+            };
+            let (subscriber, _provider) = subscriber(&settings).expect("the subscriber builds");
+            // What the subscriber answers when the callsite registers: a
+            // callsite it is never interested in is disabled for good.
+            let enabled = |kind| !subscriber.register_callsite(callsite(kind)).is_never();
+            assert!(
+                !enabled("h2 DEBUG span"),
+                "h2's DEBUG span under a warn log filter, exporter {otlp_endpoint:?}"
+            );
+            assert!(
+                enabled("rpc ERROR span"),
+                "the rpc span is ERROR so that every line carries it"
+            );
+            assert!(
+                enabled("sqlx DEBUG"),
+                "the statement layer reads sqlx's DEBUG statement events"
+            );
+        }
     }
 }
 
