@@ -4,7 +4,7 @@
 # failure there stops the target.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
-.PHONY: help run test test-faults lint smoke fuzz bench-n1 bench-cache bench-search bench-analytics bench bench-quick bench-points bench-writes bench-cpu env-up env-down
+.PHONY: help run test test-faults lint smoke fuzz bench-n1 bench-cache bench-search bench-analytics bench bench-quick bench-points bench-writes bench-cpu bench-ab env-up env-down
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -59,6 +59,9 @@ bench-points: ## GetUser (hit, near, uncached) and its references at 1, 16 and 6
 
 bench-cpu: ## Instructions per GetUser (callgrind) of the release service and of the reference servers, and their ratios
 	@scripts/bench-cpu.sh
+
+bench-ab: ## GetUser against this tree's release build and another build (BASE=path/to/datagate), alternately in one run, at 1 and 64 streams; CACHE=on for hits
+	@scripts/bench-ab.sh
 
 env-up: ## start PostgreSQL, Redis and nx-27017; prints the environment
 	@scripts/dev-env.sh up

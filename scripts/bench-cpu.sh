@@ -49,18 +49,7 @@ TOKEN=$(sed -n 's/^token: *//p' <<<"$token_out")
 ENTRY=$(sed -n 's/^config: DATAGATE__AUTH__TOKENS=//p' <<<"$token_out")
 
 calls() { # port n
-  h2load -n "$2" -c 1 -m 1 --header 'content-type: application/grpc' --header 'te: trailers' \
-    --header "authorization: Bearer $TOKEN" -d "$WORK/body.bin" \
-    "http://127.0.0.1:$1/datagate.v1.UserService/GetUser" >"$WORK/h2load.out"
-  # gRPC errors are HTTP 200 too, without a DATA frame: no messages back
-  # means the calls failed.
-  local data
-  data=$(sed -n 's/^traffic:.* (\([0-9]*\)) data.*/\1/p' "$WORK/h2load.out")
-  if [ -z "$data" ] || [ "$data" -lt "$2" ]; then
-    echo "bench-cpu: calls to port $1 returned no messages:" >&2
-    cat "$WORK/h2load.out" >&2
-    return 1
-  fi
+  h2load_get_user "$1" "$2" 1 "$TOKEN" "$WORK/body.bin" >/dev/null
 }
 
 # measure NAME LAUNCHER ARGS...: runs LAUNCHER ARGS (a function below that

@@ -23,6 +23,11 @@
 #                                  few minutes: `make bench-points`, run it 3
 #                                  times for the spread)
 #
+# SCENARIOS=a,b (datagate-bench's names) runs only those, each still after
+# its reference; its results replace the mode's files, so copy them away
+# first (BENCHMARKS.md's three ListUsersWithOrders runs:
+# SCENARIOS=list_users_with_orders scripts/bench-load.sh full).
+#
 # The full suite generates its dataset into the template database
 # datagate_bench_seed (again when it is over a week old) and copies it for
 # every run (CREATE DATABASE ... TEMPLATE takes seconds), so each run starts
@@ -155,19 +160,8 @@ USER_ID=$("$PSQL" "$DB_URL" -tAc "SELECT min(id) FROM users WHERE deleted_at IS 
 BODY=$(mktemp)
 "$TARGET/datagate-bench" --grpc-body-get-user "$USER_ID" >"$BODY"
 h2load_rps() { # port
-  local out data
-  out=$(h2load -n "$H2LOAD_N" -c 1 -m 16 --header 'content-type: application/grpc' \
-    --header 'te: trailers' --header "authorization: Bearer $TOKEN" -d "$BODY" \
-    "http://127.0.0.1:$1/datagate.v1.UserService/GetUser")
-  # gRPC errors are HTTP 200 too, trailers-only without a DATA frame: a run
-  # whose responses carry no messages measured errors, not reads.
-  data=$(sed -n 's/^traffic:.* (\([0-9]*\)) data.*/\1/p' <<<"$out")
-  if [ -z "$data" ] || [ "$data" -lt "$H2LOAD_N" ]; then
-    echo "h2load against port $1 got no messages back:" >&2
-    echo "$out" >&2
-    return 1
-  fi
-  sed -n 's/^finished in [^,]*, \([0-9.]*\) req\/s.*/\1/p' <<<"$out"
+  h2load_get_user "$1" "$H2LOAD_N" 16 "$TOKEN" "$BODY" |
+    sed -n 's/^finished in [^,]*, \([0-9.]*\) req\/s.*/\1/p'
 }
 {
   echo "h2load -n $H2LOAD_N -c 1 -m 16, GetUser of user $USER_ID; service and reference alternately."

@@ -65,3 +65,22 @@ except ImportError:
 pymongo.MongoClient(sys.argv[1], serverSelectionTimeoutMS=5000).drop_database(sys.argv[2])
 PY
 }
+
+# h2load_get_user PORT CALLS STREAMS TOKEN BODY: CALLS GetUser calls (BODY,
+# a pre-encoded request) over one connection, STREAMS at a time; prints
+# h2load's report. A gRPC error is an HTTP 200 too, trailers-only without a
+# DATA frame: fewer messages back than calls means the calls failed, not
+# that they were fast, and the report goes to stderr instead.
+h2load_get_user() {
+  local out data
+  out=$(h2load -n "$2" -c 1 -m "$3" --header 'content-type: application/grpc' \
+    --header 'te: trailers' --header "authorization: Bearer $4" -d "$5" \
+    "http://127.0.0.1:$1/datagate.v1.UserService/GetUser")
+  data=$(sed -n 's/^traffic:.* (\([0-9]*\)) data.*/\1/p' <<<"$out")
+  if [ -z "$data" ] || [ "$data" -lt "$2" ]; then
+    echo "h2load: GetUser calls to port $1 returned no messages:" >&2
+    echo "$out" >&2
+    return 1
+  fi
+  echo "$out"
+}
