@@ -10,7 +10,7 @@
 # drives GetUser against the service and the matching reference, and the
 # ratios go to h2load.md.
 #
-#   scripts/bench-load.sh full     1, 4 and 16 callers, 6 s per scenario, on a
+#   scripts/bench-load.sh full     1, 4, 16 and 64 callers, 6 s per scenario, on a
 #                                  copy of a generated dataset (200k products,
 #                                  100k users, 200k orders, 300k searches);
 #                                  results in bench/results/ (committed)
@@ -37,7 +37,7 @@ set -euo pipefail
 MODE=${1:-quick}
 case "$MODE" in
   quick) CONCURRENCY=1,4; DURATION=1s; WARMUP=300ms; USERS=6000; OUT=bench/results/quick; QUERY=widget; H2LOAD_N=5000 ;;
-  full) CONCURRENCY=1,4,16; DURATION=6s; WARMUP=1s; USERS=3000; OUT=bench/results; QUERY="wireless speaker"; H2LOAD_N=40000 ;;
+  full) CONCURRENCY=1,4,16,64; DURATION=6s; WARMUP=1s; USERS=3000; OUT=bench/results; QUERY="wireless speaker"; H2LOAD_N=40000 ;;
   points) CONCURRENCY=1,16,64; DURATION=4s; WARMUP=1s; USERS=3000; OUT=bench/results/points; QUERY=widget; H2LOAD_N=40000
     SCENARIOS=get_user_hit,get_user_near,get_user_uncached ;;
   *) echo "usage: $0 quick|full|points" >&2; exit 2 ;;
