@@ -4,7 +4,9 @@
 # binary at BASE (a build of another commit, e.g.
 #   git worktree add /tmp/base COMMIT
 #   CARGO_TARGET_DIR=/tmp/base-target cargo build --release --bin datagate
-# ). Each build gets a database of its own, migrated by that build, with the
+# ); give it a target directory of its own: one whose files are hard links
+# to this tree's shares the build script output, which that build rewrites
+# in place. Each build gets a database of its own, migrated by that build, with the
 # same user in it, and runs as in `make bench` (log filter warn, admission
 # control and deadlines on, no MongoDB). h2load drives GetUser of that user
 # over one connection at each stream count of STREAMS, ROUNDS times, A then
