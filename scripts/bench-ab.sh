@@ -6,12 +6,12 @@
 #   CARGO_TARGET_DIR=/tmp/base-target cargo build --release --bin datagate
 # ); give it a target directory of its own: one whose files are hard links
 # to this tree's shares the build script output, which that build rewrites
-# in place. Each build gets a database of its own, migrated by that build, with the
-# same user in it, and runs as in `make bench` (log filter warn, admission
-# control and deadlines on, no MongoDB). h2load drives GetUser of that user
-# over one connection at each stream count of STREAMS, ROUNDS times, A then
-# B, after a warm-up of each; prints requests per second and the mean time
-# per request of both builds, and B over A and A over B.
+# in place. Each build gets a database of its own, migrated by that build,
+# with the same user in it, and runs as in `make bench` (log filter warn,
+# admission control and deadlines on, no MongoDB). h2load drives GetUser of
+# that user over one connection at each stream count of STREAMS, ROUNDS
+# times, A then B, after a warm-up of each; prints requests per second and
+# the mean time per request of both builds, and A over B of each.
 #
 #   BASE=/tmp/base-target/release/datagate scripts/bench-ab.sh
 #   CACHE=on (Redis hits; default off: a PostgreSQL read per call)
@@ -45,9 +45,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-token_out=$("$A" token new --caller bench --role admin)
-TOKEN=$(sed -n 's/^token: *//p' <<<"$token_out")
-ENTRY=$(sed -n 's/^config: DATAGATE__AUTH__TOKENS=//p' <<<"$token_out")
+new_token "$A" bench
 redis_url=
 [ "$CACHE" = on ] && redis_url=$REDIS_URL
 
@@ -71,10 +69,7 @@ serve() { # binary name
   DATAGATE__METRICS__HOST=127.0.0.1 DATAGATE__METRICS__PORT=$(free_port) \
     "$bin" serve >>"$WORK/$name.log" 2>&1 &
   PIDS+=($!)
-  for _ in $(seq 1 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-    sleep 0.2
-  done
+  wait_for_port "$port"
   "$TARGET/datagate-bench" --grpc-body-get-user "$user" >"$WORK/$name.body"
   echo "$port" >"$WORK/$name.port"
 }

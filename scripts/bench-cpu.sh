@@ -44,9 +44,7 @@ trap cleanup EXIT
 DATAGATE__DATABASE__URL=$DB_URL "$TARGET/datagate" migrate up >/dev/null
 USER_ID=$("$PSQL" "$DB_URL" -tAc "INSERT INTO users (email, username, display_name, status) VALUES ('cpu@example.com', 'cpu', 'CPU bench', 'active') RETURNING id" | sed -n 1p)
 "$TARGET/datagate-bench" --grpc-body-get-user "$USER_ID" >"$WORK/body.bin"
-token_out=$("$TARGET/datagate" token new --caller bench --role admin)
-TOKEN=$(sed -n 's/^token: *//p' <<<"$token_out")
-ENTRY=$(sed -n 's/^config: DATAGATE__AUTH__TOKENS=//p' <<<"$token_out")
+new_token "$TARGET/datagate" bench
 
 calls() { # port n
   h2load_get_user "$1" "$2" 1 "$TOKEN" "$WORK/body.bin" >/dev/null

@@ -94,9 +94,7 @@ fi
 # pgbench's own database, for the PostgreSQL baseline.
 "$PSQL" "$DATABASE_URL" -qc "CREATE DATABASE ${DB}_pgbench" >/dev/null
 
-token_out=$("$TARGET/datagate" token new --caller bench --role admin)
-TOKEN=$(sed -n 's/^token: *//p' <<<"$token_out")
-ENTRY=$(sed -n 's/^config: DATAGATE__AUTH__TOKENS=//p' <<<"$token_out")
+new_token "$TARGET/datagate" bench
 PORT=$(free_port)
 DATAGATE__DATABASE__URL=$DB_URL "$TARGET/datagate" migrate up >/dev/null
 DATAGATE__DATABASE__URL=$DB_URL \
@@ -133,10 +131,7 @@ reference redis-get "$GET_PORT"
 reference primary-key-select "$SELECT_PORT"
 reference json-agg "$JSON_PORT"
 for port in "$PORT" "$UNCACHED_PORT" "$GET_PORT" "$SELECT_PORT" "$JSON_PORT"; do
-  for _ in $(seq 1 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-    sleep 0.2
-  done
+  wait_for_port "$port"
 done
 
 # Baselines where the tools are installed (they are with the dev servers).

@@ -52,9 +52,7 @@ for c in ${CLIENTS//,/ }; do
 done
 
 # 2. CreateOrder through the service (its cache on, as in `make bench`).
-token_out=$("$BIN_DIR/datagate" token new --caller bench --role admin)
-TOKEN=$(sed -n 's/^token: *//p' <<<"$token_out")
-ENTRY=$(sed -n 's/^config: DATAGATE__AUTH__TOKENS=//p' <<<"$token_out")
+new_token "$BIN_DIR/datagate" bench
 PORT=$(free_port)
 DATAGATE__DATABASE__URL=$(db_url "$DB") "$BIN_DIR/datagate" migrate up >/dev/null
 DATAGATE__DATABASE__URL=$(db_url "$DB") \
@@ -66,10 +64,7 @@ DATAGATE__SERVER__HOST=127.0.0.1 DATAGATE__SERVER__PORT=$PORT \
 DATAGATE__METRICS__HOST=127.0.0.1 DATAGATE__METRICS__PORT=$(free_port) \
   "$BIN_DIR/datagate" serve >"$LOG" 2>&1 &
 SERVER_PID=$!
-for _ in $(seq 1 100); do
-  (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
-  sleep 0.2
-done
+wait_for_port "$PORT"
 "$BIN_DIR/datagate-bench" --addr "http://127.0.0.1:$PORT" --token "$TOKEN" \
   --scenarios create_order --concurrency "$CLIENTS" --duration "${DURATION}s" --warmup 2s \
   --users 100 --cold-users 100 --no-baselines --out "$OUT" >&2

@@ -84,3 +84,22 @@ h2load_get_user() {
   fi
   echo "$out"
 }
+
+# new_token BIN CALLER: a new admin token for CALLER from the `datagate`
+# binary BIN: sets TOKEN (for the callers) and ENTRY (the server's
+# DATAGATE__AUTH__TOKENS entry).
+new_token() {
+  local out
+  out=$("$1" token new --caller "$2" --role admin)
+  TOKEN=$(sed -n 's/^token: *//p' <<<"$out")
+  ENTRY=$(sed -n 's/^config: DATAGATE__AUTH__TOKENS=//p' <<<"$out")
+}
+
+# wait_for_port PORT: until something listens on 127.0.0.1:PORT, for up to
+# 20 s (what is started then answers, or its first call says why not).
+wait_for_port() {
+  for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.2
+  done
+}

@@ -36,9 +36,7 @@ trap cleanup EXIT
 
 PORT=$(free_port)
 ADDR=127.0.0.1:$PORT
-token_out=$("$BIN" token new --caller smoke --role admin)
-TOKEN=$(sed -n 's/^token: *//p' <<<"$token_out")
-ENTRY=$(sed -n 's/^config: DATAGATE__AUTH__TOKENS=//p' <<<"$token_out")
+new_token "$BIN" smoke
 
 export DATAGATE__DATABASE__URL=$DB_URL
 DATAGATE__DATABASE__URL=$DB_URL "$BIN" migrate up >/dev/null
