@@ -517,24 +517,22 @@ mod tests {
         assert!(span.0.is_none());
     }
 
-    /// The metadata of one of the callsites below, to ask a subscriber about
+    /// The metadata of `span`'s callsite, to ask a subscriber about
     /// directly: a callsite's cached interest also counts the other tests'
     /// subscribers in this process.
-    fn callsite(kind: &str) -> &'static tracing::Metadata<'static> {
+    fn metadata_of(span: impl FnOnce() -> tracing::Span) -> &'static tracing::Metadata<'static> {
         // A subscriber without filters enables everything, so the span is
         // real and has its metadata.
-        tracing::subscriber::with_default(tracing_subscriber::registry(), || match kind {
-            "h2 DEBUG span" => {
-                tracing::debug_span!(target: "h2::proto::connection", "Connection").metadata()
-            }
-            "rpc ERROR span" => tracing::error_span!("rpc").metadata(),
-            _ => tracing::debug_span!(target: "sqlx::query", "query").metadata(),
-        })
-        .expect("an enabled span has metadata")
+        tracing::subscriber::with_default(tracing_subscriber::registry(), || span().metadata())
+            .expect("an enabled span has metadata")
     }
 
     #[tokio::test]
     async fn a_span_no_filter_wants_is_disabled_with_or_without_an_exporter() {
+        let h2 =
+            metadata_of(|| tracing::debug_span!(target: "h2::proto::connection", "Connection"));
+        let rpc = metadata_of(|| tracing::error_span!("rpc"));
+        let sqlx = metadata_of(|| tracing::debug_span!(target: "sqlx::query", "query"));
         // The exporter connects lazily: an unreachable endpoint is fine.
         for otlp_endpoint in ["", "http://127.0.0.1:9"] {
             let settings = TelemetrySettings {
@@ -550,17 +548,17 @@ mod tests {
             let (subscriber, _provider) = subscriber(&settings).expect("the subscriber builds");
             // What the subscriber answers when the callsite registers: a
             // callsite it is never interested in is disabled for good.
-            let enabled = |kind| !subscriber.register_callsite(callsite(kind)).is_never();
+            let enabled = |metadata| !subscriber.register_callsite(metadata).is_never();
             assert!(
-                !enabled("h2 DEBUG span"),
+                !enabled(h2),
                 "h2's DEBUG span under a warn log filter, exporter {otlp_endpoint:?}"
             );
             assert!(
-                enabled("rpc ERROR span"),
+                enabled(rpc),
                 "the rpc span is ERROR so that every line carries it"
             );
             assert!(
-                enabled("sqlx DEBUG"),
+                enabled(sqlx),
                 "the statement layer reads sqlx's DEBUG statement events"
             );
         }
